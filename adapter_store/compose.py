@@ -1,0 +1,202 @@
+"""Exact rewrites of LoRA weights: AdaLoRA -> plain LoRA, and weighted composition.
+
+A LoRA module adds `delta = scaling * B @ A` to a base weight, where scaling is alpha / r
+(alpha / sqrt(r) with rsLoRA). Both rewrites below fold every scalar into A and emit a plain
+LoRA adapter whose `lora_alpha == r` (so its scaling is 1) and `use_rslora` is false:
+
+- AdaLoRA (PEFT `adalora/layer.py`): delta = B @ (A * E) * lora_alpha / (ranknum + 1e-5), with
+  ranknum = r. Folding gives A' = (A * E) * lora_alpha / (r + 1e-5).
+- Composition of parts i with weights w_i: stacking A' = [w_i * s_i * A_i] (rows) and placing
+  B' = [B_i] side by side gives B' @ A' = sum_i w_i * s_i * B_i @ A_i, the weighted sum of the
+  parts' deltas, at rank sum_i r_i. A module absent from a part contributes zero rows/columns.
+
+Arithmetic is done in float64 and stored as float32.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from adapter_store.errors import InvalidAdapter
+
+__all__ = [
+    "ModuleKey",
+    "Tensors",
+    "compose",
+    "group_modules",
+    "lora_scaling",
+    "normalise_adalora",
+    "parse_tensor_name",
+    "plain_lora_config",
+    "tensor_name",
+]
+
+Array = npt.NDArray[Any]
+Tensors = dict[str, Array]
+
+_TENSOR_RE = re.compile(
+    r"^base_model\.model\.model\.layers\.(0|[1-9][0-9]{0,5})\.(self_attn|mlp)\."
+    r"([a-z_]{1,32})\.lora_([ABE])(\.weight)?$"
+)
+#: PEFT AdaLoRA's constant in `scaling / (ranknum + 1e-5)`.
+_ADALORA_EPS = 1e-5
+
+
+@dataclass(frozen=True, order=True)
+class ModuleKey:
+    """One adapted linear layer: decoder layer index, submodule and module name."""
+
+    layer: int
+    parent: str
+    module: str
+
+
+def parse_tensor_name(name: str) -> tuple[ModuleKey, str, bool] | None:
+    """(module, "A"|"B"|"E", has ".weight" suffix) for a PEFT LoRA tensor name, else None."""
+    match = _TENSOR_RE.fullmatch(name)
+    if match is None:
+        return None
+    layer, parent, module, part, weight = match.groups()
+    return ModuleKey(int(layer), parent, module), part, weight is not None
+
+
+def tensor_name(key: ModuleKey, part: str) -> str:
+    """The PEFT LoRA tensor name of `part` ("A" or "B") of module `key`."""
+    return f"base_model.model.model.layers.{key.layer}.{key.parent}.{key.module}.lora_{part}.weight"
+
+
+def group_modules(tensors: Mapping[str, Array]) -> dict[ModuleKey, dict[str, Array]]:
+    """Tensors grouped by module: {ModuleKey: {"A": ..., "B": ..., ["E": ...]}}."""
+    grouped: dict[ModuleKey, dict[str, Array]] = {}
+    for name, array in tensors.items():
+        parsed = parse_tensor_name(name)
+        if parsed is None:
+            raise InvalidAdapter(f"unexpected tensor name {name[:120]!r}")
+        key, part, _ = parsed
+        grouped.setdefault(key, {})[part] = array
+    return grouped
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """PEFT's LoRA scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def plain_lora_config(
+    *, rank: int, target_modules: Sequence[str], base_model: str, task_type: object = "CAUSAL_LM"
+) -> dict[str, Any]:
+    """A minimal PEFT LoraConfig with scaling 1 (lora_alpha == r, no rsLoRA)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type if isinstance(task_type, str) else "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": rank,
+        "use_rslora": False,
+        "target_modules": sorted(set(target_modules)),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+        "init_lora_weights": True,
+    }
+
+
+def normalise_adalora(
+    tensors: Mapping[str, Array], config: Mapping[str, Any]
+) -> tuple[Tensors, dict[str, Any]]:
+    """Turn validated AdaLoRA weights into plain LoRA weights with the same delta, exactly.
+
+    `config` is the AdaLoRA adapter_config (its `init_r` is the tensors' rank, `lora_alpha` the
+    scaling numerator). Returns float32 tensors named like LoRA's and a plain LoRA config.
+    """
+    rank = int(config["init_r"])
+    alpha = float(config["lora_alpha"])
+    # PEFT keeps ranknum as a float32 parameter and adds 1e-5 in float32; do the same.
+    denominator = float(np.float32(rank) + np.float32(_ADALORA_EPS))
+    factor = (alpha if alpha > 0 else float(rank)) / denominator
+    out: Tensors = {}
+    for key, parts in sorted(group_modules(tensors).items()):
+        a = parts["A"].astype(np.float64)
+        e = parts["E"].astype(np.float64)
+        out[tensor_name(key, "A")] = (a * e * factor).astype(np.float32)
+        out[tensor_name(key, "B")] = parts["B"].astype(np.float32)
+    new_config = plain_lora_config(
+        rank=rank,
+        target_modules=sorted({key.module for key in group_modules(out)}),
+        base_model=str(config["base_model_name_or_path"]),
+        task_type=config.get("task_type"),
+    )
+    return out, new_config
+
+
+def compose(
+    parts: Sequence[tuple[Mapping[str, Array], Mapping[str, Any], float]], *, max_rank: int
+) -> tuple[Tensors, dict[str, Any]]:
+    """The weighted sum of plain LoRA adapters as one adapter, by concatenating ranks.
+
+    Each part is (tensors, adapter_config, weight). The result has rank sum(r_i), which must
+    not exceed `max_rank`.
+    """
+    if not parts:
+        raise InvalidAdapter("composition needs at least one part")
+    grouped = [group_modules(tensors) for tensors, _, _ in parts]
+    ranks = [int(config["r"]) for _, config, _ in parts]
+    total = sum(ranks)
+    if total > max_rank:
+        raise InvalidAdapter(
+            f"composed rank {total} (sum of the parts' ranks {ranks}) exceeds the maximum rank "
+            f"{max_rank}"
+        )
+    factors = []
+    for _, config, weight in parts:
+        if not math.isfinite(weight):
+            raise InvalidAdapter("composition weights must be finite numbers")
+        scaling = lora_scaling(
+            float(config["lora_alpha"]), int(config["r"]), bool(config.get("use_rslora"))
+        )
+        factors.append(weight * scaling)
+
+    shapes: dict[ModuleKey, tuple[int, int]] = {}
+    for modules in grouped:
+        for key, arrays in modules.items():
+            shape = (int(arrays["A"].shape[1]), int(arrays["B"].shape[0]))
+            if shapes.setdefault(key, shape) != shape:
+                raise InvalidAdapter(f"parts disagree on the shape of {tensor_name(key, 'A')}")
+
+    out: Tensors = {}
+    for key, (in_features, out_features) in sorted(shapes.items()):
+        a_blocks: list[Array] = []
+        b_blocks: list[Array] = []
+        for modules, rank, factor in zip(grouped, ranks, factors, strict=True):
+            found = modules.get(key)
+            if found is None:
+                a_blocks.append(np.zeros((rank, in_features)))
+                b_blocks.append(np.zeros((out_features, rank)))
+            else:
+                a_blocks.append(found["A"].astype(np.float64) * factor)
+                b_blocks.append(found["B"].astype(np.float64))
+        out[tensor_name(key, "A")] = np.concatenate(a_blocks, axis=0).astype(np.float32)
+        out[tensor_name(key, "B")] = np.concatenate(b_blocks, axis=1).astype(np.float32)
+
+    first_config = parts[0][1]
+    config = plain_lora_config(
+        rank=total,
+        target_modules=sorted({key.module for key in shapes}),
+        base_model=str(first_config["base_model_name_or_path"]),
+        task_type=first_config.get("task_type"),
+    )
+    return out, config

@@ -1,0 +1,450 @@
+"""Domain types of the adapter store: names, references, versions, manifests, the base model.
+
+Everything here is a plain dataclass. Manifests are stored as JSON (never pickle) and parsed
+strictly: a manifest that does not have the expected shape is reported, not guessed at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from adapter_store.errors import AdapterNotFound, IntegrityError, InvalidAdapter
+
+__all__ = [
+    "ADAPTER_FILES",
+    "CONFIG_FILE",
+    "DEFAULT_ALIAS",
+    "MODULE_PARENTS",
+    "NAME_PATTERN",
+    "WEIGHTS_FILE",
+    "AdapterRef",
+    "AdapterVersion",
+    "BaseModelSpec",
+    "FileEntry",
+    "Limits",
+    "Manifest",
+    "check_name",
+    "check_sha",
+    "not_found",
+    "utc_now",
+    "version_sha",
+]
+
+#: Tenants, adapter names and aliases. ASCII only; ".." is refused on top of the pattern.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHA_PREFIX = "sha256:"
+
+#: The alias every upload moves to the new version.
+DEFAULT_ALIAS = "latest"
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+#: The only files an adapter version consists of, in the order they are uploaded.
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+
+#: Llama/Mistral/Qwen2 module name -> the submodule of a decoder layer that holds it.
+MODULE_PARENTS: Mapping[str, str] = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+
+Status = Literal["active", "revoked"]
+
+
+def check_name(value: object, what: str) -> str:
+    """Return `value` if it is a valid tenant/adapter/alias name, else raise InvalidAdapter.
+
+    This is the only gate through which a user string may reach a storage key or a path.
+    """
+    if not isinstance(value, str):
+        raise InvalidAdapter(f"{what} must be a string, got {type(value).__name__}")
+    if not _NAME_RE.fullmatch(value) or ".." in value:
+        raise InvalidAdapter(
+            f"invalid {what} {value[:80]!r}: use 1-64 ASCII letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '..'"
+        )
+    return value
+
+
+def check_sha(value: object, what: str = "version") -> str:
+    """Return a 64-hex lowercase sha256 (an optional "sha256:" prefix is removed)."""
+    if isinstance(value, str) and value.startswith(_SHA_PREFIX):
+        value = value[len(_SHA_PREFIX) :]
+    if not isinstance(value, str) or not _SHA_RE.fullmatch(value):
+        raise InvalidAdapter(f"invalid {what}: expected sha256:<64 lowercase hex digits>")
+    return value
+
+
+def utc_now() -> str:
+    """The current time as RFC 3339 UTC with second precision, e.g. 2025-01-31T12:00:00Z."""
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """What a request names: `[owner/]name[@alias | @sha256:<hex>]`."""
+
+    owner: str | None
+    name: str
+    alias: str | None = None
+    #: 64 hex digits, without the "sha256:" prefix.
+    version: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.owner is not None:
+            check_name(self.owner, "tenant")
+        check_name(self.name, "adapter name")
+        if self.alias is not None and self.version is not None:
+            raise InvalidAdapter("an adapter reference names an alias or a version, not both")
+        if self.alias is not None:
+            check_name(self.alias, "alias")
+        if self.version is not None:
+            check_sha(self.version)
+
+    @classmethod
+    def parse(cls, text: object) -> AdapterRef:
+        if not isinstance(text, str) or len(text) > 300:
+            raise InvalidAdapter("invalid adapter reference: expected [owner/]name[@alias]")
+        owner: str | None = None
+        rest = text
+        if "/" in rest:
+            owner, rest = rest.split("/", 1)
+        name, sep, selector = rest.partition("@")
+        if sep and not selector:
+            raise InvalidAdapter(f"invalid adapter reference {text[:80]!r}: empty after '@'")
+        if selector.startswith(_SHA_PREFIX):
+            return cls(owner=owner, name=name, version=check_sha(selector))
+        return cls(owner=owner, name=name, alias=selector or None)
+
+    @property
+    def selector(self) -> str:
+        """The alias or version this reference selects (the default alias when neither)."""
+        if self.version is not None:
+            return _SHA_PREFIX + self.version
+        return self.alias or DEFAULT_ALIAS
+
+    def __str__(self) -> str:
+        text = f"{self.owner}/{self.name}" if self.owner else self.name
+        if self.version is not None:
+            return f"{text}@{_SHA_PREFIX}{self.version}"
+        if self.alias is not None:
+            return f"{text}@{self.alias}"
+        return text
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of an adapter version."""
+
+    filename: str
+    size: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"filename": self.filename, "size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, data: object) -> FileEntry:
+        obj = _obj(data, "file entry")
+        filename = _get(obj, "filename", str)
+        if filename not in ADAPTER_FILES:
+            raise IntegrityError(f"manifest names an unexpected file {filename[:80]!r}")
+        size = _get(obj, "size", int)
+        if size < 0:
+            raise IntegrityError("manifest file size is negative")
+        return cls(filename=filename, size=size, sha256=_manifest_sha(_get(obj, "sha256", str)))
+
+
+def version_sha(files: Iterable[FileEntry]) -> str:
+    """The content address of a version: sha256 over sorted "filename\\0sha256\\n" lines."""
+    lines = sorted(f"{f.filename}\0{f.sha256}\n" for f in files)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """One immutable, content-addressed version of a tenant's adapter."""
+
+    tenant: str
+    name: str
+    #: 64 hex digits: `version_sha(files)`.
+    sha: str
+    files: tuple[FileEntry, ...]
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    base_model: str
+    dtype: str
+    created_at: str
+    created_by: str
+    status: Status = "active"
+    use_rslora: bool = False
+    description: str = ""
+    #: For a composed version: (reference of the part, weight) pairs.
+    composed_from: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def version_id(self) -> str:
+        return _SHA_PREFIX + self.sha
+
+    def file(self, filename: str) -> FileEntry:
+        for entry in self.files:
+            if entry.filename == filename:
+                return entry
+        raise AdapterNotFound(f"version {self.version_id} has no file {filename[:80]!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tenant": self.tenant,
+            "name": self.name,
+            "sha": self.sha,
+            "files": [f.to_dict() for f in self.files],
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "target_modules": list(self.target_modules),
+            "base_model": self.base_model,
+            "dtype": self.dtype,
+            "created_at": self.created_at,
+            "created_by": self.created_by,
+            "status": self.status,
+            "use_rslora": self.use_rslora,
+            "description": self.description,
+            "composed_from": [[ref, weight] for ref, weight in self.composed_from],
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> AdapterVersion:
+        obj = _obj(data, "version")
+        files = tuple(FileEntry.from_dict(f) for f in _get(obj, "files", list))
+        sha = _manifest_sha(_get(obj, "sha", str))
+        if version_sha(files) != sha:
+            raise IntegrityError(f"manifest version {sha} does not match its files")
+        status = _get(obj, "status", str)
+        if status not in ("active", "revoked"):
+            raise IntegrityError(f"manifest has an unknown version status {status[:20]!r}")
+        composed: list[tuple[str, float]] = []
+        for item in _get(obj, "composed_from", list):
+            if (
+                not isinstance(item, list)
+                or len(item) != 2
+                or not isinstance(item[0], str)
+                or not isinstance(item[1], int | float)
+            ):
+                raise IntegrityError("manifest has a malformed composed_from entry")
+            composed.append((item[0], float(item[1])))
+        return cls(
+            tenant=_get(obj, "tenant", str),
+            name=_get(obj, "name", str),
+            sha=sha,
+            files=files,
+            rank=_get(obj, "rank", int),
+            alpha=float(_get(obj, "alpha", (int, float))),
+            target_modules=tuple(_str_list(_get(obj, "target_modules", list))),
+            base_model=_get(obj, "base_model", str),
+            dtype=_get(obj, "dtype", str),
+            created_at=_get(obj, "created_at", str),
+            created_by=_get(obj, "created_by", str),
+            status="active" if status == "active" else "revoked",
+            use_rslora=_get(obj, "use_rslora", bool),
+            description=_get(obj, "description", str),
+            composed_from=tuple(composed),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything known about one adapter of one tenant; stored as JSON next to its versions.
+
+    `versions` holds the live versions only; a revoked version's sha moves to `revoked` (kept as
+    a tombstone so that a revocation is idempotent and replicas can see it). A revoked adapter
+    (`status == "revoked"`) is never returned by the store's read paths.
+    """
+
+    tenant: str
+    name: str
+    versions: dict[str, AdapterVersion] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+    shared_with: tuple[str, ...] = ()
+    status: Status = "active"
+    revoked: tuple[str, ...] = ()
+    #: The backend's entity tag of the stored manifest this was read from (None: not stored).
+    etag: str | None = None
+
+    def resolve(self, ref: AdapterRef) -> AdapterVersion:
+        """The live version `ref` selects; AdapterNotFound if missing or revoked."""
+        if self.status == "active":
+            sha = ref.version if ref.version is not None else self.aliases.get(ref.selector)
+            version = self.versions.get(sha) if sha is not None else None
+            if version is not None and version.status == "active":
+                return version
+        raise not_found(ref)
+
+    def to_json(self) -> bytes:
+        data = {
+            "format": 1,
+            "tenant": self.tenant,
+            "name": self.name,
+            "status": self.status,
+            "versions": {sha: v.to_dict() for sha, v in sorted(self.versions.items())},
+            "aliases": dict(sorted(self.aliases.items())),
+            "shared_with": sorted(self.shared_with),
+            "revoked": sorted(self.revoked),
+        }
+        return json.dumps(data, indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, etag: str | None = None) -> Manifest:
+        try:
+            obj = _obj(json.loads(data.decode("utf-8")), "manifest")
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise IntegrityError(f"stored manifest is not valid JSON: {exc}") from None
+        if obj.get("format") != 1:
+            raise IntegrityError("stored manifest has an unknown format")
+        versions = {}
+        for sha, raw in _get(obj, "versions", dict).items():
+            version = AdapterVersion.from_dict(raw)
+            if version.sha != sha:
+                raise IntegrityError(f"manifest version key {sha[:80]!r} does not match")
+            versions[sha] = version
+        aliases = {}
+        for alias, sha in _get(obj, "aliases", dict).items():
+            if not isinstance(sha, str) or sha not in versions:
+                raise IntegrityError(f"manifest alias {alias[:80]!r} points at no live version")
+            aliases[alias] = sha
+        status = _get(obj, "status", str)
+        if status not in ("active", "revoked"):
+            raise IntegrityError(f"manifest has an unknown status {status[:20]!r}")
+        return cls(
+            tenant=_get(obj, "tenant", str),
+            name=_get(obj, "name", str),
+            versions=versions,
+            aliases=aliases,
+            shared_with=tuple(_str_list(_get(obj, "shared_with", list))),
+            status="active" if status == "active" else "revoked",
+            revoked=tuple(_manifest_sha(s) for s in _str_list(_get(obj, "revoked", list))),
+            etag=etag,
+        )
+
+
+def not_found(ref: AdapterRef | str) -> AdapterNotFound:
+    """The one NOT_FOUND error: the same text whether missing, revoked or another tenant's."""
+    return AdapterNotFound(f"adapter {str(ref)[:200]!r} not found")
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """The deployment's base model, as far as adapter validation needs it."""
+
+    name: str
+    #: Other accepted values of an adapter's `base_model_name_or_path`.
+    aliases: tuple[str, ...]
+    num_layers: int
+    #: module name -> (in_features, out_features), e.g. "k_proj": (128, 64).
+    module_shapes: Mapping[str, tuple[int, int]]
+    max_rank: int
+
+    def accepts(self, base_model: str) -> bool:
+        return base_model == self.name or base_model in self.aliases
+
+    @classmethod
+    def from_hf_config(
+        cls, model_dir: Path, *, max_rank: int, aliases: Sequence[str] = ()
+    ) -> BaseModelSpec:
+        """Read a Llama/Mistral/Qwen2-style `config.json` from a model directory."""
+        path = Path(model_dir) / "config.json"
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidAdapter(f"cannot read the base model's config.json: {exc}") from None
+        obj = _obj(config, "config.json", error=InvalidAdapter)
+
+        def positive(key: str, default: int | None = None) -> int:
+            value = obj.get(key, default)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise InvalidAdapter(f"base model config.json: {key} must be a positive integer")
+            return value
+
+        hidden = positive("hidden_size")
+        heads = positive("num_attention_heads")
+        kv_heads = positive("num_key_value_heads", heads)
+        head_dim = obj.get("head_dim") or hidden // heads
+        if not isinstance(head_dim, int) or head_dim <= 0:
+            raise InvalidAdapter("base model config.json: head_dim must be a positive integer")
+        intermediate = positive("intermediate_size")
+        if not isinstance(max_rank, int) or max_rank < 1:
+            raise InvalidAdapter("max_rank must be a positive integer")
+        name = obj.get("_name_or_path")
+        if not isinstance(name, str) or not name:
+            name = Path(model_dir).name
+        return cls(
+            name=name,
+            aliases=tuple(dict.fromkeys([*aliases, str(model_dir)])),
+            num_layers=positive("num_hidden_layers"),
+            module_shapes={
+                "q_proj": (hidden, heads * head_dim),
+                "k_proj": (hidden, kv_heads * head_dim),
+                "v_proj": (hidden, kv_heads * head_dim),
+                "o_proj": (heads * head_dim, hidden),
+                "gate_proj": (hidden, intermediate),
+                "up_proj": (hidden, intermediate),
+                "down_proj": (intermediate, hidden),
+            },
+            max_rank=max_rank,
+        )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size caps applied while bytes arrive and while parsing (the max rank is the model's)."""
+
+    max_file_bytes: int = 512 * 1024 * 1024
+    max_config_bytes: int = 64 * 1024
+    max_header_bytes: int = 1024 * 1024
+    max_description_chars: int = 1024
+
+
+# --- strict JSON helpers for reading manifests back ----------------------------------------
+
+
+def _obj(data: object, what: str, error: type[Exception] = IntegrityError) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise error(f"{what} must be a JSON object")
+    return data
+
+
+def _get(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = obj.get(key)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise IntegrityError(f"stored manifest: field {key!r} is missing or has the wrong type")
+    return value
+
+
+def _str_list(values: list[Any]) -> list[str]:
+    if not all(isinstance(v, str) for v in values):
+        raise IntegrityError("stored manifest: expected a list of strings")
+    return list(values)
+
+
+def _manifest_sha(value: str) -> str:
+    if not _SHA_RE.fullmatch(value):
+        raise IntegrityError("stored manifest holds a malformed sha256")
+    return value

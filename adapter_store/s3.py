@@ -1,0 +1,207 @@
+"""`S3Backend`: the blob interface on S3 or an S3-compatible server (MinIO). The only boto3 user.
+
+- Path-style addressing and an endpoint URL for MinIO; credentials from the standard boto3 chain
+  unless given explicitly.
+- Explicit connect/read timeouts and bounded retries ("standard" mode), so a dead store fails a
+  request within seconds.
+- Conditional writes with put_object's IfMatch / IfNoneMatch; a 412 PreconditionFailed or 409
+  ConditionalRequestConflict becomes PreconditionFailed (the registry re-reads and retries).
+- botocore errors are classified by exception type and error code, never by message text.
+- Large files go through the transfer manager (multipart above `multipart_threshold`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
+
+from adapter_store.errors import (
+    BlobNotFound,
+    PreconditionFailed,
+    StoreError,
+    StoreUnavailable,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
+
+__all__ = ["S3Backend"]
+
+_NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
+_PRECONDITION = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+_NOT_MODIFIED = frozenset({"304", "NotModified"})
+_UNAVAILABLE = frozenset(
+    {
+        "NoSuchBucket",
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "SlowDown",
+        "ServiceUnavailable",
+        "InternalError",
+        "RequestTimeout",
+        "503",
+        "500",
+        "403",
+    }
+)
+
+
+class S3Backend:
+    """Objects under `s3://<bucket>/<prefix>/`."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 10.0,
+        max_attempts: int = 3,
+        addressing_style: Literal["auto", "virtual", "path"] = "path",
+        *,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        multipart_threshold: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        config = Config(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            s3={"addressing_style": addressing_style},
+            # Plain checksums only when required: S3-compatible servers differ on the newer ones.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        session = boto3.session.Session(
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
+            region_name=region,
+        )
+        self._client: S3Client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        self._transfer = TransferConfig(
+            multipart_threshold=multipart_threshold,
+            multipart_chunksize=max(multipart_threshold, 8 * 1024 * 1024),
+            use_threads=False,
+        )
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def get(self, key: str) -> tuple[bytes, str]:
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return response["Body"].read(), response["ETag"]
+        except Exception as exc:
+            raise _translate(exc, key) from None
+
+    def get_if_changed(self, key: str, etag: str) -> tuple[bytes, str] | None:
+        try:
+            response = self._client.get_object(
+                Bucket=self.bucket, Key=self._key(key), IfNoneMatch=etag
+            )
+            return response["Body"].read(), response["ETag"]
+        except ClientError as exc:
+            if _code(exc) in _NOT_MODIFIED or _status(exc) == 304:
+                return None
+            raise _translate(exc, key) from None
+        except Exception as exc:
+            raise _translate(exc, key) from None
+
+    def put(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": data}
+        if if_match is not None:
+            params["IfMatch"] = if_match
+        if if_none_match:
+            params["IfNoneMatch"] = "*"
+        try:
+            return self._client.put_object(**params)["ETag"]
+        except Exception as exc:
+            raise _translate(exc, key) from None
+
+    def put_file(self, key: str, path: Path) -> None:
+        try:
+            self._client.upload_file(str(path), self.bucket, self._key(key), Config=self._transfer)
+        except Exception as exc:
+            raise _translate(exc, key) from None
+
+    def download_file(self, key: str, dest: Path) -> None:
+        try:
+            self._client.download_file(
+                self.bucket, self._key(key), str(dest), Config=self._transfer
+            )
+        except Exception as exc:
+            raise _translate(exc, key) from None
+
+    def delete(self, key: str) -> None:
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:
+            error = _translate(exc, key)
+            if not isinstance(error, BlobNotFound):
+                raise error from None
+
+    def list(self, prefix: str) -> list[str]:
+        full = self._key(prefix)
+        strip = len(self._key(""))
+        keys: list[str] = []
+        try:
+            paginator = self._client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                keys.extend(item["Key"][strip:] for item in page.get("Contents", []))
+        except Exception as exc:
+            raise _translate(exc, prefix) from None
+        return sorted(keys)
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _translate(exc: Exception, key: str) -> StoreError:
+    """Map a boto3/botocore exception to the store's tree, by type and error code."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, ClientError):
+        code, status = _code(exc), _status(exc)
+        if code in _NOT_FOUND or status == 404:
+            if code == "NoSuchBucket":
+                return StoreUnavailable("the store's bucket does not exist")
+            return BlobNotFound(f"no object {key}")
+        if code in _PRECONDITION or status in (409, 412):
+            return PreconditionFailed(f"object {key} changed concurrently")
+        if code in _UNAVAILABLE or status >= 500 or status == 403:
+            return StoreUnavailable(f"the store refused the request ({code or status})")
+        return StoreError(f"the store failed a request ({code or status})")
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return StoreUnavailable("no usable credentials for the store")
+    if isinstance(exc, BotoConnectionError | HTTPClientError):
+        return StoreUnavailable(f"the store is unreachable ({type(exc).__name__})")
+    if isinstance(exc, BotoCoreError):
+        return StoreUnavailable(f"the store failed a request ({type(exc).__name__})")
+    if isinstance(exc, OSError):
+        return StoreUnavailable(f"I/O error talking to the store ({type(exc).__name__})")
+    return StoreError(f"unexpected error from the store ({type(exc).__name__})")

@@ -1,0 +1,818 @@
+"""The adapter registry: one implementation of `AdapterStore` over a tiny blob interface.
+
+`Registry` holds all the logic (validation, versions, aliases, sharing, revocation, composition);
+a `BlobBackend` only stores bytes under keys: `LocalBackend` (a folder) and `S3Backend` (S3,
+MinIO) implement it with the same semantics, so both behave the same.
+
+Key layout (keys are relative to the backend's root folder or bucket prefix)::
+
+    <prefix>/tenants/<tenant>/adapters/<name>/manifest.json
+    <prefix>/tenants/<tenant>/adapters/<name>/versions/<sha256>/adapter_config.json
+    <prefix>/tenants/<tenant>/adapters/<name>/versions/<sha256>/adapter_model.safetensors
+
+`<tenant>` and `<name>` pass `check_name` (letters, digits, '.', '_', '-'; no '..'), `<sha256>`
+is 64 lowercase hex digits (the version's content address) and the file names are the two
+constants: no other string ever reaches a key.
+
+Manifest writes are read (with its etag) -> modify -> conditional put (If-Match the etag, or
+If-None-Match "*" when creating); a lost race re-reads and retries, a bounded number of times
+with jitter, then raises Conflict. So two concurrent writers never lose an update.
+
+Publishing is atomic: a version's objects are written first and the manifest is updated last;
+if anything fails the objects written are deleted and nothing becomes visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Protocol
+
+from adapter_store.compose import compose as compose_tensors
+from adapter_store.errors import (
+    AdapterNotFound,
+    BlobNotFound,
+    CapacityExceeded,
+    Conflict,
+    IntegrityError,
+    InvalidAdapter,
+    PreconditionFailed,
+    StoreError,
+)
+from adapter_store.model import (
+    ADAPTER_FILES,
+    CONFIG_FILE,
+    DEFAULT_ALIAS,
+    WEIGHTS_FILE,
+    AdapterRef,
+    AdapterVersion,
+    BaseModelSpec,
+    FileEntry,
+    Limits,
+    Manifest,
+    check_name,
+    check_sha,
+    not_found,
+    utc_now,
+    version_sha,
+)
+from adapter_store.validate import (
+    load_tensors,
+    parse_config,
+    serialise_tensors,
+    validate_adapter,
+)
+
+__all__ = ["AdapterStore", "BlobBackend", "Registry", "Upload", "sha256_file"]
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1024 * 1024
+
+
+class BlobBackend(Protocol):
+    """Bytes under keys. Keys are '/'-separated and built by `Registry` only.
+
+    Errors: BlobNotFound (no such key), PreconditionFailed (a conditional put lost),
+    StoreUnavailable (unreachable / timed out); never a third-party exception.
+    """
+
+    def get(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and etag."""
+        ...
+
+    def get_if_changed(self, key: str, etag: str) -> tuple[bytes, str] | None:
+        """Like `get`, but None when the object's etag still equals `etag`."""
+        ...
+
+    def put(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        """Store `data`; with if_match only over that etag, with if_none_match only if absent."""
+        ...
+
+    def put_file(self, key: str, path: Path) -> None:
+        """Store a local file (multipart where the backend has it)."""
+        ...
+
+    def download_file(self, key: str, dest: Path) -> None:
+        """Write the object to `dest` (which the caller then verifies)."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Delete the object; deleting a missing key is not an error."""
+        ...
+
+    def list(self, prefix: str) -> list[str]:
+        """Every key under `prefix` (which ends with '/'), recursively."""
+        ...
+
+
+class AdapterStore(Protocol):
+    """What the gateway codes against. Methods are synchronous: run them in a thread."""
+
+    spec: BaseModelSpec
+    limits: Limits
+
+    def begin_upload(
+        self,
+        tenant: str,
+        name: str,
+        declared: Sequence[FileEntry],
+        *,
+        created_by: str,
+        aliases: Sequence[str] = (),
+        description: str = "",
+    ) -> Upload: ...
+
+    def upload_dir(
+        self,
+        tenant: str,
+        name: str,
+        path: Path,
+        *,
+        created_by: str,
+        aliases: Sequence[str] = (),
+        description: str = "",
+    ) -> AdapterVersion: ...
+
+    def get_manifest(self, tenant: str, name: str) -> Manifest: ...
+
+    def get_manifest_if_changed(self, tenant: str, name: str, etag: str) -> Manifest | None: ...
+
+    def list_adapters(self, tenant: str) -> list[Manifest]: ...
+
+    def list_tenants(self) -> list[str]: ...
+
+    def list_shared_with(self, tenant: str) -> list[Manifest]: ...
+
+    def resolve(self, tenant: str, ref: AdapterRef) -> AdapterVersion: ...
+
+    def set_alias(
+        self, tenant: str, name: str, alias: str, target: str, expected: str | None = None
+    ) -> Manifest: ...
+
+    def remove_alias(self, tenant: str, name: str, alias: str) -> Manifest: ...
+
+    def share(self, tenant: str, name: str, grantee: str) -> Manifest: ...
+
+    def unshare(self, tenant: str, name: str, grantee: str) -> Manifest: ...
+
+    def revoke(self, tenant: str, name: str, version: str | None = None) -> list[str]: ...
+
+    def compose(
+        self,
+        tenant: str,
+        name: str,
+        parts: Sequence[tuple[AdapterRef, float]],
+        *,
+        created_by: str,
+        aliases: Sequence[str] = (),
+        description: str = "",
+    ) -> AdapterVersion: ...
+
+    def fetch_file(self, version: AdapterVersion, filename: str, dest: Path) -> None: ...
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _adapter_prefix(tenant: str, name: str) -> str:
+    return f"tenants/{check_name(tenant, 'tenant')}/adapters/{check_name(name, 'adapter name')}/"
+
+
+def _manifest_key(tenant: str, name: str) -> str:
+    return _adapter_prefix(tenant, name) + "manifest.json"
+
+
+def _version_prefix(tenant: str, name: str, sha: str) -> str:
+    return _adapter_prefix(tenant, name) + f"versions/{check_sha(sha)}/"
+
+
+def _object_key(tenant: str, name: str, sha: str, filename: str) -> str:
+    if filename not in ADAPTER_FILES:
+        raise InvalidAdapter(f"unsupported file {filename[:80]!r}")
+    return _version_prefix(tenant, name, sha) + filename
+
+
+@dataclass
+class _Incoming:
+    declared: FileEntry
+    path: Path
+    written: int = 0
+    sha256: str | None = None
+
+
+class Upload:
+    """An upload in progress: `write` chunks file by file in the declared order, then `commit`.
+
+    Bytes are spooled to a private temporary folder, hashed and counted as they arrive; any
+    error aborts the upload. Use it as a context manager to abort on an exception.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        tenant: str,
+        name: str,
+        declared: Sequence[FileEntry],
+        *,
+        created_by: str,
+        aliases: Sequence[str],
+        description: str,
+        spool: Path,
+    ) -> None:
+        self._registry = registry
+        self._tenant = tenant
+        self._name = name
+        self._created_by = created_by
+        self._aliases = tuple(aliases)
+        self._description = description
+        self._spool = spool
+        self._files = [_Incoming(entry, spool / entry.filename) for entry in declared]
+        self._index = 0
+        self._handle: IO[bytes] | None = None
+        self._digest = hashlib.sha256()
+        self._closed = False
+
+    def __enter__(self) -> Upload:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def write(self, filename: str, chunk: bytes) -> None:
+        if self._closed:
+            raise InvalidAdapter("the upload is already committed or aborted")
+        try:
+            current = self._advance_to(filename)
+            if current.written + len(chunk) > current.declared.size:
+                raise InvalidAdapter(
+                    f"{filename} is larger than its declared size of {current.declared.size} bytes"
+                )
+            if self._handle is None:
+                self._handle = current.path.open("wb")
+            self._handle.write(chunk)
+            self._digest.update(chunk)
+            current.written += len(chunk)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _advance_to(self, filename: str) -> _Incoming:
+        current = self._files[self._index]
+        if filename == current.declared.filename:
+            return current
+        position = self._index + 1
+        if (
+            position < len(self._files)
+            and self._files[position].declared.filename == filename
+            and current.written == current.declared.size
+        ):
+            self._finish_current()
+            self._index = position
+            return self._files[position]
+        raise InvalidAdapter(
+            f"unexpected chunk for {filename[:80]!r}: files must be sent one after the other in "
+            f"the declared order, and {current.declared.filename} has "
+            f"{current.written} of {current.declared.size} bytes"
+        )
+
+    def _finish_current(self) -> None:
+        current = self._files[self._index]
+        if self._handle is None:
+            current.path.touch()
+        else:
+            self._handle.flush()
+            self._handle.close()
+            self._handle = None
+        current.sha256 = self._digest.hexdigest()
+        self._digest = hashlib.sha256()
+
+    def commit(self) -> AdapterVersion:
+        """Verify, validate and publish; the new version becomes `latest` (and `aliases`)."""
+        if self._closed:
+            raise InvalidAdapter("the upload is already committed or aborted")
+        try:
+            self._finish_current()
+            for incoming in self._files[self._index + 1 :]:
+                incoming.path.touch()
+                incoming.sha256 = hashlib.sha256(b"").hexdigest()
+            for incoming in self._files:
+                entry = incoming.declared
+                if incoming.written != entry.size:
+                    raise InvalidAdapter(
+                        f"upload incomplete: {entry.filename} has {incoming.written} of "
+                        f"{entry.size} declared bytes"
+                    )
+                if incoming.sha256 != entry.sha256:
+                    raise InvalidAdapter(
+                        f"sha256 mismatch for {entry.filename}: declared {entry.sha256}, "
+                        f"received {incoming.sha256}"
+                    )
+            return self._registry._publish(
+                self._tenant,
+                self._name,
+                self._spool,
+                created_by=self._created_by,
+                aliases=self._aliases,
+                description=self._description,
+            )
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop everything received; nothing was published. Safe to call more than once."""
+        self._closed = True
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        shutil.rmtree(self._spool, ignore_errors=True)
+
+
+class Registry:
+    """`AdapterStore` over a `BlobBackend`, for one deployment's base model."""
+
+    def __init__(
+        self,
+        backend: BlobBackend,
+        spec: BaseModelSpec,
+        limits: Limits | None = None,
+        *,
+        spool_dir: Path | None = None,
+        max_retries: int = 10,
+    ) -> None:
+        self.backend = backend
+        self.spec = spec
+        self.limits = limits or Limits()
+        self._spool_dir = spool_dir
+        self._max_retries = max_retries
+
+    # --- uploads ------------------------------------------------------------------------------
+
+    def begin_upload(
+        self,
+        tenant: str,
+        name: str,
+        declared: Sequence[FileEntry],
+        *,
+        created_by: str,
+        aliases: Sequence[str] = (),
+        description: str = "",
+    ) -> Upload:
+        check_name(tenant, "tenant")
+        check_name(name, "adapter name")
+        aliases = tuple(check_name(alias, "alias") for alias in aliases)
+        self._check_text(created_by, description)
+        entries = self._check_declared(declared)
+        if self._spool_dir is not None:
+            self._spool_dir.mkdir(parents=True, exist_ok=True)
+        spool = Path(tempfile.mkdtemp(prefix="upload-", dir=self._spool_dir))
+        return Upload(
+            self,
+            tenant,
+            name,
+            entries,
+            created_by=created_by,
+            aliases=aliases,
+            description=description,
+            spool=spool,
+        )
+
+    def _check_text(self, created_by: object, description: object) -> None:
+        if not isinstance(created_by, str) or len(created_by) > 256:
+            raise InvalidAdapter("created_by must be a string of at most 256 characters")
+        if not isinstance(description, str) or len(description) > self.limits.max_description_chars:
+            raise InvalidAdapter(
+                f"description must be a string of at most {self.limits.max_description_chars} "
+                "characters"
+            )
+
+    def _check_declared(self, declared: Sequence[FileEntry]) -> list[FileEntry]:
+        by_name: dict[str, FileEntry] = {}
+        for entry in declared:
+            if entry.filename not in ADAPTER_FILES:
+                raise InvalidAdapter(
+                    f"unsupported file {str(entry.filename)[:80]!r}: an adapter is exactly "
+                    f"{CONFIG_FILE} and {WEIGHTS_FILE} (.bin, .pt and other pickle formats are "
+                    "never loaded)"
+                )
+            if entry.filename in by_name:
+                raise InvalidAdapter(f"file {entry.filename} is declared twice")
+            if not isinstance(entry.size, int) or isinstance(entry.size, bool) or entry.size < 0:
+                raise InvalidAdapter(f"file {entry.filename} declares an invalid size")
+            cap = (
+                self.limits.max_config_bytes
+                if entry.filename == CONFIG_FILE
+                else self.limits.max_file_bytes
+            )
+            if entry.size > cap:
+                raise CapacityExceeded(
+                    f"file {entry.filename} declares {entry.size} bytes, above the cap of {cap}"
+                )
+            check_sha(entry.sha256, f"sha256 of {entry.filename}")
+            by_name[entry.filename] = replace(entry, sha256=check_sha(entry.sha256))
+        for filename in ADAPTER_FILES:
+            if filename not in by_name:
+                raise InvalidAdapter(f"missing file {filename}")
+        return [by_name[filename] for filename in ADAPTER_FILES]
+
+    def upload_dir(
+        self,
+        tenant: str,
+        name: str,
+        path: Path,
+        *,
+        created_by: str,
+        aliases: Sequence[str] = (),
+        description: str = "",
+    ) -> AdapterVersion:
+        """Upload a local PEFT adapter folder (a README.md in it is ignored)."""
+        files = sorted(p for p in Path(path).iterdir() if p.name != "README.md")
+        for file in files:
+            if file.is_symlink() or not file.is_file():
+                raise InvalidAdapter(f"{file.name[:80]!r} is not a regular file")
+        declared = [FileEntry(f.name, f.stat().st_size, sha256_file(f)) for f in files]
+        with self.begin_upload(
+            tenant, name, declared, created_by=created_by, aliases=aliases, description=description
+        ) as upload:
+            for filename in ADAPTER_FILES:
+                with (Path(path) / filename).open("rb") as f:
+                    while chunk := f.read(_CHUNK):
+                        upload.write(filename, chunk)
+            return upload.commit()
+
+    def _publish(
+        self,
+        tenant: str,
+        name: str,
+        folder: Path,
+        *,
+        created_by: str,
+        aliases: Sequence[str],
+        description: str,
+        composed_from: tuple[tuple[str, float], ...] = (),
+    ) -> AdapterVersion:
+        """Validate the two files in `folder`, store them, then add the version."""
+        paths = {filename: folder / filename for filename in ADAPTER_FILES}
+        validated = validate_adapter(paths, self.spec, self.limits)
+        for filename, data in validated.rewritten.items():
+            paths[filename].write_bytes(data)
+        files = tuple(
+            FileEntry(filename, path.stat().st_size, sha256_file(path))
+            for filename, path in paths.items()
+        )
+        sha = version_sha(files)
+        version = AdapterVersion(
+            tenant=tenant,
+            name=name,
+            sha=sha,
+            files=files,
+            rank=validated.rank,
+            alpha=validated.alpha,
+            target_modules=validated.target_modules,
+            base_model=validated.base_model,
+            dtype=validated.dtype,
+            created_at=utc_now(),
+            created_by=created_by,
+            use_rslora=validated.use_rslora,
+            description=description,
+            composed_from=composed_from,
+        )
+        existing = self._read(tenant, name)
+        written: list[str] = []
+        try:
+            if existing is None or sha not in existing.versions:
+                for entry in files:
+                    key = _object_key(tenant, name, sha, entry.filename)
+                    written.append(key)
+                    self.backend.put_file(key, paths[entry.filename])
+
+            def add(current: Manifest | None) -> Manifest:
+                base = current or Manifest(tenant=tenant, name=name)
+                if sha in base.revoked:
+                    raise Conflict(
+                        f"this exact content was revoked as {version.version_id} of {name!r} "
+                        "and cannot be published again"
+                    )
+                versions = dict(base.versions)
+                versions.setdefault(sha, version)
+                new_aliases = dict(base.aliases)
+                for alias in (DEFAULT_ALIAS, *aliases):
+                    new_aliases[alias] = sha
+                return replace(base, status="active", versions=versions, aliases=new_aliases)
+
+            return self._update(tenant, name, add).versions[sha]
+        except BaseException:
+            self._clean_up(tenant, name, sha, written)
+            raise
+
+    def _clean_up(self, tenant: str, name: str, sha: str, keys: Iterable[str]) -> None:
+        """Delete objects of a failed publish unless a manifest now refers to them."""
+        try:
+            current = self._read(tenant, name)
+            if current is not None and sha in current.versions:
+                return
+            for key in keys:
+                self.backend.delete(key)
+        except StoreError:
+            log.warning("could not clean up objects of a failed upload under %s", tenant)
+
+    # --- manifests ----------------------------------------------------------------------------
+
+    def _read(self, tenant: str, name: str) -> Manifest | None:
+        try:
+            data, etag = self.backend.get(_manifest_key(tenant, name))
+        except BlobNotFound:
+            return None
+        return Manifest.from_json(data, etag)
+
+    def _live(self, manifest: Manifest | None, what: str) -> Manifest:
+        if manifest is None or manifest.status != "active":
+            raise not_found(what)
+        return manifest
+
+    def _update(
+        self, tenant: str, name: str, change: Callable[[Manifest | None], Manifest]
+    ) -> Manifest:
+        """Read-modify-write the manifest with a conditional put, retrying lost races."""
+        key = _manifest_key(tenant, name)
+        for attempt in range(self._max_retries):
+            current = self._read(tenant, name)
+            new = change(current)
+            if new is current:
+                return current
+            try:
+                if current is None:
+                    etag = self.backend.put(key, new.to_json(), if_none_match=True)
+                else:
+                    etag = self.backend.put(key, new.to_json(), if_match=current.etag)
+                return replace(new, etag=etag)
+            except (PreconditionFailed, BlobNotFound):
+                time.sleep(random.uniform(0, min(0.1, 0.002 * 2**attempt)))  # noqa: S311
+        raise Conflict(f"too many concurrent updates of adapter {name!r}; try again")
+
+    def get_manifest(self, tenant: str, name: str) -> Manifest:
+        return self._live(self._read(tenant, name), name)
+
+    def get_manifest_if_changed(self, tenant: str, name: str, etag: str) -> Manifest | None:
+        """None when the stored manifest still has `etag` (a conditional GET)."""
+        try:
+            found = self.backend.get_if_changed(_manifest_key(tenant, name), etag)
+        except BlobNotFound:
+            raise not_found(name) from None
+        if found is None:
+            return None
+        return self._live(Manifest.from_json(*found), name)
+
+    def list_adapters(self, tenant: str) -> list[Manifest]:
+        prefix = f"tenants/{check_name(tenant, 'tenant')}/adapters/"
+        manifests = []
+        for key in sorted(self.backend.list(prefix)):
+            parts = key[len(prefix) :].split("/")
+            if len(parts) != 2 or parts[1] != "manifest.json":
+                continue
+            manifest = self._read(tenant, check_name(parts[0], "adapter name"))
+            if manifest is not None and manifest.status == "active":
+                manifests.append(manifest)
+        return manifests
+
+    def list_tenants(self) -> list[str]:
+        tenants = set()
+        for key in self.backend.list("tenants/"):
+            parts = key.split("/")
+            if len(parts) >= 3:
+                tenants.add(check_name(parts[1], "tenant"))
+        return sorted(tenants)
+
+    def list_shared_with(self, tenant: str) -> list[Manifest]:
+        check_name(tenant, "tenant")
+        return [
+            manifest
+            for owner in self.list_tenants()
+            if owner != tenant
+            for manifest in self.list_adapters(owner)
+            if tenant in manifest.shared_with
+        ]
+
+    def resolve(self, tenant: str, ref: AdapterRef) -> AdapterVersion:
+        """The live version `ref` names, as seen by `tenant`.
+
+        `ref.owner` defaults to `tenant`; another owner's adapter resolves only if it is shared
+        with `tenant`, and is otherwise answered exactly like a missing one.
+        """
+        check_name(tenant, "tenant")
+        owner = ref.owner or tenant
+        manifest = self._read(owner, ref.name)
+        if manifest is None or (owner != tenant and tenant not in manifest.shared_with):
+            raise not_found(ref)
+        return manifest.resolve(ref)
+
+    def set_alias(
+        self, tenant: str, name: str, alias: str, target: str, expected: str | None = None
+    ) -> Manifest:
+        """Point `alias` at `target` (a version sha or another alias).
+
+        With `expected` (a version sha), only if the alias currently points there (else
+        Conflict): a compare-and-set for rollouts.
+        """
+        check_name(alias, "alias")
+        if _looks_like_sha(alias):
+            raise InvalidAdapter("an alias may not look like a version sha256")
+        want = check_sha(expected, "expected version") if expected is not None else None
+
+        def change(current: Manifest | None) -> Manifest:
+            manifest = self._live(current, name)
+            if _looks_like_sha(target):
+                sha: str | None = check_sha(target)
+            else:
+                sha = manifest.aliases.get(check_name(target, "alias"))
+            if sha is None or sha not in manifest.versions:
+                raise not_found(f"{name}@{target}")
+            if want is not None and manifest.aliases.get(alias) != want:
+                raise Conflict(
+                    f"alias {alias!r} of {name!r} points at "
+                    f"{manifest.aliases.get(alias) or 'nothing'}, not the expected {want}"
+                )
+            return replace(manifest, aliases={**manifest.aliases, alias: sha})
+
+        return self._update(tenant, name, change)
+
+    def remove_alias(self, tenant: str, name: str, alias: str) -> Manifest:
+        check_name(alias, "alias")
+
+        def change(current: Manifest | None) -> Manifest:
+            manifest = self._live(current, name)
+            if alias not in manifest.aliases:
+                return manifest
+            aliases = {a: s for a, s in manifest.aliases.items() if a != alias}
+            return replace(manifest, aliases=aliases)
+
+        return self._update(tenant, name, change)
+
+    def share(self, tenant: str, name: str, grantee: str) -> Manifest:
+        check_name(grantee, "tenant")
+
+        def change(current: Manifest | None) -> Manifest:
+            manifest = self._live(current, name)
+            if grantee in manifest.shared_with or grantee == tenant:
+                return manifest
+            return replace(manifest, shared_with=tuple(sorted({*manifest.shared_with, grantee})))
+
+        return self._update(tenant, name, change)
+
+    def unshare(self, tenant: str, name: str, grantee: str) -> Manifest:
+        check_name(grantee, "tenant")
+
+        def change(current: Manifest | None) -> Manifest:
+            manifest = self._live(current, name)
+            if grantee not in manifest.shared_with:
+                return manifest
+            return replace(
+                manifest, shared_with=tuple(t for t in manifest.shared_with if t != grantee)
+            )
+
+        return self._update(tenant, name, change)
+
+    def revoke(self, tenant: str, name: str, version: str | None = None) -> list[str]:
+        """Revoke one version (or, with None, the whole adapter); return the revoked shas.
+
+        The manifest is marked first (so no read path returns the version any more), then the
+        objects are deleted. Idempotent: revoking again finishes any interrupted deletion.
+        """
+        target = check_sha(version) if version is not None else None
+        revoked: list[str] = []
+
+        def change(current: Manifest | None) -> Manifest:
+            if current is None:
+                raise not_found(name)
+            if target is None:
+                shas = sorted({*current.versions, *current.revoked})
+                new = replace(
+                    current,
+                    status="revoked",
+                    versions={},
+                    aliases={},
+                    shared_with=(),
+                    revoked=tuple(shas),
+                )
+                revoked[:] = shas
+                return current if new == current else new
+            if target not in current.versions and target not in current.revoked:
+                raise not_found(f"{name}@sha256:{target}")
+            revoked[:] = [target]
+            if target in current.revoked:
+                return current
+            return replace(
+                current,
+                versions={s: v for s, v in current.versions.items() if s != target},
+                aliases={a: s for a, s in current.aliases.items() if s != target},
+                revoked=tuple(sorted({*current.revoked, target})),
+            )
+
+        self._update(tenant, name, change)
+        for sha in revoked:
+            for filename in ADAPTER_FILES:
+                self.backend.delete(_object_key(tenant, name, sha, filename))
+        return revoked
+
+    # --- composition and reads of objects -----------------------------------------------------
+
+    def compose(
+        self,
+        tenant: str,
+        name: str,
+        parts: Sequence[tuple[AdapterRef, float]],
+        *,
+        created_by: str,
+        aliases: Sequence[str] = (),
+        description: str = "",
+    ) -> AdapterVersion:
+        """Publish the weighted sum of `tenant`'s own adapter versions as a new version."""
+        check_name(name, "adapter name")
+        aliases = tuple(check_name(alias, "alias") for alias in aliases)
+        self._check_text(created_by, description)
+        if not parts:
+            raise InvalidAdapter("composition needs at least one part")
+        if self._spool_dir is not None:
+            self._spool_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="compose-", dir=self._spool_dir) as tmp:
+            loaded = []
+            composed_from = []
+            for index, (ref, weight) in enumerate(parts):
+                if ref.owner not in (None, tenant):
+                    raise InvalidAdapter("composition parts must be the tenant's own adapters")
+                if not isinstance(weight, int | float) or isinstance(weight, bool):
+                    raise InvalidAdapter("composition weights must be numbers")
+                version = self.resolve(tenant, ref)
+                folder = Path(tmp) / f"part-{index}"
+                folder.mkdir()
+                for entry in version.files:
+                    self._fetch_verified(version, entry, folder / entry.filename)
+                config = parse_config((folder / CONFIG_FILE).read_bytes(), self.limits)
+                tensors = load_tensors(folder / WEIGHTS_FILE, self.limits)
+                loaded.append((tensors, config, float(weight)))
+                ref_text = str(AdapterRef(owner=tenant, name=version.name, version=version.sha))
+                composed_from.append((ref_text, float(weight)))
+            tensors, config = compose_tensors(loaded, max_rank=self.spec.max_rank)
+            out = Path(tmp) / "composed"
+            out.mkdir()
+            (out / CONFIG_FILE).write_bytes(_config_bytes(config))
+            (out / WEIGHTS_FILE).write_bytes(serialise_tensors(tensors))
+            return self._publish(
+                tenant,
+                name,
+                out,
+                created_by=created_by,
+                aliases=aliases,
+                description=description,
+                composed_from=tuple(composed_from),
+            )
+
+    def _fetch_verified(self, version: AdapterVersion, entry: FileEntry, dest: Path) -> None:
+        self.fetch_file(version, entry.filename, dest)
+        if dest.stat().st_size != entry.size or sha256_file(dest) != entry.sha256:
+            raise IntegrityError(
+                f"stored {entry.filename} of {version.version_id} does not match its sha256"
+            )
+
+    def fetch_file(self, version: AdapterVersion, filename: str, dest: Path) -> None:
+        """Download one file of a version to `dest`, unverified (the caller checks sha256)."""
+        try:
+            self.backend.download_file(
+                _object_key(version.tenant, version.name, version.sha, filename), dest
+            )
+        except BlobNotFound:
+            raise AdapterNotFound(f"version {version.version_id} is no longer stored") from None
+
+
+def _looks_like_sha(text: str) -> bool:
+    try:
+        check_sha(text)
+    except InvalidAdapter:
+        return False
+    return True
+
+
+def _config_bytes(config: dict[str, object]) -> bytes:
+    return json.dumps(config, indent=2, sort_keys=True).encode()

@@ -1,0 +1,125 @@
+"""What the gateway needs from an inference engine, and the plain types it speaks.
+
+Everything above this layer (residency, services, server) codes against `Engine`; only
+`engine/vllm_engine.py` knows vLLM. Types here are plain dataclasses, never protobuf.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """Sampling parameters, validated by the services layer before they get here."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Exactly one of text or token ids."""
+
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.text is None) == (self.token_ids is None):
+            raise ValueError("a prompt is exactly one of text or token_ids")
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """An adapter version as the engine knows it."""
+
+    #: Engine id, assigned once per version by residency and never reused in a process.
+    lora_int_id: int
+    #: Includes the sha256 so that anything the engine keys by name (prefix cache) is per-version.
+    lora_name: str
+    #: Local directory holding adapter_config.json and adapter_model.safetensors.
+    path: Path
+
+
+@dataclass
+class TokenChunk:
+    """One streamed delta. The last one has `finish_reason` set."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    loaded_adapter_ids: set[int] = field(default_factory=set)
+    healthy: bool = True
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """The gateway's view of an engine. Errors raised are `lora_gateway.errors` types."""
+
+    #: Engine adapter slots usable by requests at once (GPU slots).
+    max_loras: int
+    #: Adapters the engine keeps loaded (CPU cache), the residency capacity.
+    max_cpu_loras: int
+
+    def generate(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: GenerateParams,
+        adapter: LoadedAdapter | None,
+    ) -> AsyncIterator[TokenChunk]:
+        """Stream deltas. Cancelling the iteration aborts the request in the engine."""
+        ...
+
+    async def abort(self, request_ids: Sequence[str]) -> None: ...
+
+    async def add_adapter(self, adapter: LoadedAdapter) -> None:
+        """Load an adapter. Raises ResourceExhausted beyond `max_cpu_loras`."""
+        ...
+
+    async def remove_adapter(self, lora_int_id: int) -> int:
+        """Abort the adapter's in-flight requests, then unload it; returns the aborted count."""
+        ...
+
+    async def list_adapters(self) -> set[int]: ...
+
+    async def check_health(self) -> None:
+        """Raise `errors.EngineDead` or `errors.Unavailable` if the engine cannot serve."""
+        ...
+
+    async def shutdown(self) -> None: ...
+
+
+_lora_ids = itertools.count(1)
+
+
+def next_lora_id() -> int:
+    """A fresh engine adapter id. Ids are never reused within a process (DESIGN invariant 2)."""
+    return next(_lora_ids)

@@ -1,0 +1,328 @@
+"""The vLLM engine, in-process (`AsyncLLM`) with multi-LoRA. The only module that imports vllm.
+
+Isolation guard ("null adapter"). vLLM marks a token that uses no adapter with slot index -1.
+Its CPU LoRA kernels (`vllm/lora/ops/torch_ops/lora_ops.py`) select weights with
+`stacked[indices]`, and in torch `-1` selects the *last* slot: in a batch that mixes base-model
+and adapter requests, base tokens get the delta of whatever adapter sits in slot `max_loras-1`.
+(Found by this project's isolation tests; the GPU kernels skip -1.) The guard: base-model requests
+are sent with an adapter whose weights are all zero, so index -1 never occurs. It costs one
+slot, which we add on top of the configured `max_loras` / `max_cpu_loras`. `null_adapter=auto`
+turns it on for the CPU build; `engine/selftest.py` checks isolation before the server serves.
+
+No engine-side pins. `AsyncLLM.pin_lora` keeps an adapter in a GPU slot that the scheduler
+does not know is taken: a batch with `max_loras` other adapters then cannot fit, activating the
+last one evicts another that the same step needs, and the worker dies with a KeyError (shown by
+this project's tests: one pinned adapter, more distinct adapters in flight than free slots). So
+the null adapter is added, never pinned, and "pinning" is residency's business (never evicted by
+our LRU). Residency also decides every eviction: a request may only name an adapter added through
+`add_adapter`, `add_adapter` refuses beyond `max_cpu_loras` (vLLM gets one more slot for the null
+adapter, so its own LRU never has to evict), and `remove_adapter` aborts the adapter's in-flight
+requests before it unloads the adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from lora_gateway import errors
+from lora_gateway.config import Settings
+from lora_gateway.engine.base import (
+    FinishReason,
+    GenerateParams,
+    LoadedAdapter,
+    Prompt,
+    TokenChunk,
+    next_lora_id,
+)
+
+log = logging.getLogger(__name__)
+
+_FINISH = {"length": FinishReason.LENGTH, "stop": FinishReason.STOP, "abort": FinishReason.ABORT}
+
+
+def read_model_shape(model: str) -> dict[str, int]:
+    """hidden_size / heads / head_dim of a local HF model directory (for the zero adapters)."""
+    config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    config = config.get("text_config", config)
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    return {
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(config.get("num_key_value_heads", heads)),
+        "head_dim": int(config.get("head_dim") or hidden // heads),
+        "num_hidden_layers": int(config["num_hidden_layers"]),
+    }
+
+
+def write_q_proj_adapter(
+    model: str, out: Path, *, rank: int, seed: int | None, scale: float = 0.0
+) -> Path:
+    """A LoRA on every layer's q_proj: zeros (seed None) or random N(0, scale) weights."""
+    shape = read_model_shape(model)
+    hidden, q_out = shape["hidden_size"], shape["num_attention_heads"] * shape["head_dim"]
+    rng = np.random.default_rng(seed)
+    tensors: dict[str, np.ndarray[Any, Any]] = {}
+    for layer in range(shape["num_hidden_layers"]):
+        prefix = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+        if seed is None:
+            a = np.zeros((rank, hidden), np.float32)
+            b = np.zeros((q_out, rank), np.float32)
+        else:
+            a = rng.normal(0.0, scale, (rank, hidden)).astype(np.float32)
+            b = rng.normal(0.0, scale, (q_out, rank)).astype(np.float32)
+        tensors[f"{prefix}.lora_A.weight"] = a
+        tensors[f"{prefix}.lora_B.weight"] = b
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": float(rank),
+        "target_modules": ["q_proj"],
+        "bias": "none",
+        "base_model_name_or_path": model,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+class VLLMEngine:
+    """`Engine` over vLLM's `AsyncLLM`. Build it with `await VLLMEngine.start(settings)`."""
+
+    def __init__(self, llm: Any, settings: Settings, null_adapter: LoadedAdapter | None) -> None:
+        self._llm = llm
+        self._settings = settings
+        self.max_loras = settings.max_loras
+        self.max_cpu_loras = settings.max_cpu_loras
+        self.null_adapter = null_adapter
+        self._dead: BaseException | None = None
+        #: Adapters added through add_adapter (the null adapter excepted).
+        self._registered: set[int] = set()
+        #: Request ids in flight per adapter id.
+        self._inflight: dict[int, set[str]] = {}
+
+    # --- life cycle -------------------------------------------------------------------------
+    @classmethod
+    async def start(cls, settings: Settings) -> VLLMEngine:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if not settings.model:
+            raise errors.InvalidArgument("no base model configured (--model)")
+        use_null = settings.null_adapter == "on" or (
+            settings.null_adapter == "auto" and current_platform.is_cpu()
+        )
+        extra_slot = 1 if use_null else 0
+        if settings.kv_cache_space_gib is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_space_gib)
+        kwargs: dict[str, Any] = {
+            "model": settings.model,
+            "dtype": settings.dtype,
+            "quantization": settings.quantization,
+            "enable_lora": True,
+            "max_loras": settings.max_loras + extra_slot,
+            "max_cpu_loras": settings.max_cpu_loras + extra_slot,
+            "max_lora_rank": settings.max_lora_rank,
+            "max_model_len": settings.max_model_len,
+            "max_num_seqs": settings.max_num_seqs,
+            "gpu_memory_utilization": settings.gpu_memory_utilization,
+            "tensor_parallel_size": settings.tensor_parallel_size,
+            "enforce_eager": settings.enforce_eager,
+            "enable_prefix_caching": settings.enable_prefix_caching,
+            "disable_log_stats": True,
+        }
+        kwargs.update(settings.engine_args)
+        try:
+            args = AsyncEngineArgs(**kwargs)
+            llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        except (TypeError, ValueError) as exc:
+            raise errors.InvalidArgument(f"engine settings rejected: {exc}") from exc
+        null_adapter = None
+        if use_null:
+            folder = Path(tempfile.mkdtemp(prefix="lora-gateway-null-"))
+            await asyncio.to_thread(write_q_proj_adapter, settings.model, folder, rank=1, seed=None)
+            null_adapter = LoadedAdapter(next_lora_id(), "null-adapter", folder)
+        engine = cls(llm, settings, null_adapter)
+        if null_adapter is not None:
+            await engine.add_adapter(null_adapter)
+        log.info("engine started", extra={"model": settings.model, "null_adapter": use_null})
+        return engine
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self._llm.shutdown)
+
+    # --- generation -------------------------------------------------------------------------
+    async def _token_ids(self, prompt: Prompt) -> list[int]:
+        if prompt.token_ids is not None:
+            return list(prompt.token_ids)
+        tokenizer = self._llm.get_tokenizer()
+        ids = await asyncio.to_thread(tokenizer.encode, prompt.text)
+        return [int(i) for i in ids]
+
+    def _sampling_params(self, params: GenerateParams) -> Any:
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
+        from vllm.sampling_params import RequestOutputKind
+
+        try:
+            return SamplingParams(
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k if params.top_k > 0 else -1,
+                seed=params.seed,
+                stop=list(params.stop) or None,
+                stop_token_ids=list(params.stop_token_ids) or None,
+                ignore_eos=params.ignore_eos,
+                presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty,
+                repetition_penalty=params.repetition_penalty,
+                min_tokens=params.min_tokens,
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except (VLLMValidationError, ValueError) as exc:
+            raise errors.InvalidArgument(f"sampling parameters rejected: {exc}") from None
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: GenerateParams,
+        adapter: LoadedAdapter | None,
+    ) -> AsyncIterator[TokenChunk]:
+        from vllm.exceptions import VLLMValidationError
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        self._raise_if_dead()
+        if adapter is not None and adapter.lora_int_id not in self._registered:
+            raise errors.FailedPrecondition("adapter is not loaded in the engine")
+        target = adapter or self.null_adapter
+        lora = (
+            LoRARequest(target.lora_name, target.lora_int_id, str(target.path))
+            if target is not None
+            else None
+        )
+        ids = await self._token_ids(prompt)
+        sampling = self._sampling_params(params)
+        finished = False
+        completion = 0
+        inflight = self._inflight.setdefault(target.lora_int_id, set()) if target else set()
+        inflight.add(request_id)
+        try:
+            stream = self._llm.generate(
+                {"prompt_token_ids": ids}, sampling, request_id, lora_request=lora
+            )
+            async for output in stream:
+                out = output.outputs[0]
+                completion += len(out.token_ids)
+                reason = _FINISH.get(out.finish_reason) if output.finished else None
+                finished = output.finished
+                yield TokenChunk(
+                    token_ids=list(out.token_ids),
+                    text=out.text,
+                    finish_reason=reason or (FinishReason.STOP if finished else None),
+                    prompt_tokens=len(ids),
+                    completion_tokens=completion,
+                )
+        except EngineDeadError as exc:
+            self._dead = exc
+            raise errors.EngineDead("engine is not running") from exc
+        except VLLMValidationError as exc:
+            raise errors.InvalidArgument(str(exc)) from None
+        except ValueError as exc:
+            # vLLM raises ValueError for requests it cannot take (prompt too long, ...).
+            raise errors.InvalidArgument(str(exc)) from None
+        except EngineGenerateError as exc:
+            raise errors.Unavailable("engine failed the request") from exc
+        finally:
+            inflight.discard(request_id)
+            if not finished:
+                # Cancelled, or the consumer stopped early: free the engine's slot at once.
+                await asyncio.shield(self._abort_quietly([request_id]))
+
+    async def _abort_quietly(self, request_ids: Sequence[str]) -> None:
+        try:
+            await self._llm.abort(list(request_ids))
+        except Exception:  # the engine may be gone; nothing to abort then
+            log.debug("abort failed", exc_info=True)
+
+    async def abort(self, request_ids: Sequence[str]) -> None:
+        await self._abort_quietly(request_ids)
+
+    # --- adapters ---------------------------------------------------------------------------
+    async def add_adapter(self, adapter: LoadedAdapter) -> None:
+        from vllm.lora.request import LoRARequest
+
+        self._raise_if_dead()
+        is_null = self.null_adapter is not None and adapter is self.null_adapter
+        if adapter.lora_int_id in self._registered:
+            return
+        if not is_null and len(self._registered) >= self.max_cpu_loras:
+            raise errors.ResourceExhausted(
+                f"engine adapter capacity is full (max_cpu_loras={self.max_cpu_loras})"
+            )
+        request = LoRARequest(adapter.lora_name, adapter.lora_int_id, str(adapter.path))
+        try:
+            ok = await self._llm.add_lora(request)
+        except Exception as exc:
+            # Errors from the engine core come back as plain Exceptions.
+            self._note_if_dead()
+            if self._dead is not None:
+                raise errors.EngineDead("engine died while loading an adapter") from exc
+            raise errors.FailedPrecondition("the engine refused the adapter") from exc
+        if ok is False:
+            raise errors.FailedPrecondition("the engine refused the adapter")
+        if not is_null:
+            self._registered.add(adapter.lora_int_id)
+
+    async def remove_adapter(self, lora_int_id: int) -> int:
+        """Abort the adapter's in-flight requests, then unload it. Returns the aborted count."""
+        self._raise_if_dead()
+        doomed = list(self._inflight.pop(lora_int_id, ()))
+        if doomed:
+            await self._abort_quietly(doomed)
+        self._registered.discard(lora_int_id)
+        try:
+            await self._llm.remove_lora(lora_int_id)
+        except Exception as exc:
+            self._note_if_dead()
+            raise errors.Unavailable("the engine failed to remove an adapter") from exc
+        return len(doomed)
+
+    async def list_adapters(self) -> set[int]:
+        self._raise_if_dead()
+        ids = {int(i) for i in await self._llm.list_loras()}
+        if self.null_adapter is not None:
+            ids.discard(self.null_adapter.lora_int_id)
+        return ids
+
+    # --- health -----------------------------------------------------------------------------
+    def _note_if_dead(self) -> None:
+        if getattr(self._llm, "errored", False) and self._dead is None:
+            self._dead = self._llm.dead_error
+
+    def _raise_if_dead(self) -> None:
+        self._note_if_dead()
+        if self._dead is not None:
+            raise errors.EngineDead("engine is not running")
+
+    async def check_health(self) -> None:
+        self._raise_if_dead()
+        try:
+            await self._llm.check_health()
+        except Exception as exc:
+            self._dead = exc
+            raise errors.EngineDead("engine is not running") from exc

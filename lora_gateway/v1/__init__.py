@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for lora_gateway.v1."""

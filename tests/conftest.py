@@ -1,0 +1,100 @@
+"""Session-wide fixtures: the tiny generated model and PEFT adapters (offline, deterministic)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from lora_gateway import devtools
+from lora_gateway.config import Settings
+
+if TYPE_CHECKING:
+    from lora_gateway.engine.vllm_engine import VLLMEngine
+
+AdapterFactory = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with its tokenizer, generated once per session."""
+    return devtools.make_model(tmp_path_factory.mktemp("model") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def make_test_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> AdapterFactory:
+    """Factory: make_test_adapter(seed=1, rank=8, ...) -> PEFT adapter folder (cached per spec)."""
+    made: dict[devtools.AdapterSpec, Path] = {}
+    root = tmp_path_factory.mktemp("adapters")
+
+    def make(**fields: object) -> Path:
+        if "target_modules" in fields:
+            fields["target_modules"] = tuple(fields["target_modules"])  # type: ignore[arg-type]
+        spec = devtools.AdapterSpec(**fields)  # type: ignore[arg-type]
+        if spec not in made:
+            made[spec] = devtools.make_adapter(tiny_model, root / f"adapter-{len(made)}", spec)
+        return made[spec]
+
+    return make
+
+
+# --- the real engine, one per test session ---------------------------------------------------
+
+ADAPTER_SPECS: dict[str, dict[str, object]] = {
+    # rank 8 on attention only
+    "attn-r8": {"seed": 11, "rank": 8},
+    # rank 16 on every module, rsLoRA scaling
+    "all-r16-rslora": {
+        "seed": 12,
+        "rank": 16,
+        "target_modules": devtools.ALL_MODULES,
+        "use_rslora": True,
+    },
+    # rank 4 on the MLP only, larger alpha
+    "mlp-r4": {"seed": 13, "rank": 4, "alpha": 32, "target_modules": devtools.MLP_MODULES},
+    # rank 8 on q and v
+    "qv-r8": {"seed": 14, "rank": 8, "target_modules": ("q_proj", "v_proj")},
+}
+
+
+@pytest.fixture(scope="session")
+def test_adapters(make_test_adapter: AdapterFactory) -> dict[str, Path]:
+    return {name: make_test_adapter(**spec) for name, spec in ADAPTER_SPECS.items()}
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model: Path) -> devtools.ReferenceGenerator:
+    return devtools.ReferenceGenerator(tiny_model)
+
+
+def engine_settings(model: Path, **changes: object) -> Settings:
+    """Small engine settings for this 2-core machine: 2 GPU slots, 3 loaded adapters."""
+    values: dict[str, object] = {
+        "model": str(model),
+        "dtype": "float32",
+        "max_loras": 2,
+        "max_cpu_loras": 3,
+        "max_lora_rank": 16,
+        "max_model_len": 256,
+        "max_num_seqs": 16,
+        "enforce_eager": True,
+        "kv_cache_space_gib": 1,
+    }
+    values.update(changes)
+    return Settings.from_mapping(values)
+
+
+@pytest.fixture(scope="session")
+async def engine(tiny_model: Path) -> AsyncIterator[VLLMEngine]:
+    from lora_gateway.engine.vllm_engine import VLLMEngine
+
+    started = await VLLMEngine.start(engine_settings(tiny_model))
+    yield started
+    await started.shutdown()

@@ -1,0 +1,137 @@
+"""S3 specifics against a real server over HTTP: failures are fast and typed, bytes are verified."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from adapter_store import (
+    AdapterNotFound,
+    AdapterRef,
+    DiskCache,
+    IntegrityError,
+    Registry,
+    StoreUnavailable,
+)
+from adapter_store.model import WEIGHTS_FILE, BaseModelSpec
+from adapter_store.s3 import S3Backend
+from tests.store.conftest import make_s3_backend
+from tests.support.s3server import S3Server, s3_server
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_dead_endpoint_fails_fast(spec: BaseModelSpec) -> None:
+    backend = S3Backend(
+        "bucket",
+        endpoint_url=f"http://127.0.0.1:{closed_port()}",
+        region="us-east-1",
+        access_key_id="testing",
+        secret_access_key="testing",
+    )
+    registry = Registry(backend, spec)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="unreachable"):
+        registry.resolve("acme", AdapterRef.parse("bot"))
+    assert time.monotonic() - started < 10
+
+
+def test_missing_bucket_is_unavailable(s3: S3Server, spec: BaseModelSpec) -> None:
+    backend = S3Backend(
+        "no-such-bucket",
+        endpoint_url=s3.endpoint_url,
+        region=s3.region,
+        access_key_id=s3.access_key,
+        secret_access_key=s3.secret_key,
+    )
+    with pytest.raises(StoreUnavailable, match="bucket"):
+        Registry(backend, spec).get_manifest("acme", "bot")
+
+
+def test_server_down_then_back(spec: BaseModelSpec, good_adapter: Path) -> None:
+    with s3_server(bucket="restart-test") as server:
+        registry = Registry(make_s3_backend(server, max_attempts=1), spec)
+        registry.upload_dir("acme", "bot", good_adapter, created_by="t")
+        server.stop()
+        with pytest.raises(StoreUnavailable):
+            registry.get_manifest("acme", "bot")
+        server.start()
+        assert registry.get_manifest("acme", "bot").name == "bot"
+
+
+async def test_overwritten_object_is_caught_by_the_cache(
+    s3: S3Server, spec: BaseModelSpec, good_adapter: Path, tmp_path: Path
+) -> None:
+    backend = make_s3_backend(s3)
+    registry = Registry(backend, spec)
+    version = registry.upload_dir("acme", "bot", good_adapter, created_by="t")
+    key = f"{backend.prefix}/tenants/acme/adapters/bot/versions/{version.sha}/{WEIGHTS_FILE}"
+    data = bytearray((good_adapter / WEIGHTS_FILE).read_bytes())
+    data[-1] ^= 0xFF
+    s3.client().put_object(Bucket=s3.bucket, Key=key, Body=bytes(data))  # moto checks nothing
+
+    cache = DiskCache(tmp_path / "cache", 10**7, registry.fetch_file)
+    with pytest.raises(IntegrityError, match="does not match"):
+        await cache.ensure(version)
+    assert not cache.contains(version.sha)
+    assert not cache.path_for(version.sha).exists()
+    assert list((tmp_path / "cache" / ".tmp").iterdir()) == []
+
+    s3.client().delete_object(Bucket=s3.bucket, Key=key)
+    with pytest.raises(AdapterNotFound):
+        await cache.ensure(version)
+
+
+def test_multipart_upload(s3: S3Server, tmp_path: Path) -> None:
+    backend = make_s3_backend(s3, multipart_threshold=5 * 1024 * 1024)
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(11 * 1024 * 1024))
+    backend.put_file("tenants/acme/blob", big)
+    backend.download_file("tenants/acme/blob", tmp_path / "back")
+    assert (tmp_path / "back").read_bytes() == big.read_bytes()
+
+
+def _docker_works() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        import docker  # type: ignore[import-not-found]
+
+        docker.from_env().ping()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not _docker_works(),
+    reason="MinIO variant needs a reachable Docker engine and testcontainers; the moto variant "
+    "of the same contract runs instead",
+)
+def test_contract_on_minio(spec: BaseModelSpec, good_adapter: Path) -> None:
+    minio = pytest.importorskip("testcontainers.minio", reason="testcontainers is not installed")
+    with minio.MinioContainer() as container:
+        config = container.get_config()
+        client = container.get_client()
+        client.make_bucket("adapters")
+        backend = S3Backend(
+            "adapters",
+            endpoint_url=f"http://{config['endpoint']}",
+            region="us-east-1",
+            access_key_id=config["access_key"],
+            secret_access_key=config["secret_key"],
+        )
+        registry = Registry(backend, spec)
+        version = registry.upload_dir("acme", "bot", good_adapter, created_by="t")
+        registry.share("acme", "bot", "globex")
+        assert registry.resolve("globex", AdapterRef.parse("acme/bot")) == version
+        assert registry.revoke("acme", "bot") == [version.sha]
