@@ -167,7 +167,11 @@ class AdapterStore(Protocol):
 
     def unshare(self, tenant: str, name: str, grantee: str) -> Manifest: ...
 
-    def revoke(self, tenant: str, name: str, version: str | None = None) -> list[str]: ...
+    def revoke(
+        self, tenant: str, name: str, version: str | None = None, *, delete_objects: bool = True
+    ) -> list[str]: ...
+
+    def purge(self, tenant: str, name: str, shas: Iterable[str]) -> None: ...
 
     def compose(
         self,
@@ -694,11 +698,15 @@ class Registry:
 
         return self._update(tenant, name, change)
 
-    def revoke(self, tenant: str, name: str, version: str | None = None) -> list[str]:
+    def revoke(
+        self, tenant: str, name: str, version: str | None = None, *, delete_objects: bool = True
+    ) -> list[str]:
         """Revoke one version (or, with None, the whole adapter); return the revoked shas.
 
         The manifest is marked first (so no read path returns the version any more), then the
-        objects are deleted. Idempotent: revoking again finishes any interrupted deletion.
+        objects are deleted. Idempotent: revoking again finishes any interrupted deletion. With
+        `delete_objects=False` only the manifest is marked: the gateway unloads the versions
+        from the engine and its disk cache first and then calls `purge` (DESIGN invariant 7).
         """
         target = check_sha(version) if version is not None else None
         revoked: list[str] = []
@@ -731,10 +739,15 @@ class Registry:
             )
 
         self._update(tenant, name, change)
-        for sha in revoked:
-            for filename in ADAPTER_FILES:
-                self.backend.delete(_object_key(tenant, name, sha, filename))
+        if delete_objects:
+            self.purge(tenant, name, revoked)
         return revoked
+
+    def purge(self, tenant: str, name: str, shas: Iterable[str]) -> None:
+        """Delete the objects of revoked versions (idempotent)."""
+        for sha in shas:
+            for filename in ADAPTER_FILES:
+                self.backend.delete(_object_key(tenant, name, check_sha(sha), filename))
 
     # --- composition and reads of objects -----------------------------------------------------
 

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import random
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,9 @@ SWAPPED = "qv-r8"
 
 
 @pytest.fixture(scope="module")
-async def loaded(engine: VLLMEngine, test_adapters: dict[str, Path]) -> dict[str, LoadedAdapter]:
+async def loaded(
+    engine: VLLMEngine, test_adapters: dict[str, Path]
+) -> AsyncIterator[dict[str, LoadedAdapter]]:
     """One engine identity per adapter version (ids never reused); the first three loaded."""
     adapters = {
         name: LoadedAdapter(next_lora_id(), f"{name}@sha256:test", path)
@@ -46,7 +49,9 @@ async def loaded(engine: VLLMEngine, test_adapters: dict[str, Path]) -> dict[str
     }
     for name in RESIDENT:
         await engine.add_adapter(adapters[name])
-    return adapters
+    yield adapters
+    for lora_int_id in await engine.list_adapters():  # leave the shared engine empty
+        await engine.remove_adapter(lora_int_id)
 
 
 @pytest.fixture(scope="module")

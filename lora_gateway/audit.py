@@ -1,0 +1,166 @@
+"""The audit log: one JSON object per line for admin actions and denials.
+
+Each event records who (principal tenant, role, key id), what (RPC, target tenant, adapter,
+version), the decision ("allow", "deny", "error") and the gRPC status name. API keys, prompts and
+generated text are never recorded; `detail` is a short, truncated note.
+
+`AuditLog.record` is cheap and synchronous: it formats the event and puts it on a queue. A
+`logging.handlers.QueueListener` thread writes the file (or hands the event to the
+`lora_gateway.audit` logger when no file is configured), so the event loop never waits on disk.
+
+Example line::
+
+    {"ts": "2025-01-31T12:00:00.123Z", "principal_tenant": "acme", "role": "tenant-admin",
+     "key_id": "acme-ci", "rpc": "/lora_gateway.v1.Admin/RevokeAdapter", "tenant": "acme",
+     "adapter": "support-bot", "version": "sha256:…", "decision": "allow", "code": "OK",
+     "detail": "", "request_id": "…"}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import queue
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Literal
+
+import grpc
+
+from lora_gateway.tenancy import Principal
+
+__all__ = ["AUDIT_LOGGER", "AuditLog", "Decision"]
+
+AUDIT_LOGGER = "lora_gateway.audit"
+Decision = Literal["allow", "deny", "error"]
+_DECISIONS = frozenset({"allow", "deny", "error"})
+_MAX_DETAIL = 200
+_MAX_FIELD = 256
+
+
+def _now() -> str:
+    """RFC 3339 UTC with millisecond precision, e.g. 2025-01-31T12:00:00.123Z."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _clip(value: str, limit: int) -> str:
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+class _ToLogger(logging.Handler):
+    """Runs in the listener thread: passes each event to the `lora_gateway.audit` logger."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__()
+        self._logger = logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._logger.isEnabledFor(record.levelno):
+            self._logger.handle(record)
+
+
+class AuditLog:
+    """JSON-lines audit log. `path=None`: events go to the `lora_gateway.audit` logger only.
+
+    Opening the file happens in the constructor (call it at start-up, or in a thread).
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._logger = logging.getLogger(AUDIT_LOGGER)
+        self._queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        self._sink: logging.Handler
+        if path:
+            sink = logging.handlers.WatchedFileHandler(path, encoding="utf-8")  # logrotate-safe
+            sink.setFormatter(logging.Formatter("%(message)s"))
+            self._sink = sink
+        else:
+            self._sink = _ToLogger(self._logger)
+        self._enqueue = logging.handlers.QueueHandler(self._queue)
+        self._listener = logging.handlers.QueueListener(self._queue, self._sink)
+        self._listener.start()
+        self._closed = False
+
+    def record(
+        self,
+        *,
+        principal: Principal | None,
+        rpc: str,
+        decision: Decision,
+        code: grpc.StatusCode | str = "OK",
+        tenant: str = "",
+        adapter: str = "",
+        version: str = "",
+        detail: str = "",
+        request_id: str = "",
+    ) -> dict[str, str]:
+        """Queue one event and return it. Never blocks on I/O.
+
+        `principal` is None when the caller was not authenticated. Never pass keys, prompts or
+        output text in any field; `detail` is truncated to a short note.
+        """
+        if decision not in _DECISIONS:
+            raise ValueError(f"decision must be allow, deny or error, got {decision!r}")
+        event = {
+            "ts": _now(),
+            "principal_tenant": principal.tenant if principal else "",
+            "role": principal.role.value if principal else "",
+            "key_id": principal.key_id if principal else "",
+            "rpc": _clip(rpc, _MAX_FIELD),
+            "tenant": _clip(tenant, _MAX_FIELD),
+            "adapter": _clip(adapter, _MAX_FIELD),
+            "version": _clip(version, _MAX_FIELD),
+            "decision": decision,
+            "code": code.name if isinstance(code, grpc.StatusCode) else str(code),
+            "detail": _clip(detail, _MAX_DETAIL),
+            "request_id": _clip(request_id, _MAX_FIELD),
+        }
+        if self._closed:
+            # Late events (after shutdown) still reach the logger rather than vanish.
+            self._logger.warning("audit event after close: %s", json.dumps(event))
+            return event
+        line = json.dumps(event, ensure_ascii=False, separators=(", ", ": "))
+        record = logging.LogRecord(
+            name=AUDIT_LOGGER,
+            level=logging.INFO,
+            pathname=__file__,
+            lineno=0,
+            msg=line,
+            args=None,
+            exc_info=None,
+        )
+        record.__dict__["audit"] = event  # structured copy for handlers that want fields
+        self._enqueue.handle(record)
+        return event
+
+    def flush(self) -> None:
+        """Wait until every queued event is written (blocking: tests, shutdown)."""
+        if self._closed:
+            return
+        self._listener.stop()  # drains the queue, then joins the thread
+        self._sink.flush()
+        self._listener.start()
+
+    def close(self) -> None:
+        """Write what is queued, stop the writer thread and close the file. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._listener.stop()
+        self._sink.flush()
+        self._sink.close()
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"AuditLog(path={self.path!r})"

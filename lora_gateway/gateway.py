@@ -1,0 +1,128 @@
+"""The gateway's core, free of protobuf: admit → resolve → hold the adapter → generate.
+
+Services translate protobuf to the plain types here and back; this module owns the order of
+checks, the per-request bookkeeping (in-flight requests per version, for revocation) and the
+admin operations that touch both the store and the engine (revocation, DESIGN invariant 7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from adapter_store import AdapterRef, AdapterStore, AdapterVersion
+from lora_gateway import errors
+from lora_gateway.config import Settings
+from lora_gateway.engine.base import (
+    Engine,
+    FinishReason,
+    GenerateParams,
+    LoadedAdapter,
+    Prompt,
+    TokenChunk,
+)
+from lora_gateway.residency import Residency, key_of
+from lora_gateway.tenancy import Admission, KeyRing, Principal, Role, check_max_tokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Served:
+    """The exact adapter version a request ran on (None fields for the base model)."""
+
+    tenant: str = ""
+    name: str = ""
+    version: str = ""
+
+    @classmethod
+    def of(cls, version: AdapterVersion | None) -> Served:
+        if version is None:
+            return cls()
+        return cls(version.tenant, version.name, version.version_id)
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    adapter: AdapterRef | None
+    prompt: Prompt
+    params: GenerateParams
+    request_id: str
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        store: AdapterStore,
+        residency: Residency,
+        keyring: KeyRing,
+        admission: Admission,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.store = store
+        self.residency = residency
+        self.keyring = keyring
+        self.admission = admission
+        self.draining = False
+
+    # --- inference --------------------------------------------------------------------------
+    async def generate(
+        self, principal: Principal, call: GenerateCall
+    ) -> AsyncIterator[tuple[Served, TokenChunk]]:
+        """Stream (served version, delta) pairs; the last delta carries the finish reason."""
+        if self.draining:
+            raise errors.Unavailable("server is shutting down")
+        tenant = self.keyring.tenant(principal.tenant)
+        check_max_tokens(call.params.max_tokens, tenant)
+        async with self.admission.slot(principal, tenant):
+            version = None
+            if call.adapter is not None:
+                version = await self.residency.resolve(
+                    principal.tenant, call.adapter, any_owner=principal.role is Role.OPERATOR
+                )
+            served = Served.of(version)
+            if version is None:
+                async for chunk in self._run(call, None, None):
+                    yield served, chunk
+                return
+            async with self.residency.use(version) as loaded:
+                async for chunk in self._run(call, loaded, version):
+                    yield served, chunk
+
+    async def _run(
+        self, call: GenerateCall, adapter: LoadedAdapter | None, version: AdapterVersion | None
+    ) -> AsyncIterator[TokenChunk]:
+        async for chunk in self.engine.generate(call.request_id, call.prompt, call.params, adapter):
+            if chunk.finish_reason is FinishReason.ABORT:
+                if version is not None and self.residency.is_blocked(key_of(version)):
+                    raise errors.Aborted("request aborted: the adapter version was revoked")
+                raise errors.Unavailable("request aborted by the server")
+            yield chunk
+
+    # --- revocation (DESIGN invariant 7) ----------------------------------------------------
+    async def revoke(self, tenant: str, name: str, version: str | None) -> tuple[list[str], int]:
+        """Store marks it revoked → in-flight aborted → engine unload → disk cache → objects."""
+        started = time.perf_counter()
+        shas = await asyncio.to_thread(
+            self.store.revoke, tenant, name, version, delete_objects=False
+        )
+        keys = [(tenant, name, sha) for sha in shas]
+        self.residency.block(keys)
+        self.residency.forget(tenant, name)
+        aborted = await self.residency.unload(keys)
+        await asyncio.to_thread(self.store.purge, tenant, name, shas)
+        log.info(
+            "revoked %d version(s) of %s/%s, aborted %d request(s) in %.3fs",
+            len(shas),
+            tenant,
+            name,
+            aborted,
+            time.perf_counter() - started,
+        )
+        return shas, aborted

@@ -1,0 +1,260 @@
+"""Prometheus metrics of the gateway, served over HTTP (`Settings.metrics_listen`).
+
+`Metrics` owns its own `CollectorRegistry` (never the global default), so that a process, or a
+test, can build several. All metric names start with `lora_gateway_`.
+
+Label values are bounded: `tenant` comes from the tenants file, `tier` and `phase` from fixed
+sets, `code` from the gRPC status names, and `adapter` is "<tenant>/<name>" of an adapter that
+*resolved* (no version, no user free text). Requests whose adapter did not resolve are labelled
+`adapter="none"`, base-model requests `adapter="base"`; see `adapter_label`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Literal, get_args
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+__all__ = [
+    "BASE_ADAPTER_LABEL",
+    "CONTENT_TYPE_LATEST",
+    "NO_ADAPTER_LABEL",
+    "LoadPhase",
+    "Metrics",
+    "Tier",
+    "adapter_label",
+    "parse_listen",
+]
+
+Tier = Literal["engine", "disk"]
+LoadPhase = Literal["fetch", "verify", "validate", "engine_add"]
+_TIERS: frozenset[str] = frozenset(get_args(Tier))
+_PHASES: frozenset[str] = frozenset(get_args(LoadPhase))
+
+BASE_ADAPTER_LABEL = "base"
+NO_ADAPTER_LABEL = "none"
+UNAUTHENTICATED_TENANT_LABEL = "-"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def adapter_label(tenant: str | None, name: str | None) -> str:
+    """The `adapter` label: "<tenant>/<name>" of a resolved adapter, "base" for the base model.
+
+    Pass `tenant=None` for a request whose adapter did not resolve (NOT_FOUND, denied): its
+    name is user text and must not become a label value.
+    """
+    if tenant is None:
+        return NO_ADAPTER_LABEL
+    if not name:
+        return BASE_ADAPTER_LABEL
+    return f"{tenant}/{name}"
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """ "host:port" or "[v6]:port" -> (host, port). Port 0 picks a free one."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"listen address must be host:port, got {listen!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or "0.0.0.0", int(port_text)  # noqa: S104 - an explicit ":port" means all
+
+
+def _tenant(tenant: str) -> str:
+    return tenant or UNAUTHENTICATED_TENANT_LABEL
+
+
+def _code(code: grpc.StatusCode | str) -> str:
+    return code.name if isinstance(code, grpc.StatusCode) else code
+
+
+class Metrics:
+    """The gateway's metrics and their registry. The methods are cheap and thread-safe."""
+
+    def __init__(self, *, process_metrics: bool = True) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        if process_metrics:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+        self.requests_total = Counter(
+            "lora_gateway_requests_total",
+            "Finished RPCs by tenant, adapter (<tenant>/<name>) and gRPC status code.",
+            ["tenant", "adapter", "code"],
+            registry=r,
+        )
+        self.time_to_first_token_seconds = Histogram(
+            "lora_gateway_time_to_first_token_seconds",
+            "From request arrival to the first generated token.",
+            ["tenant"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "lora_gateway_request_seconds",
+            "Whole Generate request latency.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens_out_total = Counter(
+            "lora_gateway_tokens_out_total",
+            "Generated tokens by tenant.",
+            ["tenant"],
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "lora_gateway_queue_seconds",
+            "Time a request waited before its adapter was resident and it was submitted.",
+            buckets=_QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.cache_hits_total = Counter(
+            "lora_gateway_cache_hits_total",
+            "Adapter lookups served by a tier (engine: already loaded; disk: local cache).",
+            ["tier"],
+            registry=r,
+        )
+        self.cache_misses_total = Counter(
+            "lora_gateway_cache_misses_total",
+            "Adapter lookups a tier could not serve.",
+            ["tier"],
+            registry=r,
+        )
+        self.adapter_load_seconds = Histogram(
+            "lora_gateway_adapter_load_seconds",
+            "Cold adapter load latency by phase (fetch, verify, validate, engine_add).",
+            ["phase"],
+            buckets=_LOAD_BUCKETS,
+            registry=r,
+        )
+        self.evictions_total = Counter(
+            "lora_gateway_evictions_total",
+            "Adapters evicted from a tier.",
+            ["tier"],
+            registry=r,
+        )
+        self.resident_adapters = Gauge(
+            "lora_gateway_resident_adapters",
+            "Adapters held by a tier.",
+            ["tier"],
+            registry=r,
+        )
+        self.engine_healthy = Gauge(
+            "lora_gateway_engine_healthy",
+            "1 while the engine is up and passed its self-test, else 0.",
+            registry=r,
+        )
+        self.inflight_requests = Gauge(
+            "lora_gateway_inflight_requests",
+            "Admitted requests in flight, by tenant.",
+            ["tenant"],
+            registry=r,
+        )
+        self._http: WSGIServer | None = None
+
+    # --- recording ----------------------------------------------------------------------------
+    def request_done(
+        self, tenant: str, adapter: str, code: grpc.StatusCode | str, seconds: float | None = None
+    ) -> None:
+        """Count a finished request; `adapter` from `adapter_label`. `seconds` feeds the latency
+        histogram (pass it for Generate requests only)."""
+        self.requests_total.labels(_tenant(tenant), adapter, _code(code)).inc()
+        if seconds is not None:
+            self.request_seconds.observe(seconds)
+
+    def first_token(self, tenant: str, seconds: float) -> None:
+        self.time_to_first_token_seconds.labels(_tenant(tenant)).observe(seconds)
+
+    def tokens_out(self, tenant: str, count: int) -> None:
+        if count > 0:
+            self.tokens_out_total.labels(_tenant(tenant)).inc(count)
+
+    def queued(self, seconds: float) -> None:
+        self.queue_seconds.observe(seconds)
+
+    def cache_hit(self, tier: Tier) -> None:
+        self.cache_hits_total.labels(_check(tier, _TIERS)).inc()
+
+    def cache_miss(self, tier: Tier) -> None:
+        self.cache_misses_total.labels(_check(tier, _TIERS)).inc()
+
+    def load_phase(self, phase: LoadPhase, seconds: float) -> None:
+        self.adapter_load_seconds.labels(_check(phase, _PHASES)).observe(seconds)
+
+    @contextlib.contextmanager
+    def time_load(self, phase: LoadPhase) -> Iterator[None]:
+        """`with metrics.time_load("fetch"): ...` observes the block's duration (also on error)."""
+        _check(phase, _PHASES)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.load_phase(phase, time.perf_counter() - start)
+
+    def evicted(self, tier: Tier, count: int = 1) -> None:
+        self.evictions_total.labels(_check(tier, _TIERS)).inc(count)
+
+    def set_resident(self, tier: Tier, count: int) -> None:
+        self.resident_adapters.labels(_check(tier, _TIERS)).set(count)
+
+    def set_engine_healthy(self, healthy: bool) -> None:
+        self.engine_healthy.set(1 if healthy else 0)
+
+    def set_inflight(self, tenant: str, count: int) -> None:
+        """Matches `tenancy.Admission(on_change=...)`."""
+        self.inflight_requests.labels(_tenant(tenant)).set(count)
+
+    # --- exposition ---------------------------------------------------------------------------
+    def render(self) -> bytes:
+        """The registry in the Prometheus text format (content type `CONTENT_TYPE_LATEST`)."""
+        return generate_latest(self.registry)
+
+    def start_http(self, listen: str) -> tuple[str, int]:
+        """Serve /metrics on "host:port" from a daemon thread; returns the bound (host, port).
+
+        Port 0 picks a free port, reported in the result. Call `close()` to stop serving.
+        """
+        if self._http is not None:
+            raise RuntimeError("metrics HTTP server already started")
+        host, port = parse_listen(listen)
+        server, _thread = start_http_server(port, host, registry=self.registry)
+        self._http = server
+        bound = server.server_address
+        return str(bound[0]), int(bound[1])
+
+    @property
+    def http_server(self) -> WSGIServer | None:
+        return self._http
+
+    def close(self) -> None:
+        """Stop the HTTP server, if started. Idempotent."""
+        server, self._http = self._http, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+def _check(value: str, allowed: frozenset[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"label value {value!r} not in {sorted(allowed)}")
+    return value

@@ -1,0 +1,327 @@
+"""End to end: a real grpc.aio gateway on 127.0.0.1:0, the real engine, S3 over HTTP (moto).
+
+Every output is checked against the PEFT-merged reference. Tenants: acme and globex (a user and
+a tenant-admin key each) and an operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lora_gateway import devtools, errors
+from lora_gateway.client import AsyncGatewayClient
+from lora_gateway.engine.vllm_engine import VLLMEngine
+from lora_gateway.server import GatewayServer
+from lora_gateway.tenancy import hash_key
+from lora_gateway.v1 import inference_pb2, inference_pb2_grpc
+from tests.conftest import AdapterFactory, engine_settings
+from tests.support.s3server import S3Server, s3_server
+
+pytestmark = pytest.mark.engine
+
+MAX_TOKENS = 8
+KEYS = {
+    "acme-user": ("acme", "user"),
+    "acme-admin": ("acme", "tenant-admin"),
+    "globex-user": ("globex", "user"),
+    "globex-admin": ("globex", "tenant-admin"),
+    "root": ("ops", "operator"),
+}
+
+
+def write_tenants(path: Path) -> Path:
+    tenants: dict[str, dict[str, object]] = {}
+    for key, (tenant, role) in KEYS.items():
+        entry = tenants.setdefault(tenant, {"keys": [], "max_concurrent": 32, "max_tokens": 64})
+        keys = entry["keys"]
+        assert isinstance(keys, list)
+        keys.append({"id": key, "sha256": hash_key(f"secret-{key}"), "role": role})
+    path.write_text(yaml.safe_dump({"tenants": tenants}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    with s3_server("gateway-e2e") as server:
+        saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        os.environ["AWS_ACCESS_KEY_ID"] = server.access_key
+        os.environ["AWS_SECRET_ACCESS_KEY"] = server.secret_key
+        yield server
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@dataclass
+class Env:
+    server: GatewayServer
+    target: str
+
+    def client(self, key: str, **kwargs: object) -> AsyncGatewayClient:
+        return AsyncGatewayClient(self.target, f"secret-{key}", **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+async def env(
+    engine: VLLMEngine, tiny_model: Path, s3: S3Server, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Env]:
+    work = tmp_path_factory.mktemp("gateway")
+    settings = engine_settings(
+        tiny_model,
+        store=f"s3://{s3.bucket}/e2e",
+        s3_endpoint=s3.endpoint_url,
+        s3_region=s3.region,
+        tenants_file=str(write_tenants(work / "tenants.yaml")),
+        listen="127.0.0.1:0",
+        cache_dir=str(work / "cache"),
+        base_model_aliases=(devtools.TINY_MODEL_NAME,),
+        poll_interval_s=0.5,
+        drain_grace_s=5.0,
+        default_max_tokens=MAX_TOKENS,
+    )
+    server = await GatewayServer.start(settings, engine=engine)
+    yield Env(server, f"127.0.0.1:{server.port}")
+    await server.stop(grace=1.0)
+
+
+@pytest.fixture(scope="module")
+async def uploaded(env: Env, test_adapters: dict[str, Path]) -> dict[str, str]:
+    """acme owns three adapters, globex one; returns name → version."""
+    versions: dict[str, str] = {}
+    async with env.client("acme-admin") as acme, env.client("globex-admin") as globex:
+        for name in ("attn-r8", "all-r16-rslora", "mlp-r4"):
+            info = await acme.upload_adapter(name, test_adapters[name], aliases=("prod",))
+            versions[name] = info.version
+        info = await globex.upload_adapter("qv-r8", test_adapters["qv-r8"])
+        versions["qv-r8"] = info.version
+    return versions
+
+
+@pytest.fixture(scope="module")
+def expected(
+    reference: devtools.ReferenceGenerator, test_adapters: dict[str, Path]
+) -> dict[tuple[str | None, str], list[int]]:
+    return {
+        (name, prompt): reference.generate(
+            prompt, test_adapters[name] if name else None, MAX_TOKENS
+        )
+        for name in [None, *test_adapters]
+        for prompt in devtools.SAMPLE_PROMPTS[:3]
+    }
+
+
+PROMPT = devtools.SAMPLE_PROMPTS[0]
+
+
+async def test_health_serving_after_self_test(env: Env) -> None:
+    async with grpc.aio.insecure_channel(env.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service="lora_gateway.v1.Inference"))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_upload_then_generate_equals_reference(
+    env: Env, uploaded: dict[str, str], expected: dict[tuple[str | None, str], list[int]]
+) -> None:
+    async with env.client("acme-user") as client:
+        for name in ("attn-r8", "all-r16-rslora", "mlp-r4"):
+            result = await client.generate(name, PROMPT, max_tokens=MAX_TOKENS)
+            assert result.token_ids == expected[(name, PROMPT)], name
+            assert result.adapter is not None
+            assert result.adapter.version == uploaded[name]
+            assert (result.adapter.tenant, result.adapter.name) == ("acme", name)
+        base = await client.generate("", PROMPT, max_tokens=MAX_TOKENS)
+        assert base.token_ids == expected[(None, PROMPT)]
+        pinned = await client.generate(
+            f"attn-r8@{uploaded['attn-r8']}", PROMPT, max_tokens=MAX_TOKENS
+        )
+        assert pinned.token_ids == expected[("attn-r8", PROMPT)]
+        by_alias = await client.generate("mlp-r4@prod", PROMPT, max_tokens=MAX_TOKENS)
+        assert by_alias.token_ids == expected[("mlp-r4", PROMPT)]
+
+
+async def test_streaming_equals_unary(env: Env, uploaded: dict[str, str]) -> None:
+    async with env.client("acme-user") as client:
+        for name in ("all-r16-rslora", ""):
+            unary = await client.generate(name, PROMPT, max_tokens=MAX_TOKENS)
+            deltas = [d async for d in client.generate_stream(name, PROMPT, max_tokens=MAX_TOKENS)]
+            assert len(deltas) > 1
+            assert [t for d in deltas for t in d.token_ids] == unary.token_ids
+            assert "".join(d.text for d in deltas) == unary.text
+            assert deltas[-1].finish_reason == unary.finish_reason
+
+
+async def test_mixed_concurrent_requests_more_adapters_than_slots(
+    env: Env, uploaded: dict[str, str], expected: dict[tuple[str | None, str], list[int]]
+) -> None:
+    """4 adapters (max_cpu_loras=3, max_loras=2) and the base model, concurrently, repeatedly."""
+    async with env.client("acme-user") as acme, env.client("globex-user") as globex:
+        for round_ in range(3):
+            prompt = devtools.SAMPLE_PROMPTS[round_]
+            calls = [(acme, n) for n in ("attn-r8", "all-r16-rslora", "mlp-r4", "")] + [
+                (globex, "qv-r8"),
+                (globex, ""),
+            ]
+            results = await asyncio.gather(
+                *(c.generate(n, prompt, max_tokens=MAX_TOKENS) for c, n in calls)
+            )
+            for (_, name), result in zip(calls, results, strict=True):
+                assert result.token_ids == expected[(name or None, prompt)], (round_, name)
+    stats = env.server.gateway.residency.stats
+    assert stats.evictions > 0, "more adapters than max_cpu_loras must have evicted"
+
+
+async def test_cross_tenant_is_not_found_like_missing(env: Env, uploaded: dict[str, str]) -> None:
+    async with env.client("globex-user") as globex:
+        with pytest.raises(errors.NotFound) as other:
+            await globex.generate("acme/attn-r8", PROMPT, max_tokens=4)
+        with pytest.raises(errors.NotFound) as missing:
+            await globex.generate("acme/no-such-adapter", PROMPT, max_tokens=4)
+        with pytest.raises(errors.NotFound) as own_missing:
+            await globex.generate("attn-r8", PROMPT, max_tokens=4)
+    assert str(other.value) == str(missing.value) == str(own_missing.value)
+
+
+async def test_roles(env: Env, uploaded: dict[str, str], test_adapters: dict[str, Path]) -> None:
+    async with env.client("acme-user") as user:
+        with pytest.raises(errors.PermissionDenied):
+            await user.upload_adapter("x", test_adapters["attn-r8"])
+        with pytest.raises(errors.PermissionDenied):
+            await user.revoke_adapter("attn-r8")
+        listed = await user.list_adapters()  # users may read their own tenant's adapters
+        assert {a.name for a in listed.adapters} >= {"attn-r8", "mlp-r4"}
+        with pytest.raises(errors.PermissionDenied):
+            await user.list_adapters(tenant="globex")
+    async with env.client("globex-admin") as admin:
+        with pytest.raises(errors.NotFound):
+            await admin.set_alias("attn-r8", "prod", uploaded["attn-r8"], tenant="acme")
+        with pytest.raises(errors.NotFound):
+            await admin.revoke_adapter("attn-r8", tenant="acme")
+    async with env.client("root") as operator:
+        listed = await operator.list_adapters(tenant="acme")
+        assert {a.name for a in listed.adapters} >= {"attn-r8"}
+    async with AsyncGatewayClient(env.target, "not-a-key") as stranger:
+        with pytest.raises(errors.Unauthenticated):
+            await stranger.generate("", PROMPT, max_tokens=2)
+    async with AsyncGatewayClient(env.target, None) as anonymous:
+        with pytest.raises(errors.Unauthenticated):
+            await anonymous.generate("", PROMPT, max_tokens=2)
+
+
+async def test_sharing(
+    env: Env, uploaded: dict[str, str], expected: dict[tuple[str | None, str], list[int]]
+) -> None:
+    async with env.client("globex-admin") as admin, env.client("acme-user") as acme:
+        with pytest.raises(errors.NotFound):
+            await acme.generate("globex/qv-r8", PROMPT, max_tokens=MAX_TOKENS)
+        await admin.share_adapter("qv-r8", "acme")
+        shared = await acme.generate("globex/qv-r8", PROMPT, max_tokens=MAX_TOKENS)
+        assert shared.token_ids == expected[("qv-r8", PROMPT)]
+        await admin.unshare_adapter("qv-r8", "acme")
+        with pytest.raises(errors.NotFound):
+            await acme.generate("globex/qv-r8", PROMPT, max_tokens=MAX_TOKENS)
+
+
+async def test_limits_and_bad_input(env: Env, uploaded: dict[str, str]) -> None:
+    async with env.client("acme-user") as client:
+        with pytest.raises(errors.ResourceExhausted, match="max_tokens"):
+            await client.generate("", PROMPT, max_tokens=65)
+        with pytest.raises(errors.InvalidArgument):
+            await client.generate("../etc/passwd", PROMPT, max_tokens=2)
+        with pytest.raises(errors.InvalidArgument):
+            await client.generate("", PROMPT, max_tokens=2, temperature=9.0)
+        with pytest.raises(errors.InvalidArgument):
+            await client.generate("", "", max_tokens=2)
+
+
+async def test_alias_rollback(
+    env: Env,
+    uploaded: dict[str, str],
+    expected: dict[tuple[str | None, str], list[int]],
+    test_adapters: dict[str, Path],
+) -> None:
+    async with env.client("acme-admin") as admin, env.client("acme-user") as user:
+        v2 = await admin.upload_adapter("rolling", test_adapters["attn-r8"], aliases=("prod",))
+        v3 = await admin.upload_adapter("rolling", test_adapters["mlp-r4"], aliases=("prod",))
+        assert v2.version != v3.version
+        result = await user.generate("rolling@prod", PROMPT, max_tokens=MAX_TOKENS)
+        assert result.token_ids == expected[("mlp-r4", PROMPT)]
+        await admin.set_alias("rolling", "prod", v2.version)
+        result = await user.generate("rolling@prod", PROMPT, max_tokens=MAX_TOKENS)
+        assert result.adapter is not None
+        assert result.adapter.version == v2.version
+        assert result.token_ids == expected[("attn-r8", PROMPT)]
+
+
+async def test_revoke_with_a_request_in_flight(env: Env, test_adapters: dict[str, Path]) -> None:
+    async with env.client("acme-admin") as admin, env.client("acme-user") as user:
+        info = await admin.upload_adapter("doomed", test_adapters["qv-r8"])
+        stream = user.generate_stream("doomed", PROMPT, max_tokens=60, ignore_eos=True)
+        first = await anext(aiter(stream))
+        assert first.token_ids
+        response = await admin.revoke_adapter("doomed")
+        assert response.revoked_versions == [info.version]
+        assert response.aborted_requests == 1
+        with pytest.raises(errors.Aborted):
+            async for _ in stream:
+                pass
+        with pytest.raises(errors.NotFound):
+            await user.generate("doomed", PROMPT, max_tokens=2)
+    residency = env.server.gateway.residency
+    sha = info.version.removeprefix("sha256:")
+    assert not residency.cache.contains(sha)
+    assert not residency.is_resident(("acme", "doomed", sha))
+    assert residency.lora_id(("acme", "doomed", sha)) not in await env.server.engine.list_adapters()
+
+
+async def test_concurrent_cold_requests_load_once(
+    env: Env, make_test_adapter: AdapterFactory
+) -> None:
+    residency = env.server.gateway.residency
+    fresh = make_test_adapter(seed=99, rank=8)  # bytes no other version has: a cold disk too
+    async with env.client("acme-admin") as admin, env.client("acme-user") as user:
+        await admin.upload_adapter("herd", fresh)
+        before = (residency.stats.disk_misses, residency.stats.engine_loads)
+        results = await asyncio.gather(
+            *(user.generate("herd", PROMPT, max_tokens=4) for _ in range(20))
+        )
+    after = (residency.stats.disk_misses, residency.stats.engine_loads)
+    assert after[0] - before[0] == 1, "one fetch"
+    assert after[1] - before[1] == 1, "one engine load"
+    assert len({tuple(r.token_ids) for r in results}) == 1
+
+
+async def test_cancel_aborts_the_engine_request(env: Env, uploaded: dict[str, str]) -> None:
+    engine = env.server.engine
+    assert isinstance(engine, VLLMEngine)
+    async with grpc.aio.insecure_channel(env.target) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        request = inference_pb2.GenerateRequest(
+            adapter="attn-r8",
+            text=PROMPT,
+            sampling=inference_pb2.SamplingParams(max_tokens=60, ignore_eos=True),
+        )
+        call = stub.GenerateStream(
+            request, metadata=(("authorization", "Bearer secret-acme-user"),)
+        )
+        await call.read()
+        assert engine._llm.output_processor.request_states
+        call.cancel()
+    for _ in range(50):
+        if not engine._llm.output_processor.request_states:
+            break
+        await asyncio.sleep(0.02)
+    assert not engine._llm.output_processor.request_states

@@ -1,0 +1,408 @@
+"""Principals, roles, the method -> permission table, the tenants file, policy and admission."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
+
+from lora_gateway import errors
+from lora_gateway.tenancy import (
+    METHOD_PERMISSIONS,
+    ROLE_PERMISSIONS,
+    Admission,
+    KeyRing,
+    Permission,
+    Policy,
+    Principal,
+    Role,
+    TenantConfig,
+    check_max_tokens,
+    hash_key,
+    is_public,
+    permission_for,
+)
+from lora_gateway.v1 import admin_pb2, inference_pb2
+
+KEYS = {
+    "acme-user": "k-acme-user-0123",
+    "acme-admin": "k-acme-admin-4567",
+    "globex-user": "k-globex-user-89ab",
+    "ops": "k-ops-cdef",
+}
+
+
+def tenants_doc() -> dict[str, Any]:
+    return {
+        "tenants": {
+            "acme": {
+                "max_concurrent": 2,
+                "max_tokens": 100,
+                "keys": [
+                    {"id": "acme-user", "sha256": hash_key(KEYS["acme-user"]), "role": "user"},
+                    {
+                        "id": "acme-admin",
+                        "sha256": hash_key(KEYS["acme-admin"]),
+                        "role": "tenant-admin",
+                    },
+                ],
+            },
+            "globex": {
+                "keys": [
+                    {"id": "globex-user", "sha256": hash_key(KEYS["globex-user"]), "role": "user"}
+                ]
+            },
+            "platform": {
+                "keys": [{"id": "ops", "sha256": hash_key(KEYS["ops"]), "role": "operator"}]
+            },
+        }
+    }
+
+
+def ring(doc: Any = None) -> KeyRing:
+    return KeyRing.from_mapping(
+        tenants_doc() if doc is None else doc, default_max_concurrent=16, default_max_tokens=2048
+    )
+
+
+def principal(tenant: str, role: Role) -> Principal:
+    return Principal(tenant=tenant, role=role, key_id=f"{tenant}-{role.value}")
+
+
+# --- the permission table (invariant 6) ------------------------------------------------------
+
+
+def _descriptor_methods(*modules: Any) -> list[str]:
+    return [
+        f"/{service.full_name}/{method.name}"
+        for module in modules
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    ]
+
+
+def test_every_rpc_of_every_served_service_has_a_permission() -> None:
+    methods = _descriptor_methods(inference_pb2, admin_pb2, health_pb2, reflection_pb2)
+    assert len(methods) >= 14 + 3 + 1
+    missing = [m for m in methods if m not in METHOD_PERMISSIONS]
+    assert not missing, f"RPCs without an entry in METHOD_PERMISSIONS: {missing}"
+
+
+def test_table_has_no_stale_gateway_entries() -> None:
+    served = set(_descriptor_methods(inference_pb2, admin_pb2))
+    ours = {m for m in METHOD_PERMISSIONS if m.startswith("/lora_gateway.")}
+    assert ours == served
+
+
+def test_method_permissions() -> None:
+    assert permission_for("/lora_gateway.v1.Inference/Generate") is Permission.GENERATE
+    assert permission_for("/lora_gateway.v1.Inference/GenerateStream") is Permission.GENERATE
+    for rpc in ("GetAdapter", "ListAdapters", "GetResidency"):
+        assert permission_for(f"/lora_gateway.v1.Admin/{rpc}") is Permission.READ_ADAPTERS
+    for rpc in ("UploadAdapter", "SetAlias", "ShareAdapter", "UnshareAdapter", "ComposeAdapter"):
+        assert permission_for(f"/lora_gateway.v1.Admin/{rpc}") is Permission.MANAGE_ADAPTERS
+    for rpc in ("RevokeAdapter", "PinAdapter", "UnpinAdapter", "PrefetchAdapter"):
+        assert permission_for(f"/lora_gateway.v1.Admin/{rpc}") is Permission.MANAGE_ADAPTERS
+    assert is_public("/grpc.health.v1.Health/Check")
+    assert is_public("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
+    assert not is_public("/lora_gateway.v1.Inference/Generate")
+    assert permission_for("/lora_gateway.v1.Admin/DropEverything") is None
+    assert not is_public("/nope/Nope")
+
+
+def test_role_permissions() -> None:
+    assert ROLE_PERMISSIONS[Role.USER] >= {Permission.GENERATE, Permission.READ_ADAPTERS}
+    assert Permission.MANAGE_ADAPTERS not in ROLE_PERMISSIONS[Role.USER]
+    assert Permission.OPERATE not in ROLE_PERMISSIONS[Role.TENANT_ADMIN]
+    assert ROLE_PERMISSIONS[Role.TENANT_ADMIN] > ROLE_PERMISSIONS[Role.USER]
+    assert ROLE_PERMISSIONS[Role.OPERATOR] == frozenset(Permission)
+    assert principal("a", Role.TENANT_ADMIN).has(Permission.MANAGE_ADAPTERS)
+
+
+@pytest.mark.parametrize(
+    ("role", "method", "allowed"),
+    [
+        (Role.USER, "/lora_gateway.v1.Inference/Generate", True),
+        (Role.USER, "/lora_gateway.v1.Admin/ListAdapters", True),
+        (Role.USER, "/lora_gateway.v1.Admin/UploadAdapter", False),
+        (Role.USER, "/lora_gateway.v1.Admin/RevokeAdapter", False),
+        (Role.TENANT_ADMIN, "/lora_gateway.v1.Admin/RevokeAdapter", True),
+        (Role.TENANT_ADMIN, "/lora_gateway.v1.Admin/PinAdapter", True),
+        (Role.OPERATOR, "/lora_gateway.v1.Admin/PrefetchAdapter", True),
+        (Role.OPERATOR, "/lora_gateway.v1.Admin/Unknown", False),
+        (Role.OPERATOR, "", False),
+    ],
+)
+def test_authorize(role: Role, method: str, allowed: bool) -> None:
+    p = principal("acme", role)
+    if allowed:
+        Policy.authorize(p, method)
+    else:
+        with pytest.raises(errors.PermissionDenied, match=r"^permission denied$"):
+            Policy.authorize(p, method)
+
+
+# --- the key ring -------------------------------------------------------------------------
+
+
+def test_authenticate_maps_keys_to_principals() -> None:
+    keys = ring()
+    p = keys.authenticate(f"Bearer {KEYS['acme-admin']}")
+    assert p == Principal("acme", Role.TENANT_ADMIN, "acme-admin")
+    assert keys.authenticate(f"bearer   {KEYS['ops']} ").role is Role.OPERATOR
+    assert keys.authenticate(f"BEARER {KEYS['globex-user']}").tenant == "globex"
+    assert keys.key_count == 4
+    assert KEYS["ops"] not in repr(keys)
+
+
+@pytest.mark.parametrize("value", [None, "", "   "])
+def test_missing_credentials(value: str | None) -> None:
+    with pytest.raises(errors.Unauthenticated, match=r"^missing credentials$"):
+        ring().authenticate(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Bearer wrong-key",
+        "Bearer",
+        "Bearer ",
+        f"Basic {KEYS['ops']}",
+        KEYS["ops"],
+        f"Bearer{KEYS['ops']}",
+        f"Bearer {hash_key(KEYS['ops'])}",  # the stored hash is not a key
+        "Bearer " + "x" * 10_000,
+    ],
+)
+def test_invalid_credentials_all_answer_alike(value: str) -> None:
+    with pytest.raises(errors.Unauthenticated) as info:
+        ring().authenticate(value)
+    assert str(info.value) == "invalid credentials"
+    assert info.value.public_message == "invalid credentials"
+
+
+def test_empty_ring_authenticates_nobody() -> None:
+    keys = ring({"tenants": {}})
+    with pytest.raises(errors.Unauthenticated, match="invalid credentials"):
+        keys.authenticate(f"Bearer {KEYS['ops']}")
+    assert ring(None).key_count == 4
+    assert KeyRing.from_mapping(None, default_max_concurrent=1, default_max_tokens=1).key_count == 0
+
+
+def test_tenant_limits_and_defaults() -> None:
+    keys = ring()
+    assert keys.tenant("acme") == TenantConfig("acme", 2, 100)
+    assert keys.tenant("globex") == TenantConfig("globex", 16, 2048)
+    assert keys.tenant("unknown") == TenantConfig("unknown", 16, 2048)
+
+
+def test_load_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "tenants.yaml"
+    path.write_text(
+        f"""
+tenants:
+  acme:
+    max_concurrent: 8
+    max_tokens: 1024
+    keys:
+      - id: acme-backend
+        sha256: "{hash_key("secret-1")}"
+        role: user
+""",
+        encoding="utf-8",
+    )
+    keys = KeyRing.load(path, default_max_concurrent=4, default_max_tokens=64)
+    assert keys.authenticate("Bearer secret-1") == Principal("acme", Role.USER, "acme-backend")
+    assert keys.tenant("acme") == TenantConfig("acme", 8, 1024)
+
+
+def test_load_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(errors.InvalidArgument, match=r"tenants file .*missing.yaml"):
+        KeyRing.load(tmp_path / "missing.yaml", default_max_concurrent=1, default_max_tokens=1)
+    with pytest.raises(errors.InvalidArgument, match="no tenants file configured"):
+        KeyRing.load("", default_max_concurrent=1, default_max_tokens=1)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tenants: [unclosed", encoding="utf-8")
+    with pytest.raises(errors.InvalidArgument, match="not valid YAML"):
+        KeyRing.load(bad, default_max_concurrent=1, default_max_tokens=1)
+
+
+def _with_key(**fields: Any) -> dict[str, Any]:
+    key = {"id": "k1", "sha256": hash_key("x"), "role": "user", **fields}
+    return {"tenants": {"acme": {"keys": [{k: v for k, v in key.items() if v is not None}]}}}
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ([1, 2], "expected a mapping"),
+        ({"tenant": {}}, "unknown field"),
+        ({"tenants": ["acme"]}, "must be a mapping"),
+        ({"tenants": {"../etc": {}}}, "invalid tenant name"),
+        ({"tenants": {"acme": {"max_tokens": 0}}}, "max_tokens must be an integer >= 1"),
+        ({"tenants": {"acme": {"max_concurrent": "8"}}}, "max_concurrent must be an integer"),
+        ({"tenants": {"acme": {"max_concurrent": True}}}, "max_concurrent must be an integer"),
+        ({"tenants": {"acme": {"quota": 1}}}, "unknown field"),
+        ({"tenants": {"acme": {"keys": {"id": "x"}}}}, "must be a list"),
+        ({"tenants": {"acme": {"keys": ["abc"]}}}, "expected a mapping"),
+        (_with_key(key="plaintext-secret"), "store `sha256: <hex>`"),
+        (_with_key(api_key="plaintext-secret"), "never store API keys"),
+        (_with_key(sha256=hash_key("x").upper()), "64 lowercase hex"),
+        (_with_key(sha256="abc"), "64 lowercase hex"),
+        (_with_key(sha256=None), "missing field"),
+        (_with_key(role="admin"), "role must be one of user, tenant-admin, operator"),
+        (_with_key(id="has space"), "invalid key id"),
+        (_with_key(extra=1), "unknown field"),
+    ],
+)
+def test_invalid_tenants_documents(doc: Any, message: str) -> None:
+    with pytest.raises(errors.InvalidArgument, match=message) as info:
+        ring(doc)
+    assert "plaintext-secret" not in str(info.value)
+
+
+def test_duplicate_hashes_and_ids_are_refused() -> None:
+    same = hash_key("same")
+    doc = {
+        "tenants": {
+            "a": {"keys": [{"id": "k1", "sha256": same, "role": "user"}]},
+            "b": {"keys": [{"id": "k2", "sha256": same, "role": "operator"}]},
+        }
+    }
+    with pytest.raises(errors.InvalidArgument, match="same sha256"):
+        ring(doc)
+    doc["tenants"]["b"]["keys"][0]["sha256"] = hash_key("other")
+    doc["tenants"]["b"]["keys"][0]["id"] = "k1"
+    with pytest.raises(errors.InvalidArgument, match="used twice"):
+        ring(doc)
+
+
+# --- policy -------------------------------------------------------------------------------
+
+
+def test_can_use() -> None:
+    acme = principal("acme", Role.USER)
+    assert Policy.can_use(acme, "acme", ())
+    assert Policy.can_use(acme, "globex", ["acme"])
+    assert not Policy.can_use(acme, "globex", ["initech"])
+    assert not Policy.can_use(principal("acme", Role.TENANT_ADMIN), "globex", frozenset())
+    assert Policy.can_use(principal("platform", Role.OPERATOR), "globex", ())
+
+
+def test_effective_tenant_for_adapter_hides_other_tenants() -> None:
+    admin = principal("acme", Role.TENANT_ADMIN)
+    assert Policy.effective_tenant_for_adapter(admin, "") == "acme"
+    assert Policy.effective_tenant_for_adapter(admin, "acme") == "acme"
+    for other in ("globex", "does-not-exist"):
+        with pytest.raises(errors.NotFound) as info:
+            Policy.effective_tenant_for_adapter(admin, other)
+        # exactly what a missing adapter answers
+        assert errors.status_of(info.value) == errors.status_of(
+            errors.NotFound(errors.ADAPTER_NOT_FOUND_TEXT)
+        )
+    ops = principal("platform", Role.OPERATOR)
+    assert Policy.effective_tenant_for_adapter(ops, "globex") == "globex"
+    assert Policy.effective_tenant_for_adapter(ops, "") == "platform"
+    with pytest.raises(errors.InvalidArgument):
+        Policy.effective_tenant_for_adapter(ops, "../globex")
+
+
+def test_effective_tenant_for_listing() -> None:
+    user = principal("acme", Role.USER)
+    assert Policy.effective_tenant_for_listing(user, "") == "acme"
+    with pytest.raises(errors.PermissionDenied, match=r"^permission denied$"):
+        Policy.effective_tenant_for_listing(user, "globex")
+    ops = principal("platform", Role.OPERATOR)
+    assert Policy.effective_tenant_for_listing(ops, "globex") == "globex"
+
+
+# --- admission ----------------------------------------------------------------------------
+
+
+def test_check_max_tokens() -> None:
+    acme = TenantConfig("acme", 2, 100)
+    check_max_tokens(100, acme)
+    with pytest.raises(errors.ResourceExhausted, match=r"max_tokens 101 exceeds .* acme .*100"):
+        check_max_tokens(101, acme)
+
+
+async def test_admission_per_tenant_and_global_caps() -> None:
+    changes: list[tuple[str, int]] = []
+    admission = Admission(max_total=3, on_change=lambda t, n: changes.append((t, n)))
+    acme, globex = principal("acme", Role.USER), principal("globex", Role.USER)
+    acme_cfg, globex_cfg = TenantConfig("acme", 2, 100), TenantConfig("globex", 5, 100)
+    async with admission.slot(acme, acme_cfg), admission.slot(acme, acme_cfg):
+        assert admission.in_flight("acme") == 2
+        with pytest.raises(errors.ResourceExhausted) as info:
+            async with admission.slot(acme, acme_cfg):
+                pytest.fail("admitted past the tenant cap")
+        assert str(info.value) == "tenant acme has 2 requests in flight (limit 2)"
+        # another tenant is still served: fairness from per-tenant caps
+        async with admission.slot(globex, globex_cfg):
+            assert admission.total_in_flight == 3
+            with (
+                pytest.raises(errors.ResourceExhausted) as info,
+                admission.slot(globex, globex_cfg),
+            ):
+                pytest.fail("admitted past the global cap")
+            assert str(info.value) == "server is at capacity (3 requests in flight)"
+    assert admission.total_in_flight == 0
+    assert admission.in_flight("acme") == 0
+    assert changes[:3] == [("acme", 1), ("acme", 2), ("globex", 1)]
+    assert changes[-1] == ("acme", 0)
+
+
+async def test_admission_releases_on_error_and_cancellation() -> None:
+    admission = Admission(max_total=10)
+    acme, cfg = principal("acme", Role.USER), TenantConfig("acme", 1, 100)
+    with pytest.raises(RuntimeError):
+        async with admission.slot(acme, cfg):
+            raise RuntimeError("boom")
+    assert admission.in_flight("acme") == 0
+
+    entered = asyncio.Event()
+
+    async def hold() -> None:
+        async with admission.slot(acme, cfg):
+            entered.set()
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(hold())
+    await entered.wait()
+    assert admission.in_flight("acme") == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert admission.in_flight("acme") == 0
+    assert admission.total_in_flight == 0
+
+
+async def test_admission_under_concurrency_never_exceeds_caps() -> None:
+    admission = Admission(max_total=5)
+    peak = 0
+    refused = 0
+    cfgs = {t: TenantConfig(t, 3, 100) for t in ("a", "b", "c")}
+
+    async def request(tenant: str) -> None:
+        nonlocal peak, refused
+        try:
+            async with admission.slot(principal(tenant, Role.USER), cfgs[tenant]):
+                peak = max(peak, admission.total_in_flight)
+                assert admission.in_flight(tenant) <= 3
+                await asyncio.sleep(0.001)
+        except errors.ResourceExhausted:
+            refused += 1
+
+    await asyncio.gather(*(request("abc"[i % 3]) for i in range(60)))
+    assert peak == 5
+    assert refused > 0
+    assert admission.total_in_flight == 0
+
+
+def test_slot_requires_the_principals_tenant() -> None:
+    with pytest.raises(ValueError, match="own tenant"):
+        Admission(2).slot(principal("acme", Role.USER), TenantConfig("globex", 1, 1))
