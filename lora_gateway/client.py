@@ -47,7 +47,15 @@ import hashlib
 import itertools
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -625,7 +633,7 @@ class GatewayClient(_ClientBase):
         request: inference_pb2.GenerateRequest,
         metadata: tuple[tuple[str, str], ...],
         timeout: _Timeout,
-    ) -> Iterator[StreamDelta]:
+    ) -> Generator[StreamDelta, None, None]:
         deadline = self._deadline(timeout)
         attempt = 0
         while True:
@@ -724,7 +732,7 @@ class GatewayClient(_ClientBase):
         repetition_penalty: float | None = None,
         request_id: str = "",
         timeout: _Timeout = _CLIENT_DEFAULT,
-    ) -> Iterator[StreamDelta]:
+    ) -> Generator[StreamDelta, None, None]:
         """Like `generate`, as an iterator of deltas; the last one carries finish_reason and usage.
 
         Arguments are checked now; the call starts at the first `next()`. The timeout covers the
@@ -1020,7 +1028,7 @@ class AsyncGatewayClient(_ClientBase):
         request: inference_pb2.GenerateRequest,
         metadata: tuple[tuple[str, str], ...],
         timeout: _Timeout,
-    ) -> AsyncIterator[StreamDelta]:
+    ) -> AsyncGenerator[StreamDelta, None]:
         deadline = self._deadline(timeout)
         attempt = 0
         while True:
@@ -1113,7 +1121,7 @@ class AsyncGatewayClient(_ClientBase):
         repetition_penalty: float | None = None,
         request_id: str = "",
         timeout: _Timeout = _CLIENT_DEFAULT,
-    ) -> AsyncIterator[StreamDelta]:
+    ) -> AsyncGenerator[StreamDelta, None]:
         """See `GatewayClient.generate_stream`; use with `async for` (not awaited)."""
         request = _generate_request(
             adapter,

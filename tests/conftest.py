@@ -98,3 +98,19 @@ async def engine(tiny_model: Path) -> AsyncIterator[VLLMEngine]:
     started = await VLLMEngine.start(engine_settings(tiny_model))
     yield started
     await started.shutdown()
+
+
+# --- slow tests --------------------------------------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with `make test-slow` (--run-slow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,1030 @@
+"""The SDK (sync and async) and the `lora-gateway` CLI against a real grpc.aio server.
+
+The server runs in its own thread and event loop (so that the blocking client and the CLI can
+call it from the test thread) and hosts small scripted servicers defined here: they record each
+call's metadata and request, answer canned responses, or abort with the codes a test asks for.
+The gateway's own servicers are tested end to end elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from lora_gateway import client as client_module
+from lora_gateway import errors
+from lora_gateway import server as server_module
+from lora_gateway.cli import EXIT_CODES, main
+from lora_gateway.client import AsyncGatewayClient, GatewayClient, ServedAdapter
+from lora_gateway.config import Settings
+from lora_gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+API_KEY = "test-key-0123456789"
+VERSION = "sha256:" + "ab" * 32
+SERVED = inference_pb2.ServedAdapter(tenant="acme", name="support", version=VERSION)
+DELTAS = ("hello", " world", "!")
+
+
+# --- the scripted server ----------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    method: str
+    metadata: dict[str, str]
+    request: Any
+
+
+@dataclass
+class Upload:
+    header: admin_pb2.UploadHeader
+    files: dict[str, bytes]
+    #: (filename, length) of each chunk, in arrival order.
+    chunks: list[tuple[str, int]]
+
+
+@dataclass
+class Script:
+    calls: list[Received] = field(default_factory=list)
+    failures: dict[str, list[tuple[grpc.StatusCode, str]]] = field(default_factory=dict)
+    #: GenerateStream: abort with this code after the first message.
+    abort_after_first: grpc.StatusCode | None = None
+    stream_cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def fail(self, method: str, code: grpc.StatusCode, message: str = "", times: int = 1) -> None:
+        self.failures.setdefault(method, []).extend([(code, message or code.name)] * times)
+
+    def attempts(self, method: str) -> int:
+        return sum(1 for c in self.calls if c.method == method)
+
+    def last(self, method: str) -> Received:
+        return [c for c in self.calls if c.method == method][-1]
+
+    async def enter(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
+        metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        self.calls.append(Received(method, metadata, request))
+        planned = self.failures.get(method)
+        if planned:
+            code, message = planned.pop(0)
+            await context.abort(code, message)
+
+
+def _version_info(name: str = "support") -> admin_pb2.AdapterVersionInfo:
+    return admin_pb2.AdapterVersionInfo(
+        tenant="acme",
+        name=name,
+        version=VERSION,
+        rank=8,
+        alpha=16.0,
+        target_modules=["q_proj", "v_proj"],
+        base_model="lora-gateway/tiny-llama",
+        dtype="F32",
+        created_at="2025-01-01T00:00:00Z",
+        status=admin_pb2.ADAPTER_STATUS_ACTIVE,
+    )
+
+
+def _adapter_info(**changes: Any) -> admin_pb2.AdapterInfo:
+    values: dict[str, Any] = {
+        "tenant": "acme",
+        "name": "support",
+        "versions": [_version_info()],
+        "aliases": {"latest": VERSION, "prod": VERSION},
+        "shared_with": ["beta"],
+        "status": admin_pb2.ADAPTER_STATUS_ACTIVE,
+    }
+    values.update(changes)
+    return admin_pb2.AdapterInfo(**values)
+
+
+def _entry(adapter: str, pinned: bool) -> admin_pb2.ResidencyEntry:
+    return admin_pb2.ResidencyEntry(
+        tenant="acme",
+        name=adapter.partition("@")[0],
+        version=VERSION,
+        tier=admin_pb2.RESIDENCY_TIER_ENGINE,
+        pinned=pinned,
+        lora_int_id=7,
+        size_bytes=123456,
+    )
+
+
+class Inference(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, script: Script) -> None:
+        self.script = script
+
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.GenerateResponse:
+        await self.script.enter("Generate", request, context)
+        if request.adapter.startswith("missing"):
+            await context.abort(grpc.StatusCode.NOT_FOUND, "adapter not found")
+        if request.text == "slow":
+            await asyncio.sleep(3)
+        return inference_pb2.GenerateResponse(
+            text="".join(DELTAS),
+            token_ids=[5, 6, 7],
+            finish_reason=inference_pb2.FINISH_REASON_STOP,
+            usage=inference_pb2.Usage(prompt_tokens=4, completion_tokens=3),
+            adapter=SERVED if request.adapter else None,
+            request_id="srv-1",
+        )
+
+    async def GenerateStream(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        await self.script.enter("GenerateStream", request, context)
+        if request.text == "long":
+            try:
+                for _ in range(200):
+                    yield inference_pb2.GenerateStreamResponse(text="x", token_ids=[1])
+                    await asyncio.sleep(0.02)
+            except asyncio.CancelledError:
+                self.script.stream_cancelled.set()
+                raise
+            return
+        for i, text in enumerate(DELTAS):
+            message = inference_pb2.GenerateStreamResponse(text=text, token_ids=[5 + i])
+            if i == 0:
+                message.adapter.CopyFrom(SERVED)
+                message.request_id = "srv-2"
+            if i == len(DELTAS) - 1:
+                message.finish_reason = inference_pb2.FINISH_REASON_LENGTH
+                message.usage.prompt_tokens = 4
+                message.usage.completion_tokens = 3
+            yield message
+            if i == 0 and self.script.abort_after_first is not None:
+                await context.abort(self.script.abort_after_first, "engine restarting")
+
+
+class Admin(admin_pb2_grpc.AdminServicer):
+    def __init__(self, script: Script) -> None:
+        self.script = script
+
+    async def UploadAdapter(
+        self,
+        request_iterator: AsyncIterator[admin_pb2.UploadAdapterRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> admin_pb2.AdapterVersionInfo:
+        upload: Upload | None = None
+        async for message in request_iterator:
+            if message.WhichOneof("msg") == "header":
+                upload = Upload(message.header, {}, [])
+                continue
+            assert upload is not None, "a chunk before the header"
+            chunk = message.chunk
+            upload.files[chunk.filename] = upload.files.get(chunk.filename, b"") + chunk.data
+            upload.chunks.append((chunk.filename, len(chunk.data)))
+        await self.script.enter("UploadAdapter", upload, context)
+        assert upload is not None
+        info = _version_info(upload.header.name)
+        info.files.extend(
+            admin_pb2.FileInfo(filename=f.filename, size=f.size, sha256=f.sha256)
+            for f in upload.header.files
+        )
+        return info
+
+    async def ListAdapters(
+        self, request: admin_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListAdaptersResponse:
+        await self.script.enter("ListAdapters", request, context)
+        return admin_pb2.ListAdaptersResponse(adapters=[_adapter_info()])
+
+    async def GetAdapter(
+        self, request: admin_pb2.GetAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AdapterInfo:
+        await self.script.enter("GetAdapter", request, context)
+        if request.name != "support":
+            await context.abort(grpc.StatusCode.NOT_FOUND, "adapter not found")
+        return _adapter_info()
+
+    async def SetAlias(
+        self, request: admin_pb2.SetAliasRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AdapterInfo:
+        await self.script.enter("SetAlias", request, context)
+        return _adapter_info(aliases={"latest": VERSION, request.alias: request.version})
+
+    async def ShareAdapter(
+        self, request: admin_pb2.ShareAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AdapterInfo:
+        await self.script.enter("ShareAdapter", request, context)
+        return _adapter_info(shared_with=["beta", request.grantee])
+
+    async def UnshareAdapter(
+        self, request: admin_pb2.ShareAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AdapterInfo:
+        await self.script.enter("UnshareAdapter", request, context)
+        return _adapter_info(shared_with=[])
+
+    async def ComposeAdapter(
+        self, request: admin_pb2.ComposeAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AdapterVersionInfo:
+        await self.script.enter("ComposeAdapter", request, context)
+        info = _version_info(request.name)
+        info.composed_from.extend(request.parts)
+        return info
+
+    async def RevokeAdapter(
+        self, request: admin_pb2.RevokeAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RevokeAdapterResponse:
+        await self.script.enter("RevokeAdapter", request, context)
+        return admin_pb2.RevokeAdapterResponse(revoked_versions=[VERSION], aborted_requests=2)
+
+    async def PinAdapter(
+        self, request: admin_pb2.AdapterRefRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ResidencyEntry:
+        await self.script.enter("PinAdapter", request, context)
+        return _entry(request.adapter, pinned=True)
+
+    async def UnpinAdapter(
+        self, request: admin_pb2.AdapterRefRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ResidencyEntry:
+        await self.script.enter("UnpinAdapter", request, context)
+        return _entry(request.adapter, pinned=False)
+
+    async def PrefetchAdapter(
+        self, request: admin_pb2.AdapterRefRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ResidencyEntry:
+        await self.script.enter("PrefetchAdapter", request, context)
+        return _entry(request.adapter, pinned=False)
+
+    async def GetResidency(
+        self, request: admin_pb2.GetResidencyRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.GetResidencyResponse:
+        await self.script.enter("GetResidency", request, context)
+        return admin_pb2.GetResidencyResponse(
+            entries=[_entry("support", pinned=True)],
+            engine_capacity=3,
+            disk_budget_bytes=1 << 30,
+            disk_used_bytes=1 << 20,
+        )
+
+
+class ServerThread:
+    """A grpc.aio server on 127.0.0.1:0 in a thread with its own event loop."""
+
+    def __init__(self) -> None:
+        self.script = Script()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def _start(self) -> int:
+        self.server = grpc.aio.server()
+        inference_pb2_grpc.add_InferenceServicer_to_server(Inference(self.script), self.server)
+        admin_pb2_grpc.add_AdminServicer_to_server(Admin(self.script), self.server)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        return int(port)
+
+    def start(self) -> None:
+        self.thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+
+    def stop(self) -> None:
+        assert self.server is not None
+        asyncio.run_coroutine_threadsafe(self.server.stop(None), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerThread]:
+    running = ServerThread()
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def script(server: ServerThread) -> Script:
+    server.script.calls.clear()
+    server.script.failures.clear()
+    server.script.abort_after_first = None
+    server.script.stream_cancelled.clear()
+    return server.script
+
+
+@pytest.fixture
+def target(server: ServerThread) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+def sync_client(target: str) -> Iterator[GatewayClient]:
+    with GatewayClient(target, API_KEY, timeout=10, backoff_s=0.01) as client:
+        yield client
+
+
+@pytest.fixture
+def adapter_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    (folder / "adapter_model.safetensors").write_bytes(os.urandom(5000))
+    (folder / "README.md").write_text("# model card, not uploaded\n")
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- the public surface -----------------------------------------------------------------------
+
+
+def test_public_surface_is_small_and_both_clients_match() -> None:
+    assert sorted(client_module.__all__) == sorted(
+        [
+            "ROUTING_HEADER",
+            "AsyncGatewayClient",
+            "GatewayClient",
+            "GenerateResult",
+            "ServedAdapter",
+            "StreamDelta",
+        ]
+    )
+
+    def methods(cls: type) -> dict[str, list[str]]:
+        return {
+            name: list(inspect.signature(fn).parameters)
+            for name, fn in inspect.getmembers(cls, inspect.isfunction)
+            if not name.startswith("_")
+        }
+
+    assert methods(GatewayClient) == methods(AsyncGatewayClient)
+    assert {"generate", "generate_stream", "upload_adapter", "get_residency"} <= set(
+        methods(GatewayClient)
+    )
+
+
+# --- generate ---------------------------------------------------------------------------------
+
+
+def test_generate_sends_auth_routing_and_request(
+    sync_client: GatewayClient, script: Script
+) -> None:
+    result = sync_client.generate(
+        "acme/support@prod",
+        "hi there",
+        max_tokens=16,
+        temperature=0.0,
+        top_k=5,
+        seed=7,
+        stop=["\n"],
+        request_id="req-42",
+    )
+    assert result.text == "hello world!"
+    assert result.token_ids == [5, 6, 7]
+    assert result.finish_reason == "stop"
+    assert (result.prompt_tokens, result.completion_tokens) == (4, 3)
+    assert result.adapter == ServedAdapter("acme", "support", VERSION)
+    assert result.request_id == "srv-1"
+
+    call = script.last("Generate")
+    assert call.metadata["authorization"] == f"Bearer {API_KEY}"
+    assert call.metadata["x-lora-adapter"] == "acme/support"
+    assert call.metadata["x-request-id"] == "req-42"
+    request: inference_pb2.GenerateRequest = call.request
+    assert request.adapter == "acme/support@prod"
+    assert request.WhichOneof("prompt") == "text"
+    assert request.text == "hi there"
+    sampling = request.sampling
+    assert sampling.max_tokens == 16
+    assert sampling.HasField("temperature")
+    assert sampling.temperature == 0.0
+    assert (sampling.top_k, sampling.seed) == (5, 7)
+    assert not sampling.HasField("top_p")  # unset stays unset: the server's default
+    assert list(sampling.stop) == ["\n"]
+    assert request.request_id == "req-42"
+
+
+@pytest.mark.parametrize(
+    ("adapter", "routing"),
+    [
+        ("support", "support"),
+        ("support@prod", "support"),
+        ("support@sha256:" + "0" * 64, "support"),
+        ("acme/support@canary", "acme/support"),
+        ("", None),
+    ],
+)
+def test_routing_header_is_owner_and_name_without_selector(
+    sync_client: GatewayClient, script: Script, adapter: str, routing: str | None
+) -> None:
+    result = sync_client.generate(adapter, "hi")
+    assert script.last("Generate").metadata.get("x-lora-adapter") == routing
+    if not adapter:
+        assert result.adapter is None  # the base model
+
+
+def test_token_id_prompt_and_local_argument_checks(
+    sync_client: GatewayClient, script: Script
+) -> None:
+    sync_client.generate("support", token_ids=[1, 2, 3])
+    request = script.last("Generate").request
+    assert request.WhichOneof("prompt") == "token_ids"
+    assert list(request.token_ids.ids) == [1, 2, 3]
+
+    script.calls.clear()
+    with pytest.raises(errors.InvalidArgument, match="exactly one"):
+        sync_client.generate("support", "text", token_ids=[1])
+    with pytest.raises(errors.InvalidArgument, match="exactly one"):
+        sync_client.generate("support")
+    with pytest.raises(errors.InvalidArgument):
+        sync_client.generate("support", "hi", max_tokens=-1)
+    assert script.calls == []  # nothing was sent
+
+
+def test_no_key_no_authorization_and_key_never_shown(target: str, script: Script) -> None:
+    with GatewayClient(target) as anonymous:
+        anonymous.generate("", "hi")
+    assert "authorization" not in script.last("Generate").metadata
+    keyed = GatewayClient(target, API_KEY)
+    assert API_KEY not in repr(keyed)
+    keyed.close()
+    with pytest.raises(errors.InvalidArgument) as caught:
+        GatewayClient(target, "bad key\n")
+    assert "bad key" not in str(caught.value)
+    with pytest.raises(errors.InvalidArgument, match="go together"):
+        GatewayClient(target, tls=True, client_cert_chain=b"pem")
+    GatewayClient(target, tls=True).close()  # TLS credentials from the system roots
+
+
+async def test_async_generate(target: str, script: Script) -> None:
+    async with AsyncGatewayClient(target, API_KEY, timeout=10) as client:
+        result = await client.generate("support@prod", "hi", max_tokens=3)
+    assert result.text == "hello world!"
+    assert result.adapter == ServedAdapter("acme", "support", VERSION)
+    call = script.last("Generate")
+    assert call.metadata["authorization"] == f"Bearer {API_KEY}"
+    assert call.metadata["x-lora-adapter"] == "support"
+
+
+# --- retries and errors -----------------------------------------------------------------------
+
+
+def test_unavailable_is_retried(sync_client: GatewayClient, script: Script) -> None:
+    script.fail("Generate", grpc.StatusCode.UNAVAILABLE, "engine restarting", times=2)
+    assert sync_client.generate("support", "hi").text == "hello world!"
+    assert script.attempts("Generate") == 3
+
+
+def test_retries_stop_at_max_retries(target: str, script: Script) -> None:
+    script.fail("Generate", grpc.StatusCode.UNAVAILABLE, "engine restarting", times=10)
+    with (
+        GatewayClient(target, API_KEY, max_retries=2, backoff_s=0.01) as client,
+        pytest.raises(errors.Unavailable, match="engine restarting") as caught,
+    ):
+        client.generate("support", "hi")
+    assert caught.value.code is grpc.StatusCode.UNAVAILABLE
+    assert script.attempts("Generate") == 3  # the first try and two retries
+
+
+async def test_async_unavailable_is_retried(target: str, script: Script) -> None:
+    script.fail("ListAdapters", grpc.StatusCode.UNAVAILABLE, times=1)
+    async with AsyncGatewayClient(target, API_KEY, backoff_s=0.01) as client:
+        response = await client.list_adapters()
+    assert response.adapters[0].name == "support"
+    assert script.attempts("ListAdapters") == 2
+
+
+@pytest.mark.parametrize(
+    ("code", "error_class"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument),
+        (grpc.StatusCode.NOT_FOUND, errors.NotFound),
+        (grpc.StatusCode.UNAUTHENTICATED, errors.Unauthenticated),
+        (grpc.StatusCode.PERMISSION_DENIED, errors.PermissionDenied),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, errors.ResourceExhausted),
+        (grpc.StatusCode.FAILED_PRECONDITION, errors.FailedPrecondition),
+        (grpc.StatusCode.DATA_LOSS, errors.DataLoss),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, errors.DeadlineExceeded),
+        (grpc.StatusCode.ABORTED, errors.Aborted),
+        (grpc.StatusCode.CANCELLED, errors.Aborted),
+        (grpc.StatusCode.INTERNAL, errors.GatewayError),
+        (grpc.StatusCode.UNIMPLEMENTED, errors.GatewayError),
+    ],
+)
+def test_status_codes_map_to_the_error_tree_and_are_not_retried(
+    sync_client: GatewayClient,
+    script: Script,
+    code: grpc.StatusCode,
+    error_class: type[errors.GatewayError],
+) -> None:
+    script.fail("Generate", code, f"server says {code.name}", times=5)
+    with pytest.raises(errors.GatewayError) as caught:
+        sync_client.generate("support", "hi")
+    assert type(caught.value) is error_class
+    assert caught.value.code is code
+    assert str(caught.value) == f"server says {code.name}"
+    assert script.attempts("Generate") == 1
+
+
+async def test_async_error_mapping(target: str, script: Script) -> None:
+    async with AsyncGatewayClient(target, API_KEY) as client:
+        with pytest.raises(errors.NotFound, match=r"^adapter not found$"):
+            await client.get_adapter("nope")
+    assert script.attempts("GetAdapter") == 1
+
+
+def test_deadline_exceeded(sync_client: GatewayClient, script: Script) -> None:
+    with pytest.raises(errors.DeadlineExceeded):
+        sync_client.generate("support", "slow", timeout=0.3)
+    assert script.attempts("Generate") == 1
+
+
+def test_unreachable_target_is_unavailable() -> None:
+    port = _free_port()
+    with (
+        GatewayClient(f"127.0.0.1:{port}", max_retries=1, backoff_s=0.01, timeout=5) as client,
+        pytest.raises(errors.Unavailable),
+    ):
+        client.get_residency()
+
+
+# --- streams ----------------------------------------------------------------------------------
+
+
+def _check_deltas(deltas: list[client_module.StreamDelta]) -> None:
+    assert "".join(d.text for d in deltas) == "hello world!"
+    assert [t for d in deltas for t in d.token_ids] == [5, 6, 7]
+    first, *middle, last = deltas
+    assert first.adapter == ServedAdapter("acme", "support", VERSION)
+    assert first.request_id == "srv-2"
+    assert all(d.finish_reason is None and d.prompt_tokens is None for d in [first, *middle])
+    assert last.finish_reason == "length"
+    assert (last.prompt_tokens, last.completion_tokens) == (4, 3)
+
+
+def test_stream_deltas(sync_client: GatewayClient, script: Script) -> None:
+    _check_deltas(list(sync_client.generate_stream("acme/support", "hi", max_tokens=3)))
+    call = script.last("GenerateStream")
+    assert call.metadata["x-lora-adapter"] == "acme/support"
+    assert call.metadata["authorization"] == f"Bearer {API_KEY}"
+
+
+async def test_async_stream_deltas(target: str, script: Script) -> None:
+    async with AsyncGatewayClient(target, API_KEY) as client:
+        deltas = [d async for d in client.generate_stream("acme/support@prod", "hi")]
+    _check_deltas(deltas)
+    assert script.last("GenerateStream").metadata["x-lora-adapter"] == "acme/support"
+
+
+def test_stream_retried_before_the_first_message(
+    sync_client: GatewayClient, script: Script
+) -> None:
+    script.fail("GenerateStream", grpc.StatusCode.UNAVAILABLE, times=1)
+    _check_deltas(list(sync_client.generate_stream("support", "hi")))
+    assert script.attempts("GenerateStream") == 2
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+async def test_stream_not_retried_after_the_first_message(
+    target: str, script: Script, use_async: bool
+) -> None:
+    script.abort_after_first = grpc.StatusCode.UNAVAILABLE
+    received: list[str] = []
+
+    async def consume_async() -> None:
+        async with AsyncGatewayClient(target, API_KEY, backoff_s=0.01) as aclient:
+            async for delta in aclient.generate_stream("support", "hi"):
+                received.append(delta.text)
+
+    def consume() -> None:
+        with GatewayClient(target, API_KEY, backoff_s=0.01) as client:
+            for delta in client.generate_stream("support", "hi"):
+                received.append(delta.text)
+
+    with pytest.raises(errors.Unavailable, match="engine restarting"):
+        await (consume_async() if use_async else asyncio.to_thread(consume))
+    assert received == ["hello"]
+    assert script.attempts("GenerateStream") == 1
+
+
+def test_closing_a_stream_cancels_the_rpc(sync_client: GatewayClient, script: Script) -> None:
+    with contextlib.closing(sync_client.generate_stream("support", "long")) as stream:
+        first = next(stream)
+    assert first.text == "x"
+    assert script.stream_cancelled.wait(5), "the server's generation was not cancelled"
+
+
+# --- upload -----------------------------------------------------------------------------------
+
+
+def _check_upload(upload: Upload, folder: Path, chunk_size: int) -> None:
+    expected = {
+        name: (folder / name).read_bytes()
+        for name in ("adapter_config.json", "adapter_model.safetensors")
+    }
+    declared = {f.filename: (f.size, f.sha256) for f in upload.header.files}
+    assert declared == {
+        name: (len(data), hashlib.sha256(data).hexdigest()) for name, data in expected.items()
+    }
+    assert upload.files == expected  # the chunks reassemble to the files; no README.md
+    names = [name for name, _ in upload.chunks]
+    assert names == sorted(names)  # file after file
+    assert all(0 < size <= chunk_size for _, size in upload.chunks)
+
+
+def test_upload_declares_and_streams_the_files(
+    sync_client: GatewayClient, script: Script, adapter_dir: Path
+) -> None:
+    seen: list[tuple[int, int]] = []
+    info = sync_client.upload_adapter(
+        "support",
+        adapter_dir,
+        tenant="acme",
+        aliases=["canary"],
+        description="first",
+        chunk_size=1024,
+        progress=lambda sent, total: seen.append((sent, total)),
+    )
+    assert (info.name, info.version) == ("support", VERSION)
+    upload: Upload = script.last("UploadAdapter").request
+    _check_upload(upload, adapter_dir, 1024)
+    header = upload.header
+    assert (header.tenant, header.name, list(header.aliases), header.description) == (
+        "acme",
+        "support",
+        ["canary"],
+        "first",
+    )
+    assert script.last("UploadAdapter").metadata["authorization"] == f"Bearer {API_KEY}"
+    total = sum(len(d) for d in upload.files.values())
+    assert (seen[0], seen[-1]) == ((0, total), (total, total))
+    assert [s for s, _ in seen] == sorted(s for s, _ in seen)
+
+
+async def test_async_upload(target: str, script: Script, adapter_dir: Path) -> None:
+    async with AsyncGatewayClient(target, API_KEY) as client:
+        info = await client.upload_adapter("support", adapter_dir, chunk_size=700)
+    assert info.version == VERSION
+    _check_upload(script.last("UploadAdapter").request, adapter_dir, 700)
+
+
+def test_upload_retried_from_the_start(
+    sync_client: GatewayClient, script: Script, adapter_dir: Path
+) -> None:
+    script.fail("UploadAdapter", grpc.StatusCode.UNAVAILABLE, times=1)
+    starts: list[int] = []
+    sync_client.upload_adapter(
+        "support",
+        adapter_dir,
+        chunk_size=2048,
+        progress=lambda sent, _total: starts.append(sent) if sent == 0 else None,
+    )
+    assert script.attempts("UploadAdapter") == 2
+    for call in script.calls:
+        _check_upload(call.request, adapter_dir, 2048)
+    assert starts == [0, 0]
+
+
+def test_upload_rejects_other_files_before_sending(
+    sync_client: GatewayClient, script: Script, adapter_dir: Path
+) -> None:
+    (adapter_dir / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(errors.InvalidArgument, match=r"pytorch_model\.bin"):
+        sync_client.upload_adapter("support", adapter_dir)
+    (adapter_dir / "pytorch_model.bin").unlink()
+    (adapter_dir / "adapter_config.json").unlink()
+    with pytest.raises(errors.InvalidArgument, match=r"missing adapter_config\.json"):
+        sync_client.upload_adapter("support", adapter_dir)
+    with pytest.raises(errors.InvalidArgument):
+        sync_client.upload_adapter("support", adapter_dir / "nope")
+    assert script.calls == []
+
+
+# --- the other admin calls --------------------------------------------------------------------
+
+
+def test_admin_calls_send_their_requests(sync_client: GatewayClient, script: Script) -> None:
+    c = sync_client
+    assert c.list_adapters("acme", include_shared=True).adapters[0].name == "support"
+    assert script.last("ListAdapters").request.include_shared is True
+    assert c.get_adapter("support", "acme").aliases["prod"] == VERSION
+    info = c.set_alias("support", "prod", "previous", tenant="acme", expected_version=VERSION)
+    assert info.aliases["prod"] == "previous"
+    request = script.last("SetAlias").request
+    assert (request.alias, request.version, request.expected_version) == (
+        "prod",
+        "previous",
+        VERSION,
+    )
+    assert list(c.share_adapter("support", "gamma").shared_with) == ["beta", "gamma"]
+    assert script.last("ShareAdapter").request.grantee == "gamma"
+    assert list(c.unshare_adapter("support", "beta").shared_with) == []
+    composed = c.compose_adapter("mix", [("a@prod", 0.5), ("b", -1.0)], aliases=["canary"])
+    assert [(p.adapter, p.weight) for p in composed.composed_from] == [("a@prod", 0.5), ("b", -1)]
+    assert list(script.last("ComposeAdapter").request.aliases) == ["canary"]
+    revoked = c.revoke_adapter("support", VERSION)
+    assert (list(revoked.revoked_versions), revoked.aborted_requests) == ([VERSION], 2)
+    assert c.pin_adapter("support@prod").pinned is True
+    assert script.last("PinAdapter").metadata["x-lora-adapter"] == "support"
+    assert c.unpin_adapter("support").pinned is False
+    assert c.prefetch_adapter("acme/support@prod", tenant="acme").lora_int_id == 7
+    assert script.last("PrefetchAdapter").metadata["x-lora-adapter"] == "acme/support"
+    assert c.get_residency("*").engine_capacity == 3
+    assert script.last("GetResidency").request.tenant == "*"
+    assert all(call.metadata["authorization"] == f"Bearer {API_KEY}" for call in script.calls)
+    with pytest.raises(errors.InvalidArgument):
+        c.compose_adapter("mix", [])
+
+
+async def test_async_admin_calls(target: str, script: Script) -> None:
+    async with AsyncGatewayClient(target, API_KEY) as client:
+        assert (await client.set_alias("support", "prod", VERSION)).aliases["prod"] == VERSION
+        assert (await client.prefetch_adapter("support@prod")).tier == (
+            admin_pb2.RESIDENCY_TIER_ENGINE
+        )
+        assert (await client.revoke_adapter("support")).aborted_requests == 2
+    assert [c.method for c in script.calls] == ["SetAlias", "PrefetchAdapter", "RevokeAdapter"]
+
+
+# --- the CLI ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def environ(target: str) -> dict[str, str]:
+    return {"LORA_GATEWAY_TARGET": target, "LORA_GATEWAY_API_KEY": API_KEY}
+
+
+def test_cli_generate_json(
+    environ: dict[str, str], script: Script, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["generate", "--adapter", "support@prod", "--prompt", "hi", "--max-tokens", "3"]
+    assert main([*argv, "--temperature", "0", "--stop", "x", "--json"], environ=environ) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == {
+        "text": "hello world!",
+        "token_ids": [5, 6, 7],
+        "finish_reason": "stop",
+        "adapter": {"tenant": "acme", "name": "support", "version": VERSION},
+        "usage": {"prompt_tokens": 4, "completion_tokens": 3},
+        "request_id": "srv-1",
+    }
+    call = script.last("Generate")
+    assert call.metadata["authorization"] == f"Bearer {API_KEY}"
+    assert call.metadata["x-lora-adapter"] == "support"
+    assert call.request.sampling.max_tokens == 3
+    assert list(call.request.sampling.stop) == ["x"]
+
+
+def test_cli_generate_text_and_stream(
+    environ: dict[str, str], script: Script, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["generate", "--prompt", "hi"], environ=environ) == 0
+    assert capsys.readouterr().out == "hello world!\n"
+    assert main(["generate", "--adapter", "support", "--prompt", "hi", "--stream"], environ) == 0
+    assert capsys.readouterr().out == "hello world!\n"
+    assert main(["generate", "--prompt", "hi", "--stream", "--json"], environ=environ) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["text"] for line in lines] == list(DELTAS)
+    assert lines[-1]["finish_reason"] == "length"
+    assert lines[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 3}
+
+
+def test_cli_error_prints_the_code_and_exits_nonzero(
+    environ: dict[str, str], script: Script, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(["generate", "--adapter", "missing", "--prompt", "hi"], environ=environ)
+    assert rc == EXIT_CODES[errors.NotFound] != 0
+    captured = capsys.readouterr()
+    assert captured.err == "error: NOT_FOUND: adapter not found\n"
+    assert captured.out == ""
+    assert API_KEY not in captured.err
+
+    script.fail("GetResidency", grpc.StatusCode.PERMISSION_DENIED, "operators only")
+    assert main(["residency"], environ=environ) == EXIT_CODES[errors.PermissionDenied]
+    assert capsys.readouterr().err == "error: PERMISSION_DENIED: operators only\n"
+
+
+def test_cli_flags_override_the_environment(
+    target: str, script: Script, capsys: pytest.CaptureFixture[str]
+) -> None:
+    environ = {"LORA_GATEWAY_TARGET": f"127.0.0.1:{_free_port()}", "LORA_GATEWAY_API_KEY": "x"}
+    argv = ["generate", "--prompt", "hi", "--target", target, "--api-key", "other-key"]
+    assert main(argv, environ=environ) == 0
+    assert script.last("Generate").metadata["authorization"] == "Bearer other-key"
+    # The environment's target is unreachable.
+    rc = main(["generate", "--prompt", "hi", "--timeout", "5"], environ=environ)
+    assert rc == EXIT_CODES[errors.Unavailable]
+    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+
+
+def test_cli_adapter_commands(
+    environ: dict[str, str],
+    script: Script,
+    adapter_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def run(*argv: str) -> str:
+        assert main(list(argv), environ=environ) == 0, capsys.readouterr().err
+        return capsys.readouterr().out
+
+    out = run("adapter", "upload", "--name", "support", "--alias", "canary", str(adapter_dir))
+    assert f"uploaded acme/support {VERSION}" in out
+    _check_upload(script.last("UploadAdapter").request, adapter_dir, 1 << 20)
+    assert list(script.last("UploadAdapter").request.header.aliases) == ["canary"]
+    uploaded = json.loads(run("adapter", "upload", "--name", "x", "--json", str(adapter_dir)))
+    assert (uploaded["version"], uploaded["name"]) == (VERSION, "x")
+
+    table = run("adapter", "list", "--shared").splitlines()
+    assert table[0].split() == [
+        "ADAPTER",
+        "STATUS",
+        "VERSIONS",
+        "LATEST",
+        "ALIASES",
+        "SHARED",
+        "WITH",
+    ]
+    assert table[1].split() == ["acme/support", "active", "1", VERSION[:19], "latest,prod", "beta"]
+    listed = json.loads(run("adapter", "list", "--json"))
+    assert listed["adapters"][0]["aliases"] == {"latest": VERSION, "prod": VERSION}
+
+    shown = run("adapter", "show", "support")
+    assert f"alias       prod -> {VERSION}" in shown
+    assert "q_proj,v_proj" in shown
+    assert "support@prod -> sha256:" in run("adapter", "alias", "support", "prod", VERSION)
+    assert "shared with beta, gamma" in run("adapter", "share", "support", "gamma")
+    assert "shared with nobody" in run("adapter", "unshare", "support", "beta")
+    composed = run("adapter", "compose", "mix", "--part", f"a@{VERSION}:0.5", "--part", "b:-1")
+    assert "composed acme/mix" in composed
+    parts = script.last("ComposeAdapter").request.parts
+    assert [(p.adapter, p.weight) for p in parts] == [(f"a@{VERSION}", 0.5), ("b", -1.0)]
+    assert "engine" in run("adapter", "pin", "support@prod")
+    assert script.last("PinAdapter").request.adapter == "support@prod"
+    run("adapter", "unpin", "support")
+    run("adapter", "prefetch", "acme/support", "--tenant", "acme")
+    assert script.last("PrefetchAdapter").request.tenant == "acme"
+    revoked = run("adapter", "revoke", "support", "--version", VERSION)
+    assert f"revoked {VERSION}" in revoked
+    assert "aborted 2" in revoked
+    assert script.last("RevokeAdapter").request.version == VERSION
+    residency = run("residency", "--tenant", "*")
+    assert "engine capacity 3" in residency
+    assert "acme/support" in residency
+    assert json.loads(run("residency", "--json"))["engine_capacity"] == 3
+
+
+def test_cli_compose_part_needs_a_weight(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["adapter", "compose", "mix", "--part", "a@prod"], environ={})
+    assert caught.value.code == 2
+    assert "REF:WEIGHT" in capsys.readouterr().err
+
+
+def test_cli_dev_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dev", "hash-key", API_KEY], environ={}) == 0
+    assert capsys.readouterr().out.strip() == hashlib.sha256(API_KEY.encode()).hexdigest()
+    assert main(["dev", "new-key", "--json"], environ={}) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert len(made["key"]) >= 40
+    assert made["sha256"] == hashlib.sha256(made["key"].encode()).hexdigest()
+
+
+# --- serve ------------------------------------------------------------------------------------
+
+
+def test_cli_serve_has_a_flag_for_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"], environ={})
+    help_text = capsys.readouterr().out
+    for name in Settings.field_names():
+        flag = "--tenants" if name == "tenants_file" else "--" + name.replace("_", "-")
+        assert flag in help_text, flag
+    assert "Adapters the engine keeps loaded" in help_text  # the field's docstring
+
+
+def test_cli_serve_resolves_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text("max_loras: 2\nmax_cpu_loras: 6\nlisten: 0.0.0.0:1\n")
+    argv = [
+        "serve",
+        "--config",
+        str(config),
+        "--store",
+        "s3://bucket/prefix",
+        "--s3-endpoint",
+        "http://127.0.0.1:9000",
+        "--tenants",
+        "tenants.yaml",
+        "--listen",
+        "127.0.0.1:0",
+        "--max-lora-rank",
+        "16",
+        "--warm-adapters",
+        "acme/a,acme/b",
+        "--warm-adapters",
+        "beta/c@prod",
+        "--no-self-test",
+    ]
+    environ = {"LORA_GATEWAY_MAX_CPU_LORAS": "5", "LORA_GATEWAY_DTYPE": "float32"}
+    assert main([*argv, "--dry-run"], environ=environ) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["max_loras"] == 2  # file
+    assert resolved["max_cpu_loras"] == 5  # environment over file
+    assert resolved["dtype"] == "float32"
+    assert resolved["listen"] == "127.0.0.1:0"  # flag over file
+    assert resolved["store"] == "s3://bucket/prefix"
+    assert resolved["s3_endpoint"] == "http://127.0.0.1:9000"
+    assert resolved["tenants_file"] == "tenants.yaml"
+    assert resolved["max_lora_rank"] == 16
+    assert resolved["warm_adapters"] == ["acme/a", "acme/b", "beta/c@prod"]
+    assert resolved["self_test"] is False
+
+    served: list[Settings] = []
+
+    def fake_serve(settings: Settings) -> int:
+        served.append(settings)
+        return 0
+
+    monkeypatch.setattr(server_module, "serve", fake_serve)
+    assert main(argv, environ=environ) == 0
+    assert served[0].max_cpu_loras == 5
+    assert served[0].warm_adapters == ("acme/a", "acme/b", "beta/c@prod")
+
+
+def test_cli_serve_invalid_settings_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["serve", "--max-loras", "8", "--max-cpu-loras", "4", "--dry-run"], environ={})
+    assert rc == 2
+    assert "max_cpu_loras (4) must be >= max_loras (8)" in capsys.readouterr().err
+    assert main(["serve", "--max-loras", "many", "--dry-run"], environ={}) == 2
+
+
+# --- dev tools through the installed console script -------------------------------------------
+
+
+def test_console_script_make_model_then_make_adapter(
+    tmp_path: Path,
+    environ: dict[str, str],
+    script: Script,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from adapter_store.model import BaseModelSpec, Limits
+    from adapter_store.validate import validate_adapter
+    from lora_gateway.devtools import TINY_MODEL_NAME
+
+    console = Path(sys.executable).parent / "lora-gateway"
+    if not console.exists():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "-e", ".", "--no-deps"],
+            cwd=Path(__file__).resolve().parents[1],
+            check=True,
+        )
+    model = tmp_path / "model"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(
+        [str(console), "dev", "make-model", str(model), "--seed", "0"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(model)
+    assert json.loads((model / "config.json").read_text())["num_hidden_layers"] == 2
+
+    adapter = tmp_path / "adapter"
+    argv = ["dev", "make-adapter", "--model", str(model), "--seed", "3", "--rank", "4"]
+    argv += ["--alpha", "8", "--targets", "q_proj,v_proj", "--rslora", str(adapter)]
+    assert main(argv, environ={}) == 0
+    assert capsys.readouterr().out.strip() == str(adapter)
+    spec = BaseModelSpec.from_hf_config(model, max_rank=16, aliases=[TINY_MODEL_NAME])
+    validated = validate_adapter(
+        {
+            "adapter_config.json": adapter / "adapter_config.json",
+            "adapter_model.safetensors": adapter / "adapter_model.safetensors",
+        },
+        spec,
+        Limits(),
+    )
+    assert (validated.rank, validated.alpha, validated.use_rslora) == (4, 8.0, True)
+    assert validated.target_modules == ("q_proj", "v_proj")
+
+    # What PEFT wrote (with its README.md) uploads as is.
+    assert main(["adapter", "upload", "--name", "made", "-q", str(adapter)], environ) == 0
+    _check_upload(script.last("UploadAdapter").request, adapter, 1 << 20)

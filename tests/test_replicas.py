@@ -1,0 +1,233 @@
+"""Two gateways on one S3 store: replica A in this process, replica B a `serve` subprocess.
+
+- Revocations and alias moves made through A reach B within the documented bound
+  (`poll_interval_s`: B re-reads the manifests it has cached with a conditional GET).
+- SIGTERM on B with a request in flight: health goes NOT_SERVING, new requests are refused,
+  the in-flight request completes within the grace period, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lora_gateway import devtools, errors
+from lora_gateway.client import AsyncGatewayClient
+from lora_gateway.engine.vllm_engine import VLLMEngine
+from lora_gateway.server import GatewayServer
+from lora_gateway.tenancy import hash_key
+from tests.conftest import AdapterFactory, engine_settings
+from tests.support.s3server import S3Server, s3_server
+
+pytestmark = pytest.mark.engine
+
+POLL_S = 0.5
+#: Documented bound for another replica to stop serving a revoked version: one poll interval,
+#: plus the poll's own store round trip, plus scheduling slack on a busy 2-core machine.
+BOUND_S = POLL_S + 1.5
+ADMIN, USER = "secret-admin", "secret-user"
+PROMPT = devtools.SAMPLE_PROMPTS[2]
+
+
+@pytest.fixture(scope="module")
+def shared(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
+) -> Iterator[tuple[S3Server, dict[str, object]]]:
+    work = tmp_path_factory.mktemp("replicas")
+    tenants = {
+        "tenants": {
+            "acme": {
+                "max_tokens": 200,
+                "keys": [
+                    {"id": "admin", "sha256": hash_key(ADMIN), "role": "tenant-admin"},
+                    {"id": "user", "sha256": hash_key(USER), "role": "user"},
+                ],
+            }
+        }
+    }
+    (work / "tenants.yaml").write_text(yaml.safe_dump(tenants))
+    with s3_server("replicas") as s3:
+        config: dict[str, object] = {
+            "store": f"s3://{s3.bucket}/shared",
+            "s3_endpoint": s3.endpoint_url,
+            "s3_region": s3.region,
+            "tenants_file": str(work / "tenants.yaml"),
+            "listen": "127.0.0.1:0",
+            "base_model_aliases": [devtools.TINY_MODEL_NAME],
+            "poll_interval_s": POLL_S,
+            "drain_grace_s": 15.0,
+            "tenant_max_tokens": 200,
+            "work": str(work),
+        }
+        yield s3, config
+
+
+@pytest.fixture(scope="module")
+async def replica_a(
+    engine: VLLMEngine, tiny_model: Path, shared: tuple[S3Server, dict[str, object]]
+) -> AsyncIterator[GatewayServer]:
+    s3, config = shared
+    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = (
+        s3.access_key,
+        s3.secret_key,
+    )
+    values = {k: v for k, v in config.items() if k != "work"}
+    settings = engine_settings(tiny_model, cache_dir=f"{config['work']}/cache-a", **values)
+    server = await GatewayServer.start(settings, engine=engine)
+    yield server
+    await server.stop(grace=1.0)
+
+
+def start_replica_b(
+    tiny_model: Path, s3: S3Server, config: dict[str, object]
+) -> tuple[subprocess.Popen[str], int]:
+    work = Path(str(config["work"]))
+    values = {k: v for k, v in config.items() if k != "work"}
+    values.update(
+        {
+            "model": str(tiny_model),
+            "dtype": "float32",
+            "max_loras": 2,
+            "max_cpu_loras": 3,
+            "max_lora_rank": 16,
+            "max_model_len": 256,
+            "max_num_seqs": 8,
+            "enforce_eager": True,
+            "kv_cache_space_gib": 1,
+            "cache_dir": str(work / "cache-b"),
+        }
+    )
+    (work / "b.yaml").write_text(yaml.safe_dump(values))
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=s3.access_key, AWS_SECRET_ACCESS_KEY=s3.secret_key)
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "lora-gateway"),
+            "serve",
+            "--config",
+            str(work / "b.yaml"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    deadline = time.monotonic() + 180
+    assert process.stdout is not None
+    for line in process.stdout:
+        match = re.search(r"listening on port (\d+)", line)
+        if match:
+            return process, int(match.group(1))
+        if time.monotonic() > deadline:
+            break
+    process.kill()
+    raise AssertionError("replica B did not start")
+
+
+@pytest.fixture(scope="module")
+def replica_b(
+    tiny_model: Path, shared: tuple[S3Server, dict[str, object]]
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    s3, config = shared
+    process, port = start_replica_b(tiny_model, s3, config)
+    # Keep reading B's output so that its pipe never fills up and blocks it.
+    threading.Thread(target=lambda: [None for _ in process.stdout or ()], daemon=True).start()
+    yield process, f"127.0.0.1:{port}"
+    if process.poll() is None:
+        process.kill()
+        process.wait(30)
+
+
+async def until(predicate: Callable[[], Awaitable[bool]], bound: float) -> float:
+    """Poll `predicate()` until true; return the seconds it took, fail past `bound`."""
+    started = time.monotonic()
+    while time.monotonic() - started < bound:
+        if await predicate():
+            return time.monotonic() - started
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not within {bound}s")
+
+
+async def test_revocation_and_alias_moves_reach_the_other_replica(
+    replica_a: GatewayServer,
+    replica_b: tuple[subprocess.Popen[str], str],
+    make_test_adapter: AdapterFactory,
+) -> None:
+    target_a = f"127.0.0.1:{replica_a.port}"
+    _, target_b = replica_b
+    first = make_test_adapter(seed=41, rank=8)
+    second = make_test_adapter(seed=42, rank=8)
+    async with (
+        AsyncGatewayClient(target_a, ADMIN) as admin,
+        AsyncGatewayClient(target_b, USER) as user_b,
+    ):
+        v1 = await admin.upload_adapter("shared", first, aliases=("prod",))
+        on_b = await user_b.generate("shared@prod", PROMPT, max_tokens=4)
+        assert on_b.adapter is not None
+        assert on_b.adapter.version == v1.version
+
+        v2 = await admin.upload_adapter("shared", second, aliases=("prod",))
+
+        async def b_serves_v2() -> bool:
+            result = await user_b.generate("shared@prod", PROMPT, max_tokens=2)
+            return result.adapter is not None and result.adapter.version == v2.version
+
+        took = await until(b_serves_v2, BOUND_S)
+        assert took <= BOUND_S
+
+        await admin.revoke_adapter("shared", version=v2.version)
+        revoked_at = time.monotonic()
+
+        async def b_refuses_v2() -> bool:
+            try:
+                await user_b.generate(f"shared@{v2.version}", PROMPT, max_tokens=2)
+            except errors.NotFound:
+                return True
+            return False
+
+        await until(b_refuses_v2, BOUND_S)
+        assert time.monotonic() - revoked_at <= BOUND_S
+        # After the bound, never served again on B.
+        for _ in range(5):
+            assert await b_refuses_v2()
+
+
+async def test_sigterm_drains_in_flight_requests(
+    replica_b: tuple[subprocess.Popen[str], str], replica_a: GatewayServer
+) -> None:
+    process, target = replica_b
+    async with AsyncGatewayClient(target, USER, max_retries=0) as user:
+        stream = user.generate_stream("", PROMPT, max_tokens=150, ignore_eos=True)
+        iterator = aiter(stream)
+        first = await anext(iterator)
+        process.send_signal(signal.SIGTERM)
+        async with grpc.aio.insecure_channel(target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def not_serving() -> bool:
+                try:
+                    reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                except grpc.aio.AioRpcError:
+                    return True  # the listener is already closed: also not serving
+                return reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+            await until(not_serving, 5.0)
+        with pytest.raises((errors.Unavailable, errors.DeadlineExceeded)):
+            await user.generate("", PROMPT, max_tokens=2, timeout=5)
+        rest = [delta async for delta in iterator]
+    tokens = len(first.token_ids) + sum(len(d.token_ids) for d in rest)
+    assert tokens == 150
+    assert rest[-1].finish_reason == "length"
+    assert process.wait(60) == 0
