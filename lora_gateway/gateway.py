@@ -8,6 +8,7 @@ admin operations that touch both the store and the engine (revocation, DESIGN in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from lora_gateway.engine.base import (
     Prompt,
     TokenChunk,
 )
+from lora_gateway.metrics import Metrics
 from lora_gateway.residency import Residency, key_of
 from lora_gateway.tenancy import Admission, KeyRing, Principal, Role, check_max_tokens
 
@@ -62,6 +64,7 @@ class Gateway:
         residency: Residency,
         keyring: KeyRing,
         admission: Admission,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -69,6 +72,7 @@ class Gateway:
         self.residency = residency
         self.keyring = keyring
         self.admission = admission
+        self.metrics = metrics
         self.draining = False
 
     # --- inference --------------------------------------------------------------------------
@@ -80,6 +84,7 @@ class Gateway:
             raise errors.Unavailable("server is shutting down")
         tenant = self.keyring.tenant(principal.tenant)
         check_max_tokens(call.params.max_tokens, tenant)
+        started = time.perf_counter()
         async with self.admission.slot(principal, tenant):
             version = None
             if call.adapter is not None:
@@ -87,13 +92,22 @@ class Gateway:
                     principal.tenant, call.adapter, any_owner=principal.role is Role.OPERATOR
                 )
             served = Served.of(version)
-            if version is None:
-                async for chunk in self._run(call, None, None):
-                    yield served, chunk
-                return
-            async with self.residency.use(version) as loaded:
+            async with contextlib.AsyncExitStack() as stack:
+                loaded = (
+                    None
+                    if version is None
+                    else await stack.enter_async_context(self.residency.use(version))
+                )
+                queued = time.perf_counter()
+                produced = 0
                 async for chunk in self._run(call, loaded, version):
+                    if produced == 0 and self.metrics is not None:
+                        self.metrics.queued(queued - started)
+                        self.metrics.first_token(principal.tenant, time.perf_counter() - started)
+                    produced += len(chunk.token_ids)
                     yield served, chunk
+                if self.metrics is not None:
+                    self.metrics.tokens_out(principal.tenant, produced)
 
     async def _run(
         self, call: GenerateCall, adapter: LoadedAdapter | None, version: AdapterVersion | None

@@ -13,12 +13,13 @@ import asyncio
 import contextvars
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
-from lora_gateway import errors
+from lora_gateway import errors, logs
 from lora_gateway.audit import AuditLog
 from lora_gateway.metrics import NO_ADAPTER_LABEL, Metrics, adapter_label
 from lora_gateway.tenancy import KeyRing, Permission, Policy, Principal, permission_for
@@ -87,11 +88,13 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None:
             return _abort_handler(grpc.StatusCode.UNIMPLEMENTED, "unknown method")
-        return self._wrap(handler, principal, method)
+        given = metadata.get("x-request-id")
+        rid = given if isinstance(given, str) and given.isprintable() and len(given) <= 128 else ""
+        return self._wrap(handler, principal, method, rid or uuid.uuid4().hex)
 
     # --- wrapping -----------------------------------------------------------------------------
     def _wrap(
-        self, handler: grpc.RpcMethodHandler, principal: Principal, method: str
+        self, handler: grpc.RpcMethodHandler, principal: Principal, method: str, rid: str
     ) -> grpc.RpcMethodHandler:
         classify = self._classify
         done = self._done
@@ -101,6 +104,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 _principal.set(principal)
+                logs.request_id.set(rid)
                 started, code = time.perf_counter(), grpc.StatusCode.OK
                 try:
                     async with asyncio.timeout(context.time_remaining()):
@@ -128,6 +132,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             _principal.set(principal)
+            logs.request_id.set(rid)
             started, code = time.perf_counter(), grpc.StatusCode.OK
             try:
                 async with asyncio.timeout(context.time_remaining()):

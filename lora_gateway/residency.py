@@ -40,6 +40,7 @@ from adapter_store import (
 from adapter_store.validate import validate_adapter
 from lora_gateway import errors
 from lora_gateway.engine.base import Engine, LoadedAdapter, next_lora_id
+from lora_gateway.metrics import LoadPhase, Metrics, Tier
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class Residency:
         limits: Limits,
         *,
         poll_interval_s: float = 2.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -107,6 +109,7 @@ class Residency:
         self.capacity = engine.max_cpu_loras
         self.poll_interval_s = poll_interval_s
         self.stats = ResidencyStats()
+        self.metrics = metrics
         self._resident: OrderedDict[VersionKey, Resident] = OrderedDict()  # LRU first
         self._loading: dict[VersionKey, asyncio.Task[None]] = {}
         self._ids: dict[VersionKey, int] = {}
@@ -115,6 +118,30 @@ class Residency:
         self._manifest_fetches: dict[tuple[str, str], asyncio.Task[Manifest]] = {}
         self._engine_lock = asyncio.Lock()
         self._freed = asyncio.Condition()
+
+    # --- accounting (stats for tests and benchmarks, metrics for Prometheus) -----------------
+    def _tier(self, tier: Tier, hit: bool) -> None:
+        if tier == "engine":
+            if hit:
+                self.stats.engine_hits += 1
+            else:
+                self.stats.engine_misses += 1
+        elif hit:
+            self.stats.disk_hits += 1
+        else:
+            self.stats.disk_misses += 1
+        if self.metrics is not None:
+            (self.metrics.cache_hit if hit else self.metrics.cache_miss)(tier)
+
+    def _phase(self, phase: LoadPhase, seconds: float) -> None:
+        self.stats.observe(phase, seconds)
+        if self.metrics is not None:
+            self.metrics.load_phase(phase, seconds)
+
+    def _resident_changed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_resident("engine", len(self._resident))
+            self.metrics.set_resident("disk", len(self.cache.entries()))
 
     # --- resolution -------------------------------------------------------------------------
     async def manifest(self, tenant: str, name: str) -> Manifest:
@@ -181,11 +208,11 @@ class Residency:
             if resident is not None:
                 resident.active += 1
                 self._resident.move_to_end(key)
-                self.stats.engine_hits += 1
+                self._tier("engine", hit=True)
                 return resident
             task = self._loading.get(key)
             if task is None:
-                self.stats.engine_misses += 1
+                self._tier("engine", hit=False)
                 task = asyncio.create_task(self._load(version))
                 self._loading[key] = task
                 task.add_done_callback(lambda _: self._loading.pop(key, None))
@@ -204,17 +231,14 @@ class Residency:
         started = time.perf_counter()
         path = await self.cache.ensure(version)
         fetched = time.perf_counter()
-        if was_on_disk:
-            self.stats.disk_hits += 1
-        else:
-            self.stats.disk_misses += 1
-        self.stats.observe("fetch_verify", fetched - started)
+        self._tier("disk", hit=was_on_disk)
+        self._phase("fetch", fetched - started)  # the cache verifies sha256 as part of it
         self.cache.pin(sha)
         try:
             files = {name: path / name for name in (f.filename for f in version.files)}
             await asyncio.to_thread(validate_adapter, files, self.spec, self.limits)
             validated = time.perf_counter()
-            self.stats.observe("validate", validated - fetched)
+            self._phase("validate", validated - fetched)
             loaded = LoadedAdapter(
                 lora_int_id=self.lora_id(key),
                 lora_name=f"{version.tenant}/{version.name}@sha256:{sha}",
@@ -227,7 +251,8 @@ class Residency:
                 await self.engine.add_adapter(loaded)
                 self._resident[key] = Resident(version, loaded)
             self.stats.engine_loads += 1
-            self.stats.observe("engine_add", time.perf_counter() - validated)
+            self._phase("engine_add", time.perf_counter() - validated)
+            self._resident_changed()
         finally:
             self.cache.unpin(sha)
 
@@ -242,6 +267,8 @@ class Residency:
                 resident = self._resident.pop(victim)
                 await self.engine.remove_adapter(resident.loaded.lora_int_id)
                 self.stats.evictions += 1
+                if self.metrics is not None:
+                    self.metrics.evicted("engine")
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:

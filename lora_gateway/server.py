@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from adapter_store import BaseModelSpec, DiskCache, Limits, LocalBackend, Registry
 from adapter_store.store import BlobBackend
-from lora_gateway import errors
+from lora_gateway import errors, logs
 from lora_gateway.audit import AuditLog
 from lora_gateway.config import Settings
 from lora_gateway.engine.base import Engine
@@ -112,6 +112,9 @@ class GatewayServer:
     metrics_port: int | None = None
     _stop_poller: asyncio.Event = field(default_factory=asyncio.Event)
     _poller: asyncio.Task[None] | None = None
+    _watcher: asyncio.Task[None] | None = None
+    #: Set when the engine died: `run()` then exits non-zero so that Kubernetes restarts the pod.
+    engine_failed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     async def start(cls, settings: Settings, engine: Engine | None = None) -> GatewayServer:
@@ -139,13 +142,19 @@ class GatewayServer:
             from lora_gateway.engine.vllm_engine import VLLMEngine
 
             engine = await VLLMEngine.start(settings)
-        residency = Residency(
-            engine, registry, cache, spec, limits, poll_interval_s=settings.poll_interval_s
-        )
-        admission = Admission(settings.max_concurrent_requests)
-        gateway = Gateway(settings, engine, registry, residency, keyring, admission)
-        audit = AuditLog(settings.audit_log)
         metrics = Metrics()
+        residency = Residency(
+            engine,
+            registry,
+            cache,
+            spec,
+            limits,
+            poll_interval_s=settings.poll_interval_s,
+            metrics=metrics,
+        )
+        admission = Admission(settings.max_concurrent_requests, on_change=metrics.set_inflight)
+        gateway = Gateway(settings, engine, registry, residency, keyring, admission, metrics)
+        audit = AuditLog(settings.audit_log)
 
         server = grpc.aio.server(
             interceptors=[GatewayInterceptor(keyring, metrics, audit)],
@@ -185,11 +194,29 @@ class GatewayServer:
             await self.stop(grace=0)
             raise
         self._poller = asyncio.create_task(residency.run_poller(self._stop_poller))
+        self._watcher = asyncio.create_task(self._watch_engine())
         for name in ("", *SERVICE_NAMES):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        metrics.engine_healthy.set(1)
+        metrics.set_engine_healthy(True)
         log.info("lora-gateway serving on port %d", port)
         return self
+
+    async def _watch_engine(self, every_s: float = 5.0) -> None:
+        """Health follows the engine: if it dies, NOT_SERVING at once and `engine_failed` set."""
+        while not self._stop_poller.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_poller.wait(), every_s)
+            if self._stop_poller.is_set():
+                return
+            try:
+                await self.engine.check_health()
+            except errors.GatewayError:
+                log.error("engine is not healthy: reporting NOT_SERVING and stopping")
+                self.metrics.set_engine_healthy(False)
+                for name in ("", *SERVICE_NAMES):
+                    await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+                self.engine_failed.set()
+                return
 
     async def _warm_up(self) -> None:
         """Load and pin the configured warm set (`tenant/name[@alias]`)."""
@@ -213,34 +240,43 @@ class GatewayServer:
         self.gateway.draining = True
         await self.server.stop(grace)
         self._stop_poller.set()
-        if self._poller is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        for task in (self._poller, self._watcher):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.owns_engine:
             await self.engine.shutdown()
         self.audit.close()
-        self.metrics.engine_healthy.set(0)
+        self.metrics.set_engine_healthy(False)
+        self.metrics.close()
 
 
-async def run(settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and stop."""
+async def run(settings: Settings) -> int:
+    """Serve until SIGTERM or SIGINT (drain, exit 0) or until the engine dies (exit 1)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = await GatewayServer.start(settings)
     print(f"lora-gateway listening on port {server.port}", flush=True)
-    await stop.wait()
+    signalled = asyncio.create_task(stop.wait())
+    failed = asyncio.create_task(server.engine_failed.wait())
+    await asyncio.wait({signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
+    failed.cancel()
+    if server.engine_failed.is_set():
+        await server.stop(grace=0)
+        return 1
     log.info("signal received: draining for up to %.0fs", settings.drain_grace_s)
     await server.stop()
+    return 0
 
 
 def serve(settings: Settings) -> int:
     """Blocking entry point for `lora-gateway serve`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure()
     try:
-        asyncio.run(run(settings))
+        return asyncio.run(run(settings))
     except errors.GatewayError as exc:
         log.error("lora-gateway could not start: %s", exc)
         return 1
-    return 0

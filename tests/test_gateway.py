@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,7 @@ async def env(
         poll_interval_s=0.5,
         drain_grace_s=5.0,
         default_max_tokens=MAX_TOKENS,
+        metrics_listen="127.0.0.1:0",
     )
     server = await GatewayServer.start(settings, engine=engine)
     yield Env(server, f"127.0.0.1:{server.port}")
@@ -325,3 +327,17 @@ async def test_cancel_aborts_the_engine_request(env: Env, uploaded: dict[str, st
             break
         await asyncio.sleep(0.02)
     assert not engine._llm.output_processor.request_states
+
+
+async def test_metrics_endpoint(env: Env, uploaded: dict[str, str]) -> None:
+    async with env.client("acme-user") as client:
+        await client.generate("attn-r8", PROMPT, max_tokens=4)
+    url = f"http://127.0.0.1:{env.server.metrics_port}/metrics"
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    assert 'lora_gateway_requests_total{adapter="acme/attn-r8",code="OK",tenant="acme"}' in body
+    assert "lora_gateway_time_to_first_token_seconds_count" in body
+    assert 'lora_gateway_cache_hits_total{tier="engine"}' in body
+    assert 'lora_gateway_adapter_load_seconds_count{phase="engine_add"}' in body
+    assert "lora_gateway_engine_healthy 1.0" in body
+    assert "secret-" not in body
+    assert PROMPT not in body

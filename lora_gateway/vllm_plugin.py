@@ -1,0 +1,282 @@
+"""A LoRA resolver for stock `vllm serve`: adapters from the gateway's store, by name.
+
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 LORA_GATEWAY_STORE=s3://bucket/prefix \\
+        vllm serve /models/base --enable-lora --max-lora-rank 16
+    curl .../v1/completions -d '{"model": "acme/support-bot@prod", "prompt": "..."}'
+
+`register` is the `vllm.general_plugins` entry point (see pyproject.toml). vLLM calls it in every
+process it starts (API server, engine core, workers); it registers a resolver under
+`RESOLVER_NAME` only when runtime LoRA updating is allowed and a store is configured, and it
+touches neither the store nor the disk until the first adapter is asked for, which only happens
+in the API server process. When a request names a model that vLLM does not know, vLLM calls
+`resolve_lora(base_model_name, "<tenant>/<adapter>[@alias|@sha256:<hex>]")`:
+
+    AdapterRef.parse → Registry.resolve (thread) → DiskCache.ensure (sha256-verified, single
+    flight) → validate_adapter (thread) → LoRARequest(lora_name="<tenant>/<adapter>@sha256:<hex>",
+    lora_path=<cache folder>)
+
+the same store, cache layout (`<cache_dir>/<sha[:2]>/<sha>/`) and checks as the gateway's
+`Residency`. A missing, revoked, malformed, invalid or incompatible adapter, and a store that
+cannot be reached, give None: vLLM then answers 404. The reason class is logged, never the
+request's text.
+
+Configuration comes from `Settings.load()` only (`LORA_GATEWAY_STORE`, `LORA_GATEWAY_S3_*`,
+`LORA_GATEWAY_CACHE_DIR`, `LORA_GATEWAY_CACHE_BUDGET_BYTES`, `LORA_GATEWAY_MODEL` (default: the
+model vLLM serves, which must then be a local folder), `LORA_GATEWAY_MAX_LORA_RANK` (keep it
+equal to vLLM's `--max-lora-rank`), `LORA_GATEWAY_BASE_MODEL_ALIASES`, ...). S3 credentials come
+from boto3's usual chain (`AWS_ACCESS_KEY_ID`, an instance role, ...).
+
+Security: `vllm serve` has no tenants. The `<tenant>/` in a model name selects the adapter's
+owner; it is not checked against the caller, so anyone who can reach the vLLM server can use
+any tenant's adapter. Put it behind something that authenticates, or use the gateway, which is
+the multi-tenant path (keys, roles, sharing, quotas, revocation).
+
+Adapter ids: `StoreResolver.lora_id` gives each version, keyed by (tenant, name, sha256), one id
+from `engine.base.next_lora_id`, the process-wide counter the gateway's own engine uses: stable
+for the life of the process (the same version asked for as `@latest`, `@prod` or `@sha256:` gets
+the same id), unique per version, never reused and never colliding (no hashing, unlike vLLM's
+filesystem resolver's `abs(hash(name))`). vLLM 0.32's `OpenAIServingModels.resolve_lora`
+overwrites `lora_int_id` with its own per-name counter before `add_lora`, so under `vllm serve`
+the engine sees vLLM's id; the `lora_name` carries the sha256, so the engine and its prefix cache
+still key the weights by content.
+
+Limits of the `vllm serve` path, all from vLLM's side of the interface:
+- vLLM remembers a resolved name for the life of the process and never asks again, so an alias
+  move or a revocation is not seen for a name already used (unload it with
+  `POST /v1/unload_lora_adapter`, or restart). The gateway polls manifests instead.
+- vLLM may reload an adapter from `lora_path` whenever it evicts and needs it again, so a
+  resolved version stays pinned in the disk cache for the life of the process; once pinned
+  versions fill `cache_budget_bytes`, new adapters are refused (logged as `capacity`).
+- Do not point a gateway and a `vllm serve` at the same cache folder at the same time: each
+  process evicts by its own bookkeeping.
+
+This module is the second, deliberate exception to "engine/vllm_engine.py is the only module
+that imports vllm": it is vLLM's plugin entry point. vLLM is imported only inside `register` and
+`vllm_resolver`; `StoreResolver`, which does the work, does not know vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from adapter_store import (
+    AdapterNotFound,
+    AdapterRef,
+    AdapterVersion,
+    BaseModelSpec,
+    CapacityExceeded,
+    DiskCache,
+    Incompatible,
+    IntegrityError,
+    InvalidAdapter,
+    Limits,
+    Registry,
+    StoreError,
+    StoreUnavailable,
+)
+from adapter_store.validate import validate_adapter
+from lora_gateway.config import Settings
+from lora_gateway.engine.base import next_lora_id
+
+if TYPE_CHECKING:
+    from vllm.lora.resolver import LoRAResolver
+
+__all__ = ["RESOLVER_NAME", "Resolved", "StoreResolver", "register", "vllm_resolver"]
+
+log = logging.getLogger(__name__)
+
+#: The name the resolver is registered under in vLLM's `LoRAResolverRegistry`.
+RESOLVER_NAME = "lora_gateway"
+
+VersionKey = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """An adapter version ready for the engine: verified, validated, on local disk."""
+
+    lora_name: str
+    lora_int_id: int
+    path: Path
+    version: AdapterVersion
+
+
+@dataclass(frozen=True)
+class _Store:
+    registry: Registry
+    cache: DiskCache
+    spec: BaseModelSpec
+    limits: Limits
+
+
+def _reason(exc: StoreError) -> str:
+    """The class of a refusal, for the log (by exception type, never by message text)."""
+    if isinstance(exc, AdapterNotFound):
+        return "not_found"
+    if isinstance(exc, Incompatible):
+        return "incompatible"
+    if isinstance(exc, InvalidAdapter):
+        return "invalid"
+    if isinstance(exc, IntegrityError):
+        return "integrity"
+    if isinstance(exc, StoreUnavailable):
+        return "store_unavailable"
+    if isinstance(exc, CapacityExceeded):
+        return "capacity"
+    return "store_error"
+
+
+class StoreResolver:
+    """Resolves `<tenant>/<adapter>[@alias|@sha256:<hex>]` to a verified, validated folder.
+
+    Knows nothing of vLLM. Opened lazily on first use (in the caller's event loop), once.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._store: _Store | None = None
+        self._opening = asyncio.Lock()
+        self._ids: dict[VersionKey, int] = {}
+        self._pinned: set[str] = set()
+
+    def lora_id(self, key: VersionKey) -> int:
+        """The version's id: assigned on first use, then the same for the life of the process."""
+        if key not in self._ids:
+            self._ids[key] = next_lora_id()
+        return self._ids[key]
+
+    async def _open(self, base_model_name: str) -> _Store:
+        async with self._opening:
+            if self._store is None:
+                self._store = await asyncio.to_thread(self._open_blocking, base_model_name)
+            return self._store
+
+    def _open_blocking(self, base_model_name: str) -> _Store:
+        from lora_gateway.server import open_backend
+
+        settings = self.settings
+        model = settings.model or base_model_name
+        if settings.model and settings.model != base_model_name:
+            log.warning(
+                "adapters are validated against LORA_GATEWAY_MODEL, not the model vLLM serves"
+            )
+        spec = BaseModelSpec.from_hf_config(
+            Path(model), max_rank=settings.max_lora_rank, aliases=settings.base_model_aliases
+        )
+        limits = Limits(max_file_bytes=settings.max_upload_bytes)
+        registry = Registry(open_backend(settings), spec, limits)
+        cache = DiskCache(settings.cache_path, settings.cache_budget_bytes, registry.fetch_file)
+        log.info("lora_gateway resolver: store opened, disk cache at %s", settings.cache_path)
+        return _Store(registry, cache, spec, limits)
+
+    async def resolve(self, base_model_name: str, lora_name: str) -> Resolved | None:
+        """The adapter `lora_name` names, ready to load; None (reason logged) if it cannot be."""
+        try:
+            ref = AdapterRef.parse(lora_name)
+        except InvalidAdapter:
+            log.info("adapter refused (malformed_reference)")
+            return None
+        if ref.owner is None:
+            log.info("adapter refused (no_tenant): names must be <tenant>/<adapter>[@alias]")
+            return None
+        try:
+            store = await self._open(base_model_name)
+        except StoreError as exc:
+            log.error("lora_gateway resolver cannot open the store (%s): %s", _reason(exc), exc)
+            return None
+        try:
+            return await self._resolve(store, ref.owner, ref)
+        except StoreError as exc:
+            level = logging.INFO if isinstance(exc, AdapterNotFound) else logging.WARNING
+            log.log(level, "adapter %s refused (%s)", ref, _reason(exc))
+            return None
+
+    async def _resolve(self, store: _Store, tenant: str, ref: AdapterRef) -> Resolved:
+        version = await asyncio.to_thread(store.registry.resolve, tenant, ref)
+        path = await store.cache.ensure(version)
+        store.cache.pin(version.sha)
+        try:
+            files = {entry.filename: path / entry.filename for entry in version.files}
+            await asyncio.to_thread(validate_adapter, files, store.spec, store.limits)
+        except BaseException:
+            store.cache.unpin(version.sha)
+            raise
+        # vLLM keeps the name resolved for good and may reload from the path: keep it pinned.
+        if version.sha in self._pinned:
+            store.cache.unpin(version.sha)
+        else:
+            self._pinned.add(version.sha)
+        key = (version.tenant, version.name, version.sha)
+        resolved = Resolved(
+            lora_name=f"{version.tenant}/{version.name}@sha256:{version.sha}",
+            lora_int_id=self.lora_id(key),
+            path=path,
+            version=version,
+        )
+        log.info("adapter %s resolved to %s", ref, resolved.lora_name)
+        return resolved
+
+
+def vllm_resolver(resolver: StoreResolver) -> LoRAResolver:
+    """Wrap `resolver` in vLLM's `LoRAResolver` interface (the only vLLM-facing glue)."""
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.resolver import LoRAResolver
+
+    class StoreLoRAResolver(LoRAResolver):
+        """vLLM's view of `StoreResolver`."""
+
+        def __init__(self, core: StoreResolver) -> None:
+            self.core = core
+
+        async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+            found = await self.core.resolve(base_model_name, lora_name)
+            if found is None:
+                return None
+            return LoRARequest(
+                lora_name=found.lora_name,
+                lora_int_id=found.lora_int_id,
+                lora_path=str(found.path),
+            )
+
+    return StoreLoRAResolver(resolver)
+
+
+class _ToVLLM(logging.Handler):
+    """Hands records to vLLM's logger, whose handlers and format `vllm serve` configured."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("vllm").handle(record)
+
+
+def _log_through_vllm() -> None:
+    """vLLM configures only the `vllm` logger: send ours and the store's through it (unless
+    something already configured them), else INFO lines such as refusals would be lost."""
+    level = logging.getLogger("vllm").getEffectiveLevel()
+    for name in ("lora_gateway", "adapter_store"):
+        ours = logging.getLogger(name)
+        if ours.handlers:
+            continue
+        ours.addHandler(_ToVLLM())
+        ours.setLevel(level)
+        ours.propagate = False
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: register the resolver if it can be used."""
+    import vllm.envs as envs
+    from vllm.lora.resolver import LoRAResolverRegistry
+
+    if not envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING:
+        log.debug("lora_gateway resolver not registered: VLLM_ALLOW_RUNTIME_LORA_UPDATING is off")
+        return
+    settings = Settings.load()
+    if not settings.store:
+        log.info("lora_gateway resolver not registered: LORA_GATEWAY_STORE is not set")
+        return
+    _log_through_vllm()
+    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, vllm_resolver(StoreResolver(settings)))
+    log.info("lora_gateway resolver registered (store %s)", settings.store)
