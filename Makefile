@@ -4,7 +4,7 @@ VENV      := .venv
 BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed
 PYTEST    := $(BIN)/python -m pytest
-PROTO_SRC := proto/lora_gateway/v1/inference.proto proto/lora_gateway/v1/admin.proto
+LINT_SRC  := lora_gateway adapter_store tests scripts $(wildcard benchmarks)
 
 .PHONY: install test test-fast test-slow lint proto proto-check demo bench bench-smoke clean
 
@@ -29,8 +29,8 @@ test-slow: install
 
 ## lint: ruff, mypy (strict) and the generated-code drift check
 lint: install proto-check
-	$(BIN)/ruff check lora_gateway adapter_store tests benchmarks
-	$(BIN)/ruff format --check lora_gateway adapter_store tests benchmarks
+	$(BIN)/ruff check $(LINT_SRC)
+	$(BIN)/ruff format --check $(LINT_SRC)
 	$(BIN)/mypy
 
 ## proto: regenerate lora_gateway/v1 from proto/

@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 OUT_PACKAGE = ROOT / "lora_gateway" / "v1"
 BIN = Path(sys.executable).parent
-PROTOS = sorted(p.relative_to(PROTO_ROOT) for p in (PROTO_ROOT / "lora_gateway" / "v1").glob("*.proto"))
+PROTOS = sorted(
+    p.relative_to(PROTO_ROOT) for p in (PROTO_ROOT / "lora_gateway" / "v1").glob("*.proto")
+)
 
 
 def generate(out_root: Path) -> Path:
@@ -37,7 +39,9 @@ def generate(out_root: Path) -> Path:
     if protoc.main(args) != 0:
         sys.exit("protoc failed")
     package = out_root / "lora_gateway" / "v1"
-    (package / "__init__.py").write_text('"""Generated protobuf and gRPC code for lora_gateway.v1."""\n')
+    (package / "__init__.py").write_text(
+        '"""Generated protobuf and gRPC code for lora_gateway.v1."""\n'
+    )
     return package
 
 
