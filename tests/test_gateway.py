@@ -7,6 +7,7 @@ a tenant-admin key each) and an operator.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +24,7 @@ from lora_gateway.client import AsyncGatewayClient
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
-from lora_gateway.v1 import inference_pb2, inference_pb2_grpc
+from lora_gateway.v1 import admin_pb2, inference_pb2, inference_pb2_grpc
 from tests.conftest import AdapterFactory, engine_settings
 from tests.support.s3server import S3Server, s3_server
 
@@ -91,6 +92,7 @@ async def env(
         drain_grace_s=5.0,
         default_max_tokens=MAX_TOKENS,
         metrics_listen="127.0.0.1:0",
+        audit_log=str(work / "audit.jsonl"),
     )
     server = await GatewayServer.start(settings, engine=engine)
     yield Env(server, f"127.0.0.1:{server.port}")
@@ -341,3 +343,78 @@ async def test_metrics_endpoint(env: Env, uploaded: dict[str, str]) -> None:
     assert "lora_gateway_engine_healthy 1.0" in body
     assert "secret-" not in body
     assert PROMPT not in body
+
+
+async def test_deadline_exceeded(env: Env, uploaded: dict[str, str]) -> None:
+    async with env.client("acme-user", max_retries=0) as client:
+        with pytest.raises(errors.DeadlineExceeded):
+            await client.generate("", PROMPT, max_tokens=60, ignore_eos=True, timeout=0.05)
+
+
+async def test_pin_prefetch_and_residency_tiers(
+    env: Env, make_test_adapter: AdapterFactory
+) -> None:
+    residency = env.server.gateway.residency
+    async with env.client("acme-admin") as admin:
+        info = await admin.upload_adapter("tiers", make_test_adapter(seed=77, rank=8))
+        sha = info.version.removeprefix("sha256:")
+
+        def tier_of(reply: object) -> int:
+            entries = [e for e in reply.entries if e.version == info.version]  # type: ignore[attr-defined]
+            assert len(entries) == 1
+            return int(entries[0].tier)
+
+        assert tier_of(await admin.get_residency()) == admin_pb2.RESIDENCY_TIER_STORE
+        entry = await admin.prefetch_adapter("tiers")
+        assert entry.tier == admin_pb2.RESIDENCY_TIER_ENGINE
+        assert entry.lora_int_id == residency.lora_id(("acme", "tiers", sha))
+        pinned = await admin.pin_adapter("tiers")
+        assert pinned.pinned
+        # Pinned: survives a burst of other adapters through the engine's LRU.
+        async with env.client("acme-user") as user:
+            for name in ("attn-r8", "all-r16-rslora", "mlp-r4", "attn-r8"):
+                await user.generate(name, PROMPT, max_tokens=2)
+        assert residency.is_resident(("acme", "tiers", sha))
+        await admin.unpin_adapter("tiers")
+        async with env.client("acme-user") as user:
+            for name in ("all-r16-rslora", "mlp-r4", "attn-r8"):
+                await user.generate(name, PROMPT, max_tokens=2)
+        assert not residency.is_resident(("acme", "tiers", sha))
+        assert tier_of(await admin.get_residency()) == admin_pb2.RESIDENCY_TIER_DISK
+        await admin.pin_adapter("attn-r8")
+        await admin.pin_adapter("all-r16-rslora")
+        with pytest.raises(errors.ResourceExhausted):
+            await admin.pin_adapter("mlp-r4")  # at most capacity - 1 pins
+        for name in ("attn-r8", "all-r16-rslora", "mlp-r4"):
+            await admin.unpin_adapter(name)
+
+
+async def test_compose_end_to_end(
+    env: Env, uploaded: dict[str, str], expected: dict[tuple[str | None, str], list[int]]
+) -> None:
+    """A composition of one part at weight 1 is that part, exactly (the numerics of real
+    weighted sums are proven in tests/store/test_compose.py)."""
+    async with env.client("acme-admin") as admin, env.client("acme-user") as user:
+        info = await admin.compose_adapter("attn-copy", [("attn-r8@prod", 1.0)])
+        assert next(iter(info.composed_from)).adapter.startswith("acme/attn-r8@sha256:")
+        result = await user.generate("attn-copy", PROMPT, max_tokens=MAX_TOKENS)
+        assert result.token_ids == expected[("attn-r8", PROMPT)]
+        mixed = await admin.compose_adapter("blend", [("attn-r8", 0.5), ("mlp-r4", 0.5)])
+        assert mixed.rank == 12
+        blended = await user.generate("blend", PROMPT, max_tokens=MAX_TOKENS)
+        assert blended.token_ids not in (expected[("attn-r8", PROMPT)], expected[(None, PROMPT)])
+
+
+async def test_audit_log_records_actions_and_denials(env: Env, uploaded: dict[str, str]) -> None:
+    async with env.client("globex-admin") as admin:
+        with pytest.raises(errors.NotFound):
+            await admin.revoke_adapter("attn-r8", tenant="acme")
+    env.server.audit.flush()
+    audit = Path(env.server.settings.audit_log or "")
+    lines = [json.loads(x) for x in (await asyncio.to_thread(audit.read_text)).splitlines()]
+    uploads = [e for e in lines if e["rpc"] == "UploadAdapter" and e["decision"] == "allow"]
+    assert {e["adapter"] for e in uploads} >= {"attn-r8", "qv-r8"}
+    assert any(e["principal_tenant"] == "globex" and e["decision"] != "allow" for e in lines)
+    text = "\n".join(json.dumps(e) for e in lines)
+    assert "secret-" not in text
+    assert PROMPT not in text
