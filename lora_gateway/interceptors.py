@@ -43,11 +43,28 @@ def note_adapter(tenant: str, name: str) -> None:
     _adapter.set(adapter_label(tenant, name))
 
 
-def _abort_handler(code: grpc.StatusCode, text: str) -> grpc.RpcMethodHandler:
+def _abort_handler(
+    code: grpc.StatusCode, text: str, like: grpc.RpcMethodHandler | None = None
+) -> grpc.RpcMethodHandler:
+    """A handler that refuses the call; of the same streaming kind as the method's own handler
+    (a unary handler answering a client-streaming call is an error inside gRPC's core)."""
+
     async def abort(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(code, text)
 
-    return grpc.unary_unary_rpc_method_handler(abort)
+    async def abort_stream(
+        request: object, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[object]:
+        await context.abort(code, text)
+        yield None  # pragma: no cover - abort raises
+
+    if like is None or like.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(abort)
+    if like.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    if like.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(abort_stream)
+    return grpc.stream_stream_rpc_method_handler(abort_stream)
 
 
 class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -67,6 +84,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return await continuation(details)
         metadata = dict(details.invocation_metadata or ())
         principal: Principal | None = None
+        handler = await continuation(details)
         try:
             if permission is None:
                 raise errors.PermissionDenied("permission denied")
@@ -84,8 +102,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 )
             if self.metrics is not None:
                 self.metrics.requests_total.labels("", "", exc.code.name).inc()
-            return _abort_handler(exc.code, exc.public_message)
-        handler = await continuation(details)
+            return _abort_handler(exc.code, exc.public_message, handler)
         if handler is None:
             return _abort_handler(grpc.StatusCode.UNIMPLEMENTED, "unknown method")
         given = metadata.get("x-request-id")

@@ -352,6 +352,13 @@ class Residency:
                 self._freed.notify_all()
         return aborted
 
+    async def close(self) -> None:
+        """Unload every version this residency put in the engine (for a shared engine)."""
+        async with self._engine_lock:
+            while self._resident:
+                _, resident = self._resident.popitem()
+                await self.engine.remove_adapter(resident.loaded.lora_int_id)
+
     async def apply_manifest(self, manifest: Manifest) -> int:
         """Take a newer manifest (from this replica or the poller); unload what it revoked."""
         self._manifests[(manifest.tenant, manifest.name)] = manifest

@@ -246,6 +246,9 @@ class GatewayServer:
                     await task
         if self.owns_engine:
             await self.engine.shutdown()
+        else:
+            with contextlib.suppress(errors.GatewayError):
+                await self.gateway.residency.close()
         self.audit.close()
         self.metrics.set_engine_healthy(False)
         self.metrics.close()

