@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import shutil
 import tempfile
@@ -159,6 +160,8 @@ async def _run(work: Path) -> None:
 def main(workdir: Path | None = None) -> int:
     """Run the demo in `workdir` (default: a temporary folder, removed afterwards)."""
     logging.basicConfig(level=logging.WARNING)
+    # Keep the engine's own start-up chatter out of the story (set before vllm is imported).
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     own = workdir is None
     work = Path(tempfile.mkdtemp(prefix="lora-gateway-demo-")) if workdir is None else workdir
     work.mkdir(parents=True, exist_ok=True)
