@@ -1,0 +1,182 @@
+"""Server options end to end: TLS with client certificates (mTLS), warm set, prefetch on upload."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from adapter_store import LocalBackend, Registry
+from adapter_store.model import BaseModelSpec
+from lora_gateway import devtools, errors
+from lora_gateway.client import AsyncGatewayClient
+from lora_gateway.engine.vllm_engine import VLLMEngine
+from lora_gateway.server import GatewayServer
+from lora_gateway.tenancy import hash_key
+from tests.conftest import AdapterFactory, engine_settings
+
+pytestmark = pytest.mark.engine
+
+KEY = "secret-tls-admin"
+
+
+@dataclass(frozen=True)
+class Pem:
+    cert: bytes
+    key: bytes
+
+
+def issue(
+    name: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, Pem]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer[0].subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+    if issuer is None:
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=True, path_length=None), critical=True
+        )
+    else:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
+        )
+    cert = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
+    pem = Pem(
+        cert.public_bytes(serialization.Encoding.PEM),
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    return cert, key, pem
+
+
+@dataclass
+class TlsEnv:
+    server: GatewayServer
+    ca: Pem
+    client: Pem
+    stranger: Pem
+
+    @property
+    def target(self) -> str:
+        return f"localhost:{self.server.port}"
+
+
+@pytest.fixture(scope="module")
+async def tls_env(
+    engine: VLLMEngine,
+    tiny_model: Path,
+    make_test_adapter: AdapterFactory,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[TlsEnv]:
+    work = tmp_path_factory.mktemp("tls")
+    ca_cert, ca_key, ca = issue("test-ca", None)
+    _, _, server_pem = issue("localhost", (ca_cert, ca_key))
+    _, _, client_pem = issue("client", (ca_cert, ca_key))
+    _, _, stranger = issue("stranger", None)  # self-signed: not from our CA
+    for name, data in {
+        "ca.pem": ca.cert,
+        "server.pem": server_pem.cert,
+        "server.key": server_pem.key,
+    }.items():
+        (work / name).write_bytes(data)
+    tenants = {
+        "tenants": {
+            "acme": {"keys": [{"id": "a", "sha256": hash_key(KEY), "role": "tenant-admin"}]}
+        }
+    }
+    (work / "tenants.yaml").write_text(yaml.safe_dump(tenants))
+    # A warm adapter already in the store before the server starts.
+    spec = BaseModelSpec.from_hf_config(
+        tiny_model, max_rank=16, aliases=(devtools.TINY_MODEL_NAME,)
+    )
+    registry = Registry(LocalBackend(work / "store"), spec)
+    warm_dir = make_test_adapter(seed=61, rank=8)
+    registry.upload_dir("acme", "warm", warm_dir, created_by="test")
+    settings = engine_settings(
+        tiny_model,
+        store=f"file://{work / 'store'}",
+        cache_dir=str(work / "cache"),
+        tenants_file=str(work / "tenants.yaml"),
+        listen="127.0.0.1:0",
+        base_model_aliases=(devtools.TINY_MODEL_NAME,),
+        tls_cert=str(work / "server.pem"),
+        tls_key=str(work / "server.key"),
+        tls_client_ca=str(work / "ca.pem"),
+        warm_adapters=("acme/warm",),
+        prefetch_on_upload=True,
+        self_test=False,
+    )
+    server = await GatewayServer.start(settings, engine=engine)
+    yield TlsEnv(server, ca, client_pem, stranger)
+    await server.stop(grace=1.0)
+
+
+async def test_mtls_accepts_our_clients_and_refuses_others(tls_env: TlsEnv) -> None:
+    async with AsyncGatewayClient(
+        tls_env.target,
+        KEY,
+        tls=True,
+        root_certificates=tls_env.ca.cert,
+        client_cert_chain=tls_env.client.cert,
+        client_private_key=tls_env.client.key,
+    ) as client:
+        result = await client.generate("", "hello world", max_tokens=3)
+        assert len(result.token_ids) == 3
+    async with AsyncGatewayClient(
+        tls_env.target,
+        KEY,
+        tls=True,
+        root_certificates=tls_env.ca.cert,
+        client_cert_chain=tls_env.stranger.cert,
+        client_private_key=tls_env.stranger.key,
+        max_retries=0,
+        timeout=5,
+    ) as stranger:
+        with pytest.raises(errors.Unavailable):
+            await stranger.generate("", "hello world", max_tokens=3)
+    async with AsyncGatewayClient(
+        tls_env.target, KEY, tls=True, root_certificates=tls_env.ca.cert, max_retries=0, timeout=5
+    ) as no_cert:
+        with pytest.raises(errors.Unavailable):
+            await no_cert.generate("", "hello world", max_tokens=3)
+
+
+async def test_warm_set_is_loaded_and_pinned_at_start(tls_env: TlsEnv) -> None:
+    residency = tls_env.server.gateway.residency
+    warm = [v for v in residency.resident_versions() if (v.tenant, v.name) == ("acme", "warm")]
+    assert len(warm) == 1
+    assert residency.entry(warm[0]).pinned
+
+
+async def test_prefetch_on_upload(tls_env: TlsEnv, make_test_adapter: AdapterFactory) -> None:
+    async with AsyncGatewayClient(
+        tls_env.target,
+        KEY,
+        tls=True,
+        root_certificates=tls_env.ca.cert,
+        client_cert_chain=tls_env.client.cert,
+        client_private_key=tls_env.client.key,
+    ) as admin:
+        info = await admin.upload_adapter("fresh", make_test_adapter(seed=62, rank=8))
+    sha = info.version.removeprefix("sha256:")
+    assert tls_env.server.gateway.residency.is_resident(("acme", "fresh", sha))
