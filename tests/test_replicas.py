@@ -1,6 +1,6 @@
 """Two gateways on one S3 store: replica A in this process, replica B a `serve` subprocess.
 
-- Revocations and alias moves made through A reach B within the documented bound
+- Revocations, alias moves and shares made through A reach B within the documented bound
   (`poll_interval_s`: B re-reads the manifests it has cached with a conditional GET).
 - SIGTERM on B with a request in flight: health goes NOT_SERVING, new requests are refused,
   the in-flight request completes within the grace period, and the process exits 0.
@@ -38,7 +38,7 @@ POLL_S = 0.5
 #: Documented bound for another replica to stop serving a revoked version: one poll interval,
 #: plus the poll's own store round trip, plus scheduling slack on a busy 2-core machine.
 BOUND_S = POLL_S + 1.5
-ADMIN, USER = "secret-admin", "secret-user"
+ADMIN, USER, BETA = "secret-admin", "secret-user", "secret-beta"
 PROMPT = devtools.SAMPLE_PROMPTS[2]
 
 
@@ -55,7 +55,8 @@ def shared(
                     {"id": "admin", "sha256": hash_key(ADMIN), "role": "tenant-admin"},
                     {"id": "user", "sha256": hash_key(USER), "role": "user"},
                 ],
-            }
+            },
+            "beta": {"keys": [{"id": "beta", "sha256": hash_key(BETA), "role": "user"}]},
         }
     }
     (work / "tenants.yaml").write_text(yaml.safe_dump(tenants))
@@ -202,6 +203,30 @@ async def test_revocation_and_alias_moves_reach_the_other_replica(
         # After the bound, never served again on B.
         for _ in range(5):
             assert await b_refuses_v2()
+
+    # Shares made on A reach B within the bound too.
+    async with (
+        AsyncGatewayClient(target_a, ADMIN) as admin,
+        AsyncGatewayClient(target_b, BETA) as beta_b,
+    ):
+
+        async def beta_can_use() -> bool:
+            try:
+                # v2 (latest, prod) is revoked: name the surviving version.
+                await beta_b.generate(f"acme/shared@{v1.version}", PROMPT, max_tokens=2)
+            except errors.NotFound:
+                return False
+            return True
+
+        assert not await beta_can_use()
+        await admin.share_adapter("shared", "beta")
+        await until(beta_can_use, BOUND_S)
+        await admin.unshare_adapter("shared", "beta")
+
+        async def beta_refused() -> bool:
+            return not await beta_can_use()
+
+        await until(beta_refused, BOUND_S)
 
 
 async def test_sigterm_drains_in_flight_requests(

@@ -112,6 +112,8 @@ async def tls_env(
     registry = Registry(LocalBackend(work / "store"), spec)
     warm_dir = make_test_adapter(seed=61, rank=8)
     registry.upload_dir("acme", "warm", warm_dir, created_by="test")
+    # Stored under a rank limit of 16; the server below accepts rank 8 at most.
+    registry.upload_dir("acme", "wide", make_test_adapter(seed=63, rank=16), created_by="test")
     settings = engine_settings(
         tiny_model,
         store=f"file://{work / 'store'}",
@@ -122,6 +124,7 @@ async def tls_env(
         tls_cert=str(work / "server.pem"),
         tls_key=str(work / "server.key"),
         tls_client_ca=str(work / "ca.pem"),
+        max_lora_rank=8,
         warm_adapters=("acme/warm",),
         prefetch_on_upload=True,
         self_test=False,
@@ -180,3 +183,22 @@ async def test_prefetch_on_upload(tls_env: TlsEnv, make_test_adapter: AdapterFac
         info = await admin.upload_adapter("fresh", make_test_adapter(seed=62, rank=8))
     sha = info.version.removeprefix("sha256:")
     assert tls_env.server.gateway.residency.is_resident(("acme", "fresh", sha))
+
+
+async def test_load_time_validation_keeps_bad_adapters_from_the_engine(tls_env: TlsEnv) -> None:
+    """An adapter the store accepted but this deployment cannot serve (rank above its limit)
+    is refused at load, before `add_lora`: the engine never sees it and keeps serving."""
+    engine = tls_env.server.engine
+    before = await engine.list_adapters()
+    async with AsyncGatewayClient(
+        tls_env.target,
+        KEY,
+        tls=True,
+        root_certificates=tls_env.ca.cert,
+        client_cert_chain=tls_env.client.cert,
+        client_private_key=tls_env.client.key,
+    ) as client:
+        with pytest.raises(errors.FailedPrecondition):
+            await client.generate("wide", "hello world", max_tokens=3)
+        assert await engine.list_adapters() == before
+        assert len((await client.generate("warm", "hello world", max_tokens=3)).token_ids) == 3
