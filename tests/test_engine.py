@@ -22,6 +22,7 @@ from lora_gateway.engine.base import (
     GenerateParams,
     LoadedAdapter,
     Prompt,
+    TokenChunk,
     next_lora_id,
 )
 from lora_gateway.engine.selftest import collect, run_self_test
@@ -132,7 +133,7 @@ async def test_swap_an_adapter_out_and_in(
     out, new = loaded["mlp-r4"], loaded[SWAPPED]
     with pytest.raises(errors.ResourceExhausted):
         await engine.add_adapter(new)  # the engine never evicts on its own
-    with pytest.raises(errors.FailedPrecondition):
+    with pytest.raises(errors.Aborted):
         await run(engine, SWAPPED, "hello", loaded)  # not loaded: refused, engine unharmed
     await engine.remove_adapter(out.lora_int_id)
     await engine.add_adapter(new)
@@ -157,11 +158,54 @@ async def test_remove_aborts_in_flight_requests(
     long = GenerateParams(max_tokens=200, temperature=0.0, ignore_eos=True)
     stream = engine.generate(uuid.uuid4().hex, Prompt(text="one two"), long, victim)
     await anext(stream)
+
+    async def consume() -> list[TokenChunk]:
+        return [chunk async for chunk in stream]
+
+    consumer = asyncio.create_task(consume())
     assert await engine.remove_adapter(victim.lora_int_id) == 1
-    rest = [chunk async for chunk in stream]
+    rest = await consumer
     assert sum(len(c.token_ids) for c in rest) < 199
     assert rest
     assert rest[-1].finish_reason is FinishReason.ABORT
+    # Unknown to the engine from now on: refused before it can reach vLLM.
+    with pytest.raises(errors.Aborted):
+        await collect(engine, Prompt(text="one two"), GREEDY, victim)
+    await engine.add_adapter(loaded["mlp-r4"])
+
+
+async def test_remove_races_requests_without_killing_the_engine(
+    engine: VLLMEngine, loaded: dict[str, LoadedAdapter], test_adapters: dict[str, Path]
+) -> None:
+    """Requests start while the adapter is being removed (the revocation race): each one either
+    completes, is aborted, or is refused; the engine survives every round."""
+    await engine.remove_adapter(loaded["mlp-r4"].lora_int_id)
+    outcomes: dict[str, int] = {"ok": 0, "aborted": 0}
+    for round_ in range(8):
+        victim = LoadedAdapter(next_lora_id(), f"race-{round_}@sha256:x", test_adapters[SWAPPED])
+        await engine.add_adapter(victim)
+        params = GenerateParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+
+        async def one(victim: LoadedAdapter = victim, params: GenerateParams = params) -> str:
+            try:
+                chunks = [
+                    c
+                    async for c in engine.generate(
+                        uuid.uuid4().hex, Prompt(text="x y"), params, victim
+                    )
+                ]
+            except errors.Aborted:
+                return "aborted"
+            return "aborted" if chunks[-1].finish_reason is FinishReason.ABORT else "ok"
+
+        racers = [asyncio.create_task(one()) for _ in range(6)]
+        await asyncio.sleep(0.005 * round_)
+        await engine.remove_adapter(victim.lora_int_id)
+        for result in await asyncio.gather(*racers):
+            outcomes[result] += 1
+        await engine.check_health()
+        assert victim.lora_int_id not in await engine.list_adapters()
+    assert outcomes["aborted"] > 0
     await engine.add_adapter(loaded["mlp-r4"])
 
 

@@ -28,6 +28,7 @@ import logging
 import os
 import tempfile
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,9 @@ from lora_gateway.engine.base import (
 )
 
 log = logging.getLogger(__name__)
+
+#: How long `remove_adapter` keeps aborting an adapter's requests before it unloads it anyway.
+REMOVE_DRAIN_S = 5.0
 
 _FINISH = {"length": FinishReason.LENGTH, "stop": FinishReason.STOP, "abort": FinishReason.ABORT}
 
@@ -111,6 +115,10 @@ class VLLMEngine:
         self._registered: set[int] = set()
         #: Request ids in flight per adapter id.
         self._inflight: dict[int, set[str]] = {}
+        #: Tokenization has its own thread: asyncio's default executor may be full of blocking
+        #: store and disk work (a slow store), and warm requests must not wait behind it. One
+        #: thread also keeps the (not thread-safe) fast tokenizer to one caller at a time.
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="engine-tokenize")
 
     # --- life cycle -------------------------------------------------------------------------
     @classmethod
@@ -162,6 +170,7 @@ class VLLMEngine:
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self._llm.shutdown)
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self._dead = errors.EngineDead("engine was shut down")
         # AsyncLLM.__del__ calls shutdown() again; at interpreter exit that second call fails on
         # torn-down module globals and prints a traceback. It has nothing left to do.
@@ -172,7 +181,8 @@ class VLLMEngine:
         if prompt.token_ids is not None:
             return list(prompt.token_ids)
         tokenizer = self._llm.get_tokenizer()
-        ids = await asyncio.to_thread(tokenizer.encode, prompt.text)
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(self._tokenize_pool, tokenizer.encode, prompt.text)
         return [int(i) for i in ids]
 
     def _sampling_params(self, params: GenerateParams) -> Any:
@@ -211,8 +221,6 @@ class VLLMEngine:
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         self._raise_if_dead()
-        if adapter is not None and adapter.lora_int_id not in self._registered:
-            raise errors.FailedPrecondition("adapter is not loaded in the engine")
         target = adapter or self.null_adapter
         lora = (
             LoRARequest(target.lora_name, target.lora_int_id, str(target.path))
@@ -223,6 +231,12 @@ class VLLMEngine:
         sampling = self._sampling_params(params)
         finished = False
         completion = 0
+        # Checked after the last await before submission, and the request joins the adapter's
+        # in-flight set in the same step: `remove_adapter` either sees it (and aborts it) or it
+        # sees the adapter gone. An adapter unknown to the engine must never reach vLLM: its
+        # worker would try to load it from a path that may be deleted, and die.
+        if adapter is not None and adapter.lora_int_id not in self._registered:
+            raise errors.Aborted("the adapter was removed from the engine")
         inflight = self._inflight.setdefault(target.lora_int_id, set()) if target else set()
         inflight.add(request_id)
         try:
@@ -293,12 +307,28 @@ class VLLMEngine:
             self._registered.add(adapter.lora_int_id)
 
     async def remove_adapter(self, lora_int_id: int) -> int:
-        """Abort the adapter's in-flight requests, then unload it. Returns the aborted count."""
+        """Stop new requests on the adapter, abort its in-flight ones until none is left, then
+        unload it. Returns how many requests were aborted.
+
+        Aborting once is not enough: a request that joined the in-flight set may still be on its
+        way into the engine core, where an abort that arrived first is ignored. So the aborts are
+        repeated until every request has ended (bounded by `REMOVE_DRAIN_S`); only then is the
+        adapter unloaded, so no request of it can be scheduled after `remove_lora`.
+        """
         self._raise_if_dead()
-        doomed = list(self._inflight.pop(lora_int_id, ()))
-        if doomed:
-            await self._abort_quietly(doomed)
         self._registered.discard(lora_int_id)
+        doomed: set[str] = set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REMOVE_DRAIN_S
+        while self._inflight.get(lora_int_id):
+            pending = list(self._inflight[lora_int_id])
+            doomed.update(pending)
+            await self._abort_quietly(pending)
+            if loop.time() > deadline:
+                log.warning("%d request(s) did not end after abort; unloading", len(pending))
+                break
+            await asyncio.sleep(0.01)
+        self._inflight.pop(lora_int_id, None)
         try:
             await self._llm.remove_lora(lora_int_id)
         except Exception as exc:
