@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import boto3
+from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
@@ -100,6 +101,9 @@ class S3Backend:
             multipart_threshold=multipart_threshold,
             multipart_chunksize=max(multipart_threshold, 8 * 1024 * 1024),
             use_threads=False,
+            # One attempt per download: a cut transfer is retried once by the disk cache
+            # (`DiskCache._fetch_once_more_on_error`), not up to 5 times more in here.
+            num_download_attempts=1,
         )
 
     def _key(self, key: str) -> str:
@@ -185,6 +189,12 @@ def _translate(exc: Exception, key: str) -> StoreError:
     """Map a boto3/botocore exception to the store's tree, by type and error code."""
     if isinstance(exc, StoreError):
         return exc
+    if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, ClientError):
+        # The transfer manager wraps the client error of an upload; classify that error.
+        return _translate(exc.__context__, key)
+    if isinstance(exc, RetriesExceededError):
+        # The transfer manager's own retries of a download (connection cut, read timeout).
+        return StoreUnavailable(f"the store broke off every attempt to read {key}")
     if isinstance(exc, ClientError):
         code, status = _code(exc), _status(exc)
         if code in _NOT_FOUND or status == 404:

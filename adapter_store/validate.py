@@ -220,8 +220,10 @@ def parse_config(data: bytes, limits: Limits) -> dict[str, Any]:
         config = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except UnicodeDecodeError:
         raise InvalidAdapter(f"{CONFIG_FILE} is not UTF-8") from None
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError: JSONDecodeError, and also the interpreter's cap on integer digits
+        # (a 5,000-digit number), which is no JSONDecodeError.
+        raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(config, dict):
         raise InvalidAdapter(f"{CONFIG_FILE} must be a JSON object, got {type(config).__name__}")
     return config

@@ -182,7 +182,10 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         code, text = errors.status_of(exc)
         if code is grpc.StatusCode.INTERNAL:
             log.error("internal error in %s", method, exc_info=exc)
-        if self.audit is not None and (code is not grpc.StatusCode.OK) and "Admin" in method:
+        # Admin errors, and stored bytes failing their sha256 on any RPC (a store-integrity
+        # event an operator must see), go to the audit log.
+        audited = "Admin" in method or code is grpc.StatusCode.DATA_LOSS
+        if self.audit is not None and code is not grpc.StatusCode.OK and audited:
             self.audit.record(
                 principal=principal, rpc=method, decision="error", code=code.name, detail=text
             )

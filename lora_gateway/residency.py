@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from adapter_store import (
     AdapterNotFound,
@@ -46,6 +49,12 @@ log = logging.getLogger(__name__)
 
 #: How long a load waits for an engine slot to free up when every resident adapter is busy.
 SLOT_WAIT_S = 30.0
+#: Threads for manifest reads. Their own pool: a slow or dead store (and requests naming many
+#: distinct adapters) then queues here instead of filling asyncio's default executor, which the
+#: warm path needs (disk checks, validation).
+STORE_THREADS = 4
+
+T = TypeVar("T")
 
 
 VersionKey = tuple[str, str, str]
@@ -118,6 +127,12 @@ class Residency:
         self._manifest_fetches: dict[tuple[str, str], asyncio.Task[Manifest]] = {}
         self._engine_lock = asyncio.Lock()
         self._freed = asyncio.Condition()
+        self._store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="residency-store")
+
+    async def _read_store(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a blocking store read in the residency's own bounded pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._store_pool, functools.partial(fn, *args))
 
     # --- accounting (stats for tests and benchmarks, metrics for Prometheus) -----------------
     def _tier(self, tier: Tier, hit: bool) -> None:
@@ -153,7 +168,7 @@ class Residency:
         task = self._manifest_fetches.get(key)
         if task is None:
             self.stats.manifest_fetches += 1
-            task = asyncio.create_task(asyncio.to_thread(self.store.get_manifest, tenant, name))
+            task = asyncio.create_task(self._read_store(self.store.get_manifest, tenant, name))
             self._manifest_fetches[key] = task
             task.add_done_callback(lambda _: self._manifest_fetches.pop(key, None))
         manifest = await asyncio.shield(task)
@@ -354,10 +369,13 @@ class Residency:
 
     async def close(self) -> None:
         """Unload every version this residency put in the engine (for a shared engine)."""
-        async with self._engine_lock:
-            while self._resident:
-                _, resident = self._resident.popitem()
-                await self.engine.remove_adapter(resident.loaded.lora_int_id)
+        try:
+            async with self._engine_lock:
+                while self._resident:
+                    _, resident = self._resident.popitem()
+                    await self.engine.remove_adapter(resident.loaded.lora_int_id)
+        finally:
+            self._store_pool.shutdown(wait=False, cancel_futures=True)
 
     async def apply_manifest(self, manifest: Manifest) -> int:
         """Take a newer manifest (from this replica or the poller); unload what it revoked."""
@@ -383,11 +401,11 @@ class Residency:
         for (tenant, name), cached in list(self._manifests.items()):
             try:
                 if cached.etag is None:
-                    newer: Manifest | None = await asyncio.to_thread(
+                    newer: Manifest | None = await self._read_store(
                         self.store.get_manifest, tenant, name
                     )
                 else:
-                    newer = await asyncio.to_thread(
+                    newer = await self._read_store(
                         self.store.get_manifest_if_changed, tenant, name, cached.etag
                     )
             except AdapterNotFound:
