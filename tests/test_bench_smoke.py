@@ -1,0 +1,76 @@
+"""`python -m benchmarks --smoke`: every benchmark runs and writes parseable output.
+
+Runs the benchmarks at their tiny sizes in a subprocess (they start their own engine) and checks
+that each JSON parses with the keys the report and the docs rely on, that each PNG exists and is
+not empty, and that SUMMARY.md has a row per benchmark. It never asserts a speed; it does check
+the two correctness counts the benchmarks report (single flight, nothing served after revoke).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ("overhead", "cold_start", "many_adapters", "herd", "revocation")
+REQUIRED = {
+    "overhead": ("paths", "comparison", "samples"),
+    "cold_start": ("by_rank", "trials"),
+    "many_adapters": ("scenarios", "engine"),
+    "herd": ("trials",),
+    "revocation": ("trials", "summary"),
+}
+
+
+@pytest.mark.timeout(240)
+def test_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    started = time.monotonic()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    command = [sys.executable, "-m", "benchmarks", "--smoke", "--no-progress"]
+    completed = subprocess.run(
+        [*command, "--out", str(out), "--work", str(tmp_path / "work")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=230,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    print(f"benchmark smoke run: {time.monotonic() - started:.0f} s")
+
+    for name in BENCHMARKS:
+        result = json.loads((out / f"{name}.json").read_text())
+        for key in ("benchmark", "params", "headline", "machine", "seconds", *REQUIRED[name]):
+            assert key in result, (name, key)
+        assert result["benchmark"] == name
+        assert result["smoke"] is True
+        png = out / f"{name}.png"
+        assert png.stat().st_size > 1000, name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+    overhead = json.loads((out / "overhead.json").read_text())
+    assert set(overhead["paths"]) == {"engine", "gateway_unary", "gateway_stream"}
+    for summary in overhead["paths"].values():
+        assert summary["ok"] == summary["requests"] > 0
+    many = json.loads((out / "many_adapters.json").read_text())
+    assert {"single", "zipf_1", "zipf_0.5"} <= set(many["scenarios"])
+    herd = json.loads((out / "herd.json").read_text())
+    assert all(t["fetches"] == 1 and t["engine_loads"] == 1 for t in herd["trials"])
+    revocation = json.loads((out / "revocation.json").read_text())
+    assert revocation["summary"]["succeeded_started_after_return"] == 0
+    assert revocation["summary"]["succeeded_completed_after_return"] == 0
+    assert revocation["engine_died"] is False, revocation["problems"]
+
+    summary_md = (out / "SUMMARY.md").read_text()
+    for name in BENCHMARKS:
+        assert f"| {name} |" in summary_md
