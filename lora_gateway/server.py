@@ -154,7 +154,7 @@ class GatewayServer:
         )
         admission = Admission(settings.max_concurrent_requests, on_change=metrics.set_inflight)
         gateway = Gateway(settings, engine, registry, residency, keyring, admission, metrics)
-        audit = AuditLog(settings.audit_log)
+        audit = await asyncio.to_thread(AuditLog, settings.audit_log)
 
         server = grpc.aio.server(
             interceptors=[GatewayInterceptor(keyring, metrics, audit)],
@@ -173,7 +173,7 @@ class GatewayServer:
             ),
             server,
         )
-        credentials = server_credentials(settings)
+        credentials = await asyncio.to_thread(server_credentials, settings)
         if credentials is None:
             port = server.add_insecure_port(settings.listen)
         else:
@@ -201,8 +201,11 @@ class GatewayServer:
         log.info("lora-gateway serving on port %d", port)
         return self
 
-    async def _watch_engine(self, every_s: float = 5.0) -> None:
-        """Health follows the engine: if it dies, NOT_SERVING at once and `engine_failed` set."""
+    async def _watch_engine(self) -> None:
+        """Health follows the engine: if it dies, NOT_SERVING at once and `engine_failed` set.
+
+        Checked every `engine_watch_interval_s`."""
+        every_s = self.settings.engine_watch_interval_s
         while not self._stop_poller.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_poller.wait(), every_s)
