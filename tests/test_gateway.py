@@ -44,7 +44,7 @@ KEYS = {
 def write_tenants(path: Path) -> Path:
     tenants: dict[str, dict[str, object]] = {}
     for key, (tenant, role) in KEYS.items():
-        entry = tenants.setdefault(tenant, {"keys": [], "max_concurrent": 32, "max_tokens": 64})
+        entry = tenants.setdefault(tenant, {"keys": [], "max_concurrent": 128, "max_tokens": 64})
         keys = entry["keys"]
         assert isinstance(keys, list)
         keys.append({"id": key, "sha256": hash_key(f"secret-{key}"), "role": role})
@@ -94,6 +94,7 @@ async def env(
         default_max_tokens=MAX_TOKENS,
         metrics_listen="127.0.0.1:0",
         audit_log=str(work / "audit.jsonl"),
+        max_concurrent_requests=128,
     )
     server = await GatewayServer.start(settings, engine=engine)
     yield Env(server, f"127.0.0.1:{server.port}")
@@ -311,17 +312,24 @@ async def test_revoke_with_a_request_in_flight(env: Env, test_adapters: dict[str
 async def test_concurrent_cold_requests_load_once(
     env: Env, make_test_adapter: AdapterFactory
 ) -> None:
+    """100 concurrent requests for one cold adapter, the first caller cancelling: one fetch, one
+    engine load, and the other 99 succeed (DESIGN invariant 4)."""
     residency = env.server.gateway.residency
     fresh = make_test_adapter(seed=99, rank=8)  # bytes no other version has: a cold disk too
     async with env.client("acme-admin") as admin, env.client("acme-user") as user:
         await admin.upload_adapter("herd", fresh)
         before = (residency.stats.disk_misses, residency.stats.engine_loads)
-        results = await asyncio.gather(
-            *(user.generate("herd", PROMPT, max_tokens=4) for _ in range(20))
-        )
+        first = asyncio.create_task(user.generate("herd", PROMPT, max_tokens=4))
+        await asyncio.sleep(0.01)  # the first caller is the one that starts the load
+        rest = [asyncio.create_task(user.generate("herd", PROMPT, max_tokens=4)) for _ in range(99)]
+        first.cancel()
+        results = await asyncio.gather(*rest)
+        with pytest.raises(asyncio.CancelledError):
+            await first
     after = (residency.stats.disk_misses, residency.stats.engine_loads)
     assert after[0] - before[0] == 1, "one fetch"
     assert after[1] - before[1] == 1, "one engine load"
+    assert len(results) == 99
     assert len({tuple(r.token_ids) for r in results}) == 1
 
 
