@@ -120,6 +120,15 @@ class Settings:
     """On SIGTERM: how long in-flight requests may finish before they are aborted."""
     upload_timeout_s: float = 600.0
     """Whole-upload deadline."""
+    upload_min_rate_bytes_s: int = 64 << 10
+    """Slowest accepted upload: after `upload_rate_grace_s`, an UploadAdapter stream that has
+    received fewer than `upload_min_rate_bytes_s * (elapsed - grace)` bytes is refused with
+    DEADLINE_EXCEEDED ("upload too slow"), also while it sends nothing at all; 0 disables it."""
+    upload_rate_grace_s: float = 5.0
+    """How long an upload may send nothing before the minimum rate applies."""
+    engine_watch_interval_s: float = 5.0
+    """How often the engine's health is checked; when it fails, health goes NOT_SERVING and
+    `lora-gateway serve` exits 1 (Kubernetes restarts the pod)."""
     audit_log: str | None = None
     """JSON-lines audit log of admin actions and denials; None logs to the `audit` logger."""
 
@@ -141,6 +150,12 @@ class Settings:
             problems.append("store must be file:///path or s3://bucket/prefix")
         if self.poll_interval_s <= 0:
             problems.append("poll_interval_s must be > 0")
+        if self.engine_watch_interval_s <= 0:
+            problems.append("engine_watch_interval_s must be > 0")
+        if self.upload_timeout_s <= 0:
+            problems.append("upload_timeout_s must be > 0")
+        if self.upload_min_rate_bytes_s < 0 or self.upload_rate_grace_s < 0:
+            problems.append("upload_min_rate_bytes_s and upload_rate_grace_s must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:

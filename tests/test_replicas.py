@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import signal
 import subprocess
@@ -230,6 +231,89 @@ async def test_revocation_and_alias_moves_reach_the_other_replica(
             return not await beta_can_use()
 
         await until(beta_refused, BOUND_S)
+
+
+RACE_TRIALS, RACE_TRIALS_SLOW = 2, 20
+
+
+async def _hammer(
+    user: AsyncGatewayClient, ref: str, until_s: list[float], outcomes: list[tuple[float, str]]
+) -> None:
+    """Generate on `ref` until the monotonic time `until_s[0]`: (start time, outcome) each."""
+    while time.monotonic() < until_s[0]:
+        started = time.monotonic()
+        try:
+            await user.generate(ref, PROMPT, max_tokens=2, timeout=10)
+            kind = "ok"
+        except errors.NotFound:
+            kind = "not_found"
+        except errors.Aborted:
+            kind = "aborted"
+        outcomes.append((started, kind))
+
+
+async def _race_trials(
+    replica_a: GatewayServer,
+    target_b: str,
+    make_test_adapter: AdapterFactory,
+    trials: int,
+    prefix: str,
+) -> None:
+    """Loops on B racing a RevokeAdapter made through A, one fresh adapter per trial: no
+    request started on B later than BOUND_S after Revoke returned may succeed."""
+    rng = random.Random(7)
+    target_a = f"127.0.0.1:{replica_a.port}"
+    after_bound: dict[str, int] = {}
+    within_bound: dict[str, int] = {}
+    last_ok_s = 0.0
+    async with (
+        AsyncGatewayClient(target_a, ADMIN) as admin,
+        AsyncGatewayClient(target_b, USER, max_retries=0) as user_b,
+    ):
+        for trial in range(trials):
+            name = f"{prefix}{trial}"
+            version = await admin.upload_adapter(name, make_test_adapter(seed=60 + trial, rank=8))
+            ref = f"{name}@{version.version}"
+            await user_b.generate(ref, PROMPT, max_tokens=2)  # resident on B
+            until_s = [float("inf")]
+            outcomes: list[tuple[float, str]] = []
+            loops = [asyncio.create_task(_hammer(user_b, ref, until_s, outcomes)) for _ in range(3)]
+            await asyncio.sleep(rng.uniform(0.1, 0.8))
+            await admin.revoke_adapter(name, version=version.version)
+            revoked_at = time.monotonic()
+            until_s[0] = revoked_at + BOUND_S + 1.0
+            await asyncio.wait_for(asyncio.gather(*loops), BOUND_S + 15)
+            for started, kind in outcomes:
+                if started < revoked_at:
+                    continue
+                counts = after_bound if started > revoked_at + BOUND_S else within_bound
+                counts[kind] = counts.get(kind, 0) + 1
+                if kind == "ok":
+                    last_ok_s = max(last_ok_s, started - revoked_at)
+    print(
+        f"\nrevocation across replicas, {trials} trials: started on B after the bound "
+        f"{after_bound}; between Revoke and the bound {within_bound}; last request served on B "
+        f"started {last_ok_s:.2f}s after Revoke returned (bound {BOUND_S}s)"
+    )
+    assert after_bound.get("ok", 0) == 0, "served on B after the documented bound"
+    assert sum(after_bound.values()) >= trials, "the loops kept running past the bound"
+
+
+async def test_revocation_race_across_replicas(
+    replica_a: GatewayServer,
+    replica_b: tuple[subprocess.Popen[str], str],
+    make_test_adapter: AdapterFactory,
+) -> None:
+    await _race_trials(replica_a, replica_b[1], make_test_adapter, RACE_TRIALS, "race")
+
+
+@pytest.mark.slow
+async def test_revocation_race_across_replicas_many_trials(
+    replica_a: GatewayServer,
+    replica_b: tuple[subprocess.Popen[str], str],
+    make_test_adapter: AdapterFactory,
+) -> None:
+    await _race_trials(replica_a, replica_b[1], make_test_adapter, RACE_TRIALS_SLOW, "race-many-")
 
 
 async def test_sigterm_drains_in_flight_requests(

@@ -128,9 +128,37 @@ class AdminService(pb_grpc.AdminServicer):
             await self.residency.prefetch(version)
         return version_to_pb(version)
 
+    async def _next_message(
+        self, stream: AsyncIterator[pb.UploadAdapterRequest], started: float, received: int
+    ) -> pb.UploadAdapterRequest | None:
+        """The next message, or None at the end; DeadlineExceeded if the stream is too slow.
+
+        After `upload_rate_grace_s`, the stream must have delivered `upload_min_rate_bytes_s`
+        per second on average: the wait for the next message ends when the bytes received so
+        far stop being enough, so a stream that drips or goes silent is closed at once.
+        """
+        settings = self.gateway.settings
+        rate = settings.upload_min_rate_bytes_s
+        if rate <= 0:
+            return await anext(stream, None)
+        loop = asyncio.get_running_loop()
+        allowed_until = started + settings.upload_rate_grace_s + received / rate
+        try:
+            async with asyncio.timeout_at(allowed_until):
+                return await anext(stream, None)
+        except TimeoutError:
+            elapsed = loop.time() - started
+            raise errors.DeadlineExceeded(
+                f"upload too slow: {received} bytes in {elapsed:.1f}s, below the minimum of "
+                f"{rate} bytes/s after {settings.upload_rate_grace_s:g}s"
+            ) from None
+
     async def _upload(self, requests: AsyncIterator[pb.UploadAdapterRequest]) -> AdapterVersion:
         principal = current_principal()
-        first = await anext(aiter(requests), None)
+        started = asyncio.get_running_loop().time()
+        received = 0
+        stream = aiter(requests)
+        first = await self._next_message(stream, started, received)
         if first is None or first.WhichOneof("msg") != "header":
             raise errors.InvalidArgument("the first UploadAdapter message must be the header")
         header = first.header
@@ -146,10 +174,11 @@ class AdminService(pb_grpc.AdminServicer):
             description=header.description,
         )
         try:
-            async for message in requests:
+            while (message := await self._next_message(stream, started, received)) is not None:
                 if message.WhichOneof("msg") != "chunk":
                     raise errors.InvalidArgument("only one header per upload")
                 await self._store(upload.write, message.chunk.filename, message.chunk.data)
+                received += len(message.chunk.data)
             version = await self._store(upload.commit)
         except BaseException:
             await asyncio.shield(self._store(upload.abort))
