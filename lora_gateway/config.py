@@ -126,6 +126,8 @@ class Settings:
     DEADLINE_EXCEEDED ("upload too slow"), also while it sends nothing at all; 0 disables it."""
     upload_rate_grace_s: float = 5.0
     """How long an upload may send nothing before the minimum rate applies."""
+    max_connection_idle_s: float = 600.0
+    """Client connections with no RPC for this long are closed by the server (GOAWAY)."""
     engine_watch_interval_s: float = 5.0
     """How often the engine's health is checked; when it fails, health goes NOT_SERVING and
     `lora-gateway serve` exits 1 (Kubernetes restarts the pod)."""
@@ -154,6 +156,8 @@ class Settings:
             problems.append("engine_watch_interval_s must be > 0")
         if self.upload_timeout_s <= 0:
             problems.append("upload_timeout_s must be > 0")
+        if self.max_connection_idle_s <= 0:
+            problems.append("max_connection_idle_s must be > 0")
         if self.upload_min_rate_bytes_s < 0 or self.upload_rate_grace_s < 0:
             problems.append("upload_min_rate_bytes_s and upload_rate_grace_s must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):

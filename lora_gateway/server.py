@@ -79,9 +79,9 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
-        # Idle connections are closed after 10 minutes; no connection lives beyond 1 hour
-        # (+ 30 s grace), so clients rebalance across replicas.
-        ("grpc.max_connection_idle_ms", 600_000),
+        # Idle connections are closed after `max_connection_idle_s` (10 minutes by default); no
+        # connection lives beyond 1 hour (+ 30 s grace), so clients rebalance across replicas.
+        ("grpc.max_connection_idle_ms", int(settings.max_connection_idle_s * 1000)),
         ("grpc.max_connection_age_ms", 3_600_000),
         ("grpc.max_connection_age_grace_ms", 30_000),
     ]

@@ -1,18 +1,21 @@
-"""Server options end to end: TLS with client certificates (mTLS), warm set, prefetch on upload."""
+"""Server options end to end: mTLS, warm set, prefetch on upload, load-time checks, idle close."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from adapter_store import LocalBackend, Registry
 from adapter_store.model import BaseModelSpec
@@ -202,3 +205,35 @@ async def test_load_time_validation_keeps_bad_adapters_from_the_engine(tls_env: 
             await client.generate("wide", "hello world", max_tokens=3)
         assert await engine.list_adapters() == before
         assert len((await client.generate("warm", "hello world", max_tokens=3)).token_ids) == 3
+
+
+async def test_idle_connections_are_closed(
+    engine: VLLMEngine, tiny_model: Path, tmp_path: Path
+) -> None:
+    """A client connection with no RPC for `max_connection_idle_s` is closed by the server."""
+    tenants = {
+        "tenants": {"acme": {"keys": [{"id": "a", "sha256": hash_key(KEY), "role": "user"}]}}
+    }
+    (tmp_path / "tenants.yaml").write_text(yaml.safe_dump(tenants))
+    settings = engine_settings(
+        tiny_model,
+        store=f"file://{tmp_path / 'store'}",
+        cache_dir=str(tmp_path / "cache"),
+        tenants_file=str(tmp_path / "tenants.yaml"),
+        listen="127.0.0.1:0",
+        max_connection_idle_s=1.0,
+        self_test=False,
+    )
+    server = await GatewayServer.start(settings, engine=engine)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            await health.Check(health_pb2.HealthCheckRequest(service=""))
+            assert channel.get_state() is grpc.ChannelConnectivity.READY
+            deadline = asyncio.get_running_loop().time() + 10
+            while channel.get_state() is grpc.ChannelConnectivity.READY:
+                assert asyncio.get_running_loop().time() < deadline, "idle connection kept open"
+                await asyncio.sleep(0.1)
+            assert channel.get_state() is grpc.ChannelConnectivity.IDLE
+    finally:
+        await server.stop(grace=1.0)
