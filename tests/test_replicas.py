@@ -26,7 +26,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lora_gateway import devtools, errors
-from lora_gateway.client import AsyncGatewayClient
+from lora_gateway.client import AsyncGatewayClient, StreamDelta
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
@@ -319,11 +319,15 @@ async def test_revocation_race_across_replicas_many_trials(
 async def test_sigterm_drains_in_flight_requests(
     replica_b: tuple[subprocess.Popen[str], str], replica_a: GatewayServer
 ) -> None:
+    """SIGTERM with several streams in flight: every one finishes whole, new ones are refused."""
     process, target = replica_b
+    in_flight = 4
     async with AsyncGatewayClient(target, USER, max_retries=0) as user:
-        stream = user.generate_stream("", PROMPT, max_tokens=150, ignore_eos=True)
-        iterator = aiter(stream)
-        first = await anext(iterator)
+        iterators = [
+            aiter(user.generate_stream("", PROMPT, max_tokens=150, ignore_eos=True))
+            for _ in range(in_flight)
+        ]
+        firsts = [await anext(iterator) for iterator in iterators]
         process.send_signal(signal.SIGTERM)
         async with grpc.aio.insecure_channel(target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -338,8 +342,12 @@ async def test_sigterm_drains_in_flight_requests(
             await until(not_serving, 5.0)
         with pytest.raises((errors.Unavailable, errors.DeadlineExceeded)):
             await user.generate("", PROMPT, max_tokens=2, timeout=5)
-        rest = [delta async for delta in iterator]
-    tokens = len(first.token_ids) + sum(len(d.token_ids) for d in rest)
-    assert tokens == 150
-    assert rest[-1].finish_reason == "length"
+
+        async def drain(iterator: AsyncIterator[StreamDelta]) -> list[StreamDelta]:
+            return [delta async for delta in iterator]
+
+        rests = await asyncio.gather(*(drain(iterator) for iterator in iterators))
+    for first, rest in zip(firsts, rests, strict=True):
+        assert len(first.token_ids) + sum(len(d.token_ids) for d in rest) == 150
+        assert rest[-1].finish_reason == "length"
     assert process.wait(60) == 0
