@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -60,9 +59,11 @@ async def test_gateway_flow_never_blocks_the_loop(
             }
         )
     )
-    with s3_server("loop") as s3, FaultProxy(("127.0.0.1", s3.port)) as proxy:
-        os.environ["AWS_ACCESS_KEY_ID"] = s3.access_key
-        os.environ["AWS_SECRET_ACCESS_KEY"] = s3.secret_key
+    with (
+        s3_server("loop") as s3,
+        s3.credentials_in_env(),
+        FaultProxy(("127.0.0.1", s3.port)) as proxy,
+    ):
         proxy.latency(STORE_LATENCY_MS)
         settings = engine_settings(
             tiny_model,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -54,16 +53,8 @@ def write_tenants(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[S3Server]:
-    with s3_server("gateway-e2e") as server:
-        saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-        os.environ["AWS_ACCESS_KEY_ID"] = server.access_key
-        os.environ["AWS_SECRET_ACCESS_KEY"] = server.secret_key
+    with s3_server("gateway-e2e") as server, server.credentials_in_env():
         yield server
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @dataclass

@@ -82,15 +82,12 @@ async def replica_a(
     engine: VLLMEngine, tiny_model: Path, shared: tuple[S3Server, dict[str, object]]
 ) -> AsyncIterator[GatewayServer]:
     s3, config = shared
-    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = (
-        s3.access_key,
-        s3.secret_key,
-    )
     values = {k: v for k, v in config.items() if k != "work"}
     settings = engine_settings(tiny_model, cache_dir=f"{config['work']}/cache-a", **values)
-    server = await GatewayServer.start(settings, engine=engine)
-    yield server
-    await server.stop(grace=1.0)
+    with s3.credentials_in_env():
+        server = await GatewayServer.start(settings, engine=engine)
+        yield server
+        await server.stop(grace=1.0)
 
 
 def start_replica_b(

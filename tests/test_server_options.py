@@ -7,6 +7,7 @@ import datetime
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -83,6 +84,18 @@ class TlsEnv:
     def target(self) -> str:
         return f"localhost:{self.server.port}"
 
+    def connect(self, cert: Pem | None, **options: Any) -> AsyncGatewayClient:
+        """A TLS client trusting our CA, presenting `cert` (None: no client certificate)."""
+        return AsyncGatewayClient(
+            self.target,
+            KEY,
+            tls=True,
+            root_certificates=self.ca.cert,
+            client_cert_chain=cert.cert if cert else None,
+            client_private_key=cert.key if cert else None,
+            **options,
+        )
+
 
 @pytest.fixture(scope="module")
 async def tls_env(
@@ -138,31 +151,13 @@ async def tls_env(
 
 
 async def test_mtls_accepts_our_clients_and_refuses_others(tls_env: TlsEnv) -> None:
-    async with AsyncGatewayClient(
-        tls_env.target,
-        KEY,
-        tls=True,
-        root_certificates=tls_env.ca.cert,
-        client_cert_chain=tls_env.client.cert,
-        client_private_key=tls_env.client.key,
-    ) as client:
+    async with tls_env.connect(tls_env.client) as client:
         result = await client.generate("", "hello world", max_tokens=3)
         assert len(result.token_ids) == 3
-    async with AsyncGatewayClient(
-        tls_env.target,
-        KEY,
-        tls=True,
-        root_certificates=tls_env.ca.cert,
-        client_cert_chain=tls_env.stranger.cert,
-        client_private_key=tls_env.stranger.key,
-        max_retries=0,
-        timeout=5,
-    ) as stranger:
+    async with tls_env.connect(tls_env.stranger, max_retries=0, timeout=5) as stranger:
         with pytest.raises(errors.Unavailable):
             await stranger.generate("", "hello world", max_tokens=3)
-    async with AsyncGatewayClient(
-        tls_env.target, KEY, tls=True, root_certificates=tls_env.ca.cert, max_retries=0, timeout=5
-    ) as no_cert:
+    async with tls_env.connect(None, max_retries=0, timeout=5) as no_cert:
         with pytest.raises(errors.Unavailable):
             await no_cert.generate("", "hello world", max_tokens=3)
 
@@ -175,14 +170,7 @@ async def test_warm_set_is_loaded_and_pinned_at_start(tls_env: TlsEnv) -> None:
 
 
 async def test_prefetch_on_upload(tls_env: TlsEnv, make_test_adapter: AdapterFactory) -> None:
-    async with AsyncGatewayClient(
-        tls_env.target,
-        KEY,
-        tls=True,
-        root_certificates=tls_env.ca.cert,
-        client_cert_chain=tls_env.client.cert,
-        client_private_key=tls_env.client.key,
-    ) as admin:
+    async with tls_env.connect(tls_env.client) as admin:
         info = await admin.upload_adapter("fresh", make_test_adapter(seed=62, rank=8))
     sha = info.version.removeprefix("sha256:")
     assert tls_env.server.gateway.residency.is_resident(("acme", "fresh", sha))
@@ -193,14 +181,7 @@ async def test_load_time_validation_keeps_bad_adapters_from_the_engine(tls_env: 
     is refused at load, before `add_lora`: the engine never sees it and keeps serving."""
     engine = tls_env.server.engine
     before = await engine.list_adapters()
-    async with AsyncGatewayClient(
-        tls_env.target,
-        KEY,
-        tls=True,
-        root_certificates=tls_env.ca.cert,
-        client_cert_chain=tls_env.client.cert,
-        client_private_key=tls_env.client.key,
-    ) as client:
+    async with tls_env.connect(tls_env.client) as client:
         with pytest.raises(errors.FailedPrecondition):
             await client.generate("wide", "hello world", max_tokens=3)
         assert await engine.list_adapters() == before

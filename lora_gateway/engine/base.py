@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -71,12 +71,6 @@ class TokenChunk:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-
-
-@dataclass
-class EngineStats:
-    loaded_adapter_ids: set[int] = field(default_factory=set)
-    healthy: bool = True
 
 
 @runtime_checkable

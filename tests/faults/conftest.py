@@ -10,7 +10,6 @@ admission limits for the overload tests).
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,16 +125,8 @@ async def start_gateway(
 
 @pytest.fixture(scope="package")
 def s3() -> Iterator[S3Server]:
-    with s3_server("faults") as server:
-        saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-        os.environ["AWS_ACCESS_KEY_ID"] = server.access_key
-        os.environ["AWS_SECRET_ACCESS_KEY"] = server.secret_key
+    with s3_server("faults") as server, server.credentials_in_env():
         yield server
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="package")

@@ -12,6 +12,7 @@ atomic. The server here serialises requests so that conditional writes are atomi
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -66,6 +67,22 @@ class S3Server:
     region: str = REGION
     _server: ThreadedMotoServer | None = field(default=None, repr=False)
     port: int = 0
+
+    @contextmanager
+    def credentials_in_env(self) -> Iterator[None]:
+        """Export this server's credentials as the AWS_* variables boto3's default chain reads
+        (what the gateway uses), and put the old values back afterwards."""
+        names = {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        saved = {name: os.environ.get(name) for name in names}
+        os.environ.update(names)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
     def client(self) -> Any:
         """A boto3 S3 client for this server (for tests that poke at objects directly)."""
