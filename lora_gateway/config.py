@@ -25,6 +25,30 @@ NullAdapterMode = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
+class TenantDefaults:
+    """Per-tenant limits; every field can be set per tenant in the tenants file."""
+
+    max_concurrent: int = 16
+    """Generate requests of this tenant admitted at once."""
+    max_tokens: int = 2048
+    """Largest max_tokens per request."""
+    max_engine_slots: int = 1
+    """Engine-resident adapter versions its requests may hold at once."""
+    max_pins: int = 1
+    """Adapter versions it may pin."""
+    max_concurrent_uploads: int = 2
+    """Uploads and compositions in progress at once."""
+    max_stored_bytes: int = 16 << 30
+    """Stored adapter bytes (every live version)."""
+    max_adapters: int = 10_000
+    """Adapters (names) stored."""
+    tokens_per_minute: int = 0
+    """Generated tokens per minute (0 = unlimited)."""
+    requests_per_minute: int = 0
+    """Inference requests per minute (0 = unlimited)."""
+
+
+@dataclass(frozen=True)
 class Settings:
     # --- engine -----------------------------------------------------------------------------
     model: str = ""
@@ -116,6 +140,21 @@ class Settings:
     """Default per-tenant max_tokens per request."""
     default_max_tokens: int = 64
     """max_tokens used when a request leaves it 0."""
+    tenant_max_engine_slots: int = 0
+    """Default per-tenant cap on engine-resident adapter versions its requests hold at once,
+    so that other tenants always find a slot (0 = max_cpu_loras - 1, at least 1)."""
+    tenant_max_pins: int = 1
+    """Default per-tenant cap on pinned adapter versions."""
+    tenant_max_concurrent_uploads: int = 2
+    """Default per-tenant cap on UploadAdapter / ComposeAdapter calls in progress."""
+    tenant_max_stored_bytes: int = 16 << 30
+    """Default per-tenant quota on stored adapter bytes (every live version counted)."""
+    tenant_max_adapters: int = 10_000
+    """Default per-tenant quota on the number of adapters (names) stored."""
+    tenant_tokens_per_minute: int = 0
+    """Default per-tenant rate limit on generated tokens per minute (0 = unlimited)."""
+    tenant_requests_per_minute: int = 0
+    """Default per-tenant rate limit on inference requests per minute (0 = unlimited)."""
     drain_grace_s: float = 20.0
     """On SIGTERM: how long in-flight requests may finish before they are aborted."""
     upload_timeout_s: float = 600.0
@@ -166,9 +205,25 @@ class Settings:
             problems.append("tls_client_ca (mTLS) needs tls_cert and tls_key")
         if self.default_max_tokens > self.tenant_max_tokens:
             problems.append("default_max_tokens must be <= tenant_max_tokens")
-        for name in ("max_num_seqs", "max_concurrent_requests", "tenant_max_concurrent"):
+        for name in (
+            "max_num_seqs",
+            "max_concurrent_requests",
+            "tenant_max_concurrent",
+            "tenant_max_tokens",
+            "tenant_max_pins",
+            "tenant_max_concurrent_uploads",
+            "tenant_max_stored_bytes",
+            "tenant_max_adapters",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
+        for name in (
+            "tenant_max_engine_slots",
+            "tenant_tokens_per_minute",
+            "tenant_requests_per_minute",
+        ):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0")
         if problems:
             raise InvalidArgument("invalid settings: " + "; ".join(problems))
 
@@ -211,6 +266,20 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     # --- derived ----------------------------------------------------------------------------
+    def tenant_defaults(self) -> TenantDefaults:
+        """The per-tenant limits a tenant gets unless the tenants file sets its own."""
+        return TenantDefaults(
+            max_concurrent=self.tenant_max_concurrent,
+            max_tokens=self.tenant_max_tokens,
+            max_engine_slots=self.tenant_max_engine_slots or max(1, self.max_cpu_loras - 1),
+            max_pins=self.tenant_max_pins,
+            max_concurrent_uploads=self.tenant_max_concurrent_uploads,
+            max_stored_bytes=self.tenant_max_stored_bytes,
+            max_adapters=self.tenant_max_adapters,
+            tokens_per_minute=self.tenant_tokens_per_minute,
+            requests_per_minute=self.tenant_requests_per_minute,
+        )
+
     @property
     def cache_path(self) -> Path:
         if self.cache_dir:

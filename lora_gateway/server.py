@@ -120,10 +120,7 @@ class GatewayServer:
     async def start(cls, settings: Settings, engine: Engine | None = None) -> GatewayServer:
         """Bring everything up; returns once health reports SERVING (or raises)."""
         keyring = await asyncio.to_thread(
-            KeyRing.load,
-            settings.tenants_file,
-            default_max_concurrent=settings.tenant_max_concurrent,
-            default_max_tokens=settings.tenant_max_tokens,
+            KeyRing.load, settings.tenants_file, settings.tenant_defaults()
         )
         spec = await asyncio.to_thread(
             BaseModelSpec.from_hf_config,

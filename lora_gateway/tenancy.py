@@ -21,6 +21,7 @@ request is answered at once, and the client's retry policy decides what happens 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import hmac
@@ -35,6 +36,7 @@ import yaml
 
 from adapter_store.errors import InvalidAdapter
 from adapter_store.model import check_name
+from lora_gateway.config import TenantDefaults
 from lora_gateway.errors import (
     ADAPTER_NOT_FOUND_TEXT,
     InvalidArgument,
@@ -156,15 +158,39 @@ def hash_key(key: str) -> str:
 
 @dataclass(frozen=True)
 class TenantConfig:
-    name: str
-    max_concurrent: int
-    """Generate requests of this tenant admitted at once."""
-    max_tokens: int
-    """Largest max_tokens per request."""
+    """A tenant's limits (fields as in `config.TenantDefaults`, each settable per tenant)."""
 
+    name: str
+    max_concurrent: int = 16
+    """Generate requests of this tenant admitted at once."""
+    max_tokens: int = 2048
+    """Largest max_tokens per request."""
+    max_engine_slots: int = 1
+    """Engine-resident adapter versions its requests may hold at once."""
+    max_pins: int = 1
+    """Adapter versions it may pin."""
+    max_concurrent_uploads: int = 2
+    """Uploads and compositions in progress at once."""
+    max_stored_bytes: int = 16 << 30
+    """Stored adapter bytes (every live version)."""
+    max_adapters: int = 10_000
+    """Adapters (names) stored."""
+    tokens_per_minute: int = 0
+    """Generated tokens per minute (0 = unlimited)."""
+    requests_per_minute: int = 0
+    """Inference requests per minute (0 = unlimited)."""
+
+    @classmethod
+    def from_defaults(cls, name: str, defaults: TenantDefaults) -> TenantConfig:
+        return cls(name=name, **dataclasses.asdict(defaults))
+
+
+#: Tenant limits that may be 0 (= unlimited); the others must be >= 1.
+_ZERO_MEANS_UNLIMITED = frozenset({"tokens_per_minute", "requests_per_minute"})
+_LIMIT_FIELDS = tuple(f.name for f in dataclasses.fields(TenantDefaults))
 
 _TOP_FIELDS = frozenset({"tenants"})
-_TENANT_FIELDS = frozenset({"max_concurrent", "max_tokens", "keys"})
+_TENANT_FIELDS = frozenset({*_LIMIT_FIELDS, "keys"})
 _KEY_FIELDS = frozenset({"id", "sha256", "role"})
 _PLAINTEXT_FIELDS = frozenset({"key", "api_key", "apikey", "token", "secret", "password"})
 
@@ -186,22 +212,22 @@ class KeyRing:
           acme:
             max_concurrent: 8        # optional; default Settings.tenant_max_concurrent
             max_tokens: 1024         # optional; default Settings.tenant_max_tokens
+            # optional, each defaulting to Settings.tenant_<field>: max_engine_slots,
+            # max_pins, max_concurrent_uploads, max_stored_bytes, max_adapters,
+            # tokens_per_minute, requests_per_minute (0 = unlimited)
             keys:
               - id: acme-backend     # label, appears in logs and audit
                 sha256: "<64 lowercase hex>"
                 role: user           # user | tenant-admin | operator
     """
 
-    default_max_concurrent: int
-    default_max_tokens: int
+    defaults: TenantDefaults
     tenants: Mapping[str, TenantConfig] = field(default_factory=dict)
     _keys: tuple[_KeyEntry, ...] = ()
 
     # --- construction -----------------------------------------------------------------------
     @classmethod
-    def load(
-        cls, path: str | Path, *, default_max_concurrent: int, default_max_tokens: int
-    ) -> KeyRing:
+    def load(cls, path: str | Path, defaults: TenantDefaults) -> KeyRing:
         """Read and validate a tenants file (blocking file I/O: call it in a thread)."""
         if not str(path):
             raise InvalidArgument(
@@ -217,21 +243,15 @@ class KeyRing:
         except yaml.YAMLError as exc:
             raise InvalidArgument(f"tenants file {path}: not valid YAML: {exc}") from None
         try:
-            return cls.from_mapping(
-                data,
-                default_max_concurrent=default_max_concurrent,
-                default_max_tokens=default_max_tokens,
-            )
+            return cls.from_mapping(data, defaults)
         except InvalidArgument as exc:
             raise InvalidArgument(f"tenants file {path}: {exc}") from None
 
     @classmethod
-    def from_mapping(
-        cls, data: Any, *, default_max_concurrent: int, default_max_tokens: int
-    ) -> KeyRing:
+    def from_mapping(cls, data: Any, defaults: TenantDefaults) -> KeyRing:
         """Validate a parsed tenants document (see the class docstring for the format)."""
-        _check_limit("default max_concurrent", default_max_concurrent)
-        _check_limit("default max_tokens", default_max_tokens)
+        for limit in _LIMIT_FIELDS:
+            _check_limit(f"default {limit}", getattr(defaults, limit), _minimum(limit))
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
@@ -253,12 +273,14 @@ class KeyRing:
             _check_fields(where, raw, _TENANT_FIELDS)
             tenants[name] = TenantConfig(
                 name=name,
-                max_concurrent=_check_limit(
-                    f"{where}: max_concurrent", raw.get("max_concurrent", default_max_concurrent)
-                ),
-                max_tokens=_check_limit(
-                    f"{where}: max_tokens", raw.get("max_tokens", default_max_tokens)
-                ),
+                **{
+                    limit: _check_limit(
+                        f"{where}: {limit}",
+                        raw.get(limit, getattr(defaults, limit)),
+                        _minimum(limit),
+                    )
+                    for limit in _LIMIT_FIELDS
+                },
             )
             raw_keys = raw.get("keys") or []
             if not isinstance(raw_keys, list):
@@ -279,12 +301,7 @@ class KeyRing:
                 seen_hashes[digest] = entry.principal.key_id
                 seen_ids.add(entry.principal.key_id)
                 keys.append(entry)
-        return cls(
-            default_max_concurrent=default_max_concurrent,
-            default_max_tokens=default_max_tokens,
-            tenants=tenants,
-            _keys=tuple(keys),
-        )
+        return cls(defaults=defaults, tenants=tenants, _keys=tuple(keys))
 
     # --- queries ----------------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> Principal:
@@ -314,7 +331,7 @@ class KeyRing:
         """The limits of a tenant; a tenant the file does not list gets the defaults."""
         config = self.tenants.get(name)
         if config is None:
-            return TenantConfig(name, self.default_max_concurrent, self.default_max_tokens)
+            return TenantConfig.from_defaults(name, self.defaults)
         return config
 
     @property
@@ -348,9 +365,13 @@ def _name(value: object, what: str) -> str:
         raise InvalidArgument(str(exc)) from None
 
 
-def _check_limit(what: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgument(f"{what} must be an integer >= 1, got {value!r}")
+def _minimum(limit: str) -> int:
+    return 0 if limit in _ZERO_MEANS_UNLIMITED else 1
+
+
+def _check_limit(what: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidArgument(f"{what} must be an integer >= {minimum}, got {value!r}")
     return value
 
 

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from lora_gateway import errors
+from lora_gateway.config import TenantDefaults
 from lora_gateway.tenancy import (
     METHOD_PERMISSIONS,
     ROLE_PERMISSIONS,
@@ -65,7 +66,7 @@ def tenants_doc() -> dict[str, Any]:
 
 def ring(doc: Any = None) -> KeyRing:
     return KeyRing.from_mapping(
-        tenants_doc() if doc is None else doc, default_max_concurrent=16, default_max_tokens=2048
+        tenants_doc() if doc is None else doc, TenantDefaults(max_concurrent=16, max_tokens=2048)
     )
 
 
@@ -190,7 +191,7 @@ def test_empty_ring_authenticates_nobody() -> None:
     with pytest.raises(errors.Unauthenticated, match="invalid credentials"):
         keys.authenticate(f"Bearer {KEYS['ops']}")
     assert ring(None).key_count == 4
-    assert KeyRing.from_mapping(None, default_max_concurrent=1, default_max_tokens=1).key_count == 0
+    assert KeyRing.from_mapping(None, TenantDefaults(max_concurrent=1, max_tokens=1)).key_count == 0
 
 
 def test_tenant_limits_and_defaults() -> None:
@@ -215,20 +216,20 @@ tenants:
 """,
         encoding="utf-8",
     )
-    keys = KeyRing.load(path, default_max_concurrent=4, default_max_tokens=64)
+    keys = KeyRing.load(path, TenantDefaults(max_concurrent=4, max_tokens=64))
     assert keys.authenticate("Bearer secret-1") == Principal("acme", Role.USER, "acme-backend")
     assert keys.tenant("acme") == TenantConfig("acme", 8, 1024)
 
 
 def test_load_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(errors.InvalidArgument, match=r"tenants file .*missing.yaml"):
-        KeyRing.load(tmp_path / "missing.yaml", default_max_concurrent=1, default_max_tokens=1)
+        KeyRing.load(tmp_path / "missing.yaml", TenantDefaults(max_concurrent=1, max_tokens=1))
     with pytest.raises(errors.InvalidArgument, match="no tenants file configured"):
-        KeyRing.load("", default_max_concurrent=1, default_max_tokens=1)
+        KeyRing.load("", TenantDefaults(max_concurrent=1, max_tokens=1))
     bad = tmp_path / "bad.yaml"
     bad.write_text("tenants: [unclosed", encoding="utf-8")
     with pytest.raises(errors.InvalidArgument, match="not valid YAML"):
-        KeyRing.load(bad, default_max_concurrent=1, default_max_tokens=1)
+        KeyRing.load(bad, TenantDefaults(max_concurrent=1, max_tokens=1))
 
 
 def _with_key(**fields: Any) -> dict[str, Any]:
@@ -406,3 +407,49 @@ async def test_admission_under_concurrency_never_exceeds_caps() -> None:
 def test_slot_requires_the_principals_tenant() -> None:
     with pytest.raises(ValueError, match="own tenant"):
         Admission(2).slot(principal("acme", Role.USER), TenantConfig("globex", 1, 1))
+
+
+def test_every_tenant_limit_is_read_from_the_file_or_defaults() -> None:
+    defaults = TenantDefaults(max_pins=3, tokens_per_minute=600)
+    doc = {
+        "tenants": {
+            "acme": {
+                "max_engine_slots": 2,
+                "max_pins": 1,
+                "max_concurrent_uploads": 1,
+                "max_stored_bytes": 1000,
+                "max_adapters": 5,
+                "tokens_per_minute": 0,
+                "requests_per_minute": 60,
+            },
+            "globex": {},
+        }
+    }
+    keys = KeyRing.from_mapping(doc, defaults)
+    assert keys.tenant("acme") == TenantConfig(
+        "acme",
+        max_engine_slots=2,
+        max_pins=1,
+        max_concurrent_uploads=1,
+        max_stored_bytes=1000,
+        max_adapters=5,
+        tokens_per_minute=0,
+        requests_per_minute=60,
+    )
+    assert keys.tenant("globex") == TenantConfig("globex", max_pins=3, tokens_per_minute=600)
+    assert keys.tenant("nobody").tokens_per_minute == 600
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_pins", 0, "max_pins must be an integer >= 1"),
+        ("max_stored_bytes", -1, "max_stored_bytes must be an integer >= 1"),
+        ("tokens_per_minute", -5, "tokens_per_minute must be an integer >= 0"),
+        ("requests_per_minute", "lots", "requests_per_minute must be an integer >= 0"),
+        ("max_adapters", True, "max_adapters must be an integer >= 1"),
+    ],
+)
+def test_bad_tenant_limits_are_refused_by_name(field: str, value: object, message: str) -> None:
+    with pytest.raises(errors.InvalidArgument, match=f"tenant acme: {message}"):
+        KeyRing.from_mapping({"tenants": {"acme": {field: value}}}, TenantDefaults())

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from lora_gateway.client import ROUTING_HEADER
-from lora_gateway.config import Settings
+from lora_gateway.config import Settings, TenantDefaults
 from lora_gateway.tenancy import KeyRing
 from tests.support.s3server import s3_server
 
@@ -436,12 +436,12 @@ def test_tenants_secret_or_existing_secret(chart: helm.Chart, tmp_path: Path) ->
     # The gateway accepts the file as rendered.
     tenants_file = tmp_path / "tenants.yaml"
     tenants_file.write_bytes(base64.b64decode(secret["data"]["tenants.yaml"]))
-    keyring = KeyRing.load(tenants_file, default_max_concurrent=4, default_max_tokens=64)
+    keyring = KeyRing.load(tenants_file, TenantDefaults(max_concurrent=4, max_tokens=64))
     assert set(keyring.tenants) == {"acme"}
     # So does the empty default (every call refused, NOTES.txt warns).
     (empty,) = of_kind(render(chart, {}), "Secret")
     tenants_file.write_bytes(base64.b64decode(empty["data"]["tenants.yaml"]))
-    assert not KeyRing.load(tenants_file, default_max_concurrent=4, default_max_tokens=64).tenants
+    assert not KeyRing.load(tenants_file, TenantDefaults(max_concurrent=4, max_tokens=64)).tenants
     volumes = {v["name"]: v for v in pod_spec(gateway(docs))["volumes"]}
     assert volumes["tenants"]["secret"]["secretName"] == secret["metadata"]["name"]
     assert gateway_config(docs)["tenants_file"] == "/etc/lora-gateway/tenants/tenants.yaml"
