@@ -1,4 +1,4 @@
-"""End to end: a real grpc.aio gateway on 127.0.0.1:0, the real engine, S3 over HTTP (moto).
+"""End to end: a real grpc.aio gateway on 127.0.0.1:0, the real engine, S3 over HTTP (SeaweedFS).
 
 Every output is checked against the PEFT-merged reference. Tenants: acme and globex (a user and
 a tenant-admin key each) and an operator.

@@ -1,6 +1,6 @@
 """The vLLM resolver plugin, end to end: stock `vllm serve` resolves adapters from the store.
 
-A moto S3 server holds adapters uploaded through `Registry` (the gateway's layout, tenant
+A SeaweedFS S3 server holds adapters uploaded through `Registry` (the gateway's layout, tenant
 "acme"); `vllm serve` runs as a subprocess on 127.0.0.1 with the tiny model, our entry point and
 `VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`, configured only through LORA_GATEWAY_* variables; requests
 go over the OpenAI HTTP API and their greedy tokens must equal the PEFT-merged reference.
