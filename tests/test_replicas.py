@@ -31,6 +31,7 @@ from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
 from tests.conftest import AdapterFactory, engine_settings
+from tests.support import processes
 from tests.support.s3server import S3Server, s3_server
 
 pytestmark = pytest.mark.engine
@@ -122,6 +123,7 @@ def start_replica_b(
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 180
     assert process.stdout is not None
@@ -131,7 +133,7 @@ def start_replica_b(
             return process, int(match.group(1))
         if time.monotonic() > deadline:
             break
-    process.kill()
+    processes.stop(process)
     raise AssertionError("replica B did not start")
 
 
@@ -144,9 +146,9 @@ def replica_b(
     # Keep reading B's output so that its pipe never fills up and blocks it.
     threading.Thread(target=lambda: [None for _ in process.stdout or ()], daemon=True).start()
     yield process, f"127.0.0.1:{port}"
-    if process.poll() is None:
-        process.kill()
-        process.wait(30)
+    # SIGTERM, as Kubernetes does: B drains and shuts its engine down. (SIGKILL left B's vLLM
+    # engine core running after the run.)
+    processes.stop(process)
 
 
 async def until(predicate: Callable[[], Awaitable[bool]], bound: float) -> float:
