@@ -26,17 +26,15 @@ finish_reason "abort"); 130 interrupted. An error prints `error: <CODE>: <messag
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import hashlib
-import itertools
 import json
 import os
 import secrets
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any, get_args, get_origin
 
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
@@ -85,30 +83,6 @@ def exit_code(exc: errors.GatewayError) -> int:
 # --- serve ----------------------------------------------------------------------------------
 
 
-def _field_docs() -> dict[str, str]:
-    """Settings field -> its docstring (the string literal under the field in config.py)."""
-    from lora_gateway import config
-
-    try:
-        tree = ast.parse(Path(config.__file__).read_text(encoding="utf-8"))
-    except (OSError, SyntaxError):
-        return {}
-    docs: dict[str, str] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef) and node.name == Settings.__name__:
-            body = node.body
-            for field_node, doc_node in itertools.pairwise(body):
-                if (
-                    isinstance(field_node, ast.AnnAssign)
-                    and isinstance(field_node.target, ast.Name)
-                    and isinstance(doc_node, ast.Expr)
-                    and isinstance(doc_node.value, ast.Constant)
-                    and isinstance(doc_node.value.value, str)
-                ):
-                    docs[field_node.target.id] = " ".join(doc_node.value.value.split())
-    return docs
-
-
 def _metavar(name: str, hint: Any) -> str:
     if name in _METAVARS:
         return _METAVARS[name]
@@ -121,26 +95,23 @@ def _metavar(name: str, hint: Any) -> str:
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Settings field; values are coerced and validated by Settings itself."""
-    docs = _field_docs()
-    hints = get_type_hints(Settings)
     group = parser.add_argument_group("settings (override the config file and environment)")
-    for field in dataclasses.fields(Settings):
-        flags = _FLAG_NAMES.get(field.name, ("--" + field.name.replace("_", "-"),))
-        hint = hints[field.name]
-        help_text = docs.get(field.name, field.name.replace("_", " "))
-        help_text = help_text.replace("%", "%%")
+    for name, info in Settings.model_fields.items():
+        flags = _FLAG_NAMES.get(name, ("--" + name.replace("_", "-"),))
+        hint = info.annotation
+        help_text = Settings.field_doc(name).replace("%", "%%")
         if hint is bool:
             group.add_argument(
                 *flags,
-                dest=field.name,
+                dest=name,
                 action=argparse.BooleanOptionalAction,
                 default=None,
                 help=help_text,
             )
-        elif getattr(hint, "__origin__", None) is tuple:
+        elif get_origin(hint) is tuple:
             group.add_argument(
                 *flags,
-                dest=field.name,
+                dest=name,
                 action="append",
                 default=None,
                 metavar="VALUE",
@@ -150,35 +121,26 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
             choices = get_args(hint) if all(isinstance(a, str) for a in get_args(hint)) else None
             group.add_argument(
                 *flags,
-                dest=field.name,
+                dest=name,
                 default=None,
                 choices=choices or None,
-                metavar=None if choices else _metavar(field.name, hint),
+                metavar=None if choices else _metavar(name, hint),
                 help=help_text,
             )
 
 
 def _settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
-    for field in dataclasses.fields(Settings):
-        value = getattr(args, field.name, None)
+    for name in Settings.model_fields:
+        value = getattr(args, name, None)
         if isinstance(value, list):  # repeated flags, each possibly comma-separated
             value = [part.strip() for item in value for part in item.split(",") if part.strip()]
-        overrides[field.name] = value
+        overrides[name] = value
     return overrides
 
 
 def _settings_json(settings: Settings) -> dict[str, Any]:
-    return {
-        f.name: (
-            list(v)
-            if isinstance(v := getattr(settings, f.name), tuple)
-            else dict(v)
-            if isinstance(v, Mapping)
-            else v
-        )
-        for f in dataclasses.fields(settings)
-    }
+    return settings.model_dump(mode="json")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
