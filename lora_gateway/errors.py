@@ -88,6 +88,7 @@ _STORE_CODES: dict[type[store_errors.StoreError], grpc.StatusCode] = {
     store_errors.AdapterNotFound: grpc.StatusCode.NOT_FOUND,
     store_errors.Incompatible: grpc.StatusCode.FAILED_PRECONDITION,
     store_errors.Conflict: grpc.StatusCode.FAILED_PRECONDITION,
+    store_errors.Quarantined: grpc.StatusCode.FAILED_PRECONDITION,
     store_errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     store_errors.IntegrityError: grpc.StatusCode.DATA_LOSS,
     store_errors.CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -127,6 +127,7 @@ class GatewayServer:
             Path(settings.model),
             max_rank=settings.max_lora_rank,
             aliases=settings.base_model_aliases,
+            dtype=settings.dtype,
         )
         limits = Limits(max_file_bytes=settings.max_upload_bytes)
         backend = await asyncio.to_thread(open_backend, settings)
