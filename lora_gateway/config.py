@@ -87,6 +87,13 @@ class Settings:
     and read the last slot's weights. auto = on for the CPU build."""
     self_test: bool = True
     """Run the mixed-batch isolation self-test before reporting SERVING."""
+    canary_interval_s: float = 30.0
+    """Runtime canary: every this many seconds, and right after each adapter version is loaded,
+    a known base-model and canary-adapter request (a random adapter in its own reserved engine
+    slot) runs among real traffic and is compared with its reference, recorded at start-up. On a
+    mismatch health goes NOT_SERVING, the versions loaded since the last good check are
+    quarantined, and the engine is restarted (or `lora-gateway serve` exits). Detection bound:
+    this interval plus one check (~1 s). 0 disables it (and frees the reserved slot)."""
 
     # --- store and cache --------------------------------------------------------------------
     store: str = ""
@@ -193,6 +200,8 @@ class Settings:
             problems.append("poll_interval_s must be > 0")
         if self.engine_watch_interval_s <= 0:
             problems.append("engine_watch_interval_s must be > 0")
+        if not 0 <= self.canary_interval_s <= 86_400:
+            problems.append("canary_interval_s must be in [0, 86400] (0 disables the canary)")
         if self.upload_timeout_s <= 0:
             problems.append("upload_timeout_s must be > 0")
         if self.max_connection_idle_s <= 0:
