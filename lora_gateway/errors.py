@@ -7,6 +7,8 @@
     ├── PermissionDenied              PERMISSION_DENIED  role lacks the permission
     ├── ResourceExhausted             RESOURCE_EXHAUSTED quota or capacity exhausted
     ├── FailedPrecondition            FAILED_PRECONDITION incompatible adapter, alias conflict
+    │                                                    (store: Quarantined, a version the canary
+    │                                                    quarantined)
     ├── Unavailable                   UNAVAILABLE        store unreachable, engine down/restarting
     │   └── EngineDead                UNAVAILABLE        the engine process died
     ├── DataLoss                      DATA_LOSS          stored bytes do not match their sha256

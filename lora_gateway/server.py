@@ -47,7 +47,7 @@ from lora_gateway.engine.selftest import require_isolation
 from lora_gateway.gateway import Gateway
 from lora_gateway.interceptors import GatewayInterceptor
 from lora_gateway.metrics import Metrics
-from lora_gateway.residency import Residency, VersionKey, key_of
+from lora_gateway.residency import Residency, key_of
 from lora_gateway.services.admin import AdminService
 from lora_gateway.services.inference import InferenceService
 from lora_gateway.tenancy import Admission, KeyRing
@@ -123,6 +123,8 @@ class Recovery:
     quarantined: tuple[str, ...]
     #: From the failed check to SERVING again (None: not recovered in-process).
     recovered_s: float | None = None
+    #: Of which the engine core restart (a fresh AsyncLLM).
+    restart_s: float | None = None
 
 
 @dataclass
@@ -145,8 +147,6 @@ class GatewayServer:
     #: The runtime canary (None: off, or the engine has no canary slot).
     canary: CanaryMonitor | None = None
     _canary_task: asyncio.Task[None] | None = None
-    #: Versions put into the engine by residency, by key (to name the canary's suspects).
-    _loaded: dict[VersionKey, AdapterVersion] = field(default_factory=dict)
     #: True while a canary failure is being handled (the engine watcher stands aside).
     recovering: bool = False
     #: One entry per canary failure handled: timings for logs, tests and docs.
@@ -280,9 +280,7 @@ class GatewayServer:
         )
 
         def loaded(version: AdapterVersion, adapter: LoadedAdapter) -> None:
-            key = key_of(version)
-            self._loaded[key] = version
-            monitor.loaded(key, adapter.lora_int_id)
+            monitor.loaded(version, adapter.lora_int_id)  # the version is the suspect's key
 
         self.gateway.residency.on_loaded = loaded
         self.canary = monitor
@@ -297,7 +295,7 @@ class GatewayServer:
         self.recovering = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.metrics.set_engine_healthy(False)
-        versions = [self._loaded[key] for key in suspects if key in self._loaded]
+        versions = [key for key in suspects if isinstance(key, AdapterVersion)]
         await self._quarantine(versions, report)
         recovery = Recovery(
             mismatches=report.mismatches,
@@ -309,9 +307,10 @@ class GatewayServer:
             self.engine_failed.set()
             return False
         try:
+            restarting = time.monotonic()
             await self.engine.restart()
+            recovery.restart_s = time.monotonic() - restarting
             pinned = await self.gateway.residency.forget_engine()
-            self._loaded.clear()
             self.metrics.engine_restarted()
             if self.settings.self_test:
                 await require_isolation(self.engine, self.settings.model)
@@ -321,14 +320,19 @@ class GatewayServer:
                     "runtime canary still fails after the restart: "
                     + (", ".join(again.mismatches) or again.detail)
                 )
-            quarantined = {key_of(v) for v in versions}
-            for version in pinned:
-                if key_of(version) not in quarantined:
-                    await self.gateway.residency.pin(version)
-        except BaseException:
+        except Exception:
             log.exception("engine recovery failed: reporting NOT_SERVING and stopping")
             self.engine_failed.set()
             return False
+        quarantined = {key_of(v) for v in versions}
+        for version in pinned:
+            if key_of(version) not in quarantined:
+                try:
+                    await self.gateway.residency.pin(version)
+                except (errors.GatewayError, StoreError):
+                    log.exception(
+                        "could not pin %s/%s again after the restart", version.tenant, version.name
+                    )
         recovery.recovered_s = time.monotonic() - detected
         self.recovering = False
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)

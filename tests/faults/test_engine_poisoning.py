@@ -15,6 +15,8 @@ block; docs/reliability.md, "Hostile tenant: engine poisoning").
    equal their PEFT references token for token, alone and in a batch.
 3. Without the canary (its task stopped, the poison put into the engine directly), the damage is
    real: the other tenant's outputs after one poisoned request are wrong.
+4. (second test, the session's engine, a simulated mismatch) A server that does not own its
+   engine quarantines and sets `engine_failed` instead of restarting.
 
 The engine is this test's own (never the session's): the poison must not leak into other tests.
 Figures are printed for docs/reliability.md.
@@ -38,6 +40,7 @@ from adapter_store.model import CONFIG_FILE, AdapterRef
 from lora_gateway import devtools, errors
 from lora_gateway.client import AsyncGatewayClient
 from lora_gateway.engine.base import GenerateParams, LoadedAdapter, Prompt, next_lora_id
+from lora_gateway.engine.canary import CanaryReport
 from lora_gateway.engine.selftest import collect
 from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
@@ -187,6 +190,8 @@ async def test_poisoned_adapter_refused_then_caught_quarantined_and_engine_recov
         recovered_s = await wait_health(server.port, SERVING, RECOVER_BOUND_S)
         print(f"SERVING again {recovered_s + detected_s:.1f}s after the poisoned request ended")
         assert [r.quarantined for r in server.recoveries] == [(f"evil/poison@sha256:{sha}",)]
+        [recovery] = server.recoveries
+        print(f"recovery {recovery.recovered_s:.1f}s, engine restart {recovery.restart_s:.1f}s")
 
         # 3. Another tenant's requests are exact again: alone and in one batch.
         alone = await outputs()
@@ -240,4 +245,60 @@ async def test_poisoned_adapter_refused_then_caught_quarantined_and_engine_recov
     finally:
         for client in clients.values():
             await client.close()
+        await server.stop(grace=0)
+
+
+async def test_a_canary_failure_on_a_shared_engine_quarantines_and_exits(
+    engine: object,
+    tiny_model: Path,
+    make_test_adapter: AdapterFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server that does not own its engine cannot restart it: after quarantining it sets
+    `engine_failed` (`lora-gateway serve` exits 1). The mismatch is simulated (this is the
+    session's shared engine: it is never poisoned); residency's hook and the monitor are real."""
+    settings = engine_settings(
+        tiny_model,
+        store=f"file://{tmp_path / 'store'}",
+        tenants_file=str(write_tenants(tmp_path / "tenants.yaml")),
+        listen="127.0.0.1:0",
+        cache_dir=str(tmp_path / "cache"),
+        base_model_aliases=(devtools.TINY_MODEL_NAME,),
+        default_max_tokens=MAX_TOKENS,
+        tenant_max_tokens=64,
+        self_test=False,
+        canary_interval_s=3600.0,  # no periodic check: only the one this test runs
+    )
+    server = await GatewayServer.start(settings, engine=engine)  # type: ignore[arg-type]
+    user = AsyncGatewayClient(f"127.0.0.1:{server.port}", key("victim", "user"), max_retries=0)
+    admin = AsyncGatewayClient(
+        f"127.0.0.1:{server.port}", key("victim", "tenant-admin"), max_retries=0
+    )
+    try:
+        assert not server.owns_engine
+        monitor = server.canary
+        assert monitor is not None
+        await admin.upload_adapter("suspect", make_test_adapter(seed=12))
+
+        async def mismatch(rounds: int = 1) -> CanaryReport:
+            return CanaryReport("fail", mismatches=("base / 'simulated'",))
+
+        monkeypatch.setattr(monitor.canary, "check", mismatch)
+        served = await user.generate("suspect", PROMPTS[0], max_tokens=MAX_TOKENS)
+        # The first use of the new version asked for a check: the monitor runs it at once.
+        await asyncio.wait_for(server.engine_failed.wait(), 10)
+        assert monitor.completed == 1
+        assert await health(server.port) == NOT_SERVING
+        with pytest.raises(errors.GatewayError) as refused:
+            await user.generate("suspect", PROMPTS[0], max_tokens=MAX_TOKENS)
+        assert refused.value.code == SC.FAILED_PRECONDITION
+        assert "quarantined" in str(refused.value)
+        assert served.adapter is not None
+        assert server.recoveries[0].quarantined == (f"victim/suspect@{served.adapter.version}",)
+        assert server.recoveries[0].recovered_s is None  # not restarted: not ours
+        await engine.check_health()  # type: ignore[attr-defined]
+    finally:
+        await user.close()
+        await admin.close()
         await server.stop(grace=0)
