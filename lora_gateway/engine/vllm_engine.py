@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -232,8 +233,10 @@ class VLLMEngine:
             await self._abort_quietly(pending)
             self._registered.clear()
             self._inflight.clear()
+            began = time.perf_counter()
             await asyncio.to_thread(old.shutdown)
             old.shutdown = lambda *args, **kwargs: None
+            stopped = time.perf_counter()
             self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._args)
             self._dead = None
             await self._add_reserved()
@@ -242,7 +245,11 @@ class VLLMEngine:
             raise
         finally:
             self._restarting = False
-        log.warning("engine restarted in-process")
+        log.warning(
+            "engine restarted in-process (old core stopped in %.1fs, new one up in %.1fs)",
+            stopped - began,
+            time.perf_counter() - stopped,
+        )
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self._llm.shutdown)
