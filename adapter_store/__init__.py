@@ -12,6 +12,7 @@ from adapter_store.errors import (
     Incompatible,
     IntegrityError,
     InvalidAdapter,
+    Quarantined,
     StoreError,
     StoreUnavailable,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "Limits",
     "LocalBackend",
     "Manifest",
+    "Quarantined",
     "Registry",
     "StoreError",
     "StoreUnavailable",

@@ -7,6 +7,7 @@
     ├── Incompatible         adapter does not fit the base model              FAILED_PRECONDITION
     ├── Conflict             alias expectation failed, retries exhausted      FAILED_PRECONDITION
     │   └── PreconditionFailed  (backend level) a conditional write lost
+    ├── Quarantined          version quarantined by the runtime canary        FAILED_PRECONDITION
     ├── StoreUnavailable     store unreachable, timed out, misconfigured      UNAVAILABLE
     ├── IntegrityError       stored bytes do not match their sha256           DATA_LOSS
     └── CapacityExceeded     size caps, cache budget or disk exhausted        RESOURCE_EXHAUSTED
@@ -30,6 +31,7 @@ __all__ = [
     "IntegrityError",
     "InvalidAdapter",
     "PreconditionFailed",
+    "Quarantined",
     "StoreError",
     "StoreUnavailable",
 ]
@@ -61,6 +63,10 @@ class Conflict(StoreError):
 
 class PreconditionFailed(Conflict):
     """Backend level: a conditional write (If-Match / If-None-Match) failed."""
+
+
+class Quarantined(StoreError):
+    """The version was quarantined: the engine's runtime canary failed after it was loaded."""
 
 
 class StoreUnavailable(StoreError):

@@ -46,6 +46,7 @@ from adapter_store.errors import (
     IntegrityError,
     InvalidAdapter,
     PreconditionFailed,
+    Quarantined,
     StoreError,
 )
 from adapter_store.model import (
@@ -172,6 +173,8 @@ class AdapterStore(Protocol):
     ) -> list[str]: ...
 
     def purge(self, tenant: str, name: str, shas: Iterable[str]) -> None: ...
+
+    def quarantine(self, tenant: str, name: str, sha: str, reason: str) -> Manifest: ...
 
     def compose(
         self,
@@ -519,6 +522,12 @@ class Registry:
                         f"this exact content was revoked as {version.version_id} of {name!r} "
                         "and cannot be published again"
                     )
+                known = base.versions.get(sha)
+                if known is not None and known.status == "quarantined":
+                    raise Quarantined(
+                        f"this exact content is quarantined as {version.version_id} of {name!r}"
+                        f" ({known.quarantine_reason}) and cannot be published again"
+                    )
                 versions = dict(base.versions)
                 versions.setdefault(sha, version)
                 new_aliases = dict(base.aliases)
@@ -742,6 +751,26 @@ class Registry:
         if delete_objects:
             self.purge(tenant, name, revoked)
         return revoked
+
+    def quarantine(self, tenant: str, name: str, sha: str, reason: str) -> Manifest:
+        """Mark a version quarantined (idempotent): it stays in the manifest, aliases included,
+        so that every read of it, on any replica and after a restart, is refused with
+        `Quarantined` and `reason`; re-uploading the same bytes keeps it quarantined. Its
+        objects are kept (for the operator's inspection); revoking it works as usual."""
+        target = check_sha(sha)
+        note = reason[:200]
+
+        def change(current: Manifest | None) -> Manifest:
+            if current is None or target not in current.versions:
+                raise not_found(f"{name}@sha256:{target}")
+            version = current.versions[target]
+            if version.status == "quarantined":
+                return current
+            versions = dict(current.versions)
+            versions[target] = replace(version, status="quarantined", quarantine_reason=note)
+            return replace(current, versions=versions)
+
+        return self._update(tenant, name, change)
 
     def purge(self, tenant: str, name: str, shas: Iterable[str]) -> None:
         """Delete the objects of revoked versions (idempotent)."""

@@ -145,6 +145,13 @@ class Settings(BaseSettings):
     and read the last slot's weights. auto = on for the CPU build."""
     self_test: bool = True
     """Run the mixed-batch isolation self-test before reporting SERVING."""
+    canary_interval_s: float = Field(30.0, ge=0, le=86_400)
+    """Runtime canary: every this many seconds, and right after each adapter version is loaded,
+    a known base-model and canary-adapter request (a random adapter in its own reserved engine
+    slot) runs among real traffic and is compared with its reference, recorded at start-up. On a
+    mismatch health goes NOT_SERVING, the versions loaded since the last good check are
+    quarantined, and the engine is restarted (or `lora-gateway serve` exits). Detection bound:
+    this interval plus one check (~1 s). 0 disables it (and frees the reserved slot)."""
 
     # --- store and cache --------------------------------------------------------------------
     store: str = ""

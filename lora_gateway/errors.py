@@ -7,6 +7,8 @@
     ├── PermissionDenied              PERMISSION_DENIED  role lacks the permission
     ├── ResourceExhausted             RESOURCE_EXHAUSTED quota or capacity exhausted
     ├── FailedPrecondition            FAILED_PRECONDITION incompatible adapter, alias conflict
+    │                                                    (store: Quarantined, a version the canary
+    │                                                    quarantined)
     ├── Unavailable                   UNAVAILABLE        store unreachable, engine down/restarting
     │   └── EngineDead                UNAVAILABLE        the engine process died
     ├── DataLoss                      DATA_LOSS          stored bytes do not match their sha256
@@ -88,6 +90,7 @@ _STORE_CODES: dict[type[store_errors.StoreError], grpc.StatusCode] = {
     store_errors.AdapterNotFound: grpc.StatusCode.NOT_FOUND,
     store_errors.Incompatible: grpc.StatusCode.FAILED_PRECONDITION,
     store_errors.Conflict: grpc.StatusCode.FAILED_PRECONDITION,
+    store_errors.Quarantined: grpc.StatusCode.FAILED_PRECONDITION,
     store_errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     store_errors.IntegrityError: grpc.StatusCode.DATA_LOSS,
     store_errors.CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,

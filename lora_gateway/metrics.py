@@ -45,6 +45,7 @@ __all__ = [
 Tier = Literal["engine", "disk"]
 LoadPhase = Literal["fetch", "verify", "validate", "engine_add"]
 _TIERS: frozenset[str] = frozenset(get_args(Tier))
+_CANARY_RESULTS: frozenset[str] = frozenset({"pass", "fail", "error"})
 _PHASES: frozenset[str] = frozenset(get_args(LoadPhase))
 
 BASE_ADAPTER_LABEL = "base"
@@ -170,6 +171,23 @@ class Metrics:
             ["tenant"],
             registry=r,
         )
+        self.canary_checks_total = Counter(
+            "lora_gateway_canary_checks_total",
+            "Runtime canary checks by result (pass, fail: outputs differ from the references, "
+            "error: the check could not run).",
+            ["result"],
+            registry=r,
+        )
+        self.quarantined_versions_total = Counter(
+            "lora_gateway_quarantined_versions_total",
+            "Adapter versions quarantined after a failed runtime canary check.",
+            registry=r,
+        )
+        self.engine_restarts_total = Counter(
+            "lora_gateway_engine_restarts_total",
+            "In-process engine restarts after a failed runtime canary check.",
+            registry=r,
+        )
         self._http: WSGIServer | None = None
 
     # --- recording ----------------------------------------------------------------------------
@@ -219,6 +237,16 @@ class Metrics:
 
     def set_engine_healthy(self, healthy: bool) -> None:
         self.engine_healthy.set(1 if healthy else 0)
+
+    def canary_check(self, result: str) -> None:
+        """Matches `engine.canary.CanaryMonitor(on_result=...)`."""
+        self.canary_checks_total.labels(_check(result, _CANARY_RESULTS)).inc()
+
+    def quarantined(self, count: int = 1) -> None:
+        self.quarantined_versions_total.inc(count)
+
+    def engine_restarted(self) -> None:
+        self.engine_restarts_total.inc()
 
     def set_inflight(self, tenant: str, count: int) -> None:
         """Matches `tenancy.Admission(on_change=...)`."""

@@ -131,6 +131,8 @@ class Residency:
         self._manifest_fetches: dict[tuple[str, str], asyncio.Task[Manifest]] = {}
         self._engine_lock = asyncio.Lock()
         self._freed = asyncio.Condition()
+        #: Called after a version was added to the engine (the runtime canary's hook).
+        self.on_loaded: Callable[[AdapterVersion, LoadedAdapter], None] | None = None
         self._store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="residency-store")
 
     async def _read_store(self, fn: Callable[..., T], *args: object) -> T:
@@ -288,6 +290,8 @@ class Residency:
                 await self._make_room()
                 await self.engine.add_adapter(loaded)
                 self._resident[key] = Resident(version, loaded)
+                if self.on_loaded is not None:
+                    self.on_loaded(version, loaded)
             self.stats.engine_loads += 1
             self._phase("engine_add", time.perf_counter() - validated)
             self._resident_changed()
@@ -389,6 +393,17 @@ class Residency:
             async with self._freed:
                 self._freed.notify_all()
         return aborted
+
+    async def forget_engine(self) -> list[AdapterVersion]:
+        """The engine was restarted and holds nothing: forget every resident version (no
+        `remove_lora`). Returns the versions that were pinned, to pin again."""
+        async with self._engine_lock:
+            pinned = [r.version for r in self._resident.values() if r.pinned]
+            for version in pinned:
+                self.cache.unpin(version.sha)
+            self._resident.clear()
+        self._resident_changed()
+        return pinned
 
     async def close(self) -> None:
         """Unload every version this residency put in the engine (for a shared engine)."""

@@ -1,9 +1,14 @@
 """Build and run the gateway: grpc.aio server, health, reflection, signals and drain.
 
 Start-up: store, disk cache and engine → gRPC server up with health NOT_SERVING → isolation
-self-test → warm (pinned) adapters → SERVING. Shutdown (SIGTERM/SIGINT): health NOT_SERVING at
-once → new requests refused (UNAVAILABLE) and the listener closed → in-flight requests drain
-within `drain_grace_s`, then are cancelled (engine abort) → poller stopped → engine shut down.
+self-test → runtime canary references → warm (pinned) adapters → SERVING. Runtime canary
+(engine/canary.py): on a mismatch health goes NOT_SERVING, the suspect versions are quarantined
+(store manifest, audit, log), and the engine is restarted in-process when this server owns it
+(self-test and canary again, then SERVING), else `engine_failed` is set.
+
+Shutdown (SIGTERM/SIGINT): health NOT_SERVING at once → new requests refused (UNAVAILABLE) and
+the listener closed → in-flight requests drain within `drain_grace_s`, then are cancelled
+(engine abort) → poller stopped → engine shut down.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,17 +27,27 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from adapter_store import BaseModelSpec, DiskCache, Limits, LocalBackend, Registry
+from adapter_store import (
+    AdapterVersion,
+    BaseModelSpec,
+    DiskCache,
+    Limits,
+    LocalBackend,
+    Registry,
+    StoreError,
+)
+from adapter_store.model import utc_now
 from adapter_store.store import BlobBackend
 from lora_gateway import errors, logs
 from lora_gateway.audit import AuditLog
 from lora_gateway.config import Settings
-from lora_gateway.engine.base import Engine
+from lora_gateway.engine.base import Engine, LoadedAdapter
+from lora_gateway.engine.canary import Canary, CanaryEngine, CanaryMonitor, CanaryReport
 from lora_gateway.engine.selftest import require_isolation
 from lora_gateway.gateway import Gateway
 from lora_gateway.interceptors import GatewayInterceptor
 from lora_gateway.metrics import Metrics
-from lora_gateway.residency import Residency
+from lora_gateway.residency import Residency, key_of
 from lora_gateway.services.admin import AdminService
 from lora_gateway.services.inference import InferenceService
 from lora_gateway.tenancy import Admission, KeyRing
@@ -99,6 +116,18 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 @dataclass
+class Recovery:
+    """What one canary failure did (timings in seconds)."""
+
+    mismatches: tuple[str, ...]
+    quarantined: tuple[str, ...]
+    #: From the failed check to SERVING again (None: not recovered in-process).
+    recovered_s: float | None = None
+    #: Of which the engine core restart (a fresh AsyncLLM).
+    restart_s: float | None = None
+
+
+@dataclass
 class GatewayServer:
     settings: Settings
     server: grpc.aio.Server
@@ -115,6 +144,13 @@ class GatewayServer:
     _watcher: asyncio.Task[None] | None = None
     #: Set when the engine died: `run()` then exits non-zero so that Kubernetes restarts the pod.
     engine_failed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The runtime canary (None: off, or the engine has no canary slot).
+    canary: CanaryMonitor | None = None
+    _canary_task: asyncio.Task[None] | None = None
+    #: True while a canary failure is being handled (the engine watcher stands aside).
+    recovering: bool = False
+    #: One entry per canary failure handled: timings for logs, tests and docs.
+    recoveries: list[Recovery] = field(default_factory=list)
 
     @classmethod
     async def start(cls, settings: Settings, engine: Engine | None = None) -> GatewayServer:
@@ -127,6 +163,7 @@ class GatewayServer:
             Path(settings.model),
             max_rank=settings.max_lora_rank,
             aliases=settings.base_model_aliases,
+            dtype=settings.dtype,
         )
         limits = Limits(max_file_bytes=settings.max_upload_bytes)
         backend = await asyncio.to_thread(open_backend, settings)
@@ -186,12 +223,15 @@ class GatewayServer:
                 self.metrics_port = metrics.start_http(settings.metrics_listen)[1]
             if settings.self_test:
                 await require_isolation(engine, settings.model)
+            await self._start_canary()
             await self._warm_up()
         except BaseException:
             await self.stop(grace=0)
             raise
         self._poller = asyncio.create_task(residency.run_poller(self._stop_poller))
         self._watcher = asyncio.create_task(self._watch_engine())
+        if self.canary is not None:
+            self._canary_task = asyncio.create_task(self.canary.run(self._stop_poller))
         for name in ("", *SERVICE_NAMES):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         metrics.set_engine_healthy(True)
@@ -208,6 +248,8 @@ class GatewayServer:
                 await asyncio.wait_for(self._stop_poller.wait(), every_s)
             if self._stop_poller.is_set():
                 return
+            if self.recovering:
+                continue  # the canary's recovery restarts the engine; it reports on its own
             try:
                 await self.engine.check_health()
             except errors.GatewayError:
@@ -217,6 +259,129 @@ class GatewayServer:
                     await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
                 self.engine_failed.set()
                 return
+
+    # --- runtime canary -----------------------------------------------------------------------
+    async def _start_canary(self) -> None:
+        """Record the canary's references (the self-test just passed) and hook residency."""
+        engine = self.engine
+        if (
+            self.settings.canary_interval_s <= 0
+            or not isinstance(engine, CanaryEngine)
+            or engine.canary_adapter is None
+        ):
+            return
+        canary = Canary.of(engine)
+        await canary.record()
+        monitor = CanaryMonitor(
+            canary,
+            self.settings.canary_interval_s,
+            self._on_canary_failure,
+            on_result=self.metrics.canary_check,
+        )
+
+        def loaded(version: AdapterVersion, adapter: LoadedAdapter) -> None:
+            monitor.loaded(version, adapter.lora_int_id)  # the version is the suspect's key
+
+        self.gateway.residency.on_loaded = loaded
+        self.canary = monitor
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def _on_canary_failure(self, report: CanaryReport, suspects: list[Hashable]) -> bool:
+        """NOT_SERVING at once → quarantine the suspects → restart the engine (or exit)."""
+        detected = time.monotonic()
+        self.recovering = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.metrics.set_engine_healthy(False)
+        versions = [key for key in suspects if isinstance(key, AdapterVersion)]
+        await self._quarantine(versions, report)
+        recovery = Recovery(
+            mismatches=report.mismatches,
+            quarantined=tuple(f"{v.tenant}/{v.name}@{v.version_id}" for v in versions),
+        )
+        self.recoveries.append(recovery)
+        if not self.owns_engine or not isinstance(self.engine, CanaryEngine):
+            log.error("runtime canary failed; the engine is not ours to restart: exiting")
+            self.engine_failed.set()
+            return False
+        try:
+            restarting = time.monotonic()
+            await self.engine.restart()
+            recovery.restart_s = time.monotonic() - restarting
+            pinned = await self.gateway.residency.forget_engine()
+            self.metrics.engine_restarted()
+            if self.settings.self_test:
+                await require_isolation(self.engine, self.settings.model)
+            again = await Canary.of(self.engine).check()
+            if not again.ok:
+                raise errors.Unavailable(
+                    "runtime canary still fails after the restart: "
+                    + (", ".join(again.mismatches) or again.detail)
+                )
+        except Exception:
+            log.exception("engine recovery failed: reporting NOT_SERVING and stopping")
+            self.engine_failed.set()
+            return False
+        quarantined = {key_of(v) for v in versions}
+        for version in pinned:
+            if key_of(version) not in quarantined:
+                try:
+                    await self.gateway.residency.pin(version)
+                except (errors.GatewayError, StoreError):
+                    log.exception(
+                        "could not pin %s/%s again after the restart", version.tenant, version.name
+                    )
+        recovery.recovered_s = time.monotonic() - detected
+        self.recovering = False
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.set_engine_healthy(True)
+        log.warning("engine recovered in %.1fs after the canary failed", recovery.recovered_s)
+        return True
+
+    async def _quarantine(self, versions: list[AdapterVersion], report: CanaryReport) -> None:
+        """Refuse the versions here at once, then persist it in their manifests (every replica
+        and a restarted process refuse them too), audit and log each one."""
+        residency = self.gateway.residency
+        residency.block(key_of(v) for v in versions)
+        reason = (
+            f"the runtime canary found the engine's outputs corrupted after it was loaded "
+            f"({utc_now()})"
+        )
+        for version in versions:
+            persisted = True
+            try:
+                manifest = await asyncio.to_thread(
+                    self.gateway.store.quarantine,
+                    version.tenant,
+                    version.name,
+                    version.sha,
+                    reason,
+                )
+                residency.remember(manifest)
+            except (StoreError, errors.GatewayError):
+                persisted = False
+                log.exception("could not persist the quarantine; refused on this replica only")
+            self.metrics.quarantined()
+            self.audit.record(
+                principal=None,
+                rpc="runtime-canary/quarantine",
+                decision="deny",
+                code=grpc.StatusCode.FAILED_PRECONDITION,
+                tenant=version.tenant,
+                adapter=version.name,
+                version=version.version_id,
+                detail=f"quarantined{'' if persisted else ' (not persisted)'}: canary mismatch "
+                + ", ".join(report.mismatches),
+            )
+            log.error(
+                "QUARANTINED adapter version %s/%s@%s: %s",
+                version.tenant,
+                version.name,
+                version.version_id,
+                reason,
+            )
 
     async def _warm_up(self) -> None:
         """Load and pin the configured warm set (`tenant/name[@alias]`)."""
@@ -240,7 +405,7 @@ class GatewayServer:
         self.gateway.draining = True
         await self.server.stop(grace)
         self._stop_poller.set()
-        for task in (self._poller, self._watcher):
+        for task in (self._poller, self._watcher, self._canary_task):
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

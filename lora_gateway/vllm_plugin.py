@@ -167,7 +167,10 @@ class StoreResolver:
                 "adapters are validated against LORA_GATEWAY_MODEL, not the model vLLM serves"
             )
         spec = BaseModelSpec.from_hf_config(
-            Path(model), max_rank=settings.max_lora_rank, aliases=settings.base_model_aliases
+            Path(model),
+            max_rank=settings.max_lora_rank,
+            aliases=settings.base_model_aliases,
+            dtype=settings.dtype,
         )
         limits = Limits(max_file_bytes=settings.max_upload_bytes)
         registry = Registry(open_backend(settings), spec, limits)
