@@ -238,6 +238,14 @@ class Settings(BaseSettings):
     audit_log: str | None = None
     """JSON-lines audit log of admin actions and denials; None logs to the `audit` logger."""
 
+    def __init__(self, **values: Any) -> None:
+        """Validate `values` (and, inside `load`, the environment and file); InvalidArgument
+        naming every bad setting otherwise."""
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise InvalidArgument(_explain(exc)) from None
+
     @model_validator(mode="before")
     @classmethod
     def _plain_values(cls, values: Any) -> Any:
@@ -321,14 +329,14 @@ class Settings(BaseSettings):
             unknown = sorted(set(given) - set(cls.model_fields))
             if unknown:
                 raise InvalidArgument(f"unknown settings: {', '.join(unknown)}")
-            return _validated(lambda: cls(**given))
+            return cls(**given)
         finally:
             _inputs.reset(token)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> Settings:
         """Settings from plain values (no environment, no file); InvalidArgument if invalid."""
-        return _validated(lambda: cls.model_validate(dict(values)))
+        return cls(**{str(k): v for k, v in values.items()})
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -416,14 +424,6 @@ class _YamlFile(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return dict(self._values)
-
-
-def _validated(build: Any) -> Settings:
-    try:
-        settings: Settings = build()
-    except ValidationError as exc:
-        raise InvalidArgument(_explain(exc)) from None
-    return settings
 
 
 def _explain(exc: ValidationError) -> str:
