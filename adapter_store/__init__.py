@@ -24,6 +24,7 @@ from adapter_store.model import (
     FileEntry,
     Limits,
     Manifest,
+    can_use,
     check_name,
 )
 from adapter_store.store import AdapterStore, BlobBackend, Registry, Upload
@@ -52,5 +53,6 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "Upload",
+    "can_use",
     "check_name",
 ]

@@ -6,6 +6,7 @@
     lora-gateway adapter list | show | alias | share | unshare | compose | pin | unpin |
                          prefetch | revoke
     lora-gateway residency
+    lora-gateway store repair-shares --config gateway.yaml
     lora-gateway dev make-model | make-adapter | hash-key | new-key
     lora-gateway demo
 
@@ -195,6 +196,38 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from lora_gateway import server
 
     return server.serve(settings)
+
+
+def _cmd_repair_shares(args: argparse.Namespace) -> int:
+    """Reconcile every tenant's share index with the manifests (after an upgrade from a
+    version without the index, or an interrupted share, unshare or revoke)."""
+    try:
+        settings = Settings.load(
+            args.config, overrides=_settings_overrides(args), environ=args.environ
+        )
+    except (errors.InvalidArgument, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from adapter_store import BaseModelSpec, Registry, StoreError
+    from lora_gateway.server import open_backend
+
+    # The repair reads manifests and writes share markers, never an adapter: a spec that
+    # would accept none, so that the base model need not be at hand.
+    spec = BaseModelSpec(name="", aliases=(), num_layers=0, module_shapes={}, max_rank=1)
+    try:
+        report = Registry(open_backend(settings), spec).repair_share_index()
+    except StoreError as exc:
+        code, text = errors.status_of(exc)
+        print(f"error: {code.name}: {text}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        _print_json(dataclasses.asdict(report))
+    else:
+        print(
+            f"{report.adapters} adapters, {report.grants} grants: wrote {report.added} missing "
+            f"share markers, removed {report.removed} that no manifest confirms"
+        )
+    return EXIT_OK
 
 
 # --- client plumbing ------------------------------------------------------------------------
@@ -759,6 +792,18 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     residency = commands.add_parser("residency", parents=[client], help="what is loaded where")
     residency.add_argument("--tenant", default="", help="'*' for all (operators)")
     residency.set_defaults(func=_cmd_residency)
+
+    store = commands.add_parser("store", help="maintenance of the adapter store (no gateway)")
+    store_ops = store.add_subparsers(dest="store_command", required=True, metavar="TASK")
+    repair = store_ops.add_parser(
+        "repair-shares",
+        help="make every share index agree with the manifests (once after an upgrade; safe "
+        "while gateways serve)",
+    )
+    repair.add_argument("--config", metavar="FILE", help="YAML settings file (the store's)")
+    repair.add_argument("--json", action="store_true", help="print JSON")
+    _add_settings_flags(repair)
+    repair.set_defaults(func=_cmd_repair_shares)
 
     dev = commands.add_parser("dev", help="developer tools")
     dev_ops = dev.add_subparsers(dest="dev_command", required=True, metavar="TOOL")

@@ -224,6 +224,7 @@ class AdminService(pb_grpc.AdminServicer):
     ) -> pb.AdapterInfo:
         tenant = self._tenant(request.tenant)
         manifest = await self._store(self.store.share, tenant, request.name, request.grantee)
+        self.residency.forget_shares(request.grantee)
         return await self._changed("ShareAdapter", manifest)
 
     async def UnshareAdapter(
@@ -231,6 +232,7 @@ class AdminService(pb_grpc.AdminServicer):
     ) -> pb.AdapterInfo:
         tenant = self._tenant(request.tenant)
         manifest = await self._store(self.store.unshare, tenant, request.name, request.grantee)
+        self.residency.forget_shares(request.grantee)
         return await self._changed("UnshareAdapter", manifest)
 
     async def ComposeAdapter(
