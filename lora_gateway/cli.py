@@ -435,9 +435,9 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        response = client.list_adapters(args.tenant, args.shared)
+        adapters = list(client.iter_adapters(args.tenant, args.shared, page_size=args.page_size))
     if args.json:
-        _print_json(_message_dict(response))
+        _print_json({"adapters": [_message_dict(a) for a in adapters]})
         return EXIT_OK
     rows = [
         (
@@ -448,7 +448,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
             ",".join(sorted(a.aliases)) or "-",
             ",".join(a.shared_with) or "-",
         )
-        for a in response.adapters
+        for a in adapters
     ]
     _table(("ADAPTER", "STATUS", "VERSIONS", "LATEST", "ALIASES", "SHARED WITH"), rows)
     return EXIT_OK
@@ -587,7 +587,16 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
 
 def _cmd_residency(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        response = client.get_residency(args.tenant)
+        response = client.get_residency(args.tenant, page_size=args.page_size)
+        token = response.next_page_token
+        while token:  # every page; the figures are the last page's
+            page = client.get_residency(args.tenant, page_size=args.page_size, page_token=token)
+            response.entries.extend(page.entries)
+            response.engine_capacity = page.engine_capacity
+            response.disk_budget_bytes = page.disk_budget_bytes
+            response.disk_used_bytes = page.disk_used_bytes
+            token = page.next_page_token
+        response.next_page_token = ""
     if args.json:
         _print_json(_message_dict(response))
         return EXIT_OK
@@ -682,6 +691,16 @@ def _client_parent(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     return parent
 
 
+def _page_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--page-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="adapters per request (0 = the server's default); every page is printed",
+    )
+
+
 def _tenant(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tenant", default="", help="owner tenant (default: the caller's)")
 
@@ -741,6 +760,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     listing = ops.add_parser("list", parents=[client], help="list adapters")
     _tenant(listing)
     listing.add_argument("--shared", action="store_true", help="include adapters shared with it")
+    _page_size(listing)
     listing.set_defaults(func=_cmd_list)
 
     show = ops.add_parser("show", parents=[client], help="versions, aliases and sharing")
@@ -791,6 +811,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
     residency = commands.add_parser("residency", parents=[client], help="what is loaded where")
     residency.add_argument("--tenant", default="", help="'*' for all (operators)")
+    _page_size(residency)
     residency.set_defaults(func=_cmd_residency)
 
     store = commands.add_parser("store", help="maintenance of the adapter store (no gateway)")

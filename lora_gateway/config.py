@@ -172,6 +172,10 @@ class Settings:
     `lora-gateway serve` exits 1 (Kubernetes restarts the pod)."""
     audit_log: str | None = None
     """JSON-lines audit log of admin actions and denials; None logs to the `audit` logger."""
+    admin_store_threads: int = 4
+    """Threads for the store I/O of Admin RPCs: their own pool, apart from the one cold loads
+    and revocation use, so a flood of admin reads cannot delay them. One tenant's calls hold
+    at most half of these threads at once."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -214,6 +218,7 @@ class Settings:
             "tenant_max_concurrent_uploads",
             "tenant_max_stored_bytes",
             "tenant_max_adapters",
+            "admin_store_threads",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")

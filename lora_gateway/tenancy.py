@@ -339,6 +339,13 @@ class KeyRing:
     def key_count(self) -> int:
         return len(self._keys)
 
+    def derive_key(self, purpose: str) -> bytes:
+        """A secret for `purpose` (e.g. signing page tokens): HMAC-SHA256 keyed by the stored
+        key hashes. The same on every replica that reads the same tenants file, and unknown to
+        any tenant, who knows at most its own keys."""
+        material = b"".join(sorted(entry.digest for entry in self._keys))
+        return hmac.new(material, purpose.encode("utf-8"), hashlib.sha256).digest()
+
     def __repr__(self) -> str:
         return f"KeyRing(tenants={sorted(self.tenants)}, keys={len(self._keys)})"
 

@@ -10,6 +10,7 @@ import asyncio
 import json
 import random
 import statistics
+import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -26,7 +27,7 @@ from lora_gateway.client import AsyncGatewayClient
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
-from lora_gateway.v1 import admin_pb2, inference_pb2, inference_pb2_grpc
+from lora_gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tests.conftest import AdapterFactory, engine_settings
 from tests.support.s3server import S3Server, s3_server
 from tests.support.stats import indistinguishable
@@ -241,6 +242,131 @@ async def test_another_tenants_adapter_is_answered_like_a_missing_one(
     assert answers == {("NOT_FOUND", errors.ADAPTER_NOT_FOUND_TEXT)}
     assert compared.same, compared
     assert residency.stats.manifest_fetches == fetches  # nothing read for either kind
+
+
+async def test_grantee_sees_only_what_it_needs(env: Env, uploaded: dict[str, str]) -> None:
+    """A grantee sees name, versions and aliases of a shared adapter; not who else it is
+    shared with, not the creators' key ids. The owner and operators see everything."""
+    async with (
+        env.client("acme-admin") as owner,
+        env.client("globex-user") as grantee,
+        env.client("root") as operator,
+    ):
+        await owner.share_adapter("mlp-r4", "globex")
+        await owner.share_adapter("mlp-r4", "initech")
+        try:
+            seen = (await grantee.list_adapters(include_shared=True)).adapters  # one page
+            if not any(a.tenant == "acme" for a in seen):  # the shared ones: a later page
+                seen = [a async for a in grantee.iter_adapters(include_shared=True)]
+            (info,) = [a for a in seen if a.tenant == "acme"]
+            assert info.name == "mlp-r4"
+            assert dict(info.aliases) == {"latest": uploaded["mlp-r4"], "prod": uploaded["mlp-r4"]}
+            (version,) = info.versions
+            assert (version.version, version.rank) == (uploaded["mlp-r4"], 4)
+            assert list(info.shared_with) == []
+            assert version.created_by == ""
+            assert (version.description, list(version.composed_from)) == ("", [])
+            full = await owner.get_adapter("mlp-r4")
+            assert sorted(full.shared_with) == ["globex", "initech"]
+            assert full.versions[0].created_by == "acme:acme-admin"
+            as_operator = (await operator.list_adapters("globex", include_shared=True)).adapters
+            if not any(a.tenant == "acme" for a in as_operator):
+                as_operator = [
+                    a async for a in operator.iter_adapters("globex", include_shared=True)
+                ]
+            (info,) = [a for a in as_operator if a.tenant == "acme"]
+            assert sorted(info.shared_with) == ["globex", "initech"]
+            assert info.versions[0].created_by == "acme:acme-admin"
+        finally:
+            await owner.unshare_adapter("mlp-r4", "globex")
+            await owner.unshare_adapter("mlp-r4", "initech")
+
+
+async def test_admin_listings_are_paged(env: Env, uploaded: dict[str, str]) -> None:
+    async with (
+        env.client("acme-user") as acme,
+        env.client("globex-admin") as globex,
+        env.client("root") as operator,
+    ):
+        await globex.share_adapter("qv-r8", "acme")
+        try:
+            everything = [
+                f"{a.tenant}/{a.name}" async for a in acme.iter_adapters(include_shared=True)
+            ]
+            assert {"acme/attn-r8", "acme/mlp-r4", "globex/qv-r8"} <= set(everything)
+            names: list[str] = []
+            token, pages = "", 0
+            while True:
+                page = await acme.list_adapters(include_shared=True, page_size=1, page_token=token)
+                assert len(page.adapters) <= 1
+                names += [f"{a.tenant}/{a.name}" for a in page.adapters]
+                pages += 1
+                token = page.next_page_token
+                if not token:
+                    break
+            assert names == everything
+            assert pages >= len(everything)  # one per page: own adapters, then the shared ones
+            # A token continues only the request it was issued for; nothing else is accepted.
+            first = (await acme.list_adapters(include_shared=True, page_size=1)).next_page_token
+            payload, mac = first.split(".")
+            flipped = payload[:-1] + ("A" if payload[-1] != "A" else "B")
+            for call in (
+                acme.list_adapters(include_shared=False, page_token=first),
+                operator.list_adapters("globex", include_shared=True, page_token=first),
+                acme.list_adapters(include_shared=True, page_token=f"{flipped}.{mac}"),
+                acme.list_adapters(include_shared=True, page_token="x" * 2000),
+                acme.list_adapters(include_shared=True, page_token="not a token"),
+                acme.get_residency(page_token=first),
+            ):
+                with pytest.raises(errors.InvalidArgument, match="invalid page_token"):
+                    await call
+            big = await acme.list_adapters(page_size=1_000_000)  # lowered to the maximum
+            assert big.next_page_token == ""
+            async with grpc.aio.insecure_channel(env.target) as channel:  # past the SDK's check
+                with pytest.raises(grpc.aio.AioRpcError) as negative:
+                    await admin_pb2_grpc.AdminStub(channel).ListAdapters(
+                        admin_pb2.ListAdaptersRequest(page_size=-1),
+                        metadata=(("authorization", "Bearer secret-acme-user"),),
+                    )
+            assert negative.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "page_size" in (negative.value.details() or "")
+        finally:
+            await globex.unshare_adapter("qv-r8", "acme")
+        # GetResidency pages by adapter, for a tenant and across tenants.
+        for client, tenant in ((acme, ""), (operator, "*")):
+            whole = await client.get_residency(tenant)
+            entries, token = [], ""
+            while True:
+                page = await client.get_residency(tenant, page_size=1, page_token=token)
+                entries += [(e.tenant, e.name, e.version) for e in page.entries]
+                token = page.next_page_token
+                if not token:
+                    break
+            assert entries == [(e.tenant, e.name, e.version) for e in whole.entries]
+            assert len({(t, n) for t, n, _ in entries}) >= 3
+
+
+async def test_admin_reads_do_not_wait_for_the_default_executor(
+    env: Env, uploaded: dict[str, str]
+) -> None:
+    """asyncio's default executor (disk checks and validation of cold loads, revocation) is
+    full: admin reads still answer, from their own pool (before: they queued behind it)."""
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+    blockers = [loop.run_in_executor(None, release.wait, 30.0) for _ in range(64)]
+    try:
+        async with env.client("acme-user", max_retries=0) as user:
+            started = time.perf_counter()
+            listed = await user.list_adapters(include_shared=True, timeout=5.0)
+            await user.get_adapter("attn-r8", timeout=5.0)
+            await user.get_residency(timeout=5.0)
+            took = time.perf_counter() - started
+    finally:
+        release.set()
+        await asyncio.gather(*blockers)
+    print(f"\nadmin reads with asyncio's default executor full: 3 answered in {took:.3f}s")
+    assert {a.name for a in listed.adapters} >= {"attn-r8"}
+    assert took < 5.0
 
 
 async def test_roles(env: Env, uploaded: dict[str, str], test_adapters: dict[str, Path]) -> None:
