@@ -53,7 +53,8 @@ CHART_MANAGED = frozenset(
         "cache_dir",
     }
 )
-NOT_IN_CHART = frozenset({"tls_cert", "tls_key", "tls_client_ca"})
+#: TLS is not wired; vllm_open_adapter_routes is for `vllm serve` with the plugin, not the gateway.
+NOT_IN_CHART = frozenset({"tls_cert", "tls_key", "tls_client_ca", "vllm_open_adapter_routes"})
 WORKLOADS = frozenset({"Deployment", "Job", "StatefulSet", "DaemonSet"})
 #: What the Dockerfile's runtime stages set (environment wins over the config file).
 IMAGE_ENV = {
