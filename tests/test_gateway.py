@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import statistics
 import threading
 import time
@@ -16,6 +17,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import grpc
 import pytest
@@ -25,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lora_gateway import devtools, errors
 from lora_gateway.client import AsyncGatewayClient
 from lora_gateway.engine.vllm_engine import VLLMEngine
+from lora_gateway.metrics import LoadPhase
 from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
 from lora_gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
@@ -520,7 +523,13 @@ async def test_metrics_endpoint(env: Env, uploaded: dict[str, str]) -> None:
     assert 'lora_gateway_requests_total{adapter="acme/attn-r8",code="OK",tenant="acme"}' in body
     assert "lora_gateway_time_to_first_token_seconds_count" in body
     assert 'lora_gateway_cache_hits_total{tier="engine"}' in body
-    assert 'lora_gateway_adapter_load_seconds_count{phase="engine_add"}' in body
+    # Every load phase the metric declares is one production records (there is no "verify"
+    # of its own: the cache verifies sha256 as it fetches), and production records no other.
+    for phase in get_args(LoadPhase):
+        assert f'lora_gateway_adapter_load_seconds_count{{phase="{phase}"}}' in body, phase
+    recorded = set(re.findall(r'lora_gateway_adapter_load_seconds_count\{phase="(\w+)"\}', body))
+    assert recorded == set(get_args(LoadPhase))
+    assert set(env.server.gateway.residency.stats.load_seconds) == recorded
     assert "lora_gateway_engine_healthy 1.0" in body
     assert "secret-" not in body
     assert PROMPT not in body
