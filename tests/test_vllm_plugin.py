@@ -301,6 +301,7 @@ def test_runtime_adapter_routes_are_refused(
     )
 
 
+@pytest.mark.slow  # a vLLM process of its own (~20 s); register()'s refusal runs in make test
 def test_vllm_serve_refuses_to_start_without_the_guard(tiny_model: Path, tmp_path: Path) -> None:
     """Runtime updating on, the guard not loaded (VLLM_PLUGINS does not name it): `vllm serve`
     stops at start-up with the reason, before it listens (before: it served, routes open)."""
