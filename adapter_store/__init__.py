@@ -25,6 +25,7 @@ from adapter_store.model import (
     FileEntry,
     Limits,
     Manifest,
+    can_use,
     check_name,
 )
 from adapter_store.store import AdapterStore, BlobBackend, Registry, Upload
@@ -54,5 +55,6 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "Upload",
+    "can_use",
     "check_name",
 ]

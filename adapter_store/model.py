@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from adapter_store.errors import AdapterNotFound, IntegrityError, InvalidAdapter, Quarantined
 
@@ -31,6 +31,8 @@ __all__ = [
     "FileEntry",
     "Limits",
     "Manifest",
+    "Page",
+    "can_use",
     "check_name",
     "check_sha",
     "not_found",
@@ -111,6 +113,18 @@ def check_sha(value: object, what: str = "version") -> str:
     if not isinstance(value, str) or not _SHA_RE.fullmatch(value):
         raise InvalidAdapter(f"invalid {what}: expected sha256:<64 lowercase hex digits>")
     return value
+
+
+def can_use(
+    tenant: str, owner: str, shared_with: Collection[str], *, operator: bool = False
+) -> bool:
+    """The sharing rule, the only one: may `tenant` use an adapter of `owner` shared with these?
+
+    Yes for the owner itself, for a tenant the owner shared it with, and for an operator (who
+    acts on every tenant). Everything that decides visibility calls this: the store's `resolve`
+    and its share index, the gateway's residency, and `tenancy.Policy.can_use`.
+    """
+    return operator or owner == tenant or tenant in shared_with
 
 
 def utc_now() -> str:
@@ -319,6 +333,12 @@ class Manifest:
     #: The backend's entity tag of the stored manifest this was read from (None: not stored).
     etag: str | None = None
 
+    def usable_by(self, tenant: str, *, operator: bool = False) -> bool:
+        """`can_use` for this adapter: live, and `tenant` is its owner, a grantee or an operator."""
+        return self.status == "active" and can_use(
+            tenant, self.tenant, self.shared_with, operator=operator
+        )
+
     def resolve(self, ref: AdapterRef) -> AdapterVersion:
         """The live version `ref` selects; AdapterNotFound if missing or revoked, Quarantined
         if the runtime canary quarantined it (callers check visibility before this)."""
@@ -379,6 +399,20 @@ class Manifest:
             revoked=tuple(_manifest_sha(s) for s in _str_list(_get(obj, "revoked", list))),
             etag=etag,
         )
+
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Page(Generic[_T]):
+    """One page of a listing: its items, and where the next page starts."""
+
+    items: list[_T]
+    #: Pass as `after` for the next page; None when the listing is complete.
+    next_after: str | None
+    #: Entries the page's listing returned (items plus those skipped, e.g. revoked): its cost.
+    examined: int = 0
 
 
 def not_found(ref: AdapterRef | str) -> AdapterNotFound:

@@ -9,6 +9,7 @@ Key layout (keys are relative to the backend's root folder or bucket prefix)::
     <prefix>/tenants/<tenant>/adapters/<name>/manifest.json
     <prefix>/tenants/<tenant>/adapters/<name>/versions/<sha256>/adapter_config.json
     <prefix>/tenants/<tenant>/adapters/<name>/versions/<sha256>/adapter_model.safetensors
+    <prefix>/tenants/<grantee>/shared/<owner>/<name>        (share index: one marker per grant)
 
 `<tenant>` and `<name>` pass `check_name` (letters, digits, '.', '_', '-'; no '..'), `<sha256>`
 is 64 lowercase hex digits (the version's content address) and the file names are the two
@@ -20,6 +21,13 @@ with jitter, then raises Conflict. So two concurrent writers never lose an updat
 
 Publishing is atomic: a version's objects are written first and the manifest is updated last;
 if anything fails the objects written are deleted and nothing becomes visible.
+
+Sharing: the manifest's `shared_with` is the truth; the grantee's share index (a small marker
+per grant) is a hint that lets a tenant find what is shared with it without reading anyone
+else's data, and every hint is confirmed against the owner's manifest by `can_use` before it
+counts. `share` writes the marker before the manifest, `unshare` and a whole revoke remove it
+after, so an interruption only ever leaves a marker that confirms nothing (harmless);
+`repair_share_index` reconciles both ways. Listings are paged: one backend listing per page.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Protocol
+from typing import IO, Protocol, TypeVar
 
 from adapter_store.compose import compose as compose_tensors
 from adapter_store.errors import (
@@ -60,6 +68,7 @@ from adapter_store.model import (
     FileEntry,
     Limits,
     Manifest,
+    Page,
     check_name,
     check_sha,
     not_found,
@@ -73,11 +82,22 @@ from adapter_store.validate import (
     validate_adapter,
 )
 
-__all__ = ["AdapterStore", "BlobBackend", "Registry", "Upload", "sha256_file"]
+__all__ = [
+    "MAX_PAGE",
+    "AdapterStore",
+    "BlobBackend",
+    "Registry",
+    "ShareRepair",
+    "Upload",
+    "sha256_file",
+]
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1024 * 1024
+_T = TypeVar("_T")
+#: Keys of a listing (an alias: inside the backend classes, `list` is their method).
+Keys = list[str]
 
 
 class BlobBackend(Protocol):
@@ -115,6 +135,17 @@ class BlobBackend(Protocol):
 
     def list(self, prefix: str) -> list[str]:
         """Every key under `prefix` (which ends with '/'), recursively."""
+        ...
+
+    def list_page(
+        self, prefix: str, *, start_after: str = "", limit: int = 1000, folders: bool = False
+    ) -> tuple[Keys, bool]:
+        """Up to `limit` keys under `prefix` greater than `start_after`, in byte order, and
+        whether more follow: one request to the store.
+
+        With `folders`, only the level under `prefix`: its keys, and each sub-folder once, as
+        `<prefix><child>/` (a `start_after` of that form skips the whole sub-folder).
+        """
         ...
 
 
@@ -155,6 +186,14 @@ class AdapterStore(Protocol):
     def list_tenants(self) -> list[str]: ...
 
     def list_shared_with(self, tenant: str) -> list[Manifest]: ...
+
+    def adapter_page(self, tenant: str, *, after: str = "", limit: int = 100) -> Page[Manifest]: ...
+
+    def shared_page(self, tenant: str, *, after: str = "", limit: int = 100) -> Page[Manifest]: ...
+
+    def tenant_page(self, *, after: str = "", limit: int = 100) -> Page[str]: ...
+
+    def share_hints(self, tenant: str) -> frozenset[tuple[str, str]]: ...
 
     def resolve(self, tenant: str, ref: AdapterRef) -> AdapterVersion: ...
 
@@ -214,6 +253,93 @@ def _object_key(tenant: str, name: str, sha: str, filename: str) -> str:
     if filename not in ADAPTER_FILES:
         raise InvalidAdapter(f"unsupported file {filename[:80]!r}")
     return _version_prefix(tenant, name, sha) + filename
+
+
+def _shared_prefix(grantee: str) -> str:
+    return f"tenants/{check_name(grantee, 'tenant')}/shared/"
+
+
+def _share_key(grantee: str, owner: str, name: str) -> str:
+    """The marker of one grant, in the grantee's share index."""
+    return (
+        _shared_prefix(grantee)
+        + f"{check_name(owner, 'tenant')}/{check_name(name, 'adapter name')}"
+    )
+
+
+#: The body of a share marker (the key says everything; the body is for people reading a bucket).
+_MARKER = b'{"format": 1, "kind": "share-marker"}\n'
+#: The largest page a listing returns.
+MAX_PAGE = 1000
+
+
+def _limit(limit: int) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+        raise InvalidAdapter(f"page size must be 1..{MAX_PAGE}")
+    return limit
+
+
+def _start(prefix: str, after: str) -> str:
+    """The backend's start position for a listing position `after` (a key relative to
+    `prefix`, as returned in `Page.next_after`); only compared with keys, never a path."""
+    if (
+        not isinstance(after, str)
+        or len(after) > 300
+        or not (after.isascii() and after.isprintable())
+    ):
+        raise InvalidAdapter("invalid listing position")
+    return prefix + after if after else ""
+
+
+def _next(keys: list[str], prefix: str, more: bool) -> str | None:
+    return keys[-1][len(prefix) :] if more and keys else None
+
+
+def _child(key: str, prefix: str, *, folder: bool) -> str | None:
+    """The validated name one level under `prefix`; None for anything outside the layout."""
+    rest = key[len(prefix) :]
+    if folder:
+        if not rest.endswith("/"):
+            return None
+        rest = rest[:-1]
+    try:
+        return check_name(rest, "name")
+    except InvalidAdapter:
+        log.warning("the store holds a key outside its layout under %s", prefix)
+        return None
+
+
+def _share_of(key: str, prefix: str) -> tuple[str, str] | None:
+    """(owner, name) of a marker key, both validated; None for anything else."""
+    owner, sep, name = key[len(prefix) :].partition("/")
+    try:
+        if sep and "/" not in name:
+            return check_name(owner, "tenant"), check_name(name, "adapter name")
+    except InvalidAdapter:
+        pass
+    log.warning("the store holds a key outside its layout under %s", prefix)
+    return None
+
+
+def _all_pages(page: Callable[[str], Page[_T]]) -> list[_T]:
+    items: list[_T] = []
+    after = ""
+    while True:
+        current = page(after)
+        items.extend(current.items)
+        if current.next_after is None:
+            return items
+        after = current.next_after
+
+
+@dataclass
+class ShareRepair:
+    """What `Registry.repair_share_index` found and did."""
+
+    adapters: int = 0
+    grants: int = 0
+    added: int = 0
+    removed: int = 0
 
 
 @dataclass
@@ -598,46 +724,106 @@ class Registry:
             return None
         return self._live(Manifest.from_json(*found), name)
 
-    def list_adapters(self, tenant: str) -> list[Manifest]:
+    # --- listings: one backend listing per page, never a scan of the bucket ------------------
+
+    def adapter_page(self, tenant: str, *, after: str = "", limit: int = 100) -> Page[Manifest]:
+        """Live adapters of `tenant` named after the position `after`, in name order.
+
+        One folder-level listing of at most `limit` names, and one manifest read per name: a
+        page costs at most 1 + `limit` store calls, however many adapters or versions exist.
+        `next_after` is the position to continue from (None at the end); a page may hold fewer
+        than `limit` items (revoked adapters are skipped) and still have a next one.
+        """
         prefix = f"tenants/{check_name(tenant, 'tenant')}/adapters/"
-        manifests = []
-        for key in sorted(self.backend.list(prefix)):
-            parts = key[len(prefix) :].split("/")
-            if len(parts) != 2 or parts[1] != "manifest.json":
+        keys, more = self.backend.list_page(
+            prefix, start_after=_start(prefix, after), limit=_limit(limit), folders=True
+        )
+        manifests: list[Manifest] = []
+        for key in keys:
+            name = _child(key, prefix, folder=True)
+            if name is None:
                 continue
-            manifest = self._read(tenant, check_name(parts[0], "adapter name"))
+            manifest = self._read(tenant, name)
             if manifest is not None and manifest.status == "active":
                 manifests.append(manifest)
-        return manifests
+        return Page(manifests, _next(keys, prefix, more), len(keys))
+
+    def tenant_page(self, *, after: str = "", limit: int = 100) -> Page[str]:
+        """Tenants with anything stored (adapters or shares), in name order: one listing."""
+        prefix = "tenants/"
+        keys, more = self.backend.list_page(
+            prefix, start_after=_start(prefix, after), limit=_limit(limit), folders=True
+        )
+        tenants = [t for t in (_child(k, prefix, folder=True) for k in keys) if t is not None]
+        return Page(tenants, _next(keys, prefix, more), len(keys))
+
+    def shared_page(self, tenant: str, *, after: str = "", limit: int = 100) -> Page[Manifest]:
+        """Other tenants' live adapters shared with `tenant`, from `tenant`'s share index.
+
+        One listing of the index (`tenants/<tenant>/shared/<owner>/<name>`, at most `limit`
+        markers) and one manifest read per marker; each marker is only a hint, confirmed
+        against the owner's manifest (the truth) with `can_use`. Nothing outside the index is
+        read, so the cost does not grow with the bucket.
+        """
+        prefix = _shared_prefix(tenant)
+        keys, more = self.backend.list_page(
+            prefix, start_after=_start(prefix, after), limit=_limit(limit)
+        )
+        manifests: list[Manifest] = []
+        for key in keys:
+            grant = _share_of(key, prefix)
+            if grant is None:
+                continue
+            try:
+                manifest = self._read(*grant)
+            except IntegrityError:
+                log.warning("share index of %s: a shared manifest is unreadable", tenant)
+                continue
+            if manifest is not None and manifest.usable_by(tenant):
+                manifests.append(manifest)
+        return Page(manifests, _next(keys, prefix, more), len(keys))
+
+    def share_hints(self, tenant: str) -> frozenset[tuple[str, str]]:
+        """(owner, name) of every marker in `tenant`'s share index: hints, not yet confirmed.
+
+        What the gateway checks before it reads anything of another tenant: a name absent here
+        is not shared with `tenant`, whether or not it exists (DESIGN invariant 6).
+        """
+        prefix = _shared_prefix(tenant)
+        hints: set[tuple[str, str]] = set()
+        start = ""
+        while True:
+            keys, more = self.backend.list_page(prefix, start_after=start, limit=1000)
+            hints.update(g for g in (_share_of(k, prefix) for k in keys) if g is not None)
+            if not more or not keys:
+                return frozenset(hints)
+            start = keys[-1]
+
+    def list_adapters(self, tenant: str) -> list[Manifest]:
+        """Every live adapter of `tenant` (all pages; prefer `adapter_page` where it can grow)."""
+        return _all_pages(lambda after: self.adapter_page(tenant, after=after, limit=1000))
 
     def list_tenants(self) -> list[str]:
-        tenants = set()
-        for key in self.backend.list("tenants/"):
-            parts = key.split("/")
-            if len(parts) >= 3:
-                tenants.add(check_name(parts[1], "tenant"))
-        return sorted(tenants)
+        return _all_pages(lambda after: self.tenant_page(after=after, limit=1000))
 
     def list_shared_with(self, tenant: str) -> list[Manifest]:
-        check_name(tenant, "tenant")
-        return [
-            manifest
-            for owner in self.list_tenants()
-            if owner != tenant
-            for manifest in self.list_adapters(owner)
-            if tenant in manifest.shared_with
-        ]
+        """Every adapter shared with `tenant`, from its share index (all pages)."""
+        return _all_pages(lambda after: self.shared_page(tenant, after=after, limit=1000))
 
     def resolve(self, tenant: str, ref: AdapterRef) -> AdapterVersion:
         """The live version `ref` names, as seen by `tenant`.
 
-        `ref.owner` defaults to `tenant`; another owner's adapter resolves only if it is shared
-        with `tenant`, and is otherwise answered exactly like a missing one.
+        `ref.owner` defaults to `tenant`. Another owner's adapter is looked for only when
+        `tenant`'s share index names it, and then resolves only if the manifest confirms the
+        grant (`can_use`); otherwise it is answered exactly like a missing one, without reading
+        the owner's manifest.
         """
         check_name(tenant, "tenant")
         owner = ref.owner or tenant
+        if owner != tenant and (owner, ref.name) not in self.share_hints(tenant):
+            raise not_found(ref)
         manifest = self._read(owner, ref.name)
-        if manifest is None or (owner != tenant and tenant not in manifest.shared_with):
+        if manifest is None or not manifest.usable_by(tenant):
             raise not_found(ref)
         return manifest.resolve(ref)
 
@@ -683,29 +869,102 @@ class Registry:
 
         return self._update(tenant, name, change)
 
+    # --- sharing: the manifest is the truth, the grantee's share index a confirmed hint ------
+
     def share(self, tenant: str, name: str, grantee: str) -> Manifest:
+        """Let `grantee` use `name`: marker, then manifest, then the marker once more.
+
+        Order of writes: (1) the marker in the grantee's index, (2) the manifest (the truth),
+        (3) the marker again. A crash after (1) leaves a marker the manifest does not confirm:
+        harmless, and removed by `repair_share_index`. (3) covers an unshare of the same grant
+        running concurrently, which may delete the marker between (1) and (2). Sharing again
+        rewrites the marker: it repairs one grant.
+        """
         check_name(grantee, "tenant")
+        manifest = self.get_manifest(tenant, name)  # missing or revoked: nothing is written
+        if grantee == tenant:
+            return manifest
+        marker = _share_key(grantee, tenant, name)
+        self.backend.put(marker, _MARKER)
 
         def change(current: Manifest | None) -> Manifest:
             manifest = self._live(current, name)
-            if grantee in manifest.shared_with or grantee == tenant:
-                return manifest
-            return replace(manifest, shared_with=tuple(sorted({*manifest.shared_with, grantee})))
-
-        return self._update(tenant, name, change)
-
-    def unshare(self, tenant: str, name: str, grantee: str) -> Manifest:
-        check_name(grantee, "tenant")
-
-        def change(current: Manifest | None) -> Manifest:
-            manifest = self._live(current, name)
-            if grantee not in manifest.shared_with:
-                return manifest
-            return replace(
-                manifest, shared_with=tuple(t for t in manifest.shared_with if t != grantee)
+            shared = tuple(sorted({*manifest.shared_with, grantee}))
+            return (
+                manifest
+                if shared == manifest.shared_with
+                else replace(manifest, shared_with=shared)
             )
 
-        return self._update(tenant, name, change)
+        manifest = self._update(tenant, name, change)
+        self.backend.put(marker, _MARKER)
+        return manifest
+
+    def unshare(self, tenant: str, name: str, grantee: str) -> Manifest:
+        """Stop sharing: the manifest first (from then on nothing confirms the grant), then the
+        marker (a crash in between leaves a harmless, unconfirmed marker)."""
+        check_name(grantee, "tenant")
+
+        def change(current: Manifest | None) -> Manifest:
+            manifest = self._live(current, name)
+            shared = tuple(t for t in manifest.shared_with if t != grantee)
+            return (
+                manifest
+                if shared == manifest.shared_with
+                else replace(manifest, shared_with=shared)
+            )
+
+        manifest = self._update(tenant, name, change)
+        if grantee != tenant:
+            self._settle_marker(grantee, tenant, name)
+        return manifest
+
+    def _grants(self, owner: str, name: str, grantee: str) -> bool:
+        manifest = self._read(owner, name)
+        return manifest is not None and owner != grantee and manifest.usable_by(grantee)
+
+    def _settle_marker(self, grantee: str, owner: str, name: str) -> bool:
+        """Make one marker agree with the manifest; True if the grant stands.
+
+        Deleting is followed by a second look at the manifest: a share that committed while
+        this ran gets its marker back, so a grant never ends up without one.
+        """
+        key = _share_key(grantee, owner, name)
+        if self._grants(owner, name, grantee):
+            self.backend.put(key, _MARKER)
+            return True
+        self.backend.delete(key)
+        if self._grants(owner, name, grantee):
+            self.backend.put(key, _MARKER)
+            return True
+        return False
+
+    def repair_share_index(self) -> ShareRepair:
+        """Make every tenant's share index agree with the manifests (the truth).
+
+        Writes the marker of every grant that has none (shares made before the index existed,
+        or an interrupted write) and removes markers no manifest confirms (a crash between the
+        two writes of a share, an unshare or a whole revoke). Reads every manifest and every
+        index: an operator's maintenance task (`lora-gateway store repair-shares`), never on a
+        request path. Safe to run while the gateways serve, and more than once.
+        """
+        report = ShareRepair()
+        tenants = self.list_tenants()
+        markers = {(grantee, *hint) for grantee in tenants for hint in self.share_hints(grantee)}
+        for owner in tenants:
+            for manifest in self.list_adapters(owner):
+                report.adapters += 1
+                for grantee in manifest.shared_with:
+                    if grantee == owner:
+                        continue
+                    report.grants += 1
+                    if (grantee, owner, manifest.name) not in markers:
+                        self.backend.put(_share_key(grantee, owner, manifest.name), _MARKER)
+                        report.added += 1
+        for grantee, owner, name in sorted(markers):
+            if not self._settle_marker(grantee, owner, name):
+                report.removed += 1
+        return report
 
     def revoke(
         self, tenant: str, name: str, version: str | None = None, *, delete_objects: bool = True
@@ -719,6 +978,7 @@ class Registry:
         """
         target = check_sha(version) if version is not None else None
         revoked: list[str] = []
+        grantees: list[str] = []
 
         def change(current: Manifest | None) -> Manifest:
             if current is None:
@@ -734,6 +994,7 @@ class Registry:
                     revoked=tuple(shas),
                 )
                 revoked[:] = shas
+                grantees[:] = current.shared_with
                 return current if new == current else new
             if target not in current.versions and target not in current.revoked:
                 raise not_found(f"{name}@sha256:{target}")
@@ -748,6 +1009,13 @@ class Registry:
             )
 
         self._update(tenant, name, change)
+        for grantee in grantees:
+            # The manifest no longer confirms these grants; a marker left by a failure here is
+            # harmless (and removed by `repair_share_index`).
+            try:
+                self.backend.delete(_share_key(grantee, tenant, name))
+            except StoreError:
+                log.warning("could not remove a share marker of a revoked adapter of %s", tenant)
         if delete_objects:
             self.purge(tenant, name, revoked)
         return revoked

@@ -6,6 +6,7 @@
     lora-gateway adapter list | show | alias | share | unshare | compose | pin | unpin |
                          prefetch | revoke
     lora-gateway residency
+    lora-gateway store repair-shares --config gateway.yaml
     lora-gateway dev make-model | make-adapter | hash-key | new-key
     lora-gateway demo
 
@@ -157,6 +158,38 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from lora_gateway import server
 
     return server.serve(settings)
+
+
+def _cmd_repair_shares(args: argparse.Namespace) -> int:
+    """Reconcile every tenant's share index with the manifests (after an upgrade from a
+    version without the index, or an interrupted share, unshare or revoke)."""
+    try:
+        settings = Settings.load(
+            args.config, overrides=_settings_overrides(args), environ=args.environ
+        )
+    except (errors.InvalidArgument, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from adapter_store import BaseModelSpec, Registry, StoreError
+    from lora_gateway.server import open_backend
+
+    # The repair reads manifests and writes share markers, never an adapter: a spec that
+    # would accept none, so that the base model need not be at hand.
+    spec = BaseModelSpec(name="", aliases=(), num_layers=0, module_shapes={}, max_rank=1)
+    try:
+        report = Registry(open_backend(settings), spec).repair_share_index()
+    except StoreError as exc:
+        code, text = errors.status_of(exc)
+        print(f"error: {code.name}: {text}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        _print_json(dataclasses.asdict(report))
+    else:
+        print(
+            f"{report.adapters} adapters, {report.grants} grants: wrote {report.added} missing "
+            f"share markers, removed {report.removed} that no manifest confirms"
+        )
+    return EXIT_OK
 
 
 # --- client plumbing ------------------------------------------------------------------------
@@ -364,9 +397,9 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        response = client.list_adapters(args.tenant, args.shared)
+        adapters = list(client.iter_adapters(args.tenant, args.shared, page_size=args.page_size))
     if args.json:
-        _print_json(_message_dict(response))
+        _print_json({"adapters": [_message_dict(a) for a in adapters]})
         return EXIT_OK
     rows = [
         (
@@ -377,7 +410,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
             ",".join(sorted(a.aliases)) or "-",
             ",".join(a.shared_with) or "-",
         )
-        for a in response.adapters
+        for a in adapters
     ]
     _table(("ADAPTER", "STATUS", "VERSIONS", "LATEST", "ALIASES", "SHARED WITH"), rows)
     return EXIT_OK
@@ -516,7 +549,16 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
 
 def _cmd_residency(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        response = client.get_residency(args.tenant)
+        response = client.get_residency(args.tenant, page_size=args.page_size)
+        token = response.next_page_token
+        while token:  # every page; the figures are the last page's
+            page = client.get_residency(args.tenant, page_size=args.page_size, page_token=token)
+            response.entries.extend(page.entries)
+            response.engine_capacity = page.engine_capacity
+            response.disk_budget_bytes = page.disk_budget_bytes
+            response.disk_used_bytes = page.disk_used_bytes
+            token = page.next_page_token
+        response.next_page_token = ""
     if args.json:
         _print_json(_message_dict(response))
         return EXIT_OK
@@ -611,6 +653,16 @@ def _client_parent(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     return parent
 
 
+def _page_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--page-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="adapters per request (0 = the server's default); every page is printed",
+    )
+
+
 def _tenant(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tenant", default="", help="owner tenant (default: the caller's)")
 
@@ -670,6 +722,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     listing = ops.add_parser("list", parents=[client], help="list adapters")
     _tenant(listing)
     listing.add_argument("--shared", action="store_true", help="include adapters shared with it")
+    _page_size(listing)
     listing.set_defaults(func=_cmd_list)
 
     show = ops.add_parser("show", parents=[client], help="versions, aliases and sharing")
@@ -720,7 +773,20 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
     residency = commands.add_parser("residency", parents=[client], help="what is loaded where")
     residency.add_argument("--tenant", default="", help="'*' for all (operators)")
+    _page_size(residency)
     residency.set_defaults(func=_cmd_residency)
+
+    store = commands.add_parser("store", help="maintenance of the adapter store (no gateway)")
+    store_ops = store.add_subparsers(dest="store_command", required=True, metavar="TASK")
+    repair = store_ops.add_parser(
+        "repair-shares",
+        help="make every share index agree with the manifests (once after an upgrade; safe "
+        "while gateways serve)",
+    )
+    repair.add_argument("--config", metavar="FILE", help="YAML settings file (the store's)")
+    repair.add_argument("--json", action="store_true", help="print JSON")
+    _add_settings_flags(repair)
+    repair.set_defaults(func=_cmd_repair_shares)
 
     dev = commands.add_parser("dev", help="developer tools")
     dev_ops = dev.add_subparsers(dest="dev_command", required=True, metavar="TOOL")

@@ -237,6 +237,14 @@ class Settings(BaseSettings):
     `lora-gateway serve` exits 1 (Kubernetes restarts the pod)."""
     audit_log: str | None = None
     """JSON-lines audit log of admin actions and denials; None logs to the `audit` logger."""
+    vllm_open_adapter_routes: bool = False
+    """vLLM plugin only: let `vllm serve` start without the `lora_gateway_guard` endpoint
+    plugin, with vLLM's /v1/load_lora_adapter, /v1/unload_lora_adapter and /adapters open to
+    every client. Set it only when a proxy in front of vLLM blocks those paths."""
+    admin_store_threads: int = Field(4, ge=1)
+    """Threads for the store I/O of Admin RPCs: their own pool, apart from the one cold loads
+    and revocation use, so a flood of admin reads cannot delay them. One tenant's calls hold
+    at most half of these threads at once."""
 
     def __init__(self, **values: Any) -> None:
         """Validate `values` (and, inside `load`, the environment and file); InvalidArgument

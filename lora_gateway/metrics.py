@@ -43,7 +43,10 @@ __all__ = [
 ]
 
 Tier = Literal["engine", "disk"]
-LoadPhase = Literal["fetch", "verify", "validate", "engine_add"]
+#: The phases residency records for each cold load: `fetch` (store → disk cache: download,
+#: fsync, sha256 verify, atomic rename; the cache verifies as it fetches, so there is no
+#: separate verify phase), `validate` (adapter checks), `engine_add` (make room and add_lora).
+LoadPhase = Literal["fetch", "validate", "engine_add"]
 _TIERS: frozenset[str] = frozenset(get_args(Tier))
 _CANARY_RESULTS: frozenset[str] = frozenset({"pass", "fail", "error"})
 _PHASES: frozenset[str] = frozenset(get_args(LoadPhase))
@@ -143,7 +146,7 @@ class Metrics:
         )
         self.adapter_load_seconds = Histogram(
             "lora_gateway_adapter_load_seconds",
-            "Cold adapter load latency by phase (fetch, verify, validate, engine_add).",
+            "Cold adapter load latency by phase (fetch incl. sha256 verify, validate, engine_add).",
             ["phase"],
             buckets=_LOAD_BUCKETS,
             registry=r,

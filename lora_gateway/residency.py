@@ -129,6 +129,10 @@ class Residency:
         #: (tenant, name) → when the store last said it does not exist.
         self._absent: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._manifest_fetches: dict[tuple[str, str], asyncio.Task[Manifest]] = {}
+        #: tenant → (when read, its share index): see `shares_of`.
+        self._shares: dict[str, tuple[float, frozenset[tuple[str, str]]]] = {}
+        self._share_fetches: dict[str, asyncio.Task[frozenset[tuple[str, str]]]] = {}
+        self._share_generation: dict[str, int] = {}
         self._engine_lock = asyncio.Lock()
         self._freed = asyncio.Condition()
         #: Called after a version was added to the engine (the runtime canary's hook).
@@ -212,12 +216,21 @@ class Residency:
     ) -> AdapterVersion:
         """The version `ref` names for tenant `caller`; NotFound, with one text, otherwise.
 
-        A tenant sees its own adapters and those shared with it (`any_owner`: operators).
+        A tenant sees its own adapters and those shared with it (`any_owner`: operators), by
+        the one sharing rule (`Manifest.usable_by`, i.e. `adapter_store.model.can_use`).
+        "Not yours" is decided before anything that depends on whether the name exists: for
+        another owner's name, visibility comes from the caller's own share index
+        (`shares_of`), and the owner's manifest is read (and cached) only once the index
+        names it. A name of another tenant that is not shared with the caller and a name that
+        does not exist take the same path: same code, text and time (DESIGN invariant 6).
         """
         owner = ref.owner or caller
         try:
+            foreign = owner != caller and not any_owner
+            if foreign and (owner, ref.name) not in await self.shares_of(caller):
+                raise AdapterNotFound(errors.ADAPTER_NOT_FOUND_TEXT)
             manifest = await self.manifest(owner, ref.name)
-            if owner != caller and not any_owner and caller not in manifest.shared_with:
+            if not manifest.usable_by(caller, operator=any_owner):
                 raise AdapterNotFound(errors.ADAPTER_NOT_FOUND_TEXT)
             version = manifest.resolve(ref)
         except AdapterNotFound:
@@ -225,6 +238,61 @@ class Residency:
         if key_of(version) in self._blocked:
             raise errors.NotFound(errors.ADAPTER_NOT_FOUND_TEXT)
         return version
+
+    async def shares_of(self, tenant: str) -> frozenset[tuple[str, str]]:
+        """(owner, name) in `tenant`'s share index: hints, confirmed by the manifest later.
+
+        Cached per tenant for one poll interval, whatever it holds (a tenant with no grants is
+        cached like one with many), and read by one task at a time however many requests ask.
+        Past the interval the cached index still answers while a fresh read runs in the
+        background (a stale marker is harmless: the manifest confirms every grant; a new share
+        shows once the read lands). When the store fails, the last index keeps answering and a
+        read is tried again one interval later; with no index read yet, requests wait for the
+        read and get the store's error, the same for every name. Only authenticated tenants
+        have entries: bounded by the tenants file. A share or unshare on this replica drops the
+        grantee's entry (`forget_shares`).
+        """
+        cached = self._shares.get(tenant)
+        if cached is not None and time.monotonic() - cached[0] < self.poll_interval_s:
+            return cached[1]
+        task = self._share_fetches.get(tenant)
+        if task is None:
+            task = asyncio.create_task(self._read_shares(tenant))
+            self._share_fetches[tenant] = task
+            task.add_done_callback(functools.partial(self._share_read_done, tenant))
+        if cached is not None:
+            return cached[1]
+        return await asyncio.shield(task)
+
+    async def _read_shares(self, tenant: str) -> frozenset[tuple[str, str]]:
+        generation = self._share_generation.get(tenant, 0)
+        try:
+            hints = await self._read_store(self.store.share_hints, tenant)
+        except StoreError:
+            cached = self._shares.get(tenant)
+            if cached is None:
+                raise
+            log.warning("share index of %s not refreshed: the store failed", tenant)
+            self._shares[tenant] = (time.monotonic(), cached[1])
+            return cached[1]
+        if self._share_generation.get(tenant, 0) == generation:  # not forgotten meanwhile
+            self._shares[tenant] = (time.monotonic(), hints)
+        return hints
+
+    def _share_read_done(self, tenant: str, task: asyncio.Task[frozenset[tuple[str, str]]]) -> None:
+        if self._share_fetches.get(tenant) is task:
+            del self._share_fetches[tenant]
+        if not task.cancelled() and task.exception() is not None and tenant in self._shares:
+            log.warning(
+                "share index of %s not refreshed: %s", tenant, type(task.exception()).__name__
+            )
+
+    def forget_shares(self, tenant: str) -> None:
+        """Drop the cached share index of `tenant` (after a share or unshare made here); a read
+        already under way is not used: the next request reads the index afresh."""
+        self._shares.pop(tenant, None)
+        self._share_fetches.pop(tenant, None)
+        self._share_generation[tenant] = self._share_generation.get(tenant, 0) + 1
 
     # --- use --------------------------------------------------------------------------------
     @contextlib.asynccontextmanager

@@ -9,7 +9,8 @@ Access rules (DESIGN.md invariant 6):
   unknown method is refused (`Policy.authorize`). A test walks the service descriptors.
 - `user`: generate, read its own tenant's adapters. `tenant-admin`: also manage its own tenant's
   adapters. `operator`: everything, on every tenant.
-- A tenant uses its own adapters and those shared with it (`Policy.can_use`).
+- A tenant uses its own adapters and those shared with it (`Policy.can_use`, which is the
+  store's `adapter_store.model.can_use`: one rule, used by every read path).
 - Another tenant's adapter is answered exactly like a missing one: NOT_FOUND with
   `errors.ADAPTER_NOT_FOUND_TEXT` (`Policy.effective_tenant_for_adapter`).
 
@@ -35,7 +36,7 @@ from typing import Any
 import yaml
 
 from adapter_store.errors import InvalidAdapter
-from adapter_store.model import check_name
+from adapter_store.model import can_use, check_name
 from lora_gateway.config import TenantDefaults
 from lora_gateway.errors import (
     ADAPTER_NOT_FOUND_TEXT,
@@ -338,6 +339,13 @@ class KeyRing:
     def key_count(self) -> int:
         return len(self._keys)
 
+    def derive_key(self, purpose: str) -> bytes:
+        """A secret for `purpose` (e.g. signing page tokens): HMAC-SHA256 keyed by the stored
+        key hashes. The same on every replica that reads the same tenants file, and unknown to
+        any tenant, who knows at most its own keys."""
+        material = b"".join(sorted(entry.digest for entry in self._keys))
+        return hmac.new(material, purpose.encode("utf-8"), hashlib.sha256).digest()
+
     def __repr__(self) -> str:
         return f"KeyRing(tenants={sorted(self.tenants)}, keys={len(self._keys)})"
 
@@ -415,11 +423,16 @@ class Policy:
 
     @staticmethod
     def can_use(principal: Principal, owner_tenant: str, shared_with: Collection[str]) -> bool:
-        """May the principal generate with an adapter of `owner_tenant` shared with these?"""
-        return (
-            principal.role is Role.OPERATOR
-            or owner_tenant == principal.tenant
-            or principal.tenant in shared_with
+        """May the principal generate with an adapter of `owner_tenant` shared with these?
+
+        The store's rule (`adapter_store.model.can_use`, the one every read path runs) with the
+        principal's role: operators act on every tenant.
+        """
+        return can_use(
+            principal.tenant,
+            owner_tenant,
+            shared_with,
+            operator=principal.role is Role.OPERATOR,
         )
 
     @staticmethod

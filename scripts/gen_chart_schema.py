@@ -28,8 +28,9 @@ CHART_MANAGED = (
     "metrics_listen",
     "cache_dir",
 )
-#: TLS is not wired: kubelet's gRPC probes speak plaintext (terminate TLS in front).
-NOT_IN_CHART = ("tls_cert", "tls_key", "tls_client_ca")
+#: TLS is not wired: kubelet's gRPC probes speak plaintext (terminate TLS in front). The vLLM
+#: plugin's setting concerns `vllm serve`, which the chart does not run.
+NOT_IN_CHART = ("tls_cert", "tls_key", "tls_client_ca", "vllm_open_adapter_routes")
 
 
 def config_schema() -> dict[str, Any]:

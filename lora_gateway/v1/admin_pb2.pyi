@@ -344,19 +344,34 @@ class ListAdaptersRequest(_message.Message):
 
     TENANT_FIELD_NUMBER: _builtins.int
     INCLUDE_SHARED_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Empty = the caller's tenant. Operators may name any tenant."""
     include_shared: _builtins.bool
-    """Also list adapters other tenants share with this tenant."""
+    """Also list adapters other tenants share with this tenant (after the tenant's own). A
+    tenant other than the owner sees only what it needs of them: name, versions and aliases
+    (no `shared_with`, no `created_by`, `description` or `composed_from`).
+    """
+    page_size: _builtins.int
+    """Most adapters examined for this page: 0 = 50; at most 200 (larger values are lowered to
+    200). A page may hold fewer (revoked adapters are skipped) and still have a next one.
+    """
+    page_token: _builtins.str
+    """`next_page_token` of the previous page, with the same tenant and include_shared; empty
+    for the first page. Opaque: valid only for the request it was issued for.
+    """
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         include_shared: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_shared", b"include_shared", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_shared", b"include_shared", "page_size", b"page_size", "page_token", b"page_token", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -367,16 +382,20 @@ class ListAdaptersResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ADAPTERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as `page_token` for the next page; empty when the listing is complete."""
     @_builtins.property
     def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterInfo]: ...
     def __init__(
         self,
         *,
         adapters: _abc.Iterable[Global___AdapterInfo] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -638,16 +657,26 @@ class GetResidencyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Empty = the caller's tenant; operators may pass "*" for all."""
+    page_size: _builtins.int
+    """Most adapters examined for this page (each contributes an entry per live version): 0 = 50;
+    at most 200.
+    """
+    page_token: _builtins.str
+    """`next_page_token` of the previous page, with the same tenant; empty for the first page."""
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -661,9 +690,12 @@ class GetResidencyResponse(_message.Message):
     ENGINE_CAPACITY_FIELD_NUMBER: _builtins.int
     DISK_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
     DISK_USED_BYTES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     engine_capacity: _builtins.int
     disk_budget_bytes: _builtins.int
     disk_used_bytes: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as `page_token` for the next page; empty when the listing is complete."""
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResidencyEntry]: ...
     def __init__(
@@ -673,10 +705,11 @@ class GetResidencyResponse(_message.Message):
         engine_capacity: _builtins.int = ...,
         disk_budget_bytes: _builtins.int = ...,
         disk_used_bytes: _builtins.int = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_budget_bytes", b"disk_budget_bytes", "disk_used_bytes", b"disk_used_bytes", "engine_capacity", b"engine_capacity", "entries", b"entries"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_budget_bytes", b"disk_budget_bytes", "disk_used_bytes", b"disk_used_bytes", "engine_capacity", b"engine_capacity", "entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -53,7 +53,8 @@ CHART_MANAGED = frozenset(
         "cache_dir",
     }
 )
-NOT_IN_CHART = frozenset({"tls_cert", "tls_key", "tls_client_ca"})
+#: TLS is not wired; vllm_open_adapter_routes is for `vllm serve` with the plugin, not the gateway.
+NOT_IN_CHART = frozenset({"tls_cert", "tls_key", "tls_client_ca", "vllm_open_adapter_routes"})
 WORKLOADS = frozenset({"Deployment", "Job", "StatefulSet", "DaemonSet"})
 #: What the Dockerfile's runtime stages set (environment wins over the config file).
 IMAGE_ENV = {
@@ -488,9 +489,11 @@ def test_selectors_match_pod_labels(scenario: tuple[str, list[dict[str, Any]]]) 
         assert selects_a_deployment(pdb["spec"]["selector"]["matchLabels"])
     for policy in of_kind(docs, "NetworkPolicy"):
         assert selects_a_deployment(policy["spec"]["podSelector"]["matchLabels"])
+        for rule in policy["spec"].get("ingress") or []:
+            assert rule.get("from"), (name, policy["metadata"]["name"], "admits every source")
         peers = [
             peer
-            for rule in policy["spec"].get("ingress", []) + policy["spec"].get("egress", [])
+            for rule in (policy["spec"].get("ingress") or []) + policy["spec"].get("egress", [])
             for peer in rule.get("from", []) + rule.get("to", [])
             if peer.get("podSelector", {}).get("matchLabels")
         ]
@@ -505,6 +508,82 @@ def test_selectors_match_pod_labels(scenario: tuple[str, list[dict[str, Any]]]) 
             if d["metadata"]["name"] == hpa["spec"]["scaleTargetRef"]["name"]
         ]
         assert "replicas" not in target[0]["spec"]  # the HPA owns the count
+
+
+EVERYONE = "every source"
+
+
+def admitted(policy: dict[str, Any], port: str) -> list[dict[str, Any]] | str:
+    """Who a NetworkPolicy lets in on a named port, read the way Kubernetes reads it: a rule
+    whose `ports` is missing or empty covers every port, and one whose `from` is missing or
+    empty admits every source; no rule covering the port admits nobody."""
+    if "Ingress" not in policy["spec"].get("policyTypes", ["Ingress"]):
+        return EVERYONE
+    peers: list[dict[str, Any]] = []
+    for rule in policy["spec"].get("ingress") or []:
+        ports = rule.get("ports") or []
+        if ports and not any(p.get("port") == port for p in ports):
+            continue
+        if not rule.get("from"):
+            return EVERYONE
+        peers += rule["from"]
+    return peers
+
+
+def policy_of(docs: list[dict[str, Any]], which: str) -> dict[str, Any]:
+    (policy,) = [p for p in of_kind(docs, "NetworkPolicy") if component(p) == which]
+    return policy
+
+
+def test_network_policy_admits_exactly_the_configured_peers(chart: helm.Chart) -> None:
+    """What is rendered, read with Kubernetes' semantics. `grpcFrom: []` admits nobody (only the
+    release's Envoy when it is on): before, it rendered a rule without `from`, open to every
+    source, and the old test read `rule.get("from", [])` as no peers."""
+    envoy_pods = {"matchLabels": {"app.kubernetes.io/component": "envoy"}}
+
+    def envoy_peer(peers: list[dict[str, Any]] | str) -> list[dict[str, Any]]:
+        assert peers != EVERYONE
+        assert isinstance(peers, list)
+        return [
+            p
+            for p in peers
+            if p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component")
+            == "envoy"
+        ]
+
+    default = render(chart, {})
+    gateway_policy = policy_of(default, "gateway")
+    assert admitted(gateway_policy, "grpc") == [{"podSelector": {}}]  # the release's namespace
+    assert admitted(gateway_policy, "metrics") == [{"namespaceSelector": {}}]
+
+    closed = render(chart, {"networkPolicy": {"grpcFrom": [], "metricsFrom": []}})
+    assert admitted(policy_of(closed, "gateway"), "grpc") == []
+    assert admitted(policy_of(closed, "gateway"), "metrics") == []
+    assert policy_of(closed, "gateway")["spec"]["ingress"] == []
+
+    fronted = render(chart, {"envoy": {"enabled": True}, "networkPolicy": {"grpcFrom": []}})
+    only_envoy = admitted(policy_of(fronted, "gateway"), "grpc")
+    assert len(envoy_peer(only_envoy)) == 1
+    assert len(only_envoy) == 1
+    assert admitted(policy_of(fronted, "envoy"), "grpc") == []  # nobody may call the front
+
+    chosen = [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}]
+    picked = render(chart, {"envoy": {"enabled": True}, "networkPolicy": {"grpcFrom": chosen}})
+    peers = admitted(policy_of(picked, "gateway"), "grpc")
+    assert isinstance(peers, list)
+    assert [p for p in peers if p not in envoy_peer(peers)] == chosen
+    assert admitted(policy_of(picked, "envoy"), "grpc") == chosen
+    assert (
+        envoy_pods["matchLabels"].items()
+        <= envoy_peer(peers)[0]["podSelector"]["matchLabels"].items()
+    )
+
+    # Opening it to everything is possible, and explicit.
+    anywhere = [{"ipBlock": {"cidr": "0.0.0.0/0"}}]
+    opened = render(chart, {"networkPolicy": {"grpcFrom": anywhere}})
+    assert admitted(policy_of(opened, "gateway"), "grpc") == anywhere
+    with pytest.raises(helm.HelmValuesError):
+        render_files(chart, {"networkPolicy": {"grpcFrom": [{}]}})  # an empty peer
 
 
 def test_config_map_is_accepted_by_settings(
