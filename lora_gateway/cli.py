@@ -418,13 +418,29 @@ def _cmd_list(args: argparse.Namespace) -> int:
         for a in response.adapters
     ]
     _table(("ADAPTER", "STATUS", "VERSIONS", "LATEST", "ALIASES", "SHARED WITH"), rows)
+    if response.HasField("usage"):
+        print()
+        print(f"usage       {_usage_text(response.usage)}")
     return EXIT_OK
+
+
+def _usage_text(usage: admin_pb2.TenantUsage) -> str:
+    """ "tenant acme: 1.2 MiB of 16.0 GiB stored, 3 of 10000 adapters"."""
+    from adapter_store.spool import format_bytes
+
+    return (
+        f"tenant {usage.tenant}: {format_bytes(usage.stored_bytes)} of "
+        f"{format_bytes(usage.max_stored_bytes)} stored, {usage.adapters} of "
+        f"{usage.max_adapters} adapters"
+    )
 
 
 def _print_adapter(info: admin_pb2.AdapterInfo) -> None:
     print(f"adapter     {_adapter_label(info.tenant, info.name)}")
     print(f"status      {_status(info.status)}")
     print(f"shared with {', '.join(info.shared_with) or '-'}")
+    if info.HasField("usage"):
+        print(f"usage       {_usage_text(info.usage)}")
     for alias in sorted(info.aliases):
         print(f"alias       {alias} -> {info.aliases[alias]}")
     by_version: dict[str, list[str]] = {}

@@ -107,9 +107,27 @@ class Settings:
     """Disk cache byte budget (LRU beyond it; pinned entries excepted)."""
     max_upload_bytes: int = 512 << 20
     """Largest adapter file accepted by UploadAdapter."""
+    spool_dir: str = ""
+    """Where uploads and compositions are spooled while they run (one folder each, removed at
+    the end); default a folder under the system temp dir. The chart mounts a volume sized from
+    `spool_budget_bytes` here."""
+    spool_budget_bytes: int = 4 << 30
+    """Bytes all uploads and compositions in progress may spool at once. An upload reserves its
+    declared sizes when its header arrives (a composition: its parts and its result), before any
+    byte is written; beyond the budget it is refused with RESOURCE_EXHAUSTED."""
+    compose_max_parts: int = 8
+    """Most parts one ComposeAdapter call may name."""
+    compose_max_bytes: int = 1 << 30
+    """Most stored bytes the parts of one ComposeAdapter call may total (checked from the
+    manifests, before anything is fetched)."""
     poll_interval_s: float = 2.0
     """How often manifests of resident adapters are re-read (conditional GET) so that other
     replicas' revocations, alias moves and shares take effect: the propagation bound."""
+    propagation_stale_after_s: float = 60.0
+    """When no manifest poll has completed (every cached manifest re-read) for this long, health
+    reports NOT_SERVING for readiness (service "") until one completes: a replica that cannot
+    see other replicas' revocations leaves the load balancer. Liveness ("liveness") stays
+    SERVING. At least 2 x poll_interval_s."""
     warm_adapters: tuple[str, ...] = ()
     """`tenant/name[@alias]` references loaded and pinned at start."""
     prefetch_on_upload: bool = False
@@ -122,6 +140,13 @@ class Settings:
     """Prometheus metrics HTTP address host:port; None disables it."""
     tenants_file: str = ""
     """YAML file mapping sha256 of API keys to tenants and roles."""
+    tenants_reload_interval_s: float = 5.0
+    """How often the tenants file is re-read (in a thread); a changed, valid file replaces the
+    keys and limits in force (a Kubernetes Secret update shows in the mounted file within about
+    a minute), an invalid one is logged and the previous file stays. 0 disables reloading."""
+    health_listen: str | None = None
+    """An extra listener (host:port) serving only grpc.health.v1, for kubelet probes: nothing
+    else is reachable there and the chart's NetworkPolicy admits no pod to it. None: off."""
     tls_cert: str | None = None
     """Server certificate (PEM) for TLS."""
     tls_key: str | None = None
@@ -134,6 +159,16 @@ class Settings:
     """HTTP/2 streams per connection."""
     max_concurrent_requests: int = 64
     """Generate requests admitted at once across tenants (RESOURCE_EXHAUSTED beyond)."""
+    max_concurrent_rpcs: int = 256
+    """Authenticated RPCs other than Generate (admin, reads, uploads) in progress at once across
+    tenants (RESOURCE_EXHAUSTED beyond)."""
+    tenant_max_concurrent_rpcs: int = 32
+    """Per-tenant cap on authenticated RPCs other than Generate in progress at once."""
+    public_max_streams: int = 64
+    """Open unauthenticated streams (grpc.health.v1 Watch, reflection) at once in total."""
+    public_max_streams_per_peer: int = 4
+    """Open unauthenticated streams at once per client address (behind a proxy every client
+    shares the proxy's address: raise it there)."""
     tenant_max_concurrent: int = 16
     """Default per-tenant concurrent Generate requests (a tenant may set its own)."""
     tenant_max_tokens: int = 2048
@@ -191,6 +226,15 @@ class Settings:
             problems.append("store must be file:///path or s3://bucket/prefix")
         if self.poll_interval_s <= 0:
             problems.append("poll_interval_s must be > 0")
+        if self.propagation_stale_after_s < 2 * self.poll_interval_s:
+            problems.append("propagation_stale_after_s must be >= 2 x poll_interval_s")
+        if self.tenants_reload_interval_s < 0:
+            problems.append("tenants_reload_interval_s must be >= 0")
+        if self.spool_budget_bytes < self.max_upload_bytes:
+            problems.append(
+                "spool_budget_bytes must be >= max_upload_bytes (else no upload of the largest "
+                "accepted size could ever be spooled)"
+            )
         if self.engine_watch_interval_s <= 0:
             problems.append("engine_watch_interval_s must be > 0")
         if self.upload_timeout_s <= 0:
@@ -208,6 +252,12 @@ class Settings:
         for name in (
             "max_num_seqs",
             "max_concurrent_requests",
+            "max_concurrent_rpcs",
+            "tenant_max_concurrent_rpcs",
+            "public_max_streams",
+            "public_max_streams_per_peer",
+            "compose_max_parts",
+            "compose_max_bytes",
             "tenant_max_concurrent",
             "tenant_max_tokens",
             "tenant_max_pins",
@@ -287,6 +337,14 @@ class Settings:
         import tempfile
 
         return Path(tempfile.gettempdir()) / "lora-gateway-cache"
+
+    @property
+    def spool_path(self) -> Path:
+        if self.spool_dir:
+            return Path(self.spool_dir)
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / "lora-gateway-spool"
 
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:
