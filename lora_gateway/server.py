@@ -331,9 +331,10 @@ class GatewayServer:
                 if stale
                 else health_pb2.HealthCheckResponse.SERVING
             )
-            if not self.gateway.draining:
-                for name in READINESS_NAMES:
-                    await self.health.set(name, status)
+            for name in READINESS_NAMES:
+                if self.gateway.draining or self.engine_failed.is_set():
+                    break  # those own the status now (NOT_SERVING)
+                await self.health.set(name, status)
 
     async def _watch_tenants(self) -> None:
         """Re-read the tenants file every `tenants_reload_interval_s` (in a thread) and put a

@@ -414,6 +414,14 @@ class Tenants:
     def tenants(self) -> Mapping[str, TenantConfig]:
         return self._current.tenants
 
+    @property
+    def defaults(self) -> TenantDefaults:
+        return self._current.defaults
+
+    @property
+    def key_count(self) -> int:
+        return self._current.key_count
+
     def __repr__(self) -> str:
         return f"Tenants({self._current!r}, generation={self.generation})"
 
