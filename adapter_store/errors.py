@@ -11,6 +11,8 @@
     ├── StoreUnavailable     store unreachable, timed out, misconfigured      UNAVAILABLE
     ├── IntegrityError       stored bytes do not match their sha256           DATA_LOSS
     └── CapacityExceeded     size caps, cache budget or disk exhausted        RESOURCE_EXHAUSTED
+        ├── SpoolFull        the upload spool's byte budget is reserved       RESOURCE_EXHAUSTED
+        └── QuotaExceeded    a tenant's stored-bytes or adapter quota         RESOURCE_EXHAUSTED
 
 The two backend-level classes are raised by `BlobBackend` implementations and handled inside
 `Registry`; they subclass the class they would map to should one ever escape.
@@ -32,6 +34,8 @@ __all__ = [
     "InvalidAdapter",
     "PreconditionFailed",
     "Quarantined",
+    "QuotaExceeded",
+    "SpoolFull",
     "StoreError",
     "StoreUnavailable",
 ]
@@ -79,3 +83,11 @@ class IntegrityError(StoreError):
 
 class CapacityExceeded(StoreError):
     """A size cap, the cache's byte budget or the disk is exhausted."""
+
+
+class SpoolFull(CapacityExceeded):
+    """Uploads and compositions in progress have reserved the whole spool budget."""
+
+
+class QuotaExceeded(CapacityExceeded):
+    """The tenant's quota on stored bytes or on adapters would be exceeded."""

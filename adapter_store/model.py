@@ -528,6 +528,9 @@ class Limits:
     max_config_bytes: int = 64 * 1024
     max_header_bytes: int = 1024 * 1024
     max_description_chars: int = 1024
+    #: ComposeAdapter: most parts, and most stored bytes of all parts (checked from manifests).
+    max_compose_parts: int = 8
+    max_compose_bytes: int = 1024 * 1024 * 1024
 
 
 # --- strict JSON helpers for reading manifests back ----------------------------------------

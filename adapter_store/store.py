@@ -28,6 +28,16 @@ else's data, and every hint is confirmed against the owner's manifest by `can_us
 counts. `share` writes the marker before the manifest, `unshare` and a whole revoke remove it
 after, so an interruption only ever leaves a marker that confirms nothing (harmless);
 `repair_share_index` reconciles both ways. Listings are paged: one backend listing per page.
+
+Uploads and compositions spool into `Spool` (one folder, one byte budget: `adapter_store.spool`),
+reserving what the header declares before any byte is written. With a `Quota`, a publish charges
+the tenant's usage object first (`tenants/<tenant>/usage.json`, conditional writes:
+`adapter_store.quota` explains the choice) and is refused beyond the quota.
+
+Compositions are bounded before anything is fetched (number of parts, sum of ranks, stored bytes
+of the parts, from the manifests), and computed one module at a time
+(`adapter_store.compose.write_composition`), so their memory is bounded by one module's
+tensors plus the validation of the result (the same as an upload of that size).
 """
 
 from __future__ import annotations
@@ -37,7 +47,6 @@ import json
 import logging
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -45,7 +54,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Protocol, TypeVar
 
-from adapter_store.compose import compose as compose_tensors
+from adapter_store.compose import (
+    Array,
+    ModuleKey,
+    plan_composition,
+    tensor_name,
+    write_composition,
+)
 from adapter_store.errors import (
     AdapterNotFound,
     BlobNotFound,
@@ -75,10 +90,12 @@ from adapter_store.model import (
     utc_now,
     version_sha,
 )
+from adapter_store.quota import Quota, Usage
+from adapter_store.spool import Spool, SpoolSpace, format_bytes
 from adapter_store.validate import (
     load_tensors,
     parse_config,
-    serialise_tensors,
+    read_safetensors_header,
     validate_adapter,
 )
 
@@ -154,6 +171,7 @@ class AdapterStore(Protocol):
 
     spec: BaseModelSpec
     limits: Limits
+    spool: Spool
 
     def begin_upload(
         self,
@@ -164,6 +182,7 @@ class AdapterStore(Protocol):
         created_by: str,
         aliases: Sequence[str] = (),
         description: str = "",
+        quota: Quota | None = None,
     ) -> Upload: ...
 
     def upload_dir(
@@ -175,7 +194,10 @@ class AdapterStore(Protocol):
         created_by: str,
         aliases: Sequence[str] = (),
         description: str = "",
+        quota: Quota | None = None,
     ) -> AdapterVersion: ...
+
+    def usage(self, tenant: str) -> Usage: ...
 
     def get_manifest(self, tenant: str, name: str) -> Manifest: ...
 
@@ -224,17 +246,16 @@ class AdapterStore(Protocol):
         created_by: str,
         aliases: Sequence[str] = (),
         description: str = "",
+        quota: Quota | None = None,
     ) -> AdapterVersion: ...
 
     def fetch_file(self, version: AdapterVersion, filename: str, dest: Path) -> None: ...
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+    """The hex sha256 of a file, read through one reused 256 KiB buffer."""
     with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _adapter_prefix(tenant: str, name: str) -> str:
@@ -243,6 +264,10 @@ def _adapter_prefix(tenant: str, name: str) -> str:
 
 def _manifest_key(tenant: str, name: str) -> str:
     return _adapter_prefix(tenant, name) + "manifest.json"
+
+
+def _usage_key(tenant: str) -> str:
+    return f"tenants/{check_name(tenant, 'tenant')}/usage.json"
 
 
 def _version_prefix(tenant: str, name: str, sha: str) -> str:
@@ -353,8 +378,9 @@ class _Incoming:
 class Upload:
     """An upload in progress: `write` chunks file by file in the declared order, then `commit`.
 
-    Bytes are spooled to a private temporary folder, hashed and counted as they arrive; any
-    error aborts the upload. Use it as a context manager to abort on an exception.
+    Bytes are spooled to a private folder of the spool (whose budget already holds the declared
+    sizes), hashed and counted as they arrive; any error aborts the upload and gives the space
+    back. Use it as a context manager to abort on an exception.
     """
 
     def __init__(
@@ -368,8 +394,12 @@ class Upload:
         aliases: Sequence[str],
         description: str,
         spool: Path,
+        space: SpoolSpace | None = None,
+        quota: Quota | None = None,
     ) -> None:
         self._registry = registry
+        self._space = space
+        self._quota = quota
         self._tenant = tenant
         self._name = name
         self._created_by = created_by
@@ -470,6 +500,8 @@ class Upload:
                 created_by=self._created_by,
                 aliases=self._aliases,
                 description=self._description,
+                space=self._space,
+                quota=self._quota,
             )
         finally:
             self.abort()
@@ -481,6 +513,8 @@ class Upload:
             self._handle.close()
             self._handle = None
         shutil.rmtree(self._spool, ignore_errors=True)
+        if self._space is not None:
+            self._space.release()
 
 
 class Registry:
@@ -493,12 +527,14 @@ class Registry:
         limits: Limits | None = None,
         *,
         spool_dir: Path | None = None,
+        spool: Spool | None = None,
         max_retries: int = 10,
     ) -> None:
         self.backend = backend
         self.spec = spec
         self.limits = limits or Limits()
-        self._spool_dir = spool_dir
+        #: Where uploads and compositions spool, and their byte budget (none by default).
+        self.spool = spool if spool is not None else Spool(spool_dir)
         self._max_retries = max_retries
 
     # --- uploads ------------------------------------------------------------------------------
@@ -512,15 +548,27 @@ class Registry:
         created_by: str,
         aliases: Sequence[str] = (),
         description: str = "",
+        quota: Quota | None = None,
     ) -> Upload:
+        """Check the header and reserve what it declares, before any byte is received.
+
+        Refused here (nothing spooled): a bad name or file list, a declared size above the cap
+        (CapacityExceeded), the tenant's quota (QuotaExceeded, with `quota`), a full spool
+        (SpoolFull). The quota is charged for good at `commit`."""
         check_name(tenant, "tenant")
         check_name(name, "adapter name")
         aliases = tuple(check_name(alias, "alias") for alias in aliases)
         self._check_text(created_by, description)
         entries = self._check_declared(declared)
-        if self._spool_dir is not None:
-            self._spool_dir.mkdir(parents=True, exist_ok=True)
-        spool = Path(tempfile.mkdtemp(prefix="upload-", dir=self._spool_dir))
+        declared_bytes = sum(entry.size for entry in entries)
+        if quota is not None:
+            self._check_quota(tenant, name, declared_bytes, quota, "this upload")
+        space = self.spool.reserve(declared_bytes, "this upload")
+        try:
+            spool = self.spool.folder("upload-")
+        except BaseException:
+            space.release()
+            raise
         return Upload(
             self,
             tenant,
@@ -530,7 +578,15 @@ class Registry:
             aliases=aliases,
             description=description,
             spool=spool,
+            space=space,
+            quota=quota,
         )
+
+    def _check_quota(self, tenant: str, name: str, nbytes: int, quota: Quota, what: str) -> None:
+        """Refuse early (before spooling) what the quota cannot take; `_publish` charges."""
+        manifest = self._read(tenant, name)
+        new_name = manifest is None or manifest.status != "active"
+        self.usage(tenant).check(quota, nbytes, 1 if new_name else 0, what)
 
     def _check_text(self, created_by: object, description: object) -> None:
         if not isinstance(created_by, str) or len(created_by) > 256:
@@ -579,6 +635,7 @@ class Registry:
         created_by: str,
         aliases: Sequence[str] = (),
         description: str = "",
+        quota: Quota | None = None,
     ) -> AdapterVersion:
         """Upload a local PEFT adapter folder (a README.md in it is ignored)."""
         files = sorted(p for p in Path(path).iterdir() if p.name != "README.md")
@@ -587,7 +644,13 @@ class Registry:
                 raise InvalidAdapter(f"{file.name[:80]!r} is not a regular file")
         declared = [FileEntry(f.name, f.stat().st_size, sha256_file(f)) for f in files]
         with self.begin_upload(
-            tenant, name, declared, created_by=created_by, aliases=aliases, description=description
+            tenant,
+            name,
+            declared,
+            created_by=created_by,
+            aliases=aliases,
+            description=description,
+            quota=quota,
         ) as upload:
             for filename in ADAPTER_FILES:
                 with (Path(path) / filename).open("rb") as f:
@@ -605,11 +668,18 @@ class Registry:
         aliases: Sequence[str],
         description: str,
         composed_from: tuple[tuple[str, float], ...] = (),
+        space: SpoolSpace | None = None,
+        quota: Quota | None = None,
     ) -> AdapterVersion:
-        """Validate the two files in `folder`, store them, then add the version."""
+        """Validate the two files in `folder`, store them, then add the version.
+
+        With `quota`, the tenant's usage is charged before anything is stored (QuotaExceeded
+        beyond it) and refunded if the publish fails or added nothing new."""
         paths = {filename: folder / filename for filename in ADAPTER_FILES}
         validated = validate_adapter(paths, self.spec, self.limits)
         for filename, data in validated.rewritten.items():
+            if space is not None:
+                space.grow(len(data) - paths[filename].stat().st_size, "rewriting this adapter")
             paths[filename].write_bytes(data)
         files = tuple(
             FileEntry(filename, path.stat().st_size, sha256_file(path))
@@ -633,6 +703,15 @@ class Registry:
             composed_from=composed_from,
         )
         existing = self._read(tenant, name)
+        # What this publish adds, charged before anything is stored (and refused beyond the
+        # quota); corrected to what it really added once the manifest is written.
+        charged = [0, 0]
+        if existing is None or sha not in existing.versions:
+            charged = [version.total_bytes, 0 if _is_live(existing) else 1]
+        counted = self._change_usage(
+            tenant, charged[0], charged[1], quota, "this adapter", create=quota is not None
+        )
+        added = [0, 0]
         written: list[str] = []
         try:
             if existing is None or sha not in existing.versions:
@@ -654,6 +733,10 @@ class Registry:
                         f"this exact content is quarantined as {version.version_id} of {name!r}"
                         f" ({known.quarantine_reason}) and cannot be published again"
                     )
+                added[:] = [
+                    0 if sha in base.versions else version.total_bytes,
+                    0 if _is_live(current) else 1,
+                ]
                 versions = dict(base.versions)
                 versions.setdefault(sha, version)
                 new_aliases = dict(base.aliases)
@@ -661,10 +744,17 @@ class Registry:
                     new_aliases[alias] = sha
                 return replace(base, status="active", versions=versions, aliases=new_aliases)
 
-            return self._update(tenant, name, add).versions[sha]
+            published = self._update(tenant, name, add).versions[sha]
         except BaseException:
             self._clean_up(tenant, name, sha, written)
+            if counted and any(charged):
+                self._refund(tenant, charged[0], charged[1])
             raise
+        if counted and added != charged:
+            # A concurrent writer published the same bytes or created the name meanwhile: make
+            # the usage say what this publish really added.
+            self._change_usage(tenant, added[0] - charged[0], added[1] - charged[1], None, "")
+        return published
 
     def _clean_up(self, tenant: str, name: str, sha: str, keys: Iterable[str]) -> None:
         """Delete objects of a failed publish unless a manifest now refers to them."""
@@ -676,6 +766,100 @@ class Registry:
                 self.backend.delete(key)
         except StoreError:
             log.warning("could not clean up objects of a failed upload under %s", tenant)
+
+    # --- usage and quotas (adapter_store.quota) ------------------------------------------------
+
+    def usage(self, tenant: str) -> Usage:
+        """The tenant's stored bytes and adapters. Before the tenant's first publish with a
+        quota there is no usage object: then counted from its manifests (and not stored, so a
+        refused upload stores nothing)."""
+        stored = self._read_usage(tenant, create=False)
+        return stored if stored is not None else self._count_usage(tenant)
+
+    def recount_usage(self, tenant: str) -> Usage:
+        """Recompute the tenant's usage from its manifests and store it (a repair, e.g. after a
+        crash between a charge and its manifest); a bounded scan of that tenant only."""
+        counted = self._count_usage(tenant)
+        for attempt in range(_USAGE_RETRIES):
+            current = self._read_usage(tenant, create=False)
+            try:
+                etag = self.backend.put(
+                    _usage_key(tenant),
+                    counted.to_json(),
+                    if_match=current.etag if current is not None else None,
+                    if_none_match=current is None,
+                )
+                return replace(counted, etag=etag)
+            except (PreconditionFailed, BlobNotFound):
+                _backoff(attempt)
+        raise Conflict(f"too many concurrent updates of the usage of tenant {tenant!r}; try again")
+
+    def _count_usage(self, tenant: str) -> Usage:
+        live = self.list_adapters(tenant)
+        return Usage(
+            tenant,
+            sum(v.total_bytes for m in live for v in m.versions.values()),
+            len(live),
+        )
+
+    def _read_usage(self, tenant: str, *, create: bool) -> Usage | None:
+        key = _usage_key(tenant)
+        for attempt in range(_USAGE_RETRIES):
+            try:
+                data, etag = self.backend.get(key)
+            except BlobNotFound:
+                if not create:
+                    return None
+                counted = self._count_usage(tenant)
+                try:
+                    etag = self.backend.put(key, counted.to_json(), if_none_match=True)
+                except PreconditionFailed:
+                    _backoff(attempt)
+                    continue  # created meanwhile by another writer: read that one
+                return replace(counted, etag=etag)
+            usage = Usage.from_json(data, etag)
+            if usage.tenant != tenant:
+                raise IntegrityError(f"stored usage object of {tenant!r} names another tenant")
+            return usage
+        raise Conflict(f"too many concurrent updates of the usage of tenant {tenant!r}; try again")
+
+    def _change_usage(
+        self,
+        tenant: str,
+        nbytes: int,
+        adapters: int,
+        quota: Quota | None,
+        what: str,
+        *,
+        create: bool = False,
+    ) -> bool:
+        """Add to the tenant's usage with a conditional write, refusing (QuotaExceeded) what
+        `quota` cannot take; False when there is no usage object and `create` is false (usage
+        is not kept for this tenant yet: its first reader counts it from the manifests)."""
+        key = _usage_key(tenant)
+        for attempt in range(_USAGE_RETRIES):
+            current = self._read_usage(tenant, create=create)
+            if current is None:
+                return False
+            if quota is not None:
+                current.check(quota, nbytes, adapters, what)
+            if nbytes == 0 and adapters == 0:
+                return True
+            try:
+                self.backend.put(
+                    key, current.plus(nbytes, adapters).to_json(), if_match=current.etag
+                )
+                return True
+            except (PreconditionFailed, BlobNotFound):
+                _backoff(attempt)
+        raise Conflict(f"too many concurrent updates of the usage of tenant {tenant!r}; try again")
+
+    def _refund(self, tenant: str, nbytes: int, adapters: int) -> None:
+        """Give bytes and names back (best effort: a failure leaves usage too high, not low)."""
+        try:
+            self._change_usage(tenant, -nbytes, -adapters, None, "")
+        except StoreError as exc:
+            log.warning("could not refund the usage of tenant %s: %s", tenant, type(exc).__name__)
 
     # --- manifests ----------------------------------------------------------------------------
 
@@ -979,6 +1163,7 @@ class Registry:
         target = check_sha(version) if version is not None else None
         revoked: list[str] = []
         grantees: list[str] = []
+        freed = [0, 0]  # bytes and names no longer live: refunded from the tenant's usage
 
         def change(current: Manifest | None) -> Manifest:
             if current is None:
@@ -995,12 +1180,18 @@ class Registry:
                 )
                 revoked[:] = shas
                 grantees[:] = current.shared_with
+                freed[:] = [
+                    sum(v.total_bytes for v in current.versions.values()),
+                    1 if _is_live(current) else 0,
+                ]
                 return current if new == current else new
             if target not in current.versions and target not in current.revoked:
                 raise not_found(f"{name}@sha256:{target}")
             revoked[:] = [target]
+            freed[:] = [0, 0]
             if target in current.revoked:
                 return current
+            freed[0] = current.versions[target].total_bytes
             return replace(
                 current,
                 versions={s: v for s, v in current.versions.items() if s != target},
@@ -1016,6 +1207,8 @@ class Registry:
                 self.backend.delete(_share_key(grantee, tenant, name))
             except StoreError:
                 log.warning("could not remove a share marker of a revoked adapter of %s", tenant)
+        if any(freed):
+            self._refund(tenant, freed[0], freed[1])
         if delete_objects:
             self.purge(tenant, name, revoked)
         return revoked
@@ -1057,47 +1250,137 @@ class Registry:
         created_by: str,
         aliases: Sequence[str] = (),
         description: str = "",
+        quota: Quota | None = None,
     ) -> AdapterVersion:
-        """Publish the weighted sum of `tenant`'s own adapter versions as a new version."""
+        """Publish the weighted sum of `tenant`'s own adapter versions as a new version.
+
+        Bounded before anything is fetched, from the manifests: at most
+        `limits.max_compose_parts` parts, their ranks summing to at most the model's max rank,
+        their stored bytes to at most `limits.max_compose_bytes`. The parts are then fetched
+        into the spool (their bytes reserved first), the result's size is computed from their
+        headers (at most `limits.max_file_bytes`, reserved, and checked against `quota`), and
+        it is written one module at a time.
+        """
         check_name(name, "adapter name")
         aliases = tuple(check_name(alias, "alias") for alias in aliases)
         self._check_text(created_by, description)
         if not parts:
             raise InvalidAdapter("composition needs at least one part")
-        if self._spool_dir is not None:
-            self._spool_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="compose-", dir=self._spool_dir) as tmp:
-            loaded = []
-            composed_from = []
-            for index, (ref, weight) in enumerate(parts):
-                if ref.owner not in (None, tenant):
-                    raise InvalidAdapter("composition parts must be the tenant's own adapters")
-                if not isinstance(weight, int | float) or isinstance(weight, bool):
-                    raise InvalidAdapter("composition weights must be numbers")
-                version = self.resolve(tenant, ref)
-                folder = Path(tmp) / f"part-{index}"
-                folder.mkdir()
-                for entry in version.files:
-                    self._fetch_verified(version, entry, folder / entry.filename)
-                config = parse_config((folder / CONFIG_FILE).read_bytes(), self.limits)
-                tensors = load_tensors(folder / WEIGHTS_FILE, self.limits)
-                loaded.append((tensors, config, float(weight)))
-                ref_text = str(AdapterRef(owner=tenant, name=version.name, version=version.sha))
-                composed_from.append((ref_text, float(weight)))
-            tensors, config = compose_tensors(loaded, max_rank=self.spec.max_rank)
-            out = Path(tmp) / "composed"
-            out.mkdir()
-            (out / CONFIG_FILE).write_bytes(_config_bytes(config))
-            (out / WEIGHTS_FILE).write_bytes(serialise_tensors(tensors))
-            return self._publish(
-                tenant,
-                name,
-                out,
-                created_by=created_by,
-                aliases=aliases,
-                description=description,
-                composed_from=tuple(composed_from),
+        if len(parts) > self.limits.max_compose_parts:
+            raise CapacityExceeded(
+                f"composition of {len(parts)} parts exceeds the cap of "
+                f"{self.limits.max_compose_parts} parts"
             )
+        versions: list[AdapterVersion] = []
+        weights: list[float] = []
+        for ref, weight in parts:
+            if ref.owner not in (None, tenant):
+                raise InvalidAdapter("composition parts must be the tenant's own adapters")
+            if not isinstance(weight, int | float) or isinstance(weight, bool):
+                raise InvalidAdapter("composition weights must be numbers")
+            versions.append(self.resolve(tenant, ref))
+            weights.append(float(weight))
+        ranks = [version.rank for version in versions]
+        if sum(ranks) > self.spec.max_rank:
+            raise InvalidAdapter(
+                f"composed rank {sum(ranks)} (sum of the parts' ranks {ranks}) exceeds the "
+                f"maximum rank {self.spec.max_rank}"
+            )
+        part_bytes = sum(version.total_bytes for version in versions)
+        if part_bytes > self.limits.max_compose_bytes:
+            raise CapacityExceeded(
+                f"the parts of this composition store {format_bytes(part_bytes)}, above the cap "
+                f"of {format_bytes(self.limits.max_compose_bytes)}"
+            )
+        with self.spool.reserve(part_bytes, "this composition") as space:
+            folder = self.spool.folder("compose-")
+            try:
+                return self._compose_in(
+                    folder,
+                    space,
+                    tenant,
+                    name,
+                    versions,
+                    weights,
+                    created_by,
+                    aliases,
+                    description,
+                    quota,
+                )
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _compose_in(
+        self,
+        folder: Path,
+        space: SpoolSpace,
+        tenant: str,
+        name: str,
+        versions: Sequence[AdapterVersion],
+        weights: Sequence[float],
+        created_by: str,
+        aliases: tuple[str, ...],
+        description: str,
+        quota: Quota | None,
+    ) -> AdapterVersion:
+        configs: list[dict[str, object]] = []
+        headers = []
+        for index, version in enumerate(versions):
+            part = folder / f"part-{index}"
+            part.mkdir()
+            for entry in version.files:
+                self._fetch_verified(version, entry, part / entry.filename)
+            configs.append(parse_config((part / CONFIG_FILE).read_bytes(), self.limits))
+            headers.append(read_safetensors_header(part / WEIGHTS_FILE, self.limits))
+        plan = plan_composition(
+            [{n: t.shape for n, t in header.items()} for header, _ in headers],
+            configs,
+            weights,
+            max_rank=self.spec.max_rank,
+        )
+        if plan.size > self.limits.max_file_bytes:
+            raise CapacityExceeded(
+                f"the composed {WEIGHTS_FILE} would be {format_bytes(plan.size)}, above the cap "
+                f"of {format_bytes(self.limits.max_file_bytes)}"
+            )
+        config_bytes = _config_bytes(plan.config)
+        if quota is not None:
+            self._check_quota(
+                tenant, name, plan.size + len(config_bytes), quota, "this composition"
+            )
+        space.grow(plan.size + len(config_bytes), "the composed adapter")
+
+        def load(index: int, key: ModuleKey) -> dict[str, Array] | None:
+            header, data_start = headers[index]
+            names = {part: tensor_name(key, part) for part in ("A", "B")}
+            if names["A"] not in header:
+                return None
+            subset = {n: header[n] for n in names.values()}
+            loaded = load_tensors(
+                folder / f"part-{index}" / WEIGHTS_FILE, self.limits, header=(subset, data_start)
+            )
+            return {part: loaded[n] for part, n in names.items()}
+
+        out = folder / "composed"
+        out.mkdir()
+        (out / CONFIG_FILE).write_bytes(config_bytes)
+        with (out / WEIGHTS_FILE).open("wb") as f:
+            write_composition(plan, load, f)
+        composed_from = tuple(
+            (str(AdapterRef(owner=tenant, name=v.name, version=v.sha)), w)
+            for v, w in zip(versions, weights, strict=True)
+        )
+        return self._publish(
+            tenant,
+            name,
+            out,
+            created_by=created_by,
+            aliases=aliases,
+            description=description,
+            composed_from=composed_from,
+            space=space,
+            quota=quota,
+        )
 
     def _fetch_verified(self, version: AdapterVersion, entry: FileEntry, dest: Path) -> None:
         self.fetch_file(version, entry.filename, dest)
@@ -1114,6 +1397,19 @@ class Registry:
             )
         except BlobNotFound:
             raise AdapterNotFound(f"version {version.version_id} is no longer stored") from None
+
+
+#: Conditional writes of a usage object: every upload of a tenant contends on one object.
+_USAGE_RETRIES = 25
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(random.uniform(0, min(0.2, 0.002 * 2**attempt)))  # noqa: S311 - jitter
+
+
+def _is_live(manifest: Manifest | None) -> bool:
+    """Whether a manifest counts as one of its tenant's adapters."""
+    return manifest is not None and manifest.status == "active"
 
 
 def _looks_like_sha(text: str) -> bool:

@@ -396,8 +396,20 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    adapters: list[admin_pb2.AdapterInfo] = []
+    usage: admin_pb2.TenantUsage | None = None
     with _client(args) as client:
-        adapters = list(client.iter_adapters(args.tenant, args.shared, page_size=args.page_size))
+        token = ""
+        while True:
+            page = client.list_adapters(
+                args.tenant, args.shared, page_size=args.page_size, page_token=token
+            )
+            adapters.extend(page.adapters)
+            if usage is None and page.HasField("usage"):
+                usage = page.usage
+            token = page.next_page_token
+            if not token:
+                break
     if args.json:
         _print_json({"adapters": [_message_dict(a) for a in adapters]})
         return EXIT_OK
@@ -413,13 +425,29 @@ def _cmd_list(args: argparse.Namespace) -> int:
         for a in adapters
     ]
     _table(("ADAPTER", "STATUS", "VERSIONS", "LATEST", "ALIASES", "SHARED WITH"), rows)
+    if usage is not None:
+        print()
+        print(f"usage       {_usage_text(usage)}")
     return EXIT_OK
+
+
+def _usage_text(usage: admin_pb2.TenantUsage) -> str:
+    """ "tenant acme: 1.2 MiB of 16.0 GiB stored, 3 of 10000 adapters"."""
+    from adapter_store.spool import format_bytes
+
+    return (
+        f"tenant {usage.tenant}: {format_bytes(usage.stored_bytes)} of "
+        f"{format_bytes(usage.max_stored_bytes)} stored, {usage.adapters} of "
+        f"{usage.max_adapters} adapters"
+    )
 
 
 def _print_adapter(info: admin_pb2.AdapterInfo) -> None:
     print(f"adapter     {_adapter_label(info.tenant, info.name)}")
     print(f"status      {_status(info.status)}")
     print(f"shared with {', '.join(info.shared_with) or '-'}")
+    if info.HasField("usage"):
+        print(f"usage       {_usage_text(info.usage)}")
     for alias in sorted(info.aliases):
         print(f"alias       {alias} -> {info.aliases[alias]}")
     by_version: dict[str, list[str]] = {}

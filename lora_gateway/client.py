@@ -26,7 +26,8 @@ Errors: every failure raises the `lora_gateway.errors` class of its status code 
 server's message (`errors.NotFound("adapter not found")`); the exception's `code` is the status
 code received. Codes with no class of their own (UNKNOWN, UNIMPLEMENTED, ...) raise the base
 `GatewayError`; CANCELLED raises `errors.Aborted`. Invalid arguments detected before anything is
-sent raise `errors.InvalidArgument`.
+sent raise `errors.InvalidArgument`. A refusal by a rate limit (RESOURCE_EXHAUSTED) carries the
+server's `retry-after` hint as `error.retry_after_s` (seconds; None when the server sent none).
 
 Retries: only UNAVAILABLE is retried, at most `max_retries` times, with exponential backoff and
 jitter, within the call's deadline (the deadline covers all attempts). Every admin RPC is safe to
@@ -175,7 +176,22 @@ def _error_from_rpc(exc: grpc.RpcError) -> errors.GatewayError:
     error = cls(details or code.name.lower())
     if error.code is not code:
         error.code = code
+    error.retry_after_s = _retry_after(exc)
     return error
+
+
+def _retry_after(exc: grpc.RpcError) -> float | None:
+    """The server's `retry-after` trailing metadata (seconds), if any."""
+    trailing = getattr(exc, "trailing_metadata", None)
+    try:
+        metadata = trailing() if callable(trailing) else None
+        for key, value in metadata or ():
+            if key == "retry-after":
+                seconds = float(value)
+                return seconds if seconds >= 0 else None
+    except (TypeError, ValueError):
+        return None
+    return None
 
 
 def _printable(value: str) -> bool:

@@ -172,9 +172,27 @@ class Settings(BaseSettings):
     """Disk cache byte budget (LRU beyond it; pinned entries excepted)."""
     max_upload_bytes: int = Field(512 << 20, ge=1)
     """Largest adapter file accepted by UploadAdapter."""
+    spool_dir: str = ""
+    """Where uploads and compositions are spooled while they run (one folder each, removed at
+    the end); default a folder under the system temp dir. The chart mounts a volume sized from
+    `spool_budget_bytes` here."""
+    spool_budget_bytes: int = Field(4 << 30, ge=1)
+    """Bytes all uploads and compositions in progress may spool at once. An upload reserves its
+    declared sizes when its header arrives (a composition: its parts and its result), before any
+    byte is written; beyond the budget it is refused with RESOURCE_EXHAUSTED."""
+    compose_max_parts: int = Field(8, ge=1)
+    """Most parts one ComposeAdapter call may name."""
+    compose_max_bytes: int = Field(1 << 30, ge=1)
+    """Most stored bytes the parts of one ComposeAdapter call may total (checked from the
+    manifests, before anything is fetched)."""
     poll_interval_s: float = Field(2.0, gt=0)
     """How often manifests of resident adapters are re-read (conditional GET) so that other
     replicas' revocations, alias moves and shares take effect: the propagation bound."""
+    propagation_stale_after_s: float = Field(60.0, gt=0)
+    """When no manifest poll has completed (every cached manifest re-read) for this long, health
+    reports NOT_SERVING for readiness (service "") until one completes: a replica that cannot
+    see other replicas' revocations leaves the load balancer. Liveness ("liveness") stays
+    SERVING. At least 2 x poll_interval_s."""
     warm_adapters: Names = ()
     """`tenant/name[@alias]` references loaded and pinned at start."""
     prefetch_on_upload: bool = False
@@ -187,6 +205,13 @@ class Settings(BaseSettings):
     """Prometheus metrics HTTP address host:port; None disables it."""
     tenants_file: str = ""
     """YAML file mapping sha256 of API keys to tenants and roles."""
+    tenants_reload_interval_s: float = Field(5.0, ge=0)
+    """How often the tenants file is re-read (in a thread); a changed, valid file replaces the
+    keys and limits in force (a Kubernetes Secret update shows in the mounted file within about
+    a minute), an invalid one is logged and the previous file stays. 0 disables reloading."""
+    health_listen: str | None = None
+    """An extra listener (host:port) serving only grpc.health.v1, for kubelet probes: nothing
+    else is reachable there and the chart's NetworkPolicy admits no pod to it. None: off."""
     tls_cert: str | None = None
     """Server certificate (PEM) for TLS."""
     tls_key: str | None = None
@@ -199,6 +224,16 @@ class Settings(BaseSettings):
     """HTTP/2 streams per connection."""
     max_concurrent_requests: int = Field(64, ge=1)
     """Generate requests admitted at once across tenants (RESOURCE_EXHAUSTED beyond)."""
+    max_concurrent_rpcs: int = Field(256, ge=1)
+    """Authenticated RPCs other than Generate (admin, reads, uploads) in progress at once across
+    tenants (RESOURCE_EXHAUSTED beyond)."""
+    tenant_max_concurrent_rpcs: int = Field(32, ge=1)
+    """Per-tenant cap on authenticated RPCs other than Generate in progress at once."""
+    public_max_streams: int = Field(64, ge=1)
+    """Open unauthenticated streams (grpc.health.v1 Watch, reflection) at once in total."""
+    public_max_streams_per_peer: int = Field(4, ge=1)
+    """Open unauthenticated streams at once per client address (behind a proxy every client
+    shares the proxy's address: raise it there)."""
     tenant_max_concurrent: int = Field(16, ge=1)
     """Default per-tenant concurrent Generate requests (a tenant may set its own)."""
     tenant_max_tokens: int = Field(2048, ge=1)
@@ -282,6 +317,13 @@ class Settings(BaseSettings):
             )
         if self.store and not self.store.startswith(("file://", "s3://")):
             problems.append("store must be file:///path or s3://bucket/prefix")
+        if self.propagation_stale_after_s < 2 * self.poll_interval_s:
+            problems.append("propagation_stale_after_s must be >= 2 x poll_interval_s")
+        if self.spool_budget_bytes < self.max_upload_bytes:
+            problems.append(
+                "spool_budget_bytes must be >= max_upload_bytes (else no upload of the largest "
+                "accepted size could ever be spooled)"
+            )
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:
@@ -381,6 +423,14 @@ class Settings(BaseSettings):
         import tempfile
 
         return Path(tempfile.gettempdir()) / "lora-gateway-cache"
+
+    @property
+    def spool_path(self) -> Path:
+        if self.spool_dir:
+            return Path(self.spool_dir)
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / "lora-gateway-spool"
 
 
 # --- sources and errors -----------------------------------------------------------------------

@@ -32,6 +32,9 @@ class GatewayError(Exception):
     """Base of the tree. Unknown failures are answered as INTERNAL with a fixed text."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    #: Seconds after which the same call may succeed (a rate limit's refusal), sent to the
+    #: client as `retry-after` trailing metadata; the SDK sets it from there. None: no hint.
+    retry_after_s: float | None = None
 
     @property
     def public_message(self) -> str:
@@ -59,6 +62,10 @@ class PermissionDenied(GatewayError):
 
 class ResourceExhausted(GatewayError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, *args: object, retry_after_s: float | None = None) -> None:
+        super().__init__(*args)
+        self.retry_after_s = retry_after_s
 
 
 class FailedPrecondition(GatewayError):

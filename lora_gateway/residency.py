@@ -523,6 +523,7 @@ class Residency:
                 changed += 1
                 continue
             except StoreError as exc:
+                self.poll_failures += 1
                 log.warning("manifest poll failed for %s/%s: %s", tenant, name, type(exc).__name__)
                 continue
             if newer is not None:
@@ -530,13 +531,33 @@ class Residency:
                 await self.apply_manifest(newer)
         return changed
 
+    #: Manifests (or whole polls) that failed in the current poll; set by `poll_once`.
+    poll_failures: int = 0
+    #: time.monotonic() of the last poll that re-read every cached manifest (the start of
+    #: `run_poller` before the first one): what the server's staleness check reads.
+    last_complete_poll: float | None = None
+
     async def run_poller(self, stop: asyncio.Event) -> None:
+        """Poll every `poll_interval_s` until `stop` is set. Nothing ends the loop but `stop`
+        (or cancellation): any error is logged and counted (metric
+        lora_gateway_manifest_poll_errors_total), and a poll without failures records
+        `last_complete_poll` (lora_gateway_manifest_poll_last_complete_timestamp_seconds)."""
+        self.last_complete_poll = time.monotonic()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.poll_interval_s)
             if stop.is_set():
                 return
+            self.poll_failures = 0
             try:
                 await self.poll_once()
-            except errors.GatewayError:
-                log.exception("manifest poll failed")
+            except Exception:
+                self.poll_failures += 1
+                log.exception("manifest poll failed; polling continues")
+            if self.poll_failures:
+                if self.metrics is not None:
+                    self.metrics.poll_failed(self.poll_failures)
+                continue
+            self.last_complete_poll = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.poll_completed()

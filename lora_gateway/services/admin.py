@@ -20,13 +20,15 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 
 from adapter_store import AdapterRef, AdapterVersion, FileEntry, InvalidAdapter, Manifest, Upload
+from adapter_store.errors import QuotaExceeded, SpoolFull
+from adapter_store.quota import Quota, Usage
 from lora_gateway import errors, paging
 from lora_gateway.audit import AuditLog
 from lora_gateway.gateway import Gateway
 from lora_gateway.interceptors import current_principal
 from lora_gateway.paging import Cursor, PageTokens
 from lora_gateway.residency import ResidencyEntry
-from lora_gateway.tenancy import KeyRing, Policy, Principal, Role
+from lora_gateway.tenancy import KeyRing, Policy, Principal, Role, TenantConfig
 from lora_gateway.v1 import admin_pb2 as pb
 from lora_gateway.v1 import admin_pb2_grpc as pb_grpc
 
@@ -89,6 +91,21 @@ def adapter_to_pb(manifest: Manifest, principal: Principal) -> pb.AdapterInfo:
     return manifest_to_pb(manifest, full=owner)
 
 
+def usage_to_pb(usage: Usage, tenant: TenantConfig) -> pb.TenantUsage:
+    return pb.TenantUsage(
+        tenant=usage.tenant,
+        stored_bytes=usage.stored_bytes,
+        max_stored_bytes=tenant.max_stored_bytes,
+        adapters=usage.adapters,
+        max_adapters=tenant.max_adapters,
+    )
+
+
+def quota_of(tenant: TenantConfig) -> Quota:
+    """The storage quota of a tenant (tenants file: max_stored_bytes, max_adapters)."""
+    return Quota(max_stored_bytes=tenant.max_stored_bytes, max_adapters=tenant.max_adapters)
+
+
 def entry_to_pb(entry: ResidencyEntry) -> pb.ResidencyEntry:
     return pb.ResidencyEntry(
         tenant=entry.version.tenant,
@@ -138,7 +155,7 @@ class AdminService(pb_grpc.AdminServicer):
             return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
     def _page_tokens(self) -> PageTokens:
-        keyring = self.gateway.keyring
+        keyring = self.gateway.keyring.current
         if self._tokens is None or self._tokens[0] is not keyring:
             self._tokens = (keyring, PageTokens(keyring.derive_key("admin page tokens v1")))
         return self._tokens[1]
@@ -157,6 +174,23 @@ class AdminService(pb_grpc.AdminServicer):
 
     def _tenant(self, requested: str) -> str:
         return Policy.effective_tenant_for_adapter(current_principal(), requested)
+
+    def _quota(self, tenant: str) -> Quota:
+        return quota_of(self.gateway.keyring.tenant(tenant))
+
+    def _refused(self, exc: BaseException) -> None:
+        """Count a refusal by the spool budget or a storage quota (metrics)."""
+        metrics = self.gateway.metrics
+        if metrics is not None and isinstance(exc, SpoolFull | QuotaExceeded):
+            metrics.refused("spool" if isinstance(exc, SpoolFull) else "quota")
+
+    async def _usage(self, tenant: str) -> pb.TenantUsage | None:
+        """The tenant's storage usage, for callers of that tenant and operators only."""
+        principal = current_principal()
+        if tenant != principal.tenant and principal.role is not Role.OPERATOR:
+            return None
+        usage = await self._store(self.store.usage, tenant)
+        return usage_to_pb(usage, self.gateway.keyring.tenant(tenant))
 
     # --- upload -------------------------------------------------------------------------------
     async def UploadAdapter(
@@ -209,25 +243,36 @@ class AdminService(pb_grpc.AdminServicer):
         header = first.header
         tenant = self._tenant(header.tenant)
         declared = [FileEntry(f.filename, f.size, f.sha256) for f in header.files]
-        upload: Upload = await self._store(
-            self.store.begin_upload,
-            tenant,
-            header.name,
-            declared,
-            created_by=creator(principal),
-            aliases=tuple(header.aliases),
-            description=header.description,
-        )
-        try:
-            while (message := await self._next_message(stream, started, received)) is not None:
-                if message.WhichOneof("msg") != "chunk":
-                    raise errors.InvalidArgument("only one header per upload")
-                await self._store(upload.write, message.chunk.filename, message.chunk.data)
-                received += len(message.chunk.data)
-            version = await self._store(upload.commit)
-        except BaseException:
-            await asyncio.shield(self._store(upload.abort))
-            raise
+        # Decided from the header, before any byte is spooled: the caller's tenant's cap on
+        # uploads in progress, the owner's quota, the spool budget (begin_upload).
+        with self.gateway.admission.upload(
+            principal, self.gateway.keyring.tenant(principal.tenant)
+        ):
+            try:
+                upload: Upload = await self._store(
+                    self.store.begin_upload,
+                    tenant,
+                    header.name,
+                    declared,
+                    created_by=creator(principal),
+                    aliases=tuple(header.aliases),
+                    description=header.description,
+                    quota=self._quota(tenant),
+                )
+            except (SpoolFull, QuotaExceeded) as exc:
+                self._refused(exc)
+                raise
+            try:
+                while (message := await self._next_message(stream, started, received)) is not None:
+                    if message.WhichOneof("msg") != "chunk":
+                        raise errors.InvalidArgument("only one header per upload")
+                    await self._store(upload.write, message.chunk.filename, message.chunk.data)
+                    received += len(message.chunk.data)
+                version = await self._store(upload.commit)
+            except BaseException as exc:
+                self._refused(exc)
+                await asyncio.shield(self._store(upload.abort))
+                raise
         self.residency.forget(tenant, header.name)
         return version
 
@@ -260,12 +305,17 @@ class AdminService(pb_grpc.AdminServicer):
         return pb.ListAdaptersResponse(
             adapters=[adapter_to_pb(m, principal) for m in page.items],
             next_page_token=_token(tokens, "ListAdapters", scope, following),
+            usage=await self._usage(tenant),
         )
 
     async def GetAdapter(self, request: pb.GetAdapterRequest, context: Context) -> pb.AdapterInfo:
         tenant = self._tenant(request.tenant)
         manifest = await self._store(self.store.get_manifest, tenant, request.name)
-        return adapter_to_pb(manifest, current_principal())
+        info = adapter_to_pb(manifest, current_principal())
+        usage = await self._usage(tenant)
+        if usage is not None:
+            info.usage.CopyFrom(usage)
+        return info
 
     # --- writes -------------------------------------------------------------------------------
     async def _changed(self, rpc: str, manifest: Manifest, version: str = "") -> pb.AdapterInfo:
@@ -309,15 +359,23 @@ class AdminService(pb_grpc.AdminServicer):
         if not request.parts:
             raise errors.InvalidArgument("compose needs at least one part")
         parts = [(parse_ref(p.adapter), float(p.weight)) for p in request.parts]
-        version = await self._store(
-            self.store.compose,
-            tenant,
-            request.name,
-            parts,
-            created_by=creator(principal),
-            aliases=tuple(request.aliases),
-            description=request.description,
-        )
+        with self.gateway.admission.upload(
+            principal, self.gateway.keyring.tenant(principal.tenant)
+        ):
+            try:
+                version = await self._store(
+                    self.store.compose,
+                    tenant,
+                    request.name,
+                    parts,
+                    created_by=creator(principal),
+                    aliases=tuple(request.aliases),
+                    description=request.description,
+                    quota=self._quota(tenant),
+                )
+            except BaseException as exc:
+                self._refused(exc)
+                raise
         self.residency.forget(tenant, request.name)
         self._allow("ComposeAdapter", tenant, request.name, version.version_id)
         return version_to_pb(version)

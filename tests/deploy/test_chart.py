@@ -35,6 +35,7 @@ KUBE_VERSION = "1.30.0"
 RELEASE = "rel"
 NAMESPACE = "lora"
 GRPC_PORT = 50051
+HEALTH_PORT = 50052
 HASH = "a" * 64
 
 #: Kinds whose schema kubernetes-validate does not ship (CRDs); asserted by hand instead.
@@ -51,6 +52,8 @@ CHART_MANAGED = frozenset(
         "listen",
         "metrics_listen",
         "cache_dir",
+        "spool_dir",
+        "health_listen",
     }
 )
 #: TLS is not wired; vllm_open_adapter_routes is for `vllm serve` with the plugin, not the gateway.
@@ -310,18 +313,29 @@ def test_service_monitor_shape(chart: helm.Chart) -> None:
 # --- the gateway pod --------------------------------------------------------------------------
 
 
-def test_probes_are_grpc_on_the_grpc_port(scenario: tuple[str, list[dict[str, Any]]]) -> None:
+def test_probes_are_grpc_on_the_probe_port(scenario: tuple[str, list[dict[str, Any]]]) -> None:
+    """Probes ask grpc.health.v1 on the health-only listener (readiness: service "", liveness:
+    "liveness", the names lora_gateway.server serves), which no NetworkPolicy rule opens."""
+    from lora_gateway.server import LIVENESS_NAME
+
     _, docs = scenario
     container = gateway_container(docs)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": GRPC_PORT, "metrics": 9400}
+    assert ports == {"grpc": GRPC_PORT, "metrics": 9400, "health": HEALTH_PORT}
     config = gateway_config(docs)
     assert config["listen"].rsplit(":", 1)[1] == str(ports["grpc"])
     assert config["metrics_listen"].rsplit(":", 1)[1] == str(ports["metrics"])
+    assert config["health_listen"].rsplit(":", 1)[1] == str(ports["health"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         spec = container[probe]
-        assert spec["grpc"] == {"port": GRPC_PORT}, probe
+        want = {"port": HEALTH_PORT}
+        if probe == "livenessProbe":
+            want["service"] = LIVENESS_NAME  # type: ignore[assignment]
+        assert spec["grpc"] == want, probe
         assert not {"httpGet", "tcpSocket", "exec"} & set(spec), probe
+    for policy in of_kind(docs, "NetworkPolicy"):
+        opened = {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
+        assert not opened & {"health", HEALTH_PORT}, "no pod may reach the probe port"
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
 
@@ -734,6 +748,23 @@ def test_model_pull_script_against_a_real_s3_server(tmp_path: Path) -> None:
         )
         assert failed.returncode == 1
         assert "no objects" in failed.stdout
+
+
+@pytest.mark.parametrize("budget", [None, 1 << 30, 20 << 30])
+def test_spool_volume_is_sized_from_the_spool_budget(chart: helm.Chart, budget: int | None) -> None:
+    """Uploads spool into their own volume, mounted at the gateway's spool_dir, whose size limit
+    exceeds the gateway's spool budget (the budget refuses uploads before the kubelet evicts)."""
+    values: dict[str, Any] = {} if budget is None else {"config": {"spool_budget_bytes": budget}}
+    docs = render(chart, values)
+    settings = Settings.from_mapping(gateway_config(docs))
+    if budget is not None:
+        assert settings.spool_budget_bytes == budget
+    mounts = {m["name"]: m["mountPath"] for m in gateway_container(docs)["volumeMounts"]}
+    assert settings.spool_dir == mounts["spool"]
+    assert mounts["tmp"] != mounts["spool"]
+    volumes = {v["name"]: v for v in pod_spec(gateway(docs))["volumes"]}
+    limit = quantity_bytes(str(volumes["spool"]["emptyDir"]["sizeLimit"]))
+    assert settings.spool_budget_bytes < limit <= settings.spool_budget_bytes * 1.2
 
 
 def test_cache_volume_kinds(chart: helm.Chart) -> None:

@@ -25,7 +25,6 @@ import json
 import os
 import pickle
 import shutil
-import tempfile
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -526,7 +525,7 @@ def _snapshot(fenv: FaultEnv) -> tuple[set[str], set[str], list[Path]]:
         for p in root.rglob("*")
         if skip not in p.parents and p != skip and p.name != "audit.jsonl"
     }
-    spool = {p.name for p in Path(tempfile.gettempdir()).glob("upload-*")}
+    spool = {p.name for p in fenv.server.gateway.store.spool.working_folder.glob("upload-*")}  # type: ignore[attr-defined]
     cache_tmp = skip / ".tmp"
     leftovers = list(cache_tmp.iterdir()) if cache_tmp.exists() else []
     leftovers += [p for p in (Path(os.sep, "etc", "corpus"),) if p.exists()]
