@@ -200,9 +200,14 @@ class S3Backend:
             response = self._client.list_objects_v2(**params)
         except Exception as exc:
             raise _translate(exc, prefix) from None
-        keys = [item["Key"][strip:] for item in response.get("Contents", [])]
-        keys += [item["Prefix"][strip:] for item in response.get("CommonPrefixes", [])]
-        return sorted(k for k in keys if k > start_after), bool(response.get("IsTruncated"))
+        files = [item["Key"][strip:] for item in response.get("Contents", [])]
+        folders_found = [item["Prefix"][strip:] for item in response.get("CommonPrefixes", [])]
+        # The server's order, which its StartAfter follows: byte order on AWS S3 and MinIO,
+        # the filer's name order on SeaweedFS ("b/" before "b-x/"). Re-sorting here would lose
+        # keys on a server whose order differs. (The layout never mixes files and folders in
+        # one listing; if it did, AWS's interleaving is byte order.)
+        keys = sorted(files + folders_found) if files and folders_found else files + folders_found
+        return [k for k in keys if k != start_after], bool(response.get("IsTruncated"))
 
 
 def _code(exc: ClientError) -> str:

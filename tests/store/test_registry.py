@@ -187,15 +187,21 @@ def test_pages(registry: Registry, make_test_adapter: AdapterFactory) -> None:
         if page.next_after is None:
             break
         after = page.next_after
-    # Byte order of "<name>/" ("b-x/" < "b/"); the revoked "c" leaves a short page behind it.
-    assert seen == [["a", "b-x"], ["b"], ["d"]]
-    assert [m.name for m in registry.list_adapters("acme")] == ["a", "b-x", "b", "d"]
+    # Pages follow the store's own listing order (byte order on AWS S3 and the local folder,
+    # the filer's name order on SeaweedFS: "b/" before "b-x/"): every live adapter exactly
+    # once, at most 2 per page, the revoked "c" leaving a short page behind it.
+    assert [len(page) <= 2 for page in seen] == [True] * len(seen)
+    names = [name for page in seen for name in page]
+    assert sorted(names) == ["a", "b", "b-x", "d"]
+    assert len(seen) == 3
+    assert sorted(m.name for m in registry.list_adapters("acme")) == ["a", "b", "b-x", "d"]
     shared = registry.shared_page("globex", limit=3)
-    assert [m.name for m in shared.items] == ["a", "b", "b-x"]
-    assert shared.next_after == "acme/b-x"
-    rest = registry.shared_page("globex", after=shared.next_after, limit=3)
-    assert [m.name for m in rest.items] == ["d"]  # c is revoked: its marker is gone
+    rest = registry.shared_page("globex", after=shared.next_after or "", limit=3)
+    assert shared.next_after is not None
     assert rest.next_after is None
+    # c is revoked: its marker is gone.
+    assert sorted(m.name for m in [*shared.items, *rest.items]) == ["a", "b", "b-x", "d"]
+    assert len(shared.items) == 3
     assert registry.tenant_page(limit=1).items == ["acme"]
     assert registry.list_tenants() == ["acme", "globex"]
     for bad in (0, 1001, True):
