@@ -70,8 +70,20 @@ def _corpus(seed: int) -> list[str]:
     return lines
 
 
-def make_model(out: Path | str, seed: int = 0) -> Path:
-    """Write a tiny random Llama (float32) and its BPE tokenizer to `out`; return the path."""
+def make_model(
+    out: Path | str,
+    seed: int = 0,
+    *,
+    hidden: int = TINY_HIDDEN,
+    layers: int = TINY_LAYERS,
+    intermediate: int = TINY_INTERMEDIATE,
+    heads: int = TINY_HEADS,
+    kv_heads: int = TINY_KV_HEADS,
+) -> Path:
+    """Write a tiny random Llama (float32) and its BPE tokenizer to `out`; return the path.
+
+    The sizes default to the tiny model's; a benchmark may ask for a wider or deeper one (keep
+    `hidden // heads` at 64, the head size vLLM's CPU attention accepts)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -97,12 +109,12 @@ def make_model(out: Path | str, seed: int = 0) -> Path:
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=TINY_HIDDEN,
-        intermediate_size=TINY_INTERMEDIATE,
-        num_hidden_layers=TINY_LAYERS,
-        num_attention_heads=TINY_HEADS,
-        num_key_value_heads=TINY_KV_HEADS,
-        head_dim=TINY_HIDDEN // TINY_HEADS,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
         max_position_embeddings=TINY_MAX_POSITIONS,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
