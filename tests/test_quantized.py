@@ -158,6 +158,22 @@ def test_the_checkpoint_is_w8a8_compressed_tensors(
     assert size < 0.6 * (tiny_model / "model.safetensors").stat().st_size
 
 
+def test_dev_make_model_quantize(tmp_path: Path) -> None:
+    from lora_gateway import cli
+
+    assert cli.main(["dev", "make-model", str(tmp_path / "w4a16"), "--quantize", "W4A16"]) == 0
+    config = json.loads((tmp_path / "w4a16" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized"
+    (group,) = config["config_groups"].values()
+    assert (group["weights"]["num_bits"], group["weights"]["group_size"]) == (4, 128)
+    assert group["input_activations"] is None
+    packed = load_file(str(tmp_path / "w4a16" / "model.safetensors"))
+    assert packed["model.layers.0.self_attn.q_proj.weight_packed"].dtype == np.int32
+    q = quantization.describe(str(tmp_path / "w4a16"), None)
+    assert q is not None
+    assert q.scheme == "W4A16"
+
+
 def test_adapter_validation_reads_the_quantized_config(
     quantized_model: Path, tiny_model: Path, test_adapters: dict[str, Path], tmp_path: Path
 ) -> None:
