@@ -265,17 +265,21 @@ def test_outputs_agree_with_the_dequantized_reference(
         assert np.mean(s["first_divergence"]) >= 4, (name, s)
 
 
+#: A wrong reference for each output: the every-module adapter's (the base model's for it).
+WRONG_REFERENCE: dict[str | None, str | None] = {
+    None: "all-r16-rslora",
+    "attn-r8": "all-r16-rslora",
+    "all-r16-rslora": None,
+    "mlp-r4": "all-r16-rslora",
+}
+
+
 def test_the_tolerance_fails_a_wrong_output(
     solo: Outputs, qreference: devtools.ReferenceGenerator, test_adapters: dict[str, Path]
 ) -> None:
     """The check above can fail: outputs scored by the wrong reference (an adapter's output
     judged as the base model's, the base's as every-module adapter's) exceed the tolerance."""
-    wrong: dict[str | None, str | None] = {
-        None: "all-r16-rslora",
-        "attn-r8": "all-r16-rslora",
-        "all-r16-rslora": None,
-        "mlp-r4": "all-r16-rslora",
-    }
+    wrong = WRONG_REFERENCE
     stats = agreement(solo, qreference, test_adapters, scored_by=wrong)
     print("\nthe same outputs scored by a wrong reference:")
     for name, s in stats.items():
@@ -435,3 +439,46 @@ async def test_an_engine_that_dies_on_its_first_forward_fails_the_start(
     assert "W4A16" in str(failed.value)
     await asyncio.sleep(1.0)
     assert _engine_processes() <= before
+
+
+@pytest.mark.slow
+async def test_w4a8_serves_adapters_within_the_tolerance(
+    tiny_model: Path, test_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """The other scheme that runs on this CPU: int4 weights (groups of 128), int8 activations.
+    Same checks as W8A8 on its own engine: the tolerance, the wrong-reference contrast, and
+    mixed batches equal to solo outputs."""
+    model = devtools.make_quantized_model(tmp_path / "w4a8", "W4A8", source=tiny_model)
+    reference = devtools.ReferenceGenerator(devtools.dequantize_model(model, tmp_path / "deq"))
+    engine = await VLLMEngine.start(engine_settings(model))
+    try:
+        loaded = {
+            name: LoadedAdapter(next_lora_id(), f"{name}@sha256:w4a8", test_adapters[name])
+            for name in ADAPTERS
+        }
+        for adapter in loaded.values():
+            await engine.add_adapter(adapter)
+        outputs: Outputs = {}
+        for name in NAMES:
+            for prompt in PROMPTS:
+                target = loaded[name] if name else None
+                outputs[(name, prompt)] = await collect(engine, Prompt(text=prompt), GREEDY, target)
+        cases = [(n, p) for n in NAMES for p in PROMPTS[:6]]
+        mixed = await asyncio.gather(
+            *(collect(engine, Prompt(text=p), GREEDY, loaded[n] if n else None) for n, p in cases)
+        )
+    finally:
+        await engine.shutdown()
+    for (name, prompt), tokens in zip(cases, mixed, strict=True):
+        assert tokens == outputs[(name, prompt)], (name, prompt)
+    stats = agreement(outputs, reference, test_adapters)
+    print("\nW4A8 vs PEFT on the dequantized weights:")
+    for name, s in stats.items():
+        print(
+            f"  {name or 'base':15s} max gap {s['max_gap']:.4f} nats; tokens equal"
+            f" {100 * s['match_rate']:.0f} %; first divergence {s['first_divergence']}"
+        )
+        assert s["max_gap"] <= TOLERANCE_NATS, (name, s)
+    wrong = agreement(outputs, reference, test_adapters, scored_by=WRONG_REFERENCE)
+    for name, s in wrong.items():
+        assert s["max_gap"] > 2 * TOLERANCE_NATS, (name, s)
