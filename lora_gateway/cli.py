@@ -43,6 +43,7 @@ from google.protobuf.message import Message
 from lora_gateway import __version__, errors
 from lora_gateway.client import GatewayClient, GenerateResult, StreamDelta
 from lora_gateway.config import Settings
+from lora_gateway.devtools import QUANT_SCHEMES
 from lora_gateway.v1 import admin_pb2
 
 ENV_TARGET = "LORA_GATEWAY_TARGET"
@@ -604,7 +605,10 @@ def _cmd_residency(args: argparse.Namespace) -> int:
 def _cmd_make_model(args: argparse.Namespace) -> int:
     from lora_gateway import devtools
 
-    print(devtools.make_model(Path(args.out), seed=args.seed))
+    if args.quantize:
+        print(devtools.make_quantized_model(Path(args.out), args.quantize, seed=args.seed))
+    else:
+        print(devtools.make_model(Path(args.out), seed=args.seed))
     return EXIT_OK
 
 
@@ -821,6 +825,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     make_model = dev_ops.add_parser("make-model", help="write a tiny random Llama")
     make_model.add_argument("out", metavar="OUT")
     make_model.add_argument("--seed", type=int, default=0)
+    make_model.add_argument(
+        "--quantize",
+        choices=QUANT_SCHEMES,
+        help="write it quantized with compressed-tensors (see README, Quantized base)",
+    )
     make_model.set_defaults(func=_cmd_make_model)
 
     make_adapter = dev_ops.add_parser("make-adapter", help="write a random PEFT LoRA adapter")

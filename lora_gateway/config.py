@@ -116,7 +116,10 @@ class Settings(BaseSettings):
     dtype: Dtype = "auto"
     """Engine dtype: auto, float16, bfloat16, float32."""
     quantization: str | None = None
-    """Quantized base model (e.g. awq, gptq, bitsandbytes for QLoRA-style serving)."""
+    """vLLM quantization method; leave unset for a quantized checkpoint (its config.json names
+    its own: compressed-tensors, awq, gptq, ...), set it for online quantization (fp8, ...).
+    On the CPU build a method with no CPU kernel here (W4A16, fp8 on AVX2) is refused at start
+    (README, "Quantized base")."""
     max_loras: int = Field(4, ge=1)
     """Adapters usable in one batch (the engine's GPU slots)."""
     max_cpu_loras: int = Field(8, ge=1)
