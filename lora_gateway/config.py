@@ -110,6 +110,10 @@ class Settings:
     poll_interval_s: float = 2.0
     """How often manifests of resident adapters are re-read (conditional GET) so that other
     replicas' revocations, alias moves and shares take effect: the propagation bound."""
+    manifest_cache_size: int = 1024
+    """Manifests kept in memory and polled (least recently used beyond it; a manifest whose
+    versions are in use, loading, resident or pinned is never dropped). Bounds the poll set,
+    whatever names callers probe."""
     warm_adapters: tuple[str, ...] = ()
     """`tenant/name[@alias]` references loaded and pinned at start."""
     prefetch_on_upload: bool = False
@@ -145,6 +149,9 @@ class Settings:
     so that other tenants always find a slot (0 = max_cpu_loras - 1, at least 1)."""
     tenant_max_pins: int = 1
     """Default per-tenant cap on pinned adapter versions."""
+    engine_slot_wait_s: float = 30.0
+    """How long a request waits for an engine adapter slot (first its tenant's share, then a
+    free or evictable slot, each in arrival order) before RESOURCE_EXHAUSTED."""
     tenant_max_concurrent_uploads: int = 2
     """Default per-tenant cap on UploadAdapter / ComposeAdapter calls in progress."""
     tenant_max_stored_bytes: int = 16 << 30
@@ -191,6 +198,8 @@ class Settings:
             problems.append("store must be file:///path or s3://bucket/prefix")
         if self.poll_interval_s <= 0:
             problems.append("poll_interval_s must be > 0")
+        if self.engine_slot_wait_s <= 0:
+            problems.append("engine_slot_wait_s must be > 0")
         if self.engine_watch_interval_s <= 0:
             problems.append("engine_watch_interval_s must be > 0")
         if self.upload_timeout_s <= 0:
@@ -214,6 +223,7 @@ class Settings:
             "tenant_max_concurrent_uploads",
             "tenant_max_stored_bytes",
             "tenant_max_adapters",
+            "manifest_cache_size",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")

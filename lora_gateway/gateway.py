@@ -96,7 +96,7 @@ class Gateway:
                 loaded = (
                     None
                     if version is None
-                    else await stack.enter_async_context(self.residency.use(version))
+                    else await stack.enter_async_context(self.residency.use(version, tenant))
                 )
                 queued = time.perf_counter()
                 produced = 0
@@ -121,14 +121,20 @@ class Gateway:
 
     # --- revocation (DESIGN invariant 7) ----------------------------------------------------
     async def revoke(self, tenant: str, name: str, version: str | None) -> tuple[list[str], int]:
-        """Store marks it revoked → in-flight aborted → engine unload → disk cache → objects."""
+        """Store marks it revoked → in-flight aborted → engine unload → disk cache → objects.
+
+        A whole adapter is blocked by name as well as by version, so that a load of it still in
+        progress on this replica never serves (`Residency.block_name`)."""
         started = time.perf_counter()
         shas = await asyncio.to_thread(
             self.store.revoke, tenant, name, version, delete_objects=False
         )
         keys = [(tenant, name, sha) for sha in shas]
         self.residency.block(keys)
-        self.residency.forget(tenant, name)
+        if version is None:
+            keys = list(dict.fromkeys([*keys, *self.residency.block_name(tenant, name)]))
+        else:
+            self.residency.forget(tenant, name)
         aborted = await self.residency.unload(keys)
         await asyncio.to_thread(self.store.purge, tenant, name, shas)
         log.info(
