@@ -79,6 +79,10 @@ class Settings:
     """Disable CUDA graphs / compilation (faster start, slower steps)."""
     enable_prefix_caching: bool = True
     """Reuse KV blocks across requests with a shared prefix (keyed per adapter version)."""
+    prefix_cache_per_tenant: bool = True
+    """Salt the prefix cache per tenant (vLLM's `cache_salt`: an HMAC-SHA256 of the tenant name
+    under a random key made at start-up, so salts cannot be guessed): a tenant never reuses, and
+    so can never time, another tenant's cached prompt prefixes. Off: tenants share them."""
     engine_args: Mapping[str, Any] = field(default_factory=dict)
     """Any other vLLM engine argument, passed through as is."""
     null_adapter: NullAdapterMode = "auto"

@@ -413,6 +413,7 @@ def test_residency_settings_are_validated() -> None:
 
     assert Settings().manifest_cache_size == 1024
     assert Settings().engine_slot_wait_s == 30.0
+    assert Settings().prefix_cache_per_tenant is True
     for bad in ({"manifest_cache_size": 0}, {"engine_slot_wait_s": 0}):
         with pytest.raises(errors.InvalidArgument, match=next(iter(bad))):
             Settings.from_mapping(bad)
