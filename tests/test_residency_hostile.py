@@ -247,8 +247,13 @@ class Flood:
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
         assert self.process.stdout is not None
-        line = await asyncio.wait_for(self.process.stdout.readline(), 60)
-        assert line.strip() == b"flooding", line
+        try:
+            line = await asyncio.wait_for(self.process.stdout.readline(), 60)
+            assert line.strip() == b"flooding", line
+        except BaseException:
+            self.process.terminate()  # never leave the flood running
+            await self.process.wait()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
