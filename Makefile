@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.installed
 PYTEST    := $(BIN)/python -m pytest
 LINT_SRC  := lora_gateway adapter_store tests scripts $(wildcard benchmarks)
 
-.PHONY: install test test-fast test-slow lint proto proto-check demo bench bench-smoke clean
+.PHONY: install test test-fast test-slow lint proto proto-check chart-schema chart-schema-check demo bench bench-smoke clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	PY=$(PY) VENV=$(VENV) bash scripts/install.sh
@@ -27,8 +27,8 @@ test-fast: install
 test-slow: install
 	$(PYTEST) -q -m slow --run-slow
 
-## lint: ruff, mypy (strict) and the generated-code drift check
-lint: install proto-check
+## lint: ruff, mypy (strict) and the drift checks of generated code and the chart's config schema
+lint: install proto-check chart-schema-check
 	$(BIN)/ruff check $(LINT_SRC)
 	$(BIN)/ruff format --check $(LINT_SRC)
 	$(BIN)/mypy
@@ -40,6 +40,14 @@ proto: install
 ## proto-check: fail if lora_gateway/v1 drifts from proto/
 proto-check: install
 	$(BIN)/python scripts/gen_proto.py --check
+
+## chart-schema: regenerate the `config:` section of the chart's values.schema.json from Settings
+chart-schema: install
+	$(BIN)/python scripts/gen_chart_schema.py
+
+## chart-schema-check: fail if values.schema.json's `config:` drifts from Settings
+chart-schema-check: install
+	$(BIN)/python scripts/gen_chart_schema.py --check
 
 ## demo: the whole story on a tiny generated model and a local store
 demo: install

@@ -12,6 +12,7 @@ from adapter_store.errors import (
     Incompatible,
     IntegrityError,
     InvalidAdapter,
+    Quarantined,
     StoreError,
     StoreUnavailable,
 )
@@ -24,6 +25,7 @@ from adapter_store.model import (
     FileEntry,
     Limits,
     Manifest,
+    can_use,
     check_name,
 )
 from adapter_store.store import AdapterStore, BlobBackend, Registry, Upload
@@ -48,9 +50,11 @@ __all__ = [
     "Limits",
     "LocalBackend",
     "Manifest",
+    "Quarantined",
     "Registry",
     "StoreError",
     "StoreUnavailable",
     "Upload",
+    "can_use",
     "check_name",
 ]

@@ -11,15 +11,21 @@ LoRA adapter whose `lora_alpha == r` (so its scaling is 1) and `use_rslora` is f
   parts' deltas, at rank sum_i r_i. A module absent from a part contributes zero rows/columns.
 
 Arithmetic is done in float64 and stored as float32.
+
+`plan_composition` + `write_composition` compute a composition from the parts' files one module
+at a time (the store's ComposeAdapter): the result's header and size come from the parts'
+headers before any tensor is read, and memory holds one module of each part at once. `compose`
+does the same on tensors already in memory.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +33,7 @@ import numpy.typing as npt
 from adapter_store.errors import InvalidAdapter
 
 __all__ = [
+    "CompositionPlan",
     "ModuleKey",
     "Tensors",
     "compose",
@@ -35,7 +42,9 @@ __all__ = [
     "normalise_adalora",
     "parse_tensor_name",
     "plain_lora_config",
+    "plan_composition",
     "tensor_name",
+    "write_composition",
 ]
 
 Array = npt.NDArray[Any]
@@ -200,3 +209,129 @@ def compose(
         task_type=first_config.get("task_type"),
     )
     return out, config
+
+
+# --- streamed composition: one module at a time --------------------------------------------
+
+#: Loads the "A" and "B" tensors (float32) of one module of one part, or None when the part
+#: does not adapt that module.
+ModuleLoader = Callable[[int, ModuleKey], Mapping[str, Array] | None]
+
+
+@dataclass(frozen=True)
+class CompositionPlan:
+    """What a composition will write, computed from the parts' headers and configs only."""
+
+    #: Every module of any part, in file order, with (in_features, out_features).
+    modules: tuple[tuple[ModuleKey, int, int], ...]
+    ranks: tuple[int, ...]
+    factors: tuple[float, ...]
+    config: dict[str, Any]
+    #: The safetensors header (length prefix included) of the composed weights file.
+    header: bytes
+    #: Size of the composed weights file in bytes.
+    size: int
+    #: Bytes of the largest composed module (A and B, float32): the working set is a few times it.
+    largest_module_bytes: int
+
+    @property
+    def rank(self) -> int:
+        return sum(self.ranks)
+
+
+def plan_composition(
+    shapes: Sequence[Mapping[str, Sequence[int]]],
+    configs: Sequence[Mapping[str, Any]],
+    weights: Sequence[float],
+    *,
+    max_rank: int,
+) -> CompositionPlan:
+    """Plan the weighted sum of plain LoRA adapters (see `compose`) from each part's tensor
+    shapes (name -> shape, as in a safetensors header) and adapter_config, without loading any
+    tensor: the composed rank, the output header and size are known before anything is
+    written."""
+    if not configs:
+        raise InvalidAdapter("composition needs at least one part")
+    ranks = tuple(int(config["r"]) for config in configs)
+    total = sum(ranks)
+    if total > max_rank:
+        raise InvalidAdapter(
+            f"composed rank {total} (sum of the parts' ranks {list(ranks)}) exceeds the maximum "
+            f"rank {max_rank}"
+        )
+    factors = []
+    for config, weight in zip(configs, weights, strict=True):
+        if not math.isfinite(weight):
+            raise InvalidAdapter("composition weights must be finite numbers")
+        scaling = lora_scaling(
+            float(config["lora_alpha"]), int(config["r"]), bool(config.get("use_rslora"))
+        )
+        factors.append(weight * scaling)
+    features: dict[ModuleKey, tuple[int, int]] = {}
+    for part in shapes:
+        grouped: dict[ModuleKey, dict[str, Sequence[int]]] = {}
+        for name, shape in part.items():
+            parsed = parse_tensor_name(name)
+            if parsed is None:
+                raise InvalidAdapter(f"unexpected tensor name {name[:120]!r}")
+            grouped.setdefault(parsed[0], {})[parsed[1]] = shape
+        for key, found in grouped.items():
+            feature = (int(found["A"][1]), int(found["B"][0]))
+            if features.setdefault(key, feature) != feature:
+                raise InvalidAdapter(f"parts disagree on the shape of {tensor_name(key, 'A')}")
+    # File order: tensor names sorted (a module's A and B are neighbours).
+    ordered = sorted(features.items(), key=lambda item: tensor_name(item[0], "A"))
+    entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    largest = 0
+    for key, (in_features, out_features) in ordered:
+        module_bytes = 0
+        for letter, shape in (("A", [total, in_features]), ("B", [out_features, total])):
+            nbytes = shape[0] * shape[1] * 4
+            entries[tensor_name(key, letter)] = {
+                "dtype": "F32",
+                "shape": shape,
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+            module_bytes += nbytes
+        largest = max(largest, module_bytes)
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    header = len(text).to_bytes(8, "little") + text
+    first = configs[0]
+    config = plain_lora_config(
+        rank=total,
+        target_modules=sorted({key.module for key in features}),
+        base_model=str(first["base_model_name_or_path"]),
+        task_type=first.get("task_type"),
+    )
+    return CompositionPlan(
+        modules=tuple((key, i, o) for key, (i, o) in ordered),
+        ranks=ranks,
+        factors=tuple(factors),
+        config=config,
+        header=header,
+        size=len(header) + offset,
+        largest_module_bytes=largest,
+    )
+
+
+def write_composition(plan: CompositionPlan, load: ModuleLoader, out: BinaryIO) -> None:
+    """Write the composed weights file of `plan`, loading one module of each part at a time:
+    at most one module's tensors of every part, and that module's result, are in memory."""
+    out.write(plan.header)
+    for key, in_features, out_features in plan.modules:
+        a_out = np.zeros((plan.rank, in_features), np.float64)
+        b_out = np.zeros((out_features, plan.rank), np.float64)
+        row = 0
+        for index, (rank, factor) in enumerate(zip(plan.ranks, plan.factors, strict=True)):
+            found = load(index, key)
+            if found is not None:
+                a_out[row : row + rank] = found["A"].astype(np.float64) * factor
+                b_out[:, row : row + rank] = found["B"]
+            row += rank
+            del found
+        for array in (a_out, b_out):
+            out.write(np.ascontiguousarray(array, "<f4").data)
+        del a_out, b_out

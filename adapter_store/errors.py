@@ -7,9 +7,12 @@
     ├── Incompatible         adapter does not fit the base model              FAILED_PRECONDITION
     ├── Conflict             alias expectation failed, retries exhausted      FAILED_PRECONDITION
     │   └── PreconditionFailed  (backend level) a conditional write lost
+    ├── Quarantined          version quarantined by the runtime canary        FAILED_PRECONDITION
     ├── StoreUnavailable     store unreachable, timed out, misconfigured      UNAVAILABLE
     ├── IntegrityError       stored bytes do not match their sha256           DATA_LOSS
     └── CapacityExceeded     size caps, cache budget or disk exhausted        RESOURCE_EXHAUSTED
+        ├── SpoolFull        the upload spool's byte budget is reserved       RESOURCE_EXHAUSTED
+        └── QuotaExceeded    a tenant's stored-bytes or adapter quota         RESOURCE_EXHAUSTED
 
 The two backend-level classes are raised by `BlobBackend` implementations and handled inside
 `Registry`; they subclass the class they would map to should one ever escape.
@@ -30,6 +33,9 @@ __all__ = [
     "IntegrityError",
     "InvalidAdapter",
     "PreconditionFailed",
+    "Quarantined",
+    "QuotaExceeded",
+    "SpoolFull",
     "StoreError",
     "StoreUnavailable",
 ]
@@ -63,6 +69,10 @@ class PreconditionFailed(Conflict):
     """Backend level: a conditional write (If-Match / If-None-Match) failed."""
 
 
+class Quarantined(StoreError):
+    """The version was quarantined: the engine's runtime canary failed after it was loaded."""
+
+
 class StoreUnavailable(StoreError):
     """The store could not be reached or did not answer in time."""
 
@@ -73,3 +83,11 @@ class IntegrityError(StoreError):
 
 class CapacityExceeded(StoreError):
     """A size cap, the cache's byte budget or the disk is exhausted."""
+
+
+class SpoolFull(CapacityExceeded):
+    """Uploads and compositions in progress have reserved the whole spool budget."""
+
+
+class QuotaExceeded(CapacityExceeded):
+    """The tenant's quota on stored bytes or on adapters would be exceeded."""

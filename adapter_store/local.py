@@ -28,6 +28,9 @@ from adapter_store.errors import (
     StoreUnavailable,
 )
 
+#: Keys of a listing (an alias: inside the class, `list` is its method).
+Keys = list[str]
+
 __all__ = ["LocalBackend"]
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -116,6 +119,30 @@ class LocalBackend:
                     continue
                 keys.append((Path(folder) / file).relative_to(self.root).as_posix())
         return sorted(keys)
+
+    def list_page(
+        self, prefix: str, *, start_after: str = "", limit: int = 1000, folders: bool = False
+    ) -> tuple[Keys, bool]:
+        if not folders:
+            keys = [key for key in self.list(prefix) if key > start_after]
+        else:
+            base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+            try:
+                entries = list(os.scandir(base))
+            except FileNotFoundError:
+                return [], False
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot list the local store: {exc.strerror}") from None
+            keys = sorted(
+                key
+                for key in (
+                    prefix + entry.name + ("/" if entry.is_dir() else "")
+                    for entry in entries
+                    if not entry.name.startswith(_TEMP_PREFIX) and entry.name != ".lock"
+                )
+                if key > start_after
+            )
+        return keys[:limit], len(keys) > limit
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
         self._atomic(path, lambda temp: temp.write_bytes(data))

@@ -9,18 +9,19 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
-from adapter_store.errors import AdapterNotFound, IntegrityError, InvalidAdapter
+from adapter_store.errors import AdapterNotFound, IntegrityError, InvalidAdapter, Quarantined
 
 __all__ = [
     "ADAPTER_FILES",
     "CONFIG_FILE",
     "DEFAULT_ALIAS",
+    "DTYPE_MAX",
     "MODULE_PARENTS",
     "NAME_PATTERN",
     "WEIGHTS_FILE",
@@ -30,6 +31,8 @@ __all__ = [
     "FileEntry",
     "Limits",
     "Manifest",
+    "Page",
+    "can_use",
     "check_name",
     "check_sha",
     "not_found",
@@ -63,6 +66,29 @@ MODULE_PARENTS: Mapping[str, str] = {
 }
 
 Status = Literal["active", "revoked"]
+#: A version is also "quarantined" when the runtime canary found the engine corrupted after it
+#: was loaded: it stays in the manifest (so that every replica and a restarted process refuse it
+#: with a clear error, and a re-upload of the same bytes stays quarantined) but never serves.
+VersionStatus = Literal["active", "revoked", "quarantined"]
+_VERSION_STATUSES: tuple[VersionStatus, ...] = ("active", "revoked", "quarantined")
+
+#: Largest finite value of each serving dtype (float16 65,504; bfloat16 about 3.39e38).
+DTYPE_MAX: Mapping[str, float] = {
+    "float16": 65504.0,
+    "bfloat16": float.fromhex("0x1.fep127"),
+    "float32": float.fromhex("0x1.fffffep127"),
+}
+#: Spellings of `Settings.dtype` / vLLM's `--dtype` and of config.json's `torch_dtype`.
+_DTYPE_NAMES: Mapping[str, str] = {
+    "float16": "float16",
+    "half": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "float": "float32",
+    "fp32": "float32",
+}
 
 
 def check_name(value: object, what: str) -> str:
@@ -87,6 +113,18 @@ def check_sha(value: object, what: str = "version") -> str:
     if not isinstance(value, str) or not _SHA_RE.fullmatch(value):
         raise InvalidAdapter(f"invalid {what}: expected sha256:<64 lowercase hex digits>")
     return value
+
+
+def can_use(
+    tenant: str, owner: str, shared_with: Collection[str], *, operator: bool = False
+) -> bool:
+    """The sharing rule, the only one: may `tenant` use an adapter of `owner` shared with these?
+
+    Yes for the owner itself, for a tenant the owner shared it with, and for an operator (who
+    acts on every tenant). Everything that decides visibility calls this: the store's `resolve`
+    and its share index, the gateway's residency, and `tenancy.Policy.can_use`.
+    """
+    return operator or owner == tenant or tenant in shared_with
 
 
 def utc_now() -> str:
@@ -191,11 +229,13 @@ class AdapterVersion:
     dtype: str
     created_at: str
     created_by: str
-    status: Status = "active"
+    status: VersionStatus = "active"
     use_rslora: bool = False
     description: str = ""
     #: For a composed version: (reference of the part, weight) pairs.
     composed_from: tuple[tuple[str, float], ...] = ()
+    #: Why the version is quarantined (status "quarantined"), for the caller and the operator.
+    quarantine_reason: str = ""
 
     @property
     def total_bytes(self) -> int:
@@ -228,6 +268,7 @@ class AdapterVersion:
             "use_rslora": self.use_rslora,
             "description": self.description,
             "composed_from": [[ref, weight] for ref, weight in self.composed_from],
+            **({"quarantine_reason": self.quarantine_reason} if self.quarantine_reason else {}),
         }
 
     @classmethod
@@ -238,8 +279,11 @@ class AdapterVersion:
         if version_sha(files) != sha:
             raise IntegrityError(f"manifest version {sha} does not match its files")
         status = _get(obj, "status", str)
-        if status not in ("active", "revoked"):
+        if status not in _VERSION_STATUSES:
             raise IntegrityError(f"manifest has an unknown version status {status[:20]!r}")
+        reason = obj.get("quarantine_reason", "")
+        if not isinstance(reason, str):
+            raise IntegrityError("stored manifest: field 'quarantine_reason' has the wrong type")
         composed: list[tuple[str, float]] = []
         for item in _get(obj, "composed_from", list):
             if (
@@ -262,10 +306,11 @@ class AdapterVersion:
             dtype=_get(obj, "dtype", str),
             created_at=_get(obj, "created_at", str),
             created_by=_get(obj, "created_by", str),
-            status="active" if status == "active" else "revoked",
+            status=_VERSION_STATUSES[_VERSION_STATUSES.index(status)],
             use_rslora=_get(obj, "use_rslora", bool),
             description=_get(obj, "description", str),
             composed_from=tuple(composed),
+            quarantine_reason=reason,
         )
 
 
@@ -288,13 +333,25 @@ class Manifest:
     #: The backend's entity tag of the stored manifest this was read from (None: not stored).
     etag: str | None = None
 
+    def usable_by(self, tenant: str, *, operator: bool = False) -> bool:
+        """`can_use` for this adapter: live, and `tenant` is its owner, a grantee or an operator."""
+        return self.status == "active" and can_use(
+            tenant, self.tenant, self.shared_with, operator=operator
+        )
+
     def resolve(self, ref: AdapterRef) -> AdapterVersion:
-        """The live version `ref` selects; AdapterNotFound if missing or revoked."""
+        """The live version `ref` selects; AdapterNotFound if missing or revoked, Quarantined
+        if the runtime canary quarantined it (callers check visibility before this)."""
         if self.status == "active":
             sha = ref.version if ref.version is not None else self.aliases.get(ref.selector)
             version = self.versions.get(sha) if sha is not None else None
             if version is not None and version.status == "active":
                 return version
+            if version is not None and version.status == "quarantined":
+                raise Quarantined(
+                    f"adapter version {version.version_id} of {self.name!r} is quarantined: "
+                    f"{version.quarantine_reason or 'it corrupted the engine'}; it is not served"
+                )
         raise not_found(ref)
 
     def to_json(self) -> bytes:
@@ -344,6 +401,20 @@ class Manifest:
         )
 
 
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Page(Generic[_T]):
+    """One page of a listing: its items, and where the next page starts."""
+
+    items: list[_T]
+    #: Pass as `after` for the next page; None when the listing is complete.
+    next_after: str | None
+    #: Entries the page's listing returned (items plus those skipped, e.g. revoked): its cost.
+    examined: int = 0
+
+
 def not_found(ref: AdapterRef | str) -> AdapterNotFound:
     """The one NOT_FOUND error: the same text whether missing, revoked or another tenant's."""
     return AdapterNotFound(f"adapter {str(ref)[:200]!r} not found")
@@ -360,15 +431,52 @@ class BaseModelSpec:
     #: module name -> (in_features, out_features), e.g. "k_proj": (128, 64).
     module_shapes: Mapping[str, tuple[int, int]]
     max_rank: int
+    #: The engine's serving dtype ("float16", "bfloat16" or "float32"): vLLM loads adapter
+    #: weights in it and folds the LoRA scaling into lora_B in it, so validation checks that the
+    #: effective weights are finite and bounded there.
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_MAX:
+            raise InvalidAdapter(
+                f"serving dtype {str(self.dtype)[:20]!r} is not one of {', '.join(DTYPE_MAX)}"
+            )
+
+    @staticmethod
+    def serving_dtype(dtype: str, config: Mapping[str, Any]) -> str:
+        """The dtype the engine serves in: `dtype` (Settings.dtype), or with "auto" the model's
+        config.json `torch_dtype`. vLLM's "auto" downcasts a float32 (or unstated) config to the
+        platform's preferred half type, bfloat16 or float16 depending on the hardware; float16,
+        the narrower range, is assumed then, so that validation is never looser than serving."""
+        name = str(dtype).lower()
+        if name == "auto":
+            stated = config.get("torch_dtype", config.get("dtype"))
+            text_config = config.get("text_config")
+            if stated is None and isinstance(text_config, Mapping):
+                stated = text_config.get("torch_dtype", text_config.get("dtype"))
+            resolved = _DTYPE_NAMES.get(str(stated).lower()) if stated is not None else None
+            return "float16" if resolved in (None, "float32") else resolved
+        if name not in _DTYPE_NAMES:
+            raise InvalidAdapter(
+                f"unknown serving dtype {str(dtype)[:20]!r} (auto, float16, bfloat16, float32)"
+            )
+        return _DTYPE_NAMES[name]
 
     def accepts(self, base_model: str) -> bool:
         return base_model == self.name or base_model in self.aliases
 
     @classmethod
     def from_hf_config(
-        cls, model_dir: Path, *, max_rank: int, aliases: Sequence[str] = ()
+        cls,
+        model_dir: Path,
+        *,
+        max_rank: int,
+        aliases: Sequence[str] = (),
+        dtype: str = "auto",
     ) -> BaseModelSpec:
-        """Read a Llama/Mistral/Qwen2-style `config.json` from a model directory."""
+        """Read a Llama/Mistral/Qwen2-style `config.json` from a model directory.
+
+        `dtype` is the engine's (Settings.dtype); see `serving_dtype` for "auto"."""
         path = Path(model_dir) / "config.json"
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
@@ -408,6 +516,7 @@ class BaseModelSpec:
                 "down_proj": (intermediate, hidden),
             },
             max_rank=max_rank,
+            dtype=cls.serving_dtype(dtype, obj),
         )
 
 
@@ -419,6 +528,9 @@ class Limits:
     max_config_bytes: int = 64 * 1024
     max_header_bytes: int = 1024 * 1024
     max_description_chars: int = 1024
+    #: ComposeAdapter: most parts, and most stored bytes of all parts (checked from manifests).
+    max_compose_parts: int = 8
+    max_compose_bytes: int = 1024 * 1024 * 1024
 
 
 # --- strict JSON helpers for reading manifests back ----------------------------------------

@@ -40,6 +40,9 @@ from adapter_store.errors import (
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
 
+#: Keys of a listing (an alias: inside the class, `list` is its method).
+Keys = list[str]
+
 __all__ = ["S3Backend"]
 
 _NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
@@ -175,6 +178,31 @@ class S3Backend:
         except Exception as exc:
             raise _translate(exc, prefix) from None
         return sorted(keys)
+
+    def list_page(
+        self, prefix: str, *, start_after: str = "", limit: int = 1000, folders: bool = False
+    ) -> tuple[Keys, bool]:
+        strip = len(self._key(""))
+        params: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": self._key(prefix),
+            "MaxKeys": limit,
+        }
+        if folders:
+            params["Delimiter"] = "/"
+        if start_after:
+            # A sub-folder comes back once, as a common prefix, for as long as any key under it
+            # is after `start_after`: start after all of them. Keys are built from names of
+            # [A-Za-z0-9._-] and "/", all below "~".
+            after = self._key(start_after)
+            params["StartAfter"] = after + "~" if after.endswith("/") else after
+        try:
+            response = self._client.list_objects_v2(**params)
+        except Exception as exc:
+            raise _translate(exc, prefix) from None
+        keys = [item["Key"][strip:] for item in response.get("Contents", [])]
+        keys += [item["Prefix"][strip:] for item in response.get("CommonPrefixes", [])]
+        return sorted(k for k in keys if k > start_after), bool(response.get("IsTruncated"))
 
 
 def _code(exc: ClientError) -> str:

@@ -7,12 +7,26 @@ that its size, offsets and dtypes are checked before any tensor data is touched.
 An adapter is accepted when:
 
 - it consists of exactly `adapter_config.json` and `adapter_model.safetensors`;
-- the config is a UTF-8 JSON object within the size cap, `peft_type` is LORA or ADALORA, the rank
-  is within 1..max_rank, `target_modules` is a list of modules the base model has,
-  `base_model_name_or_path` names the deployment's base model, and no unsupported feature is set;
+- the config is a UTF-8 JSON object within the size cap whose every key is one the engine supports
+  (an allowlist, `_CONFIG_KEYS`: an unknown key is refused by name) with a value of the right type
+  and within bounds: `peft_type` is LORA or ADALORA, the rank is within 1..max_rank, `lora_alpha`
+  within (0, MAX_LORA_ALPHA], `target_modules` is a list of modules the base model has,
+  `base_model_name_or_path` names the deployment's base model, `init_lora_weights` is an init
+  vLLM loads (not PiSSA, OLoRA, CorDA, LoftQ: those change the base weights), and every feature
+  the engine does not implement (DoRA, biases, rank patterns, ...) is off;
 - every tensor is a `lora_A` / `lora_B` (AdaLoRA: also `lora_E`) of a targeted module in a layer
   the model has, in F16, BF16 or F32, with shapes that match the rank and the base model's layer
-  sizes, and no NaN or Inf.
+  sizes, and no NaN or Inf;
+- the effective weights are finite and of sane magnitude in the engine's dtype
+  (`check_effective_weights`). vLLM folds the scaling s (alpha/r, alpha/sqrt(r) with rsLoRA)
+  into lora_B in the serving dtype, so an alpha of 1e300 turns B into Inf and NaN, and NaN
+  activations poison other requests (docs/reliability.md, "Hostile tenant: engine poisoning").
+  Checked per module, in O(parameters), without forming B·A: max|A| and max|s·B| are finite in
+  the dtype, and they and the Cauchy-Schwarz bound |ΔW_ij| = s·|B_i·A_j| <= s·max_i‖B_i,:‖·
+  max_j‖A_:,j‖ stay at or below `magnitude_limit(dtype)`: 100, or 65504/1024 = 63.97 in
+  float16. What that allows: a module's delta adds at most limit·‖x‖₁ to any entry of its output
+  (|Σ_j ΔW_ij x_j| <= max|ΔW|·‖x‖₁), and its rank-r intermediate A·x is at most limit·‖x‖₁ per
+  entry too.
 
 AdaLoRA adapters come back normalised to plain LoRA (`ValidatedAdapter.rewritten`).
 """
@@ -33,6 +47,8 @@ from adapter_store.compose import (
     Array,
     ModuleKey,
     Tensors,
+    group_modules,
+    lora_scaling,
     normalise_adalora,
     parse_tensor_name,
     tensor_name,
@@ -41,6 +57,7 @@ from adapter_store.errors import Incompatible, InvalidAdapter
 from adapter_store.model import (
     ADAPTER_FILES,
     CONFIG_FILE,
+    DTYPE_MAX,
     MODULE_PARENTS,
     WEIGHTS_FILE,
     BaseModelSpec,
@@ -48,14 +65,45 @@ from adapter_store.model import (
 )
 
 __all__ = [
+    "DTYPE_HEADROOM",
+    "MAX_LORA_ALPHA",
+    "MAX_WEIGHT_MAGNITUDE",
+    "SUPPORTED_INITS",
     "TensorInfo",
     "ValidatedAdapter",
+    "check_effective_weights",
     "load_tensors",
+    "magnitude_limit",
     "parse_config",
     "read_safetensors_header",
     "serialise_tensors",
     "validate_adapter",
 ]
+
+#: Largest `lora_alpha` accepted. PEFT's default is 8, published adapters use up to a few
+#: thousand; beyond this it can only be a mistake or an attack.
+MAX_LORA_ALPHA = 65536.0
+#: Largest entry of A, s·B and (bounded) ΔW = s·B·A accepted. Trained adapters stay far below 1.
+MAX_WEIGHT_MAGNITUDE = 100.0
+#: Effective weights also stay this factor below the serving dtype's largest value, so that
+#: the delta of one module stays finite for inputs with ‖x‖₁ up to this factor (float16: 63.97).
+DTYPE_HEADROOM = 1024.0
+#: `init_lora_weights` strings vLLM loads (vllm/lora/peft_helper.py `_init_is_supported`):
+#: they only set the initial adapter weights. PiSSA, OLoRA, CorDA, LoftQ and the other inits
+#: change the base weights when PEFT loads the adapter, and vLLM refuses them at load.
+SUPPORTED_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica", "lora_ga"})
+#: PEFT task types (peft.TaskType); any of them serves as a causal-LM adapter here.
+_TASK_TYPES = frozenset(
+    {
+        "CAUSAL_LM",
+        "SEQ_CLS",
+        "SEQ_2_SEQ_LM",
+        "TOKEN_CLS",
+        "QUESTION_ANS",
+        "FEATURE_EXTRACTION",
+    }
+)
+_MAX_INT = 2**31 - 1
 
 #: dtype -> (bytes per element, exponent mask, unsigned integer view) for the accepted dtypes.
 _DTYPES: dict[str, tuple[int, int, str]] = {
@@ -63,36 +111,6 @@ _DTYPES: dict[str, tuple[int, int, str]] = {
     "BF16": (2, 0x7F80, "<u2"),
     "F32": (4, 0x7F800000, "<u4"),
 }
-
-
-def _is_set(value: object) -> bool:
-    return value not in (None, False, "", [], {})
-
-
-# config key -> (is it set to something other than its harmless default?, what the feature is)
-_UNSUPPORTED: tuple[tuple[str, Callable[[object], bool], str], ...] = (
-    ("use_dora", _is_set, "DoRA (use_dora)"),
-    ("bias", lambda v: v not in (None, "none"), "trained biases (bias must be 'none')"),
-    ("modules_to_save", _is_set, "extra trained modules (modules_to_save)"),
-    ("layers_to_transform", _is_set, "a subset of layers (layers_to_transform)"),
-    ("layers_pattern", _is_set, "a layer pattern (layers_pattern)"),
-    ("layer_replication", _is_set, "layer replication (layer_replication)"),
-    ("lora_bias", _is_set, "LoRA bias terms (lora_bias)"),
-    ("fan_in_fan_out", _is_set, "transposed weights (fan_in_fan_out)"),
-    ("loftq_config", _is_set, "LoftQ quantisation (loftq_config)"),
-    ("target_parameters", _is_set, "parameter targeting (target_parameters)"),
-    ("trainable_token_indices", _is_set, "trainable tokens (trainable_token_indices)"),
-    ("alora_invocation_tokens", _is_set, "activated LoRA (alora_invocation_tokens)"),
-    ("rank_pattern", _is_set, "per-module ranks (rank_pattern)"),
-    ("alpha_pattern", _is_set, "per-module alphas (alpha_pattern)"),
-    ("use_qalora", _is_set, "QALoRA (use_qalora)"),
-    ("use_bdlora", _is_set, "BD-LoRA (use_bdlora)"),
-    ("megatron_config", _is_set, "Megatron layers (megatron_config)"),
-    ("arrow_config", _is_set, "Arrow routing (arrow_config)"),
-    ("monteclora_config", _is_set, "MonteCLoRA (monteclora_config)"),
-    ("velora_config", _is_set, "VeLoRA (velora_config)"),
-    ("kasa_config", _is_set, "KaSA (kasa_config)"),
-)
 
 
 @dataclass(frozen=True)
@@ -146,7 +164,12 @@ def validate_adapter(
             raise InvalidAdapter(f"tensor {name!r} contains NaN or Inf values")
 
     if info.peft_type == "ADALORA":
-        new_tensors, new_config = normalise_adalora(tensors, config)
+        with np.errstate(over="ignore"):  # an overflow to Inf is refused just below
+            new_tensors, new_config = normalise_adalora(tensors, config)
+        # The normalised A carries E and alpha/(r+eps); its scaling is 1.
+        check_effective_weights(
+            new_tensors, alpha=info.alpha, rank=info.rank, scaling=1.0, dtype=spec.dtype
+        )
         return ValidatedAdapter(
             peft_type="ADALORA",
             rank=info.rank,
@@ -161,6 +184,13 @@ def validate_adapter(
                 WEIGHTS_FILE: serialise_tensors(new_tensors),
             },
         )
+    check_effective_weights(
+        tensors,
+        alpha=info.alpha,
+        rank=info.rank,
+        scaling=lora_scaling(info.alpha, info.rank, info.use_rslora),
+        dtype=spec.dtype,
+    )
     modules = sorted({_module_of(name) for name in header})
     return ValidatedAdapter(
         peft_type="LORA",
@@ -239,24 +269,218 @@ class _ConfigInfo:
     base_model: str
 
 
-def _int(config: Mapping[str, Any], key: str) -> int:
-    value = config.get(key)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidAdapter(f"{key} must be an integer, got {_show(value)}")
-    return value
-
-
 def _show(value: object) -> str:
     return f"{type(value).__name__} {str(value)[:40]!r}"
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _int(config: Mapping[str, Any], key: str) -> int:
+    value = config.get(key)
+    if not _is_int(value):
+        raise InvalidAdapter(f"{key} must be an integer, got {_show(value)}")
+    assert isinstance(value, int)
+    return value
+
+
+# --- the allowlist of adapter_config.json keys -----------------------------------------------
+#
+# Each key maps to a check of its value (raising InvalidAdapter that names the key). A key not
+# listed is refused by name: the engine would ignore it, and an ignored setting can change what
+# the adapter means (a new PEFT feature, a typo of a known one).
+
+_Check = Callable[[str, object], None]
+
+
+def _same(value: object, default: object) -> bool:
+    """Equal and of the same JSON type (so that 0 is not taken for false)."""
+    return type(value) is type(default) and value == default
+
+
+def _off(feature: str, *defaults: object) -> _Check:
+    """The feature must be off: the value is one of its harmless defaults."""
+    allowed = defaults or (None, False)
+
+    def check(key: str, value: object) -> None:
+        if not any(_same(value, default) for default in allowed):
+            raise InvalidAdapter(
+                f"unsupported adapter feature: {feature} ({key}={_show(value)}); the engine "
+                "does not implement it"
+            )
+
+    return check
+
+
+def _checked_elsewhere(key: str, value: object) -> None:
+    """Validated by `_check_config` (rank, alpha, targets, base model, rsLoRA)."""
+
+
+def _boolean(key: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise InvalidAdapter(f"{key} must be true or false, got {_show(value)}")
+
+
+def _short_text(limit: int, *, nullable: bool = True) -> _Check:
+    def check(key: str, value: object) -> None:
+        if value is None and nullable:
+            return
+        if not isinstance(value, str) or len(value) > limit:
+            raise InvalidAdapter(f"{key} must be a string of at most {limit} characters")
+
+    return check
+
+
+def _number_in(low: float, high: float, *, integer: bool = False, nullable: bool = False) -> _Check:
+    """A JSON number (an integer when `integer`) within [low, high]."""
+
+    def check(key: str, value: object) -> None:
+        if value is None and nullable:
+            return
+        kind = "an integer" if integer else "a number"
+        if not (_is_int(value) if integer else _is_number(value)):
+            raise InvalidAdapter(f"{key} must be {kind}, got {_show(value)}")
+        assert isinstance(value, int | float)
+        if not (math.isfinite(value) and low <= value <= high):
+            raise InvalidAdapter(f"{key}={str(value)[:40]} is out of range [{low:g}, {high:g}]")
+
+    return check
+
+
+def _task_type(key: str, value: object) -> None:
+    if value is not None and (not isinstance(value, str) or value not in _TASK_TYPES):
+        raise InvalidAdapter(
+            f"{key} must be one of {', '.join(sorted(_TASK_TYPES))} or null, got {_show(value)}"
+        )
+
+
+def _init_lora_weights(key: str, value: object) -> None:
+    if isinstance(value, bool):
+        return
+    if isinstance(value, str) and value.lower() in SUPPORTED_INITS:
+        return
+    raise InvalidAdapter(
+        f"unsupported adapter feature: {key}={_show(value)}; inits such as PiSSA, OLoRA, CorDA "
+        "and LoftQ change the base model's weights, which the engine serves unchanged (convert "
+        "the adapter to a plain LoRA with PEFT's path_initial_model_for_weight_conversion). "
+        f"Accepted: true, false, {', '.join(sorted(SUPPORTED_INITS))}"
+    )
+
+
+def _string_map(key: str, value: object) -> None:
+    """Metadata such as auto_mapping: null or a small object of strings."""
+    if value is None:
+        return
+    if not isinstance(value, dict) or len(value) > 16:
+        raise InvalidAdapter(f"{key} must be null or an object of strings, got {_show(value)}")
+    for item in value.values():
+        if item is not None and (not isinstance(item, str) or len(item) > 256):
+            raise InvalidAdapter(f"{key} must be null or an object of strings")
+
+
+def _init_settings(key: str, value: object) -> None:
+    """eva_config, corda_config, lora_ga_config: settings of an init that already ran. They
+    do not change the saved weights' meaning (the init itself is checked by
+    init_lora_weights), so null or an object is accepted and ignored."""
+    if value is not None and not isinstance(value, dict):
+        raise InvalidAdapter(f"{key} must be null or an object, got {_show(value)}")
+
+
+def _module_names(key: str, value: object) -> None:
+    """exclude_modules: which modules training skipped; the tensors say what is adapted."""
+    if value is None or (isinstance(value, str) and len(value) <= 256):
+        return
+    if (
+        not isinstance(value, list)
+        or len(value) > 256
+        or not all(isinstance(v, str) and len(v) <= 256 for v in value)
+    ):
+        raise InvalidAdapter(f"{key} must be null, a string or a list of strings")
+
+
+_NOTHING: tuple[object, ...] = (None, False, [], {}, "")
+_LORA_KEYS: dict[str, _Check] = {
+    # identity and the values the engine uses (checked by _check_config)
+    "peft_type": _checked_elsewhere,
+    "r": _checked_elsewhere,
+    "lora_alpha": _checked_elsewhere,
+    "target_modules": _checked_elsewhere,
+    "base_model_name_or_path": _checked_elsewhere,
+    "use_rslora": _checked_elsewhere,
+    # metadata, ignored by the engine
+    "task_type": _task_type,
+    "inference_mode": _boolean,
+    "peft_version": _short_text(64),
+    "revision": _short_text(256),
+    "auto_mapping": _string_map,
+    "megatron_core": _short_text(256),
+    "ensure_weight_tying": _boolean,  # only acts with modules_to_save / trainable tokens
+    "exclude_modules": _module_names,
+    # training-only settings, bounded
+    "lora_dropout": _number_in(0.0, 1.0),
+    "init_lora_weights": _init_lora_weights,
+    "eva_config": _init_settings,
+    "corda_config": _init_settings,
+    "lora_ga_config": _init_settings,
+    "qalora_group_size": _number_in(1, 65536, integer=True),
+    # features the engine does not implement: must be off
+    "bias": _off("trained biases (bias must be 'none')", "none", None),
+    "use_dora": _off("DoRA (use_dora)"),
+    "lora_bias": _off("LoRA bias terms (lora_bias)"),
+    "fan_in_fan_out": _off("transposed weights (fan_in_fan_out)"),
+    "modules_to_save": _off("extra trained modules (modules_to_save)", None, []),
+    "layers_to_transform": _off("a subset of layers (layers_to_transform)", None, []),
+    "layers_pattern": _off("a layer pattern (layers_pattern)", None, [], ""),
+    "layer_replication": _off("layer replication (layer_replication)", None, []),
+    "rank_pattern": _off("per-module ranks (rank_pattern)", None, {}),
+    "alpha_pattern": _off("per-module alphas (alpha_pattern)", None, {}),
+    "loftq_config": _off("LoftQ quantisation (loftq_config)", None, {}),
+    "target_parameters": _off("parameter targeting (target_parameters)", None, []),
+    "trainable_token_indices": _off("trainable tokens (trainable_token_indices)", None, [], {}),
+    "alora_invocation_tokens": _off("activated LoRA (alora_invocation_tokens)", None, []),
+    "use_qalora": _off("QALoRA (use_qalora)"),
+    "use_bdlora": _off("BD-LoRA (use_bdlora)", *_NOTHING),
+    "megatron_config": _off("Megatron layers (megatron_config)", None, {}),
+    "arrow_config": _off("Arrow routing (arrow_config)", None, {}),
+    "monteclora_config": _off("MonteCLoRA (monteclora_config)", None, {}),
+    "velora_config": _off("VeLoRA (velora_config)", None, {}),
+    "kasa_config": _off("KaSA (kasa_config)", None, {}),
+}
+#: AdaLoRA's own keys (its rank is init_r; its r is unused); the training schedule is bounded.
+_ADALORA_KEYS: dict[str, _Check] = {
+    **_LORA_KEYS,
+    "init_r": _checked_elsewhere,
+    "r": _number_in(1, 65536, integer=True),
+    "target_r": _number_in(1, 65536, integer=True),
+    "tinit": _number_in(0, _MAX_INT, integer=True),
+    "tfinal": _number_in(0, _MAX_INT, integer=True),
+    "deltaT": _number_in(1, _MAX_INT, integer=True),
+    "beta1": _number_in(0.0, 1.0),
+    "beta2": _number_in(0.0, 1.0),
+    "orth_reg_weight": _number_in(0.0, 1e6),
+    "total_step": _number_in(1, _MAX_INT, integer=True, nullable=True),
+}
+_CONFIG_KEYS = {"LORA": _LORA_KEYS, "ADALORA": _ADALORA_KEYS}
+
+
 def _check_config(config: Mapping[str, Any], spec: BaseModelSpec) -> _ConfigInfo:
     peft_type = config.get("peft_type")
-    if peft_type not in ("LORA", "ADALORA"):
+    if not isinstance(peft_type, str) or peft_type not in _CONFIG_KEYS:
         raise InvalidAdapter(f"peft_type {_show(peft_type)} is not supported (LORA or ADALORA)")
-    for key, is_set, feature in _UNSUPPORTED:
-        if key in config and is_set(config[key]):
-            raise InvalidAdapter(f"unsupported adapter feature: {feature}")
+    allowed = _CONFIG_KEYS[peft_type]
+    unknown = sorted(key for key in config if key not in allowed)
+    if unknown:
+        raise InvalidAdapter(
+            f"unknown {CONFIG_FILE} key(s) {', '.join(repr(k[:60]) for k in unknown[:5])}: "
+            f"the engine supports only the known {peft_type} settings"
+        )
+    for key, value in config.items():
+        allowed[key](key, value)
 
     rank_key = "init_r" if peft_type == "ADALORA" else "r"
     rank = _int(config, rank_key)
@@ -268,8 +492,9 @@ def _check_config(config: Mapping[str, Any], spec: BaseModelSpec) -> _ConfigInfo
         )
 
     alpha = config.get("lora_alpha")
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+    if not _is_number(alpha):
         raise InvalidAdapter(f"lora_alpha must be a number, got {_show(alpha)}")
+    assert isinstance(alpha, int | float)
     if not math.isfinite(alpha) or alpha <= 0:
         raise InvalidAdapter(f"lora_alpha must be a positive finite number, got {alpha}")
 
@@ -316,6 +541,56 @@ def _check_config(config: Mapping[str, Any], spec: BaseModelSpec) -> _ConfigInfo
     )
 
 
+# --- effective weights ----------------------------------------------------------------------
+
+
+def magnitude_limit(dtype: str) -> float:
+    """The largest entry of A, s·B and the ΔW bound accepted for a serving dtype."""
+    return min(MAX_WEIGHT_MAGNITUDE, DTYPE_MAX[dtype] / DTYPE_HEADROOM)
+
+
+def check_effective_weights(
+    tensors: Mapping[str, Array], *, alpha: float, rank: int, scaling: float, dtype: str
+) -> None:
+    """Refuse effective weights that are not finite, or too large, in the serving `dtype`.
+
+    `tensors` are plain LoRA A/B pairs (float32); `scaling` is what vLLM folds into lora_B
+    (alpha/r, alpha/sqrt(r) with rsLoRA; 1 for normalised AdaLoRA). See the module docstring.
+    """
+    if not alpha <= MAX_LORA_ALPHA:
+        raise InvalidAdapter(
+            f"lora_alpha={alpha:g} is out of range (0, {MAX_LORA_ALPHA:g}]: the scaling "
+            f"alpha/r={alpha / rank:.3g} would make the effective weights too large"
+        )
+    largest, limit = DTYPE_MAX[dtype], magnitude_limit(dtype)
+    what = f"(scaling {scaling:.3g} from lora_alpha={alpha:g}, r={rank}; serving dtype {dtype})"
+    for key, parts in sorted(group_modules(tensors).items()):
+        a = np.abs(parts["A"].astype(np.float64))
+        b = np.abs(parts["B"].astype(np.float64)) * abs(scaling)
+        module = tensor_name(key, "A")[: -len(".lora_A.weight")]
+        for label, values in (("lora_A", a), ("scaling·lora_B", b)):
+            peak = float(values.max(initial=0.0))
+            if not peak <= largest:
+                raise InvalidAdapter(
+                    f"{module}: |{label}| reaches {peak:.3g}, which overflows {dtype} (largest "
+                    f"finite value {largest:.5g}) {what}"
+                )
+            if peak > limit:
+                raise InvalidAdapter(
+                    f"{module}: |{label}| reaches {peak:.3g}, above the weight magnitude limit "
+                    f"{limit:.4g} for {dtype} {what}"
+                )
+        # |ΔW_ij| = |Σ_k (sB)_ik A_kj| <= ‖(sB)_i,:‖₂ ‖A_:,j‖₂ (Cauchy-Schwarz), never forming B·A.
+        bound = float(np.sqrt((b * b).sum(axis=1)).max(initial=0.0)) * float(
+            np.sqrt((a * a).sum(axis=0)).max(initial=0.0)
+        )
+        if not bound <= limit:
+            raise InvalidAdapter(
+                f"{module}: the effective weight delta |scaling·B·A| may reach {bound:.3g}, "
+                f"above the weight magnitude limit {limit:.4g} for {dtype} {what}"
+            )
+
+
 # --- adapter_model.safetensors ----------------------------------------------------------------
 
 
@@ -339,8 +614,12 @@ def read_safetensors_header(path: Path, limits: Limits) -> tuple[dict[str, Tenso
         header = json.loads(
             raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants
         )
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise InvalidAdapter(f"{WEIGHTS_FILE} header is not valid UTF-8 JSON") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError: JSONDecodeError, and the interpreter's cap on integer digits (a
+        # 5,000-digit number), which is no JSONDecodeError.
+        raise InvalidAdapter(
+            f"{WEIGHTS_FILE} header is not valid UTF-8 JSON: {str(exc)[:120]}"
+        ) from None
     if not isinstance(header, dict):
         raise InvalidAdapter(f"{WEIGHTS_FILE} header must be a JSON object")
     metadata = header.pop("__metadata__", {})
@@ -374,7 +653,7 @@ def _tensor_info(name: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise InvalidAdapter(f"malformed header entry for tensor {name[:120]!r}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise InvalidAdapter(
             f"tensor {name[:120]!r} has dtype {str(dtype)[:20]}; "
             "only F16, BF16 and F32 are accepted"

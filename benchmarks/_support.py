@@ -2,8 +2,8 @@
 
 - The base model is `lora_gateway.devtools.make_model` (a tiny random Llama, generated once per
   run). Adapters are written with numpy (`write_lora`), which is fast enough for a thousand.
-- The store is a real S3-compatible server over HTTP: moto, serialised so that conditional writes
-  are atomic (the same server the tests use, copied so benchmarks do not import tests/).
+- The store is a real S3 server over HTTP: SeaweedFS, started by `tests/support/s3server.py`
+  (the same server the tests use).
 - One vLLM engine serves the whole run (`max_loras` 4, `max_cpu_loras` 16, rank up to 64); each
   benchmark starts its own `GatewayServer` on it (fresh residency, statistics and disk cache) and
   empties the engine again when it stops.
@@ -15,17 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sys
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import boto3
 import numpy as np
 import yaml
 from safetensors.numpy import save_file
@@ -40,6 +37,7 @@ from lora_gateway.config import Settings
 from lora_gateway.engine.base import Engine, GenerateParams, LoadedAdapter, Prompt
 from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
+from tests.support.s3server import S3Server, s3_server
 
 TENANT = "bench"
 USER_KEY = "bench-user-secret"
@@ -85,68 +83,6 @@ class Progress:
 
     def close(self) -> None:
         self._bar.close()
-
-
-# --- S3 server (moto), as in tests/support/s3server.py ---------------------------------------
-
-
-@dataclass
-class S3Server:
-    endpoint_url: str
-    bucket: str
-    access_key: str = "testing"
-    secret_key: str = "testing"
-    region: str = "us-east-1"
-
-    def client(self) -> Any:
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name=self.region,
-        )
-
-
-@contextlib.contextmanager
-def s3_server(bucket: str = "lora-gateway-bench") -> Iterator[S3Server]:
-    """moto's S3 server on 127.0.0.1 (a free port), one request at a time; stops at exit."""
-    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
-    from moto.moto_server.werkzeug_app import (
-        DomainDispatcherApplication,
-        MotoRequestHandler,
-        create_backend_app,
-    )
-    from werkzeug.serving import make_server
-
-    class QuietHandler(MotoRequestHandler):
-        def log_request(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-    class SerialMotoServer(ThreadedMotoServer):
-        def _server_entry(self) -> None:
-            app = DomainDispatcherApplication(create_backend_app)
-            lock = threading.Lock()
-
-            def serial(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-                with lock:
-                    return list(app(environ, start_response))
-
-            self._server = make_server(
-                self._ip_address, self._port, serial, True, request_handler=QuietHandler
-            )
-            self._server_ready_event.set()
-            self._server.serve_forever()
-
-    moto = SerialMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    host, port = moto.get_host_and_port()
-    server = S3Server(endpoint_url=f"http://{host}:{port}", bucket=bucket)
-    try:
-        server.client().create_bucket(Bucket=bucket)
-        yield server
-    finally:
-        moto.stop()
 
 
 # --- adapters -------------------------------------------------------------------------------
@@ -487,35 +423,25 @@ async def open_bench(work: Path, *, smoke: bool, progress: Progress) -> AsyncIte
     await asyncio.to_thread(work.mkdir, parents=True, exist_ok=True)
     with progress.phase("setup: tiny model"):
         model = await asyncio.to_thread(devtools.make_model, work / "tiny-llama")
-    with s3_server() as s3:
-        saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-        os.environ["AWS_ACCESS_KEY_ID"] = s3.access_key
-        os.environ["AWS_SECRET_ACCESS_KEY"] = s3.secret_key
+    with s3_server("lora-gateway-bench") as s3, s3.credentials_in_env():
+        with progress.phase("setup: engine start"):
+            settings = Settings.from_mapping({"model": str(model), **ENGINE_SETTINGS})
+            engine = await VLLMEngine.start(settings)
         try:
-            with progress.phase("setup: engine start"):
-                settings = Settings.from_mapping({"model": str(model), **ENGINE_SETTINGS})
-                engine = await VLLMEngine.start(settings)
-            try:
-                with progress.phase("setup: isolation self-test"):
-                    await require_isolation(engine, str(model))
-                    await clear_engine(engine)
-                yield Bench(
-                    work=work,
-                    model=model,
-                    s3=s3,
-                    engine=engine,
-                    tenants_file=write_tenants(work / "tenants.yaml"),
-                    smoke=smoke,
-                    progress=progress,
-                )
-            finally:
-                await engine.shutdown()
+            with progress.phase("setup: isolation self-test"):
+                await require_isolation(engine, str(model))
+                await clear_engine(engine)
+            yield Bench(
+                work=work,
+                model=model,
+                s3=s3,
+                engine=engine,
+                tenants_file=write_tenants(work / "tenants.yaml"),
+                smoke=smoke,
+                progress=progress,
+            )
         finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+            await engine.shutdown()
 
 
 SETUP_PHASES = 3

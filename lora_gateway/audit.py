@@ -33,6 +33,8 @@ from lora_gateway.tenancy import Principal
 __all__ = ["AUDIT_LOGGER", "AuditLog", "Decision"]
 
 AUDIT_LOGGER = "lora_gateway.audit"
+#: The log message of every audit record; its fields are in the record's `audit` attribute.
+AUDIT_MESSAGE = "audit"
 Decision = Literal["allow", "deny", "error"]
 _DECISIONS = frozenset({"allow", "deny", "error"})
 _MAX_DETAIL = 200
@@ -46,6 +48,13 @@ def _now() -> str:
 
 def _clip(value: str, limit: int) -> str:
     return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+class _EventLine(logging.Formatter):
+    """The audit file's line: the event's fields as one JSON object."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(record.__dict__["audit"], ensure_ascii=False, separators=(", ", ": "))
 
 
 class _ToLogger(logging.Handler):
@@ -73,7 +82,7 @@ class AuditLog:
         self._sink: logging.Handler
         if path:
             sink = logging.handlers.WatchedFileHandler(path, encoding="utf-8")  # logrotate-safe
-            sink.setFormatter(logging.Formatter("%(message)s"))
+            sink.setFormatter(_EventLine())
             self._sink = sink
         else:
             self._sink = _ToLogger(self._logger)
@@ -120,17 +129,18 @@ class AuditLog:
             # Late events (after shutdown) still reach the logger rather than vanish.
             self._logger.warning("audit event after close: %s", json.dumps(event))
             return event
-        line = json.dumps(event, ensure_ascii=False, separators=(", ", ": "))
+        # One structured record per event: the fields travel once, under `audit`; the file sink
+        # writes them as the line, the JSON log formatter (logs.py) nests them.
         record = logging.LogRecord(
             name=AUDIT_LOGGER,
             level=logging.INFO,
             pathname=__file__,
             lineno=0,
-            msg=line,
+            msg=AUDIT_MESSAGE,
             args=None,
             exc_info=None,
         )
-        record.__dict__["audit"] = event  # structured copy for handlers that want fields
+        record.__dict__["audit"] = event
         self._enqueue.handle(record)
         return event
 

@@ -6,6 +6,7 @@
     lora-gateway adapter list | show | alias | share | unshare | compose | pin | unpin |
                          prefetch | revoke
     lora-gateway residency
+    lora-gateway store repair-shares --config gateway.yaml
     lora-gateway dev make-model | make-adapter | hash-key | new-key
     lora-gateway demo
 
@@ -26,17 +27,15 @@ finish_reason "abort"); 130 interrupted. An error prints `error: <CODE>: <messag
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import hashlib
-import itertools
 import json
 import os
 import secrets
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any, get_args, get_origin
 
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
@@ -85,30 +84,6 @@ def exit_code(exc: errors.GatewayError) -> int:
 # --- serve ----------------------------------------------------------------------------------
 
 
-def _field_docs() -> dict[str, str]:
-    """Settings field -> its docstring (the string literal under the field in config.py)."""
-    from lora_gateway import config
-
-    try:
-        tree = ast.parse(Path(config.__file__).read_text(encoding="utf-8"))
-    except (OSError, SyntaxError):
-        return {}
-    docs: dict[str, str] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef) and node.name == Settings.__name__:
-            body = node.body
-            for field_node, doc_node in itertools.pairwise(body):
-                if (
-                    isinstance(field_node, ast.AnnAssign)
-                    and isinstance(field_node.target, ast.Name)
-                    and isinstance(doc_node, ast.Expr)
-                    and isinstance(doc_node.value, ast.Constant)
-                    and isinstance(doc_node.value.value, str)
-                ):
-                    docs[field_node.target.id] = " ".join(doc_node.value.value.split())
-    return docs
-
-
 def _metavar(name: str, hint: Any) -> str:
     if name in _METAVARS:
         return _METAVARS[name]
@@ -121,26 +96,23 @@ def _metavar(name: str, hint: Any) -> str:
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Settings field; values are coerced and validated by Settings itself."""
-    docs = _field_docs()
-    hints = get_type_hints(Settings)
     group = parser.add_argument_group("settings (override the config file and environment)")
-    for field in dataclasses.fields(Settings):
-        flags = _FLAG_NAMES.get(field.name, ("--" + field.name.replace("_", "-"),))
-        hint = hints[field.name]
-        help_text = docs.get(field.name, field.name.replace("_", " "))
-        help_text = help_text.replace("%", "%%")
+    for name, info in Settings.model_fields.items():
+        flags = _FLAG_NAMES.get(name, ("--" + name.replace("_", "-"),))
+        hint = info.annotation
+        help_text = Settings.field_doc(name).replace("%", "%%")
         if hint is bool:
             group.add_argument(
                 *flags,
-                dest=field.name,
+                dest=name,
                 action=argparse.BooleanOptionalAction,
                 default=None,
                 help=help_text,
             )
-        elif getattr(hint, "__origin__", None) is tuple:
+        elif get_origin(hint) is tuple:
             group.add_argument(
                 *flags,
-                dest=field.name,
+                dest=name,
                 action="append",
                 default=None,
                 metavar="VALUE",
@@ -150,35 +122,26 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
             choices = get_args(hint) if all(isinstance(a, str) for a in get_args(hint)) else None
             group.add_argument(
                 *flags,
-                dest=field.name,
+                dest=name,
                 default=None,
                 choices=choices or None,
-                metavar=None if choices else _metavar(field.name, hint),
+                metavar=None if choices else _metavar(name, hint),
                 help=help_text,
             )
 
 
 def _settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
-    for field in dataclasses.fields(Settings):
-        value = getattr(args, field.name, None)
+    for name in Settings.model_fields:
+        value = getattr(args, name, None)
         if isinstance(value, list):  # repeated flags, each possibly comma-separated
             value = [part.strip() for item in value for part in item.split(",") if part.strip()]
-        overrides[field.name] = value
+        overrides[name] = value
     return overrides
 
 
 def _settings_json(settings: Settings) -> dict[str, Any]:
-    return {
-        f.name: (
-            list(v)
-            if isinstance(v := getattr(settings, f.name), tuple)
-            else dict(v)
-            if isinstance(v, Mapping)
-            else v
-        )
-        for f in dataclasses.fields(settings)
-    }
+    return settings.model_dump(mode="json")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -195,6 +158,38 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from lora_gateway import server
 
     return server.serve(settings)
+
+
+def _cmd_repair_shares(args: argparse.Namespace) -> int:
+    """Reconcile every tenant's share index with the manifests (after an upgrade from a
+    version without the index, or an interrupted share, unshare or revoke)."""
+    try:
+        settings = Settings.load(
+            args.config, overrides=_settings_overrides(args), environ=args.environ
+        )
+    except (errors.InvalidArgument, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from adapter_store import BaseModelSpec, Registry, StoreError
+    from lora_gateway.server import open_backend
+
+    # The repair reads manifests and writes share markers, never an adapter: a spec that
+    # would accept none, so that the base model need not be at hand.
+    spec = BaseModelSpec(name="", aliases=(), num_layers=0, module_shapes={}, max_rank=1)
+    try:
+        report = Registry(open_backend(settings), spec).repair_share_index()
+    except StoreError as exc:
+        code, text = errors.status_of(exc)
+        print(f"error: {code.name}: {text}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        _print_json(dataclasses.asdict(report))
+    else:
+        print(
+            f"{report.adapters} adapters, {report.grants} grants: wrote {report.added} missing "
+            f"share markers, removed {report.removed} that no manifest confirms"
+        )
+    return EXIT_OK
 
 
 # --- client plumbing ------------------------------------------------------------------------
@@ -401,10 +396,22 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    adapters: list[admin_pb2.AdapterInfo] = []
+    usage: admin_pb2.TenantUsage | None = None
     with _client(args) as client:
-        response = client.list_adapters(args.tenant, args.shared)
+        token = ""
+        while True:
+            page = client.list_adapters(
+                args.tenant, args.shared, page_size=args.page_size, page_token=token
+            )
+            adapters.extend(page.adapters)
+            if usage is None and page.HasField("usage"):
+                usage = page.usage
+            token = page.next_page_token
+            if not token:
+                break
     if args.json:
-        _print_json(_message_dict(response))
+        _print_json({"adapters": [_message_dict(a) for a in adapters]})
         return EXIT_OK
     rows = [
         (
@@ -415,16 +422,32 @@ def _cmd_list(args: argparse.Namespace) -> int:
             ",".join(sorted(a.aliases)) or "-",
             ",".join(a.shared_with) or "-",
         )
-        for a in response.adapters
+        for a in adapters
     ]
     _table(("ADAPTER", "STATUS", "VERSIONS", "LATEST", "ALIASES", "SHARED WITH"), rows)
+    if usage is not None:
+        print()
+        print(f"usage       {_usage_text(usage)}")
     return EXIT_OK
+
+
+def _usage_text(usage: admin_pb2.TenantUsage) -> str:
+    """ "tenant acme: 1.2 MiB of 16.0 GiB stored, 3 of 10000 adapters"."""
+    from adapter_store.spool import format_bytes
+
+    return (
+        f"tenant {usage.tenant}: {format_bytes(usage.stored_bytes)} of "
+        f"{format_bytes(usage.max_stored_bytes)} stored, {usage.adapters} of "
+        f"{usage.max_adapters} adapters"
+    )
 
 
 def _print_adapter(info: admin_pb2.AdapterInfo) -> None:
     print(f"adapter     {_adapter_label(info.tenant, info.name)}")
     print(f"status      {_status(info.status)}")
     print(f"shared with {', '.join(info.shared_with) or '-'}")
+    if info.HasField("usage"):
+        print(f"usage       {_usage_text(info.usage)}")
     for alias in sorted(info.aliases):
         print(f"alias       {alias} -> {info.aliases[alias]}")
     by_version: dict[str, list[str]] = {}
@@ -554,7 +577,16 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
 
 def _cmd_residency(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        response = client.get_residency(args.tenant)
+        response = client.get_residency(args.tenant, page_size=args.page_size)
+        token = response.next_page_token
+        while token:  # every page; the figures are the last page's
+            page = client.get_residency(args.tenant, page_size=args.page_size, page_token=token)
+            response.entries.extend(page.entries)
+            response.engine_capacity = page.engine_capacity
+            response.disk_budget_bytes = page.disk_budget_bytes
+            response.disk_used_bytes = page.disk_used_bytes
+            token = page.next_page_token
+        response.next_page_token = ""
     if args.json:
         _print_json(_message_dict(response))
         return EXIT_OK
@@ -649,6 +681,16 @@ def _client_parent(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     return parent
 
 
+def _page_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--page-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="adapters per request (0 = the server's default); every page is printed",
+    )
+
+
 def _tenant(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tenant", default="", help="owner tenant (default: the caller's)")
 
@@ -708,6 +750,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     listing = ops.add_parser("list", parents=[client], help="list adapters")
     _tenant(listing)
     listing.add_argument("--shared", action="store_true", help="include adapters shared with it")
+    _page_size(listing)
     listing.set_defaults(func=_cmd_list)
 
     show = ops.add_parser("show", parents=[client], help="versions, aliases and sharing")
@@ -758,7 +801,20 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
     residency = commands.add_parser("residency", parents=[client], help="what is loaded where")
     residency.add_argument("--tenant", default="", help="'*' for all (operators)")
+    _page_size(residency)
     residency.set_defaults(func=_cmd_residency)
+
+    store = commands.add_parser("store", help="maintenance of the adapter store (no gateway)")
+    store_ops = store.add_subparsers(dest="store_command", required=True, metavar="TASK")
+    repair = store_ops.add_parser(
+        "repair-shares",
+        help="make every share index agree with the manifests (once after an upgrade; safe "
+        "while gateways serve)",
+    )
+    repair.add_argument("--config", metavar="FILE", help="YAML settings file (the store's)")
+    repair.add_argument("--json", action="store_true", help="print JSON")
+    _add_settings_flags(repair)
+    repair.set_defaults(func=_cmd_repair_shares)
 
     dev = commands.add_parser("dev", help="developer tools")
     dev_ops = dev.add_subparsers(dest="dev_command", required=True, metavar="TOOL")

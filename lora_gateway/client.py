@@ -26,7 +26,8 @@ Errors: every failure raises the `lora_gateway.errors` class of its status code 
 server's message (`errors.NotFound("adapter not found")`); the exception's `code` is the status
 code received. Codes with no class of their own (UNKNOWN, UNIMPLEMENTED, ...) raise the base
 `GatewayError`; CANCELLED raises `errors.Aborted`. Invalid arguments detected before anything is
-sent raise `errors.InvalidArgument`.
+sent raise `errors.InvalidArgument`. A refusal by a rate limit (RESOURCE_EXHAUSTED) carries the
+server's `retry-after` hint as `error.retry_after_s` (seconds; None when the server sent none).
 
 Retries: only UNAVAILABLE is retried, at most `max_retries` times, with exponential backoff and
 jitter, within the call's deadline (the deadline covers all attempts). Every admin RPC is safe to
@@ -175,7 +176,22 @@ def _error_from_rpc(exc: grpc.RpcError) -> errors.GatewayError:
     error = cls(details or code.name.lower())
     if error.code is not code:
         error.code = code
+    error.retry_after_s = _retry_after(exc)
     return error
+
+
+def _retry_after(exc: grpc.RpcError) -> float | None:
+    """The server's `retry-after` trailing metadata (seconds), if any."""
+    trailing = getattr(exc, "trailing_metadata", None)
+    try:
+        metadata = trailing() if callable(trailing) else None
+        for key, value in metadata or ():
+            if key == "retry-after":
+                seconds = float(value)
+                return seconds if seconds >= 0 else None
+    except (TypeError, ValueError):
+        return None
+    return None
 
 
 def _printable(value: str) -> bool:
@@ -289,6 +305,29 @@ class _ClientBase:
         if _printable(request_id):
             metadata.append((_REQUEST_ID_HEADER, request_id))
         return tuple(metadata)
+
+
+def _check_page(page_size: int, page_token: str) -> None:
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or not 0 <= page_size < 2**31:
+        raise errors.InvalidArgument("page_size must be an integer >= 0 (0 = the server's default)")
+    if not isinstance(page_token, str):
+        raise errors.InvalidArgument("page_token must be a string")
+
+
+def _list_request(
+    tenant: str, include_shared: bool, page_size: int, page_token: str
+) -> admin_pb2.ListAdaptersRequest:
+    _check_page(page_size, page_token)
+    return admin_pb2.ListAdaptersRequest(
+        tenant=tenant, include_shared=include_shared, page_size=page_size, page_token=page_token
+    )
+
+
+def _residency_request(
+    tenant: str, page_size: int, page_token: str
+) -> admin_pb2.GetResidencyRequest:
+    _check_page(page_size, page_token)
+    return admin_pb2.GetResidencyRequest(tenant=tenant, page_size=page_size, page_token=page_token)
 
 
 def _generate_request(
@@ -807,12 +846,39 @@ class GatewayClient(_ClientBase):
         return self._retrying(attempt, timeout)
 
     def list_adapters(
-        self, tenant: str = "", include_shared: bool = False, *, timeout: _Timeout = _CLIENT_DEFAULT
+        self,
+        tenant: str = "",
+        include_shared: bool = False,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: _Timeout = _CLIENT_DEFAULT,
     ) -> admin_pb2.ListAdaptersResponse:
-        request = admin_pb2.ListAdaptersRequest(tenant=tenant, include_shared=include_shared)
+        """One page of adapters (`page_size` 0 = the server's default); its `next_page_token`
+        is "" on the last page. `iter_adapters` walks every page."""
+        request = _list_request(tenant, include_shared, page_size, page_token)
         return self._unary(
             self._admin.ListAdapters, request, admin_pb2.ListAdaptersResponse, timeout
         )
+
+    def iter_adapters(
+        self,
+        tenant: str = "",
+        include_shared: bool = False,
+        *,
+        page_size: int = 0,
+        timeout: _Timeout = _CLIENT_DEFAULT,
+    ) -> Iterator[admin_pb2.AdapterInfo]:
+        """Every adapter, page after page (`timeout` applies to each page's call)."""
+        token = ""
+        while True:
+            page = self.list_adapters(
+                tenant, include_shared, page_size=page_size, page_token=token, timeout=timeout
+            )
+            yield from page.adapters
+            token = page.next_page_token
+            if not token:
+                return
 
     def get_adapter(
         self, name: str, tenant: str = "", *, timeout: _Timeout = _CLIENT_DEFAULT
@@ -925,10 +991,18 @@ class GatewayClient(_ClientBase):
         )
 
     def get_residency(
-        self, tenant: str = "", *, timeout: _Timeout = _CLIENT_DEFAULT
+        self,
+        tenant: str = "",
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: _Timeout = _CLIENT_DEFAULT,
     ) -> admin_pb2.GetResidencyResponse:
-        """Which adapters are where (engine, disk, store); operators may pass tenant "*"."""
-        request = admin_pb2.GetResidencyRequest(tenant=tenant)
+        """Which adapters are where (engine, disk, store); operators may pass tenant "*".
+
+        One page (`page_size` adapters; 0 = the server's default); pass `next_page_token` back
+        as `page_token` for the next, until it is ""."""
+        request = _residency_request(tenant, page_size, page_token)
         return self._unary(
             self._admin.GetResidency, request, admin_pb2.GetResidencyResponse, timeout
         )
@@ -1188,12 +1262,37 @@ class AsyncGatewayClient(_ClientBase):
         return await self._retrying(attempt, timeout)
 
     async def list_adapters(
-        self, tenant: str = "", include_shared: bool = False, *, timeout: _Timeout = _CLIENT_DEFAULT
+        self,
+        tenant: str = "",
+        include_shared: bool = False,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: _Timeout = _CLIENT_DEFAULT,
     ) -> admin_pb2.ListAdaptersResponse:
-        request = admin_pb2.ListAdaptersRequest(tenant=tenant, include_shared=include_shared)
+        request = _list_request(tenant, include_shared, page_size, page_token)
         return await self._unary(
             self._admin.ListAdapters, request, admin_pb2.ListAdaptersResponse, timeout
         )
+
+    async def iter_adapters(
+        self,
+        tenant: str = "",
+        include_shared: bool = False,
+        *,
+        page_size: int = 0,
+        timeout: _Timeout = _CLIENT_DEFAULT,
+    ) -> AsyncIterator[admin_pb2.AdapterInfo]:
+        token = ""
+        while True:
+            page = await self.list_adapters(
+                tenant, include_shared, page_size=page_size, page_token=token, timeout=timeout
+            )
+            for adapter in page.adapters:
+                yield adapter
+            token = page.next_page_token
+            if not token:
+                return
 
     async def get_adapter(
         self, name: str, tenant: str = "", *, timeout: _Timeout = _CLIENT_DEFAULT
@@ -1305,9 +1404,14 @@ class AsyncGatewayClient(_ClientBase):
         )
 
     async def get_residency(
-        self, tenant: str = "", *, timeout: _Timeout = _CLIENT_DEFAULT
+        self,
+        tenant: str = "",
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: _Timeout = _CLIENT_DEFAULT,
     ) -> admin_pb2.GetResidencyResponse:
-        request = admin_pb2.GetResidencyRequest(tenant=tenant)
+        request = _residency_request(tenant, page_size, page_token)
         return await self._unary(
             self._admin.GetResidency, request, admin_pb2.GetResidencyResponse, timeout
         )

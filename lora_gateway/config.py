@@ -1,20 +1,35 @@
-"""Settings: one validated, frozen object, and the only reader of `os.environ` in the gateway.
+"""Settings: one validated, frozen pydantic-settings model, the only reader of `os.environ`.
 
-Sources, later ones winning: defaults < YAML config file < environment (`LORA_GATEWAY_<FIELD>`,
-e.g. `LORA_GATEWAY_MAX_LORAS=8`) < explicit overrides (the CLI's flags). Every field carries its
-documentation as the docstring under it; cross-field checks live in `Settings.__post_init__`.
+Sources, later ones winning: defaults < YAML config file (`--config FILE`) < environment
+(`LORA_GATEWAY_<FIELD>`, e.g. `LORA_GATEWAY_MAX_LORAS=8`) < explicit overrides (the CLI's flags).
+Every field's documentation is the docstring under it (`use_attribute_docstrings`: the CLI's help
+text and the chart's schema read it), single-field constraints are `Field(...)` arguments, and
+cross-field checks live in one `model_validator`, as in vLLM's `LoRAConfig`.
+
+Values from the file, the environment and flags are coerced by pydantic; lists are also accepted
+as comma-separated text (`LORA_GATEWAY_WARM_ADAPTERS=acme/a,acme/b`) and `engine_args` as YAML
+text. Every problem is reported as one `InvalidArgument` that names each setting concerned.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Annotated, Any, Literal, NamedTuple, get_args
 
 import yaml
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings.sources.utils import parse_env_vars
 
 from lora_gateway.errors import InvalidArgument
 
@@ -22,6 +37,40 @@ ENV_PREFIX = "LORA_GATEWAY_"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 NullAdapterMode = Literal["auto", "on", "off"]
+Dtype = Literal["auto", "float16", "bfloat16", "float32", "half", "float"]
+
+
+def _split_commas(value: object) -> object:
+    """Text lists (`a,b`) from the environment or a flag; lists and tuples as they are."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(value, list | tuple):
+        return tuple(str(part).strip() for part in value if str(part).strip())
+    return value
+
+
+def _yaml_mapping(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError("expected a mapping of vLLM engine arguments")
+    return dict(value)
+
+
+def _vllm_rank(value: int) -> int:
+    if value not in VLLM_LORA_RANKS:
+        raise ValueError(f"must be one of {', '.join(map(str, VLLM_LORA_RANKS))}")
+    return value
+
+
+Names = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split_commas)]
+EngineArgs = Annotated[dict[str, Any], NoDecode, BeforeValidator(_yaml_mapping)]
+LoraRank = Annotated[
+    int, AfterValidator(_vllm_rank), Field(json_schema_extra={"enum": list(VLLM_LORA_RANKS)})
+]
 
 
 @dataclass(frozen=True)
@@ -48,32 +97,41 @@ class TenantDefaults:
     """Inference requests per minute (0 = unlimited)."""
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(BaseSettings):
+    """The gateway's configuration (see the module docstring for where values come from)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        frozen=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+        validate_default=True,
+    )
+
     # --- engine -----------------------------------------------------------------------------
     model: str = ""
     """Base model: a local directory (or a hub name where the deployment may download)."""
-    base_model_aliases: tuple[str, ...] = ()
+    base_model_aliases: Names = ()
     """Other names adapters may give as `base_model_name_or_path` for this base model."""
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     """Engine dtype: auto, float16, bfloat16, float32."""
     quantization: str | None = None
     """Quantized base model (e.g. awq, gptq, bitsandbytes for QLoRA-style serving)."""
-    max_loras: int = 4
+    max_loras: int = Field(4, ge=1)
     """Adapters usable in one batch (the engine's GPU slots)."""
-    max_cpu_loras: int = 8
+    max_cpu_loras: int = Field(8, ge=1)
     """Adapters the engine keeps loaded; the residency capacity (LRU beyond it)."""
-    max_lora_rank: int = 64
+    max_lora_rank: LoraRank = 64
     """Largest adapter rank accepted (one of vLLM's: 1, 8, 16, 32, 64, 128, 256, 320, 512)."""
-    max_model_len: int | None = None
+    max_model_len: int | None = Field(None, ge=1)
     """Context length; default the model's."""
-    max_num_seqs: int = 64
+    max_num_seqs: int = Field(64, ge=1)
     """Sequences the engine schedules at once."""
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     """Fraction of accelerator memory for the engine (of CPU memory on the CPU build)."""
-    kv_cache_space_gib: int | None = None
+    kv_cache_space_gib: int | None = Field(None, ge=1)
     """CPU build only: KV cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE)."""
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = Field(1, ge=1)
     """GPUs per replica."""
     enforce_eager: bool = False
     """Disable CUDA graphs / compilation (faster start, slower steps)."""
@@ -83,7 +141,7 @@ class Settings:
     """Salt the prefix cache per tenant (vLLM's `cache_salt`: an HMAC-SHA256 of the tenant name
     under a random key made at start-up, so salts cannot be guessed): a tenant never reuses, and
     so can never time, another tenant's cached prompt prefixes. Off: tenants share them."""
-    engine_args: Mapping[str, Any] = field(default_factory=dict)
+    engine_args: EngineArgs = Field(default_factory=dict)
     """Any other vLLM engine argument, passed through as is."""
     null_adapter: NullAdapterMode = "auto"
     """Serve base-model requests through a pinned zero adapter, so that no request in a mixed
@@ -91,6 +149,13 @@ class Settings:
     and read the last slot's weights. auto = on for the CPU build."""
     self_test: bool = True
     """Run the mixed-batch isolation self-test before reporting SERVING."""
+    canary_interval_s: float = Field(30.0, ge=0, le=86_400)
+    """Runtime canary: every this many seconds, and right after each adapter version is loaded,
+    a known base-model and canary-adapter request (a random adapter in its own reserved engine
+    slot) runs among real traffic and is compared with its reference, recorded at start-up. On a
+    mismatch health goes NOT_SERVING, the versions loaded since the last good check are
+    quarantined, and the engine is restarted (or `lora-gateway serve` exits). Detection bound:
+    this interval plus one check (~1 s). 0 disables it (and frees the reserved slot)."""
 
     # --- store and cache --------------------------------------------------------------------
     store: str = ""
@@ -99,26 +164,44 @@ class Settings:
     """S3 endpoint URL (MinIO: http://minio:9000); default AWS."""
     s3_region: str | None = None
     """S3 region."""
-    s3_connect_timeout_s: float = 2.0
+    s3_connect_timeout_s: float = Field(2.0, gt=0)
     """Connect timeout for each S3 call."""
-    s3_read_timeout_s: float = 10.0
+    s3_read_timeout_s: float = Field(10.0, gt=0)
     """Read timeout for each S3 call."""
-    s3_max_attempts: int = 3
+    s3_max_attempts: int = Field(3, ge=1)
     """Attempts per S3 call (bounded retries)."""
     cache_dir: str = ""
     """Local disk cache for adapter files; default a folder under the system temp dir."""
-    cache_budget_bytes: int = 4 << 30
+    cache_budget_bytes: int = Field(4 << 30, ge=1)
     """Disk cache byte budget (LRU beyond it; pinned entries excepted)."""
-    max_upload_bytes: int = 512 << 20
+    max_upload_bytes: int = Field(512 << 20, ge=1)
     """Largest adapter file accepted by UploadAdapter."""
-    poll_interval_s: float = 2.0
+    spool_dir: str = ""
+    """Where uploads and compositions are spooled while they run (one folder each, removed at
+    the end); default a folder under the system temp dir. The chart mounts a volume sized from
+    `spool_budget_bytes` here."""
+    spool_budget_bytes: int = Field(4 << 30, ge=1)
+    """Bytes all uploads and compositions in progress may spool at once. An upload reserves its
+    declared sizes when its header arrives (a composition: its parts and its result), before any
+    byte is written; beyond the budget it is refused with RESOURCE_EXHAUSTED."""
+    compose_max_parts: int = Field(8, ge=1)
+    """Most parts one ComposeAdapter call may name."""
+    compose_max_bytes: int = Field(1 << 30, ge=1)
+    """Most stored bytes the parts of one ComposeAdapter call may total (checked from the
+    manifests, before anything is fetched)."""
+    poll_interval_s: float = Field(2.0, gt=0)
     """How often manifests of resident adapters are re-read (conditional GET) so that other
     replicas' revocations, alias moves and shares take effect: the propagation bound."""
-    manifest_cache_size: int = 1024
+    manifest_cache_size: int = Field(1024, ge=1)
     """Manifests kept in memory and polled (least recently used beyond it; a manifest whose
     versions are in use, loading, resident or pinned is never dropped). Bounds the poll set,
     whatever names callers probe."""
-    warm_adapters: tuple[str, ...] = ()
+    propagation_stale_after_s: float = Field(60.0, gt=0)
+    """When no manifest poll has completed (every cached manifest re-read) for this long, health
+    reports NOT_SERVING for readiness (service "") until one completes: a replica that cannot
+    see other replicas' revocations leaves the load balancer. Liveness ("liveness") stays
+    SERVING. At least 2 x poll_interval_s."""
+    warm_adapters: Names = ()
     """`tenant/name[@alias]` references loaded and pinned at start."""
     prefetch_on_upload: bool = False
     """Load a newly uploaded version into the engine right away."""
@@ -130,118 +213,161 @@ class Settings:
     """Prometheus metrics HTTP address host:port; None disables it."""
     tenants_file: str = ""
     """YAML file mapping sha256 of API keys to tenants and roles."""
+    tenants_reload_interval_s: float = Field(5.0, ge=0)
+    """How often the tenants file is re-read (in a thread); a changed, valid file replaces the
+    keys and limits in force (a Kubernetes Secret update shows in the mounted file within about
+    a minute), an invalid one is logged and the previous file stays. 0 disables reloading."""
+    health_listen: str | None = None
+    """An extra listener (host:port) serving only grpc.health.v1, for kubelet probes: nothing
+    else is reachable there and the chart's NetworkPolicy admits no pod to it. None: off."""
     tls_cert: str | None = None
     """Server certificate (PEM) for TLS."""
     tls_key: str | None = None
     """Server private key (PEM)."""
     tls_client_ca: str | None = None
     """CA bundle for client certificates; set to require mTLS."""
-    max_message_bytes: int = 8 << 20
+    max_message_bytes: int = Field(8 << 20, ge=1024)
     """Largest gRPC message in either direction (upload chunks are smaller)."""
-    max_concurrent_streams: int = 256
+    max_concurrent_streams: int = Field(256, ge=1)
     """HTTP/2 streams per connection."""
-    max_concurrent_requests: int = 64
+    max_concurrent_requests: int = Field(64, ge=1)
     """Generate requests admitted at once across tenants (RESOURCE_EXHAUSTED beyond)."""
-    tenant_max_concurrent: int = 16
+    max_concurrent_rpcs: int = Field(256, ge=1)
+    """Authenticated RPCs other than Generate (admin, reads, uploads) in progress at once across
+    tenants (RESOURCE_EXHAUSTED beyond)."""
+    tenant_max_concurrent_rpcs: int = Field(32, ge=1)
+    """Per-tenant cap on authenticated RPCs other than Generate in progress at once."""
+    public_max_streams: int = Field(64, ge=1)
+    """Open unauthenticated streams (grpc.health.v1 Watch, reflection) at once in total."""
+    public_max_streams_per_peer: int = Field(4, ge=1)
+    """Open unauthenticated streams at once per client address (behind a proxy every client
+    shares the proxy's address: raise it there)."""
+    tenant_max_concurrent: int = Field(16, ge=1)
     """Default per-tenant concurrent Generate requests (a tenant may set its own)."""
-    tenant_max_tokens: int = 2048
+    tenant_max_tokens: int = Field(2048, ge=1)
     """Default per-tenant max_tokens per request."""
-    default_max_tokens: int = 64
+    default_max_tokens: int = Field(64, ge=1)
     """max_tokens used when a request leaves it 0."""
-    tenant_max_engine_slots: int = 0
+    tenant_max_engine_slots: int = Field(0, ge=0)
     """Default per-tenant cap on engine-resident adapter versions its requests hold at once,
     so that other tenants always find a slot (0 = max_cpu_loras - 1, at least 1)."""
-    tenant_max_pins: int = 1
+    tenant_max_pins: int = Field(1, ge=1)
     """Default per-tenant cap on pinned adapter versions."""
-    engine_slot_wait_s: float = 30.0
+    engine_slot_wait_s: float = Field(30.0, gt=0)
     """How long a request waits for an engine adapter slot (first its tenant's share, then a
     free or evictable slot, each in arrival order) before RESOURCE_EXHAUSTED."""
-    tenant_max_concurrent_uploads: int = 2
+    tenant_max_concurrent_uploads: int = Field(2, ge=1)
     """Default per-tenant cap on UploadAdapter / ComposeAdapter calls in progress."""
-    tenant_max_stored_bytes: int = 16 << 30
+    tenant_max_stored_bytes: int = Field(16 << 30, ge=1)
     """Default per-tenant quota on stored adapter bytes (every live version counted)."""
-    tenant_max_adapters: int = 10_000
+    tenant_max_adapters: int = Field(10_000, ge=1)
     """Default per-tenant quota on the number of adapters (names) stored."""
-    tenant_tokens_per_minute: int = 0
+    tenant_tokens_per_minute: int = Field(0, ge=0)
     """Default per-tenant rate limit on generated tokens per minute (0 = unlimited)."""
-    tenant_requests_per_minute: int = 0
+    tenant_requests_per_minute: int = Field(0, ge=0)
     """Default per-tenant rate limit on inference requests per minute (0 = unlimited)."""
-    drain_grace_s: float = 20.0
+    drain_grace_s: float = Field(20.0, ge=0)
     """On SIGTERM: how long in-flight requests may finish before they are aborted."""
-    upload_timeout_s: float = 600.0
+    upload_timeout_s: float = Field(600.0, gt=0)
     """Whole-upload deadline."""
-    upload_min_rate_bytes_s: int = 64 << 10
+    upload_min_rate_bytes_s: int = Field(64 << 10, ge=0)
     """Slowest accepted upload: after `upload_rate_grace_s`, an UploadAdapter stream that has
     received fewer than `upload_min_rate_bytes_s * (elapsed - grace)` bytes is refused with
     DEADLINE_EXCEEDED ("upload too slow"), also while it sends nothing at all; 0 disables it."""
-    upload_rate_grace_s: float = 5.0
+    upload_rate_grace_s: float = Field(5.0, ge=0)
     """How long an upload may send nothing before the minimum rate applies."""
-    max_connection_idle_s: float = 600.0
+    max_connection_idle_s: float = Field(600.0, gt=0)
     """Client connections with no RPC for this long are closed by the server (GOAWAY)."""
-    engine_watch_interval_s: float = 5.0
+    engine_watch_interval_s: float = Field(5.0, gt=0)
     """How often the engine's health is checked; when it fails, health goes NOT_SERVING and
     `lora-gateway serve` exits 1 (Kubernetes restarts the pod)."""
     audit_log: str | None = None
     """JSON-lines audit log of admin actions and denials; None logs to the `audit` logger."""
+    vllm_open_adapter_routes: bool = False
+    """vLLM plugin only: let `vllm serve` start without the `lora_gateway_guard` endpoint
+    plugin, with vLLM's /v1/load_lora_adapter, /v1/unload_lora_adapter and /adapters open to
+    every client. Set it only when a proxy in front of vLLM blocks those paths."""
+    admin_store_threads: int = Field(4, ge=1)
+    """Threads for the store I/O of Admin RPCs: their own pool, apart from the one cold loads
+    and revocation use, so a flood of admin reads cannot delay them. One tenant's calls hold
+    at most half of these threads at once."""
 
-    def __post_init__(self) -> None:
+    def __init__(self, **values: Any) -> None:
+        """Validate `values` (and, inside `load`, the environment and file); InvalidArgument
+        naming every bad setting otherwise."""
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise InvalidArgument(_explain(exc)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_values(cls, values: Any) -> Any:
+        """Before field validation: an empty text means None for optional settings, and a
+        boolean is not a number (YAML's `yes` for a count is a mistake, not 1)."""
+        if not isinstance(values, dict):
+            return values
+        out = dict(values)
+        for name, value in values.items():
+            info = cls.model_fields.get(name)
+            if info is None:
+                continue
+            kinds = get_args(info.annotation) or (info.annotation,)
+            if value == "" and type(None) in kinds:
+                out[name] = None
+            elif isinstance(value, bool) and bool not in kinds and (int in kinds or float in kinds):
+                raise ValueError(f"{name}: expected a number, got {value!r}")
+        return out
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
         problems: list[str] = []
-        if self.max_loras < 1:
-            problems.append("max_loras must be >= 1")
         if self.max_cpu_loras < self.max_loras:
             problems.append(
                 f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})"
             )
-        if self.max_lora_rank not in VLLM_LORA_RANKS:
-            problems.append(f"max_lora_rank must be one of {VLLM_LORA_RANKS}")
-        if self.null_adapter not in get_args(NullAdapterMode):
-            problems.append("null_adapter must be auto, on or off")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            problems.append("gpu_memory_utilization must be in (0, 1]")
         if self.store and not self.store.startswith(("file://", "s3://")):
             problems.append("store must be file:///path or s3://bucket/prefix")
-        if self.poll_interval_s <= 0:
-            problems.append("poll_interval_s must be > 0")
-        if self.engine_slot_wait_s <= 0:
-            problems.append("engine_slot_wait_s must be > 0")
-        if self.engine_watch_interval_s <= 0:
-            problems.append("engine_watch_interval_s must be > 0")
-        if self.upload_timeout_s <= 0:
-            problems.append("upload_timeout_s must be > 0")
-        if self.max_connection_idle_s <= 0:
-            problems.append("max_connection_idle_s must be > 0")
-        if self.upload_min_rate_bytes_s < 0 or self.upload_rate_grace_s < 0:
-            problems.append("upload_min_rate_bytes_s and upload_rate_grace_s must be >= 0")
+        if self.propagation_stale_after_s < 2 * self.poll_interval_s:
+            problems.append("propagation_stale_after_s must be >= 2 x poll_interval_s")
+        if self.spool_budget_bytes < self.max_upload_bytes:
+            problems.append(
+                "spool_budget_bytes must be >= max_upload_bytes (else no upload of the largest "
+                "accepted size could ever be spooled)"
+            )
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:
             problems.append("tls_client_ca (mTLS) needs tls_cert and tls_key")
         if self.default_max_tokens > self.tenant_max_tokens:
             problems.append("default_max_tokens must be <= tenant_max_tokens")
-        for name in (
-            "max_num_seqs",
-            "max_concurrent_requests",
-            "tenant_max_concurrent",
-            "tenant_max_tokens",
-            "tenant_max_pins",
-            "tenant_max_concurrent_uploads",
-            "tenant_max_stored_bytes",
-            "tenant_max_adapters",
-            "manifest_cache_size",
-        ):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1")
-        for name in (
-            "tenant_max_engine_slots",
-            "tenant_tokens_per_minute",
-            "tenant_requests_per_minute",
-        ):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0")
         if problems:
-            raise InvalidArgument("invalid settings: " + "; ".join(problems))
+            raise ValueError("; ".join(problems))
+        return self
 
-    # --- construction -----------------------------------------------------------------------
+    # --- sources ----------------------------------------------------------------------------
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Overrides (init) > environment > YAML file. Plain construction (`from_mapping`,
+        `Settings(...)`) reads neither the environment nor a file: only `load` does."""
+        inputs = _inputs.get()
+        if inputs is None:
+            return (init_settings,)
+        sources: list[PydanticBaseSettingsSource] = [
+            init_settings,
+            _Environ(settings_cls, inputs.environ),
+        ]
+        if inputs.config_file is not None:
+            sources.append(_YamlFile(settings_cls, inputs.config_file))
+        return tuple(sources)
+
     @classmethod
     def load(
         cls,
@@ -249,35 +375,42 @@ class Settings:
         overrides: Mapping[str, Any] | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> Settings:
-        """Defaults < config file < environment < overrides (None values are ignored)."""
-        values: dict[str, Any] = {}
-        if config_file:
-            loaded = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
-            if not isinstance(loaded, dict):
-                raise InvalidArgument(f"{config_file}: expected a mapping of settings")
-            values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
-        env = os.environ if environ is None else environ
-        for name in cls.field_names():
-            raw = env.get(ENV_PREFIX + name.upper())
-            if raw is not None:
-                values[name] = raw
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        return cls.from_mapping(values)
+        """Defaults < config file < environment (`os.environ` unless given) < overrides (None
+        values are ignored). Raises InvalidArgument naming every bad setting."""
+        import os
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        token = _inputs.set(
+            _Inputs(
+                Path(config_file) if config_file else None,
+                os.environ if environ is None else environ,
+            )
+        )
+        try:
+            given = {k: v for k, v in (overrides or {}).items() if v is not None}
+            unknown = sorted(set(given) - set(cls.model_fields))
+            if unknown:
+                raise InvalidArgument(f"unknown settings: {', '.join(unknown)}")
+            return cls(**given)
+        finally:
+            _inputs.reset(token)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> Settings:
-        hints = get_type_hints(cls)
-        unknown = sorted(set(values) - set(cls.field_names()))
-        if unknown:
-            raise InvalidArgument(f"unknown settings: {', '.join(unknown)}")
-        return cls(**{name: _coerce(name, hints[name], value) for name, value in values.items()})
+        """Settings from plain values (no environment, no file); InvalidArgument if invalid."""
+        return cls(**{str(k): v for k, v in values.items()})
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return list(cls.model_fields)
+
+    @classmethod
+    def field_doc(cls, name: str) -> str:
+        """The field's docstring on one line (the CLI's help text)."""
+        return " ".join((cls.model_fields[name].description or name.replace("_", " ")).split())
 
     def replace(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`, validated like any other input."""
+        return Settings.from_mapping({**self.model_dump(), **changes})
 
     # --- derived ----------------------------------------------------------------------------
     def tenant_defaults(self) -> TenantDefaults:
@@ -302,42 +435,83 @@ class Settings:
 
         return Path(tempfile.gettempdir()) / "lora-gateway-cache"
 
+    @property
+    def spool_path(self) -> Path:
+        if self.spool_dir:
+            return Path(self.spool_dir)
+        import tempfile
 
-def _coerce(name: str, hint: Any, value: Any) -> Any:
-    """Convert a file/env/flag value to the field's type, or raise InvalidArgument."""
-    text_like = isinstance(value, str)
-    try:
-        origin = getattr(hint, "__origin__", None)
-        args = get_args(hint)
-        if hint is bool or (args and bool in args and type(None) in args):
-            if isinstance(value, bool):
-                return value
-            if text_like and value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text_like and value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError("expected a boolean")
-        if origin is tuple:
-            items = value.split(",") if text_like else list(value)
-            return tuple(str(i).strip() for i in items if str(i).strip())
-        if hint is int or int in args:
-            if value is None or (text_like and value == "" and type(None) in args):
-                return None
-            if isinstance(value, bool):
-                raise ValueError("expected an integer")
-            return int(value)
-        if hint is float or float in args:
-            return float(value)
-        if origin is Literal or (args and all(isinstance(a, str) for a in args)):
-            return str(value)
-        if "Mapping" in str(hint):
-            if text_like:
-                value = yaml.safe_load(value) or {}
-            if not isinstance(value, Mapping):
-                raise ValueError("expected a mapping")
-            return dict(value)
-        if value is None:
-            return None
-        return str(value)
-    except (TypeError, ValueError, yaml.YAMLError) as exc:
-        raise InvalidArgument(f"setting {name}: {exc}") from None
+        return Path(tempfile.gettempdir()) / "lora-gateway-spool"
+
+
+# --- sources and errors -----------------------------------------------------------------------
+
+
+class _Inputs(NamedTuple):
+    config_file: Path | None
+    environ: Mapping[str, str]
+
+
+_inputs: ContextVar[_Inputs | None] = ContextVar("settings_inputs", default=None)
+
+
+class _Environ(EnvSettingsSource):
+    """`LORA_GATEWAY_*` variables of a given mapping (os.environ, or a test's dict)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(
+            dict(self._environ), self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
+        )
+
+
+class _YamlFile(PydanticBaseSettingsSource):
+    """The `--config` YAML file: a mapping of setting names (`-` or `_`) to values."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
+        super().__init__(settings_cls)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise InvalidArgument(f"config file {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise InvalidArgument(f"config file {path}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise InvalidArgument(f"config file {path}: expected a mapping of settings")
+        self._values = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+        unknown = sorted(set(self._values) - set(settings_cls.model_fields))
+        if unknown:
+            raise InvalidArgument(f"config file {path}: unknown settings: {', '.join(unknown)}")
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+def _explain(exc: ValidationError) -> str:
+    """One clear message for every problem: unknown names, then each bad setting."""
+    unknown = sorted(str(e["loc"][0]) for e in exc.errors() if e["type"] == "extra_forbidden")
+    problems = []
+    for error in exc.errors():
+        if error["type"] == "extra_forbidden":
+            continue
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["loc"]:
+            name = ".".join(str(part) for part in error["loc"])
+            shown = repr(error.get("input"))
+            problems.append(f"{name}: {message} (got {shown[:60]})")
+        else:
+            problems.append(message)
+    parts = []
+    if unknown:
+        parts.append(f"unknown settings: {', '.join(unknown)}")
+    if problems:
+        parts.append("invalid settings: " + "; ".join(problems))
+    return "; ".join(parts)

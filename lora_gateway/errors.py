@@ -7,6 +7,8 @@
     ├── PermissionDenied              PERMISSION_DENIED  role lacks the permission
     ├── ResourceExhausted             RESOURCE_EXHAUSTED quota or capacity exhausted
     ├── FailedPrecondition            FAILED_PRECONDITION incompatible adapter, alias conflict
+    │                                                    (store: Quarantined, a version the canary
+    │                                                    quarantined)
     ├── Unavailable                   UNAVAILABLE        store unreachable, engine down/restarting
     │   └── EngineDead                UNAVAILABLE        the engine process died
     ├── DataLoss                      DATA_LOSS          stored bytes do not match their sha256
@@ -30,6 +32,9 @@ class GatewayError(Exception):
     """Base of the tree. Unknown failures are answered as INTERNAL with a fixed text."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    #: Seconds after which the same call may succeed (a rate limit's refusal), sent to the
+    #: client as `retry-after` trailing metadata; the SDK sets it from there. None: no hint.
+    retry_after_s: float | None = None
 
     @property
     def public_message(self) -> str:
@@ -57,6 +62,10 @@ class PermissionDenied(GatewayError):
 
 class ResourceExhausted(GatewayError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, *args: object, retry_after_s: float | None = None) -> None:
+        super().__init__(*args)
+        self.retry_after_s = retry_after_s
 
 
 class FailedPrecondition(GatewayError):
@@ -88,6 +97,7 @@ _STORE_CODES: dict[type[store_errors.StoreError], grpc.StatusCode] = {
     store_errors.AdapterNotFound: grpc.StatusCode.NOT_FOUND,
     store_errors.Incompatible: grpc.StatusCode.FAILED_PRECONDITION,
     store_errors.Conflict: grpc.StatusCode.FAILED_PRECONDITION,
+    store_errors.Quarantined: grpc.StatusCode.FAILED_PRECONDITION,
     store_errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     store_errors.IntegrityError: grpc.StatusCode.DATA_LOSS,
     store_errors.CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,

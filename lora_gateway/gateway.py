@@ -31,7 +31,7 @@ from lora_gateway.engine.base import (
 )
 from lora_gateway.metrics import Metrics
 from lora_gateway.residency import Residency, key_of
-from lora_gateway.tenancy import Admission, KeyRing, Principal, Role, check_max_tokens
+from lora_gateway.tenancy import Admission, KeyRing, Principal, Role, Tenants, check_max_tokens
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Gateway:
         engine: Engine,
         store: AdapterStore,
         residency: Residency,
-        keyring: KeyRing,
+        keyring: KeyRing | Tenants,
         admission: Admission,
         metrics: Metrics | None = None,
     ) -> None:
@@ -74,7 +74,8 @@ class Gateway:
         self.engine = engine
         self.store = store
         self.residency = residency
-        self.keyring = keyring
+        #: The tenants in force (reloaded by the server when the tenants file changes).
+        self.keyring = keyring if isinstance(keyring, Tenants) else Tenants(keyring)
         self.admission = admission
         self.metrics = metrics
         self.draining = False
@@ -98,7 +99,7 @@ class Gateway:
         tenant = self.keyring.tenant(principal.tenant)
         check_max_tokens(call.params.max_tokens, tenant)
         started = time.perf_counter()
-        async with self.admission.slot(principal, tenant):
+        async with self.admission.slot(principal, tenant, tokens=call.params.max_tokens) as slot:
             version = None
             if call.adapter is not None:
                 version = await self.residency.resolve(
@@ -121,6 +122,7 @@ class Gateway:
                         self.metrics.queued(queued - started)
                         self.metrics.first_token(principal.tenant, time.perf_counter() - started)
                     produced += len(chunk.token_ids)
+                    slot.generated(len(chunk.token_ids))
                     yield served, chunk
                 if self.metrics is not None:
                     self.metrics.tokens_out(principal.tenant, produced)

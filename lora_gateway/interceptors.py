@@ -1,16 +1,24 @@
-"""One place for authentication, authorization, error → status mapping, deadlines and metrics.
+"""One place for authentication, authorization, admission of RPCs, error → status mapping,
+deadlines and metrics.
 
 `GatewayInterceptor` looks every RPC up in `tenancy.METHOD_PERMISSIONS` (an unknown method is
-denied), authenticates the bearer key, checks the role, and then wraps the method handler so
-that the principal is visible to the servicer (`current_principal()`), the client's deadline
-bounds the work, and every exception leaves as the status code of `errors.status_of` — INTERNAL
-with a fixed text for anything unexpected, its details only in the server log.
+denied), authenticates the bearer key (against the `Tenants` in force: a reloaded tenants file
+applies to the next call), checks the role, and then wraps the method handler so that the
+principal is visible to the servicer (`current_principal()`), the client's deadline bounds the
+work, and every exception leaves as the status code of `errors.status_of` — INTERNAL with a
+fixed text for anything unexpected, its details only in the server log. A refusal carrying
+`retry_after_s` (a rate limit) also sends `retry-after: <seconds>` as trailing metadata.
+
+Admission of RPCs (`tenancy.RpcLimits`): public streams (Health/Watch, reflection) count against
+their peer address's and the total cap; authenticated RPCs other than Generate against their
+tenant's and the total cap. Generate is admitted by the gateway (`tenancy.Admission`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import logging
 import time
 import uuid
@@ -22,7 +30,18 @@ import grpc
 from lora_gateway import errors, logs
 from lora_gateway.audit import AuditLog
 from lora_gateway.metrics import NO_ADAPTER_LABEL, Metrics, adapter_label
-from lora_gateway.tenancy import KeyRing, Permission, Policy, Principal, permission_for
+from lora_gateway.tenancy import (
+    GENERATE_METHODS,
+    Hold,
+    KeyRing,
+    Permission,
+    Policy,
+    Principal,
+    RpcLimits,
+    Tenants,
+    permission_for,
+    retry_after_seconds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +60,26 @@ def current_principal() -> Principal:
 def note_adapter(tenant: str, name: str) -> None:
     """Label the current request's metrics with the adapter it resolved to (never user text)."""
     _adapter.set(adapter_label(tenant, name))
+
+
+RETRY_AFTER_KEY = "retry-after"
+
+
+def peer_address(peer: str) -> str:
+    """A peer's address without its port: "ipv4:10.0.0.7:51234" -> "ipv4:10.0.0.7"."""
+    scheme, sep, rest = peer.partition(":")
+    if sep and scheme in ("ipv4", "ipv6"):
+        host, colon, _port = rest.rpartition(":")
+        return f"{scheme}:{host}" if colon else peer
+    return peer
+
+
+def trailing_metadata(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """`retry-after` (whole seconds) for an error that carries `retry_after_s`."""
+    after = getattr(exc, "retry_after_s", None)
+    if isinstance(after, int | float) and after > 0:
+        return ((RETRY_AFTER_KEY, str(retry_after_seconds(after))),)
+    return ()
 
 
 def _abort_handler(
@@ -68,10 +107,17 @@ def _abort_handler(
 
 
 class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, keyring: KeyRing, metrics: Metrics | None, audit: AuditLog | None) -> None:
-        self.keyring = keyring
+    def __init__(
+        self,
+        keyring: KeyRing | Tenants,
+        metrics: Metrics | None,
+        audit: AuditLog | None,
+        limits: RpcLimits | None = None,
+    ) -> None:
+        self.keyring = keyring if isinstance(keyring, Tenants) else Tenants(keyring)
         self.metrics = metrics
         self.audit = audit
+        self.limits = limits
 
     async def intercept_service(
         self,
@@ -81,7 +127,10 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method = details.method
         permission = permission_for(method)
         if permission is Permission.HEALTH:
-            return await continuation(details)
+            public = await continuation(details)
+            if self.limits is None or public is None or public.unary_unary is not None:
+                return public  # unary health calls hold nothing: never capped
+            return self._wrap_public_stream(public, self.limits)
         metadata = dict(details.invocation_metadata or ())
         principal: Principal | None = None
         handler = await continuation(details)
@@ -107,11 +156,71 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return _abort_handler(grpc.StatusCode.UNIMPLEMENTED, "unknown method")
         given = metadata.get("x-request-id")
         rid = given if isinstance(given, str) and given.isprintable() and len(given) <= 128 else ""
-        return self._wrap(handler, principal, method, rid or uuid.uuid4().hex)
+        admit: Callable[[], Hold] | None = None
+        if self.limits is not None and method not in GENERATE_METHODS:
+            limits, tenant = self.limits, principal.tenant
+
+            def admit() -> Hold:
+                return limits.rpc(tenant)
+
+        return self._wrap(handler, principal, method, rid or uuid.uuid4().hex, admit)
 
     # --- wrapping -----------------------------------------------------------------------------
+    def _wrap_public_stream(
+        self, handler: grpc.RpcMethodHandler, limits: RpcLimits
+    ) -> grpc.RpcMethodHandler:
+        """A public stream counted against its peer's and the total cap while it is open.
+
+        Both servicer styles are kept: an async generator (reflection) and a coroutine that
+        writes with `context.write` (grpc_health's Watch)."""
+        inner = handler.unary_stream or handler.stream_stream
+        if inner is None:  # a client-streaming public method: none exists
+            return handler
+
+        async def admit(context: grpc.aio.ServicerContext[Any, Any]) -> Hold:
+            try:
+                return limits.public_stream(peer_address(context.peer()))
+            except errors.ResourceExhausted as exc:
+                await context.abort(exc.code, exc.public_message)
+                raise  # pragma: no cover - abort raises
+
+        wrapped: Callable[..., Any]
+        if inspect.isasyncgenfunction(inner):
+
+            async def generator(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                with await admit(context):
+                    async for message in inner(request, context):
+                        yield message
+
+            wrapped = generator
+        else:
+
+            async def coroutine(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                with await admit(context):
+                    return await inner(request, context)
+
+            wrapped = coroutine
+
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.unary_stream is not None
+            else grpc.stream_stream_rpc_method_handler
+        )
+        return factory(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
     def _wrap(
-        self, handler: grpc.RpcMethodHandler, principal: Principal, method: str, rid: str
+        self,
+        handler: grpc.RpcMethodHandler,
+        principal: Principal,
+        method: str,
+        rid: str,
+        admit: Callable[[], Hold] | None = None,
     ) -> grpc.RpcMethodHandler:
         classify = self._classify
         done = self._done
@@ -123,13 +232,17 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 _principal.set(principal)
                 logs.request_id.set(rid)
                 started, code = time.perf_counter(), grpc.StatusCode.OK
+                hold: Hold | None = None
                 try:
+                    hold = admit() if admit is not None else None
                     async with asyncio.timeout(context.time_remaining()):
                         return await inner(request, context)
                 except Exception as exc:
                     code, text = classify(exc, method, principal)
-                    await context.abort(code, text)
+                    await context.abort(code, text, trailing_metadata(exc))
                 finally:
+                    if hold is not None:
+                        hold.release()
                     done(principal, code, started)
 
             factory = (
@@ -151,14 +264,18 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             _principal.set(principal)
             logs.request_id.set(rid)
             started, code = time.perf_counter(), grpc.StatusCode.OK
+            hold: Hold | None = None
             try:
+                hold = admit() if admit is not None else None
                 async with asyncio.timeout(context.time_remaining()):
                     async for message in inner_stream(request, context):
                         yield message
             except Exception as exc:
                 code, text = classify(exc, method, principal)
-                await context.abort(code, text)
+                await context.abort(code, text, trailing_metadata(exc))
             finally:
+                if hold is not None:
+                    hold.release()
                 done(principal, code, started)
 
         factory = (

@@ -12,7 +12,8 @@ import time
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
-_STANDARD = set(vars(logging.makeLogRecord({})))
+#: Attributes every record has (plus `message`, which `Formatter.format` adds): not extras.
+_STANDARD = {*vars(logging.makeLogRecord({})), "message"}
 
 
 class JsonFormatter(logging.Formatter):

@@ -43,9 +43,28 @@ __all__ = [
 ]
 
 Tier = Literal["engine", "disk"]
-LoadPhase = Literal["fetch", "verify", "validate", "engine_add"]
+#: The phases residency records for each cold load: `fetch` (store → disk cache: download,
+#: fsync, sha256 verify, atomic rename; the cache verifies as it fetches, so there is no
+#: separate verify phase), `validate` (adapter checks), `engine_add` (make room and add_lora).
+LoadPhase = Literal["fetch", "validate", "engine_add"]
 _TIERS: frozenset[str] = frozenset(get_args(Tier))
+_CANARY_RESULTS: frozenset[str] = frozenset({"pass", "fail", "error"})
 _PHASES: frozenset[str] = frozenset(get_args(LoadPhase))
+
+_RELOAD_RESULTS: frozenset[str] = frozenset({"ok", "invalid"})
+#: Values of `limit` on lora_gateway_limit_refusals_total.
+REFUSAL_LIMITS: frozenset[str] = frozenset(
+    {
+        "public_streams",
+        "public_streams_per_peer",
+        "rpcs",
+        "tenant_rpcs",
+        "uploads",
+        "spool",
+        "quota",
+        "rate",
+    }
+)
 
 BASE_ADAPTER_LABEL = "base"
 NO_ADAPTER_LABEL = "none"
@@ -142,7 +161,7 @@ class Metrics:
         )
         self.adapter_load_seconds = Histogram(
             "lora_gateway_adapter_load_seconds",
-            "Cold adapter load latency by phase (fetch, verify, validate, engine_add).",
+            "Cold adapter load latency by phase (fetch incl. sha256 verify, validate, engine_add).",
             ["phase"],
             buckets=_LOAD_BUCKETS,
             registry=r,
@@ -168,6 +187,51 @@ class Metrics:
             "lora_gateway_inflight_requests",
             "Admitted requests in flight, by tenant.",
             ["tenant"],
+            registry=r,
+        )
+        self.canary_checks_total = Counter(
+            "lora_gateway_canary_checks_total",
+            "Runtime canary checks by result (pass, fail: outputs differ from the references, "
+            "error: the check could not run).",
+            ["result"],
+            registry=r,
+        )
+        self.quarantined_versions_total = Counter(
+            "lora_gateway_quarantined_versions_total",
+            "Adapter versions quarantined after a failed runtime canary check.",
+            registry=r,
+        )
+        self.engine_restarts_total = Counter(
+            "lora_gateway_engine_restarts_total",
+            "In-process engine restarts after a failed runtime canary check.",
+            registry=r,
+        )
+        # --- availability (issue 12): poller, tenants file reloads, refusals by limit ---------
+        self.manifest_poll_errors_total = Counter(
+            "lora_gateway_manifest_poll_errors_total",
+            "Manifest polls (or single manifests in one) that failed; the poller keeps running.",
+            registry=r,
+        )
+        self.manifest_poll_last_complete = Gauge(
+            "lora_gateway_manifest_poll_last_complete_timestamp_seconds",
+            "Unix time of the last manifest poll that re-read every cached manifest.",
+            registry=r,
+        )
+        self.propagation_stale = Gauge(
+            "lora_gateway_propagation_stale",
+            "1 while no poll completed within propagation_stale_after_s (readiness NOT_SERVING).",
+            registry=r,
+        )
+        self.tenants_reloads_total = Counter(
+            "lora_gateway_tenants_reloads_total",
+            "Changes of the tenants file seen: result=ok (in force) or invalid (old one kept).",
+            ["result"],
+            registry=r,
+        )
+        self.limit_refusals_total = Counter(
+            "lora_gateway_limit_refusals_total",
+            "Calls refused by a cap or rate, by limit.",
+            ["limit"],
             registry=r,
         )
         self._http: WSGIServer | None = None
@@ -220,9 +284,35 @@ class Metrics:
     def set_engine_healthy(self, healthy: bool) -> None:
         self.engine_healthy.set(1 if healthy else 0)
 
+    def canary_check(self, result: str) -> None:
+        """Matches `engine.canary.CanaryMonitor(on_result=...)`."""
+        self.canary_checks_total.labels(_check(result, _CANARY_RESULTS)).inc()
+
+    def quarantined(self, count: int = 1) -> None:
+        self.quarantined_versions_total.inc(count)
+
+    def engine_restarted(self) -> None:
+        self.engine_restarts_total.inc()
+
     def set_inflight(self, tenant: str, count: int) -> None:
         """Matches `tenancy.Admission(on_change=...)`."""
         self.inflight_requests.labels(_tenant(tenant)).set(count)
+
+    def poll_failed(self, count: int = 1) -> None:
+        self.manifest_poll_errors_total.inc(count)
+
+    def poll_completed(self) -> None:
+        self.manifest_poll_last_complete.set(time.time())
+
+    def set_propagation_stale(self, stale: bool) -> None:
+        self.propagation_stale.set(1 if stale else 0)
+
+    def tenants_reloaded(self, result: Literal["ok", "invalid"]) -> None:
+        self.tenants_reloads_total.labels(_check(result, _RELOAD_RESULTS)).inc()
+
+    def refused(self, limit: str) -> None:
+        """Matches `tenancy.RpcLimits(on_refused=...)`; `limit` from `REFUSAL_LIMITS`."""
+        self.limit_refusals_total.labels(_check(limit, REFUSAL_LIMITS)).inc()
 
     # --- exposition ---------------------------------------------------------------------------
     def render(self) -> bytes:

@@ -244,6 +244,12 @@ class Residency:
         #: (tenant, name) → when the store last said it does not exist.
         self._absent: OrderedDict[NameKey, float] = OrderedDict()
         self._manifest_fetches: dict[NameKey, tuple[asyncio.Task[Manifest], int]] = {}
+        #: tenant → (when read, its share index): see `shares_of`.
+        self._shares: dict[str, tuple[float, frozenset[tuple[str, str]]]] = {}
+        self._share_fetches: dict[str, asyncio.Task[frozenset[tuple[str, str]]]] = {}
+        self._share_generation: dict[str, int] = {}
+        #: Called after a version was added to the engine (the runtime canary's hook).
+        self.on_loaded: Callable[[AdapterVersion, LoadedAdapter], None] | None = None
         self._store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="residency-store")
 
     async def _read_store(self, fn: Callable[..., T], *args: object) -> T:
@@ -389,12 +395,21 @@ class Residency:
     ) -> AdapterVersion:
         """The version `ref` names for tenant `caller`; NotFound, with one text, otherwise.
 
-        A tenant sees its own adapters and those shared with it (`any_owner`: operators).
+        A tenant sees its own adapters and those shared with it (`any_owner`: operators), by
+        the one sharing rule (`Manifest.usable_by`, i.e. `adapter_store.model.can_use`).
+        "Not yours" is decided before anything that depends on whether the name exists: for
+        another owner's name, visibility comes from the caller's own share index
+        (`shares_of`), and the owner's manifest is read (and cached) only once the index
+        names it. A name of another tenant that is not shared with the caller and a name that
+        does not exist take the same path: same code, text and time (DESIGN invariant 6).
         """
         owner = ref.owner or caller
         try:
+            foreign = owner != caller and not any_owner
+            if foreign and (owner, ref.name) not in await self.shares_of(caller):
+                raise AdapterNotFound(errors.ADAPTER_NOT_FOUND_TEXT)
             manifest = await self.manifest(owner, ref.name)
-            if owner != caller and not any_owner and caller not in manifest.shared_with:
+            if not manifest.usable_by(caller, operator=any_owner):
                 raise AdapterNotFound(errors.ADAPTER_NOT_FOUND_TEXT)
             version = manifest.resolve(ref)
         except AdapterNotFound:
@@ -402,6 +417,61 @@ class Residency:
         if self.is_blocked(key_of(version)):
             raise errors.NotFound(errors.ADAPTER_NOT_FOUND_TEXT)
         return version
+
+    async def shares_of(self, tenant: str) -> frozenset[tuple[str, str]]:
+        """(owner, name) in `tenant`'s share index: hints, confirmed by the manifest later.
+
+        Cached per tenant for one poll interval, whatever it holds (a tenant with no grants is
+        cached like one with many), and read by one task at a time however many requests ask.
+        Past the interval the cached index still answers while a fresh read runs in the
+        background (a stale marker is harmless: the manifest confirms every grant; a new share
+        shows once the read lands). When the store fails, the last index keeps answering and a
+        read is tried again one interval later; with no index read yet, requests wait for the
+        read and get the store's error, the same for every name. Only authenticated tenants
+        have entries: bounded by the tenants file. A share or unshare on this replica drops the
+        grantee's entry (`forget_shares`).
+        """
+        cached = self._shares.get(tenant)
+        if cached is not None and time.monotonic() - cached[0] < self.poll_interval_s:
+            return cached[1]
+        task = self._share_fetches.get(tenant)
+        if task is None:
+            task = asyncio.create_task(self._read_shares(tenant))
+            self._share_fetches[tenant] = task
+            task.add_done_callback(functools.partial(self._share_read_done, tenant))
+        if cached is not None:
+            return cached[1]
+        return await asyncio.shield(task)
+
+    async def _read_shares(self, tenant: str) -> frozenset[tuple[str, str]]:
+        generation = self._share_generation.get(tenant, 0)
+        try:
+            hints = await self._read_store(self.store.share_hints, tenant)
+        except StoreError:
+            cached = self._shares.get(tenant)
+            if cached is None:
+                raise
+            log.warning("share index of %s not refreshed: the store failed", tenant)
+            self._shares[tenant] = (time.monotonic(), cached[1])
+            return cached[1]
+        if self._share_generation.get(tenant, 0) == generation:  # not forgotten meanwhile
+            self._shares[tenant] = (time.monotonic(), hints)
+        return hints
+
+    def _share_read_done(self, tenant: str, task: asyncio.Task[frozenset[tuple[str, str]]]) -> None:
+        if self._share_fetches.get(tenant) is task:
+            del self._share_fetches[tenant]
+        if not task.cancelled() and task.exception() is not None and tenant in self._shares:
+            log.warning(
+                "share index of %s not refreshed: %s", tenant, type(task.exception()).__name__
+            )
+
+    def forget_shares(self, tenant: str) -> None:
+        """Drop the cached share index of `tenant` (after a share or unshare made here); a read
+        already under way is not used: the next request reads the index afresh."""
+        self._shares.pop(tenant, None)
+        self._share_fetches.pop(tenant, None)
+        self._share_generation[tenant] = self._share_generation.get(tenant, 0) + 1
 
     # --- use --------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -618,6 +688,8 @@ class Residency:
                     await self.engine.remove_adapter(loaded.lora_int_id)
                     raise errors.NotFound(errors.ADAPTER_NOT_FOUND_TEXT)
                 self._resident[key] = Resident(version, loaded, tenant)
+                if self.on_loaded is not None:
+                    self.on_loaded(version, loaded)
             finally:
                 self._reserved_slots -= 1
                 self._changed()
@@ -784,6 +856,19 @@ class Residency:
         if not task.cancelled() and task.exception() is not None:
             log.error("unloading revoked versions failed", exc_info=task.exception())
 
+    async def forget_engine(self) -> list[AdapterVersion]:
+        """The engine was restarted and holds nothing: forget every resident version (no
+        `remove_lora`). Returns the versions that were pinned, to pin again (their pins are
+        released here, so that pinning them again counts them once)."""
+        pinned = [r.version for key, r in self._resident.items() if key in self._pinned]
+        for version in pinned:
+            self._pinned.discard(key_of(version))
+            self.cache.unpin(version.sha)
+        self._resident.clear()
+        self._changed()
+        self._resident_changed()
+        return pinned
+
     async def close(self) -> None:
         """Unload every version this residency put in the engine (for a shared engine)."""
         try:
@@ -828,6 +913,7 @@ class Residency:
                 changed += 1
                 continue
             except StoreError as exc:
+                self.poll_failures += 1
                 log.warning("manifest poll failed for %s/%s: %s", tenant, name, type(exc).__name__)
                 continue
             if newer is not None and self._epochs.get((tenant, name), 0) == epoch:
@@ -835,13 +921,33 @@ class Residency:
                 await self.apply_manifest(newer)
         return changed
 
+    #: Manifests (or whole polls) that failed in the current poll; set by `poll_once`.
+    poll_failures: int = 0
+    #: time.monotonic() of the last poll that re-read every cached manifest (the start of
+    #: `run_poller` before the first one): what the server's staleness check reads.
+    last_complete_poll: float | None = None
+
     async def run_poller(self, stop: asyncio.Event) -> None:
+        """Poll every `poll_interval_s` until `stop` is set. Nothing ends the loop but `stop`
+        (or cancellation): any error is logged and counted (metric
+        lora_gateway_manifest_poll_errors_total), and a poll without failures records
+        `last_complete_poll` (lora_gateway_manifest_poll_last_complete_timestamp_seconds)."""
+        self.last_complete_poll = time.monotonic()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.poll_interval_s)
             if stop.is_set():
                 return
+            self.poll_failures = 0
             try:
                 await self.poll_once()
-            except errors.GatewayError:
-                log.exception("manifest poll failed")
+            except Exception:
+                self.poll_failures += 1
+                log.exception("manifest poll failed; polling continues")
+            if self.poll_failures:
+                if self.metrics is not None:
+                    self.metrics.poll_failed(self.poll_failures)
+                continue
+            self.last_complete_poll = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.poll_completed()

@@ -1,17 +1,38 @@
 """Build and run the gateway: grpc.aio server, health, reflection, signals and drain.
 
 Start-up: store, disk cache and engine → gRPC server up with health NOT_SERVING → isolation
-self-test → warm (pinned) adapters → SERVING. Shutdown (SIGTERM/SIGINT): health NOT_SERVING at
-once → new requests refused (UNAVAILABLE) and the listener closed → in-flight requests drain
-within `drain_grace_s`, then are cancelled (engine abort) → poller stopped → engine shut down.
+self-test → runtime canary references → warm (pinned) adapters → SERVING. Shutdown
+(SIGTERM/SIGINT): health NOT_SERVING at once → new requests refused (UNAVAILABLE) and the listener
+closed → in-flight requests drain within `drain_grace_s`, then are cancelled (engine abort) →
+poller stopped → engine shut down.
+
+Health names: "" and the two API services (readiness) are SERVING while the engine is healthy,
+the server is neither draining nor recovering, and manifest propagation is fresh (a poll
+completed within `propagation_stale_after_s`); "liveness" is SERVING until the engine dies or the
+server stops, so a store outage or an engine recovery takes a replica out of the load balancer
+without restarting it. With `health_listen`, the same statuses are also served on a listener of
+their own (the chart's probe port), where nothing else is reachable.
+
+While serving, four tasks watch: the engine (`engine_watch_interval_s`), propagation staleness
+(every `poll_interval_s`), the tenants file (`tenants_reload_interval_s`: a changed, valid file
+replaces the keys and limits in force; an invalid one is logged, counted and ignored, the previous
+one staying in force), and the runtime canary (engine/canary.py, `canary_interval_s`): on a
+mismatch readiness goes NOT_SERVING, the suspect versions are quarantined (store manifest, audit,
+log), and the engine is restarted in-process when this server owns it (self-test and canary
+again, then SERVING), else `engine_failed` is set.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
 import logging
 import signal
+import time
+from collections.abc import Hashable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,20 +41,31 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from adapter_store import BaseModelSpec, DiskCache, Limits, LocalBackend, Registry
+from adapter_store import (
+    AdapterVersion,
+    BaseModelSpec,
+    DiskCache,
+    Limits,
+    LocalBackend,
+    Registry,
+    StoreError,
+)
+from adapter_store.model import utc_now
+from adapter_store.spool import Spool
 from adapter_store.store import BlobBackend
 from lora_gateway import errors, logs
 from lora_gateway.audit import AuditLog
 from lora_gateway.config import Settings
-from lora_gateway.engine.base import Engine
+from lora_gateway.engine.base import Engine, LoadedAdapter
+from lora_gateway.engine.canary import Canary, CanaryEngine, CanaryMonitor, CanaryReport
 from lora_gateway.engine.selftest import require_isolation
 from lora_gateway.gateway import Gateway
 from lora_gateway.interceptors import GatewayInterceptor
 from lora_gateway.metrics import Metrics
-from lora_gateway.residency import Residency
+from lora_gateway.residency import Residency, key_of
 from lora_gateway.services.admin import AdminService
 from lora_gateway.services.inference import InferenceService
-from lora_gateway.tenancy import Admission, KeyRing
+from lora_gateway.tenancy import Admission, KeyRing, RpcLimits, Tenants
 from lora_gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -42,6 +74,11 @@ SERVICE_NAMES = (
     inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
 )
+#: Health names that follow readiness (engine, draining, propagation staleness).
+READINESS_NAMES = ("", *SERVICE_NAMES)
+#: The health name kubelet's liveness probe asks for: NOT_SERVING only when the engine died or
+#: the server stops (a restart helps then; it does not help a store outage).
+LIVENESS_NAME = "liveness"
 
 
 def open_backend(settings: Settings) -> BlobBackend:
@@ -98,6 +135,29 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def rpc_limits(settings: Settings, metrics: Metrics | None) -> RpcLimits:
+    """The caps on public streams and on non-Generate RPCs (one set per listener)."""
+    return RpcLimits(
+        max_public_streams=settings.public_max_streams,
+        max_public_streams_per_peer=settings.public_max_streams_per_peer,
+        max_rpcs=settings.max_concurrent_rpcs,
+        max_rpcs_per_tenant=settings.tenant_max_concurrent_rpcs,
+        on_refused=metrics.refused if metrics is not None else None,
+    )
+
+
+@dataclass
+class Recovery:
+    """What one canary failure did (timings in seconds)."""
+
+    mismatches: tuple[str, ...]
+    quarantined: tuple[str, ...]
+    #: From the failed check to SERVING again (None: not recovered in-process).
+    recovered_s: float | None = None
+    #: Of which the engine core restart (a fresh AsyncLLM).
+    restart_s: float | None = None
+
+
 @dataclass
 class GatewayServer:
     settings: Settings
@@ -110,27 +170,54 @@ class GatewayServer:
     audit: AuditLog
     metrics: Metrics
     metrics_port: int | None = None
+    #: The keys and limits in force (replaced when the tenants file changes).
+    tenants: Tenants | None = None
+    #: The digest of the tenants file in force, and of the last invalid one seen.
+    tenants_digest: str = ""
+    _tenants_bad: str = ""
+    #: The health-only listener (`health_listen`) and its port.
+    probe_server: grpc.aio.Server | None = None
+    health_port: int | None = None
+    #: True while propagation is stale (readiness NOT_SERVING).
+    propagation_stale: bool = False
     _stop_poller: asyncio.Event = field(default_factory=asyncio.Event)
     _poller: asyncio.Task[None] | None = None
     _watcher: asyncio.Task[None] | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     #: Set when the engine died: `run()` then exits non-zero so that Kubernetes restarts the pod.
     engine_failed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The runtime canary (None: off, or the engine has no canary slot).
+    canary: CanaryMonitor | None = None
+    _canary_task: asyncio.Task[None] | None = None
+    #: True while a canary failure is being handled (the engine watcher stands aside).
+    recovering: bool = False
+    #: One entry per canary failure handled: timings for logs, tests and docs.
+    recoveries: list[Recovery] = field(default_factory=list)
 
     @classmethod
     async def start(cls, settings: Settings, engine: Engine | None = None) -> GatewayServer:
         """Bring everything up; returns once health reports SERVING (or raises)."""
+        tenants_bytes = await asyncio.to_thread(KeyRing.read_file, settings.tenants_file)
         keyring = await asyncio.to_thread(
-            KeyRing.load, settings.tenants_file, settings.tenant_defaults()
+            KeyRing.parse, tenants_bytes, settings.tenant_defaults(), where=settings.tenants_file
         )
+        tenants = Tenants(keyring)
         spec = await asyncio.to_thread(
             BaseModelSpec.from_hf_config,
             Path(settings.model),
             max_rank=settings.max_lora_rank,
             aliases=settings.base_model_aliases,
+            dtype=settings.dtype,
         )
-        limits = Limits(max_file_bytes=settings.max_upload_bytes)
+        limits = Limits(
+            max_file_bytes=settings.max_upload_bytes,
+            max_compose_parts=settings.compose_max_parts,
+            max_compose_bytes=settings.compose_max_bytes,
+        )
         backend = await asyncio.to_thread(open_backend, settings)
-        registry = Registry(backend, spec, limits)
+        spool = Spool(settings.spool_path, settings.spool_budget_bytes, sessions=True)
+        await asyncio.to_thread(getattr, spool, "working_folder")  # abandoned sessions removed
+        registry = Registry(backend, spec, limits, spool=spool)
         cache = await asyncio.to_thread(
             DiskCache, settings.cache_path, settings.cache_budget_bytes, registry.fetch_file
         )
@@ -151,14 +238,22 @@ class GatewayServer:
             manifest_cache_size=settings.manifest_cache_size,
             slot_wait_s=settings.engine_slot_wait_s,
         )
-        admission = Admission(settings.max_concurrent_requests, on_change=metrics.set_inflight)
-        gateway = Gateway(settings, engine, registry, residency, keyring, admission, metrics)
+        admission = Admission(
+            settings.max_concurrent_requests,
+            on_change=metrics.set_inflight,
+            on_refused=metrics.refused,
+        )
+        gateway = Gateway(settings, engine, registry, residency, tenants, admission, metrics)
         audit = await asyncio.to_thread(AuditLog, settings.audit_log)
 
+        # No `maximum_concurrent_rpcs`: at that cap grpc.aio stops taking calls (they wait until
+        # their deadline, probes included). Every kind of call has its own cap instead, answered
+        # RESOURCE_EXHAUSTED at once (tenancy.RpcLimits, tenancy.Admission).
         server = grpc.aio.server(
-            interceptors=[GatewayInterceptor(keyring, metrics, audit)],
+            interceptors=[
+                GatewayInterceptor(tenants, metrics, audit, rpc_limits(settings, metrics))
+            ],
             options=grpc_options(settings),
-            maximum_concurrent_rpcs=settings.max_concurrent_requests * 4,
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(gateway), server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(gateway, audit), server)
@@ -179,22 +274,46 @@ class GatewayServer:
             port = server.add_secure_port(settings.listen, credentials)
         if port == 0:
             raise errors.Unavailable(f"cannot listen on {settings.listen}")
-        for name in ("", *SERVICE_NAMES):
+        probe_server, health_port = None, None
+        if settings.health_listen:
+            probe_server = grpc.aio.server(
+                interceptors=[
+                    GatewayInterceptor(tenants, metrics, None, rpc_limits(settings, metrics))
+                ],
+                options=grpc_options(settings),
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(health, probe_server)
+            health_port = probe_server.add_insecure_port(settings.health_listen)
+            if health_port == 0:
+                raise errors.Unavailable(f"cannot listen on {settings.health_listen}")
+        for name in (*READINESS_NAMES, LIVENESS_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
+        if probe_server is not None:
+            await probe_server.start()
         self = cls(settings, server, health, gateway, engine, owns_engine, port, audit, metrics)
+        self.tenants = tenants
+        self.tenants_digest = hashlib.sha256(tenants_bytes).hexdigest()
+        self.probe_server, self.health_port = probe_server, health_port
         try:
             if settings.metrics_listen:
                 self.metrics_port = metrics.start_http(settings.metrics_listen)[1]
             if settings.self_test:
                 await require_isolation(engine, settings.model)
+            await self._start_canary()
             await self._warm_up()
         except BaseException:
             await self.stop(grace=0)
             raise
         self._poller = asyncio.create_task(residency.run_poller(self._stop_poller))
         self._watcher = asyncio.create_task(self._watch_engine())
-        for name in ("", *SERVICE_NAMES):
+        if self.canary is not None:
+            self._canary_task = asyncio.create_task(self.canary.run(self._stop_poller))
+        self._tasks = [
+            asyncio.create_task(self._watch_propagation()),
+            asyncio.create_task(self._watch_tenants()),
+        ]
+        for name in (*READINESS_NAMES, LIVENESS_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         metrics.set_engine_healthy(True)
         log.info("lora-gateway serving on port %d", port)
@@ -210,15 +329,237 @@ class GatewayServer:
                 await asyncio.wait_for(self._stop_poller.wait(), every_s)
             if self._stop_poller.is_set():
                 return
+            if self.recovering:
+                continue  # the canary's recovery restarts the engine; it reports on its own
             try:
                 await self.engine.check_health()
             except errors.GatewayError:
                 log.error("engine is not healthy: reporting NOT_SERVING and stopping")
                 self.metrics.set_engine_healthy(False)
-                for name in ("", *SERVICE_NAMES):
-                    await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
                 self.engine_failed.set()
+                for name in (*READINESS_NAMES, LIVENESS_NAME):
+                    await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
                 return
+
+    # --- runtime canary -----------------------------------------------------------------------
+    async def _start_canary(self) -> None:
+        """Record the canary's references (the self-test just passed) and hook residency."""
+        engine = self.engine
+        if (
+            self.settings.canary_interval_s <= 0
+            or not isinstance(engine, CanaryEngine)
+            or engine.canary_adapter is None
+        ):
+            return
+        canary = Canary.of(engine)
+        await canary.record()
+        monitor = CanaryMonitor(
+            canary,
+            self.settings.canary_interval_s,
+            self._on_canary_failure,
+            on_result=self.metrics.canary_check,
+        )
+
+        def loaded(version: AdapterVersion, adapter: LoadedAdapter) -> None:
+            monitor.loaded(version, adapter.lora_int_id)  # the version is the suspect's key
+
+        self.gateway.residency.on_loaded = loaded
+        self.canary = monitor
+
+    async def _update_readiness(self) -> None:
+        """Readiness is SERVING only while nothing holds it down: a drain, a dead engine, a
+        canary recovery, or stale propagation. (Liveness is left alone: a recovery or a store
+        outage must not make Kubernetes restart the pod.)"""
+        down = (
+            self.gateway.draining
+            or self.engine_failed.is_set()
+            or self.recovering
+            or self.propagation_stale
+        )
+        status = (
+            health_pb2.HealthCheckResponse.NOT_SERVING
+            if down
+            else health_pb2.HealthCheckResponse.SERVING
+        )
+        for name in READINESS_NAMES:
+            await self.health.set(name, status)
+
+    async def _on_canary_failure(self, report: CanaryReport, suspects: list[Hashable]) -> bool:
+        """NOT_SERVING at once → quarantine the suspects → restart the engine (or exit)."""
+        detected = time.monotonic()
+        self.recovering = True
+        await self._update_readiness()
+        self.metrics.set_engine_healthy(False)
+        versions = [key for key in suspects if isinstance(key, AdapterVersion)]
+        await self._quarantine(versions, report)
+        recovery = Recovery(
+            mismatches=report.mismatches,
+            quarantined=tuple(f"{v.tenant}/{v.name}@{v.version_id}" for v in versions),
+        )
+        self.recoveries.append(recovery)
+        if not self.owns_engine or not isinstance(self.engine, CanaryEngine):
+            log.error("runtime canary failed; the engine is not ours to restart: exiting")
+            self.engine_failed.set()
+            return False
+        try:
+            restarting = time.monotonic()
+            await self.engine.restart()
+            recovery.restart_s = time.monotonic() - restarting
+            pinned = await self.gateway.residency.forget_engine()
+            self.metrics.engine_restarted()
+            if self.settings.self_test:
+                await require_isolation(self.engine, self.settings.model)
+            again = await Canary.of(self.engine).check()
+            if not again.ok:
+                raise errors.Unavailable(
+                    "runtime canary still fails after the restart: "
+                    + (", ".join(again.mismatches) or again.detail)
+                )
+        except Exception:
+            log.exception("engine recovery failed: reporting NOT_SERVING and stopping")
+            self.engine_failed.set()
+            return False
+        quarantined = {key_of(v) for v in versions}
+        for version in pinned:
+            if key_of(version) not in quarantined:
+                try:
+                    await self.gateway.residency.pin(version)
+                except (errors.GatewayError, StoreError):
+                    log.exception(
+                        "could not pin %s/%s again after the restart", version.tenant, version.name
+                    )
+        recovery.recovered_s = time.monotonic() - detected
+        self.recovering = False
+        await self._update_readiness()
+        self.metrics.set_engine_healthy(True)
+        log.warning("engine recovered in %.1fs after the canary failed", recovery.recovered_s)
+        return True
+
+    async def _quarantine(self, versions: list[AdapterVersion], report: CanaryReport) -> None:
+        """Refuse the versions here at once, then persist it in their manifests (every replica
+        and a restarted process refuse them too), audit and log each one."""
+        residency = self.gateway.residency
+        residency.block(key_of(v) for v in versions)
+        reason = (
+            f"the runtime canary found the engine's outputs corrupted after it was loaded "
+            f"({utc_now()})"
+        )
+        for version in versions:
+            persisted = True
+            try:
+                manifest = await asyncio.to_thread(
+                    self.gateway.store.quarantine,
+                    version.tenant,
+                    version.name,
+                    version.sha,
+                    reason,
+                )
+                residency.remember(manifest)
+            except (StoreError, errors.GatewayError):
+                persisted = False
+                log.exception("could not persist the quarantine; refused on this replica only")
+            self.metrics.quarantined()
+            self.audit.record(
+                principal=None,
+                rpc="runtime-canary/quarantine",
+                decision="deny",
+                code=grpc.StatusCode.FAILED_PRECONDITION,
+                tenant=version.tenant,
+                adapter=version.name,
+                version=version.version_id,
+                detail=f"quarantined{'' if persisted else ' (not persisted)'}: canary mismatch "
+                + ", ".join(report.mismatches),
+            )
+            log.error(
+                "QUARANTINED adapter version %s/%s@%s: %s",
+                version.tenant,
+                version.name,
+                version.version_id,
+                reason,
+            )
+
+    async def _watch_propagation(self) -> None:
+        """Readiness follows propagation: NOT_SERVING while no manifest poll has completed for
+        `propagation_stale_after_s` (other replicas' revocations would not be seen), SERVING
+        again after the next complete poll. Checked every `poll_interval_s`."""
+        residency = self.gateway.residency
+        bound = self.settings.propagation_stale_after_s
+        started = time.monotonic()
+        while not self._stop_poller.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_poller.wait(), self.settings.poll_interval_s)
+            if self._stop_poller.is_set() or self.engine_failed.is_set():
+                return
+            last = residency.last_complete_poll or started
+            stale = time.monotonic() - last > bound
+            if stale == self.propagation_stale:
+                continue
+            self.propagation_stale = stale
+            self.metrics.set_propagation_stale(stale)
+            if stale:
+                log.error(
+                    "no manifest poll completed for %.0fs (bound %.0fs): other replicas' "
+                    "revocations may not be seen; reporting NOT_SERVING (readiness)",
+                    time.monotonic() - last,
+                    bound,
+                )
+            else:
+                log.info("manifest polls complete again: reporting SERVING")
+            await self._update_readiness()
+
+    async def _watch_tenants(self) -> None:
+        """Re-read the tenants file every `tenants_reload_interval_s` (in a thread) and put a
+        changed, valid one in force; an invalid one is logged and counted once, and the keys
+        and limits in force stay."""
+        every = self.settings.tenants_reload_interval_s
+        tenants = self.tenants
+        if every <= 0 or tenants is None:
+            return
+        path = self.settings.tenants_file
+        defaults = self.settings.tenant_defaults()
+        loop = asyncio.get_running_loop()
+        # One thread of its own: the reads never wait behind (or add threads to) the default
+        # executor, which the disk cache uses.
+        with ThreadPoolExecutor(1, thread_name_prefix="tenants-reload") as pool:
+            while not self._stop_poller.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_poller.wait(), every)
+                if self._stop_poller.is_set():
+                    return
+                try:
+                    data = await loop.run_in_executor(pool, KeyRing.read_file, path)
+                except errors.InvalidArgument as exc:
+                    self._tenants_invalid(f"unreadable: {exc}", exc)
+                    continue
+                digest = hashlib.sha256(data).hexdigest()
+                if digest in (self.tenants_digest, self._tenants_bad):
+                    continue
+                parse = functools.partial(KeyRing.parse, data, defaults, where=path)
+                try:
+                    keyring = await loop.run_in_executor(pool, parse)
+                except Exception as exc:  # invalid (InvalidArgument) or anything unexpected
+                    self._tenants_invalid(digest, exc)
+                    continue
+                self._tenants_in_force(tenants, keyring, digest)
+
+    def _tenants_in_force(self, tenants: Tenants, keyring: KeyRing, digest: str) -> None:
+        tenants.replace(keyring)
+        self.tenants_digest, self._tenants_bad = digest, ""
+        self.metrics.tenants_reloaded("ok")
+        log.info(
+            "tenants file reloaded: %d tenants, %d keys", len(keyring.tenants), keyring.key_count
+        )
+
+    def _tenants_invalid(self, marker: str, exc: Exception) -> None:
+        """Log and count an unusable tenants file once (`marker`: its digest or the error)."""
+        if marker == self._tenants_bad:
+            return
+        self._tenants_bad = marker
+        if isinstance(exc, errors.InvalidArgument):
+            log.error("tenants file not reloaded, the previous one stays in force: %s", exc)
+        else:
+            log.error("tenants file not reloaded, the previous one stays in force", exc_info=exc)
+        self.metrics.tenants_reloaded("invalid")
 
     async def _warm_up(self) -> None:
         """Load and pin the configured warm set (`tenant/name[@alias]`)."""
@@ -242,10 +583,12 @@ class GatewayServer:
         self.gateway.draining = True
         await self.server.stop(grace)
         self._stop_poller.set()
-        for task in (self._poller, self._watcher):
+        for task in (self._poller, self._watcher, self._canary_task, *self._tasks):
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self.probe_server is not None:
+            await self.probe_server.stop(0)
         if self.owns_engine:
             await self.engine.shutdown()
         else:
@@ -254,6 +597,7 @@ class GatewayServer:
         self.audit.close()
         self.metrics.set_engine_healthy(False)
         self.metrics.close()
+        await asyncio.to_thread(self.gateway.store.spool.close)
 
 
 async def run(settings: Settings) -> int:

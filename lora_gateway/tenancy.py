@@ -9,7 +9,8 @@ Access rules (DESIGN.md invariant 6):
   unknown method is refused (`Policy.authorize`). A test walks the service descriptors.
 - `user`: generate, read its own tenant's adapters. `tenant-admin`: also manage its own tenant's
   adapters. `operator`: everything, on every tenant.
-- A tenant uses its own adapters and those shared with it (`Policy.can_use`).
+- A tenant uses its own adapters and those shared with it (`Policy.can_use`, which is the
+  store's `adapter_store.model.can_use`: one rule, used by every read path).
 - Another tenant's adapter is answered exactly like a missing one: NOT_FOUND with
   `errors.ADAPTER_NOT_FOUND_TEXT` (`Policy.effective_tenant_for_adapter`).
 
@@ -17,15 +18,36 @@ Fairness between tenants comes from per-tenant caps (`Admission`): one tenant ca
 own `max_concurrent` of the server's `max_concurrent_requests` slots, so a busy tenant is refused
 (RESOURCE_EXHAUSTED) before it starves the others. Nothing queues in the gateway: a refused
 request is answered at once, and the client's retry policy decides what happens next.
+
+What each caller may hold at once, and what stops it (DESIGN invariant 11):
+
+- anyone (no credentials): Health/Watch and reflection streams open at once, per peer address
+  and in total (`RpcLimits.public_stream`);
+- a tenant: Generate requests in flight, its `max_concurrent` and the server's total
+  (`Admission.slot`);
+- a tenant: Generate requests and generated tokens per minute (`Admission.slot`, token buckets);
+- a tenant: other RPCs in progress (admin, reads), per tenant and in total (`RpcLimits.rpc`);
+- a tenant: uploads and compositions in progress, `max_concurrent_uploads` (`Admission.upload`).
+
+Rates are token buckets holding one minute's worth: `requests_per_minute` takes one token per
+Generate, `tokens_per_minute` reserves the request's `max_tokens` at admission and gives back
+what was not generated when the request ends. A refusal carries `retry_after_s`, the time until
+the bucket holds enough again (sent as `retry-after` trailing metadata).
+
+The tenants file can change while the server runs (`Tenants.replace`, called by the server's
+reload task): everything reads the `KeyRing` in force through one `Tenants` object.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import hashlib
 import hmac
+import math
 import re
+import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +57,7 @@ from typing import Any
 import yaml
 
 from adapter_store.errors import InvalidAdapter
-from adapter_store.model import check_name
+from adapter_store.model import can_use, check_name
 from lora_gateway.config import TenantDefaults
 from lora_gateway.errors import (
     ADAPTER_NOT_FOUND_TEXT,
@@ -47,17 +69,21 @@ from lora_gateway.errors import (
 )
 
 __all__ = [
+    "GENERATE_METHODS",
     "METHOD_PERMISSIONS",
     "PERMISSION_DENIED_TEXT",
     "ROLE_PERMISSIONS",
     "Admission",
+    "Hold",
     "KeyRing",
     "Permission",
     "Policy",
     "Principal",
     "Role",
+    "RpcLimits",
     "Slot",
     "TenantConfig",
+    "Tenants",
     "check_max_tokens",
     "hash_key",
     "is_public",
@@ -229,23 +255,41 @@ class KeyRing:
     @classmethod
     def load(cls, path: str | Path, defaults: TenantDefaults) -> KeyRing:
         """Read and validate a tenants file (blocking file I/O: call it in a thread)."""
+        return cls.parse(cls.read_file(path), defaults, where=str(path))
+
+    @staticmethod
+    def read_file(path: str | Path) -> bytes:
+        """The bytes of a tenants file, or InvalidArgument saying why not (blocking I/O)."""
         if not str(path):
             raise InvalidArgument(
                 "no tenants file configured: set tenants_file (`--tenants FILE`); "
                 "without one every request would be refused"
             )
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            return Path(path).read_bytes()
         except OSError as exc:
             raise InvalidArgument(f"tenants file {path}: {exc.strerror or exc}") from None
+
+    @classmethod
+    def parse(cls, data: bytes, defaults: TenantDefaults, *, where: str) -> KeyRing:
+        """Validate the bytes of a tenants file (`where` names it in error messages).
+
+        A YAML error is reported by line and column only: the text around it is not repeated,
+        so that a key pasted into the file by mistake does not reach a log.
+        """
         try:
-            data = yaml.safe_load(text)
+            parsed = yaml.safe_load(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"tenants file {where}: not UTF-8 text") from None
         except yaml.YAMLError as exc:
-            raise InvalidArgument(f"tenants file {path}: not valid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or "syntax error"
+            raise InvalidArgument(f"tenants file {where}: not valid YAML{at}: {problem}") from None
         try:
-            return cls.from_mapping(data, defaults)
+            return cls.from_mapping(parsed, defaults)
         except InvalidArgument as exc:
-            raise InvalidArgument(f"tenants file {path}: {exc}") from None
+            raise InvalidArgument(f"tenants file {where}: {exc}") from None
 
     @classmethod
     def from_mapping(cls, data: Any, defaults: TenantDefaults) -> KeyRing:
@@ -338,8 +382,56 @@ class KeyRing:
     def key_count(self) -> int:
         return len(self._keys)
 
+    def derive_key(self, purpose: str) -> bytes:
+        """A secret for `purpose` (e.g. signing page tokens): HMAC-SHA256 keyed by the stored
+        key hashes. The same on every replica that reads the same tenants file, and unknown to
+        any tenant, who knows at most its own keys."""
+        material = b"".join(sorted(entry.digest for entry in self._keys))
+        return hmac.new(material, purpose.encode("utf-8"), hashlib.sha256).digest()
+
     def __repr__(self) -> str:
         return f"KeyRing(tenants={sorted(self.tenants)}, keys={len(self._keys)})"
+
+
+class Tenants:
+    """The `KeyRing` in force. The server replaces it as a whole when the tenants file changes;
+    the interceptor, the gateway and admission read it through this one object, so a request
+    sees either the old file or the new one, never a mix, and a revoked key is refused as soon
+    as the new ring is in place."""
+
+    def __init__(self, keyring: KeyRing) -> None:
+        self._current = keyring
+        self.generation = 0
+        """How many times the ring was replaced."""
+
+    @property
+    def current(self) -> KeyRing:
+        return self._current
+
+    def replace(self, keyring: KeyRing) -> None:
+        self._current = keyring
+        self.generation += 1
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        return self._current.authenticate(authorization)
+
+    def tenant(self, name: str) -> TenantConfig:
+        return self._current.tenant(name)
+
+    @property
+    def tenants(self) -> Mapping[str, TenantConfig]:
+        return self._current.tenants
+
+    @property
+    def defaults(self) -> TenantDefaults:
+        return self._current.defaults
+
+    @property
+    def key_count(self) -> int:
+        return self._current.key_count
+
+    def __repr__(self) -> str:
+        return f"Tenants({self._current!r}, generation={self.generation})"
 
 
 def _check_fields(where: str, raw: Mapping[Any, Any], allowed: frozenset[str]) -> None:
@@ -415,11 +507,16 @@ class Policy:
 
     @staticmethod
     def can_use(principal: Principal, owner_tenant: str, shared_with: Collection[str]) -> bool:
-        """May the principal generate with an adapter of `owner_tenant` shared with these?"""
-        return (
-            principal.role is Role.OPERATOR
-            or owner_tenant == principal.tenant
-            or principal.tenant in shared_with
+        """May the principal generate with an adapter of `owner_tenant` shared with these?
+
+        The store's rule (`adapter_store.model.can_use`, the one every read path runs) with the
+        principal's role: operators act on every tenant.
+        """
+        return can_use(
+            principal.tenant,
+            owner_tenant,
+            shared_with,
+            operator=principal.role is Role.OPERATOR,
         )
 
     @staticmethod
@@ -463,78 +560,269 @@ def check_max_tokens(requested: int, tenant: TenantConfig) -> None:
         )
 
 
+class Hold:
+    """Something counted while in use (an upload, an RPC, a stream); a sync and async context
+    manager. Released on exit, whatever the exit (error, cancellation); `release` is idempotent.
+    """
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __enter__(self) -> Hold:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    async def __aenter__(self) -> Hold:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class _Counts:
+    """In-flight counts per key under a per-key cap and a total cap. Single event loop (or one
+    thread): no awaits between check and increment, so no lock is needed."""
+
+    def __init__(self, total_cap: int | None = None) -> None:
+        self.total_cap = total_cap
+        self.by_key: dict[str, int] = {}
+        self.total = 0
+
+    def full(self, key: str, cap: int) -> str | None:
+        """Why one more for `key` is refused: "key" (its own cap), "total", or None (room)."""
+        if self.by_key.get(key, 0) >= cap:
+            return "key"
+        if self.total_cap is not None and self.total >= self.total_cap:
+            return "total"
+        return None
+
+    def add(self, key: str) -> int:
+        count = self.by_key.get(key, 0) + 1
+        self.by_key[key] = count
+        self.total += 1
+        return count
+
+    def discard(self, key: str) -> None:
+        self.remove(key)
+
+    def remove(self, key: str) -> int:
+        count = self.by_key[key] - 1
+        if count:
+            self.by_key[key] = count
+        else:
+            del self.by_key[key]
+        self.total -= 1
+        return count
+
+
+@dataclass
+class _Bucket:
+    """A token bucket holding at most one minute's worth of `per_minute`."""
+
+    level: float
+    stamp: float
+
+    def refill(self, per_minute: int, now: float) -> None:
+        elapsed = max(0.0, now - self.stamp)
+        self.level = min(float(per_minute), self.level + elapsed * per_minute / 60.0)
+        self.stamp = now
+
+    def wait_for(self, amount: float, per_minute: int) -> float:
+        """Seconds until the bucket holds `amount` (0 when it already does)."""
+        missing = amount - self.level
+        return 0.0 if missing <= 0 else missing * 60.0 / per_minute
+
+
+def retry_after_seconds(seconds: float) -> int:
+    """A `retry-after` value: whole seconds, rounded up, at least 1."""
+    return max(1, math.ceil(round(seconds, 6)))
+
+
 class Admission:
-    """Per-tenant and global caps on concurrent requests. Never queues: full means refused.
+    """Per-tenant and global caps on concurrent requests, per-tenant rates, and per-tenant caps
+    on uploads in progress. Never queues: full means refused.
 
     Single event loop, no awaits between check and increment, so no lock is needed. `on_change`
     (e.g. `Metrics.set_inflight`) is called with (tenant, in-flight count) on every change.
+    `clock` (monotonic seconds) drives the rate buckets. `on_refused` (e.g. `Metrics.refused`)
+    is called with "rate" or "uploads" when a rate or the upload cap refuses.
     """
 
-    def __init__(self, max_total: int, on_change: Callable[[str, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        max_total: int,
+        on_change: Callable[[str, int], None] | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
         _check_limit("max_total", max_total)
         self.max_total = max_total
         self._on_change = on_change
-        self._by_tenant: dict[str, int] = {}
-        self._total = 0
+        self._on_refused = on_refused
+        self._clock = clock
+        self._requests = _Counts(max_total)
+        self._uploads = _Counts()
+        self._request_rate: dict[str, _Bucket] = {}
+        self._token_rate: dict[str, _Bucket] = {}
 
-    def slot(self, principal: Principal, tenant: TenantConfig) -> Slot:
+    def slot(self, principal: Principal, tenant: TenantConfig, *, tokens: int = 0) -> Slot:
         """A slot for one request of `principal`, limited by `tenant` (its own tenant's config).
 
-        Use as `async with admission.slot(p, keyring.tenant(p.tenant)):` (or plain `with`).
-        Entering raises ResourceExhausted at once when the tenant or the server is full; the
-        slot is released on exit, whatever the exit (error, cancellation).
+        `tokens` is the request's max_tokens: reserved from the tenant's `tokens_per_minute`
+        bucket on entry; what was not generated (`Slot.generated`) goes back on exit.
+
+        Use as `async with admission.slot(p, keyring.tenant(p.tenant), tokens=n):` (or plain
+        `with`). Entering raises ResourceExhausted at once when the tenant or the server is full,
+        or the tenant is over its rate (then with `retry_after_s`); the slot is released on exit,
+        whatever the exit (error, cancellation).
         """
         if tenant.name != principal.tenant:
             raise ValueError("slot(): tenant config must be the principal's own tenant's")
-        return Slot(self, tenant)
+        return Slot(self, tenant, tokens)
+
+    def upload(self, principal: Principal, tenant: TenantConfig) -> Hold:
+        """Count one upload or composition of `principal`'s tenant while it runs.
+
+        Raises ResourceExhausted at once when the tenant already has `max_concurrent_uploads`.
+        """
+        if tenant.name != principal.tenant:
+            raise ValueError("upload(): tenant config must be the principal's own tenant's")
+        name = tenant.name
+        if self._uploads.full(name, tenant.max_concurrent_uploads):
+            self._refused("uploads")
+            raise ResourceExhausted(
+                f"tenant {name} has {self._uploads.by_key.get(name, 0)} uploads or compositions "
+                f"in progress (limit {tenant.max_concurrent_uploads}); try again when one finishes"
+            )
+        self._uploads.add(name)
+        return Hold(functools.partial(self._uploads.discard, name))
 
     def in_flight(self, tenant: str) -> int:
-        return self._by_tenant.get(tenant, 0)
+        return self._requests.by_key.get(tenant, 0)
+
+    def uploads_in_progress(self, tenant: str) -> int:
+        return self._uploads.by_key.get(tenant, 0)
 
     @property
     def total_in_flight(self) -> int:
-        return self._total
+        return self._requests.total
 
-    def _acquire(self, tenant: TenantConfig) -> None:
-        current = self._by_tenant.get(tenant.name, 0)
-        if current >= tenant.max_concurrent:
+    def _acquire(self, tenant: TenantConfig, tokens: int) -> None:
+        name = tenant.name
+        full = self._requests.full(name, tenant.max_concurrent)
+        if full == "key":
             raise ResourceExhausted(
-                f"tenant {tenant.name} has {current} requests in flight "
+                f"tenant {name} has {self.in_flight(name)} requests in flight "
                 f"(limit {tenant.max_concurrent})"
             )
-        if self._total >= self.max_total:
-            raise ResourceExhausted(f"server is at capacity ({self._total} requests in flight)")
-        self._by_tenant[tenant.name] = current + 1
-        self._total += 1
-        self._notify(tenant.name, current + 1)
+        if full == "total":
+            raise ResourceExhausted(
+                f"server is at capacity ({self._requests.total} requests in flight)"
+            )
+        self._take_rates(tenant, tokens)
+        self._notify(name, self._requests.add(name))
 
-    def _release(self, tenant: TenantConfig) -> None:
-        remaining = self._by_tenant[tenant.name] - 1
-        if remaining:
-            self._by_tenant[tenant.name] = remaining
-        else:
-            del self._by_tenant[tenant.name]
-        self._total -= 1
-        self._notify(tenant.name, remaining)
+    def _take_rates(self, tenant: TenantConfig, tokens: int) -> None:
+        """Take one request and `tokens` tokens from the tenant's buckets, or refuse."""
+        now = self._clock()
+        rpm, tpm = tenant.requests_per_minute, tenant.tokens_per_minute
+        if tpm and tokens > tpm:
+            raise ResourceExhausted(
+                f"max_tokens {tokens} exceeds the rate limit of tenant {tenant.name} "
+                f"({tpm} generated tokens per minute)"
+            )
+        requests = self._bucket(self._request_rate, tenant.name, rpm, now) if rpm else None
+        generated = self._bucket(self._token_rate, tenant.name, tpm, now) if tpm else None
+        waits: list[tuple[float, str]] = []
+        if requests is not None:
+            wait = requests.wait_for(1, rpm)
+            if wait > 0:
+                waits.append((wait, f"{rpm} requests per minute"))
+        if generated is not None and tokens > 0:
+            wait = generated.wait_for(tokens, tpm)
+            if wait > 0:
+                waits.append((wait, f"{tpm} generated tokens per minute"))
+        if waits:
+            self._refused("rate")
+            wait, what = max(waits)
+            after = retry_after_seconds(wait)
+            raise ResourceExhausted(
+                f"tenant {tenant.name} is over its rate limit of {what}; retry after {after} s",
+                retry_after_s=after,
+            )
+        if requests is not None:
+            requests.level -= 1
+        if generated is not None:
+            generated.level -= tokens
+
+    def _bucket(
+        self, buckets: dict[str, _Bucket], tenant: str, per_minute: int, now: float
+    ) -> _Bucket:
+        bucket = buckets.get(tenant)
+        if bucket is None:
+            bucket = buckets[tenant] = _Bucket(float(per_minute), now)
+        bucket.refill(per_minute, now)
+        return bucket
+
+    def _release(self, tenant: TenantConfig, unused_tokens: int) -> None:
+        name = tenant.name
+        if unused_tokens > 0 and tenant.tokens_per_minute:
+            bucket = self._token_rate.get(name)
+            if bucket is not None:
+                bucket.refill(tenant.tokens_per_minute, self._clock())
+                bucket.level = min(float(tenant.tokens_per_minute), bucket.level + unused_tokens)
+        self._notify(name, self._requests.remove(name))
 
     def _notify(self, tenant: str, count: int) -> None:
         if self._on_change is not None:
             self._on_change(tenant, count)
 
+    def _refused(self, limit: str) -> None:
+        if self._on_refused is not None:
+            self._on_refused(limit)
+
 
 class Slot:
-    """One admitted request; a sync and async context manager. Single use."""
+    """One admitted request; a sync and async context manager. Single use.
 
-    def __init__(self, admission: Admission, tenant: TenantConfig) -> None:
+    `generated(n)` records tokens produced, so that the unused part of the `tokens_per_minute`
+    reservation goes back to the tenant's bucket on exit.
+    """
+
+    def __init__(self, admission: Admission, tenant: TenantConfig, tokens: int = 0) -> None:
         self._admission = admission
         self._tenant = tenant
+        self._tokens = max(0, tokens)
+        self._generated = 0
         self._held = False
+        self._used = False
+
+    def generated(self, count: int) -> None:
+        self._generated += count
 
     def __enter__(self) -> Slot:
-        if self._held:
+        if self._held or self._used:
             raise RuntimeError("slot already entered")
-        self._admission._acquire(self._tenant)
-        self._held = True
+        self._admission._acquire(self._tenant, self._tokens)
+        self._held = self._used = True
         return self
 
     def __exit__(
@@ -545,7 +833,7 @@ class Slot:
     ) -> None:
         if self._held:
             self._held = False
-            self._admission._release(self._tenant)
+            self._admission._release(self._tenant, self._tokens - self._generated)
 
     async def __aenter__(self) -> Slot:
         return self.__enter__()
@@ -557,3 +845,88 @@ class Slot:
         tb: TracebackType | None,
     ) -> None:
         self.__exit__(exc_type, exc, tb)
+
+
+# --- RPC limits (every RPC but Generate, which `Admission` limits) ---------------------------
+
+
+#: Methods whose admission is `Admission.slot` (in the gateway), not `RpcLimits.rpc`.
+GENERATE_METHODS = frozenset({_INFERENCE + "Generate", _INFERENCE + "GenerateStream"})
+
+
+class RpcLimits:
+    """What unauthenticated callers and tenants' non-Generate RPCs may hold at once.
+
+    - Public streams (Health/Watch, reflection: no credentials, and they stay open) are capped
+      per peer address and in total, so they can never use up what authenticated traffic and
+      probes need. Unary public calls (Health/Check) hold nothing and are not capped.
+    - Authenticated RPCs other than Generate (admin, reads, uploads) are capped per tenant and
+      in total; Generate has its own admission (`Admission`), so a flood of one RPC kind from
+      one tenant starves neither another tenant nor anyone's Generate.
+
+    gRPC's own `maximum_concurrent_rpcs` is not used: when it is reached, grpc.aio stops taking
+    new calls, which then wait until their deadline (measured: 256 Watch streams made Generate
+    and Health/Check end in DEADLINE_EXCEEDED). These caps answer RESOURCE_EXHAUSTED at once.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_public_streams: int,
+        max_public_streams_per_peer: int,
+        max_rpcs: int,
+        max_rpcs_per_tenant: int,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
+        for what, value in (
+            ("max_public_streams", max_public_streams),
+            ("max_public_streams_per_peer", max_public_streams_per_peer),
+            ("max_rpcs", max_rpcs),
+            ("max_rpcs_per_tenant", max_rpcs_per_tenant),
+        ):
+            _check_limit(what, value)
+        self.max_public_streams_per_peer = max_public_streams_per_peer
+        self.max_rpcs_per_tenant = max_rpcs_per_tenant
+        self._public = _Counts(max_public_streams)
+        self._rpcs = _Counts(max_rpcs)
+        self._on_refused = on_refused
+
+    def public_stream(self, peer: str) -> Hold:
+        """Count one open public stream of `peer` (an address without its port)."""
+        full = self._public.full(peer, self.max_public_streams_per_peer)
+        if full is not None:
+            self._refused("public_streams_per_peer" if full == "key" else "public_streams")
+            if full == "key":
+                raise ResourceExhausted(
+                    f"too many open health/reflection streams from this address "
+                    f"(limit {self.max_public_streams_per_peer})"
+                )
+            raise ResourceExhausted(
+                f"too many open health/reflection streams (limit {self._public.total_cap})"
+            )
+        self._public.add(peer)
+        return Hold(functools.partial(self._public.discard, peer))
+
+    def rpc(self, tenant: str) -> Hold:
+        """Count one RPC (other than Generate) of `tenant` while it runs."""
+        full = self._rpcs.full(tenant, self.max_rpcs_per_tenant)
+        if full is not None:
+            self._refused("tenant_rpcs" if full == "key" else "rpcs")
+            if full == "key":
+                raise ResourceExhausted(
+                    f"tenant {tenant} has {self._rpcs.by_key.get(tenant, 0)} RPCs in progress "
+                    f"(limit {self.max_rpcs_per_tenant})"
+                )
+            raise ResourceExhausted(f"server is at capacity ({self._rpcs.total} RPCs in progress)")
+        self._rpcs.add(tenant)
+        return Hold(functools.partial(self._rpcs.discard, tenant))
+
+    def public_streams(self, peer: str | None = None) -> int:
+        return self._public.total if peer is None else self._public.by_key.get(peer, 0)
+
+    def rpcs(self, tenant: str | None = None) -> int:
+        return self._rpcs.total if tenant is None else self._rpcs.by_key.get(tenant, 0)
+
+    def _refused(self, limit: str) -> None:
+        if self._on_refused is not None:
+            self._on_refused(limit)

@@ -1,7 +1,7 @@
 """A LoRA resolver for stock `vllm serve`: adapters from the gateway's store, by name.
 
-    VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 LORA_GATEWAY_STORE=s3://bucket/prefix \\
-        vllm serve /models/base --enable-lora --max-lora-rank 16
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 VLLM_PLUGINS=lora_gateway_resolver,lora_gateway_guard \\
+    LORA_GATEWAY_STORE=s3://bucket/prefix vllm serve /models/base --enable-lora --max-lora-rank 16
     curl .../v1/completions -d '{"model": "acme/support-bot@prod", "prompt": "..."}'
 
 `register` is the `vllm.general_plugins` entry point (see pyproject.toml). vLLM calls it in every
@@ -26,10 +26,25 @@ model vLLM serves, which must then be a local folder), `LORA_GATEWAY_MAX_LORA_RA
 equal to vLLM's `--max-lora-rank`), `LORA_GATEWAY_BASE_MODEL_ALIASES`, ...). S3 credentials come
 from boto3's usual chain (`AWS_ACCESS_KEY_ID`, an instance role, ...).
 
-Security: `vllm serve` has no tenants. The `<tenant>/` in a model name selects the adapter's
-owner; it is not checked against the caller, so anyone who can reach the vLLM server can use
-any tenant's adapter. Put it behind something that authenticates, or use the gateway, which is
-the multi-tenant path (keys, roles, sharing, quotas, revocation).
+Trust model (README, "Use the vLLM plugin"):
+
+- `vllm serve` has no tenants. The `<tenant>/` in a model name selects the adapter's owner; it
+  is not checked against the caller, so anyone who can reach the vLLM server can use any
+  tenant's adapter. Put it behind something that authenticates, or use the gateway, which is
+  the multi-tenant path (keys, roles, sharing, quotas, revocation).
+- `VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`, which vLLM 0.32 requires before it asks a resolver,
+  also attaches `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter`
+  (vllm/entrypoints/serve/lora/api_router.py), and through them SageMaker's `POST /adapters`
+  and `DELETE /adapters/{name}`, for every client: load any folder the server can read, under
+  any name (unvalidated: a bad adapter kills the engine core), or unload anyone's adapter.
+  vLLM's `--api-key` does not help: one key for inference and these, and `/adapters` is not
+  under its guarded prefixes. So the package ships a second plugin, the `vllm.endpoint_plugins`
+  entry point `lora_gateway_guard` (`GuardPlugin`), whose ASGI middleware
+  (`AdapterRoutesGuard`) answers those paths 403 before any route sees them, and `register`
+  refuses to start `vllm serve` unless vLLM will load the guard: vLLM loads endpoint plugins
+  only when `VLLM_PLUGINS` names them, so set
+  `VLLM_PLUGINS=lora_gateway_resolver,lora_gateway_guard`. Where something in front of vLLM
+  blocks those paths instead, `LORA_GATEWAY_VLLM_OPEN_ADAPTER_ROUTES=1` lets it start without.
 
 Adapter ids: `StoreResolver.lora_id` gives each version, keyed by (tenant, name, sha256), one id
 from `engine.base.next_lora_id`, the process-wide counter the gateway's own engine uses: stable
@@ -42,8 +57,8 @@ still key the weights by content.
 
 Limits of the `vllm serve` path, all from vLLM's side of the interface:
 - vLLM remembers a resolved name for the life of the process and never asks again, so an alias
-  move or a revocation is not seen for a name already used (unload it with
-  `POST /v1/unload_lora_adapter`, or restart). The gateway polls manifests instead.
+  move or a revocation is not seen for a name already used: restart (the guard refuses
+  `POST /v1/unload_lora_adapter`, which any client could call). The gateway polls manifests.
 - vLLM keys what it resolved by the requested name, so one version asked for under two names
   (`acme/bot` and `acme/bot@sha256:...`) takes two engine slots; clients should use one.
 - vLLM may reload an adapter from `lora_path` whenever it evicts and needs it again, so a
@@ -60,10 +75,14 @@ that imports vllm": it is vLLM's plugin entry point. vLLM is imported only insid
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from adapter_store import (
     AdapterNotFound,
@@ -83,16 +102,32 @@ from adapter_store import (
 from adapter_store.validate import validate_adapter
 from lora_gateway.config import Settings
 from lora_gateway.engine.base import next_lora_id
+from lora_gateway.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from vllm.lora.resolver import LoRAResolver
 
-__all__ = ["RESOLVER_NAME", "Resolved", "StoreResolver", "register", "vllm_resolver"]
+__all__ = [
+    "GUARD_PLUGIN",
+    "RESOLVER_NAME",
+    "RESOLVER_PLUGIN",
+    "AdapterRoutesGuard",
+    "GuardPlugin",
+    "Resolved",
+    "StoreResolver",
+    "register",
+    "vllm_resolver",
+]
 
 log = logging.getLogger(__name__)
 
 #: The name the resolver is registered under in vLLM's `LoRAResolverRegistry`.
 RESOLVER_NAME = "lora_gateway"
+#: Entry point names (pyproject.toml), as `VLLM_PLUGINS` lists them.
+RESOLVER_PLUGIN = "lora_gateway_resolver"
+GUARD_PLUGIN = "lora_gateway_guard"
+_GUARD_GROUP = "vllm.endpoint_plugins"
+_GUARD_VALUE = "lora_gateway.vllm_plugin:GuardPlugin"
 
 VersionKey = tuple[str, str, str]
 
@@ -167,7 +202,10 @@ class StoreResolver:
                 "adapters are validated against LORA_GATEWAY_MODEL, not the model vLLM serves"
             )
         spec = BaseModelSpec.from_hf_config(
-            Path(model), max_rank=settings.max_lora_rank, aliases=settings.base_model_aliases
+            Path(model),
+            max_rank=settings.max_lora_rank,
+            aliases=settings.base_model_aliases,
+            dtype=settings.dtype,
         )
         limits = Limits(max_file_bytes=settings.max_upload_bytes)
         registry = Registry(open_backend(settings), spec, limits)
@@ -271,11 +309,120 @@ def _log_through_vllm() -> None:
         ours.propagate = False
 
 
+# --- the guard of vLLM's runtime adapter routes ------------------------------------------------
+
+#: Paths that load or unload adapters by request: vLLM's own and the SageMaker ones it adds.
+_BLOCKED_EXACT = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters"})
+_BLOCKED_UNDER = ("/adapters/",)
+_REFUSED = json.dumps(
+    {
+        "error": {
+            "message": (
+                "loading and unloading adapters through the API is disabled by lora_gateway: "
+                "adapters come from the store, by name (<tenant>/<adapter>[@alias])"
+            ),
+            "type": "PermissionDenied",
+            "param": None,
+            "code": 403,
+        }
+    }
+).encode()
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def blocked_path(path: str, root_path: str = "") -> bool:
+    """Whether a request path reaches one of the adapter routes (however it is spelled:
+    repeated or trailing slashes, dot segments, letter case)."""
+    if root_path and path.startswith(root_path):
+        path = path[len(root_path) :]
+    parts = [p for p in re.split(r"/+", path.lower()) if p not in ("", ".")]
+    normal: list[str] = []
+    for part in parts:
+        if part == "..":
+            if normal:
+                normal.pop()
+        else:
+            normal.append(part)
+    clean = "/" + "/".join(normal)
+    return clean in _BLOCKED_EXACT or clean.startswith(_BLOCKED_UNDER)
+
+
+class AdapterRoutesGuard:
+    """ASGI middleware: answers the adapter load/unload routes with 403, passes the rest."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope.get("type")
+        if kind in ("http", "websocket") and blocked_path(
+            str(scope.get("path", "")), str(scope.get("root_path", ""))
+        ):
+            log.warning(
+                "refused %s %s: runtime adapter routes are disabled",
+                kind,
+                ascii(str(scope.get("path", ""))[:120]),  # escaped: a path is client text
+            )
+            if kind == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(_REFUSED)).encode()),
+            ]
+            await send({"type": "http.response.start", "status": 403, "headers": headers})
+            await send({"type": "http.response.body", "body": _REFUSED})
+            return
+        await self.app(scope, receive, send)
+
+
+class GuardPlugin:
+    """The `vllm.endpoint_plugins` entry point `lora_gateway_guard`: puts `AdapterRoutesGuard`
+    in front of every route of the API server (vLLM calls `attach_router` while it builds the
+    app; the middleware also covers routes added after it, such as SageMaker's)."""
+
+    name = GUARD_PLUGIN
+    required_tasks = None
+
+    def attach_router(self, app: Any) -> None:
+        app.add_middleware(AdapterRoutesGuard)
+        log.info("lora_gateway guard: runtime adapter load/unload routes answer 403")
+
+    async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
+        return None
+
+
+def guard_problem(allowed: list[str] | None) -> str | None:
+    """Why vLLM would not load the guard (None when it will)."""
+    installed = any(
+        ep.name == GUARD_PLUGIN and ep.value == _GUARD_VALUE
+        for ep in entry_points(group=_GUARD_GROUP)
+    )
+    if not installed:
+        return (
+            f"the {GUARD_PLUGIN} endpoint plugin is not installed (its {_GUARD_GROUP} entry "
+            "point is missing: reinstall lora-gateway)"
+        )
+    if allowed is None or GUARD_PLUGIN not in allowed:
+        return (
+            f"VLLM_PLUGINS does not name {GUARD_PLUGIN}, and vLLM loads only the endpoint "
+            "plugins it names"
+        )
+    return None
+
+
 def register() -> None:
     """The `vllm.general_plugins` entry point: register the resolver if it can be used.
 
     Invalid LORA_GATEWAY_* settings raise `InvalidArgument`, which stops `vllm serve` at start-up
     with the list of problems; a missing store or runtime updating turned off is not an error.
+    Runtime updating on without the guard of its routes (`guard_problem`) is one: `vllm serve`
+    stops with the reason, unless `vllm_open_adapter_routes` says a proxy blocks them.
     """
     import vllm.envs as envs
     from vllm.lora.resolver import LoRAResolverRegistry
@@ -287,6 +434,19 @@ def register() -> None:
     if not settings.store:
         log.info("lora_gateway resolver not registered: LORA_GATEWAY_STORE is not set")
         return
+    problem = guard_problem(envs.VLLM_PLUGINS)
+    if problem is not None and not settings.vllm_open_adapter_routes:
+        raise InvalidArgument(
+            "lora_gateway refuses to start: VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 also opens POST "
+            "/v1/load_lora_adapter, /v1/unload_lora_adapter and /adapters to every client "
+            f"(load any folder under any name, unload anyone's adapter), and {problem}. Set "
+            f"VLLM_PLUGINS={RESOLVER_PLUGIN},{GUARD_PLUGIN} (the guard answers those routes "
+            "403), or LORA_GATEWAY_VLLM_OPEN_ADAPTER_ROUTES=1 if a proxy in front blocks them"
+        )
+    if problem is not None:
+        log.warning(
+            "lora_gateway: runtime adapter routes are open (vllm_open_adapter_routes): %s", problem
+        )
     _log_through_vllm()
     LoRAResolverRegistry.register_resolver(RESOLVER_NAME, vllm_resolver(StoreResolver(settings)))
     log.info("lora_gateway resolver registered (store %s)", settings.store)

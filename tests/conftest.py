@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +16,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from lora_gateway import devtools
 from lora_gateway.config import Settings
+from tests.support import processes
+
+# Every process this run starts inherits the mark (see tests/support/processes.py).
+os.environ.setdefault(processes.SESSION_ENV, uuid.uuid4().hex)
 
 if TYPE_CHECKING:
     from lora_gateway.engine.vllm_engine import VLLMEngine
@@ -114,3 +119,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+# --- nothing left behind -----------------------------------------------------------------------
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a process it started is still alive (an engine core, a worker, an S3
+    server, a replica); then end them. Our own multiprocessing resource tracker is not a
+    leftover: it ends with this process."""
+    me = os.getpid()
+    left = []
+    for process in processes.leftovers(os.environ[processes.SESSION_ENV]):
+        try:
+            ours = process.ppid() == me and "resource_tracker" in " ".join(process.cmdline())
+        except Exception:  # it ended meanwhile
+            continue
+        if not ours:
+            left.append(process)
+    if not left:
+        return
+    lines = []
+    for process in left:
+        try:
+            lines.append(f"  pid {process.pid}: {' '.join(process.cmdline())[:200]}")
+            process.kill()
+        except Exception:
+            continue
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("processes left behind by this run (now killed):", red=True)
+        for line in lines:
+            reporter.write_line(line, red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

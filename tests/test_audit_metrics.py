@@ -110,7 +110,7 @@ def test_audit_without_path_goes_to_the_logger(caplog: pytest.LogCaptureFixture)
     audit.close()
     records = [r for r in caplog.records if r.name == AUDIT_LOGGER]
     assert len(records) == 1
-    assert json.loads(records[0].getMessage()) == event
+    assert records[0].getMessage() == "audit"
     assert records[0].__dict__["audit"] == event
 
 
@@ -140,7 +140,7 @@ def test_metrics_move() -> None:
     m.queued(0.01)
     m.cache_hit("engine")
     m.cache_miss("disk")
-    m.load_phase("verify", 0.02)
+    m.load_phase("validate", 0.02)
     with m.time_load("fetch"):
         pass
     m.evicted("engine")
@@ -159,7 +159,7 @@ def test_metrics_move() -> None:
     assert v("lora_gateway_queue_seconds_count") == 1
     assert v("lora_gateway_cache_hits_total", tier="engine") == 1
     assert v("lora_gateway_cache_misses_total", tier="disk") == 1
-    assert v("lora_gateway_adapter_load_seconds_count", phase="verify") == 1
+    assert v("lora_gateway_adapter_load_seconds_count", phase="validate") == 1
     assert v("lora_gateway_adapter_load_seconds_count", phase="fetch") == 1
     assert v("lora_gateway_evictions_total", tier="engine") == 1
     assert v("lora_gateway_resident_adapters", tier="engine") == 3
@@ -169,6 +169,8 @@ def test_metrics_move() -> None:
         m.cache_hit("gpu")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         m.load_phase("download", 1.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):  # production never records it: the cache verifies in fetch
+        m.load_phase("verify", 1.0)  # type: ignore[arg-type]
 
 
 def test_registries_are_independent() -> None:

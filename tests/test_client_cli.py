@@ -204,7 +204,9 @@ class Admin(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListAdaptersResponse:
         await self.script.enter("ListAdapters", request, context)
-        return admin_pb2.ListAdaptersResponse(adapters=[_adapter_info()])
+        if request.page_token == "page-2":  # two pages: the SDK and the CLI must follow
+            return admin_pb2.ListAdaptersResponse(adapters=[_adapter_info(name="other")])
+        return admin_pb2.ListAdaptersResponse(adapters=[_adapter_info()], next_page_token="page-2")
 
     async def GetAdapter(
         self, request: admin_pb2.GetAdapterRequest, context: grpc.aio.ServicerContext
@@ -268,11 +270,13 @@ class Admin(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.GetResidencyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetResidencyResponse:
         await self.script.enter("GetResidency", request, context)
+        last = request.page_token == "page-2"
         return admin_pb2.GetResidencyResponse(
-            entries=[_entry("support", pinned=True)],
+            entries=[_entry("other" if last else "support", pinned=not last)],
             engine_capacity=3,
             disk_budget_bytes=1 << 30,
             disk_used_bytes=1 << 20,
+            next_page_token="" if last else "page-2",
         )
 
 
@@ -744,8 +748,19 @@ def test_admin_calls_send_their_requests(sync_client: GatewayClient, script: Scr
     assert c.unpin_adapter("support").pinned is False
     assert c.prefetch_adapter("acme/support@prod", tenant="acme").lora_int_id == 7
     assert script.last("PrefetchAdapter").metadata["x-lora-adapter"] == "acme/support"
-    assert c.get_residency("*").engine_capacity == 3
+    first = c.get_residency("*", page_size=5)
+    assert (first.engine_capacity, first.next_page_token) == (3, "page-2")
     assert script.last("GetResidency").request.tenant == "*"
+    assert script.last("GetResidency").request.page_size == 5
+    assert c.get_residency("*", page_token="page-2").next_page_token == ""
+    # One page, or every page.
+    page = c.list_adapters("acme", page_size=7, page_token="")
+    assert (page.next_page_token, script.last("ListAdapters").request.page_size) == ("page-2", 7)
+    assert [a.name for a in c.iter_adapters("acme", page_size=7)] == ["support", "other"]
+    assert script.last("ListAdapters").request.page_token == "page-2"
+    for bad in (-1, 2**31, True):
+        with pytest.raises(errors.InvalidArgument, match="page_size"):
+            c.list_adapters(page_size=bad)
     assert all(call.metadata["authorization"] == f"Bearer {API_KEY}" for call in script.calls)
     with pytest.raises(errors.InvalidArgument):
         c.compose_adapter("mix", [])
@@ -753,12 +768,21 @@ def test_admin_calls_send_their_requests(sync_client: GatewayClient, script: Scr
 
 async def test_async_admin_calls(target: str, script: Script) -> None:
     async with AsyncGatewayClient(target, API_KEY) as client:
+        assert [a.name async for a in client.iter_adapters(page_size=3)] == ["support", "other"]
+        assert (await client.get_residency(page_token="page-2")).next_page_token == ""
         assert (await client.set_alias("support", "prod", VERSION)).aliases["prod"] == VERSION
         assert (await client.prefetch_adapter("support@prod")).tier == (
             admin_pb2.RESIDENCY_TIER_ENGINE
         )
         assert (await client.revoke_adapter("support")).aborted_requests == 2
-    assert [c.method for c in script.calls] == ["SetAlias", "PrefetchAdapter", "RevokeAdapter"]
+    assert [c.method for c in script.calls] == [
+        "ListAdapters",
+        "ListAdapters",
+        "GetResidency",
+        "SetAlias",
+        "PrefetchAdapter",
+        "RevokeAdapter",
+    ]
 
 
 # --- the CLI ----------------------------------------------------------------------------------
@@ -860,8 +884,13 @@ def test_cli_adapter_commands(
         "WITH",
     ]
     assert table[1].split() == ["acme/support", "active", "1", VERSION[:19], "latest,prod", "beta"]
-    listed = json.loads(run("adapter", "list", "--json"))
+    assert table[2].split()[0] == "acme/other"  # the second page
+    assert len(table) == 3
+    assert script.last("ListAdapters").request.page_token == "page-2"
+    listed = json.loads(run("adapter", "list", "--json", "--page-size", "1"))
     assert listed["adapters"][0]["aliases"] == {"latest": VERSION, "prod": VERSION}
+    assert [a["name"] for a in listed["adapters"]] == ["support", "other"]
+    assert script.last("ListAdapters").request.page_size == 1
 
     shown = run("adapter", "show", "support")
     assert f"alias       prod -> {VERSION}" in shown
@@ -885,7 +914,11 @@ def test_cli_adapter_commands(
     residency = run("residency", "--tenant", "*")
     assert "engine capacity 3" in residency
     assert "acme/support" in residency
-    assert json.loads(run("residency", "--json"))["engine_capacity"] == 3
+    assert "acme/other" in residency  # the second page
+    as_json = json.loads(run("residency", "--json"))
+    assert as_json["engine_capacity"] == 3
+    assert [e["name"] for e in as_json["entries"]] == ["support", "other"]
+    assert as_json["next_page_token"] == ""
 
 
 def test_cli_compose_part_needs_a_weight(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,8 +1,8 @@
 """DESIGN invariant 9: the event loop never blocks (boto3 and disk I/O go through threads).
 
 asyncio's debug mode reports every callback that holds the loop longer than
-`slow_callback_duration`. A whole admin + inference flow runs against S3 over HTTP (moto) with a
-cold adapter (fetch, verify, validate, engine load) while the loop is watched. The store sits
+`slow_callback_duration`. A whole admin + inference flow runs against S3 over HTTP (SeaweedFS)
+with a cold adapter (fetch, verify, validate, engine load) while the loop is watched. The store sits
 behind a proxy that adds latency to every response, so that a single store call made on the
 loop would hold it past the threshold (checked once by hand with a deliberate blocking call).
 """

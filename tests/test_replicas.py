@@ -37,6 +37,7 @@ from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
 from tests.conftest import AdapterFactory, engine_settings
+from tests.support import processes
 from tests.support.faultproxy import FaultProxy
 from tests.support.s3server import S3Server, s3_server
 
@@ -130,6 +131,7 @@ def start_replica_b(
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 180
     assert process.stdout is not None
@@ -139,7 +141,7 @@ def start_replica_b(
             return process, int(match.group(1))
         if time.monotonic() > deadline:
             break
-    process.kill()
+    processes.stop(process)
     raise AssertionError("replica B did not start")
 
 
@@ -163,9 +165,9 @@ def replica_b(
     threading.Thread(target=lambda: [None for _ in process.stdout or ()], daemon=True).start()
     yield process, f"127.0.0.1:{port}"
     b_proxy.passthrough()
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)  # never SIGKILL: B must shut its engine down
-        process.wait(60)
+    # SIGTERM, as Kubernetes does: B drains and shuts its engine down. (SIGKILL left B's vLLM
+    # engine core running after the run.)
+    processes.stop(process)
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, f"replica B left engine processes behind: {alive}"
 

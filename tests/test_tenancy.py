@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
+from adapter_store.model import Manifest, can_use
 from lora_gateway import errors
 from lora_gateway.config import TenantDefaults
 from lora_gateway.tenancy import (
@@ -286,12 +288,52 @@ def test_duplicate_hashes_and_ids_are_refused() -> None:
 
 
 def test_can_use() -> None:
+    """The one sharing rule (adapter_store.model.can_use), and Policy's role-aware view of it."""
+    assert can_use("acme", "acme", ())
+    assert can_use("acme", "globex", ["acme"])
+    assert not can_use("acme", "globex", ["initech"])
+    assert not can_use("acme", "globex", ())
+    assert can_use("platform", "globex", (), operator=True)
     acme = principal("acme", Role.USER)
     assert Policy.can_use(acme, "acme", ())
     assert Policy.can_use(acme, "globex", ["acme"])
     assert not Policy.can_use(acme, "globex", ["initech"])
     assert not Policy.can_use(principal("acme", Role.TENANT_ADMIN), "globex", frozenset())
     assert Policy.can_use(principal("platform", Role.OPERATOR), "globex", ())
+
+
+def test_one_sharing_rule() -> None:
+    """No code but the rule itself decides by looking into `shared_with`: every visibility
+    decision goes through `can_use` (before: Residency.resolve and Registry.resolve and
+    list_shared_with each had their own copy of the rule)."""
+    root = Path(__file__).resolve().parents[1]
+    deciding: list[str] = []
+    for path in sorted([*root.glob("lora_gateway/**/*.py"), *root.glob("adapter_store/*.py")]):
+        if "/v1/" in path.as_posix():
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Compare) and any(
+                isinstance(op, ast.In | ast.NotIn) for op in node.ops
+            ):
+                sides = [node.left, *node.comparators]
+                if any(isinstance(n, ast.Attribute) and n.attr == "shared_with" for n in sides):
+                    deciding.append(f"{path.relative_to(root)}:{node.lineno}")
+    rule = [d for d in deciding if d.startswith("adapter_store/model.py")]
+    assert rule == [], rule  # the rule's own parameter is a plain name, not an attribute
+    assert deciding == [], "re-implemented sharing rule at " + ", ".join(deciding)
+    # And the rule the store runs is the rule Policy runs: same answers on a table.
+    for tenant, owner, shared in [
+        ("acme", "acme", ()),
+        ("acme", "globex", ("acme",)),
+        ("acme", "globex", ("initech",)),
+        ("acme", "globex", ()),
+    ]:
+        manifest = Manifest(tenant=owner, name="bot", shared_with=shared)
+        for role in Role:
+            who = principal(tenant, role)
+            assert manifest.usable_by(tenant, operator=role is Role.OPERATOR) == Policy.can_use(
+                who, owner, shared
+            )
 
 
 def test_effective_tenant_for_adapter_hides_other_tenants() -> None:

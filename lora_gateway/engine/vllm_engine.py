@@ -18,6 +18,11 @@ our LRU). Residency also decides every eviction: a request may only name an adap
 `add_adapter`, `add_adapter` refuses beyond `max_cpu_loras` (vLLM gets one more slot for the null
 adapter, so its own LRU never has to evict), and `remove_adapter` aborts the adapter's in-flight
 requests before it unloads the adapter.
+
+Runtime canary (`engine/canary.py`). With `canary_interval_s > 0` the engine also holds a random
+canary adapter in a reserved slot, like the null adapter: one more slot on top of the configured
+ones, never counted against `max_cpu_loras`. `watch_finished()` tells the canary when a request
+on an adapter ended (its probation), and `restart()` replaces the engine core in-process.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -50,6 +56,8 @@ log = logging.getLogger(__name__)
 
 #: How long `remove_adapter` keeps aborting an adapter's requests before it unloads it anyway.
 REMOVE_DRAIN_S = 5.0
+#: Seed of the runtime canary adapter (the start-up self-test's canaries use 0, 1, ...).
+CANARY_SEED = 7919
 
 _FINISH = {"length": FinishReason.LENGTH, "stop": FinishReason.STOP, "abort": FinishReason.ABORT}
 
@@ -104,17 +112,31 @@ def write_q_proj_adapter(
 class VLLMEngine:
     """`Engine` over vLLM's `AsyncLLM`. Build it with `await VLLMEngine.start(settings)`."""
 
-    def __init__(self, llm: Any, settings: Settings, null_adapter: LoadedAdapter | None) -> None:
+    def __init__(
+        self,
+        llm: Any,
+        settings: Settings,
+        null_adapter: LoadedAdapter | None,
+        canary_adapter: LoadedAdapter | None = None,
+        args: Any = None,
+    ) -> None:
         self._llm = llm
         self._settings = settings
+        self._args = args
         self.max_loras = settings.max_loras
         self.max_cpu_loras = settings.max_cpu_loras
         self.null_adapter = null_adapter
+        #: The runtime canary's adapter, in its own reserved slot (None: canary off).
+        self.canary_adapter = canary_adapter
         self._dead: BaseException | None = None
-        #: Adapters added through add_adapter (the null adapter excepted).
+        #: Set while `restart()` replaces the engine core: requests and loads are refused.
+        self._restarting = False
+        #: Adapters added through add_adapter (the null and canary adapters excepted).
         self._registered: set[int] = set()
         #: Request ids in flight per adapter id.
         self._inflight: dict[int, set[str]] = {}
+        #: Called with the adapter id whenever a request on an adapter ends (runtime canary).
+        self._finished_listeners: list[Callable[[int], None]] = []
         #: Tokenization has its own thread: asyncio's default executor may be full of blocking
         #: store and disk work (a slow store), and warm requests must not wait behind it. One
         #: thread also keeps the (not thread-safe) fast tokenizer to one caller at a time.
@@ -123,16 +145,15 @@ class VLLMEngine:
     # --- life cycle -------------------------------------------------------------------------
     @classmethod
     async def start(cls, settings: Settings) -> VLLMEngine:
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
-        from vllm.v1.engine.async_llm import AsyncLLM
 
         if not settings.model:
             raise errors.InvalidArgument("no base model configured (--model)")
         use_null = settings.null_adapter == "on" or (
             settings.null_adapter == "auto" and current_platform.is_cpu()
         )
-        extra_slot = 1 if use_null else 0
+        use_canary = settings.canary_interval_s > 0
+        extra_slots = int(use_null) + int(use_canary)
         if settings.kv_cache_space_gib is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_space_gib)
         kwargs: dict[str, Any] = {
@@ -140,8 +161,8 @@ class VLLMEngine:
             "dtype": settings.dtype,
             "quantization": settings.quantization,
             "enable_lora": True,
-            "max_loras": settings.max_loras + extra_slot,
-            "max_cpu_loras": settings.max_cpu_loras + extra_slot,
+            "max_loras": settings.max_loras + extra_slots,
+            "max_cpu_loras": settings.max_cpu_loras + extra_slots,
             "max_lora_rank": settings.max_lora_rank,
             "max_model_len": settings.max_model_len,
             "max_num_seqs": settings.max_num_seqs,
@@ -152,21 +173,83 @@ class VLLMEngine:
             "disable_log_stats": True,
         }
         kwargs.update(settings.engine_args)
-        try:
-            args = AsyncEngineArgs(**kwargs)
-            llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-        except (TypeError, ValueError) as exc:
-            raise errors.InvalidArgument(f"engine settings rejected: {exc}") from exc
+        args, llm = await cls._new_llm(kwargs)
         null_adapter = None
         if use_null:
             folder = Path(tempfile.mkdtemp(prefix="lora-gateway-null-"))
             await asyncio.to_thread(write_q_proj_adapter, settings.model, folder, rank=1, seed=None)
             null_adapter = LoadedAdapter(next_lora_id(), "null-adapter", folder)
-        engine = cls(llm, settings, null_adapter)
-        if null_adapter is not None:
-            await engine.add_adapter(null_adapter)
-        log.info("engine started", extra={"model": settings.model, "null_adapter": use_null})
+        canary_adapter = None
+        if use_canary:
+            folder = Path(tempfile.mkdtemp(prefix="lora-gateway-canary-"))
+            await asyncio.to_thread(
+                write_q_proj_adapter, settings.model, folder, rank=8, seed=CANARY_SEED, scale=0.5
+            )
+            canary_adapter = LoadedAdapter(next_lora_id(), "runtime-canary", folder)
+        engine = cls(llm, settings, null_adapter, canary_adapter, args)
+        await engine._add_reserved()
+        log.info(
+            "engine started",
+            extra={"model": settings.model, "null_adapter": use_null, "canary": use_canary},
+        )
         return engine
+
+    @staticmethod
+    async def _new_llm(kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        try:
+            args = AsyncEngineArgs(**kwargs)
+            llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        except (TypeError, ValueError) as exc:
+            raise errors.InvalidArgument(f"engine settings rejected: {exc}") from exc
+        return args, llm
+
+    async def _add_reserved(self) -> None:
+        for reserved in (self.null_adapter, self.canary_adapter):
+            if reserved is not None:
+                await self._add(reserved)
+
+    def _is_reserved(self, adapter: LoadedAdapter) -> bool:
+        return adapter is self.null_adapter or adapter is self.canary_adapter
+
+    async def restart(self) -> None:
+        """Replace the engine core with a fresh one, in-process, with the same settings.
+
+        Every request in flight is aborted (its stream ends with UNAVAILABLE) and every adapter
+        is gone; the null and canary adapters are loaded again. Meanwhile requests and loads
+        are refused with UNAVAILABLE ("engine restarting"). Whoever tracks loaded adapters
+        (residency) must forget them.
+        """
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if self._args is None:
+            raise errors.Unavailable("this engine cannot be restarted in-process")
+        self._restarting = True
+        try:
+            old = self._llm
+            pending = [rid for ids in self._inflight.values() for rid in ids]
+            await self._abort_quietly(pending)
+            self._registered.clear()
+            self._inflight.clear()
+            began = time.perf_counter()
+            await asyncio.to_thread(old.shutdown)
+            old.shutdown = lambda *args, **kwargs: None
+            stopped = time.perf_counter()
+            self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._args)
+            self._dead = None
+            await self._add_reserved()
+        except BaseException as exc:
+            self._dead = exc
+            raise
+        finally:
+            self._restarting = False
+        log.warning(
+            "engine restarted in-process (old core stopped in %.1fs, new one up in %.1fs)",
+            stopped - began,
+            time.perf_counter() - stopped,
+        )
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self._llm.shutdown)
@@ -235,7 +318,13 @@ class VLLMEngine:
         # in-flight set in the same step: `remove_adapter` either sees it (and aborts it) or it
         # sees the adapter gone. An adapter unknown to the engine must never reach vLLM: its
         # worker would try to load it from a path that may be deleted, and die.
-        if adapter is not None and adapter.lora_int_id not in self._registered:
+        self._raise_if_dead()  # also when a restart began while the prompt was tokenized
+        llm = self._llm
+        if (
+            adapter is not None
+            and adapter.lora_int_id not in self._registered
+            and not self._is_reserved(adapter)
+        ):
             raise errors.Aborted("the adapter was removed from the engine")
         inflight = self._inflight.setdefault(target.lora_int_id, set()) if target else set()
         inflight.add(request_id)
@@ -243,7 +332,7 @@ class VLLMEngine:
         if prompt.cache_salt:
             inputs["cache_salt"] = prompt.cache_salt  # the first block's hash includes it
         try:
-            stream = self._llm.generate(inputs, sampling, request_id, lora_request=lora)
+            stream = llm.generate(inputs, sampling, request_id, lora_request=lora)
             async for output in stream:
                 out = output.outputs[0]
                 completion += len(out.token_ids)
@@ -257,6 +346,8 @@ class VLLMEngine:
                     completion_tokens=completion,
                 )
         except EngineDeadError as exc:
+            if llm is not self._llm:  # the core was replaced by restart() meanwhile
+                raise errors.Unavailable("engine restarting: request aborted") from exc
             self._dead = exc
             raise errors.EngineDead("engine is not running") from exc
         except VLLMValidationError as exc:
@@ -268,6 +359,8 @@ class VLLMEngine:
             raise errors.Unavailable("engine failed the request") from exc
         finally:
             inflight.discard(request_id)
+            if adapter is not None and llm is self._llm:
+                self._finished(adapter.lora_int_id)
             if not finished:
                 # Cancelled, or the consumer stopped early: free the engine's slot at once.
                 await asyncio.shield(self._abort_quietly([request_id]))
@@ -283,19 +376,23 @@ class VLLMEngine:
 
     # --- adapters ---------------------------------------------------------------------------
     async def add_adapter(self, adapter: LoadedAdapter) -> None:
+        self._raise_if_dead()
+        await self._add(adapter)
+
+    async def _add(self, adapter: LoadedAdapter) -> None:
         from vllm.lora.request import LoRARequest
 
-        self._raise_if_dead()
-        is_null = self.null_adapter is not None and adapter is self.null_adapter
+        reserved = self._is_reserved(adapter)
         if adapter.lora_int_id in self._registered:
             return
-        if not is_null and len(self._registered) >= self.max_cpu_loras:
+        if not reserved and len(self._registered) >= self.max_cpu_loras:
             raise errors.ResourceExhausted(
                 f"engine adapter capacity is full (max_cpu_loras={self.max_cpu_loras})"
             )
         request = LoRARequest(adapter.lora_name, adapter.lora_int_id, str(adapter.path))
+        llm = self._llm
         try:
-            ok = await self._llm.add_lora(request)
+            ok = await llm.add_lora(request)
         except Exception as exc:
             # Errors from the engine core come back as plain Exceptions.
             self._note_if_dead()
@@ -304,7 +401,9 @@ class VLLMEngine:
             raise errors.FailedPrecondition("the engine refused the adapter") from exc
         if ok is False:
             raise errors.FailedPrecondition("the engine refused the adapter")
-        if not is_null:
+        if llm is not self._llm:  # restart() replaced the core while this was loading
+            raise errors.Unavailable("engine restarting; try again")
+        if not reserved:
             self._registered.add(adapter.lora_int_id)
 
     async def remove_adapter(self, lora_int_id: int) -> int:
@@ -340,9 +439,23 @@ class VLLMEngine:
     async def list_adapters(self) -> set[int]:
         self._raise_if_dead()
         ids = {int(i) for i in await self._llm.list_loras()}
-        if self.null_adapter is not None:
-            ids.discard(self.null_adapter.lora_int_id)
+        for reserved in (self.null_adapter, self.canary_adapter):
+            if reserved is not None:
+                ids.discard(reserved.lora_int_id)
         return ids
+
+    def watch_finished(self, listener: Callable[[int], None]) -> Callable[[], None]:
+        """Call `listener(lora_int_id)` whenever a request on an adapter ends (not for base-model
+        requests); returns the function that stops it."""
+        self._finished_listeners.append(listener)
+        return lambda: self._finished_listeners.remove(listener)
+
+    def _finished(self, lora_int_id: int) -> None:
+        for listener in list(self._finished_listeners):
+            try:
+                listener(lora_int_id)
+            except Exception:
+                log.exception("request-finished listener failed")
 
     # --- health -----------------------------------------------------------------------------
     def _note_if_dead(self) -> None:
@@ -350,6 +463,8 @@ class VLLMEngine:
             self._dead = self._llm.dead_error
 
     def _raise_if_dead(self) -> None:
+        if self._restarting:
+            raise errors.Unavailable("engine restarting; try again")
         self._note_if_dead()
         if self._dead is not None:
             raise errors.EngineDead("engine is not running")

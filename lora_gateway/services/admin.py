@@ -1,21 +1,34 @@
-"""Admin service: protobuf ↔ domain translation; the store runs in threads (never on the loop)."""
+"""Admin service: protobuf ↔ domain translation; the store runs in threads (never on the loop).
+
+Store I/O of every Admin RPC runs in the service's own bounded pool (`admin_store_threads`),
+apart from asyncio's default executor (cold loads, revocation) and residency's manifest pool,
+and one tenant holds at most half of its threads at once. Listings are paged (`paging`): a page
+costs one store listing and at most `page_size` manifest reads, and what is shared with a tenant
+comes from its share index, never from a scan of the bucket. A tenant other than an adapter's
+owner sees only what it needs of it (`adapter_to_pb`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
 from adapter_store import AdapterRef, AdapterVersion, FileEntry, InvalidAdapter, Manifest, Upload
-from lora_gateway import errors
+from adapter_store.errors import QuotaExceeded, SpoolFull
+from adapter_store.quota import Quota, Usage
+from lora_gateway import errors, paging
 from lora_gateway.audit import AuditLog
 from lora_gateway.gateway import Gateway
 from lora_gateway.interceptors import current_principal
+from lora_gateway.paging import Cursor, PageTokens
 from lora_gateway.residency import ResidencyEntry
-from lora_gateway.tenancy import Policy, Principal, Role, TenantConfig
+from lora_gateway.tenancy import KeyRing, Policy, Principal, Role, TenantConfig
 from lora_gateway.v1 import admin_pb2 as pb
 from lora_gateway.v1 import admin_pb2_grpc as pb_grpc
 
@@ -32,8 +45,10 @@ _TIER = {
 }
 
 
-def version_to_pb(version: AdapterVersion) -> pb.AdapterVersionInfo:
-    return pb.AdapterVersionInfo(
+def version_to_pb(version: AdapterVersion, *, full: bool = True) -> pb.AdapterVersionInfo:
+    """A version as its owner and operators see it (`full`), or as a grantee does: what it
+    needs to use it, without who made it, the owner's description or the parts it came from."""
+    info = pb.AdapterVersionInfo(
         tenant=version.tenant,
         name=version.name,
         version=version.version_id,
@@ -46,23 +61,49 @@ def version_to_pb(version: AdapterVersion) -> pb.AdapterVersionInfo:
         base_model=version.base_model,
         dtype=version.dtype,
         created_at=version.created_at,
-        created_by=version.created_by,
         status=_STATUS.get(version.status, pb.ADAPTER_STATUS_UNSPECIFIED),
         use_rslora=version.use_rslora,
-        description=version.description,
-        composed_from=[pb.ComposePart(adapter=ref, weight=w) for ref, w in version.composed_from],
     )
+    if full:
+        info.created_by = version.created_by
+        info.description = version.description
+        info.composed_from.extend(
+            pb.ComposePart(adapter=ref, weight=w) for ref, w in version.composed_from
+        )
+    return info
 
 
-def manifest_to_pb(manifest: Manifest) -> pb.AdapterInfo:
+def manifest_to_pb(manifest: Manifest, *, full: bool = True) -> pb.AdapterInfo:
+    """An adapter with everything (`full`), or a grantee's view: name, versions, aliases."""
     return pb.AdapterInfo(
         tenant=manifest.tenant,
         name=manifest.name,
-        versions=[version_to_pb(v) for _, v in sorted(manifest.versions.items())],
+        versions=[version_to_pb(v, full=full) for _, v in sorted(manifest.versions.items())],
         aliases={alias: f"sha256:{sha}" for alias, sha in manifest.aliases.items()},
-        shared_with=sorted(manifest.shared_with),
+        shared_with=sorted(manifest.shared_with) if full else [],
         status=_STATUS.get(manifest.status, pb.ADAPTER_STATUS_UNSPECIFIED),
     )
+
+
+def adapter_to_pb(manifest: Manifest, principal: Principal) -> pb.AdapterInfo:
+    """The owner and operators see everything; any other tenant only what it needs."""
+    owner = principal.tenant == manifest.tenant or principal.role is Role.OPERATOR
+    return manifest_to_pb(manifest, full=owner)
+
+
+def usage_to_pb(usage: Usage, tenant: TenantConfig) -> pb.TenantUsage:
+    return pb.TenantUsage(
+        tenant=usage.tenant,
+        stored_bytes=usage.stored_bytes,
+        max_stored_bytes=tenant.max_stored_bytes,
+        adapters=usage.adapters,
+        max_adapters=tenant.max_adapters,
+    )
+
+
+def quota_of(tenant: TenantConfig) -> Quota:
+    """The storage quota of a tenant (tenants file: max_stored_bytes, max_adapters)."""
+    return Quota(max_stored_bytes=tenant.max_stored_bytes, max_adapters=tenant.max_adapters)
 
 
 def entry_to_pb(entry: ResidencyEntry) -> pb.ResidencyEntry:
@@ -94,9 +135,30 @@ class AdminService(pb_grpc.AdminServicer):
         self.store = gateway.store
         self.residency = gateway.residency
         self.audit = audit
+        threads = gateway.settings.admin_store_threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="admin-store")
+        self._slots = asyncio.Semaphore(threads)
+        self._per_tenant = max(1, threads // 2)
+        self._tenant_slots: dict[str, asyncio.Semaphore] = {}
+        self._tokens: tuple[KeyRing, PageTokens] | None = None
 
     async def _store(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        """Run blocking store I/O in the admin pool: a tenant's calls wait for one of its own
+        slots (half the pool), then for a thread; waiting never occupies a thread, and a call
+        cancelled while it waits never runs."""
+        tenant = current_principal().tenant
+        mine = self._tenant_slots.get(tenant)
+        if mine is None:
+            mine = self._tenant_slots[tenant] = asyncio.Semaphore(self._per_tenant)
+        async with mine, self._slots:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    def _page_tokens(self) -> PageTokens:
+        keyring = self.gateway.keyring.current
+        if self._tokens is None or self._tokens[0] is not keyring:
+            self._tokens = (keyring, PageTokens(keyring.derive_key("admin page tokens v1")))
+        return self._tokens[1]
 
     def _allow(self, rpc: str, tenant: str, name: str = "", version: str = "") -> None:
         if self.audit is not None:
@@ -112,6 +174,23 @@ class AdminService(pb_grpc.AdminServicer):
 
     def _tenant(self, requested: str) -> str:
         return Policy.effective_tenant_for_adapter(current_principal(), requested)
+
+    def _quota(self, tenant: str) -> Quota:
+        return quota_of(self.gateway.keyring.tenant(tenant))
+
+    def _refused(self, exc: BaseException) -> None:
+        """Count a refusal by the spool budget or a storage quota (metrics)."""
+        metrics = self.gateway.metrics
+        if metrics is not None and isinstance(exc, SpoolFull | QuotaExceeded):
+            metrics.refused("spool" if isinstance(exc, SpoolFull) else "quota")
+
+    async def _usage(self, tenant: str) -> pb.TenantUsage | None:
+        """The tenant's storage usage, for callers of that tenant and operators only."""
+        principal = current_principal()
+        if tenant != principal.tenant and principal.role is not Role.OPERATOR:
+            return None
+        usage = await self._store(self.store.usage, tenant)
+        return usage_to_pb(usage, self.gateway.keyring.tenant(tenant))
 
     # --- upload -------------------------------------------------------------------------------
     async def UploadAdapter(
@@ -170,25 +249,36 @@ class AdminService(pb_grpc.AdminServicer):
         header = first.header
         tenant = self._tenant(header.tenant)
         declared = [FileEntry(f.filename, f.size, f.sha256) for f in header.files]
-        upload: Upload = await self._store(
-            self.store.begin_upload,
-            tenant,
-            header.name,
-            declared,
-            created_by=creator(principal),
-            aliases=tuple(header.aliases),
-            description=header.description,
-        )
-        try:
-            while (message := await self._next_message(stream, started, received)) is not None:
-                if message.WhichOneof("msg") != "chunk":
-                    raise errors.InvalidArgument("only one header per upload")
-                await self._store(upload.write, message.chunk.filename, message.chunk.data)
-                received += len(message.chunk.data)
-            version = await self._store(upload.commit)
-        except BaseException:
-            await asyncio.shield(self._store(upload.abort))
-            raise
+        # Decided from the header, before any byte is spooled: the caller's tenant's cap on
+        # uploads in progress, the owner's quota, the spool budget (begin_upload).
+        with self.gateway.admission.upload(
+            principal, self.gateway.keyring.tenant(principal.tenant)
+        ):
+            try:
+                upload: Upload = await self._store(
+                    self.store.begin_upload,
+                    tenant,
+                    header.name,
+                    declared,
+                    created_by=creator(principal),
+                    aliases=tuple(header.aliases),
+                    description=header.description,
+                    quota=self._quota(tenant),
+                )
+            except (SpoolFull, QuotaExceeded) as exc:
+                self._refused(exc)
+                raise
+            try:
+                while (message := await self._next_message(stream, started, received)) is not None:
+                    if message.WhichOneof("msg") != "chunk":
+                        raise errors.InvalidArgument("only one header per upload")
+                    await self._store(upload.write, message.chunk.filename, message.chunk.data)
+                    received += len(message.chunk.data)
+                version = await self._store(upload.commit)
+            except BaseException as exc:
+                self._refused(exc)
+                await asyncio.shield(self._store(upload.abort))
+                raise
         self.residency.forget(tenant, header.name)
         return version
 
@@ -196,16 +286,42 @@ class AdminService(pb_grpc.AdminServicer):
     async def ListAdapters(
         self, request: pb.ListAdaptersRequest, context: Context
     ) -> pb.ListAdaptersResponse:
+        """The tenant's own adapters, then (include_shared) those shared with it, paged."""
         principal = current_principal()
         tenant = Policy.effective_tenant_for_listing(principal, request.tenant)
-        manifests = await self._store(self.store.list_adapters, tenant)
-        if request.include_shared:
-            manifests += await self._store(self.store.list_shared_with, tenant)
-        return pb.ListAdaptersResponse(adapters=[manifest_to_pb(m) for m in manifests])
+        limit = paging.page_size(request.page_size)
+        scope = f"{tenant}/{int(request.include_shared)}"
+        tokens = self._page_tokens()
+        cursor = tokens.parse(request.page_token, "ListAdapters", scope) or Cursor("own")
+        if cursor.phase == "own":
+            page = await self._store(
+                self.store.adapter_page, tenant, after=cursor.after, limit=limit
+            )
+            if page.next_after is not None:
+                following: Cursor | None = Cursor("own", page.next_after)
+            else:
+                following = Cursor("shared") if request.include_shared else None
+        elif cursor.phase == "shared" and request.include_shared:
+            page = await self._store(
+                self.store.shared_page, tenant, after=cursor.after, limit=limit
+            )
+            following = None if page.next_after is None else Cursor("shared", page.next_after)
+        else:
+            raise errors.InvalidArgument(paging.INVALID_TOKEN_TEXT)
+        return pb.ListAdaptersResponse(
+            adapters=[adapter_to_pb(m, principal) for m in page.items],
+            next_page_token=_token(tokens, "ListAdapters", scope, following),
+            usage=await self._usage(tenant),
+        )
 
     async def GetAdapter(self, request: pb.GetAdapterRequest, context: Context) -> pb.AdapterInfo:
         tenant = self._tenant(request.tenant)
-        return manifest_to_pb(await self._store(self.store.get_manifest, tenant, request.name))
+        manifest = await self._store(self.store.get_manifest, tenant, request.name)
+        info = adapter_to_pb(manifest, current_principal())
+        usage = await self._usage(tenant)
+        if usage is not None:
+            info.usage.CopyFrom(usage)
+        return info
 
     # --- writes -------------------------------------------------------------------------------
     async def _changed(self, rpc: str, manifest: Manifest, version: str = "") -> pb.AdapterInfo:
@@ -230,6 +346,7 @@ class AdminService(pb_grpc.AdminServicer):
     ) -> pb.AdapterInfo:
         tenant = self._tenant(request.tenant)
         manifest = await self._store(self.store.share, tenant, request.name, request.grantee)
+        self.residency.forget_shares(request.grantee)
         return await self._changed("ShareAdapter", manifest)
 
     async def UnshareAdapter(
@@ -237,6 +354,7 @@ class AdminService(pb_grpc.AdminServicer):
     ) -> pb.AdapterInfo:
         tenant = self._tenant(request.tenant)
         manifest = await self._store(self.store.unshare, tenant, request.name, request.grantee)
+        self.residency.forget_shares(request.grantee)
         return await self._changed("UnshareAdapter", manifest)
 
     async def ComposeAdapter(
@@ -247,15 +365,23 @@ class AdminService(pb_grpc.AdminServicer):
         if not request.parts:
             raise errors.InvalidArgument("compose needs at least one part")
         parts = [(parse_ref(p.adapter), float(p.weight)) for p in request.parts]
-        version = await self._store(
-            self.store.compose,
-            tenant,
-            request.name,
-            parts,
-            created_by=creator(principal),
-            aliases=tuple(request.aliases),
-            description=request.description,
-        )
+        with self.gateway.admission.upload(
+            principal, self.gateway.keyring.tenant(principal.tenant)
+        ):
+            try:
+                version = await self._store(
+                    self.store.compose,
+                    tenant,
+                    request.name,
+                    parts,
+                    created_by=creator(principal),
+                    aliases=tuple(request.aliases),
+                    description=request.description,
+                    quota=self._quota(tenant),
+                )
+            except BaseException as exc:
+                self._refused(exc)
+                raise
         self.residency.forget(tenant, request.name)
         self._allow("ComposeAdapter", tenant, request.name, version.version_id)
         return version_to_pb(version)
@@ -319,22 +445,74 @@ class AdminService(pb_grpc.AdminServicer):
     async def GetResidency(
         self, request: pb.GetResidencyRequest, context: Context
     ) -> pb.GetResidencyResponse:
+        """Where each live version of the tenant's adapters is, paged by adapter."""
         principal = current_principal()
         if request.tenant == "*":
             if principal.role is not Role.OPERATOR:
                 raise errors.PermissionDenied("permission denied")
-            tenants = await self._store(self.store.list_tenants)
+            scope = "*"
         else:
-            tenants = [Policy.effective_tenant_for_listing(principal, request.tenant)]
-        entries: list[pb.ResidencyEntry] = []
-        for tenant in tenants:
-            for manifest in await self._store(self.store.list_adapters, tenant):
-                for _, version in sorted(manifest.versions.items()):
-                    entries.append(entry_to_pb(self.residency.entry(version)))
+            scope = Policy.effective_tenant_for_listing(principal, request.tenant)
+        limit = paging.page_size(request.page_size)
+        tokens = self._page_tokens()
+        cursor = tokens.parse(request.page_token, "GetResidency", scope)
+        if scope == "*":
+            manifests, following = await self._every_tenant(cursor or Cursor("next:"), limit)
+        else:
+            page = await self._store(
+                self.store.adapter_page, scope, after=cursor.after if cursor else "", limit=limit
+            )
+            manifests = page.items
+            following = None if page.next_after is None else Cursor("", page.next_after)
         cache = self.residency.cache
         return pb.GetResidencyResponse(
-            entries=entries,
+            entries=[
+                entry_to_pb(self.residency.entry(version))
+                for manifest in manifests
+                for _, version in sorted(manifest.versions.items())
+            ],
             engine_capacity=self.residency.capacity,
             disk_budget_bytes=cache.budget_bytes,
             disk_used_bytes=cache.used_bytes,
+            next_page_token=_token(tokens, "GetResidency", scope, following),
         )
+
+    async def _every_tenant(
+        self, cursor: Cursor, limit: int
+    ) -> tuple[list[Manifest], Cursor | None]:
+        """Up to `limit` adapters across tenants, from `cursor`: phase "in:<position>" while a
+        tenant's adapters are being listed (after: the position among them), "next:<position>"
+        between tenants (position: in the tenant listing). At most `limit` store listings and
+        manifest reads in all."""
+        manifests: list[Manifest] = []
+        budget = limit
+        state, _, position = cursor.phase.partition(":")
+        if state not in ("", "in", "next"):
+            raise errors.InvalidArgument(paging.INVALID_TOKEN_TEXT)
+        tenant = position.removesuffix("/") if state == "in" else None
+        after = cursor.after
+        while budget > 0:
+            if tenant is None:
+                tenants = await self._store(self.store.tenant_page, after=position, limit=1)
+                budget -= 1
+                if not tenants.items:
+                    if tenants.next_after is None:
+                        return manifests, None
+                    position = tenants.next_after  # a key outside the layout: skip it
+                    continue
+                tenant, after, position = tenants.items[0], "", f"{tenants.items[0]}/"
+                continue
+            page = await self._store(self.store.adapter_page, tenant, after=after, limit=budget)
+            budget -= max(1, page.examined)
+            manifests.extend(page.items)
+            if page.next_after is None:
+                tenant, after = None, ""
+            else:
+                after = page.next_after
+        if tenant is None:
+            return manifests, Cursor(f"next:{position}")
+        return manifests, Cursor(f"in:{position}", after)
+
+
+def _token(tokens: PageTokens, rpc: str, scope: str, cursor: Cursor | None) -> str:
+    return "" if cursor is None else tokens.issue(rpc, scope, cursor)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blora_gateway/v1/admin.proto\x12\x0flora_gateway.v1\">\n\x0c\x44\x65\x63laredFile\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x80\x01\n\x0cUploadHeader\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61liases\x18\x03 \x03(\t\x12,\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x1d.lora_gateway.v1.DeclaredFile\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"+\n\tFileChunk\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"{\n\x14UploadAdapterRequest\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.lora_gateway.v1.UploadHeaderH\x00\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1a.lora_gateway.v1.FileChunkH\x00\x42\x05\n\x03msg\":\n\x08\x46ileInfo\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xfb\x02\n\x12\x41\x64\x61pterVersionInfo\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12(\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x19.lora_gateway.v1.FileInfo\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\r\n\x05\x61lpha\x18\x06 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x07 \x03(\t\x12\x12\n\nbase_model\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x12\n\ncreated_at\x18\n \x01(\t\x12\x12\n\ncreated_by\x18\x0b \x01(\t\x12.\n\x06status\x18\x0c \x01(\x0e\x32\x1e.lora_gateway.v1.AdapterStatus\x12\x12\n\nuse_rslora\x18\r \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x0e \x01(\t\x12\x33\n\rcomposed_from\x18\x0f \x03(\x0b\x32\x1c.lora_gateway.v1.ComposePart\"\x93\x02\n\x0b\x41\x64\x61pterInfo\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x35\n\x08versions\x18\x03 \x03(\x0b\x32#.lora_gateway.v1.AdapterVersionInfo\x12:\n\x07\x61liases\x18\x04 \x03(\x0b\x32).lora_gateway.v1.AdapterInfo.AliasesEntry\x12\x13\n\x0bshared_with\x18\x05 \x03(\t\x12.\n\x06status\x18\x06 \x01(\x0e\x32\x1e.lora_gateway.v1.AdapterStatus\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x13ListAdaptersRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x16\n\x0einclude_shared\x18\x02 \x01(\x08\"F\n\x14ListAdaptersResponse\x12.\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1c.lora_gateway.v1.AdapterInfo\"1\n\x11GetAdapterRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"i\n\x0fSetAliasRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x61lias\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x05 \x01(\t\"D\n\x13ShareAdapterRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07grantee\x18\x03 \x01(\t\".\n\x0b\x43omposePart\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\x88\x01\n\x15\x43omposeAdapterRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12+\n\x05parts\x18\x03 \x03(\x0b\x32\x1c.lora_gateway.v1.ComposePart\x12\x0f\n\x07\x61liases\x18\x04 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"E\n\x14RevokeAdapterRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"K\n\x15RevokeAdapterResponse\x12\x18\n\x10revoked_versions\x18\x01 \x03(\t\x12\x18\n\x10\x61\x62orted_requests\x18\x02 \x01(\r\"4\n\x11\x41\x64\x61pterRefRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\"\xa6\x01\n\x0eResidencyEntry\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12,\n\x04tier\x18\x04 \x01(\x0e\x32\x1e.lora_gateway.v1.ResidencyTier\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x13\n\x0blora_int_id\x18\x06 \x01(\x04\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\"%\n\x13GetResidencyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\x95\x01\n\x14GetResidencyResponse\x12\x30\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1f.lora_gateway.v1.ResidencyEntry\x12\x17\n\x0f\x65ngine_capacity\x18\x02 \x01(\r\x12\x19\n\x11\x64isk_budget_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x64isk_used_bytes\x18\x04 \x01(\x04*f\n\rAdapterStatus\x12\x1e\n\x1a\x41\x44\x41PTER_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x41PTER_STATUS_ACTIVE\x10\x01\x12\x1a\n\x16\x41\x44\x41PTER_STATUS_REVOKED\x10\x02*}\n\rResidencyTier\x12\x1e\n\x1aRESIDENCY_TIER_UNSPECIFIED\x10\x00\x12\x18\n\x14RESIDENCY_TIER_STORE\x10\x01\x12\x17\n\x13RESIDENCY_TIER_DISK\x10\x02\x12\x19\n\x15RESIDENCY_TIER_ENGINE\x10\x03\x32\xa5\x08\n\x05\x41\x64min\x12]\n\rUploadAdapter\x12%.lora_gateway.v1.UploadAdapterRequest\x1a#.lora_gateway.v1.AdapterVersionInfo(\x01\x12[\n\x0cListAdapters\x12$.lora_gateway.v1.ListAdaptersRequest\x1a%.lora_gateway.v1.ListAdaptersResponse\x12N\n\nGetAdapter\x12\".lora_gateway.v1.GetAdapterRequest\x1a\x1c.lora_gateway.v1.AdapterInfo\x12J\n\x08SetAlias\x12 .lora_gateway.v1.SetAliasRequest\x1a\x1c.lora_gateway.v1.AdapterInfo\x12R\n\x0cShareAdapter\x12$.lora_gateway.v1.ShareAdapterRequest\x1a\x1c.lora_gateway.v1.AdapterInfo\x12T\n\x0eUnshareAdapter\x12$.lora_gateway.v1.ShareAdapterRequest\x1a\x1c.lora_gateway.v1.AdapterInfo\x12]\n\x0e\x43omposeAdapter\x12&.lora_gateway.v1.ComposeAdapterRequest\x1a#.lora_gateway.v1.AdapterVersionInfo\x12^\n\rRevokeAdapter\x12%.lora_gateway.v1.RevokeAdapterRequest\x1a&.lora_gateway.v1.RevokeAdapterResponse\x12Q\n\nPinAdapter\x12\".lora_gateway.v1.AdapterRefRequest\x1a\x1f.lora_gateway.v1.ResidencyEntry\x12S\n\x0cUnpinAdapter\x12\".lora_gateway.v1.AdapterRefRequest\x1a\x1f.lora_gateway.v1.ResidencyEntry\x12V\n\x0fPrefetchAdapter\x12\".lora_gateway.v1.AdapterRefRequest\x1a\x1f.lora_gateway.v1.ResidencyEntry\x12[\n\x0cGetResidency\x12$.lora_gateway.v1.GetResidencyRequest\x1a%.lora_gateway.v1.GetResidencyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blora_gateway/v1/admin.proto\x12\x0flora_gateway.v1\">\n\x0c\x44\x65\x63laredFile\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x80\x01\n\x0cUploadHeader\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61liases\x18\x03 \x03(\t\x12,\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x1d.lora_gateway.v1.DeclaredFile\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"+\n\tFileChunk\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"{\n\x14UploadAdapterRequest\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.lora_gateway.v1.UploadHeaderH\x00\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1a.lora_gateway.v1.FileChunkH\x00\x42\x05\n\x03msg\":\n\x08\x46ileInfo\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xfb\x02\n\x12\x41\x64\x61pterVersionInfo\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12(\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x19.lora_gateway.v1.FileInfo\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\r\n\x05\x61lpha\x18\x06 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x07 \x03(\t\x12\x12\n\nbase_model\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x12\n\ncreated_at\x18\n \x01(\t\x12\x12\n\ncreated_by\x18\x0b \x01(\t\x12.\n\x06status\x18\x0c \x01(\x0e\x32\x1e.lora_gateway.v1.AdapterStatus\x12\x12\n\nuse_rslora\x18\r \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x0e \x01(\t\x12\x33\n\rcomposed_from\x18\x0f \x03(\x0b\x32\x1c.lora_gateway.v1.ComposePart\"\xc0\x02\n\x0b\x41\x64\x61pterInfo\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x35\n\x08versions\x18\x03 \x03(\x0b\x32#.lora_gateway.v1.AdapterVersionInfo\x12:\n\x07\x61liases\x18\x04 \x03(\x0b\x32).lora_gateway.v1.AdapterInfo.AliasesEntry\x12\x13\n\x0bshared_with\x18\x05 \x03(\t\x12.\n\x06status\x18\x06 \x01(\x0e\x32\x1e.lora_gateway.v1.AdapterStatus\x12+\n\x05usage\x18\x0f \x01(\x0b\x32\x1c.lora_gateway.v1.TenantUsage\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"u\n\x0bTenantUsage\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x14\n\x0cstored_bytes\x18\x02 \x01(\x04\x12\x18\n\x10max_stored_bytes\x18\x03 \x01(\x04\x12\x10\n\x08\x61\x64\x61pters\x18\x04 \x01(\x04\x12\x14\n\x0cmax_adapters\x18\x05 \x01(\x04\"d\n\x13ListAdaptersRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x16\n\x0einclude_shared\x18\x02 \x01(\x08\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"\x8c\x01\n\x14ListAdaptersResponse\x12.\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1c.lora_gateway.v1.AdapterInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12+\n\x05usage\x18\x0f \x01(\x0b\x32\x1c.lora_gateway.v1.TenantUsage\"1\n\x11GetAdapterRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"i\n\x0fSetAliasRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x61lias\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x05 \x01(\t\"D\n\x13ShareAdapterRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07grantee\x18\x03 \x01(\t\".\n\x0b\x43omposePart\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\x88\x01\n\x15\x43omposeAdapterRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12+\n\x05parts\x18\x03 \x03(\x0b\x32\x1c.lora_gateway.v1.ComposePart\x12\x0f\n\x07\x61liases\x18\x04 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"E\n\x14RevokeAdapterRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"K\n\x15RevokeAdapterResponse\x12\x18\n\x10revoked_versions\x18\x01 \x03(\t\x12\x18\n\x10\x61\x62orted_requests\x18\x02 \x01(\r\"4\n\x11\x41\x64\x61pterRefRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\"\xa6\x01\n\x0eResidencyEntry\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12,\n\x04tier\x18\x04 \x01(\x0e\x32\x1e.lora_gateway.v1.ResidencyTier\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x13\n\x0blora_int_id\x18\x06 \x01(\x04\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\"L\n\x13GetResidencyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\xae\x01\n\x14GetResidencyResponse\x12\x30\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1f.lora_gateway.v1.ResidencyEntry\x12\x17\n\x0f\x65ngine_capacity\x18\x02 \x01(\r\x12\x19\n\x11\x64isk_budget_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x64isk_used_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fnext_page_token\x18\x05 \x01(\t*f\n\rAdapterStatus\x12\x1e\n\x1a\x41\x44\x41PTER_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x41PTER_STATUS_ACTIVE\x10\x01\x12\x1a\n\x16\x41\x44\x41PTER_STATUS_REVOKED\x10\x02*}\n\rResidencyTier\x12\x1e\n\x1aRESIDENCY_TIER_UNSPECIFIED\x10\x00\x12\x18\n\x14RESIDENCY_TIER_STORE\x10\x01\x12\x17\n\x13RESIDENCY_TIER_DISK\x10\x02\x12\x19\n\x15RESIDENCY_TIER_ENGINE\x10\x03\x32\xa5\x08\n\x05\x41\x64min\x12]\n\rUploadAdapter\x12%.lora_gateway.v1.UploadAdapterRequest\x1a#.lora_gateway.v1.AdapterVersionInfo(\x01\x12[\n\x0cListAdapters\x12$.lora_gateway.v1.ListAdaptersRequest\x1a%.lora_gateway.v1.ListAdaptersResponse\x12N\n\nGetAdapter\x12\".lora_gateway.v1.GetAdapterRequest\x1a\x1c.lora_gateway.v1.AdapterInfo\x12J\n\x08SetAlias\x12 .lora_gateway.v1.SetAliasRequest\x1a\x1c.lora_gateway.v1.AdapterInfo\x12R\n\x0cShareAdapter\x12$.lora_gateway.v1.ShareAdapterRequest\x1a\x1c.lora_gateway.v1.AdapterInfo\x12T\n\x0eUnshareAdapter\x12$.lora_gateway.v1.ShareAdapterRequest\x1a\x1c.lora_gateway.v1.AdapterInfo\x12]\n\x0e\x43omposeAdapter\x12&.lora_gateway.v1.ComposeAdapterRequest\x1a#.lora_gateway.v1.AdapterVersionInfo\x12^\n\rRevokeAdapter\x12%.lora_gateway.v1.RevokeAdapterRequest\x1a&.lora_gateway.v1.RevokeAdapterResponse\x12Q\n\nPinAdapter\x12\".lora_gateway.v1.AdapterRefRequest\x1a\x1f.lora_gateway.v1.ResidencyEntry\x12S\n\x0cUnpinAdapter\x12\".lora_gateway.v1.AdapterRefRequest\x1a\x1f.lora_gateway.v1.ResidencyEntry\x12V\n\x0fPrefetchAdapter\x12\".lora_gateway.v1.AdapterRefRequest\x1a\x1f.lora_gateway.v1.ResidencyEntry\x12[\n\x0cGetResidency\x12$.lora_gateway.v1.GetResidencyRequest\x1a%.lora_gateway.v1.GetResidencyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ADAPTERINFO_ALIASESENTRY']._loaded_options = None
   _globals['_ADAPTERINFO_ALIASESENTRY']._serialized_options = b'8\001'
-  _globals['_ADAPTERSTATUS']._serialized_start=2245
-  _globals['_ADAPTERSTATUS']._serialized_end=2347
-  _globals['_RESIDENCYTIER']._serialized_start=2349
-  _globals['_RESIDENCYTIER']._serialized_end=2474
+  _globals['_ADAPTERSTATUS']._serialized_start=2583
+  _globals['_ADAPTERSTATUS']._serialized_end=2685
+  _globals['_RESIDENCYTIER']._serialized_start=2687
+  _globals['_RESIDENCYTIER']._serialized_end=2812
   _globals['_DECLAREDFILE']._serialized_start=48
   _globals['_DECLAREDFILE']._serialized_end=110
   _globals['_UPLOADHEADER']._serialized_start=113
@@ -50,35 +50,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADAPTERVERSIONINFO']._serialized_start=474
   _globals['_ADAPTERVERSIONINFO']._serialized_end=853
   _globals['_ADAPTERINFO']._serialized_start=856
-  _globals['_ADAPTERINFO']._serialized_end=1131
-  _globals['_ADAPTERINFO_ALIASESENTRY']._serialized_start=1085
-  _globals['_ADAPTERINFO_ALIASESENTRY']._serialized_end=1131
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1133
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1194
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1196
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1266
-  _globals['_GETADAPTERREQUEST']._serialized_start=1268
-  _globals['_GETADAPTERREQUEST']._serialized_end=1317
-  _globals['_SETALIASREQUEST']._serialized_start=1319
-  _globals['_SETALIASREQUEST']._serialized_end=1424
-  _globals['_SHAREADAPTERREQUEST']._serialized_start=1426
-  _globals['_SHAREADAPTERREQUEST']._serialized_end=1494
-  _globals['_COMPOSEPART']._serialized_start=1496
-  _globals['_COMPOSEPART']._serialized_end=1542
-  _globals['_COMPOSEADAPTERREQUEST']._serialized_start=1545
-  _globals['_COMPOSEADAPTERREQUEST']._serialized_end=1681
-  _globals['_REVOKEADAPTERREQUEST']._serialized_start=1683
-  _globals['_REVOKEADAPTERREQUEST']._serialized_end=1752
-  _globals['_REVOKEADAPTERRESPONSE']._serialized_start=1754
-  _globals['_REVOKEADAPTERRESPONSE']._serialized_end=1829
-  _globals['_ADAPTERREFREQUEST']._serialized_start=1831
-  _globals['_ADAPTERREFREQUEST']._serialized_end=1883
-  _globals['_RESIDENCYENTRY']._serialized_start=1886
-  _globals['_RESIDENCYENTRY']._serialized_end=2052
-  _globals['_GETRESIDENCYREQUEST']._serialized_start=2054
-  _globals['_GETRESIDENCYREQUEST']._serialized_end=2091
-  _globals['_GETRESIDENCYRESPONSE']._serialized_start=2094
-  _globals['_GETRESIDENCYRESPONSE']._serialized_end=2243
-  _globals['_ADMIN']._serialized_start=2477
-  _globals['_ADMIN']._serialized_end=3538
+  _globals['_ADAPTERINFO']._serialized_end=1176
+  _globals['_ADAPTERINFO_ALIASESENTRY']._serialized_start=1130
+  _globals['_ADAPTERINFO_ALIASESENTRY']._serialized_end=1176
+  _globals['_TENANTUSAGE']._serialized_start=1178
+  _globals['_TENANTUSAGE']._serialized_end=1295
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1297
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1397
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1400
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1540
+  _globals['_GETADAPTERREQUEST']._serialized_start=1542
+  _globals['_GETADAPTERREQUEST']._serialized_end=1591
+  _globals['_SETALIASREQUEST']._serialized_start=1593
+  _globals['_SETALIASREQUEST']._serialized_end=1698
+  _globals['_SHAREADAPTERREQUEST']._serialized_start=1700
+  _globals['_SHAREADAPTERREQUEST']._serialized_end=1768
+  _globals['_COMPOSEPART']._serialized_start=1770
+  _globals['_COMPOSEPART']._serialized_end=1816
+  _globals['_COMPOSEADAPTERREQUEST']._serialized_start=1819
+  _globals['_COMPOSEADAPTERREQUEST']._serialized_end=1955
+  _globals['_REVOKEADAPTERREQUEST']._serialized_start=1957
+  _globals['_REVOKEADAPTERREQUEST']._serialized_end=2026
+  _globals['_REVOKEADAPTERRESPONSE']._serialized_start=2028
+  _globals['_REVOKEADAPTERRESPONSE']._serialized_end=2103
+  _globals['_ADAPTERREFREQUEST']._serialized_start=2105
+  _globals['_ADAPTERREFREQUEST']._serialized_end=2157
+  _globals['_RESIDENCYENTRY']._serialized_start=2160
+  _globals['_RESIDENCYENTRY']._serialized_end=2326
+  _globals['_GETRESIDENCYREQUEST']._serialized_start=2328
+  _globals['_GETRESIDENCYREQUEST']._serialized_end=2404
+  _globals['_GETRESIDENCYRESPONSE']._serialized_start=2407
+  _globals['_GETRESIDENCYRESPONSE']._serialized_end=2581
+  _globals['_ADMIN']._serialized_start=2815
+  _globals['_ADMIN']._serialized_end=3876
 # @@protoc_insertion_point(module_scope)

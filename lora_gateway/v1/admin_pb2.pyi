@@ -307,6 +307,7 @@ class AdapterInfo(_message.Message):
     ALIASES_FIELD_NUMBER: _builtins.int
     SHARED_WITH_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     name: _builtins.str
     status: Global___AdapterStatus.ValueType
@@ -320,6 +321,12 @@ class AdapterInfo(_message.Message):
     def shared_with(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Tenants this adapter is shared with (read-only use)."""
 
+    @_builtins.property
+    def usage(self) -> Global___TenantUsage:
+        """GetAdapter only: the owner tenant's storage usage and quota (for callers of that tenant and
+        operators).
+        """
+
     def __init__(
         self,
         *,
@@ -329,14 +336,50 @@ class AdapterInfo(_message.Message):
         aliases: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         shared_with: _abc.Iterable[_builtins.str] | None = ...,
         status: Global___AdapterStatus.ValueType = ...,
+        usage: Global___TenantUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "name", b"name", "shared_with", b"shared_with", "status", b"status", "tenant", b"tenant", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "name", b"name", "shared_with", b"shared_with", "status", b"status", "tenant", b"tenant", "usage", b"usage", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AdapterInfo: _TypeAlias = AdapterInfo  # noqa: Y015
+
+@_typing.final
+class TenantUsage(_message.Message):
+    """A tenant's stored adapters against its quota (tenants file: max_stored_bytes, max_adapters)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    STORED_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_STORED_BYTES_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
+    MAX_ADAPTERS_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    stored_bytes: _builtins.int
+    """Bytes of every live version."""
+    max_stored_bytes: _builtins.int
+    adapters: _builtins.int
+    """Live adapters (names)."""
+    max_adapters: _builtins.int
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        stored_bytes: _builtins.int = ...,
+        max_stored_bytes: _builtins.int = ...,
+        adapters: _builtins.int = ...,
+        max_adapters: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "max_adapters", b"max_adapters", "max_stored_bytes", b"max_stored_bytes", "stored_bytes", b"stored_bytes", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantUsage: _TypeAlias = TenantUsage  # noqa: Y015
 
 @_typing.final
 class ListAdaptersRequest(_message.Message):
@@ -344,19 +387,34 @@ class ListAdaptersRequest(_message.Message):
 
     TENANT_FIELD_NUMBER: _builtins.int
     INCLUDE_SHARED_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Empty = the caller's tenant. Operators may name any tenant."""
     include_shared: _builtins.bool
-    """Also list adapters other tenants share with this tenant."""
+    """Also list adapters other tenants share with this tenant (after the tenant's own). A
+    tenant other than the owner sees only what it needs of them: name, versions and aliases
+    (no `shared_with`, no `created_by`, `description` or `composed_from`).
+    """
+    page_size: _builtins.int
+    """Most adapters examined for this page: 0 = 50; at most 200 (larger values are lowered to
+    200). A page may hold fewer (revoked adapters are skipped) and still have a next one.
+    """
+    page_token: _builtins.str
+    """`next_page_token` of the previous page, with the same tenant and include_shared; empty
+    for the first page. Opaque: valid only for the request it was issued for.
+    """
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         include_shared: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_shared", b"include_shared", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_shared", b"include_shared", "page_size", b"page_size", "page_token", b"page_token", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -367,16 +425,26 @@ class ListAdaptersResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ADAPTERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as `page_token` for the next page; empty when the listing is complete."""
     @_builtins.property
     def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterInfo]: ...
+    @_builtins.property
+    def usage(self) -> Global___TenantUsage:
+        """The listed tenant's storage usage and quota."""
+
     def __init__(
         self,
         *,
         adapters: _abc.Iterable[Global___AdapterInfo] | None = ...,
+        next_page_token: _builtins.str = ...,
+        usage: Global___TenantUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "next_page_token", b"next_page_token", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -638,16 +706,26 @@ class GetResidencyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Empty = the caller's tenant; operators may pass "*" for all."""
+    page_size: _builtins.int
+    """Most adapters examined for this page (each contributes an entry per live version): 0 = 50;
+    at most 200.
+    """
+    page_token: _builtins.str
+    """`next_page_token` of the previous page, with the same tenant; empty for the first page."""
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -661,9 +739,12 @@ class GetResidencyResponse(_message.Message):
     ENGINE_CAPACITY_FIELD_NUMBER: _builtins.int
     DISK_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
     DISK_USED_BYTES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     engine_capacity: _builtins.int
     disk_budget_bytes: _builtins.int
     disk_used_bytes: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as `page_token` for the next page; empty when the listing is complete."""
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResidencyEntry]: ...
     def __init__(
@@ -673,10 +754,11 @@ class GetResidencyResponse(_message.Message):
         engine_capacity: _builtins.int = ...,
         disk_budget_bytes: _builtins.int = ...,
         disk_used_bytes: _builtins.int = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_budget_bytes", b"disk_budget_bytes", "disk_used_bytes", b"disk_used_bytes", "engine_capacity", b"engine_capacity", "entries", b"entries"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_budget_bytes", b"disk_budget_bytes", "disk_used_bytes", b"disk_used_bytes", "engine_capacity", b"engine_capacity", "entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -35,6 +35,7 @@ KUBE_VERSION = "1.30.0"
 RELEASE = "rel"
 NAMESPACE = "lora"
 GRPC_PORT = 50051
+HEALTH_PORT = 50052
 HASH = "a" * 64
 
 #: Kinds whose schema kubernetes-validate does not ship (CRDs); asserted by hand instead.
@@ -51,9 +52,12 @@ CHART_MANAGED = frozenset(
         "listen",
         "metrics_listen",
         "cache_dir",
+        "spool_dir",
+        "health_listen",
     }
 )
-NOT_IN_CHART = frozenset({"tls_cert", "tls_key", "tls_client_ca"})
+#: TLS is not wired; vllm_open_adapter_routes is for `vllm serve` with the plugin, not the gateway.
+NOT_IN_CHART = frozenset({"tls_cert", "tls_key", "tls_client_ca", "vllm_open_adapter_routes"})
 WORKLOADS = frozenset({"Deployment", "Job", "StatefulSet", "DaemonSet"})
 #: What the Dockerfile's runtime stages set (environment wins over the config file).
 IMAGE_ENV = {
@@ -309,18 +313,29 @@ def test_service_monitor_shape(chart: helm.Chart) -> None:
 # --- the gateway pod --------------------------------------------------------------------------
 
 
-def test_probes_are_grpc_on_the_grpc_port(scenario: tuple[str, list[dict[str, Any]]]) -> None:
+def test_probes_are_grpc_on_the_probe_port(scenario: tuple[str, list[dict[str, Any]]]) -> None:
+    """Probes ask grpc.health.v1 on the health-only listener (readiness: service "", liveness:
+    "liveness", the names lora_gateway.server serves), which no NetworkPolicy rule opens."""
+    from lora_gateway.server import LIVENESS_NAME
+
     _, docs = scenario
     container = gateway_container(docs)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": GRPC_PORT, "metrics": 9400}
+    assert ports == {"grpc": GRPC_PORT, "metrics": 9400, "health": HEALTH_PORT}
     config = gateway_config(docs)
     assert config["listen"].rsplit(":", 1)[1] == str(ports["grpc"])
     assert config["metrics_listen"].rsplit(":", 1)[1] == str(ports["metrics"])
+    assert config["health_listen"].rsplit(":", 1)[1] == str(ports["health"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         spec = container[probe]
-        assert spec["grpc"] == {"port": GRPC_PORT}, probe
+        want = {"port": HEALTH_PORT}
+        if probe == "livenessProbe":
+            want["service"] = LIVENESS_NAME  # type: ignore[assignment]
+        assert spec["grpc"] == want, probe
         assert not {"httpGet", "tcpSocket", "exec"} & set(spec), probe
+    for policy in of_kind(docs, "NetworkPolicy"):
+        opened = {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
+        assert not opened & {"health", HEALTH_PORT}, "no pod may reach the probe port"
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
 
@@ -488,9 +503,11 @@ def test_selectors_match_pod_labels(scenario: tuple[str, list[dict[str, Any]]]) 
         assert selects_a_deployment(pdb["spec"]["selector"]["matchLabels"])
     for policy in of_kind(docs, "NetworkPolicy"):
         assert selects_a_deployment(policy["spec"]["podSelector"]["matchLabels"])
+        for rule in policy["spec"].get("ingress") or []:
+            assert rule.get("from"), (name, policy["metadata"]["name"], "admits every source")
         peers = [
             peer
-            for rule in policy["spec"].get("ingress", []) + policy["spec"].get("egress", [])
+            for rule in (policy["spec"].get("ingress") or []) + policy["spec"].get("egress", [])
             for peer in rule.get("from", []) + rule.get("to", [])
             if peer.get("podSelector", {}).get("matchLabels")
         ]
@@ -505,6 +522,82 @@ def test_selectors_match_pod_labels(scenario: tuple[str, list[dict[str, Any]]]) 
             if d["metadata"]["name"] == hpa["spec"]["scaleTargetRef"]["name"]
         ]
         assert "replicas" not in target[0]["spec"]  # the HPA owns the count
+
+
+EVERYONE = "every source"
+
+
+def admitted(policy: dict[str, Any], port: str) -> list[dict[str, Any]] | str:
+    """Who a NetworkPolicy lets in on a named port, read the way Kubernetes reads it: a rule
+    whose `ports` is missing or empty covers every port, and one whose `from` is missing or
+    empty admits every source; no rule covering the port admits nobody."""
+    if "Ingress" not in policy["spec"].get("policyTypes", ["Ingress"]):
+        return EVERYONE
+    peers: list[dict[str, Any]] = []
+    for rule in policy["spec"].get("ingress") or []:
+        ports = rule.get("ports") or []
+        if ports and not any(p.get("port") == port for p in ports):
+            continue
+        if not rule.get("from"):
+            return EVERYONE
+        peers += rule["from"]
+    return peers
+
+
+def policy_of(docs: list[dict[str, Any]], which: str) -> dict[str, Any]:
+    (policy,) = [p for p in of_kind(docs, "NetworkPolicy") if component(p) == which]
+    return policy
+
+
+def test_network_policy_admits_exactly_the_configured_peers(chart: helm.Chart) -> None:
+    """What is rendered, read with Kubernetes' semantics. `grpcFrom: []` admits nobody (only the
+    release's Envoy when it is on): before, it rendered a rule without `from`, open to every
+    source, and the old test read `rule.get("from", [])` as no peers."""
+    envoy_pods = {"matchLabels": {"app.kubernetes.io/component": "envoy"}}
+
+    def envoy_peer(peers: list[dict[str, Any]] | str) -> list[dict[str, Any]]:
+        assert peers != EVERYONE
+        assert isinstance(peers, list)
+        return [
+            p
+            for p in peers
+            if p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component")
+            == "envoy"
+        ]
+
+    default = render(chart, {})
+    gateway_policy = policy_of(default, "gateway")
+    assert admitted(gateway_policy, "grpc") == [{"podSelector": {}}]  # the release's namespace
+    assert admitted(gateway_policy, "metrics") == [{"namespaceSelector": {}}]
+
+    closed = render(chart, {"networkPolicy": {"grpcFrom": [], "metricsFrom": []}})
+    assert admitted(policy_of(closed, "gateway"), "grpc") == []
+    assert admitted(policy_of(closed, "gateway"), "metrics") == []
+    assert policy_of(closed, "gateway")["spec"]["ingress"] == []
+
+    fronted = render(chart, {"envoy": {"enabled": True}, "networkPolicy": {"grpcFrom": []}})
+    only_envoy = admitted(policy_of(fronted, "gateway"), "grpc")
+    assert len(envoy_peer(only_envoy)) == 1
+    assert len(only_envoy) == 1
+    assert admitted(policy_of(fronted, "envoy"), "grpc") == []  # nobody may call the front
+
+    chosen = [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}]
+    picked = render(chart, {"envoy": {"enabled": True}, "networkPolicy": {"grpcFrom": chosen}})
+    peers = admitted(policy_of(picked, "gateway"), "grpc")
+    assert isinstance(peers, list)
+    assert [p for p in peers if p not in envoy_peer(peers)] == chosen
+    assert admitted(policy_of(picked, "envoy"), "grpc") == chosen
+    assert (
+        envoy_pods["matchLabels"].items()
+        <= envoy_peer(peers)[0]["podSelector"]["matchLabels"].items()
+    )
+
+    # Opening it to everything is possible, and explicit.
+    anywhere = [{"ipBlock": {"cidr": "0.0.0.0/0"}}]
+    opened = render(chart, {"networkPolicy": {"grpcFrom": anywhere}})
+    assert admitted(policy_of(opened, "gateway"), "grpc") == anywhere
+    with pytest.raises(helm.HelmValuesError):
+        render_files(chart, {"networkPolicy": {"grpcFrom": [{}]}})  # an empty peer
 
 
 def test_config_map_is_accepted_by_settings(
@@ -655,6 +748,23 @@ def test_model_pull_script_against_a_real_s3_server(tmp_path: Path) -> None:
         )
         assert failed.returncode == 1
         assert "no objects" in failed.stdout
+
+
+@pytest.mark.parametrize("budget", [None, 1 << 30, 20 << 30])
+def test_spool_volume_is_sized_from_the_spool_budget(chart: helm.Chart, budget: int | None) -> None:
+    """Uploads spool into their own volume, mounted at the gateway's spool_dir, whose size limit
+    exceeds the gateway's spool budget (the budget refuses uploads before the kubelet evicts)."""
+    values: dict[str, Any] = {} if budget is None else {"config": {"spool_budget_bytes": budget}}
+    docs = render(chart, values)
+    settings = Settings.from_mapping(gateway_config(docs))
+    if budget is not None:
+        assert settings.spool_budget_bytes == budget
+    mounts = {m["name"]: m["mountPath"] for m in gateway_container(docs)["volumeMounts"]}
+    assert settings.spool_dir == mounts["spool"]
+    assert mounts["tmp"] != mounts["spool"]
+    volumes = {v["name"]: v for v in pod_spec(gateway(docs))["volumes"]}
+    limit = quantity_bytes(str(volumes["spool"]["emptyDir"]["sizeLimit"]))
+    assert settings.spool_budget_bytes < limit <= settings.spool_budget_bytes * 1.2
 
 
 def test_cache_volume_kinds(chart: helm.Chart) -> None:

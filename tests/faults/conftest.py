@@ -1,6 +1,6 @@
 """A gateway whose S3 store sits behind our fault proxy, on the session's shared engine.
 
-    client ──gRPC──▶ gateway ──boto3──▶ FaultProxy (127.0.0.1) ──▶ moto S3 server
+    client ──gRPC──▶ gateway ──boto3──▶ FaultProxy (127.0.0.1) ──▶ SeaweedFS S3 server
 
 The S3 timeouts are short (0.5 s connect, 1 s read, 2 attempts) so that a dead store answers in
 seconds. Tests switch the proxy's fault; an autouse fixture puts it back to `pass` after each
@@ -78,7 +78,7 @@ class FaultEnv:
         return AsyncGatewayClient(self.target, key_of(tenant, role), **kwargs)
 
     def stored_keys(self, under: str = "") -> list[str]:
-        """Object keys in the store (read from moto directly, not through the proxy)."""
+        """Object keys in the store (read from the S3 server directly, not through the proxy)."""
         client = self.s3.client()
         keys: list[str] = []
         for page in client.get_paginator("list_objects_v2").paginate(

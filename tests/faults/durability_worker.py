@@ -5,7 +5,7 @@
 STORE is `file:///path` or `s3://bucket/prefix`. Every operation prints an `intent` line before
 it starts and an acknowledgement line once the store call returned, each flushed at once, so
 the test knows exactly what was acknowledged when it sends SIGKILL. Each upload gets unique
-content (its lora_alpha), hence a new version.
+content (its `revision` field), hence a new version.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def main(argv: list[str]) -> None:
         folder = work / f"v{n}"
         shutil.copytree(adapter, folder)
         config = json.loads((folder / CONFIG_FILE).read_text())
-        config["lora_alpha"] = float(round_no * 10_000 + n)
+        # Unique content per upload, in a metadata field (a large lora_alpha is refused now).
+        config["revision"] = f"durability-{round_no}-{n}"
         (folder / CONFIG_FILE).write_text(json.dumps(config))
         say(op="intent-upload", name=name)
         version = registry.upload_dir(TENANT, name, folder, created_by="durability")

@@ -13,7 +13,7 @@ opens the store afresh and checks:
 
 "acknowledged data lost" counts every violation and must be 0. Objects of a version whose
 manifest update never happened (killed between the two) are allowed: they are invisible garbage,
-counted as "orphaned objects". Runs on LocalBackend and on S3Backend against moto over HTTP.
+counted as "orphaned objects". Runs on LocalBackend and on S3Backend against SeaweedFS over HTTP.
 """
 
 from __future__ import annotations

@@ -3,9 +3,15 @@
 - Hypothesis draws GenerateRequest fields and UploadAdapter streams (header + chunks): the
   answer is never INTERNAL, the server never crashes, every refusal has a documented code.
   About 60 examples per RPC in `make test`; 1,000 per RPC with `--run-slow`.
-- A crafted corpus of hostile adapters, names, aliases, configs and headers, each uploaded
-  through UploadAdapter and refused with its documented code; nothing is stored, nothing is
-  left in the cache or the spool, and no file appears outside the cache root.
+- Hypothesis also draws safetensors headers whose fields (dtype, shape, data_offsets, a whole
+  entry, __metadata__) hold a JSON value of any type: always INVALID_ARGUMENT.
+- A crafted corpus of hostile adapters, names, aliases, configs and headers (every JSON type in
+  every header field, wrong types in the main config keys), each uploaded through UploadAdapter
+  and refused with its documented code; nothing is stored, nothing is left in the cache or the
+  spool, and no file appears outside the cache root.
+
+Expected codes come from the documented table (DESIGN.md "Errors → status codes", `DOCUMENTED`
+below), never from `errors.status_of`, the code under test.
 
 All of it runs as the tenant `fuzz`, which owns no adapter, so a valid name finds nothing.
 """
@@ -19,7 +25,6 @@ import json
 import os
 import pickle
 import shutil
-import tempfile
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -30,12 +35,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from adapter_store import CapacityExceeded, Incompatible, InvalidAdapter, StoreError
 from adapter_store.model import CONFIG_FILE, WEIGHTS_FILE
-from lora_gateway import errors
 from lora_gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tests.conftest import AdapterFactory
 from tests.faults.conftest import FaultEnv, key_of
-from tests.store.test_validate import BAD_ADAPTERS, BAD_NAMES, raw_config, raw_weights
+from tests.store.test_validate import (
+    BAD_ADAPTERS,
+    BAD_NAMES,
+    HEADER_FIELDS,
+    HUGE_INT,
+    JSON_VALUES,
+    VALID_HEADER_VALUES,
+    edit_config,
+    header_field,
+    raw_config,
+    raw_weights,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -46,6 +62,13 @@ UPLOAD_CODES = {
     SC.NOT_FOUND,
     SC.RESOURCE_EXHAUSTED,
     SC.FAILED_PRECONDITION,
+}
+#: DESIGN.md "Errors → status codes": an invalid adapter file is INVALID_ARGUMENT, an adapter
+#: incompatible with the base model FAILED_PRECONDITION, a size cap RESOURCE_EXHAUSTED.
+DOCUMENTED: dict[type[StoreError], SC] = {
+    InvalidAdapter: SC.INVALID_ARGUMENT,
+    Incompatible: SC.FAILED_PRECONDITION,
+    CapacityExceeded: SC.RESOURCE_EXHAUSTED,
 }
 USER = (("authorization", f"Bearer {key_of('fuzz')}"),)
 ADMIN = (("authorization", f"Bearer {key_of('fuzz', 'admin')}"),)
@@ -169,6 +192,81 @@ def upload_streams(draw: st.DrawFn) -> list[admin_pb2.UploadAdapterRequest]:
     return messages
 
 
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def _header_entry(weights: bytes) -> tuple[str, dict[str, object], object]:
+    """The first tensor's name and header entry, and the __metadata__ value."""
+    length = int.from_bytes(weights[:8], "little")
+    header = json.loads(weights[8 : 8 + length])
+    first = sorted(k for k in header if k != "__metadata__")[0]
+    return first, header[first], header.get("__metadata__")
+
+
+def _is_valid_header_value(field: str, value: object, weights: bytes) -> bool:
+    """True for the few values that keep the header valid (the original ones)."""
+    _, entry, _ = _header_entry(weights)
+    if field == "__metadata__":
+        return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+    original = entry if field == "entry" else entry[field]
+    return json.dumps(value) == json.dumps(original)
+
+
+@st.composite
+def typed_header_uploads(draw: st.DrawFn, weights: bytes) -> tuple[str, bytes]:
+    """(field, safetensors bytes) with one header field set to a JSON value of any type."""
+    field = draw(st.sampled_from(HEADER_FIELDS))
+    value = draw(JSON)
+    if _is_valid_header_value(field, value, weights):
+        value = [value]  # a list is never valid in any header field
+    raw = json.dumps(value)  # NaN/Infinity become non-standard constants: refused as well
+    return field, header_field(field, raw)(weights)
+
+
+def _upload_messages(config: bytes, weights: bytes) -> list[admin_pb2.UploadAdapterRequest]:
+    files = [(CONFIG_FILE, config), (WEIGHTS_FILE, weights)]
+    header = admin_pb2.UploadHeader(
+        name="typed",
+        files=[
+            admin_pb2.DeclaredFile(
+                filename=name, size=len(data), sha256=hashlib.sha256(data).hexdigest()
+            )
+            for name, data in files
+        ],
+    )
+    messages = [admin_pb2.UploadAdapterRequest(header=header)]
+    for name, data in files:
+        chunk = admin_pb2.FileChunk(filename=name, data=data)
+        messages.append(admin_pb2.UploadAdapterRequest(chunk=chunk))
+    return messages
+
+
+def run_header_type_fuzz(target: str, good: Path, examples: int) -> Counter[str]:
+    config = (good / CONFIG_FILE).read_bytes()
+    weights = (good / WEIGHTS_FILE).read_bytes()
+    seen: Counter[str] = Counter()
+    with grpc.insecure_channel(target) as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+
+        @fuzz_settings(examples)
+        @given(typed_header_uploads(weights))
+        def check(case: tuple[str, bytes]) -> None:
+            field, data = case
+            messages = _upload_messages(config, data)
+            code = _code(lambda: stub.UploadAdapter(iter(messages), metadata=ADMIN, timeout=60))
+            seen[field] += 1
+            assert code == DOCUMENTED[InvalidAdapter], (code, field, data[:300])
+
+        check()
+    return seen
+
+
 # --- the property tests (hypothesis runs in a thread; the server runs on the test's loop) -----
 
 
@@ -247,6 +345,26 @@ async def test_fuzz_generate(fenv: FaultEnv) -> None:
     await _fuzz_generate(fenv, FAST)
 
 
+async def _fuzz_header_types(fenv: FaultEnv, good: Path, examples: int) -> None:
+    seen = await asyncio.to_thread(run_header_type_fuzz, fenv.target, good, examples)
+    await _assert_serving(fenv)
+    assert fenv.stored_keys("tenants/fuzz/") == []
+    assert set(seen) == set(HEADER_FIELDS), seen  # every field was tried
+    TRIED["UploadAdapter header types"] += sum(seen.values())
+    print(f"\nheader-type fuzz: {dict(seen)}")
+
+
+async def test_fuzz_upload_header_types(fenv: FaultEnv, make_test_adapter: AdapterFactory) -> None:
+    await _fuzz_header_types(fenv, make_test_adapter(seed=1), FAST)
+
+
+@pytest.mark.slow
+async def test_fuzz_upload_header_types_at_scale(
+    fenv: FaultEnv, make_test_adapter: AdapterFactory
+) -> None:
+    await _fuzz_header_types(fenv, make_test_adapter(seed=1), SLOW)
+
+
 async def test_fuzz_upload(fenv: FaultEnv) -> None:
     await _fuzz_upload(fenv, FAST)
 
@@ -284,9 +402,40 @@ def _nothing(folder: Path) -> None:
     pass
 
 
+#: Values of a wrong JSON type for the main adapter_config.json keys: INVALID_ARGUMENT each.
+WRONG_CONFIG_TYPES: dict[str, tuple[object, ...]] = {
+    "peft_type": (None, 0, True, [], {}),
+    "r": (None, True, "8", 8.0, [], {}),
+    "lora_alpha": (None, True, "16", [], {}),
+    "target_modules": (None, 0, "q_proj", {}, [1]),
+    "base_model_name_or_path": (None, 0, [], {}),
+    "use_rslora": (None, 0, "true", []),
+    "lora_dropout": (None, True, "0", []),
+    "init_lora_weights": (None, 0, [], {}, "pissa"),
+    "bias": (0, [], True),
+}
+
+
+def typed_cases() -> Iterator[tuple[str, Callable[[Path], None]]]:
+    """Every JSON type in every safetensors header field, and wrong types in config keys."""
+    for field in HEADER_FIELDS:
+        for index, raw in enumerate(JSON_VALUES):
+            if (field, raw) not in VALID_HEADER_VALUES:
+                yield f"header-type:{field}:{index}", raw_weights(header_field(field, raw))
+    for key, values in WRONG_CONFIG_TYPES.items():
+        for index, value in enumerate(values):
+            yield f"config-type:{key}:{index}", edit_config(**{key: value})
+    yield (
+        "config-type:r:huge-int",
+        raw_config(b'{"peft_type": "LORA", "r": ' + HUGE_INT.encode() + b"}"),
+    )
+
+
 def crafted_cases() -> Iterator[Case]:
     for case_id, mutation, _, _ in BAD_ADAPTERS:
         yield f"adapter:{case_id}", mutation, {}
+    for case_id, mutation in typed_cases():
+        yield case_id, mutation, {}
     for i, bad in enumerate(BAD_NAMES):
         yield f"name:{i}", _nothing, {"name": bad}
         yield f"alias:{i}", _nothing, {"aliases": [bad]}
@@ -376,7 +525,7 @@ def _snapshot(fenv: FaultEnv) -> tuple[set[str], set[str], list[Path]]:
         for p in root.rglob("*")
         if skip not in p.parents and p != skip and p.name != "audit.jsonl"
     }
-    spool = {p.name for p in Path(tempfile.gettempdir()).glob("upload-*")}
+    spool = {p.name for p in fenv.server.gateway.store.spool.working_folder.glob("upload-*")}  # type: ignore[attr-defined]
     cache_tmp = skip / ".tmp"
     leftovers = list(cache_tmp.iterdir()) if cache_tmp.exists() else []
     leftovers += [p for p in (Path(os.sep, "etc", "corpus"),) if p.exists()]
@@ -395,7 +544,8 @@ async def test_crafted_corpus_refused_nothing_stored(
     cases = list(crafted_cases())
     assert len(cases) >= 60
     assert len({c[0] for c in cases}) == len(cases)
-    expected = {case_id: errors.status_of(error("x"))[0] for case_id, _, error, _ in BAD_ADAPTERS}
+    expected = {f"adapter:{case_id}": DOCUMENTED[error] for case_id, _, error, _ in BAD_ADAPTERS}
+    expected.update({case_id: SC.INVALID_ARGUMENT for case_id, _ in typed_cases()})
     cache_before = {e.sha for e in fenv.server.gateway.residency.cache.entries()}
     work_before, spool_before, _ = await asyncio.to_thread(_snapshot, fenv)
 
@@ -410,8 +560,7 @@ async def test_crafted_corpus_refused_nothing_stored(
     wrong = {
         case_id: code.name
         for case_id, code in codes.items()
-        if code not in UPLOAD_CODES
-        or (case_id.removeprefix("adapter:") in expected and code != _expected(case_id, expected))
+        if code not in UPLOAD_CODES or (case_id in expected and code != expected[case_id])
     }
     assert wrong == {}, {k: (v, DETAILS.get(k.replace(":", "_"))) for k, v in wrong.items()}
     assert fenv.stored_keys("tenants/fuzz/") == []
@@ -423,7 +572,3 @@ async def test_crafted_corpus_refused_nothing_stored(
     await _assert_serving(fenv)
     TRIED["corpus"] += len(cases)
     print(f"\ncrafted corpus: {len(cases)} refused: {Counter(c.name for c in codes.values())}")
-
-
-def _expected(case_id: str, expected: dict[str, SC]) -> SC:
-    return expected[case_id.removeprefix("adapter:")]

@@ -1,7 +1,7 @@
 """Store faults seen through the gateway: down, slow, corrupt, cut mid-download.
 
-Network faults come from `FaultProxy` between the gateway and moto; corrupt bytes are written
-into moto directly, behind the registry's back.
+Network faults come from `FaultProxy` between the gateway and SeaweedFS; corrupt bytes are
+written into the S3 server directly, behind the registry's back.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -91,19 +90,26 @@ async def gateways(
     await deadline.stop(grace=0)
 
 
-def spool_folders() -> set[str]:
-    return {p.name for p in Path(tempfile.gettempdir()).glob("upload-*")}
+def spool_folders(gateways: Gateways) -> set[str]:
+    """Upload folders in the two gateways' spools (each has a session folder of its own)."""
+    return {
+        p.name
+        for server in (gateways.capped, gateways.deadline)
+        for p in server.gateway.store.spool.working_folder.glob("upload-*")
+    }
 
 
 @pytest.fixture(autouse=True)
 def nothing_left(gateways: Gateways) -> Iterator[None]:
-    before = spool_folders()
+    before = spool_folders(gateways)
     yield
     assert gateways.stored() == [], "nothing stored"
     deadline = time.monotonic() + 5  # the server aborts the upload after it answered
-    while spool_folders() - before and time.monotonic() < deadline:
+    while spool_folders(gateways) - before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert spool_folders() - before == set(), "no spool folder left"
+    assert spool_folders(gateways) - before == set(), "no spool folder left"
+    for server in (gateways.capped, gateways.deadline):
+        assert server.gateway.store.spool.reserved_bytes == 0, "spool budget given back"
 
 
 def header(weights_size: int, config_size: int = 100) -> admin_pb2.UploadAdapterRequest:

@@ -1,8 +1,9 @@
-"""The store contract, run on every backend: the local folder and S3 over HTTP (moto)."""
+"""The store contract, run on every backend: the local folder and S3 over HTTP (SeaweedFS)."""
 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from adapter_store import (
     Registry,
     StoreUnavailable,
 )
+from adapter_store.errors import PreconditionFailed
 from adapter_store.model import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE
 from adapter_store.store import BlobBackend, sha256_file
 from tests.conftest import AdapterFactory
@@ -111,9 +113,211 @@ def test_sharing(registry: Registry, good_adapter: Path) -> None:
     assert registry.resolve("globex", ref("acme/bot")) == version
     assert [m.name for m in registry.list_shared_with("globex")] == ["bot"]
     assert registry.list_shared_with("initech") == []
+    # The grant is in the grantee's share index, a marker under a key of validated names.
+    assert registry.backend.list("tenants/globex/") == ["tenants/globex/shared/acme/bot"]
+    assert registry.share_hints("globex") == {("acme", "bot")}
     registry.unshare("acme", "bot", "globex")
     with pytest.raises(AdapterNotFound):
         registry.resolve("globex", ref("acme/bot"))
+    assert registry.backend.list("tenants/globex/") == []
+    assert registry.list_shared_with("globex") == []
+    # Sharing with oneself or a missing adapter writes nothing.
+    registry.share("acme", "bot", "acme")
+    with pytest.raises(AdapterNotFound):
+        registry.share("acme", "nope", "globex")
+    assert registry.backend.list("tenants/globex/") == []
+
+
+class CountingBackend:
+    """A real backend that records every call it serves (method, key or prefix)."""
+
+    def __init__(self, inner: BlobBackend) -> None:
+        self._inner = inner
+        self.calls: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._inner, name)
+        if not callable(attribute):
+            return attribute
+
+        def counted(key: str, *args: Any, **kwargs: Any) -> Any:
+            self.calls.append((name, key))
+            return attribute(key, *args, **kwargs)
+
+        return counted
+
+
+def test_shared_listing_reads_the_index_not_the_bucket(
+    local_registry: Registry, good_adapter: Path
+) -> None:
+    """30 tenants' adapters in the store, 2 shared with globex: globex's listing and resolve
+    read globex's index and those 2 manifests, nothing else (before: every manifest)."""
+    registry = local_registry
+    for i in range(30):
+        registry.upload_dir(f"tenant-{i:02}", "bot", good_adapter, created_by="t")
+    registry.share("tenant-03", "bot", "globex")
+    registry.share("tenant-17", "bot", "globex")
+    counting = CountingBackend(registry.backend)
+    registry.backend = counting  # type: ignore[assignment]
+
+    shared = registry.list_shared_with("globex")
+    print(f"\nlist_shared_with, 30 tenants in the store: {len(counting.calls)} store calls")
+    assert [(m.tenant, m.name) for m in shared] == [("tenant-03", "bot"), ("tenant-17", "bot")]
+    assert counting.calls == [
+        ("list_page", "tenants/globex/shared/"),
+        ("get", "tenants/tenant-03/adapters/bot/manifest.json"),
+        ("get", "tenants/tenant-17/adapters/bot/manifest.json"),
+    ]
+    counting.calls.clear()
+    with pytest.raises(AdapterNotFound):
+        registry.resolve("globex", ref("tenant-05/bot"))  # exists, not shared: not even read
+    assert counting.calls == [("list_page", "tenants/globex/shared/")]
+
+
+def test_pages(registry: Registry, make_test_adapter: AdapterFactory) -> None:
+    for i, name in enumerate(["a", "b-x", "b", "c", "d"]):
+        registry.upload_dir("acme", name, make_test_adapter(seed=1 + i % 2), created_by="t")
+        registry.share("acme", name, "globex")
+    registry.revoke("acme", "c")
+    seen: list[list[str]] = []
+    after = ""
+    while True:
+        page = registry.adapter_page("acme", after=after, limit=2)
+        seen.append([m.name for m in page.items])
+        if page.next_after is None:
+            break
+        after = page.next_after
+    # Byte order of "<name>/" ("b-x/" < "b/"); the revoked "c" leaves a short page behind it.
+    assert seen == [["a", "b-x"], ["b"], ["d"]]
+    assert [m.name for m in registry.list_adapters("acme")] == ["a", "b-x", "b", "d"]
+    shared = registry.shared_page("globex", limit=3)
+    assert [m.name for m in shared.items] == ["a", "b", "b-x"]
+    assert shared.next_after == "acme/b-x"
+    rest = registry.shared_page("globex", after=shared.next_after, limit=3)
+    assert [m.name for m in rest.items] == ["d"]  # c is revoked: its marker is gone
+    assert rest.next_after is None
+    assert registry.tenant_page(limit=1).items == ["acme"]
+    assert registry.list_tenants() == ["acme", "globex"]
+    for bad in (0, 1001, True):
+        with pytest.raises(InvalidAdapter):
+            registry.adapter_page("acme", limit=bad)
+    with pytest.raises(InvalidAdapter):
+        registry.adapter_page("acme", after="\n")
+
+
+class FailingShareWrites:
+    """A real backend that fails writes of manifests or of share markers."""
+
+    def __init__(self, inner: BlobBackend, fail_on: str) -> None:
+        self._inner = inner
+        self.fail_on = fail_on
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def _check(self, key: str) -> None:
+        kind = (
+            "marker" if "/shared/" in key else "manifest" if key.endswith("manifest.json") else ""
+        )
+        if kind == self.fail_on:
+            raise StoreUnavailable("store went away")
+
+    def put(self, key: str, data: bytes, **kwargs: Any) -> str:
+        self._check(key)
+        return self._inner.put(key, data, **kwargs)
+
+    def delete(self, key: str) -> None:
+        self._check(key)
+        self._inner.delete(key)
+
+
+def test_share_index_survives_interrupted_writes_and_repairs(
+    registry: Registry, good_adapter: Path, tmp_path: Path
+) -> None:
+    registry.upload_dir("acme", "bot", good_adapter, created_by="t")
+    registry.upload_dir("acme", "old", good_adapter, created_by="t")
+    failing = FailingShareWrites(registry.backend, "manifest")
+    broken = Registry(failing, registry.spec, spool_dir=tmp_path / "spool")
+
+    # Share cut between the marker and the manifest: a marker nothing confirms, harmless.
+    with pytest.raises(StoreUnavailable):
+        broken.share("acme", "bot", "globex")
+    assert registry.share_hints("globex") == {("acme", "bot")}
+    assert registry.list_shared_with("globex") == []
+    with pytest.raises(AdapterNotFound):
+        registry.resolve("globex", ref("acme/bot"))
+
+    # Unshare cut between the manifest and the marker: the grant is gone all the same.
+    registry.share("acme", "old", "initech")
+    failing.fail_on = "marker"
+    with pytest.raises(StoreUnavailable):
+        broken.unshare("acme", "old", "initech")
+    assert registry.get_manifest("acme", "old").shared_with == ()
+    assert registry.share_hints("initech") == {("acme", "old")}
+    with pytest.raises(AdapterNotFound):
+        registry.resolve("initech", ref("acme/old"))
+
+    # A grant without its marker (a share made before the index existed): invisible to the
+    # grantee until the repair writes the marker.
+    registry.share("acme", "old", "umbrella")
+    registry.backend.delete("tenants/umbrella/shared/acme/old")
+    with pytest.raises(AdapterNotFound):
+        registry.resolve("umbrella", ref("acme/old"))
+
+    report = registry.repair_share_index()
+    assert (report.added, report.removed, report.grants) == (1, 2, 1)
+    assert registry.share_hints("globex") == frozenset()
+    assert registry.share_hints("initech") == frozenset()
+    assert registry.resolve("umbrella", ref("acme/old")).name == "old"
+    again = registry.repair_share_index()
+    assert (again.added, again.removed) == (0, 0)
+
+
+def test_whole_revoke_removes_the_markers(
+    registry: Registry, good_adapter: Path, make_test_adapter: AdapterFactory
+) -> None:
+    registry.upload_dir("acme", "bot", good_adapter, created_by="t")
+    registry.share("acme", "bot", "globex")
+    registry.share("acme", "bot", "initech")
+    registry.revoke("acme", "bot")
+    assert registry.share_hints("globex") == registry.share_hints("initech") == frozenset()
+    # Uploaded again (new content: revoked content never comes back), it starts unshared.
+    registry.upload_dir("acme", "bot", make_test_adapter(seed=2), created_by="t")
+    with pytest.raises(AdapterNotFound):
+        registry.resolve("globex", ref("acme/bot"))
+
+
+def test_concurrent_share_and_unshare_never_leave_a_grant_without_its_marker(
+    local_registry: Registry, good_adapter: Path
+) -> None:
+    registry = local_registry
+    registry.upload_dir("acme", "bot", good_adapter, created_by="t")
+    for round_ in range(10):
+        start = threading.Barrier(2)
+        failures: list[BaseException] = []
+
+        def run(
+            action: Any, start: threading.Barrier = start, failures: list[BaseException] = failures
+        ) -> None:
+            start.wait()
+            try:
+                action("acme", "bot", "globex")
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [
+            threading.Thread(target=run, args=(registry.share,)),
+            threading.Thread(target=run, args=(registry.unshare,)),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == []
+        granted = "globex" in registry.get_manifest("acme", "bot").shared_with
+        if granted:  # the manifest is the truth: a grant always has its marker
+            assert registry.share_hints("globex") == {("acme", "bot")}, round_
+        registry.unshare("acme", "bot", "globex")
 
 
 def test_conditional_get(registry: Registry, good_adapter: Path) -> None:
@@ -198,6 +402,44 @@ def test_concurrent_manifest_writers_lose_nothing(registry: Registry, good_adapt
     assert {f"alias-{i}" for i in range(count)} <= set(manifest.aliases)
 
 
+def test_conditional_writes_are_atomic_under_concurrent_writers(backend: BlobBackend) -> None:
+    """6 writers x 10 If-Match increments of one object: every increment lands once. 10 races
+    of 3 If-None-Match creates: exactly one winner each. (On S3 this needs a server that
+    serves requests concurrently and makes check-and-write atomic, as SeaweedFS does.)"""
+    writers, increments = 6, 10
+    backend.put("tenants/acme/counter", b"0")
+
+    def increment() -> int:
+        retries = 0
+        for _ in range(increments):
+            while True:
+                data, etag = backend.get("tenants/acme/counter")
+                try:
+                    backend.put("tenants/acme/counter", b"%d" % (int(data) + 1), if_match=etag)
+                    break
+                except PreconditionFailed:
+                    retries += 1
+        return retries
+
+    with ThreadPoolExecutor(writers) as pool:
+        retries = sum(pool.map(lambda _: increment(), range(writers)))
+    assert int(backend.get("tenants/acme/counter")[0]) == writers * increments
+    assert retries > 0  # the writers did collide: the check above is not vacuous
+
+    def create(race: int, writer: int) -> bool:
+        try:
+            backend.put(f"tenants/acme/race-{race}", b"%d" % writer, if_none_match=True)
+            return True
+        except PreconditionFailed:
+            return False
+
+    with ThreadPoolExecutor(3) as pool:
+        for race in range(10):
+            winners = [w for w, won in enumerate(pool.map(create, [race] * 3, range(3))) if won]
+            assert len(winners) == 1, (race, winners)
+            assert backend.get(f"tenants/acme/race-{race}")[0] == b"%d" % winners[0]
+
+
 def test_aborted_upload_leaves_nothing(
     registry: Registry, good_adapter: Path, tmp_path: Path
 ) -> None:
@@ -255,3 +497,31 @@ def test_failed_commit_leaves_nothing(
         registry.get_manifest("acme", "bot")
     assert registry.backend.list("") == []
     assert list((tmp_path / "spool").iterdir()) == []
+
+
+def test_repair_shares_command(
+    local_registry: Registry, good_adapter: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`lora-gateway store repair-shares` on a store whose grant lost its marker (a share made
+    before the index existed): the marker is written, and the grantee sees the adapter."""
+    import json
+
+    from lora_gateway.cli import main
+
+    registry = local_registry
+    registry.upload_dir("acme", "bot", good_adapter, created_by="t")
+    registry.share("acme", "bot", "globex")
+    registry.backend.delete("tenants/globex/shared/acme/bot")
+    with pytest.raises(AdapterNotFound):
+        registry.resolve("globex", ref("acme/bot"))
+    store = f"file://{tmp_path / 'store'}"
+    assert main(["store", "repair-shares", "--store", store, "--json"], environ={}) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "adapters": 1,
+        "grants": 1,
+        "added": 1,
+        "removed": 0,
+    }
+    assert registry.resolve("globex", ref("acme/bot")).name == "bot"
+    assert main(["store", "repair-shares", "--store", store], environ={}) == 0
+    assert "wrote 0 missing share markers, removed 0" in capsys.readouterr().out

@@ -77,7 +77,7 @@ async def test_overwritten_object_is_caught_by_the_cache(
     key = f"{backend.prefix}/tenants/acme/adapters/bot/versions/{version.sha}/{WEIGHTS_FILE}"
     data = bytearray((good_adapter / WEIGHTS_FILE).read_bytes())
     data[-1] ^= 0xFF
-    s3.client().put_object(Bucket=s3.bucket, Key=key, Body=bytes(data))  # moto checks nothing
+    s3.client().put_object(Bucket=s3.bucket, Key=key, Body=bytes(data))  # behind our back
 
     cache = DiskCache(tmp_path / "cache", 10**7, registry.fetch_file)
     with pytest.raises(IntegrityError, match="does not match"):
@@ -114,8 +114,8 @@ def _docker_works() -> bool:
 
 @pytest.mark.skipif(
     not _docker_works(),
-    reason="MinIO variant needs a reachable Docker engine and testcontainers; the moto variant "
-    "of the same contract runs instead",
+    reason="MinIO variant needs a reachable Docker engine and testcontainers; the SeaweedFS "
+    "variant of the same contract runs instead",
 )
 def test_contract_on_minio(spec: BaseModelSpec, good_adapter: Path) -> None:
     minio = pytest.importorskip("testcontainers.minio", reason="testcontainers is not installed")

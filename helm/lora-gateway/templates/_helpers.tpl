@@ -139,6 +139,8 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- $_ = set $cfg "listen" "0.0.0.0:50051" }}
 {{- $_ = set $cfg "metrics_listen" "0.0.0.0:9400" }}
 {{- $_ = set $cfg "cache_dir" "/var/cache/lora-gateway" }}
+{{- $_ = set $cfg "spool_dir" "/var/spool/lora-gateway" }}
+{{- $_ = set $cfg "health_listen" "0.0.0.0:50052" }}
 {{- $_ = set $cfg "tenants_file" (printf "/etc/lora-gateway/tenants/%s" .Values.tenants.secretKey) }}
 {{- $_ = set $cfg "store" (include "lora-gateway.s3.store" . | default "file:///var/lib/lora-gateway/adapters") }}
 {{- with (include "lora-gateway.s3.endpoint" .) }}
@@ -148,6 +150,14 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- $_ = set $cfg "s3_region" . }}
 {{- end }}
 {{- toYaml $cfg }}
+{{- end }}
+
+{{/* The spool volume's size limit: config.spool_budget_bytes (the gateway's own budget, which
+refuses uploads beyond it) plus a tenth for the filesystem's overhead, so the budget acts before
+the kubelet's eviction does. */}}
+{{- define "lora-gateway.spoolSizeLimit" -}}
+{{- $budget := .Values.config.spool_budget_bytes | default 4294967296 | int64 }}
+{{- add $budget (div $budget 10) }}
 {{- end }}
 
 {{/* Refuse values that would deploy a broken gateway. */}}

@@ -1,0 +1,57 @@
+"""Processes the tests start, and the check that none is left behind.
+
+Every process a test run starts carries `SESSION_ENV` in its environment (inherited from the
+pytest process, which sets it at start-up), so that at the end of the run the leftovers of *this*
+run can be told apart from anything else on the machine (another run, a benchmark).
+
+`stop(process)` ends a process the way Kubernetes ends a pod: SIGTERM, a grace period, then
+SIGKILL of its whole process group (start it with `start_new_session=True`), so that a replica
+that ignores SIGTERM cannot leave its vLLM engine core running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+
+SESSION_ENV = "LORA_GATEWAY_TEST_SESSION"
+
+
+def stop(process: subprocess.Popen[str] | subprocess.Popen[bytes], grace_s: float = 30.0) -> int:
+    """SIGTERM, wait up to `grace_s`, then SIGKILL the process group. Returns the exit code."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            return process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.kill()
+    return process.wait(10)
+
+
+def leftovers(session: str, *, wait_s: float = 15.0) -> list[psutil.Process]:
+    """Processes other than this one whose environment carries `SESSION_ENV=session`, after
+    waiting up to `wait_s` for them to end by themselves."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = []
+        for process in psutil.process_iter(["pid"]):
+            if process.pid == os.getpid():
+                continue
+            try:
+                if (
+                    process.environ().get(SESSION_ENV) == session
+                    and process.status() != psutil.STATUS_ZOMBIE
+                ):
+                    found.append(process)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.25)
