@@ -27,6 +27,8 @@ CHART_MANAGED = (
     "listen",
     "metrics_listen",
     "cache_dir",
+    "spool_dir",
+    "health_listen",
 )
 #: TLS is not wired: kubelet's gRPC probes speak plaintext (terminate TLS in front). The vLLM
 #: plugin's setting concerns `vllm serve`, which the chart does not run.
