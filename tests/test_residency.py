@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,20 @@ def make_env(tmp_path: Path, spec: BaseModelSpec, make_test_adapter: AdapterFact
 
 def tenant(name: str, *, slots: int = 2, pins: int = 2) -> TenantConfig:
     return TenantConfig(name=name, max_engine_slots=slots, max_pins=pins)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait until `condition()` holds, 10 s at most (loads run in threads: their time is the
+    machine's, not the test's)."""
+    async with asyncio.timeout(10):
+        while True:  # polled: the conditions are plain state, nothing to wait on
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+
+
+def resident(env: Env, *versions: AdapterVersion) -> Callable[[], bool]:
+    return lambda: all(env.residency.is_resident(key_of(v)) for v in versions)
 
 
 # --- the LRU under concurrency ----------------------------------------------------------------
@@ -218,7 +233,8 @@ async def test_a_flooding_tenant_holds_at_most_its_share(make_env: object) -> No
             await release[i].wait()
 
     tasks = [asyncio.create_task(hold(i)) for i in range(6)]
-    await asyncio.sleep(0.2)
+    await until(lambda: len(order) == 2)
+    await asyncio.sleep(0.1)  # nothing else gets in
     assert env.residency.tenant_slots("flood") == 2
     assert sorted(order) == [0, 1]
     loop = asyncio.get_running_loop()
@@ -229,7 +245,7 @@ async def test_a_flooding_tenant_holds_at_most_its_share(make_env: object) -> No
     assert took < 0.5, took
     for i in range(6):
         release[i].set()
-        await asyncio.sleep(0.05)
+        await until(lambda i=i: len(order) >= min(6, i + 3))  # the next waiter got its slot
     await asyncio.gather(*tasks)
     assert order[2:] == [2, 3, 4, 5]  # flood's waiters, in arrival order
     assert env.residency.stats.tenant_slot_waits == 4
@@ -249,7 +265,7 @@ async def test_slot_wait_is_bounded(make_env: object) -> None:
             await done.wait()
 
     tasks = [asyncio.create_task(hold(v)) for v in busy]
-    await asyncio.sleep(0.1)
+    await until(resident(env, *busy))
     with pytest.raises(errors.ResourceExhausted, match="slots are busy"):
         await env.residency.prefetch(cold)
     done.set()
@@ -271,10 +287,10 @@ async def test_revocation_never_waits_behind_a_load_waiting_for_a_slot(make_env:
             await done.wait()
 
     holders = [asyncio.create_task(hold(v)) for v in (a, b)]
-    await asyncio.sleep(0.1)
+    await until(resident(env, a, b))
     queued_c = asyncio.create_task(env.residency.prefetch(c))
     queued_d = asyncio.create_task(env.residency.prefetch(d))
-    await asyncio.sleep(0.1)
+    await until(lambda: env.residency.stats.slot_waits >= 2)  # both queued for a slot
     assert not queued_c.done()
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -349,11 +365,11 @@ async def test_identical_bytes_of_two_tenants_residency_and_revocation(make_env:
             await done.wait()
 
     holders = [asyncio.create_task(hold(v)) for v in (x, y)]  # evicts acme's, fills the engine
-    await asyncio.sleep(0.1)
+    await until(resident(env, x, y))
     assert env.residency.entry(acme_v).tier == "disk"
     assert env.residency.entry(globex_v).tier == "store"
     loading = asyncio.create_task(env.residency.prefetch(globex_v))  # waits for a slot
-    await asyncio.sleep(0.1)
+    await until(lambda: env.residency.stats.slot_waits >= 1)
     assert not loading.done()
     env.residency.block([key_of(acme_v)])
     await env.residency.unload([key_of(acme_v)])
