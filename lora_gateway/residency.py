@@ -248,8 +248,12 @@ class Residency:
         self._shares: dict[str, tuple[float, frozenset[tuple[str, str]]]] = {}
         self._share_fetches: dict[str, asyncio.Task[frozenset[tuple[str, str]]]] = {}
         self._share_generation: dict[str, int] = {}
-        #: Called after a version was added to the engine (the runtime canary's hook).
+        #: Called after a version was added to the engine for the first time since the engine
+        #: started (the runtime canary's hook): a reload after an eviction puts the same bytes
+        #: back, which the canary has seen compute already, so a tenant churning through its
+        #: adapters does not make every reload cost everyone a canary check.
         self.on_loaded: Callable[[AdapterVersion, LoadedAdapter], None] | None = None
+        self._handed_to_canary: set[VersionKey] = set()
         self._store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="residency-store")
 
     async def _read_store(self, fn: Callable[..., T], *args: object) -> T:
@@ -688,7 +692,8 @@ class Residency:
                     await self.engine.remove_adapter(loaded.lora_int_id)
                     raise errors.NotFound(errors.ADAPTER_NOT_FOUND_TEXT)
                 self._resident[key] = Resident(version, loaded, tenant)
-                if self.on_loaded is not None:
+                if self.on_loaded is not None and key not in self._handed_to_canary:
+                    self._handed_to_canary.add(key)
                     self.on_loaded(version, loaded)
             finally:
                 self._reserved_slots -= 1
@@ -865,6 +870,7 @@ class Residency:
             self._pinned.discard(key_of(version))
             self.cache.unpin(version.sha)
         self._resident.clear()
+        self._handed_to_canary.clear()  # a new engine: every version is new to it
         self._changed()
         self._resident_changed()
         return pinned

@@ -437,3 +437,21 @@ def test_residency_settings_are_validated() -> None:
     assert (
         Settings(max_cpu_loras=8, tenant_max_engine_slots=0).tenant_defaults().max_engine_slots == 7
     )
+
+
+async def test_the_canary_hears_of_each_version_once_per_engine(make_env: object) -> None:
+    """A reload after an eviction puts back bytes the canary has already seen compute: it is
+    not handed to the canary again (a tenant churning through adapters would otherwise cost
+    everyone a canary check per request); after an engine restart every version is new."""
+    env: Env = make_env(capacity=1)  # type: ignore[operator]
+    a, b = [await env.upload("acme", n, seed=430 + i) for i, n in enumerate("ab")]
+    heard: list[str] = []
+    env.residency.on_loaded = lambda version, loaded: heard.append(version.name)
+    for version in (a, b, a, b):  # capacity 1: every prefetch evicts the other
+        await env.residency.prefetch(version)
+    assert len(env.engine.adds) == 4
+    assert heard == ["a", "b"]
+    await env.residency.forget_engine()
+    env.engine.held.clear()  # the restarted engine holds nothing
+    await env.residency.prefetch(a)
+    assert heard == ["a", "b", "a"]
