@@ -93,7 +93,7 @@ def make_env(tmp_path: Path, spec: BaseModelSpec, make_test_adapter: AdapterFact
 
 
 def tenant(name: str, *, slots: int = 2, pins: int = 2) -> TenantConfig:
-    return TenantConfig(name=name, max_engine_slots=slots, max_pins=pins)
+    return TenantConfig(name, max_engine_slots=slots, max_pins=pins)
 
 
 async def until(condition: Callable[[], bool]) -> None:
