@@ -116,7 +116,10 @@ class Settings(BaseSettings):
     dtype: Dtype = "auto"
     """Engine dtype: auto, float16, bfloat16, float32."""
     quantization: str | None = None
-    """Quantized base model (e.g. awq, gptq, bitsandbytes for QLoRA-style serving)."""
+    """vLLM quantization method; leave unset for a quantized checkpoint (its config.json names
+    its own: compressed-tensors, awq, gptq, ...), set it for online quantization (fp8, ...).
+    On the CPU build a method with no CPU kernel here (W4A16, fp8 on AVX2) is refused at start
+    (README, "Quantized base")."""
     max_loras: int = Field(4, ge=1)
     """Adapters usable in one batch (the engine's GPU slots)."""
     max_cpu_loras: int = Field(8, ge=1)
@@ -137,6 +140,10 @@ class Settings(BaseSettings):
     """Disable CUDA graphs / compilation (faster start, slower steps)."""
     enable_prefix_caching: bool = True
     """Reuse KV blocks across requests with a shared prefix (keyed per adapter version)."""
+    prefix_cache_per_tenant: bool = True
+    """Salt the prefix cache per tenant (vLLM's `cache_salt`: an HMAC-SHA256 of the tenant name
+    under a random key made at start-up, so salts cannot be guessed): a tenant never reuses, and
+    so can never time, another tenant's cached prompt prefixes. Off: tenants share them."""
     engine_args: EngineArgs = Field(default_factory=dict)
     """Any other vLLM engine argument, passed through as is."""
     null_adapter: NullAdapterMode = "auto"
@@ -188,6 +195,10 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(2.0, gt=0)
     """How often manifests of resident adapters are re-read (conditional GET) so that other
     replicas' revocations, alias moves and shares take effect: the propagation bound."""
+    manifest_cache_size: int = Field(1024, ge=1)
+    """Manifests kept in memory and polled (least recently used beyond it; a manifest whose
+    versions are in use, loading, resident or pinned is never dropped). Bounds the poll set,
+    whatever names callers probe."""
     propagation_stale_after_s: float = Field(60.0, gt=0)
     """When no manifest poll has completed (every cached manifest re-read) for this long, health
     reports NOT_SERVING for readiness (service "") until one completes: a replica that cannot
@@ -245,6 +256,9 @@ class Settings(BaseSettings):
     so that other tenants always find a slot (0 = max_cpu_loras - 1, at least 1)."""
     tenant_max_pins: int = Field(1, ge=1)
     """Default per-tenant cap on pinned adapter versions."""
+    engine_slot_wait_s: float = Field(30.0, gt=0)
+    """How long a request waits for an engine adapter slot (first its tenant's share, then a
+    free or evictable slot, each in arrival order) before RESOURCE_EXHAUSTED."""
     tenant_max_concurrent_uploads: int = Field(2, ge=1)
     """Default per-tenant cap on UploadAdapter / ComposeAdapter calls in progress."""
     tenant_max_stored_bytes: int = Field(16 << 30, ge=1)

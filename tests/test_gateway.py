@@ -51,7 +51,9 @@ KEYS = {
 def write_tenants(path: Path) -> Path:
     tenants: dict[str, dict[str, object]] = {}
     for key, (tenant, role) in KEYS.items():
-        entry = tenants.setdefault(tenant, {"keys": [], "max_concurrent": 128, "max_tokens": 64})
+        entry = tenants.setdefault(
+            tenant, {"keys": [], "max_concurrent": 128, "max_tokens": 64, "max_pins": 3}
+        )
         keys = entry["keys"]
         assert isinstance(keys, list)
         keys.append({"id": key, "sha256": hash_key(f"secret-{key}"), "role": role})
@@ -470,7 +472,10 @@ async def test_revoke_with_a_request_in_flight(env: Env, test_adapters: dict[str
             await user.generate("doomed", PROMPT, GenerateOptions(max_tokens=2))
     residency = env.server.gateway.residency
     sha = info.version.removeprefix("sha256:")
-    assert not residency.cache.contains(sha)
+    assert not residency.cache.contains(sha, owner="acme/doomed")
+    # globex uploaded the same bytes as qv-r8: the folder stays exactly while globex uses it.
+    assert residency.cache.contains(sha) == bool(residency.cache.owners(sha))
+    assert residency.cache.owners(sha) <= {"globex/qv-r8"}
     assert not residency.is_resident(("acme", "doomed", sha))
     assert residency.lora_id(("acme", "doomed", sha)) not in await env.server.engine.list_adapters()
 

@@ -2,8 +2,12 @@
 
 - Revocations, alias moves and shares made through A reach B within the documented bound
   (`poll_interval_s`: B re-reads the manifests it has cached with a conditional GET).
+- A whole-adapter revoke on A while B is still loading the adapter (cold): nothing of it
+  serves on B after the bound. B reaches S3 through a fault proxy (passing bytes unchanged
+  except in that test, which throttles B's downloads so that the cold load outlasts the bound).
 - SIGTERM on B with a request in flight: health goes NOT_SERVING, new requests are refused,
-  the in-flight request completes within the grace period, and the process exits 0.
+  the in-flight request completes within the grace period, and the process exits 0. B is
+  always ended with SIGTERM, and its engine processes are checked to be gone.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,6 +38,7 @@ from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
 from tests.conftest import AdapterFactory, engine_settings
 from tests.support import processes
+from tests.support.faultproxy import FaultProxy
 from tests.support.s3server import S3Server, s3_server
 
 pytestmark = pytest.mark.engine
@@ -92,12 +99,13 @@ async def replica_a(
 
 
 def start_replica_b(
-    tiny_model: Path, s3: S3Server, config: dict[str, object]
+    tiny_model: Path, s3: S3Server, config: dict[str, object], s3_endpoint: str
 ) -> tuple[subprocess.Popen[str], int]:
     work = Path(str(config["work"]))
     values = {k: v for k, v in config.items() if k != "work"}
     values.update(
         {
+            "s3_endpoint": s3_endpoint,
             "model": str(tiny_model),
             "dtype": "float32",
             "max_loras": 2,
@@ -138,17 +146,30 @@ def start_replica_b(
 
 
 @pytest.fixture(scope="module")
+def b_proxy(shared: tuple[S3Server, dict[str, object]]) -> Iterator[FaultProxy]:
+    """Between replica B and S3: passes bytes unchanged unless a test sets a fault."""
+    s3, _ = shared
+    with FaultProxy(("127.0.0.1", s3.port)) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
 def replica_b(
-    tiny_model: Path, shared: tuple[S3Server, dict[str, object]]
+    tiny_model: Path, shared: tuple[S3Server, dict[str, object]], b_proxy: FaultProxy
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     s3, config = shared
-    process, port = start_replica_b(tiny_model, s3, config)
+    process, port = start_replica_b(tiny_model, s3, config, b_proxy.endpoint_url)
+    # B's engine processes (engine core, worker), to check that they end with B.
+    children = psutil.Process(process.pid).children(recursive=True)
     # Keep reading B's output so that its pipe never fills up and blocks it.
     threading.Thread(target=lambda: [None for _ in process.stdout or ()], daemon=True).start()
     yield process, f"127.0.0.1:{port}"
+    b_proxy.passthrough()
     # SIGTERM, as Kubernetes does: B drains and shuts its engine down. (SIGKILL left B's vLLM
     # engine core running after the run.)
     processes.stop(process)
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"replica B left engine processes behind: {alive}"
 
 
 async def until(predicate: Callable[[], Awaitable[bool]], bound: float) -> float:
@@ -315,6 +336,109 @@ async def test_revocation_race_across_replicas_many_trials(
     make_test_adapter: AdapterFactory,
 ) -> None:
     await _race_trials(replica_a, replica_b[1], make_test_adapter, RACE_TRIALS_SLOW, "race-many-")
+
+
+COLD_TRIALS, COLD_TRIALS_SLOW = 3, 15
+#: How long B's throttled download of a cold adapter takes: well past the bound.
+COLD_LOAD_S = 3.5
+
+
+async def _cold_load_race_trials(
+    replica_a: GatewayServer,
+    target_b: str,
+    proxy: FaultProxy,
+    make_test_adapter: AdapterFactory,
+    trials: int,
+    prefix: str,
+    seed: int,
+) -> None:
+    """Per trial: a fresh adapter; B starts a cold load of it (its download throttled to take
+    COLD_LOAD_S); while B downloads, A revokes the whole adapter; 2 loops keep asking B for it
+    until the bound has passed. No request on B may succeed after the bound: not the cold one
+    (whose load was in progress when B's poller saw the revocation), not any other."""
+    rng = random.Random(seed)
+    target_a = f"127.0.0.1:{replica_a.port}"
+    outcomes: Counter[str] = Counter()
+    violations: list[tuple[str, float]] = []
+    cold_ends: list[float] = []
+    async with (
+        AsyncGatewayClient(target_a, ADMIN) as admin,
+        AsyncGatewayClient(target_b, USER, max_retries=0) as user_b,
+    ):
+        for trial in range(trials):
+            name = f"{prefix}{trial}"
+            info = await admin.upload_adapter(name, make_test_adapter(seed=seed + trial, rank=8))
+            size = sum(f.size for f in info.files)
+            records: list[tuple[str, float, float]] = []  # (kind, started, ended)
+            revoked: list[float] = []
+
+            async def ask(
+                name: str = name, records: list[tuple[str, float, float]] = records
+            ) -> tuple[str, float, float]:
+                started = time.monotonic()
+                try:
+                    await user_b.generate(name, PROMPT, GenerateOptions(max_tokens=2), timeout=30)
+                    kind = "ok"
+                except errors.NotFound:
+                    kind = "not_found"
+                except errors.Aborted:
+                    kind = "aborted"
+                record = (kind, started, time.monotonic())
+                records.append(record)
+                return record
+
+            async def loop(revoked: list[float] = revoked) -> None:
+                while not revoked or time.monotonic() < revoked[0] + BOUND_S + 1.0:
+                    await ask()
+                    await asyncio.sleep(0.05)
+
+            proxy.throttle(max(1, int(size / COLD_LOAD_S)))
+            try:
+                cold = asyncio.create_task(ask())
+                await asyncio.sleep(rng.uniform(0.6, 1.2))  # B is downloading it now
+                loops = [asyncio.create_task(loop()) for _ in range(2)]
+                await admin.revoke_adapter(name)  # the whole adapter
+                revoked.append(time.monotonic())
+                await asyncio.wait_for(asyncio.gather(cold, *loops), BOUND_S + COLD_LOAD_S + 20)
+            finally:
+                proxy.passthrough()
+            cold_kind, _, cold_end = cold.result()
+            cold_ends.append(cold_end - revoked[0])
+            outcomes[f"cold_{cold_kind}"] += 1
+            for kind, _, ended in records:
+                outcomes[kind] += 1
+                if kind == "ok" and ended > revoked[0] + BOUND_S:
+                    violations.append((name, round(ended - revoked[0], 2)))
+    print(
+        f"\ncold load on B racing a whole revoke on A, {trials} trials: {dict(outcomes)}; the "
+        f"cold request ended {min(cold_ends):.2f}-{max(cold_ends):.2f}s after Revoke returned; "
+        f"served on B after the bound ({BOUND_S}s): {len(violations)} {violations}"
+    )
+    assert min(cold_ends) > 0, "the cold load must still be running when Revoke returns"
+    assert violations == [], "served on B after the documented bound"
+
+
+async def test_cold_load_racing_a_whole_revoke_across_replicas(
+    replica_a: GatewayServer,
+    replica_b: tuple[subprocess.Popen[str], str],
+    b_proxy: FaultProxy,
+    make_test_adapter: AdapterFactory,
+) -> None:
+    await _cold_load_race_trials(
+        replica_a, replica_b[1], b_proxy, make_test_adapter, COLD_TRIALS, "cold-", 800
+    )
+
+
+@pytest.mark.slow
+async def test_cold_load_racing_a_whole_revoke_across_replicas_many_trials(
+    replica_a: GatewayServer,
+    replica_b: tuple[subprocess.Popen[str], str],
+    b_proxy: FaultProxy,
+    make_test_adapter: AdapterFactory,
+) -> None:
+    await _cold_load_race_trials(
+        replica_a, replica_b[1], b_proxy, make_test_adapter, COLD_TRIALS_SLOW, "cold-many-", 820
+    )
 
 
 async def test_sigterm_drains_in_flight_requests(

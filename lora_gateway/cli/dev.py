@@ -12,12 +12,16 @@ from pathlib import Path
 from lora_gateway import errors
 from lora_gateway.cli.exits import EXIT_OK
 from lora_gateway.cli.format import print_json
+from lora_gateway.devtools import QUANT_SCHEMES
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:
     from lora_gateway import devtools
 
-    print(devtools.make_model(Path(args.out), seed=args.seed))
+    if args.quantize:
+        print(devtools.make_quantized_model(Path(args.out), args.quantize, seed=args.seed))
+    else:
+        print(devtools.make_model(Path(args.out), seed=args.seed))
     return EXIT_OK
 
 
@@ -71,6 +75,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     make_model = dev_ops.add_parser("make-model", help="write a tiny random Llama")
     make_model.add_argument("out", metavar="OUT")
     make_model.add_argument("--seed", type=int, default=0)
+    make_model.add_argument(
+        "--quantize",
+        choices=QUANT_SCHEMES,
+        help="write it quantized with compressed-tensors (see README, Quantized base)",
+    )
     make_model.set_defaults(func=_cmd_make_model)
 
     make_adapter = dev_ops.add_parser("make-adapter", help="write a random PEFT LoRA adapter")

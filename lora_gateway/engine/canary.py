@@ -125,7 +125,11 @@ class Canary:
             await _collect(self.engine, prompt, self.params, adapter)
             for _, prompt, adapter in self.cases
         ]
-        if self.references[0] == self.references[len(CANARY_PROMPTS)]:
+        base, canary = (
+            self.references[: len(CANARY_PROMPTS)],
+            self.references[len(CANARY_PROMPTS) :],
+        )
+        if base == canary:  # not one prompt changed: the canary could not tell a dropped delta
             raise errors.Unavailable("runtime canary: the canary adapter does not change outputs")
         log.info("runtime canary references recorded (%d requests)", len(self.cases))
 

@@ -570,19 +570,19 @@ async def test_poller_survives_any_error_and_keeps_propagating(
         await _upload_and_use(a, make_test_adapter(seed=71, rank=8), "poll-one")
         await _upload_and_use(a, make_test_adapter(seed=72, rank=8), "poll-two")
         cache = a.gateway.residency.cache
-        real_remove = cache.remove
+        real_release = cache.release  # what revocation calls (owner-aware removal)
         failed = asyncio.Event()
 
-        async def failing_remove(sha: str) -> bool:
+        async def failing_release(sha: str, owner: str) -> bool:
             failed.set()
             raise OSError(errno.EIO, "Input/output error (injected)")
 
-        cache.remove = failing_remove  # type: ignore[method-assign]
+        cache.release = failing_release  # type: ignore[method-assign]
         async with client(b, "acme", "admin") as admin:
             await admin.revoke_adapter("poll-one")
         took_one = await _refused_within(a, "poll-one", 5.0)
         await asyncio.wait_for(failed.wait(), 5.0)  # the injected fault was hit
-        cache.remove = real_remove  # type: ignore[method-assign]
+        cache.release = real_release  # type: ignore[method-assign]
         async with client(b, "acme", "admin") as admin:
             await admin.revoke_adapter("poll-two")
         took_two = await _refused_within(a, "poll-two", 5.0)
