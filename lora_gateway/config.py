@@ -15,12 +15,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, get_args
 
 import yaml
-from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -73,27 +80,35 @@ LoraRank = Annotated[
 ]
 
 
-@dataclass(frozen=True)
-class TenantDefaults:
-    """Per-tenant limits; every field can be set per tenant in the tenants file."""
+#: A tenant limit that must be at least 1; `UnlimitedAtZero`: at least 0, 0 = unlimited.
+Limit = Annotated[int, Field(strict=True, ge=1)]
+UnlimitedAtZero = Annotated[int, Field(strict=True, ge=0)]
 
-    max_concurrent: int = 16
+
+class TenantDefaults(BaseModel):
+    """A tenant's limits: every field can be set per tenant in the tenants file (`tenancy`'s
+    `TenantsFile`); `Settings.tenant_defaults()` gives the values of the fields a tenant's entry
+    leaves out. Integers only (a YAML `"8"` or `yes` is a mistake, not a number)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    max_concurrent: Limit = 16
     """Generate requests of this tenant admitted at once."""
-    max_tokens: int = 2048
+    max_tokens: Limit = 2048
     """Largest max_tokens per request."""
-    max_engine_slots: int = 1
+    max_engine_slots: Limit = 1
     """Engine-resident adapter versions its requests may hold at once."""
-    max_pins: int = 1
+    max_pins: Limit = 1
     """Adapter versions it may pin."""
-    max_concurrent_uploads: int = 2
+    max_concurrent_uploads: Limit = 2
     """Uploads and compositions in progress at once."""
-    max_stored_bytes: int = 16 << 30
+    max_stored_bytes: Limit = 16 << 30
     """Stored adapter bytes (every live version)."""
-    max_adapters: int = 10_000
+    max_adapters: Limit = 10_000
     """Adapters (names) stored."""
-    tokens_per_minute: int = 0
+    tokens_per_minute: UnlimitedAtZero = 0
     """Generated tokens per minute (0 = unlimited)."""
-    requests_per_minute: int = 0
+    requests_per_minute: UnlimitedAtZero = 0
     """Inference requests per minute (0 = unlimited)."""
 
 
@@ -417,18 +432,11 @@ class Settings(BaseSettings):
 
     # --- derived ----------------------------------------------------------------------------
     def tenant_defaults(self) -> TenantDefaults:
-        """The per-tenant limits a tenant gets unless the tenants file sets its own."""
-        return TenantDefaults(
-            max_concurrent=self.tenant_max_concurrent,
-            max_tokens=self.tenant_max_tokens,
-            max_engine_slots=self.tenant_max_engine_slots or max(1, self.max_cpu_loras - 1),
-            max_pins=self.tenant_max_pins,
-            max_concurrent_uploads=self.tenant_max_concurrent_uploads,
-            max_stored_bytes=self.tenant_max_stored_bytes,
-            max_adapters=self.tenant_max_adapters,
-            tokens_per_minute=self.tenant_tokens_per_minute,
-            requests_per_minute=self.tenant_requests_per_minute,
-        )
+        """The per-tenant limits a tenant gets unless the tenants file sets its own: each field
+        of `TenantDefaults` from the setting `tenant_<field>`."""
+        values = {name: getattr(self, f"tenant_{name}") for name in TenantDefaults.model_fields}
+        values["max_engine_slots"] = self.tenant_max_engine_slots or max(1, self.max_cpu_loras - 1)
+        return TenantDefaults(**values)
 
     @property
     def cache_path(self) -> Path:
