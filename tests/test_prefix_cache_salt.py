@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from lora_gateway import devtools
-from lora_gateway.client import AsyncGatewayClient
+from lora_gateway.client import AsyncGatewayClient, GenerateOptions
 from lora_gateway.config import Settings
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
@@ -85,7 +85,7 @@ async def long_engine(long_settings: Settings, long_env: None) -> AsyncIterator[
 
 async def ttft(client: AsyncGatewayClient, token_ids: list[int]) -> float:
     started = time.perf_counter()
-    stream = client.generate_stream("", token_ids=token_ids, max_tokens=1)
+    stream = client.generate_stream("", options=GenerateOptions(max_tokens=1), token_ids=token_ids)
     await anext(stream)
     took = time.perf_counter() - started
     async for _ in stream:

@@ -32,7 +32,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lora_gateway import devtools, errors
-from lora_gateway.client import AsyncGatewayClient, StreamDelta
+from lora_gateway.client import AsyncGatewayClient, GenerateOptions, StreamDelta
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
@@ -196,14 +196,14 @@ async def test_revocation_and_alias_moves_reach_the_other_replica(
         AsyncGatewayClient(target_b, USER) as user_b,
     ):
         v1 = await admin.upload_adapter("shared", first, aliases=("prod",))
-        on_b = await user_b.generate("shared@prod", PROMPT, max_tokens=4)
+        on_b = await user_b.generate("shared@prod", PROMPT, GenerateOptions(max_tokens=4))
         assert on_b.adapter is not None
         assert on_b.adapter.version == v1.version
 
         v2 = await admin.upload_adapter("shared", second, aliases=("prod",))
 
         async def b_serves_v2() -> bool:
-            result = await user_b.generate("shared@prod", PROMPT, max_tokens=2)
+            result = await user_b.generate("shared@prod", PROMPT, GenerateOptions(max_tokens=2))
             return result.adapter is not None and result.adapter.version == v2.version
 
         took = await until(b_serves_v2, BOUND_S)
@@ -214,7 +214,7 @@ async def test_revocation_and_alias_moves_reach_the_other_replica(
 
         async def b_refuses_v2() -> bool:
             try:
-                await user_b.generate(f"shared@{v2.version}", PROMPT, max_tokens=2)
+                await user_b.generate(f"shared@{v2.version}", PROMPT, GenerateOptions(max_tokens=2))
             except errors.NotFound:
                 return True
             except errors.Aborted:
@@ -237,7 +237,9 @@ async def test_revocation_and_alias_moves_reach_the_other_replica(
         async def beta_can_use() -> bool:
             try:
                 # v2 (latest, prod) is revoked: name the surviving version.
-                await beta_b.generate(f"acme/shared@{v1.version}", PROMPT, max_tokens=2)
+                await beta_b.generate(
+                    f"acme/shared@{v1.version}", PROMPT, GenerateOptions(max_tokens=2)
+                )
             except errors.NotFound:
                 return False
             return True
@@ -263,7 +265,7 @@ async def _hammer(
     while time.monotonic() < until_s[0]:
         started = time.monotonic()
         try:
-            await user.generate(ref, PROMPT, max_tokens=2, timeout=10)
+            await user.generate(ref, PROMPT, GenerateOptions(max_tokens=2), timeout=10)
             kind = "ok"
         except errors.NotFound:
             kind = "not_found"
@@ -294,7 +296,7 @@ async def _race_trials(
             name = f"{prefix}{trial}"
             version = await admin.upload_adapter(name, make_test_adapter(seed=60 + trial, rank=8))
             ref = f"{name}@{version.version}"
-            await user_b.generate(ref, PROMPT, max_tokens=2)  # resident on B
+            await user_b.generate(ref, PROMPT, GenerateOptions(max_tokens=2))  # resident on B
             until_s = [float("inf")]
             outcomes: list[tuple[float, str]] = []
             loops = [asyncio.create_task(_hammer(user_b, ref, until_s, outcomes)) for _ in range(3)]
@@ -375,7 +377,7 @@ async def _cold_load_race_trials(
             ) -> tuple[str, float, float]:
                 started = time.monotonic()
                 try:
-                    await user_b.generate(name, PROMPT, max_tokens=2, timeout=30)
+                    await user_b.generate(name, PROMPT, GenerateOptions(max_tokens=2), timeout=30)
                     kind = "ok"
                 except errors.NotFound:
                     kind = "not_found"
@@ -447,7 +449,9 @@ async def test_sigterm_drains_in_flight_requests(
     in_flight = 4
     async with AsyncGatewayClient(target, USER, max_retries=0) as user:
         iterators = [
-            aiter(user.generate_stream("", PROMPT, max_tokens=150, ignore_eos=True))
+            aiter(
+                user.generate_stream("", PROMPT, GenerateOptions(max_tokens=150, ignore_eos=True))
+            )
             for _ in range(in_flight)
         ]
         firsts = [await anext(iterator) for iterator in iterators]
@@ -464,7 +468,7 @@ async def test_sigterm_drains_in_flight_requests(
 
             await until(not_serving, 5.0)
         with pytest.raises((errors.Unavailable, errors.DeadlineExceeded)):
-            await user.generate("", PROMPT, max_tokens=2, timeout=5)
+            await user.generate("", PROMPT, GenerateOptions(max_tokens=2), timeout=5)
 
         async def drain(iterator: AsyncIterator[StreamDelta]) -> list[StreamDelta]:
             return [delta async for delta in iterator]

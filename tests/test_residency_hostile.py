@@ -25,11 +25,10 @@ import yaml
 
 from adapter_store import AdapterVersion
 from lora_gateway import devtools, errors
-from lora_gateway.client import AsyncGatewayClient
+from lora_gateway.client import AsyncGatewayClient, GenerateOptions, Residency, ResidencyTier
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
-from lora_gateway.v1 import admin_pb2
 from tests.conftest import AdapterFactory, engine_settings
 from tests.support.s3server import S3Server, s3_server
 
@@ -159,7 +158,7 @@ async def test_concurrent_pins_on_cold_adapters_respect_the_caps(
             assert pinned == 2
             with pytest.raises(errors.ResourceExhausted):
                 await globex.pin_adapter("mine")  # the global cap: two pins in all
-            served = await calm.generate("free", PROMPT, max_tokens=2)
+            served = await calm.generate("free", PROMPT, GenerateOptions(max_tokens=2))
             assert served.adapter is not None
         finally:
             for admin in (acme, bigpin):
@@ -182,7 +181,9 @@ async def test_a_grantee_cannot_pin_unpin_or_prefetch_the_owners_adapter(
         client(gw, "globex") as globex_user,
     ):
         await acme.share_adapter("shared-pin", "globex")
-        assert (await globex_user.generate("acme/shared-pin", PROMPT, max_tokens=2)).adapter
+        assert (
+            await globex_user.generate("acme/shared-pin", PROMPT, GenerateOptions(max_tokens=2))
+        ).adapter
         for call in (globex.pin_adapter, globex.unpin_adapter, globex.prefetch_adapter):
             for ref in ("acme/shared-pin", "acme/no-such-adapter"):
                 with pytest.raises(errors.NotFound, match="adapter not found"):
@@ -199,7 +200,7 @@ async def test_a_grantee_cannot_pin_unpin_or_prefetch_the_owners_adapter(
 async def ttft(c: AsyncGatewayClient, ref: str) -> float:
     """Seconds to the first streamed token of a short generation (the rest is drained)."""
     started = time.perf_counter()
-    stream = c.generate_stream(ref, PROMPT, max_tokens=4)
+    stream = c.generate_stream(ref, PROMPT, GenerateOptions(max_tokens=4))
     first = await anext(stream)
     took = time.perf_counter() - started
     assert first.token_ids
@@ -300,12 +301,12 @@ async def test_a_flooding_tenant_leaves_others_their_slot_and_their_ttft(
     watcher = asyncio.create_task(watch_share())
     try:
         async with client(gw, "calm") as calm, client(gw, "calm", "admin") as calm_admin:
-            await calm.generate("mine", PROMPT, max_tokens=2)  # warm
+            await calm.generate("mine", PROMPT, GenerateOptions(max_tokens=2))  # warm
             # Each version's first use costs one runtime-canary check, once: out of the way
             # before measuring (what is measured is the flood's steady state).
             async with client(gw, "flood") as first_use:
                 for name in flood_names:
-                    await first_use.generate(name, PROMPT, max_tokens=2)
+                    await first_use.generate(name, PROMPT, GenerateOptions(max_tokens=2))
             await asyncio.sleep(1.0)
             for _ in range(ROUNDS):
                 solo += [await ttft(calm, "mine") for _ in range(SAMPLES)]
@@ -317,7 +318,9 @@ async def test_a_flooding_tenant_leaves_others_their_slot_and_their_ttft(
             # Revocation under the flood: calm's long stream on "victim" is aborted fast.
             async with Flood(gw, flood_names) as flood:
                 await asyncio.sleep(0.5)
-                stream = calm.generate_stream("victim", PROMPT, max_tokens=200, ignore_eos=True)
+                stream = calm.generate_stream(
+                    "victim", PROMPT, GenerateOptions(max_tokens=200, ignore_eos=True)
+                )
                 await anext(stream)
                 aborted_at: list[float] = []
 
@@ -357,10 +360,10 @@ async def test_a_flooding_tenant_leaves_others_their_slot_and_their_ttft(
 # --- shared bytes -----------------------------------------------------------------------------
 
 
-def tier(reply: admin_pb2.GetResidencyResponse, name: str) -> int:
+def tier(reply: Residency, name: str) -> ResidencyTier:
     entries = [e for e in reply.entries if e.name == name]
     assert len(entries) == 1
-    return int(entries[0].tier)
+    return entries[0].tier
 
 
 async def test_identical_bytes_residency_is_per_tenant_and_revocation_keeps_the_other(
@@ -381,11 +384,11 @@ async def test_identical_bytes_residency_is_per_tenant_and_revocation_keeps_the_
         a = await acme_admin.upload_adapter("same", folder)
         b = await globex_admin.upload_adapter("twin", folder)
         assert a.version == b.version
-        await acme.generate("same", PROMPT, max_tokens=4)
-        assert tier(await acme_admin.get_residency(), "same") == admin_pb2.RESIDENCY_TIER_ENGINE
-        assert tier(await globex_admin.get_residency(), "twin") == admin_pb2.RESIDENCY_TIER_STORE
-        before = await globex.generate("twin", PROMPT, max_tokens=8)
-        assert tier(await globex_admin.get_residency(), "twin") == admin_pb2.RESIDENCY_TIER_ENGINE
+        await acme.generate("same", PROMPT, GenerateOptions(max_tokens=4))
+        assert tier(await acme_admin.get_residency(), "same") is ResidencyTier.ENGINE
+        assert tier(await globex_admin.get_residency(), "twin") is ResidencyTier.STORE
+        before = await globex.generate("twin", PROMPT, GenerateOptions(max_tokens=8))
+        assert tier(await globex_admin.get_residency(), "twin") is ResidencyTier.ENGINE
 
         await acme_admin.revoke_adapter("same")
         sha = b.version.removeprefix("sha256:")
@@ -394,15 +397,19 @@ async def test_identical_bytes_residency_is_per_tenant_and_revocation_keeps_the_
             "adapter_config.json",
             "adapter_model.safetensors",
         ]
-        assert tier(await globex_admin.get_residency(), "twin") == admin_pb2.RESIDENCY_TIER_ENGINE
-        assert (await globex.generate("twin", PROMPT, max_tokens=8)).token_ids == before.token_ids
+        assert tier(await globex_admin.get_residency(), "twin") is ResidencyTier.ENGINE
+        assert (
+            await globex.generate("twin", PROMPT, GenerateOptions(max_tokens=8))
+        ).token_ids == before.token_ids
         # Out of the engine, globex's version comes back from the very same files: three
         # tenants hold a stream each on a fresh adapter, so every slot is taken and it goes.
         evictors = [client(gw, t) for t in ("calm", "flood", "bigpin")]
         streams = []
         for i, (c, t) in enumerate(zip(evictors, ("calm", "flood", "bigpin"), strict=True)):
             await put(gw, make_test_adapter, t, "evictor", 560 + i)
-            stream = c.generate_stream("evictor", PROMPT, max_tokens=120, ignore_eos=True)
+            stream = c.generate_stream(
+                "evictor", PROMPT, GenerateOptions(max_tokens=120, ignore_eos=True)
+            )
             streams.append(stream)
         await asyncio.gather(*(anext(s) for s in streams))
         assert not residency.is_resident(("globex", "twin", b.version.removeprefix("sha256:")))
@@ -410,9 +417,11 @@ async def test_identical_bytes_residency_is_per_tenant_and_revocation_keeps_the_
             await stream.aclose()
         for c in evictors:
             await c.close()
-        assert tier(await globex_admin.get_residency(), "twin") == admin_pb2.RESIDENCY_TIER_DISK
+        assert tier(await globex_admin.get_residency(), "twin") is ResidencyTier.DISK
         downloads = residency.cache.stats.downloads
-        assert (await globex.generate("twin", PROMPT, max_tokens=8)).token_ids == before.token_ids
+        assert (
+            await globex.generate("twin", PROMPT, GenerateOptions(max_tokens=8))
+        ).token_ids == before.token_ids
         assert residency.cache.stats.downloads == downloads  # from disk, not the store
 
 
@@ -435,7 +444,7 @@ async def test_probing_names_cannot_grow_the_poll_set(
         for i in range(12):
             for ref in (f"probe{i}", f"globex/probe{i}", f"nothing{i}", f"globex/nothing{i}"):
                 try:
-                    await acme.generate(ref, PROMPT, max_tokens=1)
+                    await acme.generate(ref, PROMPT, GenerateOptions(max_tokens=1))
                     outcomes["ok"] += 1
                 except errors.NotFound:
                     outcomes["not_found"] += 1

@@ -17,7 +17,7 @@ import sys
 from collections import Counter
 
 from lora_gateway import devtools, errors
-from lora_gateway.client import AsyncGatewayClient
+from lora_gateway.client import AsyncGatewayClient, GenerateOptions
 
 
 async def flood(target: str, key: str, loops: int, max_tokens: int, adapters: list[str]) -> None:
@@ -33,7 +33,9 @@ async def flood(target: str, key: str, loops: int, max_tokens: int, adapters: li
         i = offset
         while not stop.is_set():
             try:
-                await client.generate(adapters[i % len(adapters)], prompt, max_tokens=max_tokens)
+                await client.generate(
+                    adapters[i % len(adapters)], prompt, GenerateOptions(max_tokens=max_tokens)
+                )
                 counts["ok"] += 1
                 if not announced.is_set():
                     announced.set()
