@@ -1,7 +1,7 @@
 """Shared set-up of the benchmarks: tiny model, adapters, S3 server, one engine, gateways.
 
 - The base model is `lora_gateway.devtools.make_model` (a tiny random Llama, generated once per
-  run). Adapters are written with numpy (`write_lora`), which is fast enough for a thousand.
+  run). Adapters are `devtools.write_random_lora`'s (numpy, fast enough for a thousand).
 - The store is a real S3 server over HTTP: SeaweedFS, started by `tests/support/s3server.py`
   (the same server the tests use).
 - One vLLM engine serves the whole run (`max_loras` 4, `max_cpu_loras` 16, rank up to 64); each
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sys
 import time
 import uuid
@@ -25,11 +24,9 @@ from typing import Any
 
 import numpy as np
 import yaml
-from safetensors.numpy import save_file
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from adapter_store import BaseModelSpec, Limits, Registry
-from adapter_store.model import MODULE_PARENTS
 from adapter_store.s3 import S3Backend
 from lora_gateway import devtools, errors
 from lora_gateway.client import AsyncGatewayClient, GenerateOptions
@@ -86,57 +83,6 @@ class Progress:
 
 
 # --- adapters -------------------------------------------------------------------------------
-
-
-def lora_tensors(
-    model_dir: Path, *, rank: int, seed: int, modules: Sequence[str], scale: float = 0.02
-) -> dict[str, np.ndarray[Any, Any]]:
-    """Random float32 LoRA A/B tensors for `modules` of every layer of the model."""
-    spec = BaseModelSpec.from_hf_config(model_dir, max_rank=512)
-    rng = np.random.default_rng(seed)
-    tensors: dict[str, np.ndarray[Any, Any]] = {}
-    for layer in range(spec.num_layers):
-        for module in modules:
-            fan_in, fan_out = spec.module_shapes[module]
-            prefix = f"base_model.model.model.layers.{layer}.{MODULE_PARENTS[module]}.{module}"
-            a = rng.normal(0.0, scale, (rank, fan_in)).astype(np.float32)
-            b = rng.normal(0.0, scale, (fan_out, rank)).astype(np.float32)
-            tensors[f"{prefix}.lora_A.weight"] = a
-            tensors[f"{prefix}.lora_B.weight"] = b
-    return tensors
-
-
-def lora_config(rank: int, modules: Sequence[str]) -> dict[str, Any]:
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": rank,
-        "lora_alpha": float(2 * rank),
-        "lora_dropout": 0.0,
-        "target_modules": sorted(modules),
-        "bias": "none",
-        "base_model_name_or_path": devtools.TINY_MODEL_NAME,
-    }
-
-
-def save_lora(out: Path, tensors: dict[str, np.ndarray[Any, Any]], config: dict[str, Any]) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    return out
-
-
-def write_lora(
-    model_dir: Path,
-    out: Path,
-    *,
-    rank: int = 8,
-    seed: int = 1,
-    modules: Sequence[str] = devtools.ATTENTION_MODULES,
-) -> Path:
-    """A PEFT LoRA adapter folder with random weights (numpy, no torch)."""
-    tensors = lora_tensors(model_dir, rank=rank, seed=seed, modules=modules)
-    return save_lora(out, tensors, lora_config(rank, modules))
 
 
 def folder_bytes(path: Path) -> int:

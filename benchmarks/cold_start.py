@@ -34,7 +34,6 @@ from benchmarks._support import (
     engine_request,
     folder_bytes,
     stream_request,
-    write_lora,
 )
 from lora_gateway import devtools
 from lora_gateway.engine.base import LoadedAdapter, next_lora_id
@@ -116,7 +115,7 @@ async def run(bench: Bench, params: Params) -> dict[str, Any]:
 
         async def trial(rank: int, index: int, measured: bool) -> None:
             name = f"cold-r{rank}-{index}"
-            folder = write_lora(
+            folder = devtools.write_random_lora(
                 bench.model,
                 bench.work / "cold" / name,
                 rank=rank,

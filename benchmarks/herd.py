@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._support import Bench, pct, prompts, stream_request, write_lora
+from benchmarks._support import Bench, pct, prompts, stream_request
+from lora_gateway import devtools
 
 NAME = "herd"
 
@@ -49,7 +50,7 @@ async def run(bench: Bench, params: Params) -> dict[str, Any]:
         for trial in range(params.trials):
             with bench.progress.phase(f"herd: trial {trial + 1}/{params.trials}"):
                 name = f"herd-{trial}"
-                folder = write_lora(
+                folder = devtools.write_random_lora(
                     bench.model, bench.work / "herd" / name, rank=params.rank, seed=500 + trial
                 )
                 await gw.admin.upload_adapter(name, folder)

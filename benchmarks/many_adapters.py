@@ -29,10 +29,7 @@ from benchmarks._support import (
     TENANT,
     Bench,
     closed_loop,
-    lora_config,
-    lora_tensors,
     prompts,
-    save_lora,
     stream_request,
     summarize,
 )
@@ -87,8 +84,8 @@ def zipf_choices(count: int, alpha: float, size: int, seed: int) -> list[int]:
 def upload_all(bench: Bench, params: Params) -> None:
     """Write and upload `params.adapters` perturbed copies of one adapter (threads)."""
     modules = devtools.ATTENTION_MODULES
-    base = lora_tensors(bench.model, rank=params.rank, seed=7, modules=modules)
-    config = lora_config(params.rank, modules)
+    base = devtools.random_lora_tensors(bench.model, rank=params.rank, seed=7, modules=modules)
+    config = devtools.lora_config(params.rank, modules)
     first_b = next(name for name in sorted(base) if name.endswith("lora_B.weight"))
     root = bench.work / "many"
     registry = bench.registry(PREFIX)
@@ -97,7 +94,7 @@ def upload_all(bench: Bench, params: Params) -> None:
         tensors = dict(base)
         tensors[first_b] = base[first_b].copy()
         tensors[first_b][0, 0] += np.float32(1e-4 * (index + 1))
-        folder = save_lora(root / adapter_name(index), tensors, config)
+        folder = devtools.save_lora(root / adapter_name(index), tensors, config)
         registry.upload_dir(TENANT, adapter_name(index), folder, created_by="benchmarks")
         shutil.rmtree(folder)
         finished = next(done)

@@ -37,7 +37,6 @@ from benchmarks._support import (
     stream_request,
     summarize,
     unary_request,
-    write_lora,
 )
 from lora_gateway import devtools
 from lora_gateway.client import GenerateOptions
@@ -78,7 +77,7 @@ async def run(bench: Bench, params: Params) -> dict[str, Any]:
             for index in range(params.adapters):
                 name = f"mix-{index}"
                 rank, every = 8 * (index + 1), bool(index % 2)
-                folder = write_lora(
+                folder = devtools.write_random_lora(
                     bench.model,
                     bench.work / "overhead" / name,
                     rank=rank,

@@ -45,7 +45,6 @@ from benchmarks._support import (
     engine_request,
     prompts,
     summarize,
-    write_lora,
 )
 from lora_gateway import devtools
 from lora_gateway.config import Settings
@@ -150,7 +149,7 @@ async def run(bench: Bench, params: Params) -> dict[str, Any]:
         models = await asyncio.to_thread(make_models, bench, params)
         adapter_dirs = [
             await asyncio.to_thread(
-                write_lora,
+                devtools.write_random_lora,
                 models[FLOAT],
                 bench.work / NAME / f"adapter-{index}",
                 rank=params.rank,

@@ -41,9 +41,8 @@ from benchmarks._support import (
     RequestResult,
     pct,
     stream_request,
-    write_lora,
 )
-from lora_gateway import errors
+from lora_gateway import devtools, errors
 from lora_gateway.client import GenerateOptions
 
 NAME = "revocation"
@@ -136,7 +135,9 @@ async def _trial(
     bench: Bench, gw: Any, user: Any, params: Params, trial: int, rng: random.Random
 ) -> dict[str, Any]:
     name = f"rev-{trial}"
-    folder = write_lora(bench.model, bench.work / "revocation" / name, rank=8, seed=900 + trial)
+    folder = devtools.write_random_lora(
+        bench.model, bench.work / "revocation" / name, rank=8, seed=900 + trial
+    )
     await gw.admin.upload_adapter(name, folder)
     await user.generate(name, "warm up", GenerateOptions(max_tokens=1))
     ids = [5, 6, 7, 8, 9, 10, 11, 12]

@@ -9,6 +9,9 @@ tokenizers, peft) are imported inside the functions so that the server does not 
 - `dequantize_model(q, out)` a quantized checkpoint's weights dequantized back to a float32 model
                              (numpy, independent of compressed-tensors): the reference's base.
 - `make_adapter(model, out)` a PEFT LoRA adapter (rank, targets, rsLoRA, AdaLoRA selectable).
+- `write_random_lora(model, out)`  a LoRA adapter folder with random (or zero) weights, written
+                             with numpy (no torch, no PEFT: fast enough for a thousand): the
+                             engine's null and canary adapters, the self-test's, the benchmarks'.
 - `ReferenceGenerator`       the PEFT-merged model run greedily in transformers, float32: the
                              token-for-token reference that the engine's outputs must equal
                              (and, for a quantized base, the logprobs they are held to).
@@ -23,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from adapter_store.model import MODULE_PARENTS
 
 # The tiny model. head_dim must be 64: vLLM's CPU attention kernel rejects smaller ones.
 TINY_HIDDEN = 128
@@ -310,6 +315,111 @@ def make_adapter(model_dir: Path | str, out: Path | str, spec: AdapterSpec | Non
     config["base_model_name_or_path"] = TINY_MODEL_NAME
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
     return out
+
+
+def model_module_shapes(model_dir: Path | str) -> tuple[int, dict[str, tuple[int, int]]]:
+    """The layer count and each LoRA target's (fan_in, fan_out) of a local HF model directory
+    (its `config.json`; a multimodal model's `text_config`)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    config = config.get("text_config", config)
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads", heads))
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    shapes = {
+        "q_proj": (hidden, heads * head_dim),
+        "k_proj": (hidden, kv_heads * head_dim),
+        "v_proj": (hidden, kv_heads * head_dim),
+        "o_proj": (heads * head_dim, hidden),
+    }
+    if "intermediate_size" in config:
+        intermediate = int(config["intermediate_size"])
+        shapes |= {
+            "gate_proj": (hidden, intermediate),
+            "up_proj": (hidden, intermediate),
+            "down_proj": (intermediate, hidden),
+        }
+    return int(config["num_hidden_layers"]), shapes
+
+
+def random_lora_tensors(
+    model_dir: Path | str,
+    *,
+    rank: int = 8,
+    seed: int | None = 1,
+    modules: Sequence[str] = ATTENTION_MODULES,
+    scale: float = 0.02,
+) -> dict[str, Any]:
+    """float32 LoRA A/B tensors (PEFT names) for `modules` of every layer: N(0, `scale`) drawn
+    from `seed` (layer by layer, module by module, A then B), or zeros where `seed` is None."""
+    import numpy as np
+
+    layers, shapes = model_module_shapes(model_dir)
+    rng = np.random.default_rng(seed)
+    tensors: dict[str, Any] = {}
+    for layer in range(layers):
+        for module in modules:
+            fan_in, fan_out = shapes[module]
+            prefix = f"base_model.model.model.layers.{layer}.{MODULE_PARENTS[module]}.{module}"
+            if seed is None:
+                a = np.zeros((rank, fan_in), np.float32)
+                b = np.zeros((fan_out, rank), np.float32)
+            else:
+                a = rng.normal(0.0, scale, (rank, fan_in)).astype(np.float32)
+                b = rng.normal(0.0, scale, (fan_out, rank)).astype(np.float32)
+            tensors[f"{prefix}.lora_A.weight"] = a
+            tensors[f"{prefix}.lora_B.weight"] = b
+    return tensors
+
+
+def lora_config(
+    rank: int,
+    modules: Sequence[str],
+    *,
+    lora_alpha: float | None = None,
+    base_model: str = TINY_MODEL_NAME,
+) -> dict[str, Any]:
+    """A PEFT LoRA adapter_config.json for `rank` and `modules` (alpha 2·rank unless given)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": float(2 * rank if lora_alpha is None else lora_alpha),
+        "lora_dropout": 0.0,
+        "target_modules": sorted(modules),
+        "bias": "none",
+        "base_model_name_or_path": base_model,
+    }
+
+
+def save_lora(out: Path | str, tensors: dict[str, Any], config: dict[str, Any]) -> Path:
+    """Write `tensors` and `config` as an adapter folder (safetensors + adapter_config.json)."""
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return out
+
+
+def write_random_lora(
+    model_dir: Path | str,
+    out: Path | str,
+    *,
+    rank: int = 8,
+    seed: int | None = 1,
+    modules: Sequence[str] = ATTENTION_MODULES,
+    scale: float = 0.02,
+    lora_alpha: float | None = None,
+    base_model: str = TINY_MODEL_NAME,
+) -> Path:
+    """A LoRA adapter folder for the model in `model_dir` with random N(0, `scale`) weights
+    (zeros where `seed` is None), written with numpy; returns `out`. The one random-LoRA
+    writer: the engine's null and canary adapters, the start-up self-test, tests, benchmarks."""
+    tensors = random_lora_tensors(model_dir, rank=rank, seed=seed, modules=modules, scale=scale)
+    config = lora_config(rank, modules, lora_alpha=lora_alpha, base_model=base_model)
+    return save_lora(out, tensors, config)
 
 
 class ReferenceGenerator:

@@ -43,7 +43,7 @@ from lora_gateway.client import AsyncGatewayClient, GenerateOptions
 from lora_gateway.engine import quantization
 from lora_gateway.engine.base import GenerateParams, LoadedAdapter, Prompt, next_lora_id
 from lora_gateway.engine.selftest import collect
-from lora_gateway.engine.vllm_engine import VLLMEngine, write_q_proj_adapter
+from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
 from tests.conftest import engine_settings
@@ -206,11 +206,9 @@ def wrong_shaped_adapter(model: Path, tmp_path: Path) -> Path:
     config = json.loads((model / "config.json").read_text())
     config["hidden_size"] = 2 * config["hidden_size"]
     (wide / "config.json").write_text(json.dumps(config))
-    out = write_q_proj_adapter(str(wide), tmp_path / "wrong", rank=8, seed=3, scale=0.1)
-    adapter_config = json.loads((out / "adapter_config.json").read_text())
-    adapter_config["base_model_name_or_path"] = devtools.TINY_MODEL_NAME
-    (out / "adapter_config.json").write_text(json.dumps(adapter_config))
-    return out
+    return devtools.write_random_lora(
+        wide, tmp_path / "wrong", rank=8, seed=3, modules=("q_proj",), scale=0.1, lora_alpha=8
+    )
 
 
 # --- outputs against the reference -------------------------------------------------------------

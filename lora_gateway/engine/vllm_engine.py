@@ -35,7 +35,6 @@ reported as `Unavailable`. `lora-gateway serve` then exits 1 before it ever repo
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import tempfile
@@ -46,10 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from safetensors.numpy import save_file
-
-from lora_gateway import errors
+from lora_gateway import devtools, errors
 from lora_gateway.config import Settings
 from lora_gateway.engine import quantization
 from lora_gateway.engine.base import (
@@ -78,51 +74,21 @@ PROBE_TOKENS = 2
 _FINISH = {"length": FinishReason.LENGTH, "stop": FinishReason.STOP, "abort": FinishReason.ABORT}
 
 
-def read_model_shape(model: str) -> dict[str, int]:
-    """hidden_size / heads / head_dim of a local HF model directory (for the zero adapters)."""
-    config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
-    config = config.get("text_config", config)
-    hidden = int(config["hidden_size"])
-    heads = int(config["num_attention_heads"])
-    return {
-        "hidden_size": hidden,
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(config.get("num_key_value_heads", heads)),
-        "head_dim": int(config.get("head_dim") or hidden // heads),
-        "num_hidden_layers": int(config["num_hidden_layers"]),
-    }
-
-
 def write_q_proj_adapter(
     model: str, out: Path, *, rank: int, seed: int | None, scale: float = 0.0
 ) -> Path:
-    """A LoRA on every layer's q_proj: zeros (seed None) or random N(0, scale) weights."""
-    shape = read_model_shape(model)
-    hidden, q_out = shape["hidden_size"], shape["num_attention_heads"] * shape["head_dim"]
-    rng = np.random.default_rng(seed)
-    tensors: dict[str, np.ndarray[Any, Any]] = {}
-    for layer in range(shape["num_hidden_layers"]):
-        prefix = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
-        if seed is None:
-            a = np.zeros((rank, hidden), np.float32)
-            b = np.zeros((q_out, rank), np.float32)
-        else:
-            a = rng.normal(0.0, scale, (rank, hidden)).astype(np.float32)
-            b = rng.normal(0.0, scale, (q_out, rank)).astype(np.float32)
-        tensors[f"{prefix}.lora_A.weight"] = a
-        tensors[f"{prefix}.lora_B.weight"] = b
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    config = {
-        "peft_type": "LORA",
-        "r": rank,
-        "lora_alpha": float(rank),
-        "target_modules": ["q_proj"],
-        "bias": "none",
-        "base_model_name_or_path": model,
-    }
-    (out / "adapter_config.json").write_text(json.dumps(config))
-    return out
+    """The reserved adapters' weights: a LoRA on every layer's q_proj with alpha = rank, zeros
+    (seed None: the null adapter) or random N(0, scale) ones (the canaries)."""
+    return devtools.write_random_lora(
+        model,
+        out,
+        rank=rank,
+        seed=seed,
+        modules=("q_proj",),
+        scale=scale,
+        lora_alpha=float(rank),
+        base_model=model,
+    )
 
 
 class VLLMEngine:
