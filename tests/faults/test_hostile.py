@@ -5,10 +5,10 @@
   About 60 examples per RPC in `make test`; 1,000 per RPC with `--run-slow`.
 - Hypothesis also draws safetensors headers whose fields (dtype, shape, data_offsets, a whole
   entry, __metadata__) hold a JSON value of any type: always INVALID_ARGUMENT.
-- A crafted corpus of hostile adapters, names, aliases, configs and headers (every JSON type in
-  every header field, wrong types in the main config keys), each uploaded through UploadAdapter
-  and refused with its documented code; nothing is stored, nothing is left in the cache or the
-  spool, and no file appears outside the cache root.
+- The crafted corpus of hostile adapters, names, aliases, configs and headers (every JSON type in
+  every header field, wrong types in the main config keys; tests/support/hostile.py), each
+  uploaded through UploadAdapter and refused with its documented code; nothing is stored,
+  nothing is left in the cache or the spool, and no file appears outside the cache root.
 
 Expected codes come from the documented table (DESIGN.md "Errors → status codes", `DOCUMENTED`
 below), never from `errors.status_of`, the code under test.
@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import json
 import os
-import pickle
 import shutil
-import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -40,17 +37,12 @@ from adapter_store.model import CONFIG_FILE, WEIGHTS_FILE
 from lora_gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tests.conftest import AdapterFactory
 from tests.faults.conftest import FaultEnv, key_of
-from tests.store.test_validate import (
+from tests.support.hostile import (
     BAD_ADAPTERS,
-    BAD_NAMES,
     HEADER_FIELDS,
-    HUGE_INT,
-    JSON_VALUES,
-    VALID_HEADER_VALUES,
-    edit_config,
+    crafted_cases,
     header_field,
-    raw_config,
-    raw_weights,
+    typed_cases,
 )
 
 pytestmark = pytest.mark.engine
@@ -380,95 +372,6 @@ async def test_fuzz_upload_at_scale(fenv: FaultEnv) -> None:
 
 
 # --- the crafted corpus ---------------------------------------------------------------------
-
-
-def _disguised_zip() -> bytes:
-    """A torch.save-style zip holding a pickle, named adapter_model.safetensors."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("archive/data.pkl", pickle.dumps({"weights": [1, 2, 3]}))
-    return buffer.getvalue()
-
-
-def _set_weights(data: bytes) -> Callable[[Path], None]:
-    return lambda folder: (folder / WEIGHTS_FILE).write_bytes(data)
-
-
-#: (id, mutation of a good adapter folder, fields of the header to override)
-Case = tuple[str, Callable[[Path], None], dict[str, object]]
-
-
-def _nothing(folder: Path) -> None:
-    pass
-
-
-#: Values of a wrong JSON type for the main adapter_config.json keys: INVALID_ARGUMENT each.
-WRONG_CONFIG_TYPES: dict[str, tuple[object, ...]] = {
-    "peft_type": (None, 0, True, [], {}),
-    "r": (None, True, "8", 8.0, [], {}),
-    "lora_alpha": (None, True, "16", [], {}),
-    "target_modules": (None, 0, "q_proj", {}, [1]),
-    "base_model_name_or_path": (None, 0, [], {}),
-    "use_rslora": (None, 0, "true", []),
-    "lora_dropout": (None, True, "0", []),
-    "init_lora_weights": (None, 0, [], {}, "pissa"),
-    "bias": (0, [], True),
-}
-
-
-def typed_cases() -> Iterator[tuple[str, Callable[[Path], None]]]:
-    """Every JSON type in every safetensors header field, and wrong types in config keys."""
-    for field in HEADER_FIELDS:
-        for index, raw in enumerate(JSON_VALUES):
-            if (field, raw) not in VALID_HEADER_VALUES:
-                yield f"header-type:{field}:{index}", raw_weights(header_field(field, raw))
-    for key, values in WRONG_CONFIG_TYPES.items():
-        for index, value in enumerate(values):
-            yield f"config-type:{key}:{index}", edit_config(**{key: value})
-    yield (
-        "config-type:r:huge-int",
-        raw_config(b'{"peft_type": "LORA", "r": ' + HUGE_INT.encode() + b"}"),
-    )
-
-
-def crafted_cases() -> Iterator[Case]:
-    for case_id, mutation, _, _ in BAD_ADAPTERS:
-        yield f"adapter:{case_id}", mutation, {}
-    for case_id, mutation in typed_cases():
-        yield case_id, mutation, {}
-    for i, bad in enumerate(BAD_NAMES):
-        yield f"name:{i}", _nothing, {"name": bad}
-        yield f"alias:{i}", _nothing, {"aliases": [bad]}
-        if bad:  # "" means the caller's own tenant
-            yield f"tenant:{i}", _nothing, {"tenant": bad}
-    yield "alias:latest-twice", _nothing, {"aliases": ["ok", "ok", "x" * 65]}
-    yield "description:huge", _nothing, {"description": "d" * 5000}
-    yield "weights:pickle", _set_weights(pickle.dumps({"w": list(range(100))})), {}
-    yield "weights:zip-pickle", _set_weights(_disguised_zip()), {}
-    yield "weights:empty", _set_weights(b""), {}
-    yield "weights:header-length-2^63", raw_weights(lambda d: (2**63).to_bytes(8, "little")), {}
-    yield (
-        "weights:header-not-json",
-        raw_weights(lambda d: (8).to_bytes(8, "little") + b"\xff" * 8),
-        {},
-    )
-    yield "config:deep-nesting", raw_config(b"[" * 30_000 + b"]" * 30_000), {}
-    yield "config:huge-int", raw_config(b'{"r": 1' + b"0" * 5000 + b"}"), {}
-    yield "config:float-overflow", raw_config(b'{"r": 8, "lora_alpha": 1e400}'), {}
-    yield "config:nan", raw_config(b'{"r": 8, "lora_alpha": NaN}'), {}
-    yield "config:null", raw_config(b"null"), {}
-    yield (
-        "config:zero-width-target",
-        raw_config(
-            json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q\u200bproj"]}).encode()
-        ),
-        {},
-    )
-    yield "config:too-big", raw_config(b" " * (70 * 1024) + b"{}"), {}
-    yield "header:declared-too-big", _nothing, {"size": 2**40}
-    yield "header:wrong-sha", _nothing, {"sha256": "0" * 64}
-    yield "header:traversal-filename", _nothing, {"filename": "../" + CONFIG_FILE}
-    yield "header:no-files", _nothing, {"files": []}
 
 
 def _messages(folder: Path, fields: dict[str, object]) -> list[admin_pb2.UploadAdapterRequest]:
