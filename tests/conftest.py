@@ -15,8 +15,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from lora_gateway import devtools
-from lora_gateway.config import Settings
 from tests.support import processes
+from tests.support.gateway import engine_settings
 
 # Every process this run starts inherits the mark (see tests/support/processes.py).
 os.environ.setdefault(processes.SESSION_ENV, uuid.uuid4().hex)
@@ -84,23 +84,6 @@ def test_adapters(make_test_adapter: AdapterFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def reference(tiny_model: Path) -> devtools.ReferenceGenerator:
     return devtools.ReferenceGenerator(tiny_model)
-
-
-def engine_settings(model: Path, **changes: object) -> Settings:
-    """Small engine settings for this 2-core machine: 2 GPU slots, 3 loaded adapters."""
-    values: dict[str, object] = {
-        "model": str(model),
-        "dtype": "float32",
-        "max_loras": 2,
-        "max_cpu_loras": 3,
-        "max_lora_rank": 16,
-        "max_model_len": 256,
-        "max_num_seqs": 16,
-        "enforce_eager": True,
-        "kv_cache_space_gib": 1,
-    }
-    values.update(changes)
-    return Settings.from_mapping(values)
 
 
 @pytest.fixture(scope="session")

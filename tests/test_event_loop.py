@@ -14,15 +14,14 @@ import logging
 from pathlib import Path
 
 import pytest
-import yaml
 
-from lora_gateway import devtools, errors
+from lora_gateway import errors
 from lora_gateway.client import AsyncGatewayClient, GenerateOptions
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
-from lora_gateway.tenancy import hash_key
-from tests.conftest import AdapterFactory, engine_settings
+from tests.conftest import AdapterFactory
 from tests.support.faultproxy import FaultProxy
+from tests.support.gateway import gateway_settings, key_of, target, write_tenants
 from tests.support.s3server import s3_server
 
 pytestmark = pytest.mark.engine
@@ -50,31 +49,20 @@ async def test_gateway_flow_never_blocks_the_loop(
     make_test_adapter: AdapterFactory,
     tmp_path: Path,
 ) -> None:
-    (tmp_path / "tenants.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "tenants": {
-                    "acme": {"keys": [{"id": "a", "sha256": hash_key("k"), "role": "tenant-admin"}]}
-                }
-            }
-        )
-    )
+    tenants = write_tenants(tmp_path / "tenants.yaml", {"acme": {}}, keys=("admin",))
     with (
         s3_server("loop") as s3,
         s3.credentials_in_env(),
         FaultProxy(("127.0.0.1", s3.port)) as proxy,
     ):
         proxy.latency(STORE_LATENCY_MS)
-        settings = engine_settings(
+        settings = gateway_settings(
             tiny_model,
-            store=f"s3://{s3.bucket}/loop",
+            tmp_path,
+            tenants=tenants,
+            s3=s3,
+            prefix="loop",
             s3_endpoint=proxy.endpoint_url,
-            s3_region=s3.region,
-            tenants_file=str(tmp_path / "tenants.yaml"),
-            cache_dir=str(tmp_path / "cache"),
-            listen="127.0.0.1:0",
-            base_model_aliases=(devtools.TINY_MODEL_NAME,),
-            self_test=False,
         )
         server = await GatewayServer.start(settings, engine=engine)
         loop = asyncio.get_running_loop()
@@ -85,7 +73,7 @@ async def test_gateway_flow_never_blocks_the_loop(
         loop.set_debug(True)
         loop.slow_callback_duration = SLOW_S
         try:
-            async with AsyncGatewayClient(f"127.0.0.1:{server.port}", "k") as client:
+            async with AsyncGatewayClient(target(server), key_of("acme", "admin")) as client:
                 await client.upload_adapter("loop", make_test_adapter(seed=91, rank=16))
                 results = await asyncio.gather(
                     *(

@@ -21,7 +21,6 @@ from typing import get_args
 
 import grpc
 import pytest
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lora_gateway import devtools, errors
@@ -29,9 +28,9 @@ from lora_gateway.client import AsyncGatewayClient, GenerateOptions, Residency, 
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.metrics import LoadPhase
 from lora_gateway.server import GatewayServer
-from lora_gateway.tenancy import hash_key
 from lora_gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
-from tests.conftest import AdapterFactory, engine_settings
+from tests.conftest import AdapterFactory
+from tests.support.gateway import gateway_settings, key_of, running_gateway, target, write_tenants
 from tests.support.s3server import S3Server, s3_server
 from tests.support.stats import indistinguishable
 
@@ -39,26 +38,12 @@ pytestmark = pytest.mark.engine
 
 MAX_TOKENS = 8
 GREEDY = GenerateOptions(max_tokens=MAX_TOKENS)  # temperature unset: the server's, 0
-KEYS = {
-    "acme-user": ("acme", "user"),
-    "acme-admin": ("acme", "tenant-admin"),
-    "globex-user": ("globex", "user"),
-    "globex-admin": ("globex", "tenant-admin"),
-    "root": ("ops", "operator"),
+#: The tenants file: acme and globex with a user and a tenant-admin key each, ops an operator.
+TENANTS = {
+    "acme": {"max_concurrent": 128, "max_tokens": 64, "max_pins": 3},
+    "globex": {"max_concurrent": 128, "max_tokens": 64, "max_pins": 3},
+    "ops": {"max_concurrent": 128, "max_tokens": 64, "max_pins": 3, "keys": ("operator",)},
 }
-
-
-def write_tenants(path: Path) -> Path:
-    tenants: dict[str, dict[str, object]] = {}
-    for key, (tenant, role) in KEYS.items():
-        entry = tenants.setdefault(
-            tenant, {"keys": [], "max_concurrent": 128, "max_tokens": 64, "max_pins": 3}
-        )
-        keys = entry["keys"]
-        assert isinstance(keys, list)
-        keys.append({"id": key, "sha256": hash_key(f"secret-{key}"), "role": role})
-    path.write_text(yaml.safe_dump({"tenants": tenants}))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +57,10 @@ class Env:
     server: GatewayServer
     target: str
 
-    def client(self, key: str, **kwargs: object) -> AsyncGatewayClient:
-        return AsyncGatewayClient(self.target, f"secret-{key}", **kwargs)  # type: ignore[arg-type]
+    def client(self, key_id: str, **kwargs: object) -> AsyncGatewayClient:
+        """A client with the key `key_id` ("<tenant>-<label>") of the tenants file."""
+        tenant, label = key_id.rsplit("-", 1)
+        return AsyncGatewayClient(self.target, key_of(tenant, label), **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -81,25 +68,22 @@ async def env(
     engine: VLLMEngine, tiny_model: Path, s3: S3Server, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Env]:
     work = tmp_path_factory.mktemp("gateway")
-    settings = engine_settings(
+    settings = gateway_settings(
         tiny_model,
-        store=f"s3://{s3.bucket}/e2e",
-        s3_endpoint=s3.endpoint_url,
-        s3_region=s3.region,
-        tenants_file=str(write_tenants(work / "tenants.yaml")),
-        listen="127.0.0.1:0",
-        cache_dir=str(work / "cache"),
-        base_model_aliases=(devtools.TINY_MODEL_NAME,),
+        work,
+        tenants=write_tenants(work / "tenants.yaml", TENANTS),
+        s3=s3,
+        prefix="e2e",
         poll_interval_s=0.5,
         drain_grace_s=5.0,
         default_max_tokens=MAX_TOKENS,
         metrics_listen="127.0.0.1:0",
         audit_log=str(work / "audit.jsonl"),
         max_concurrent_requests=128,
+        self_test=True,  # test_health_serving_after_self_test
     )
-    server = await GatewayServer.start(settings, engine=engine)
-    yield Env(server, f"127.0.0.1:{server.port}")
-    await server.stop(grace=1.0)
+    async with running_gateway(settings, engine) as server:
+        yield Env(server, target(server))
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +238,7 @@ async def test_grantee_sees_only_what_it_needs(env: Env, uploaded: dict[str, str
     async with (
         env.client("acme-admin") as owner,
         env.client("globex-user") as grantee,
-        env.client("root") as operator,
+        env.client("ops-operator") as operator,
     ):
         await owner.share_adapter("mlp-r4", "globex")
         await owner.share_adapter("mlp-r4", "initech")
@@ -290,7 +274,7 @@ async def test_admin_listings_are_paged(env: Env, uploaded: dict[str, str]) -> N
     async with (
         env.client("acme-user") as acme,
         env.client("globex-admin") as globex,
-        env.client("root") as operator,
+        env.client("ops-operator") as operator,
     ):
         await globex.share_adapter("qv-r8", "acme")
         try:
@@ -388,7 +372,7 @@ async def test_roles(env: Env, uploaded: dict[str, str], test_adapters: dict[str
             await admin.set_alias("attn-r8", "prod", uploaded["attn-r8"], tenant="acme")
         with pytest.raises(errors.NotFound):
             await admin.revoke_adapter("attn-r8", tenant="acme")
-    async with env.client("root") as operator:
+    async with env.client("ops-operator") as operator:
         listed = await operator.list_adapters(tenant="acme")
         assert {a.name for a in listed.adapters} >= {"attn-r8"}
     async with AsyncGatewayClient(env.target, "not-a-key") as stranger:

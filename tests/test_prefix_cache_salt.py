@@ -25,15 +25,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from lora_gateway import devtools
 from lora_gateway.client import AsyncGatewayClient, GenerateOptions
 from lora_gateway.config import Settings
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
-from lora_gateway.tenancy import hash_key
-from tests.conftest import engine_settings
+from tests.support.gateway import client, gateway_settings, write_tenants
 
 pytestmark = pytest.mark.engine
 
@@ -45,23 +43,12 @@ TRIALS = 6
 @pytest.fixture(scope="module")
 def long_settings(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     work = tmp_path_factory.mktemp("salt")
-    tenants = {
-        "tenants": {
-            tenant: {"keys": [{"id": tenant, "sha256": hash_key(f"k-{tenant}"), "role": "user"}]}
-            for tenant in ("acme", "globex")
-        }
-    }
-    (work / "tenants.yaml").write_text(yaml.safe_dump(tenants))
-    return engine_settings(
+    return gateway_settings(
         tiny_model,
+        work,
+        tenants=write_tenants(work / "tenants.yaml", {"acme": {}, "globex": {}}, keys=("user",)),
         max_model_len=MAX_MODEL_LEN,
         max_num_seqs=4,
-        store=f"file://{work / 'store'}",
-        cache_dir=str(work / "cache"),
-        tenants_file=str(work / "tenants.yaml"),
-        listen="127.0.0.1:0",
-        base_model_aliases=(devtools.TINY_MODEL_NAME,),
-        self_test=False,
     )
 
 
@@ -104,7 +91,6 @@ async def measure(
 ) -> dict[str, list[float]]:
     """Per trial, with a fresh random prefix: A cold, A warm, B on A's prefix, B cold."""
     server = await GatewayServer.start(settings.replace(prefix_cache_per_tenant=salted), engine)
-    target = f"127.0.0.1:{server.port}"
     rng = random.Random(seed)
     times: dict[str, list[float]] = {"a_cold": [], "a_warm": [], "b_cross": [], "b_cold": []}
 
@@ -113,8 +99,8 @@ async def measure(
 
     try:
         async with (
-            AsyncGatewayClient(target, "k-acme", max_retries=0) as a,
-            AsyncGatewayClient(target, "k-globex", max_retries=0) as b,
+            client(server, "acme") as a,
+            client(server, "globex") as b,
         ):
             await ttft(a, prompt([1, 2, 3]))  # first-request costs out of the way
             for _ in range(TRIALS):

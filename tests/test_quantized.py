@@ -44,9 +44,8 @@ from lora_gateway.engine import quantization
 from lora_gateway.engine.base import GenerateParams, LoadedAdapter, Prompt, next_lora_id
 from lora_gateway.engine.selftest import collect
 from lora_gateway.engine.vllm_engine import VLLMEngine
-from lora_gateway.server import GatewayServer
-from lora_gateway.tenancy import hash_key
 from tests.conftest import engine_settings
+from tests.support.gateway import gateway_settings, key_of, running_gateway, target, write_tenants
 
 pytestmark = pytest.mark.engine
 
@@ -309,7 +308,7 @@ async def test_mixed_batches_equal_solo_outputs(
 
 # --- through the gateway ----------------------------------------------------------------------
 
-KEY = "quantized-admin-secret"
+KEY = key_of("acme", "admin")
 
 
 async def test_gateway_serves_adapters_on_the_quantized_base(
@@ -324,38 +323,26 @@ async def test_gateway_serves_adapters_on_the_quantized_base(
     against its config, outputs equal to the engine's own."""
     for adapter in qloaded.values():  # the self-test needs the slots
         await qengine.remove_adapter(adapter.lora_int_id)
-    tenants = {
-        "tenants": {
-            "acme": {"keys": [{"id": "k", "sha256": hash_key(KEY), "role": "tenant-admin"}]}
-        }
-    }
-    (tmp_path / "tenants.yaml").write_text(yaml.safe_dump(tenants))
-    settings = engine_settings(
+    settings = gateway_settings(
         quantized_model,
-        store=f"file://{tmp_path / 'store'}",
-        cache_dir=str(tmp_path / "cache"),
-        tenants_file=str(tmp_path / "tenants.yaml"),
-        listen="127.0.0.1:0",
-        base_model_aliases=(devtools.TINY_MODEL_NAME,),
+        tmp_path,
+        tenants=write_tenants(tmp_path / "tenants.yaml", {"acme": {}}, keys=("admin",)),
         self_test=True,
     )
-    server = await GatewayServer.start(settings, engine=qengine)
-    try:
-        async with AsyncGatewayClient(f"127.0.0.1:{server.port}", KEY) as client:
-            for name in ("all-r16-rslora", "mlp-r4"):
-                await client.upload_adapter(name, test_adapters[name])
-            with pytest.raises(errors.FailedPrecondition):
-                await client.upload_adapter(
-                    "wrong", wrong_shaped_adapter(quantized_model, tmp_path)
-                )
-            cases = [(n, p) for n in ("all-r16-rslora", "mlp-r4", "") for p in PROMPTS[:3]]
-            results = await asyncio.gather(
-                *(client.generate(n, p, GenerateOptions(max_tokens=MAX_TOKENS)) for n, p in cases)
-            )
-            for (name, prompt), result in zip(cases, results, strict=True):
-                assert result.token_ids == solo[(name or None, prompt)], (name, prompt)
-    finally:
-        await server.stop(grace=1.0)
+    async with (
+        running_gateway(settings, qengine) as server,
+        AsyncGatewayClient(target(server), KEY) as client,
+    ):
+        for name in ("all-r16-rslora", "mlp-r4"):
+            await client.upload_adapter(name, test_adapters[name])
+        with pytest.raises(errors.FailedPrecondition):
+            await client.upload_adapter("wrong", wrong_shaped_adapter(quantized_model, tmp_path))
+        cases = [(n, p) for n in ("all-r16-rslora", "mlp-r4", "") for p in PROMPTS[:3]]
+        results = await asyncio.gather(
+            *(client.generate(n, p, GenerateOptions(max_tokens=MAX_TOKENS)) for n, p in cases)
+        )
+        for (name, prompt), result in zip(cases, results, strict=True):
+            assert result.token_ids == solo[(name or None, prompt)], (name, prompt)
 
 
 # --- what cannot run is refused at start-up ---------------------------------------------------

@@ -35,10 +35,10 @@ from lora_gateway import devtools, errors
 from lora_gateway.client import AsyncGatewayClient, GenerateOptions, StreamDelta
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
-from lora_gateway.tenancy import hash_key
 from tests.conftest import AdapterFactory, engine_settings
 from tests.support import processes
 from tests.support.faultproxy import FaultProxy
+from tests.support.gateway import ENGINE_DEFAULTS, key_of, write_tenants
 from tests.support.s3server import S3Server, s3_server
 
 pytestmark = pytest.mark.engine
@@ -47,7 +47,7 @@ POLL_S = 0.5
 #: Documented bound for another replica to stop serving a revoked version: one poll interval,
 #: plus the poll's own store round trip, plus scheduling slack on a busy 2-core machine.
 BOUND_S = POLL_S + 1.5
-ADMIN, USER, BETA = "secret-admin", "secret-user", "secret-beta"
+ADMIN, USER, BETA = key_of("acme", "admin"), key_of("acme"), key_of("beta")
 PROMPT = devtools.SAMPLE_PROMPTS[2]
 
 
@@ -56,25 +56,15 @@ def shared(
     tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
 ) -> Iterator[tuple[S3Server, dict[str, object]]]:
     work = tmp_path_factory.mktemp("replicas")
-    tenants = {
-        "tenants": {
-            "acme": {
-                "max_tokens": 200,
-                "keys": [
-                    {"id": "admin", "sha256": hash_key(ADMIN), "role": "tenant-admin"},
-                    {"id": "user", "sha256": hash_key(USER), "role": "user"},
-                ],
-            },
-            "beta": {"keys": [{"id": "beta", "sha256": hash_key(BETA), "role": "user"}]},
-        }
-    }
-    (work / "tenants.yaml").write_text(yaml.safe_dump(tenants))
+    tenants = write_tenants(
+        work / "tenants.yaml", {"acme": {"max_tokens": 200}, "beta": {"keys": ("user",)}}
+    )
     with s3_server("replicas") as s3:
         config: dict[str, object] = {
             "store": f"s3://{s3.bucket}/shared",
             "s3_endpoint": s3.endpoint_url,
             "s3_region": s3.region,
-            "tenants_file": str(work / "tenants.yaml"),
+            "tenants_file": str(tenants),
             "listen": "127.0.0.1:0",
             "base_model_aliases": [devtools.TINY_MODEL_NAME],
             "poll_interval_s": POLL_S,
@@ -107,14 +97,8 @@ def start_replica_b(
         {
             "s3_endpoint": s3_endpoint,
             "model": str(tiny_model),
-            "dtype": "float32",
-            "max_loras": 2,
-            "max_cpu_loras": 3,
-            "max_lora_rank": 16,
-            "max_model_len": 256,
+            **ENGINE_DEFAULTS,
             "max_num_seqs": 8,
-            "enforce_eager": True,
-            "kv_cache_space_gib": 1,
             "cache_dir": str(work / "cache-b"),
         }
     )

@@ -1,7 +1,7 @@
 """Hostile tenants against residency, end to end: pins, engine slots, shared bytes, manifests.
 
 A real grpc.aio gateway on the session's vLLM engine (3 adapter slots, so at most 2 pins and a
-default per-tenant share of 2 slots), moto S3 over HTTP. Tenants (each with a user and a
+default per-tenant share of 2 slots), S3 over HTTP (SeaweedFS). Tenants (each with a user and a
 tenant-admin key): acme and globex (1 pin each), bigpin (5 pins: only the global cap binds),
 flood and calm (the fairness pair). Adapters are put in the store directly (fast); requests go
 through gRPC. Figures are printed for docs/reliability.md.
@@ -21,15 +21,20 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from adapter_store import AdapterVersion
 from lora_gateway import devtools, errors
 from lora_gateway.client import AsyncGatewayClient, GenerateOptions, Residency, ResidencyTier
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
-from lora_gateway.tenancy import hash_key
-from tests.conftest import AdapterFactory, engine_settings
+from tests.conftest import AdapterFactory
+from tests.support.gateway import (
+    client,
+    gateway_settings,
+    key_of,
+    running_gateway,
+    write_tenants,
+)
 from tests.support.s3server import S3Server, s3_server
 
 pytestmark = pytest.mark.engine
@@ -37,37 +42,13 @@ pytestmark = pytest.mark.engine
 PROMPT = devtools.SAMPLE_PROMPTS[1]
 #: tenant -> its limits in the tenants file.
 TENANTS: dict[str, dict[str, int]] = {
-    "acme": {"max_pins": 1},
-    "globex": {"max_pins": 1},
-    "bigpin": {"max_pins": 5},
-    "flood": {"max_concurrent": 16},
-    "calm": {"max_concurrent": 4},
+    "acme": {"max_pins": 1, "max_tokens": 256},
+    "globex": {"max_pins": 1, "max_tokens": 256},
+    "bigpin": {"max_pins": 5, "max_tokens": 256},
+    "flood": {"max_concurrent": 16, "max_tokens": 256},
+    "calm": {"max_concurrent": 4, "max_tokens": 256},
 }
 MANIFEST_CACHE = 8
-
-
-def key(tenant: str, role: str = "user") -> str:
-    return f"secret-{tenant}-{role}"
-
-
-def write_tenants(path: Path) -> Path:
-    tenants = {
-        tenant: {
-            **limits,
-            "max_tokens": 256,
-            "keys": [
-                {"id": f"{tenant}-user", "sha256": hash_key(key(tenant)), "role": "user"},
-                {
-                    "id": f"{tenant}-admin",
-                    "sha256": hash_key(key(tenant, "admin")),
-                    "role": "tenant-admin",
-                },
-            ],
-        }
-        for tenant, limits in TENANTS.items()
-    }
-    path.write_text(yaml.safe_dump({"tenants": tenants}))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -81,34 +62,25 @@ async def gw(
     engine: VLLMEngine, tiny_model: Path, s3: S3Server, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[GatewayServer]:
     work = tmp_path_factory.mktemp("residency-hostile")
-    settings = engine_settings(
+    settings = gateway_settings(
         tiny_model,
-        store=f"s3://{s3.bucket}/hostile",
-        s3_endpoint=s3.endpoint_url,
-        s3_region=s3.region,
-        tenants_file=str(write_tenants(work / "tenants.yaml")),
-        listen="127.0.0.1:0",
-        cache_dir=str(work / "cache"),
-        base_model_aliases=(devtools.TINY_MODEL_NAME,),
-        # Nothing here tests propagation; a slow poll keeps moto (one request at a time) free
-        # for the revocation's own store calls, which the 200 ms bound includes.
+        work,
+        tenants=write_tenants(work / "tenants.yaml", TENANTS),
+        s3=s3,
+        prefix="hostile",
+        # Nothing here tests propagation; a slow poll keeps the store free for the
+        # revocation's own store calls, which the 200 ms bound includes.
         poll_interval_s=5.0,
         default_max_tokens=8,
         tenant_max_tokens=256,
         max_concurrent_requests=64,
-        self_test=False,
     )
-    server = await GatewayServer.start(settings, engine=engine)
-    # Set on the object (not through Settings) so that this module also runs against code
-    # that predates these settings, where the checks below must fail for the right reason.
-    server.gateway.residency.manifest_cache_size = MANIFEST_CACHE
-    server.gateway.residency.slot_wait_s = 20.0
-    yield server
-    await server.stop(grace=1.0)
-
-
-def client(gw: GatewayServer, tenant: str, role: str = "user") -> AsyncGatewayClient:
-    return AsyncGatewayClient(f"127.0.0.1:{gw.port}", key(tenant, role), max_retries=0)
+    async with running_gateway(settings, engine) as server:
+        # Set on the object (not through Settings) so that this module also runs against code
+        # that predates these settings, where the checks below must fail for the right reason.
+        server.gateway.residency.manifest_cache_size = MANIFEST_CACHE
+        server.gateway.residency.slot_wait_s = 20.0
+        yield server
 
 
 async def put(
@@ -234,7 +206,7 @@ class Flood:
             "-m",
             "tests.support.flood_client",
             f"127.0.0.1:{gw.port}",
-            key("flood"),
+            key_of("flood"),
             str(FLOOD_LOOPS),
             "16",
             *names,

@@ -11,7 +11,6 @@ from typing import Any
 
 import grpc
 import pytest
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -24,12 +23,18 @@ from lora_gateway import devtools, errors
 from lora_gateway.client import AsyncGatewayClient, GenerateOptions
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
-from lora_gateway.tenancy import hash_key
-from tests.conftest import AdapterFactory, engine_settings
+from tests.conftest import AdapterFactory
+from tests.support.gateway import (
+    gateway_settings,
+    key_of,
+    running_gateway,
+    target,
+    write_tenants,
+)
 
 pytestmark = pytest.mark.engine
 
-KEY = "secret-tls-admin"
+KEY = key_of("acme", "admin")
 
 
 @dataclass(frozen=True)
@@ -115,12 +120,7 @@ async def tls_env(
         "server.key": server_pem.key,
     }.items():
         (work / name).write_bytes(data)
-    tenants = {
-        "tenants": {
-            "acme": {"keys": [{"id": "a", "sha256": hash_key(KEY), "role": "tenant-admin"}]}
-        }
-    }
-    (work / "tenants.yaml").write_text(yaml.safe_dump(tenants))
+    tenants = write_tenants(work / "tenants.yaml", {"acme": {}}, keys=("admin",))
     # A warm adapter already in the store before the server starts.
     spec = BaseModelSpec.from_hf_config(
         tiny_model, max_rank=16, aliases=(devtools.TINY_MODEL_NAME,)
@@ -130,24 +130,19 @@ async def tls_env(
     registry.upload_dir("acme", "warm", warm_dir, created_by="test")
     # Stored under a rank limit of 16; the server below accepts rank 8 at most.
     registry.upload_dir("acme", "wide", make_test_adapter(seed=63, rank=16), created_by="test")
-    settings = engine_settings(
+    settings = gateway_settings(
         tiny_model,
-        store=f"file://{work / 'store'}",
-        cache_dir=str(work / "cache"),
-        tenants_file=str(work / "tenants.yaml"),
-        listen="127.0.0.1:0",
-        base_model_aliases=(devtools.TINY_MODEL_NAME,),
+        work,
+        tenants=tenants,
         tls_cert=str(work / "server.pem"),
         tls_key=str(work / "server.key"),
         tls_client_ca=str(work / "ca.pem"),
         max_lora_rank=8,
         warm_adapters=("acme/warm",),
         prefetch_on_upload=True,
-        self_test=False,
     )
-    server = await GatewayServer.start(settings, engine=engine)
-    yield TlsEnv(server, ca, client_pem, stranger)
-    await server.stop(grace=1.0)
+    async with running_gateway(settings, engine) as server:
+        yield TlsEnv(server, ca, client_pem, stranger)
 
 
 async def test_mtls_accepts_our_clients_and_refuses_others(tls_env: TlsEnv) -> None:
@@ -199,29 +194,21 @@ async def test_idle_connections_are_closed(
     engine: VLLMEngine, tiny_model: Path, tmp_path: Path
 ) -> None:
     """A client connection with no RPC for `max_connection_idle_s` is closed by the server."""
-    tenants = {
-        "tenants": {"acme": {"keys": [{"id": "a", "sha256": hash_key(KEY), "role": "user"}]}}
-    }
-    (tmp_path / "tenants.yaml").write_text(yaml.safe_dump(tenants))
-    settings = engine_settings(
+    settings = gateway_settings(
         tiny_model,
-        store=f"file://{tmp_path / 'store'}",
-        cache_dir=str(tmp_path / "cache"),
-        tenants_file=str(tmp_path / "tenants.yaml"),
-        listen="127.0.0.1:0",
+        tmp_path,
+        tenants=write_tenants(tmp_path / "tenants.yaml", {"acme": {}}, keys=("user",)),
         max_connection_idle_s=1.0,
-        self_test=False,
     )
-    server = await GatewayServer.start(settings, engine=engine)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            await health.Check(health_pb2.HealthCheckRequest(service=""))
-            assert channel.get_state() is grpc.ChannelConnectivity.READY
-            deadline = asyncio.get_running_loop().time() + 10
-            while channel.get_state() is grpc.ChannelConnectivity.READY:
-                assert asyncio.get_running_loop().time() < deadline, "idle connection kept open"
-                await asyncio.sleep(0.1)
-            assert channel.get_state() is grpc.ChannelConnectivity.IDLE
-    finally:
-        await server.stop(grace=1.0)
+    async with (
+        running_gateway(settings, engine) as server,
+        grpc.aio.insecure_channel(target(server)) as channel,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert channel.get_state() is grpc.ChannelConnectivity.READY
+        deadline = asyncio.get_running_loop().time() + 10
+        while channel.get_state() is grpc.ChannelConnectivity.READY:
+            assert asyncio.get_running_loop().time() < deadline, "idle connection kept open"
+            await asyncio.sleep(0.1)
+        assert channel.get_state() is grpc.ChannelConnectivity.IDLE

@@ -16,50 +16,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from lora_gateway import devtools
 from lora_gateway.client import AsyncGatewayClient
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
-from lora_gateway.tenancy import hash_key
-from tests.conftest import engine_settings
 from tests.support.faultproxy import FaultProxy
+from tests.support.gateway import client, gateway_settings, write_tenants
 from tests.support.s3server import S3Server, s3_server
 
 PREFIX = "faults"
 MAX_TOKENS = 8
-#: tenant -> (max_concurrent, max_tokens); each gets "<tenant>-user" and "<tenant>-admin" keys.
-TENANTS: dict[str, tuple[int, int]] = {
-    "acme": (32, 128),
-    "globex": (32, 64),
-    "fuzz": (32, 8),
-    "flood": (2, 128),
-    "calm": (2, 128),
+#: tenant -> its limits; each gets "<tenant>-user" and "<tenant>-admin" keys (`key_of`).
+TENANTS: dict[str, dict[str, int]] = {
+    "acme": {"max_concurrent": 32, "max_tokens": 128},
+    "globex": {"max_concurrent": 32, "max_tokens": 64},
+    "fuzz": {"max_concurrent": 32, "max_tokens": 8},
+    "flood": {"max_concurrent": 2, "max_tokens": 128},
+    "calm": {"max_concurrent": 2, "max_tokens": 128},
 }
-
-
-def key_of(tenant: str, role: str = "user") -> str:
-    return f"secret-{tenant}-{role}"
-
-
-def write_tenants(path: Path) -> Path:
-    tenants: dict[str, dict[str, object]] = {}
-    for tenant, (concurrent, tokens) in TENANTS.items():
-        tenants[tenant] = {
-            "max_concurrent": concurrent,
-            "max_tokens": tokens,
-            "keys": [
-                {"id": f"{tenant}-user", "sha256": hash_key(key_of(tenant)), "role": "user"},
-                {
-                    "id": f"{tenant}-admin",
-                    "sha256": hash_key(key_of(tenant, "admin")),
-                    "role": "tenant-admin",
-                },
-            ],
-        }
-    path.write_text(yaml.safe_dump({"tenants": tenants}))
-    return path
 
 
 @dataclass
@@ -73,9 +47,8 @@ class FaultEnv:
     def target(self) -> str:
         return f"127.0.0.1:{self.server.port}"
 
-    def client(self, tenant: str, role: str = "user", **kwargs: Any) -> AsyncGatewayClient:
-        kwargs.setdefault("max_retries", 0)
-        return AsyncGatewayClient(self.target, key_of(tenant, role), **kwargs)
+    def client(self, tenant: str, label: str = "user", **kwargs: Any) -> AsyncGatewayClient:
+        return client(self.server, tenant, label, **kwargs)
 
     def stored_keys(self, under: str = "") -> list[str]:
         """Object keys in the store (read from the S3 server directly, not through the proxy)."""
@@ -101,26 +74,25 @@ async def clear_engine(engine: VLLMEngine) -> None:
 async def start_gateway(
     engine: VLLMEngine, model: Path, proxy: FaultProxy, s3: S3Server, work: Path, **changes: Any
 ) -> GatewayServer:
-    values: dict[str, Any] = {
-        "store": f"s3://{s3.bucket}/{PREFIX}",
-        "s3_endpoint": proxy.endpoint_url,
-        "s3_region": s3.region,
-        "s3_connect_timeout_s": 0.5,
-        "s3_read_timeout_s": 1.0,
-        "s3_max_attempts": 2,
-        "tenants_file": str(write_tenants(work / "tenants.yaml")),
-        "listen": "127.0.0.1:0",
-        "cache_dir": str(work / "cache"),
-        "base_model_aliases": (devtools.TINY_MODEL_NAME,),
-        "poll_interval_s": 1.0,
-        "drain_grace_s": 2.0,
-        "default_max_tokens": MAX_TOKENS,
-        "tenant_max_tokens": 128,
-        "audit_log": str(work / "audit.jsonl"),
-        "self_test": False,  # proven in tests/test_engine.py; saves start-up time here
-    }
-    values.update(changes)
-    return await GatewayServer.start(engine_settings(model, **values), engine=engine)
+    """A gateway on the shared engine whose store is `s3` behind `proxy`; `changes` override."""
+    changes.setdefault("tenants", write_tenants(work / "tenants.yaml", TENANTS))
+    settings = gateway_settings(
+        model,
+        work,
+        s3=s3,
+        prefix=PREFIX,
+        s3_endpoint=proxy.endpoint_url,
+        s3_connect_timeout_s=0.5,
+        s3_read_timeout_s=1.0,
+        s3_max_attempts=2,
+        poll_interval_s=1.0,
+        drain_grace_s=2.0,
+        default_max_tokens=MAX_TOKENS,
+        tenant_max_tokens=128,
+        audit_log=str(work / "audit.jsonl"),
+        **changes,
+    )
+    return await GatewayServer.start(settings, engine=engine)
 
 
 @pytest.fixture(scope="package")

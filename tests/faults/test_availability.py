@@ -47,7 +47,8 @@ from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
 from lora_gateway.v1 import admin_pb2, admin_pb2_grpc
 from tests.conftest import AdapterFactory
-from tests.faults.conftest import FaultEnv, key_of, start_gateway
+from tests.faults.conftest import FaultEnv, start_gateway
+from tests.support.gateway import client, key_of, tenants_doc, write_tenants
 
 pytestmark = pytest.mark.engine
 
@@ -57,8 +58,9 @@ ZERO_SHA = "0" * 64
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-#: tenant -> limits of its entry in this module's tenants file (keys: <tenant>-user, -admin).
-TENANTS: dict[str, dict[str, int]] = {
+#: tenant -> limits of its entry in this module's tenants file (keys: <tenant>-user, -admin;
+#: max_tokens 128 unless given).
+_LIMITS: dict[str, dict[str, int]] = {
     "acme": {"max_concurrent": 32},
     "flood": {"max_concurrent": 2},
     "calm": {"max_concurrent": 2},
@@ -68,39 +70,13 @@ TENANTS: dict[str, dict[str, int]] = {
     "bytes": {"max_stored_bytes": 100_000},  # one test adapter (about 58 KB), not two
     **{f"up{i}": {} for i in range(10)},
 }
-
-
-def tenants_doc(
-    tenants: dict[str, dict[str, int]] | None = None, *, keys: dict[str, str] | None = None
-) -> dict[str, Any]:
-    """A tenants file; `keys` replaces a key's secret (tenant-role -> secret) to rotate it."""
-    doc: dict[str, Any] = {}
-    for tenant, limits in (tenants or TENANTS).items():
-        entries = []
-        for role, label in (("user", "user"), ("tenant-admin", "admin")):
-            key_id = f"{tenant}-{label}"
-            secret = (keys or {}).get(key_id, key_of(tenant, label if label == "admin" else "user"))
-            entries.append({"id": key_id, "sha256": hash_key(secret), "role": role})
-        doc[tenant] = {"max_tokens": 128, **limits, "keys": entries}
-    return {"tenants": doc}
-
-
-def write_tenants(path: Path, doc: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-def client(server: GatewayServer, tenant: str, role: str = "user", **kw: Any) -> AsyncGatewayClient:
-    kw.setdefault("max_retries", 0)
-    return AsyncGatewayClient(f"127.0.0.1:{server.port}", key_of(tenant, role), **kw)
+TENANTS = {tenant: {"max_tokens": 128, **limits} for tenant, limits in _LIMITS.items()}
 
 
 async def gateway(
     fenv: FaultEnv, engine: VLLMEngine, model: Path, work: Path, **changes: Any
 ) -> GatewayServer:
-    # not work/tenants.yaml: start_gateway writes the fault package's own file there
-    changes.setdefault("tenants_file", str(write_tenants(work / "avail.yaml", tenants_doc())))
+    changes.setdefault("tenants", write_tenants(work / "avail.yaml", TENANTS))
     return await start_gateway(
         engine,
         model,
@@ -702,13 +678,13 @@ async def test_tenants_file_reload_rotates_and_revokes_keys(
     fenv: FaultEnv, engine: VLLMEngine, tiny_model: Path, tmp_path: Path
 ) -> None:
     volume = SecretVolume(tmp_path / "secret")
-    volume.update(yaml.safe_dump(tenants_doc()))
+    volume.update(yaml.safe_dump(tenants_doc(TENANTS)))
     server = await gateway(
         fenv,
         engine,
         tiny_model,
         tmp_path,
-        tenants_file=str(volume.path),
+        tenants=volume.path,
         tenants_reload_interval_s=0.2,
     )
     target = f"127.0.0.1:{server.port}"
@@ -727,7 +703,7 @@ async def test_tenants_file_reload_rotates_and_revokes_keys(
         assert await accepted(old_key)
         assert not await accepted(new_key)
         # 1. rotation: the new key next to the old one
-        both = tenants_doc()
+        both = tenants_doc(TENANTS)
         both["tenants"]["acme"]["keys"].append(
             {"id": "acme-user-2", "sha256": hash_key(new_key), "role": "user"}
         )
@@ -736,7 +712,7 @@ async def test_tenants_file_reload_rotates_and_revokes_keys(
         assert await accepted(old_key)
         # 2. revocation: the old key removed; the interceptor, gateway and admission all see the
         # new ring (acme's max_tokens drops to 4 in the same file)
-        only_new = tenants_doc(keys={"acme-user": new_key})
+        only_new = tenants_doc(TENANTS, secrets={"acme-user": new_key})
         only_new["tenants"]["acme"]["max_tokens"] = 4
         volume.update(yaml.safe_dump(only_new))
         revoked_at = time.monotonic()

@@ -24,18 +24,16 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lora_gateway import devtools, errors
 from lora_gateway.client import AsyncGatewayClient, GenerateOptions
 from lora_gateway.server import GatewayServer
-from lora_gateway.tenancy import hash_key
-from tests.conftest import engine_settings
+from tests.support.gateway import gateway_settings, key_of, write_tenants
 
 pytestmark = pytest.mark.engine
 
-KEY = "secret-death-user"
+KEY = key_of("death")
 WATCH_S = 0.5
 SLACK_S = 3.0
 PROMPT = devtools.SAMPLE_PROMPTS[0]
@@ -88,22 +86,12 @@ async def health(port: int) -> int:
 async def test_engine_core_killed_fails_fast_and_reports_not_serving(
     tiny_model: Path, tmp_path: Path, new_processes: set[int]
 ) -> None:
-    tenants = tmp_path / "tenants.yaml"
-    tenants.write_text(
-        yaml.safe_dump(
-            {"tenants": {"death": {"keys": [{"id": "u", "sha256": hash_key(KEY), "role": "user"}]}}}
-        )
-    )
-    settings = engine_settings(
+    settings = gateway_settings(
         tiny_model,
-        store=f"file://{tmp_path / 'store'}",
-        tenants_file=str(tenants),
-        listen="127.0.0.1:0",
-        cache_dir=str(tmp_path / "cache"),
-        base_model_aliases=(devtools.TINY_MODEL_NAME,),
+        tmp_path,
+        tenants=write_tenants(tmp_path / "tenants.yaml", {"death": {}}, keys=("user",)),
         default_max_tokens=8,
         tenant_max_tokens=200,
-        self_test=False,
         engine_watch_interval_s=WATCH_S,
     )
     before = descendants()

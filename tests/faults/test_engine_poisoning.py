@@ -32,7 +32,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from adapter_store import LocalBackend, Quarantined, Registry, validate
@@ -43,8 +42,8 @@ from lora_gateway.engine.base import GenerateParams, LoadedAdapter, Prompt, next
 from lora_gateway.engine.canary import CanaryReport
 from lora_gateway.engine.selftest import collect
 from lora_gateway.server import GatewayServer
-from lora_gateway.tenancy import hash_key
-from tests.conftest import AdapterFactory, engine_settings
+from tests.conftest import AdapterFactory
+from tests.support.gateway import client, gateway_settings, key_of, write_tenants
 
 pytestmark = pytest.mark.engine
 
@@ -65,23 +64,8 @@ PROMPTS = devtools.SAMPLE_PROMPTS[:3]
 POISON_PROMPT = " ".join(devtools.SAMPLE_PROMPTS)
 
 
-def key(tenant: str, role: str) -> str:
-    return f"poison-test-{tenant}-{role}"
-
-
-def write_tenants(path: Path) -> Path:
-    tenants = {
-        tenant: {
-            "max_tokens": 64,
-            "keys": [
-                {"id": f"{tenant}-{role}", "sha256": hash_key(key(tenant, role)), "role": role}
-                for role in ("user", "tenant-admin")
-            ],
-        }
-        for tenant in ("evil", "victim")
-    }
-    path.write_text(yaml.safe_dump({"tenants": tenants}))
-    return path
+#: Both tenants have a user and a tenant-admin key (`key_of(tenant, "user" / "admin")`).
+TENANTS = {"evil": {"max_tokens": 64}, "victim": {"max_tokens": 64}}
 
 
 def make_poison(good: Path, out: Path) -> Path:
@@ -117,13 +101,11 @@ async def test_poisoned_adapter_refused_then_caught_quarantined_and_engine_recov
 ) -> None:
     store = tmp_path / "store"
     audit_log = tmp_path / "audit.jsonl"
-    settings = engine_settings(
+    settings = gateway_settings(
         tiny_model,
+        tmp_path,
+        tenants=write_tenants(tmp_path / "tenants.yaml", TENANTS),
         store=f"file://{store}",
-        tenants_file=str(write_tenants(tmp_path / "tenants.yaml")),
-        listen="127.0.0.1:0",
-        cache_dir=str(tmp_path / "cache"),
-        base_model_aliases=(devtools.TINY_MODEL_NAME,),
         default_max_tokens=MAX_TOKENS,
         tenant_max_tokens=64,
         audit_log=str(audit_log),
@@ -142,9 +124,9 @@ async def test_poisoned_adapter_refused_then_caught_quarantined_and_engine_recov
     print(f"\nserver with its own engine up in {time.monotonic() - started:.1f}s")
     target = f"127.0.0.1:{server.port}"
     clients = {
-        (tenant, role): AsyncGatewayClient(target, key(tenant, role), max_retries=0)
-        for tenant in ("evil", "victim")
-        for role in ("user", "tenant-admin")
+        (tenant, label): AsyncGatewayClient(target, key_of(tenant, label), max_retries=0)
+        for tenant in TENANTS
+        for label in ("user", "admin")
     }
     victim, evil = clients[("victim", "user")], clients[("evil", "user")]
 
@@ -164,18 +146,18 @@ async def test_poisoned_adapter_refused_then_caught_quarantined_and_engine_recov
         assert server.owns_engine
         assert server.canary is not None
         assert server.gateway.residency.spec.dtype == "float32"  # Settings.dtype reached it
-        await clients[("victim", "tenant-admin")].upload_adapter("helper", good)
+        await clients[("victim", "admin")].upload_adapter("helper", good)
         assert await outputs() == expected  # the references hold before anything happens
 
         # 1. The poison is refused at upload, with a message naming lora_alpha.
         with pytest.raises(errors.GatewayError) as refused:
-            await clients[("evil", "tenant-admin")].upload_adapter("poison", poison)
+            await clients[("evil", "admin")].upload_adapter("poison", poison)
         assert refused.value.code == SC.INVALID_ARGUMENT
         assert "lora_alpha" in str(refused.value)
 
         # 2. The check switched off, in this test only: it uploads; one request runs with it.
         monkeypatch.setattr(validate, "check_effective_weights", lambda *a, **k: None)
-        info = await clients[("evil", "tenant-admin")].upload_adapter("poison", poison)
+        info = await clients[("evil", "admin")].upload_adapter("poison", poison)
         sha = info.version.removeprefix("sha256:")
         poisoned = await evil.generate("poison", POISON_PROMPT, GREEDY)
         detected_s = await wait_health(server.port, NOT_SERVING, DETECT_BOUND_S)
@@ -213,7 +195,7 @@ async def test_poisoned_adapter_refused_then_caught_quarantined_and_engine_recov
         with pytest.raises(Quarantined):
             await asyncio.to_thread(fresh.resolve, "evil", AdapterRef(None, "poison"))
         with pytest.raises(errors.GatewayError) as again:
-            await clients[("evil", "tenant-admin")].upload_adapter("poison", poison)
+            await clients[("evil", "admin")].upload_adapter("poison", poison)
         assert again.value.code == SC.FAILED_PRECONDITION
         assert "quarantined" in str(again.value)
 
@@ -244,8 +226,8 @@ async def test_poisoned_adapter_refused_then_caught_quarantined_and_engine_recov
         print(f"without the canary, after one poisoned request: {wrong}/{len(expected)} wrong")
         assert wrong >= len(expected) // 2, damaged
     finally:
-        for client in clients.values():
-            await client.close()
+        for each in clients.values():
+            await each.close()
         await server.stop(grace=0)
 
 
@@ -259,23 +241,16 @@ async def test_a_canary_failure_on_a_shared_engine_quarantines_and_exits(
     """A server that does not own its engine cannot restart it: after quarantining it sets
     `engine_failed` (`lora-gateway serve` exits 1). The mismatch is simulated (this is the
     session's shared engine: it is never poisoned); residency's hook and the monitor are real."""
-    settings = engine_settings(
+    settings = gateway_settings(
         tiny_model,
-        store=f"file://{tmp_path / 'store'}",
-        tenants_file=str(write_tenants(tmp_path / "tenants.yaml")),
-        listen="127.0.0.1:0",
-        cache_dir=str(tmp_path / "cache"),
-        base_model_aliases=(devtools.TINY_MODEL_NAME,),
+        tmp_path,
+        tenants=write_tenants(tmp_path / "tenants.yaml", TENANTS),
         default_max_tokens=MAX_TOKENS,
         tenant_max_tokens=64,
-        self_test=False,
         canary_interval_s=3600.0,  # no periodic check: only the one this test runs
     )
     server = await GatewayServer.start(settings, engine=engine)  # type: ignore[arg-type]
-    user = AsyncGatewayClient(f"127.0.0.1:{server.port}", key("victim", "user"), max_retries=0)
-    admin = AsyncGatewayClient(
-        f"127.0.0.1:{server.port}", key("victim", "tenant-admin"), max_retries=0
-    )
+    user, admin = client(server, "victim"), client(server, "victim", "admin")
     try:
         assert not server.owns_engine
         monitor = server.canary

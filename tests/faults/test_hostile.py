@@ -36,7 +36,8 @@ from adapter_store import CapacityExceeded, Incompatible, InvalidAdapter, StoreE
 from adapter_store.model import CONFIG_FILE, WEIGHTS_FILE
 from lora_gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tests.conftest import AdapterFactory
-from tests.faults.conftest import FaultEnv, key_of
+from tests.faults.conftest import FaultEnv
+from tests.support.gateway import key_of
 from tests.support.hostile import (
     BAD_ADAPTERS,
     HEADER_FIELDS,

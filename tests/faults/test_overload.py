@@ -19,7 +19,8 @@ from lora_gateway import devtools, errors
 from lora_gateway.client import AsyncGatewayClient, GenerateOptions
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
-from tests.faults.conftest import FaultEnv, key_of, start_gateway
+from tests.faults.conftest import FaultEnv, start_gateway
+from tests.support.gateway import client
 
 pytestmark = pytest.mark.engine
 
@@ -44,10 +45,6 @@ async def limited(
     )
     yield server
     await server.stop(grace=1.0)
-
-
-def client(server: GatewayServer, tenant: str) -> AsyncGatewayClient:
-    return AsyncGatewayClient(f"127.0.0.1:{server.port}", key_of(tenant), max_retries=0)
 
 
 async def timed(c: AsyncGatewayClient) -> tuple[str, float]:

@@ -30,7 +30,8 @@ from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
 from lora_gateway.v1 import admin_pb2, admin_pb2_grpc
 from tests.conftest import AdapterFactory
-from tests.faults.conftest import FaultEnv, key_of, start_gateway
+from tests.faults.conftest import FaultEnv, start_gateway
+from tests.support.gateway import key_of
 
 pytestmark = pytest.mark.engine
 
