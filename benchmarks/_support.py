@@ -3,7 +3,8 @@
 - The base model is `lora_gateway.devtools.make_model` (a tiny random Llama, generated once per
   run). Adapters are `devtools.write_random_lora`'s (numpy, fast enough for a thousand).
 - The store is a real S3 server over HTTP: SeaweedFS, started by `tests/support/s3server.py`
-  (the same server the tests use).
+  (the same server the tests use); the tenants file and each gateway's settings come from the
+  tests' builder, `tests/support/gateway.py`.
 - One vLLM engine serves the whole run (`max_loras` 4, `max_cpu_loras` 16, rank up to 64); each
   benchmark starts its own `GatewayServer` on it (fresh residency, statistics and disk cache) and
   empties the engine again when it stops.
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from adapter_store import BaseModelSpec, Limits, Registry
@@ -33,12 +33,19 @@ from lora_gateway.client import AsyncGatewayClient, GenerateOptions
 from lora_gateway.config import Settings
 from lora_gateway.engine.base import Engine, GenerateParams, LoadedAdapter, Prompt
 from lora_gateway.server import GatewayServer
-from lora_gateway.tenancy import hash_key
+from tests.support.gateway import (
+    engine_settings,
+    gateway_settings,
+    key_of,
+    running_gateway,
+    target,
+    write_tenants,
+)
 from tests.support.s3server import S3Server, s3_server
 
 TENANT = "bench"
-USER_KEY = "bench-user-secret"
-ADMIN_KEY = "bench-admin-secret"
+USER_KEY = key_of(TENANT)
+ADMIN_KEY = key_of(TENANT, "admin")
 #: Largest adapter rank the engine accepts (the cold-start benchmark goes up to 64).
 MAX_RANK = 64
 
@@ -259,7 +266,7 @@ class Gateway:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
+        return target(self.server)
 
     def client(self, key: str = USER_KEY, **kwargs: Any) -> AsyncGatewayClient:
         return AsyncGatewayClient(self.target, key, **kwargs)
@@ -279,22 +286,16 @@ class Bench:
     _gateways: int = field(default=0)
 
     def engine_settings(self) -> Settings:
-        return Settings.from_mapping({"model": str(self.model), **ENGINE_SETTINGS})
+        return engine_settings(self.model, **ENGINE_SETTINGS)
 
     def settings(self, prefix: str, **changes: Any) -> Settings:
+        """A gateway on the run's engine and S3 server, under store prefix `prefix`, with a
+        fresh disk cache. The engine's isolation self-test ran once for the run (open_bench):
+        not per gateway (`gateway_settings` leaves it off)."""
         self._gateways += 1
         values: dict[str, Any] = {
-            "model": str(self.model),
             **ENGINE_SETTINGS,
-            "store": f"s3://{self.s3.bucket}/{prefix}",
-            "s3_endpoint": self.s3.endpoint_url,
-            "s3_region": self.s3.region,
-            "tenants_file": str(self.tenants_file),
-            "listen": "127.0.0.1:0",
             "cache_dir": str(self.work / f"cache-{self._gateways}-{prefix}"),
-            "base_model_aliases": (devtools.TINY_MODEL_NAME,),
-            # The engine's isolation self-test ran once for the run (open_bench); not per gateway.
-            "self_test": False,
             "poll_interval_s": 2.0,
             "drain_grace_s": 1.0,
             "max_concurrent_requests": 512,
@@ -303,7 +304,9 @@ class Bench:
             "default_max_tokens": 16,
         }
         values.update(changes)
-        return Settings.from_mapping(values)
+        return gateway_settings(
+            self.model, self.work, tenants=self.tenants_file, s3=self.s3, prefix=prefix, **values
+        )
 
     def registry(self, prefix: str) -> Registry:
         """The store as the gateway sees it, for uploads that bypass the Admin API."""
@@ -327,16 +330,14 @@ class Bench:
     @contextlib.asynccontextmanager
     async def gateway(self, prefix: str, **changes: Any) -> AsyncIterator[Gateway]:
         """A gateway on the shared engine; at exit it stops and the engine is emptied."""
-        server = await GatewayServer.start(self.settings(prefix, **changes), engine=self.engine)
-        target = f"127.0.0.1:{server.port}"
-        user = AsyncGatewayClient(target, USER_KEY, timeout=300.0)
-        admin = AsyncGatewayClient(target, ADMIN_KEY, timeout=300.0)
         try:
-            yield Gateway(server, user, admin)
+            async with (
+                running_gateway(self.settings(prefix, **changes), self.engine, grace=0.5) as server,
+                AsyncGatewayClient(target(server), USER_KEY, timeout=300.0) as user,
+                AsyncGatewayClient(target(server), ADMIN_KEY, timeout=300.0) as admin,
+            ):
+                yield Gateway(server, user, admin)
         finally:
-            await user.close()
-            await admin.close()
-            await server.stop(grace=0.5)
             await clear_engine(self.engine)
 
 
@@ -345,23 +346,6 @@ async def clear_engine(engine: Engine) -> None:
     with contextlib.suppress(errors.EngineDead):  # a dead engine has nothing left to clear
         for lora_int_id in await engine.list_adapters():
             await engine.remove_adapter(lora_int_id)
-
-
-def write_tenants(path: Path) -> Path:
-    tenants = {
-        "tenants": {
-            TENANT: {
-                "max_concurrent": 512,
-                "max_tokens": 256,
-                "keys": [
-                    {"id": "bench-user", "sha256": hash_key(USER_KEY), "role": "user"},
-                    {"id": "bench-admin", "sha256": hash_key(ADMIN_KEY), "role": "tenant-admin"},
-                ],
-            }
-        }
-    }
-    path.write_text(yaml.safe_dump(tenants))
-    return path
 
 
 @contextlib.asynccontextmanager
@@ -375,8 +359,7 @@ async def open_bench(work: Path, *, smoke: bool, progress: Progress) -> AsyncIte
         model = await asyncio.to_thread(devtools.make_model, work / "tiny-llama")
     with s3_server("lora-gateway-bench") as s3, s3.credentials_in_env():
         with progress.phase("setup: engine start"):
-            settings = Settings.from_mapping({"model": str(model), **ENGINE_SETTINGS})
-            engine = await VLLMEngine.start(settings)
+            engine = await VLLMEngine.start(engine_settings(model, **ENGINE_SETTINGS))
         try:
             with progress.phase("setup: isolation self-test"):
                 await require_isolation(engine, str(model))
@@ -386,7 +369,9 @@ async def open_bench(work: Path, *, smoke: bool, progress: Progress) -> AsyncIte
                 model=model,
                 s3=s3,
                 engine=engine,
-                tenants_file=write_tenants(work / "tenants.yaml"),
+                tenants_file=write_tenants(
+                    work / "tenants.yaml", {TENANT: {"max_concurrent": 512, "max_tokens": 256}}
+                ),
                 smoke=smoke,
                 progress=progress,
             )

@@ -47,8 +47,8 @@ from benchmarks._support import (
     summarize,
 )
 from lora_gateway import devtools
-from lora_gateway.config import Settings
 from lora_gateway.engine.base import Engine, LoadedAdapter, next_lora_id
+from tests.support.gateway import engine_settings
 
 NAME = "quantized"
 FLOAT = "float32"
@@ -194,7 +194,7 @@ async def run(bench: Bench, params: Params) -> dict[str, Any]:
         if owned:
             before = engine_pids()
             began = time.perf_counter()
-            settings = Settings.from_mapping({**ENGINE_SETTINGS, "model": str(models[system])})
+            settings = engine_settings(models[system], **ENGINE_SETTINGS)
             engine: Engine = await VLLMEngine.start(settings)
             record["start_s"].append(time.perf_counter() - began)
             pids = engine_pids() - before
