@@ -75,23 +75,20 @@ async def start_gateway(
     engine: VLLMEngine, model: Path, proxy: FaultProxy, s3: S3Server, work: Path, **changes: Any
 ) -> GatewayServer:
     """A gateway on the shared engine whose store is `s3` behind `proxy`; `changes` override."""
-    changes.setdefault("tenants", write_tenants(work / "tenants.yaml", TENANTS))
-    settings = gateway_settings(
-        model,
-        work,
-        s3=s3,
-        prefix=PREFIX,
-        s3_endpoint=proxy.endpoint_url,
-        s3_connect_timeout_s=0.5,
-        s3_read_timeout_s=1.0,
-        s3_max_attempts=2,
-        poll_interval_s=1.0,
-        drain_grace_s=2.0,
-        default_max_tokens=MAX_TOKENS,
-        tenant_max_tokens=128,
-        audit_log=str(work / "audit.jsonl"),
-        **changes,
-    )
+    values: dict[str, Any] = {
+        "tenants": write_tenants(work / "tenants.yaml", TENANTS),
+        "s3_endpoint": proxy.endpoint_url,
+        "s3_connect_timeout_s": 0.5,
+        "s3_read_timeout_s": 1.0,
+        "s3_max_attempts": 2,
+        "poll_interval_s": 1.0,
+        "drain_grace_s": 2.0,
+        "default_max_tokens": MAX_TOKENS,
+        "tenant_max_tokens": 128,
+        "audit_log": str(work / "audit.jsonl"),
+    }
+    values.update(changes)
+    settings = gateway_settings(model, work, s3=s3, prefix=PREFIX, **values)
     return await GatewayServer.start(settings, engine=engine)
 
 
