@@ -30,6 +30,7 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
+from adapter_store.backend import Keys
 from adapter_store.errors import (
     BlobNotFound,
     PreconditionFailed,
@@ -39,9 +40,6 @@ from adapter_store.errors import (
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
-
-#: Keys of a listing (an alias: inside the class, `list` is its method).
-Keys = list[str]
 
 __all__ = ["S3Backend"]
 

@@ -44,6 +44,7 @@ from grpc_reflection.v1alpha import reflection
 from adapter_store import (
     AdapterVersion,
     BaseModelSpec,
+    BlobBackend,
     DiskCache,
     Limits,
     LocalBackend,
@@ -52,7 +53,6 @@ from adapter_store import (
 )
 from adapter_store.model import utc_now
 from adapter_store.spool import Spool
-from adapter_store.store import BlobBackend
 from lora_gateway import errors, logs
 from lora_gateway.audit import AuditLog
 from lora_gateway.config import Settings
