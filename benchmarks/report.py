@@ -216,12 +216,53 @@ def rows_revocation(r: Result) -> list[tuple[str, str]]:
     ]
 
 
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def _range(s: dict[str, float], fmt: Callable[[float], str]) -> str:
+    return f"{fmt(s['median'])} ({fmt(s['min'])} to {fmt(s['max'])})"
+
+
+def rows_quantized(r: Result) -> list[tuple[str, str]]:
+    p, systems = r["params"], r["systems"]
+    rows = [
+        (
+            "workload",
+            f"{p['model']} model, {p['passes']} passes x {p['rounds']} rounds, "
+            f"{p['requests']} requests, concurrency {p['concurrency']}, "
+            f"{p['prompt_tokens']} → {p['max_tokens']} tokens, {p['adapters']} adapters "
+            f"rank {p['rank']}",
+        )
+    ]
+    for name, s in systems.items():
+        rows.append(
+            (
+                f"{name}: weights; engine RSS after work; req/s base / adapters",
+                f"{_mib(s['weights_bytes'])}; {_range(s['rss_after_work_bytes'], _mib)}; "
+                f"{s['throughput_rps']['base']['median']:.1f} / "
+                f"{s['throughput_rps']['adapters']['median']:.1f}",
+            )
+        )
+    for scheme, c in r["comparison"].items():
+        t = c["throughput_ratio"]
+        rows.append(
+            (
+                f"{scheme} / float32: throughput base; adapters; RSS (median, range)",
+                f"{_range(t['base'], _x)}; {_range(t['adapters'], _x)}; "
+                f"{_range(c['rss_ratio'], _x)}",
+            )
+        )
+    return rows
+
+
 ROWS: dict[str, Callable[[Result], list[tuple[str, str]]]] = {
     "overhead": rows_overhead,
     "cold_start": rows_cold_start,
     "many_adapters": rows_many,
     "herd": rows_herd,
     "revocation": rows_revocation,
+    "quantized": rows_quantized,
 }
 
 
@@ -413,10 +454,37 @@ def plot_revocation(r: Result) -> Figure:
     return fig
 
 
+def plot_quantized(r: Result) -> Figure:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.2))
+    systems = list(r["systems"])
+    rss = [r["systems"][s]["rss_after_work_bytes"] for s in systems]
+    medians = np.array([m["median"] for m in rss]) / 2**20
+    low = medians - np.array([m["min"] for m in rss]) / 2**20
+    high = np.array([m["max"] for m in rss]) / 2**20 - medians
+    a.bar(systems, medians, yerr=[low, high], color="C0", capsize=4, label="engine RSS")
+    weights = [r["systems"][s]["weights_bytes"] / 2**20 for s in systems]
+    a.bar(systems, weights, width=0.4, color="C1", label="weights file")
+    a.set_ylabel("MiB")
+    a.set_title("engine processes' RSS after the workload (median, min-max)")
+    a.legend(fontsize=8)
+    for index, mode in enumerate(("base", "adapters")):
+        for position, system in enumerate(systems):
+            values = [x["throughput_rps"] for x in r["systems"][system]["rounds"][mode]]
+            xs = np.full(len(values), position + (index - 0.5) * 0.3)
+            b.scatter(xs, values, s=14, color=f"C{index}", label=mode if position == 0 else None)
+    b.set_xticks(range(len(systems)), systems)
+    b.set_ylabel("requests / s (each round)")
+    b.set_title("throughput per round, engine layer")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 PLOTS: dict[str, Callable[[Result], Figure]] = {
     "overhead": plot_overhead,
     "cold_start": plot_cold_start,
     "many_adapters": plot_many,
     "herd": plot_herd,
     "revocation": plot_revocation,
+    "quantized": plot_quantized,
 }

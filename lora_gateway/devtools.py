@@ -4,14 +4,21 @@ Everything here is deterministic (seeded) and offline. The heavy libraries (torc
 tokenizers, peft) are imported inside the functions so that the server does not pay for them.
 
 - `make_model(out)`          a random Llama with a small BPE tokenizer, saved with save_pretrained.
+- `make_quantized_model(out, scheme)`  the same model quantized with compressed-tensors (W8A8,
+                             W4A8, W4A16), in the format llm-compressor writes and vLLM reads.
+- `dequantize_model(q, out)` a quantized checkpoint's weights dequantized back to a float32 model
+                             (numpy, independent of compressed-tensors): the reference's base.
 - `make_adapter(model, out)` a PEFT LoRA adapter (rank, targets, rsLoRA, AdaLoRA selectable).
 - `ReferenceGenerator`       the PEFT-merged model run greedily in transformers, float32: the
-                             token-for-token reference that the engine's outputs must equal.
+                             token-for-token reference that the engine's outputs must equal
+                             (and, for a quantized base, the logprobs they are held to).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +70,20 @@ def _corpus(seed: int) -> list[str]:
     return lines
 
 
-def make_model(out: Path | str, seed: int = 0) -> Path:
-    """Write a tiny random Llama (float32) and its BPE tokenizer to `out`; return the path."""
+def make_model(
+    out: Path | str,
+    seed: int = 0,
+    *,
+    hidden: int = TINY_HIDDEN,
+    layers: int = TINY_LAYERS,
+    intermediate: int = TINY_INTERMEDIATE,
+    heads: int = TINY_HEADS,
+    kv_heads: int = TINY_KV_HEADS,
+) -> Path:
+    """Write a tiny random Llama (float32) and its BPE tokenizer to `out`; return the path.
+
+    The sizes default to the tiny model's; a benchmark may ask for a wider or deeper one (keep
+    `hidden // heads` at 64, the head size vLLM's CPU attention accepts)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -90,12 +109,12 @@ def make_model(out: Path | str, seed: int = 0) -> Path:
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=TINY_HIDDEN,
-        intermediate_size=TINY_INTERMEDIATE,
-        num_hidden_layers=TINY_LAYERS,
-        num_attention_heads=TINY_HEADS,
-        num_key_value_heads=TINY_KV_HEADS,
-        head_dim=TINY_HIDDEN // TINY_HEADS,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
         max_position_embeddings=TINY_MAX_POSITIONS,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -110,6 +129,128 @@ def make_model(out: Path | str, seed: int = 0) -> Path:
         for param in model.parameters():
             param.normal_(0.0, 0.08)
     model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+#: Quantization schemes `make_quantized_model` writes: compressed-tensors presets, named as
+#: llm-compressor names them. W8A8: int8 weights (one scale per output channel) and dynamic
+#: per-token int8 activations ("int-quantized" format). W4A8: int4 weights in groups of 128 and
+#: dynamic per-token int8 activations ("int-quantized": int4 values stored one per int8). W4A16:
+#: int4 weights in groups of 128, activations unquantized ("pack-quantized": eight int4 values
+#: per int32, GPTQ-style symmetric). lm_head and the embeddings stay float32 in all three.
+QUANT_SCHEMES = ("W8A8", "W4A8", "W4A16")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def make_quantized_model(
+    out: Path | str, scheme: str = "W8A8", *, source: Path | str | None = None, seed: int = 0
+) -> Path:
+    """Write `source` (default: a fresh `make_model(seed=seed)`) quantized to `out`; return it.
+
+    Round-to-nearest with min-max scales taken from the weights themselves (no calibration data:
+    the weight observer llm-compressor calls "memoryless_minmax"), then compressed and saved
+    with compressed-tensors' `ModelCompressor`, which writes the `quantization_config` of
+    config.json. The result loads in vLLM with `quantization` unset (it reads the config)."""
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationStatus,
+        QuantizationStrategy,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import LlamaForCausalLM
+
+    if scheme not in QUANT_SCHEMES:
+        raise ValueError(f"scheme must be one of {', '.join(QUANT_SCHEMES)}, not {scheme!r}")
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="tiny-llama-float-") as scratch:
+        base = Path(source) if source is not None else make_model(Path(scratch), seed=seed)
+        model = LlamaForCausalLM.from_pretrained(str(base), torch_dtype=torch.float32)
+        config = QuantizationConfig(
+            config_groups={"group_0": preset_name_to_scheme(scheme, ["Linear"])},
+            ignore=["lm_head"],
+        )
+        apply_quantization_config(model, config)
+        with torch.no_grad():
+            module: Any
+            for module in model.modules():
+                args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
+                if args is None:
+                    continue
+                weight = module.weight
+                if args.strategy == QuantizationStrategy.CHANNEL:
+                    low, high = weight.amin(1, keepdim=True), weight.amax(1, keepdim=True)
+                elif args.strategy == QuantizationStrategy.GROUP:
+                    grouped = weight.reshape(weight.shape[0], -1, args.group_size)
+                    low, high = grouped.amin(2), grouped.amax(2)
+                else:  # the presets above use only these two
+                    raise ValueError(f"unsupported weight strategy {args.strategy}")
+                scale, zero_point = calculate_qparams(low, high, args)
+                module.weight_scale.copy_(scale.to(module.weight_scale.dtype))
+                if hasattr(module, "weight_zero_point"):
+                    module.weight_zero_point.copy_(zero_point.to(module.weight_zero_point.dtype))
+                module.quantization_status = QuantizationStatus.FROZEN
+        compressor = ModelCompressor.from_pretrained_model(model)
+        compressor.compress_model(model)
+        model.save_pretrained(str(out))
+        compressor.update_config(str(out))
+        for name in _TOKENIZER_FILES:
+            shutil.copy(base / name, out / name)
+    return out
+
+
+def dequantize_model(quantized: Path | str, out: Path | str) -> Path:
+    """Write the float32 model whose weights are `quantized`'s dequantized ones; return `out`.
+
+    Reads the compressed-tensors formats `make_quantized_model` writes ("int-quantized": int8
+    `weight` times `weight_scale`; "pack-quantized": int4 values packed eight per int32 in
+    `weight_packed`, stored +8, times `weight_scale`), symmetric, one scale per output channel or
+    per group along the input. Written from the format, with numpy, so that it does not share
+    code with the writer (compressed-tensors) nor with the reader under test (vLLM)."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    quantized, out = Path(quantized), Path(out)
+    config = json.loads((quantized / "config.json").read_text(encoding="utf-8"))
+    qconfig = config.pop("quantization_config", None)
+    if not qconfig or qconfig.get("quant_method") != "compressed-tensors":
+        raise ValueError(f"{quantized} is not a compressed-tensors checkpoint")
+    for group in qconfig["config_groups"].values():
+        weights = group["weights"]
+        if group.get("format") not in ("int-quantized", "pack-quantized"):
+            raise ValueError(f"unsupported format {group.get('format')!r}")
+        if not weights["symmetric"] or weights.get("actorder"):
+            raise ValueError("only symmetric weights without activation ordering are supported")
+    tensors = load_file(str(quantized / "model.safetensors"))
+    dense: dict[str, Any] = {}
+    for key, value in tensors.items():
+        base, _, kind = key.rpartition(".")
+        if kind in ("weight_packed", "weight_shape", "weight_zero_point") or (
+            kind == "weight" and f"{base}.weight_scale" in tensors
+        ):
+            continue
+        if kind != "weight_scale":
+            dense[key] = value
+            continue
+        scale = value.astype(np.float32)
+        if f"{base}.weight" in tensors:
+            values = tensors[f"{base}.weight"].astype(np.float32)
+        else:
+            packed = tensors[f"{base}.weight_packed"].astype(np.int64) & 0xFFFFFFFF
+            rows, cols = (int(n) for n in tensors[f"{base}.weight_shape"])
+            nibbles = np.stack([(packed >> (4 * i)) & 0xF for i in range(8)], axis=-1)
+            values = nibbles.reshape(rows, -1)[:, :cols].astype(np.float32) - 8.0
+        group = values.shape[1] // scale.shape[1]
+        dense[f"{base}.weight"] = values * np.repeat(scale, group, axis=1)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(dense, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    for name in _TOKENIZER_FILES:
+        if (quantized / name).exists():
+            shutil.copy(quantized / name, out / name)
     return out
 
 
@@ -217,3 +358,22 @@ class ReferenceGenerator:
                 pad_token_id=self.tokenizer.eos_token_id,
             )
         return [int(t) for t in output[0][len(ids) :]]
+
+    def logprob_gaps(
+        self, prompt: str | Sequence[int], adapter_dir: Path | str | None, tokens: Sequence[int]
+    ) -> list[float]:
+        """Teacher-forced along `tokens` (another engine's output after `prompt`): at each
+        position, the reference's best log-probability minus that of the token chosen there.
+        0 where the reference agrees; small where it was a near tie; large where the output
+        is not what this model would say."""
+        import torch
+
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not tokens:
+            return []
+        model = self._model(adapter_dir)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + list(tokens)])).logits[0, len(ids) - 1 : -1]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        chosen = logprobs[torch.arange(len(tokens)), torch.tensor(list(tokens))]
+        return [float(g) for g in logprobs.max(dim=-1).values - chosen]

@@ -67,9 +67,14 @@ Limits of the `vllm serve` path, all from vLLM's side of the interface:
 - Do not point a gateway and a `vllm serve` at the same cache folder at the same time: each
   process evicts by its own bookkeeping.
 
+The plugin also carries one fix to vLLM itself, needed by the gateway's own engine as much as by
+`vllm serve`, because an entry point is the only code of ours that runs inside vLLM's engine-core
+and worker processes: `allow_lora_on_prepacked_int8` (LoRA on a W8A8 int8 base on CPU).
+
 This module is the second, deliberate exception to "engine/vllm_engine.py is the only module
-that imports vllm": it is vLLM's plugin entry point. vLLM is imported only inside `register` and
-`vllm_resolver`; `StoreResolver`, which does the work, does not know vLLM.
+that imports vllm": it is vLLM's plugin entry point. vLLM is imported only inside `register`,
+`allow_lora_on_prepacked_int8` and `vllm_resolver`; `StoreResolver`, which does the work, does not
+know vLLM.
 """
 
 from __future__ import annotations
@@ -405,6 +410,7 @@ def register() -> None:
     import vllm.envs as envs
     from vllm.lora.resolver import LoRAResolverRegistry
 
+    allow_lora_on_prepacked_int8()
     if not envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING:
         log.debug("lora_gateway resolver not registered: VLLM_ALLOW_RUNTIME_LORA_UPDATING is off")
         return
@@ -428,3 +434,42 @@ def register() -> None:
     _log_through_vllm()
     LoRAResolverRegistry.register_resolver(RESOLVER_NAME, vllm_resolver(StoreResolver(settings)))
     log.info("lora_gateway resolver registered (store %s)", settings.store)
+
+
+def allow_lora_on_prepacked_int8() -> bool:
+    """Let vLLM wrap a W8A8 int8 layer with LoRA on CPU; True if the fix is (now) in place.
+
+    vLLM 0.32's CPU int8 kernel (`CPUInt8ScaledMMLinearKernel`, its oneDNN path: every x86 CPU
+    without AMX) hands the int8 weight to a oneDNN handle and sets `layer.weight = None`. With
+    LoRA enabled, `BaseLinearLayerWithLoRA.__init__` then asks `_get_lora_device(layer)`, which
+    reads `layer.weight.device` whenever a `weight` attribute exists, and the worker dies at
+    start-up (`AttributeError: 'NoneType' object has no attribute 'device'`): no W8A8 base could
+    serve adapters on such a CPU. The fix places the LoRA tensors of such a layer on the CPU,
+    where the layer computes; any other layer gets vLLM's own answer. Applied only on the CPU
+    platform and only where vLLM still has that function (a later vLLM may fix or rename it);
+    it runs in every vLLM process, because vLLM loads this plugin in each.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    try:
+        import torch
+        from vllm.lora.layers import base_linear
+    except ImportError:
+        return False
+    original = getattr(base_linear, "_get_lora_device", None)
+    if original is None:
+        return False
+    if getattr(original, "_lora_gateway_fix", False):
+        return True
+
+    def lora_device(base_layer: Any) -> Any:
+        if getattr(base_layer, "weight", 0) is None:
+            return torch.device("cpu")
+        return original(base_layer)
+
+    lora_device._lora_gateway_fix = True  # type: ignore[attr-defined]
+    setattr(base_linear, "_get_lora_device", lora_device)  # noqa: B010 (a private name)
+    log.debug("vLLM patched: LoRA on prepacked int8 (W8A8) layers on CPU")
+    return True

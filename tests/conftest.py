@@ -34,6 +34,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def quantized_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model quantized W8A8 (int8 weights and activations) with compressed-tensors."""
+    out = tmp_path_factory.mktemp("model-w8a8") / "tiny-llama-w8a8"
+    return devtools.make_quantized_model(out, "W8A8", source=tiny_model)
+
+
+@pytest.fixture(scope="session")
 def make_test_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> AdapterFactory:
     """Factory: make_test_adapter(seed=1, rank=8, ...) -> PEFT adapter folder (cached per spec)."""
     made: dict[devtools.AdapterSpec, Path] = {}

@@ -20,16 +20,18 @@ import pytest
 pytestmark = pytest.mark.engine
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("overhead", "cold_start", "many_adapters", "herd", "revocation")
+BENCHMARKS = ("overhead", "cold_start", "many_adapters", "herd", "revocation", "quantized")
 REQUIRED = {
     "overhead": ("paths", "comparison", "samples"),
     "cold_start": ("by_rank", "trials"),
     "many_adapters": ("scenarios", "engine"),
     "herd": ("trials",),
     "revocation": ("trials", "summary"),
+    "quantized": ("systems", "comparison"),
 }
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "results"
@@ -70,6 +72,14 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert revocation["summary"]["succeeded_started_after_return"] == 0
     assert revocation["summary"]["succeeded_completed_after_return"] == 0
     assert revocation["engine_died"] is False, revocation["problems"]
+
+    quantized = json.loads((out / "quantized.json").read_text())
+    assert set(quantized["systems"]) == {"float32", "W8A8"}
+    for system in quantized["systems"].values():
+        assert system["rss_after_work_bytes"]["median"] > 0
+        for mode in ("base", "adapters"):
+            assert system["throughput_rps"][mode]["median"] > 0
+    assert quantized["problems"] == []
 
     summary_md = (out / "SUMMARY.md").read_text()
     for name in BENCHMARKS:

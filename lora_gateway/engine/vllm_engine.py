@@ -23,6 +23,13 @@ Runtime canary (`engine/canary.py`). With `canary_interval_s > 0` the engine als
 canary adapter in a reserved slot, like the null adapter: one more slot on top of the configured
 ones, never counted against `max_cpu_loras`. `watch_finished()` tells the canary when a request
 on an adapter ended (its probation), and `restart()` replaces the engine core in-process.
+
+Start-up checks, so that a configuration that would kill the engine is refused at start, never at
+the first request: before vLLM starts, a quantized base is checked against the kernels of the
+CPU build loaded here (`engine/quantization.py`: W4A16 and fp8 have none on an AVX2 CPU) and
+refused with `InvalidArgument`; after it starts, one short greedy request (the probe) runs
+through every layer before `start` returns, and an engine that dies on it is shut down and
+reported as `Unavailable`. `lora-gateway serve` then exits 1 before it ever reports SERVING.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,6 +51,7 @@ from safetensors.numpy import save_file
 
 from lora_gateway import errors
 from lora_gateway.config import Settings
+from lora_gateway.engine import quantization
 from lora_gateway.engine.base import (
     FinishReason,
     GenerateParams,
@@ -58,6 +67,13 @@ log = logging.getLogger(__name__)
 REMOVE_DRAIN_S = 5.0
 #: Seed of the runtime canary adapter (the start-up self-test's canaries use 0, 1, ...).
 CANARY_SEED = 7919
+#: Standard deviation of its random weights: a q_proj-only delta must change greedy outputs
+#: outright, or the canary cannot tell "applied" from "dropped" (at 0.5 it flipped no token of
+#: the W8A8 tiny model's canary prompts, and the canary refused to start there).
+CANARY_SCALE = 2.0
+#: The start-up probe: this prompt, greedy, a prefill and one decode step through every layer.
+PROBE_TEXT = "hello world"
+PROBE_TOKENS = 2
 
 _FINISH = {"length": FinishReason.LENGTH, "stop": FinishReason.STOP, "abort": FinishReason.ABORT}
 
@@ -149,6 +165,19 @@ class VLLMEngine:
 
         if not settings.model:
             raise errors.InvalidArgument("no base model configured (--model)")
+        quant = await asyncio.to_thread(
+            quantization.describe, settings.model, settings.quantization
+        )
+        if quant is not None and current_platform.is_cpu():
+            kernels = await asyncio.to_thread(cpu_kernels)
+            problem = quantization.cpu_refusal(quant, kernels)
+            if problem is not None:
+                raise errors.InvalidArgument(
+                    f"the base model's quantization ({quant.label}) cannot run on this CPU "
+                    f"build of vLLM: {problem}"
+                )
+            for warning in quantization.cpu_warnings(quant, kernels):
+                log.warning("quantization %s: %s", quant.label, warning)
         use_null = settings.null_adapter == "on" or (
             settings.null_adapter == "auto" and current_platform.is_cpu()
         )
@@ -173,7 +202,34 @@ class VLLMEngine:
             "disable_log_stats": True,
         }
         kwargs.update(settings.engine_args)
-        args, llm = await cls._new_llm(kwargs)
+        what = f"{settings.model} ({quant.label if quant else 'not quantized'})"
+        args, llm = await cls._new_llm(kwargs, what)
+        try:
+            engine = await cls._with_reserved(llm, settings, use_null, use_canary, args)
+        except BaseException:
+            await asyncio.to_thread(llm.shutdown)
+            llm.shutdown = lambda *args, **kwargs: None
+            raise
+        try:
+            await engine._probe(what)
+        except BaseException:
+            await engine.shutdown()
+            raise
+        log.info(
+            "engine started",
+            extra={
+                "model": settings.model,
+                "quantization": quant.label if quant else None,
+                "null_adapter": use_null,
+                "canary": use_canary,
+            },
+        )
+        return engine
+
+    @classmethod
+    async def _with_reserved(
+        cls, llm: Any, settings: Settings, use_null: bool, use_canary: bool, args: Any
+    ) -> VLLMEngine:
         null_adapter = None
         if use_null:
             folder = Path(tempfile.mkdtemp(prefix="lora-gateway-null-"))
@@ -183,19 +239,20 @@ class VLLMEngine:
         if use_canary:
             folder = Path(tempfile.mkdtemp(prefix="lora-gateway-canary-"))
             await asyncio.to_thread(
-                write_q_proj_adapter, settings.model, folder, rank=8, seed=CANARY_SEED, scale=0.5
+                write_q_proj_adapter,
+                settings.model,
+                folder,
+                rank=8,
+                seed=CANARY_SEED,
+                scale=CANARY_SCALE,
             )
             canary_adapter = LoadedAdapter(next_lora_id(), "runtime-canary", folder)
         engine = cls(llm, settings, null_adapter, canary_adapter, args)
         await engine._add_reserved()
-        log.info(
-            "engine started",
-            extra={"model": settings.model, "null_adapter": use_null, "canary": use_canary},
-        )
         return engine
 
     @staticmethod
-    async def _new_llm(kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    async def _new_llm(kwargs: dict[str, Any], what: str = "") -> tuple[Any, Any]:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -204,7 +261,28 @@ class VLLMEngine:
             llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         except (TypeError, ValueError) as exc:
             raise errors.InvalidArgument(f"engine settings rejected: {exc}") from exc
+        except RuntimeError as exc:  # the engine core or a worker died while starting
+            raise errors.Unavailable(
+                f"the engine failed to start on {what}: {exc} (vLLM's error is in the log)"
+            ) from exc
         return args, llm
+
+    async def _probe(self, what: str) -> None:
+        """One short greedy request through every layer (the null adapter's LoRA path too,
+        where it is on) before the engine is handed out: a kernel that kills the worker then
+        fails the start, not a tenant's first request."""
+        params = GenerateParams(max_tokens=PROBE_TOKENS, temperature=0.0, ignore_eos=True)
+        try:
+            async for _ in self.generate(
+                f"startup-probe-{uuid.uuid4().hex}", Prompt(text=PROBE_TEXT), params, None
+            ):
+                pass
+        except Exception as exc:
+            raise errors.Unavailable(
+                f"engine start failed: the first forward pass on {what} "
+                f"{'killed the engine core' if self._dead is not None else 'failed'}, before "
+                "anything was served (vLLM's error is in the log: look for 'Worker failed')"
+            ) from exc
 
     async def _add_reserved(self) -> None:
         for reserved in (self.null_adapter, self.canary_adapter):
@@ -328,10 +406,11 @@ class VLLMEngine:
             raise errors.Aborted("the adapter was removed from the engine")
         inflight = self._inflight.setdefault(target.lora_int_id, set()) if target else set()
         inflight.add(request_id)
+        inputs: dict[str, Any] = {"prompt_token_ids": ids}
+        if prompt.cache_salt:
+            inputs["cache_salt"] = prompt.cache_salt  # the first block's hash includes it
         try:
-            stream = llm.generate(
-                {"prompt_token_ids": ids}, sampling, request_id, lora_request=lora
-            )
+            stream = llm.generate(inputs, sampling, request_id, lora_request=lora)
             async for output in stream:
                 out = output.outputs[0]
                 completion += len(out.token_ids)
@@ -475,3 +554,47 @@ class VLLMEngine:
         except Exception as exc:
             self._dead = exc
             raise errors.EngineDead("engine is not running") from exc
+
+
+def cpu_kernels() -> quantization.CpuKernels:
+    """What the vLLM CPU kernel library that this machine loads provides (the engine's worker
+    loads the same one): the ops the quantized linear kernels call."""
+    import importlib.metadata
+
+    import torch
+    import vllm.envs as envs
+    from vllm.platforms import CpuArchEnum, current_platform
+
+    from lora_gateway.vllm_plugin import allow_lora_on_prepacked_int8
+
+    current_platform.import_kernels()
+
+    def op(name: str) -> Any:
+        try:
+            return getattr(torch.ops._C, name)
+        except (AttributeError, RuntimeError):
+            return None
+
+    library = "vllm._C"
+    if current_platform.get_cpu_architecture() == CpuArchEnum.X86:
+        if not torch.cpu._is_avx512_supported():
+            library = "vllm._C_AVX2"
+        elif not torch.cpu._is_avx512_bf16_supported():
+            library = "vllm._C_AVX512"
+    fp8 = op("static_scaled_fp8_quant")
+    plugins = [
+        entry.name
+        for entry in importlib.metadata.entry_points(group="vllm.general_plugins")
+        if entry.value.startswith("lora_gateway.vllm_plugin:")
+    ]
+    allowed = envs.VLLM_PLUGINS
+    plugin_loads = any(allowed is None or name in allowed for name in plugins)
+    flags = quantization.cpu_flags()
+    return quantization.CpuKernels(
+        library=library,
+        wna16=op("cpu_gemm_wna16") is not None,
+        fp8=fp8 is not None and bool(fp8.default._schema.arguments),
+        dyn_quant_4bit=hasattr(torch.ops.aten, "_dyn_quant_matmul_4bit"),
+        int8_lora_fix=plugin_loads and allow_lora_on_prepacked_int8(),
+        int8_dot=None if flags is None else bool(flags & quantization.INT8_DOT_FLAGS),
+    )
