@@ -178,18 +178,16 @@ class AdminService(pb_grpc.AdminServicer):
     async def ShareAdapter(
         self, request: pb.ShareAdapterRequest, context: Context
     ) -> pb.AdapterInfo:
-        principal = current_principal()
         manifest = await self.adapters.share(
-            principal, request.tenant, request.name, request.grantee
+            current_principal(), request.tenant, request.name, request.grantee
         )
         return manifest_to_pb(manifest)
 
     async def UnshareAdapter(
         self, request: pb.ShareAdapterRequest, context: Context
     ) -> pb.AdapterInfo:
-        principal = current_principal()
         manifest = await self.adapters.unshare(
-            principal, request.tenant, request.name, request.grantee
+            current_principal(), request.tenant, request.name, request.grantee
         )
         return manifest_to_pb(manifest)
 
