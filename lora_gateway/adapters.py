@@ -580,11 +580,11 @@ class Adapters:
         """The runtime canary's verdict: refuse the versions here at once, then persist it in
         their manifests (every replica and a restarted process refuse them too), and audit and
         log each one. No principal: the server itself acts."""
-        self.residency.block(key_of(v) for v in versions)
         reason = (
             f"the runtime canary found the engine's outputs corrupted after it was loaded "
             f"({utc_now()})"
         )
+        self.residency.block((key_of(v) for v in versions), quarantined=reason)
         for version in versions:
             persisted = True
             try:
