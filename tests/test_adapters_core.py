@@ -28,6 +28,7 @@ from adapter_store import (
     LocalBackend,
     Quarantined,
     Registry,
+    StoreUnavailable,
 )
 from lora_gateway import devtools, errors
 from lora_gateway.adapters import Adapters, UploadChunk, UploadHeader, UploadMessage
@@ -285,3 +286,20 @@ async def test_reads_show_a_grantee_only_what_the_sharing_rule_allows(core: Core
     assert {e.tier for e in residency.entries} == {"store"}
     with pytest.raises(errors.PermissionDenied):
         await core.adapters.get_residency(ACME_ADMIN, "*", page_size=0, page_token="")
+
+
+async def test_a_quarantine_the_store_cannot_persist_is_refused_here_with_its_reason(
+    core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version = await core.upload(ACME_ADMIN, "bot")
+    assert await core.residency.resolve("acme", AdapterRef.parse("bot")) == version
+
+    def store_down(*args: object) -> None:
+        raise StoreUnavailable("store unreachable")
+
+    monkeypatch.setattr(core.registry, "quarantine", store_down)
+    await core.adapters.quarantine([version], ["prompt 1"])
+    with pytest.raises(errors.FailedPrecondition, match="quarantined: the runtime canary"):
+        await core.residency.resolve("acme", AdapterRef.parse("bot"))
+    (event,) = [e for e in core.events() if e["rpc"] == "runtime-canary/quarantine"]
+    assert event["detail"] == "quarantined (not persisted): canary mismatch prompt 1"
