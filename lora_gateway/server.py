@@ -439,11 +439,11 @@ class GatewayServer:
         """Refuse the versions here at once, then persist it in their manifests (every replica
         and a restarted process refuse them too), audit and log each one."""
         residency = self.gateway.residency
-        residency.block(key_of(v) for v in versions)
         reason = (
             f"the runtime canary found the engine's outputs corrupted after it was loaded "
             f"({utc_now()})"
         )
+        residency.block((key_of(v) for v in versions), quarantined=reason)
         for version in versions:
             persisted = True
             try:

@@ -285,6 +285,7 @@ async def test_self_test_passes_with_the_guard(
     assert report.requests >= 6
 
 
+@pytest.mark.slow  # its own engine (or process): make test-slow
 async def test_unguarded_cpu_engine_leaks_the_last_slot(tiny_model: Path) -> None:
     """Why the guard exists: with it off, the CPU build gives base requests an adapter's delta.
 

@@ -169,6 +169,12 @@ class Residency:
         except AdapterNotFound:
             raise errors.NotFound(errors.ADAPTER_NOT_FOUND_TEXT) from None
         if self.is_blocked(key_of(version)):
+            reason = self.blocks.quarantined.get(key_of(version))
+            if reason is not None:  # blocked by the canary, before its manifest says so
+                raise errors.FailedPrecondition(
+                    f"adapter version {version.version_id} of {version.name!r} is quarantined: "
+                    f"{reason}; it is not served"
+                )
             raise errors.NotFound(errors.ADAPTER_NOT_FOUND_TEXT)
         return version
 
@@ -266,9 +272,14 @@ class Residency:
         return {*slots.resident, *self.loads.loading.keys(), *self.pinned.pinned, *slots.wanted}
 
     # --- revocation ---------------------------------------------------------------------------
-    def block(self, keys: Iterable[VersionKey]) -> None:
-        """From now on, requests for these versions are answered NOT_FOUND on this replica."""
+    def block(self, keys: Iterable[VersionKey], *, quarantined: str | None = None) -> None:
+        """From now on, requests for these versions are answered NOT_FOUND on this replica, or
+        FAILED_PRECONDITION with the reason when the canary `quarantined` them (its manifest
+        write may still be on its way)."""
+        keys = list(keys)
         self.blocks.keys.update(keys)
+        if quarantined is not None:
+            self.blocks.quarantined.update(dict.fromkeys(keys, quarantined))
         self.slots.wake_all()
 
     def block_name(self, tenant: str, name: str) -> list[VersionKey]:

@@ -7,6 +7,8 @@
 - Revocation blocks before it unloads: by version key, and for a whole adapter by (tenant, name)
   as well, so that loads in progress and versions this replica never saw are refused too. Each
   whole-adapter block bumps the name's epoch: a manifest read that began before is not trusted.
+  A version the runtime canary blocked keeps its reason: it is refused FAILED_PRECONDITION, not
+  NOT_FOUND, while its "quarantined" manifest write is on its way.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ class Blocks:
 
     def __init__(self) -> None:
         self.keys: set[VersionKey] = set()
+        #: Blocked by the runtime canary: the reason, for FAILED_PRECONDITION.
+        self.quarantined: dict[VersionKey, str] = {}
         #: Whole adapters revoked: every version is refused, known to this replica or not.
         self.names: set[NameKey] = set()
         #: Bumped when a name is blocked: a manifest read that began before is not trusted.

@@ -3,7 +3,7 @@
 The poison is the issue's: a PEFT adapter whose adapter_config.json says `lora_alpha: 1e300`.
 The scaling overflows the engine's float32, the adapter's requests compute NaN, and their NaN
 K/V poison other tenants' later requests (vLLM's CPU attention reads the tail of a reused KV
-block; docs/reliability.md, "Hostile tenant: engine poisoning").
+block; docs/reliability.md, "Hostile tenants", "Engine poisoning").
 
 1. Uploaded through the Admin API, it is refused: INVALID_ARGUMENT naming lora_alpha.
 2. With the one validation check switched off (monkeypatched here; there is no production
