@@ -291,9 +291,7 @@ async def test_revocation_never_waits_behind_a_load_waiting_for_a_slot(make_env:
     await until(resident(env, a, b))
     queued_c = asyncio.create_task(env.residency.prefetch(c))
     queued_d = asyncio.create_task(env.residency.prefetch(d))
-    await until(
-        lambda: residency_counts(env.residency.metrics).slot_waits >= 2
-    )  # both queued for a slot
+    await until(lambda: residency_counts(env.residency.metrics).slot_waits >= 2)  # both queued
     assert not queued_c.done()
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -304,6 +302,7 @@ async def test_revocation_never_waits_behind_a_load_waiting_for_a_slot(make_env:
     await asyncio.wait_for(env.residency.unload([key_of(a)]), 1.0)
     took = loop.time() - started
     assert took < 0.2, took
+    assert residency_counts(env.residency.metrics).revoked_unloads == 1  # a; d never loaded
     assert (await asyncio.wait_for(queued_c, 2.0)).tier == "engine"
     done.set()
     await asyncio.gather(*holders)
