@@ -58,7 +58,6 @@ class Residency:
         self.spec = spec
         self.limits = limits
         self.capacity = engine.max_cpu_loras
-        self.poll_interval_s = poll_interval_s
         self.metrics = metrics if metrics is not None else Metrics(process_metrics=False)
         self.blocks = Blocks()
         self.pinned = Pins(cache, self.capacity)
@@ -97,6 +96,10 @@ class Residency:
     @slot_wait_s.setter
     def slot_wait_s(self, value: float) -> None:
         self.slots.slot_wait_s = value
+
+    @property
+    def poll_interval_s(self) -> float:
+        return self.manifests.poll_interval_s
 
     @property
     def manifest_cache_size(self) -> int:
