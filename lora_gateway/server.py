@@ -41,18 +41,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from adapter_store import (
-    AdapterVersion,
-    BaseModelSpec,
-    DiskCache,
-    Limits,
-    LocalBackend,
-    Registry,
-    StoreError,
-)
+from adapter_store import AdapterVersion, StoreError
 from adapter_store.model import utc_now
-from adapter_store.spool import Spool
-from adapter_store.store import BlobBackend
 from lora_gateway import errors, logs
 from lora_gateway.audit import AuditLog
 from lora_gateway.config import Settings
@@ -65,6 +55,7 @@ from lora_gateway.metrics import Metrics
 from lora_gateway.residency import Residency, key_of
 from lora_gateway.services.admin import AdminService
 from lora_gateway.services.inference import InferenceService
+from lora_gateway.stores import open_store
 from lora_gateway.tenancy import Admission, KeyRing, RpcLimits, Tenants
 from lora_gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
@@ -79,28 +70,6 @@ READINESS_NAMES = ("", *SERVICE_NAMES)
 #: The health name kubelet's liveness probe asks for: NOT_SERVING only when the engine died or
 #: the server stops (a restart helps then; it does not help a store outage).
 LIVENESS_NAME = "liveness"
-
-
-def open_backend(settings: Settings) -> BlobBackend:
-    """`file:///path` → a local folder; `s3://bucket/prefix` → S3 / MinIO."""
-    if settings.store.startswith("file://"):
-        return LocalBackend(Path(settings.store.removeprefix("file://")))
-    if settings.store.startswith("s3://"):
-        from adapter_store.s3 import S3Backend
-
-        bucket, _, prefix = settings.store.removeprefix("s3://").partition("/")
-        return S3Backend(
-            bucket,
-            prefix.strip("/"),
-            endpoint_url=settings.s3_endpoint,
-            region=settings.s3_region,
-            connect_timeout=settings.s3_connect_timeout_s,
-            read_timeout=settings.s3_read_timeout_s,
-            max_attempts=settings.s3_max_attempts,
-        )
-    raise errors.InvalidArgument(
-        "no adapter store configured (--store file:///path or s3://bucket)"
-    )
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -202,25 +171,8 @@ class GatewayServer:
             KeyRing.parse, tenants_bytes, settings.tenant_defaults(), where=settings.tenants_file
         )
         tenants = Tenants(keyring)
-        spec = await asyncio.to_thread(
-            BaseModelSpec.from_hf_config,
-            Path(settings.model),
-            max_rank=settings.max_lora_rank,
-            aliases=settings.base_model_aliases,
-            dtype=settings.dtype,
-        )
-        limits = Limits(
-            max_file_bytes=settings.max_upload_bytes,
-            max_compose_parts=settings.compose_max_parts,
-            max_compose_bytes=settings.compose_max_bytes,
-        )
-        backend = await asyncio.to_thread(open_backend, settings)
-        spool = Spool(settings.spool_path, settings.spool_budget_bytes, sessions=True)
-        await asyncio.to_thread(getattr, spool, "working_folder")  # abandoned sessions removed
-        registry = Registry(backend, spec, limits, spool=spool)
-        cache = await asyncio.to_thread(
-            DiskCache, settings.cache_path, settings.cache_budget_bytes, registry.fetch_file
-        )
+        store = await asyncio.to_thread(open_store, settings)
+        registry, cache = store.registry, store.cache
         owns_engine = engine is None
         if engine is None:
             from lora_gateway.engine.vllm_engine import VLLMEngine
@@ -231,8 +183,8 @@ class GatewayServer:
             engine,
             registry,
             cache,
-            spec,
-            limits,
+            store.spec,
+            store.limits,
             poll_interval_s=settings.poll_interval_s,
             metrics=metrics,
             manifest_cache_size=settings.manifest_cache_size,
