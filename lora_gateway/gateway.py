@@ -1,13 +1,13 @@
 """The gateway's core, free of protobuf: admit → resolve → hold the adapter → generate.
 
 Services translate protobuf to the plain types here and back; this module owns the order of
-checks, the per-request bookkeeping (in-flight requests per version, for revocation) and the
-admin operations that touch both the store and the engine (revocation, DESIGN invariant 7).
+checks and the per-request bookkeeping (in-flight requests per version, for revocation). The
+admin workflows (upload, alias, share, compose, revoke, pin) are the admin core's:
+`lora_gateway.adapters`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import hashlib
@@ -140,31 +140,3 @@ class Gateway:
                     raise errors.Aborted("request aborted: the adapter version was revoked")
                 raise errors.Unavailable("request aborted by the server")
             yield chunk
-
-    # --- revocation (DESIGN invariant 7) ----------------------------------------------------
-    async def revoke(self, tenant: str, name: str, version: str | None) -> tuple[list[str], int]:
-        """Store marks it revoked → in-flight aborted → engine unload → disk cache → objects.
-
-        A whole adapter is blocked by name as well as by version, so that a load of it still in
-        progress on this replica never serves (`Residency.block_name`)."""
-        started = time.perf_counter()
-        shas = await asyncio.to_thread(
-            self.store.revoke, tenant, name, version, delete_objects=False
-        )
-        keys = [(tenant, name, sha) for sha in shas]
-        self.residency.block(keys)
-        if version is None:
-            keys = list(dict.fromkeys([*keys, *self.residency.block_name(tenant, name)]))
-        else:
-            self.residency.forget(tenant, name)
-        aborted = await self.residency.unload(keys)
-        await asyncio.to_thread(self.store.purge, tenant, name, shas)
-        log.info(
-            "revoked %d version(s) of %s/%s, aborted %d request(s) in %.3fs",
-            len(shas),
-            tenant,
-            name,
-            aborted,
-            time.perf_counter() - started,
-        )
-        return shas, aborted

@@ -42,8 +42,8 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from adapter_store import AdapterVersion, StoreError
-from adapter_store.model import utc_now
 from lora_gateway import errors, logs
+from lora_gateway.adapters import Adapters
 from lora_gateway.audit import AuditLog
 from lora_gateway.config import Settings
 from lora_gateway.engine.base import Engine, LoadedAdapter
@@ -138,6 +138,8 @@ class GatewayServer:
     port: int
     audit: AuditLog
     metrics: Metrics
+    #: The admin core (upload, alias, share, compose, revoke, quarantine, pin).
+    adapters: Adapters
     metrics_port: int | None = None
     #: The keys and limits in force (replaced when the tenants file changes).
     tenants: Tenants | None = None
@@ -208,7 +210,8 @@ class GatewayServer:
             options=grpc_options(settings),
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(gateway), server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(gateway, audit), server)
+        adapters = Adapters(gateway, audit)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(adapters), server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
@@ -243,7 +246,9 @@ class GatewayServer:
         await server.start()
         if probe_server is not None:
             await probe_server.start()
-        self = cls(settings, server, health, gateway, engine, owns_engine, port, audit, metrics)
+        self = cls(
+            settings, server, health, gateway, engine, owns_engine, port, audit, metrics, adapters
+        )
         self.tenants = tenants
         self.tenants_digest = hashlib.sha256(tenants_bytes).hexdigest()
         self.probe_server, self.health_port = probe_server, health_port
@@ -343,7 +348,7 @@ class GatewayServer:
         await self._update_readiness()
         self.metrics.set_engine_healthy(False)
         versions = [key for key in suspects if isinstance(key, AdapterVersion)]
-        await self._quarantine(versions, report)
+        await self.adapters.quarantine(versions, report.mismatches)
         recovery = Recovery(
             mismatches=report.mismatches,
             quarantined=tuple(f"{v.tenant}/{v.name}@{v.version_id}" for v in versions),
@@ -386,49 +391,6 @@ class GatewayServer:
         self.metrics.set_engine_healthy(True)
         log.warning("engine recovered in %.1fs after the canary failed", recovery.recovered_s)
         return True
-
-    async def _quarantine(self, versions: list[AdapterVersion], report: CanaryReport) -> None:
-        """Refuse the versions here at once, then persist it in their manifests (every replica
-        and a restarted process refuse them too), audit and log each one."""
-        residency = self.gateway.residency
-        reason = (
-            f"the runtime canary found the engine's outputs corrupted after it was loaded "
-            f"({utc_now()})"
-        )
-        residency.block((key_of(v) for v in versions), quarantined=reason)
-        for version in versions:
-            persisted = True
-            try:
-                manifest = await asyncio.to_thread(
-                    self.gateway.store.quarantine,
-                    version.tenant,
-                    version.name,
-                    version.sha,
-                    reason,
-                )
-                residency.remember(manifest)
-            except (StoreError, errors.GatewayError):
-                persisted = False
-                log.exception("could not persist the quarantine; refused on this replica only")
-            self.metrics.quarantined()
-            self.audit.record(
-                principal=None,
-                rpc="runtime-canary/quarantine",
-                decision="deny",
-                code=grpc.StatusCode.FAILED_PRECONDITION,
-                tenant=version.tenant,
-                adapter=version.name,
-                version=version.version_id,
-                detail=f"quarantined{'' if persisted else ' (not persisted)'}: canary mismatch "
-                + ", ".join(report.mismatches),
-            )
-            log.error(
-                "QUARANTINED adapter version %s/%s@%s: %s",
-                version.tenant,
-                version.name,
-                version.version_id,
-                reason,
-            )
 
     async def _watch_propagation(self) -> None:
         """Readiness follows propagation: NOT_SERVING while no manifest poll has completed for
