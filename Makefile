@@ -41,11 +41,11 @@ proto: install
 proto-check: install
 	$(BIN)/python scripts/gen_proto.py --check
 
-## chart-schema: regenerate the `config:` section of the chart's values.schema.json from Settings
+## chart-schema: regenerate the `config:` and `tenants.file` sections of the chart's values.schema.json from the models
 chart-schema: install
 	$(BIN)/python scripts/gen_chart_schema.py
 
-## chart-schema-check: fail if values.schema.json's `config:` drifts from Settings
+## chart-schema-check: fail if values.schema.json's `config:` or `tenants.file` drifts from the models
 chart-schema-check: install
 	$(BIN)/python scripts/gen_chart_schema.py --check
 

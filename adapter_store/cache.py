@@ -7,8 +7,21 @@ checked against the manifest's size and sha256, then the complete folder is rena
 The API is async and runs on one event loop; blocking work (downloads, hashing, deletes) runs
 in threads via `asyncio.to_thread`. Concurrent `ensure` calls for one version share one task
 (single-flight), awaited through `asyncio.shield` so a cancelled waiter does not cancel the
-download for the others. Room is made (least recently used, unpinned entries first) before a
-download starts; an entry in use should be pinned by the caller.
+download for the others. An entry in use should be pinned by the caller.
+
+Byte budget: a download reserves its bytes in the same step as it picks its victims (least
+recently used, unpinned entries first), before anything is awaited, so concurrent downloads
+never count the same free bytes twice; it starts writing only once the folders being deleted
+are gone, so the bytes on disk (entries, folders being deleted, downloads in progress) never
+exceed the budget.
+
+Owners: two tenants may upload identical bytes, and their versions then share one folder.
+`ensure(version, owner=...)` records who uses the folder (residency passes "tenant/name"), and
+`release(sha, owner)` (revocation) deletes the folder only when no other owner is left, so one
+tenant's revocation never deletes the files another tenant's identical version is loading
+from. `contains(sha, owner=...)` answers for one owner: the tier a tenant sees never depends on
+what another tenant has cached. Owners live in memory: after a restart the entries found on
+disk have none until they are used again.
 """
 
 from __future__ import annotations
@@ -84,9 +97,15 @@ class DiskCache:
         self._tmp = self.root / ".tmp"
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._pins: Counter[str] = Counter()
+        #: sha -> who uses the folder ("tenant/name" from residency); see `release`.
+        self._owners: dict[str, set[str]] = {}
         self._inflight: dict[str, asyncio.Task[Path]] = {}
         self._deleting: dict[str, asyncio.Future[None]] = {}
+        #: Bytes of downloads that have reserved room and not finished (started or not).
         self._reserved = 0
+        #: Bytes of folders dropped from the index whose deletion has not finished yet.
+        self._deleting_bytes = 0
+        self._deleted: asyncio.Event | None = None
         self.stats = CacheStats()
         self._scan()
 
@@ -100,8 +119,19 @@ class DiskCache:
     def used_bytes(self) -> int:
         return sum(entry.size for entry in self._entries.values())
 
-    def contains(self, sha: str) -> bool:
-        return sha in self._entries
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes reserved by downloads in progress."""
+        return self._reserved
+
+    def contains(self, sha: str, *, owner: str | None = None) -> bool:
+        """Is the version on disk (for `owner`: and has that owner fetched it)?"""
+        if sha not in self._entries:
+            return False
+        return owner is None or owner in self._owners.get(sha, ())
+
+    def owners(self, sha: str) -> frozenset[str]:
+        return frozenset(self._owners.get(sha, ()))
 
     def entries(self) -> list[CacheEntry]:
         return [
@@ -127,15 +157,33 @@ class DiskCache:
 
     # --- ensure / remove ----------------------------------------------------------------------
 
-    async def ensure(self, version: AdapterVersion) -> Path:
-        """A folder holding the version's two files, verified; downloads it if needed."""
+    async def ensure(self, version: AdapterVersion, *, owner: str | None = None) -> Path:
+        """A folder holding the version's two files, verified; downloads it if needed.
+
+        `owner` is recorded before anything is awaited, so a `release` by another owner that
+        runs while this call waits (or while the caller then reads the files) keeps the folder.
+        """
         sha = check_sha(version.sha)
+        if owner is not None:
+            self._owners.setdefault(sha, set()).add(owner)
         task = self._inflight.get(sha)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._ensure(version))
             self._inflight[sha] = task
             task.add_done_callback(functools.partial(self._finished, sha))
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except BaseException:
+            if owner is not None and sha not in self._entries:
+                self._drop_owner(sha, owner)
+            raise
+
+    def _drop_owner(self, sha: str, owner: str) -> None:
+        owners = self._owners.get(sha)
+        if owners is not None:
+            owners.discard(owner)
+            if not owners:
+                del self._owners[sha]
 
     def _finished(self, sha: str, task: asyncio.Task[Path]) -> None:
         if self._inflight.get(sha) is task:
@@ -144,15 +192,38 @@ class DiskCache:
             task.exception()  # mark it retrieved: nobody may be left awaiting it
 
     async def remove(self, sha: str) -> bool:
-        """Delete a version from the cache (pins notwithstanding); True if it was there."""
+        """Delete a version from the cache (pins and owners notwithstanding); True if it was
+        there."""
         sha = check_sha(sha)
         task = self._inflight.get(sha)
         if task is not None:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.shield(task)
-        present = self._entries.pop(sha, None) is not None
-        await self._delete([sha])
-        return present
+        self._owners.pop(sha, None)
+        entry = self._entries.pop(sha, None)
+        await self._delete([(sha, entry.size if entry else 0)])
+        return entry is not None
+
+    async def release(self, sha: str, owner: str) -> bool:
+        """`owner` no longer uses the version (it was revoked): delete the folder if no other
+        owner is left (pins notwithstanding). True if the folder was deleted.
+
+        The check is repeated after waiting for a download in progress: an owner that joined
+        meanwhile keeps the folder.
+        """
+        sha = check_sha(sha)
+        self._drop_owner(sha, owner)
+        if self._owners.get(sha):
+            return False
+        task = self._inflight.get(sha)
+        if task is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(task)
+            if self._owners.get(sha):
+                return False
+        entry = self._entries.pop(sha, None)
+        await self._delete([(sha, entry.size if entry else 0)])
+        return entry is not None
 
     async def _ensure(self, version: AdapterVersion) -> Path:
         sha = version.sha
@@ -167,8 +238,9 @@ class DiskCache:
                 return path
             log.warning("cached adapter %s failed verification; fetching it again", sha)
             self.stats.verify_failures += 1
-            if self._entries.pop(sha, None) is not None:
-                await self._delete([sha])
+            stale = self._entries.pop(sha, None)
+            if stale is not None:
+                await self._delete([(sha, stale.size)])
         self.stats.misses += 1
         return await self._download(version)
 
@@ -177,9 +249,13 @@ class DiskCache:
         pending = self._deleting.get(sha)
         if pending is not None:
             await asyncio.shield(pending)
-        await self._delete(self._make_room(need))
+        # Reserve first: the room check, the choice of victims and the reservation happen in
+        # one step, with no await in between, so a concurrent download sees these bytes taken.
+        victims = self._make_room(need)
         self._reserved += need
         try:
+            await self._delete(victims)
+            await self._deletions_done()
             try:
                 path = await asyncio.to_thread(self._build, version)
             except OSError as exc:
@@ -206,7 +282,7 @@ class DiskCache:
     def _evictable(self) -> list[str]:
         return [sha for sha in self._entries if self._pins[sha] == 0]
 
-    def _make_room(self, need: int) -> list[str]:
+    def _make_room(self, need: int) -> list[tuple[str, int]]:
         """Evict LRU unpinned entries so that `need` more bytes fit the budget (or raise)."""
         if need > self._budget:
             raise CapacityExceeded(
@@ -219,35 +295,63 @@ class DiskCache:
             )
         return self._evict(need, budget=True)
 
-    def _evict(self, need: int, *, budget: bool) -> list[str]:
+    def _evict(self, need: int, *, budget: bool) -> list[tuple[str, int]]:
         """Drop LRU unpinned entries from the index: until `need` fits the budget, or (for a
-        full disk) until `need` bytes are freed. Returns the shas whose folders must go."""
-        victims: list[str] = []
+        full disk) until `need` bytes are freed. Returns (sha, size) of the folders that must
+        go."""
+        victims: list[tuple[str, int]] = []
         freed = 0
         for sha in self._evictable():
             if budget and self.used_bytes + self._reserved + need <= self._budget:
                 break
             if not budget and freed >= need:
                 break
-            freed += self._entries.pop(sha).size
-            victims.append(sha)
+            size = self._entries.pop(sha).size
+            self._owners.pop(sha, None)
+            freed += size
+            victims.append((sha, size))
             self.stats.evictions += 1
         return victims
 
-    async def _delete(self, shas: Iterable[str]) -> None:
-        shas = list(shas)
-        if not shas:
+    async def _delete(self, victims: Iterable[tuple[str, int]]) -> None:
+        """Delete folders already dropped from the index; their bytes count against the budget
+        (`_deleting_bytes`) until they are gone."""
+        victims = list(victims)
+        if not victims:
             return
-        paths = [self.path_for(sha) for sha in shas]
+        paths = [self.path_for(sha) for sha, _ in victims]
+        size = sum(s for _, s in victims)
+        self._deleting_bytes += size
         future = asyncio.ensure_future(asyncio.to_thread(_remove_dirs, paths))
-        for sha in shas:
+        for sha, _ in victims:
             self._deleting[sha] = future
         try:
             await asyncio.shield(future)
         finally:
-            for sha in shas:
+            for sha, _ in victims:
                 if self._deleting.get(sha) is future:
                     del self._deleting[sha]
+            if not future.done():
+                # Our waiter was cancelled; the deletion goes on and settles the count itself.
+                future.add_done_callback(lambda _: self._deletion_settled(size))
+            else:
+                self._deletion_settled(size)
+
+    def _deletion_settled(self, size: int) -> None:
+        self._deleting_bytes -= size
+        if self._deleted is not None:
+            self._deleted.set()
+
+    async def _deletions_done(self) -> None:
+        """Wait until the bytes on disk leave room for every reserved download: the folders
+        being deleted still take space until they are gone."""
+        while self.used_bytes + self._reserved + self._deleting_bytes > self._budget:
+            if self._deleting_bytes <= 0:
+                return  # nothing left to wait for (reservations alone always fit)
+            if self._deleted is None:
+                self._deleted = asyncio.Event()
+            self._deleted.clear()
+            await self._deleted.wait()
 
     # --- blocking helpers (run in threads, or at start-up) -----------------------------------
 
@@ -307,7 +411,7 @@ class DiskCache:
                 found.append((folder.stat().st_mtime, name, size))
         for _, sha, size in sorted(found):
             self._entries[sha] = _Entry(size=size, verified=False)
-        _remove_dirs(self.path_for(sha) for sha in self._evict(0, budget=True))
+        _remove_dirs(self.path_for(sha) for sha, _ in self._evict(0, budget=True))
 
 
 def _entry_ok(path: Path, files: Iterable[FileEntry], full: bool) -> bool:

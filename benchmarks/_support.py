@@ -32,7 +32,7 @@ from adapter_store import BaseModelSpec, Limits, Registry
 from adapter_store.model import MODULE_PARENTS
 from adapter_store.s3 import S3Backend
 from lora_gateway import devtools, errors
-from lora_gateway.client import AsyncGatewayClient
+from lora_gateway.client import AsyncGatewayClient, GenerateOptions
 from lora_gateway.config import Settings
 from lora_gateway.engine.base import Engine, GenerateParams, LoadedAdapter, Prompt
 from lora_gateway.server import GatewayServer
@@ -185,7 +185,9 @@ async def stream_request(
     result = RequestResult(start, start)
     try:
         async for delta in client.generate_stream(
-            adapter, token_ids=token_ids, max_tokens=max_tokens, ignore_eos=True
+            adapter,
+            options=GenerateOptions(max_tokens=max_tokens, ignore_eos=True),
+            token_ids=token_ids,
         ):
             if delta.token_ids and result.first is None:
                 result.first = time.perf_counter()
@@ -206,7 +208,9 @@ async def unary_request(
     result = RequestResult(start, start)
     try:
         reply = await client.generate(
-            adapter, token_ids=token_ids, max_tokens=max_tokens, ignore_eos=True
+            adapter,
+            options=GenerateOptions(max_tokens=max_tokens, ignore_eos=True),
+            token_ids=token_ids,
         )
         result.tokens = len(reply.token_ids)
     except errors.GatewayError as exc:

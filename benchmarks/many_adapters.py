@@ -37,6 +37,7 @@ from benchmarks._support import (
     summarize,
 )
 from lora_gateway import devtools
+from lora_gateway.client import GenerateOptions
 
 NAME = "many_adapters"
 COUNTERS = (
@@ -113,7 +114,7 @@ async def scenario(bench: Bench, params: Params, label: str, choices: list[int])
     async with bench.gateway(PREFIX) as gw:
         stats = gw.server.gateway.residency.stats
         if label == "single":
-            await gw.user.generate(adapter_name(0), "warm up", max_tokens=1)
+            await gw.user.generate(adapter_name(0), "warm up", GenerateOptions(max_tokens=1))
         base = asdict(stats)
         names = [adapter_name(choice) for choice in choices]
         jobs = [

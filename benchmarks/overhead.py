@@ -40,6 +40,7 @@ from benchmarks._support import (
     write_lora,
 )
 from lora_gateway import devtools
+from lora_gateway.client import GenerateOptions
 from lora_gateway.engine.base import LoadedAdapter
 
 NAME = "overhead"
@@ -89,7 +90,7 @@ async def run(bench: Bench, params: Params) -> dict[str, Any]:
                 described.append(f"{name}: rank {rank}, {'all' if every else 'attention'} modules")
             mix = [*names, ""]  # "" = the base model
             for name in mix:
-                await gw.user.generate(name, "warm up", max_tokens=2)
+                await gw.user.generate(name, "warm up", GenerateOptions(max_tokens=2))
         residency = gw.server.gateway.residency
         versions = [await residency.resolve(TENANT, AdapterRef.parse(n)) for n in names]
         work = prompts(params.requests, params.prompt_tokens, seed=1)

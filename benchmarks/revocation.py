@@ -44,6 +44,7 @@ from benchmarks._support import (
     write_lora,
 )
 from lora_gateway import errors
+from lora_gateway.client import GenerateOptions
 
 NAME = "revocation"
 
@@ -137,7 +138,7 @@ async def _trial(
     name = f"rev-{trial}"
     folder = write_lora(bench.model, bench.work / "revocation" / name, rank=8, seed=900 + trial)
     await gw.admin.upload_adapter(name, folder)
-    await user.generate(name, "warm up", max_tokens=1)
+    await user.generate(name, "warm up", GenerateOptions(max_tokens=1))
     ids = [5, 6, 7, 8, 9, 10, 11, 12]
     started = asyncio.Event()
     generating = 0

@@ -15,12 +15,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, get_args
 
 import yaml
-from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -73,27 +80,35 @@ LoraRank = Annotated[
 ]
 
 
-@dataclass(frozen=True)
-class TenantDefaults:
-    """Per-tenant limits; every field can be set per tenant in the tenants file."""
+#: A tenant limit that must be at least 1; `UnlimitedAtZero`: at least 0, 0 = unlimited.
+Limit = Annotated[int, Field(strict=True, ge=1)]
+UnlimitedAtZero = Annotated[int, Field(strict=True, ge=0)]
 
-    max_concurrent: int = 16
+
+class TenantDefaults(BaseModel):
+    """A tenant's limits: every field can be set per tenant in the tenants file (`tenancy`'s
+    `TenantsFile`); `Settings.tenant_defaults()` gives the values of the fields a tenant's entry
+    leaves out. Integers only (a YAML `"8"` or `yes` is a mistake, not a number)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    max_concurrent: Limit = 16
     """Generate requests of this tenant admitted at once."""
-    max_tokens: int = 2048
+    max_tokens: Limit = 2048
     """Largest max_tokens per request."""
-    max_engine_slots: int = 1
+    max_engine_slots: Limit = 1
     """Engine-resident adapter versions its requests may hold at once."""
-    max_pins: int = 1
+    max_pins: Limit = 1
     """Adapter versions it may pin."""
-    max_concurrent_uploads: int = 2
+    max_concurrent_uploads: Limit = 2
     """Uploads and compositions in progress at once."""
-    max_stored_bytes: int = 16 << 30
+    max_stored_bytes: Limit = 16 << 30
     """Stored adapter bytes (every live version)."""
-    max_adapters: int = 10_000
+    max_adapters: Limit = 10_000
     """Adapters (names) stored."""
-    tokens_per_minute: int = 0
+    tokens_per_minute: UnlimitedAtZero = 0
     """Generated tokens per minute (0 = unlimited)."""
-    requests_per_minute: int = 0
+    requests_per_minute: UnlimitedAtZero = 0
     """Inference requests per minute (0 = unlimited)."""
 
 
@@ -140,6 +155,10 @@ class Settings(BaseSettings):
     """Disable CUDA graphs / compilation (faster start, slower steps)."""
     enable_prefix_caching: bool = True
     """Reuse KV blocks across requests with a shared prefix (keyed per adapter version)."""
+    prefix_cache_per_tenant: bool = True
+    """Salt the prefix cache per tenant (vLLM's `cache_salt`: an HMAC-SHA256 of the tenant name
+    under a random key made at start-up, so salts cannot be guessed): a tenant never reuses, and
+    so can never time, another tenant's cached prompt prefixes. Off: tenants share them."""
     engine_args: EngineArgs = Field(default_factory=dict)
     """Any other vLLM engine argument, passed through as is."""
     null_adapter: NullAdapterMode = "auto"
@@ -191,6 +210,10 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(2.0, gt=0)
     """How often manifests of resident adapters are re-read (conditional GET) so that other
     replicas' revocations, alias moves and shares take effect: the propagation bound."""
+    manifest_cache_size: int = Field(1024, ge=1)
+    """Manifests kept in memory and polled (least recently used beyond it; a manifest whose
+    versions are in use, loading, resident or pinned is never dropped). Bounds the poll set,
+    whatever names callers probe."""
     propagation_stale_after_s: float = Field(60.0, gt=0)
     """When no manifest poll has completed (every cached manifest re-read) for this long, health
     reports NOT_SERVING for readiness (service "") until one completes: a replica that cannot
@@ -248,6 +271,9 @@ class Settings(BaseSettings):
     so that other tenants always find a slot (0 = max_cpu_loras - 1, at least 1)."""
     tenant_max_pins: int = Field(1, ge=1)
     """Default per-tenant cap on pinned adapter versions."""
+    engine_slot_wait_s: float = Field(30.0, gt=0)
+    """How long a request waits for an engine adapter slot (first its tenant's share, then a
+    free or evictable slot, each in arrival order) before RESOURCE_EXHAUSTED."""
     tenant_max_concurrent_uploads: int = Field(2, ge=1)
     """Default per-tenant cap on UploadAdapter / ComposeAdapter calls in progress."""
     tenant_max_stored_bytes: int = Field(16 << 30, ge=1)
@@ -455,18 +481,11 @@ class Settings(BaseSettings):
 
     # --- derived ----------------------------------------------------------------------------
     def tenant_defaults(self) -> TenantDefaults:
-        """The per-tenant limits a tenant gets unless the tenants file sets its own."""
-        return TenantDefaults(
-            max_concurrent=self.tenant_max_concurrent,
-            max_tokens=self.tenant_max_tokens,
-            max_engine_slots=self.tenant_max_engine_slots or max(1, self.max_cpu_loras - 1),
-            max_pins=self.tenant_max_pins,
-            max_concurrent_uploads=self.tenant_max_concurrent_uploads,
-            max_stored_bytes=self.tenant_max_stored_bytes,
-            max_adapters=self.tenant_max_adapters,
-            tokens_per_minute=self.tenant_tokens_per_minute,
-            requests_per_minute=self.tenant_requests_per_minute,
-        )
+        """The per-tenant limits a tenant gets unless the tenants file sets its own: each field
+        of `TenantDefaults` from the setting `tenant_<field>`."""
+        values = {name: getattr(self, f"tenant_{name}") for name in TenantDefaults.model_fields}
+        values["max_engine_slots"] = self.tenant_max_engine_slots or max(1, self.max_cpu_loras - 1)
+        return TenantDefaults(**values)
 
     @property
     def cache_path(self) -> Path:

@@ -21,13 +21,14 @@ from pathlib import Path
 import yaml
 
 from lora_gateway import devtools, errors
-from lora_gateway.client import AsyncGatewayClient
+from lora_gateway.client import AsyncGatewayClient, GenerateOptions, ResidencyTier
 from lora_gateway.config import Settings
 from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
 
 PROMPT = "the tenant sends a request to the gateway"
 TOKENS = 12
+GREEDY = GenerateOptions(max_tokens=TOKENS)  # temperature unset: the server's default, 0
 
 
 def _say(text: str = "") -> None:
@@ -116,21 +117,21 @@ async def _run(work: Path) -> None:
             _step(4, f"acme's app generates {TOKENS} tokens (greedy) after: {PROMPT!r}")
             _say("    (a random tiny model: the token ids are what to compare, not the text)")
             for adapter in ("", "support", "legal@prod"):
-                result = await app.generate(adapter, PROMPT, max_tokens=TOKENS)
+                result = await app.generate(adapter, PROMPT, GREEDY)
                 served = result.adapter.version[:19] + "..." if result.adapter else "base model"
                 _say(f"    {adapter or '(base)':<11} -> {result.token_ids}  [{served}]")
 
             _step(5, "globex asks for acme's adapter: refused exactly like a missing one")
             for ref in ("acme/support", "acme/no-such-adapter"):
                 try:
-                    await globex.generate(ref, PROMPT, max_tokens=TOKENS)
+                    await globex.generate(ref, PROMPT, GREEDY)
                     raise RuntimeError("cross-tenant request was served")
                 except errors.NotFound as exc:
                     _say(f"    {ref:<22} -> NOT_FOUND: {exc}")
 
             _step(6, "roll legal@prod back to the first version")
             await admin.set_alias("legal", "prod", versions["legal"])
-            result = await app.generate("legal@prod", PROMPT, max_tokens=TOKENS)
+            result = await app.generate("legal@prod", PROMPT, GREEDY)
             assert result.adapter is not None
             _say(f"    legal@prod  -> {result.token_ids}  [{result.adapter.version[:19]}...]")
             if result.adapter.version != versions["legal"]:
@@ -140,13 +141,13 @@ async def _run(work: Path) -> None:
             revoked = await admin.revoke_adapter("support")
             _say(f"    revoked {len(revoked.revoked_versions)} version(s)")
             try:
-                await app.generate("support", PROMPT, max_tokens=TOKENS)
+                await app.generate("support", PROMPT, GREEDY)
                 raise RuntimeError("revoked adapter was served")
             except errors.NotFound as exc:
                 _say(f"    support -> NOT_FOUND: {exc}")
 
             residency = await admin.get_residency()
-            in_engine = sum(1 for e in residency.entries if e.tier == 3)
+            in_engine = sum(1 for e in residency.entries if e.tier is ResidencyTier.ENGINE)
     finally:
         await server.stop(grace=2.0)
 

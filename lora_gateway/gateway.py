@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
+import hashlib
+import hmac
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -127,6 +131,9 @@ class Gateway:
         self.chat = ChatTemplates(engine.tokenizer_info(), ChatLimits.of(settings))
         #: Store reads of model listings (the OpenAI front's /v1/models): their own threads.
         self._reads = ThreadPoolExecutor(2, thread_name_prefix="model-list")
+        #: Key of the per-tenant prefix-cache salts: random per process (the prefix cache is
+        #: too), never logged, so a salt cannot be guessed from a tenant's name.
+        self._salt_key = secrets.token_bytes(32)
 
     def close(self) -> None:
         self.chat.close()
@@ -175,6 +182,12 @@ class Gateway:
             )
         return Prompt(token_ids=tuple(ids)), text
 
+    def cache_salt(self, tenant: str) -> str | None:
+        """The tenant's prefix-cache salt (None when `prefix_cache_per_tenant` is off)."""
+        if not self.settings.prefix_cache_per_tenant:
+            return None
+        return hmac.new(self._salt_key, tenant.encode("utf-8"), hashlib.sha256).hexdigest()
+
     # --- inference --------------------------------------------------------------------------
     async def generate(
         self, principal: Principal, call: GenerateCall
@@ -193,18 +206,17 @@ class Gateway:
                     principal.tenant, call.adapter, any_owner=principal.role is Role.OPERATOR
                 )
             served = Served.of(version)
-            prompt, _ = await self.prompt_ids(call.prompt, version)
-            if prompt is not call.prompt:
-                call = GenerateCall(call.adapter, prompt, call.params, call.request_id)
+            ready, _ = await self.prompt_ids(call.prompt, version)
             async with contextlib.AsyncExitStack() as stack:
                 loaded = (
                     None
                     if version is None
-                    else await stack.enter_async_context(self.residency.use(version))
+                    else await stack.enter_async_context(self.residency.use(version, tenant))
                 )
                 queued = time.perf_counter()
                 produced = 0
-                async for chunk in self._run(call, loaded, version):
+                prompt = dataclasses.replace(ready, cache_salt=self.cache_salt(principal.tenant))
+                async for chunk in self._run(call, prompt, loaded, version):
                     if produced == 0 and self.metrics is not None:
                         self.metrics.queued(queued - started)
                         self.metrics.first_token(principal.tenant, time.perf_counter() - started)
@@ -215,10 +227,13 @@ class Gateway:
                     self.metrics.tokens_out(principal.tenant, produced)
 
     async def _run(
-        self, call: GenerateCall, adapter: LoadedAdapter | None, version: AdapterVersion | None
+        self,
+        call: GenerateCall,
+        prompt: Prompt,
+        adapter: LoadedAdapter | None,
+        version: AdapterVersion | None,
     ) -> AsyncIterator[TokenChunk]:
-        assert isinstance(call.prompt, Prompt)
-        async for chunk in self.engine.generate(call.request_id, call.prompt, call.params, adapter):
+        async for chunk in self.engine.generate(call.request_id, prompt, call.params, adapter):
             if chunk.finish_reason is FinishReason.ABORT:
                 if version is not None and self.residency.is_blocked(key_of(version)):
                     raise errors.Aborted("request aborted: the adapter version was revoked")
@@ -275,14 +290,20 @@ class Gateway:
 
     # --- revocation (DESIGN invariant 7) ----------------------------------------------------
     async def revoke(self, tenant: str, name: str, version: str | None) -> tuple[list[str], int]:
-        """Store marks it revoked → in-flight aborted → engine unload → disk cache → objects."""
+        """Store marks it revoked → in-flight aborted → engine unload → disk cache → objects.
+
+        A whole adapter is blocked by name as well as by version, so that a load of it still in
+        progress on this replica never serves (`Residency.block_name`)."""
         started = time.perf_counter()
         shas = await asyncio.to_thread(
             self.store.revoke, tenant, name, version, delete_objects=False
         )
         keys = [(tenant, name, sha) for sha in shas]
         self.residency.block(keys)
-        self.residency.forget(tenant, name)
+        if version is None:
+            keys = list(dict.fromkeys([*keys, *self.residency.block_name(tenant, name)]))
+        else:
+            self.residency.forget(tenant, name)
         aborted = await self.residency.unload(keys)
         await asyncio.to_thread(self.store.purge, tenant, name, shas)
         log.info(

@@ -40,8 +40,8 @@ from lora_gateway.tenancy import (
     RpcLimits,
     Tenants,
     permission_for,
-    retry_after_seconds,
 )
+from lora_gateway.tenancy.limits import retry_after_seconds
 
 log = logging.getLogger(__name__)
 

@@ -242,6 +242,8 @@ class GatewayServer:
             limits,
             poll_interval_s=settings.poll_interval_s,
             metrics=metrics,
+            manifest_cache_size=settings.manifest_cache_size,
+            slot_wait_s=settings.engine_slot_wait_s,
         )
         admission = Admission(
             settings.max_concurrent_requests,

@@ -186,7 +186,7 @@ async def test_admission_feeds_the_inflight_gauge() -> None:
     m = Metrics(process_metrics=False)
     admission = Admission(4, on_change=m.set_inflight)
     p = Principal("acme", Role.USER, "k")
-    async with admission.slot(p, TenantConfig("acme", 2, 10)):
+    async with admission.slot(p, TenantConfig("acme", max_concurrent=2, max_tokens=10)):
         assert _value(m, "lora_gateway_inflight_requests", tenant="acme") == 1
     assert _value(m, "lora_gateway_inflight_requests", tenant="acme") == 0
 

@@ -31,6 +31,7 @@ REQUIRED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "results"

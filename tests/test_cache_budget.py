@@ -11,7 +11,7 @@ import yaml
 from adapter_store import LocalBackend, Registry
 from adapter_store.model import BaseModelSpec
 from lora_gateway import devtools, errors
-from lora_gateway.client import AsyncGatewayClient
+from lora_gateway.client import AsyncGatewayClient, GenerateOptions
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
@@ -59,23 +59,23 @@ async def test_full_cache_refuses_cleanly_and_warm_adapters_keep_serving(
     try:
         async with AsyncGatewayClient(f"127.0.0.1:{server.port}", KEY) as client:
             await client.pin_adapter("first")  # pinned: on disk and in the engine, never evicted
-            warm = await client.generate("first", "one two three", max_tokens=4)
+            warm = await client.generate("first", "one two three", GenerateOptions(max_tokens=4))
             with pytest.raises(errors.ResourceExhausted):
-                await client.generate("second", "one two three", max_tokens=4)
+                await client.generate("second", "one two three", GenerateOptions(max_tokens=4))
             # Nothing partial: the cache holds exactly the first version's files, no temp file.
             assert sorted(p.name for p in files_under(cache) if ".tmp" not in p.parts) == sorted(
                 f.filename for f in first.files
             )
             assert [p for p in files_under(cache) if ".tmp" in p.parts] == []
-            again = await client.generate("first", "one two three", max_tokens=4)
+            again = await client.generate("first", "one two three", GenerateOptions(max_tokens=4))
             assert again.token_ids == warm.token_ids
             # Unpinned, the first version can leave the disk (it stays in the engine's memory).
             await client.unpin_adapter("first")
-            served = await client.generate("second", "one two three", max_tokens=4)
+            served = await client.generate("second", "one two three", GenerateOptions(max_tokens=4))
             assert served.adapter is not None
             assert served.adapter.version == second.version_id
             assert (
-                await client.generate("first", "one two three", max_tokens=4)
+                await client.generate("first", "one two three", GenerateOptions(max_tokens=4))
             ).token_ids == warm.token_ids
     finally:
         await server.stop(grace=1.0)

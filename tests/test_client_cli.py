@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -31,7 +32,23 @@ from lora_gateway import client as client_module
 from lora_gateway import errors
 from lora_gateway import server as server_module
 from lora_gateway.cli import EXIT_CODES, main
-from lora_gateway.client import AsyncGatewayClient, GatewayClient, ServedAdapter
+from lora_gateway.client import (
+    Adapter,
+    AdapterFile,
+    AdapterPage,
+    AdapterStatus,
+    AdapterVersion,
+    AsyncGatewayClient,
+    ComposePart,
+    GatewayClient,
+    GenerateOptions,
+    Residency,
+    ResidencyEntry,
+    ResidencyTier,
+    RevokeResult,
+    ServedAdapter,
+    TenantUsage,
+)
 from lora_gateway.config import Settings
 from lora_gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
@@ -39,6 +56,9 @@ API_KEY = "test-key-0123456789"
 VERSION = "sha256:" + "ab" * 32
 SERVED = inference_pb2.ServedAdapter(tenant="acme", name="support", version=VERSION)
 DELTAS = ("hello", " world", "!")
+USAGE = admin_pb2.TenantUsage(
+    tenant="acme", stored_bytes=1536, max_stored_bytes=1 << 30, adapters=2, max_adapters=10
+)
 
 
 # --- the scripted server ----------------------------------------------------------------------
@@ -206,12 +226,18 @@ class Admin(admin_pb2_grpc.AdminServicer):
         await self.script.enter("ListAdapters", request, context)
         if request.page_token == "page-2":  # two pages: the SDK and the CLI must follow
             return admin_pb2.ListAdaptersResponse(adapters=[_adapter_info(name="other")])
-        return admin_pb2.ListAdaptersResponse(adapters=[_adapter_info()], next_page_token="page-2")
+        return admin_pb2.ListAdaptersResponse(
+            adapters=[_adapter_info()], next_page_token="page-2", usage=USAGE
+        )
 
     async def GetAdapter(
         self, request: admin_pb2.GetAdapterRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.AdapterInfo:
         await self.script.enter("GetAdapter", request, context)
+        if request.name == "future":  # statuses a newer server may send
+            info = _adapter_info(status=7)
+            info.versions[0].status = 9  # type: ignore[assignment]
+            return info
         if request.name != "support":
             await context.abort(grpc.StatusCode.NOT_FOUND, "adapter not found")
         return _adapter_info()
@@ -363,11 +389,26 @@ def test_public_surface_is_small_and_both_clients_match() -> None:
             "ROUTING_HEADER",
             "AsyncGatewayClient",
             "GatewayClient",
+            # what a call takes
+            "GenerateOptions",
+            # what calls return
             "GenerateResult",
             "ServedAdapter",
             "StreamDelta",
+            "Adapter",
+            "AdapterFile",
+            "AdapterPage",
+            "AdapterStatus",
+            "AdapterVersion",
+            "ComposePart",
+            "Residency",
+            "ResidencyEntry",
+            "ResidencyTier",
+            "RevokeResult",
+            "TenantUsage",
         ]
     )
+    assert all(hasattr(client_module, name) for name in client_module.__all__)
 
     def methods(cls: type) -> dict[str, list[str]]:
         return {
@@ -391,11 +432,7 @@ def test_generate_sends_auth_routing_and_request(
     result = sync_client.generate(
         "acme/support@prod",
         "hi there",
-        max_tokens=16,
-        temperature=0.0,
-        top_k=5,
-        seed=7,
-        stop=["\n"],
+        GenerateOptions(max_tokens=16, temperature=0.0, top_k=5, seed=7, stop=["\n"]),
         request_id="req-42",
     )
     assert result.text == "hello world!"
@@ -455,9 +492,144 @@ def test_token_id_prompt_and_local_argument_checks(
         sync_client.generate("support", "text", token_ids=[1])
     with pytest.raises(errors.InvalidArgument, match="exactly one"):
         sync_client.generate("support")
-    with pytest.raises(errors.InvalidArgument):
-        sync_client.generate("support", "hi", max_tokens=-1)
+    with pytest.raises(errors.InvalidArgument, match="max_tokens"):
+        sync_client.generate("support", "hi", GenerateOptions(max_tokens=-1))
+    with pytest.raises(errors.InvalidArgument, match="GenerateOptions"):
+        sync_client.generate("support", "hi", {"max_tokens": 3})  # type: ignore[arg-type]
     assert script.calls == []  # nothing was sent
+
+
+# --- the options type -------------------------------------------------------------------------
+
+#: Every option set to something other than its default, and the request it must make.
+ALL_OPTIONS = GenerateOptions(
+    max_tokens=20,
+    min_tokens=2,
+    ignore_eos=True,
+    stop=("\n", "END"),
+    stop_token_ids=(7, 9),
+    temperature=0.5,
+    top_p=0.75,
+    top_k=40,
+    seed=2**40,
+    presence_penalty=-1.5,
+    frequency_penalty=0.25,
+    repetition_penalty=1.25,
+)
+ALL_SAMPLING = inference_pb2.SamplingParams(
+    max_tokens=20,
+    min_tokens=2,
+    ignore_eos=True,
+    stop=["\n", "END"],
+    stop_token_ids=[7, 9],
+    temperature=0.5,
+    top_p=0.75,
+    top_k=40,
+    seed=2**40,
+    presence_penalty=-1.5,
+    frequency_penalty=0.25,
+    repetition_penalty=1.25,
+)
+
+
+def test_options_defaults_leave_everything_to_the_server(
+    sync_client: GatewayClient, script: Script
+) -> None:
+    options = GenerateOptions()
+    assert (options.max_tokens, options.min_tokens, options.ignore_eos) == (0, 0, False)
+    assert (options.stop, options.stop_token_ids) == ((), ())
+    unset = ("temperature", "top_p", "top_k", "seed")
+    unset += ("presence_penalty", "frequency_penalty", "repetition_penalty")
+    assert all(getattr(options, name) is None for name in unset)
+    sync_client.generate("support", "hi", options)
+    sync_client.generate("support", "hi")  # no options: the same request
+    first, second = [c.request.sampling for c in script.calls]
+    assert first == second == inference_pb2.SamplingParams()
+    assert not any(first.HasField(name) for name in unset)
+
+
+def test_every_option_reaches_the_request(sync_client: GatewayClient, script: Script) -> None:
+    sync_client.generate("support", "hi", ALL_OPTIONS)
+    assert script.last("Generate").request.sampling == ALL_SAMPLING
+    with contextlib.closing(sync_client.generate_stream("support", "hi", ALL_OPTIONS)) as stream:
+        list(stream)
+    assert script.last("GenerateStream").request.sampling == ALL_SAMPLING
+    # Each request field is an option and each option a request field: neither grows alone,
+    # and ALL_SAMPLING above sets every one of them.
+    fields = set(inference_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
+    assert {f.name for f in dataclasses.fields(GenerateOptions)} == fields
+    assert {f.name for f, _ in ALL_SAMPLING.ListFields()} == fields
+
+
+@pytest.mark.parametrize(
+    ("given", "named"),
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": 2**32}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),  # a bool is not a count
+        ({"max_tokens": 3.0}, "max_tokens"),
+        ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+        ({"ignore_eos": 1}, "ignore_eos"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": "0.5"}, "temperature"),  # no silent coercion
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.01}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": float("inf")}, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": 2.5}, "repetition_penalty"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": ["x" * 129]}, "stop"),
+        ({"stop": ["s"] * 9}, "stop"),
+        ({"stop": [1]}, "stop"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"stop_token_ids": list(range(65))}, "stop_token_ids"),
+        ({"temprature": 0.5}, "temprature"),  # a misspelt option is refused, not ignored
+    ],
+)
+def test_options_are_checked_when_made(given: dict[str, Any], named: str) -> None:
+    with pytest.raises(errors.InvalidArgument, match=f"^invalid generate options: {named}\\b"):
+        GenerateOptions(**given)
+
+
+def test_options_limits_are_inclusive_where_documented() -> None:
+    edge = GenerateOptions(
+        max_tokens=2**32 - 1,
+        min_tokens=2**32 - 1,
+        stop=["s" * 128] * 8,
+        stop_token_ids=list(range(64)),
+        temperature=2,  # an int is a float
+        top_p=1.0,
+        top_k=0,
+        seed=2**64 - 1,
+        presence_penalty=-2.0,
+        frequency_penalty=2.0,
+        repetition_penalty=2.0,
+    )
+    assert edge.temperature == 2.0
+    assert isinstance(edge.temperature, float)
+    assert GenerateOptions(min_tokens=5).min_tokens == 5  # max_tokens 0: the server's default
+
+
+def test_options_are_immutable_values() -> None:
+    options = GenerateOptions(stop="\n", stop_token_ids=[2, 3])
+    assert (options.stop, options.stop_token_ids) == (("\n",), (2, 3))  # one string, one stop
+    same = GenerateOptions(stop=["\n"], stop_token_ids=(2, 3))
+    assert options == same
+    assert hash(options) == hash(same)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.max_tokens = 5  # type: ignore[misc]
+    changed = dataclasses.replace(options, temperature=0.2)
+    assert (changed.temperature, changed.stop, options.temperature) == (0.2, ("\n",), None)
+    with pytest.raises(errors.InvalidArgument, match="temperature"):
+        dataclasses.replace(options, temperature=9.0)
+    with pytest.raises(errors.InvalidArgument, match="positional"):
+        GenerateOptions(5)  # type: ignore[misc]
 
 
 def test_no_key_no_authorization_and_key_never_shown(target: str, script: Script) -> None:
@@ -477,7 +649,7 @@ def test_no_key_no_authorization_and_key_never_shown(target: str, script: Script
 
 async def test_async_generate(target: str, script: Script) -> None:
     async with AsyncGatewayClient(target, API_KEY, timeout=10) as client:
-        result = await client.generate("support@prod", "hi", max_tokens=3)
+        result = await client.generate("support@prod", "hi", GenerateOptions(max_tokens=3))
     assert result.text == "hello world!"
     assert result.adapter == ServedAdapter("acme", "support", VERSION)
     call = script.last("Generate")
@@ -582,7 +754,9 @@ def _check_deltas(deltas: list[client_module.StreamDelta]) -> None:
 
 
 def test_stream_deltas(sync_client: GatewayClient, script: Script) -> None:
-    _check_deltas(list(sync_client.generate_stream("acme/support", "hi", max_tokens=3)))
+    stream = sync_client.generate_stream("acme/support", "hi", GenerateOptions(max_tokens=3))
+    _check_deltas(list(stream))
+    assert script.last("GenerateStream").request.sampling.max_tokens == 3
     call = script.last("GenerateStream")
     assert call.metadata["x-lora-adapter"] == "acme/support"
     assert call.metadata["authorization"] == f"Bearer {API_KEY}"
@@ -766,15 +940,95 @@ def test_admin_calls_send_their_requests(sync_client: GatewayClient, script: Scr
         c.compose_adapter("mix", [])
 
 
+#: The adapter the scripted server answers (see `_adapter_info`), as the SDK must return it.
+SUPPORT_VERSION = AdapterVersion(
+    tenant="acme",
+    name="support",
+    version=VERSION,
+    files=(),
+    rank=8,
+    alpha=16.0,
+    use_rslora=False,
+    target_modules=("q_proj", "v_proj"),
+    base_model="lora-gateway/tiny-llama",
+    dtype="F32",
+    created_at="2025-01-01T00:00:00Z",
+    created_by="",
+    status=AdapterStatus.ACTIVE,
+    description="",
+    composed_from=(),
+)
+SUPPORT = Adapter(
+    tenant="acme",
+    name="support",
+    versions=(SUPPORT_VERSION,),
+    aliases={"latest": VERSION, "prod": VERSION},
+    shared_with=("beta",),
+    status=AdapterStatus.ACTIVE,
+    usage=None,
+)
+
+
+def test_admin_calls_return_domain_types(
+    sync_client: GatewayClient, script: Script, adapter_dir: Path
+) -> None:
+    c = sync_client
+    assert c.get_adapter("support") == SUPPORT
+    assert c.list_adapters() == AdapterPage(
+        adapters=(SUPPORT,),
+        next_page_token="page-2",
+        usage=TenantUsage("acme", 1536, 1 << 30, 2, 10),
+    )
+    assert c.list_adapters(page_token="page-2").usage is None  # the server sent none
+    assert c.compose_adapter("mix", [("a@prod", 0.5)]) == dataclasses.replace(
+        SUPPORT_VERSION, name="mix", composed_from=(ComposePart("a@prod", 0.5),)
+    )
+    uploaded = c.upload_adapter("support", adapter_dir)
+    files = [
+        (adapter_dir / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors")
+    ]
+    assert uploaded.files == (
+        AdapterFile("adapter_config.json", len(files[0]), hashlib.sha256(files[0]).hexdigest()),
+        AdapterFile(
+            "adapter_model.safetensors", len(files[1]), hashlib.sha256(files[1]).hexdigest()
+        ),
+    )
+    assert uploaded.size_bytes == len(files[0]) + len(files[1])
+    assert c.revoke_adapter("support") == RevokeResult(
+        revoked_versions=(VERSION,), aborted_requests=2
+    )
+    assert c.pin_adapter("support@prod") == ResidencyEntry(
+        tenant="acme",
+        name="support",
+        version=VERSION,
+        tier=ResidencyTier.ENGINE,
+        pinned=True,
+        lora_int_id=7,
+        size_bytes=123456,
+    )
+    assert c.get_residency(page_token="page-2") == Residency(
+        entries=(ResidencyEntry("acme", "other", VERSION, ResidencyTier.ENGINE, False, 7, 123456),),
+        engine_capacity=3,
+        disk_budget_bytes=1 << 30,
+        disk_used_bytes=1 << 20,
+        next_page_token="",
+    )
+    # Enum values this client does not know (a newer server) read as UNSPECIFIED.
+    future = c.get_adapter("future")
+    assert (future.status, future.versions[0].status) == (AdapterStatus.UNSPECIFIED,) * 2
+    # Statuses and tiers are strings: "active", "engine".
+    assert (SUPPORT.status, ResidencyTier.ENGINE) == ("active", "engine")
+    assert json.dumps([AdapterStatus.REVOKED, ResidencyTier.DISK]) == '["revoked", "disk"]'
+
+
 async def test_async_admin_calls(target: str, script: Script) -> None:
     async with AsyncGatewayClient(target, API_KEY) as client:
         assert [a.name async for a in client.iter_adapters(page_size=3)] == ["support", "other"]
         assert (await client.get_residency(page_token="page-2")).next_page_token == ""
         assert (await client.set_alias("support", "prod", VERSION)).aliases["prod"] == VERSION
-        assert (await client.prefetch_adapter("support@prod")).tier == (
-            admin_pb2.RESIDENCY_TIER_ENGINE
-        )
+        assert (await client.prefetch_adapter("support@prod")).tier is ResidencyTier.ENGINE
         assert (await client.revoke_adapter("support")).aborted_requests == 2
+        assert await client.get_adapter("support") == SUPPORT
     assert [c.method for c in script.calls] == [
         "ListAdapters",
         "ListAdapters",
@@ -782,6 +1036,7 @@ async def test_async_admin_calls(target: str, script: Script) -> None:
         "SetAlias",
         "PrefetchAdapter",
         "RevokeAdapter",
+        "GetAdapter",
     ]
 
 
@@ -828,6 +1083,54 @@ def test_cli_generate_text_and_stream(
     assert lines[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 3}
 
 
+def test_cli_generate_has_a_flag_for_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"], environ={})
+    help_text = " ".join(capsys.readouterr().out.split())
+    flags = ["--max-tokens", "--min-tokens", "--ignore-eos", "--stop", "--stop-token-id"]
+    flags += ["--temperature", "--top-p", "--top-k", "--seed", "--presence-penalty"]
+    flags += ["--frequency-penalty", "--repetition-penalty"]
+    for flag in flags:  # the flags of the release before the options type, unchanged
+        assert f"{flag} " in help_text, flag
+    for f in dataclasses.fields(GenerateOptions):  # and one per option, however many there are
+        flag = "--stop-token-id" if f.name == "stop_token_ids" else "--" + f.name.replace("_", "-")
+        assert f"{flag} " in help_text, flag
+    assert "Sampling temperature in [0, 2]; 0 is greedy" in help_text  # the field's docstring
+
+
+def test_cli_generate_flags_fill_the_options(
+    environ: dict[str, str], script: Script, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["generate", "--prompt", "hi", "--max-tokens", "20", "--min-tokens", "2"]
+    argv += ["--ignore-eos", "--stop", "\n", "--stop", "END"]
+    argv += ["--stop-token-id", "7", "--stop-token-id", "9", "--temperature", "0.5"]
+    argv += ["--top-p", "0.75", "--top-k", "40", "--seed", str(2**40)]
+    argv += ["--presence-penalty", "-1.5", "--frequency-penalty", "0.25"]
+    argv += ["--repetition-penalty", "1.25", "--request-id", "cli-1"]
+    assert main(argv, environ=environ) == 0
+    request = script.last("Generate").request
+    assert request.sampling == ALL_SAMPLING
+    assert request.request_id == "cli-1"
+    assert main([*argv, "--stream"], environ=environ) == 0
+    assert script.last("GenerateStream").request.sampling == ALL_SAMPLING
+    assert main(["generate", "--prompt", "hi"], environ=environ) == 0  # no flag: no option
+    assert script.last("Generate").request.sampling == inference_pb2.SamplingParams()
+    capsys.readouterr()
+
+    # A value the options refuse: exit 3, the option named, nothing sent.
+    script.calls.clear()
+    rc = main(["generate", "--prompt", "hi", "--temperature", "9"], environ=environ)
+    assert rc == EXIT_CODES[errors.InvalidArgument]
+    err = capsys.readouterr().err
+    assert err.startswith("error: INVALID_ARGUMENT: invalid generate options: temperature: ")
+    assert script.calls == []
+    # Not a number at all: argparse's usage error.
+    with pytest.raises(SystemExit) as caught:
+        main(["generate", "--prompt", "hi", "--top-k", "many"], environ=environ)
+    assert caught.value.code == 2
+    assert "--top-k" in capsys.readouterr().err
+
+
 def test_cli_error_prints_the_code_and_exits_nonzero(
     environ: dict[str, str], script: Script, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -872,6 +1175,13 @@ def test_cli_adapter_commands(
     assert list(script.last("UploadAdapter").request.header.aliases) == ["canary"]
     uploaded = json.loads(run("adapter", "upload", "--name", "x", "--json", str(adapter_dir)))
     assert (uploaded["version"], uploaded["name"]) == (VERSION, "x")
+    weights = (adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert uploaded["files"][1] == {
+        "filename": "adapter_model.safetensors",
+        "size": 5000,
+        "sha256": hashlib.sha256(weights).hexdigest(),
+    }
+    assert (uploaded["status"], uploaded["alpha"], uploaded["rank"]) == ("active", 16.0, 8)
 
     table = run("adapter", "list", "--shared").splitlines()
     assert table[0].split() == [
@@ -885,11 +1195,14 @@ def test_cli_adapter_commands(
     ]
     assert table[1].split() == ["acme/support", "active", "1", VERSION[:19], "latest,prod", "beta"]
     assert table[2].split()[0] == "acme/other"  # the second page
-    assert len(table) == 3
+    assert table[3:] == ["", "usage       tenant acme: 1.5 KiB of 1.0 GiB stored, 2 of 10 adapters"]
     assert script.last("ListAdapters").request.page_token == "page-2"
     listed = json.loads(run("adapter", "list", "--json", "--page-size", "1"))
     assert listed["adapters"][0]["aliases"] == {"latest": VERSION, "prod": VERSION}
     assert [a["name"] for a in listed["adapters"]] == ["support", "other"]
+    assert listed["adapters"][0]["status"] == "active"
+    assert listed["adapters"][0]["shared_with"] == ["beta"]
+    assert listed["adapters"][0]["versions"][0]["target_modules"] == ["q_proj", "v_proj"]
     assert script.last("ListAdapters").request.page_size == 1
 
     shown = run("adapter", "show", "support")
@@ -919,6 +1232,19 @@ def test_cli_adapter_commands(
     assert as_json["engine_capacity"] == 3
     assert [e["name"] for e in as_json["entries"]] == ["support", "other"]
     assert as_json["next_page_token"] == ""
+    assert as_json["entries"][0] == {
+        "tenant": "acme",
+        "name": "support",
+        "version": VERSION,
+        "tier": "engine",
+        "pinned": True,
+        "lora_int_id": 7,
+        "size_bytes": 123456,
+    }
+    revoked_json = json.loads(run("adapter", "revoke", "support", "--json"))
+    assert revoked_json == {"revoked_versions": [VERSION], "aborted_requests": 2}
+    pinned_json = json.loads(run("adapter", "pin", "support", "--json"))
+    assert (pinned_json["tier"], pinned_json["pinned"]) == ("engine", True)
 
 
 def test_cli_compose_part_needs_a_weight(capsys: pytest.CaptureFixture[str]) -> None:

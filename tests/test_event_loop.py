@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from lora_gateway import devtools, errors
-from lora_gateway.client import AsyncGatewayClient
+from lora_gateway.client import AsyncGatewayClient, GenerateOptions
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
@@ -88,8 +88,11 @@ async def test_gateway_flow_never_blocks_the_loop(
             async with AsyncGatewayClient(f"127.0.0.1:{server.port}", "k") as client:
                 await client.upload_adapter("loop", make_test_adapter(seed=91, rank=16))
                 results = await asyncio.gather(
-                    *(client.generate("loop", "one two three", max_tokens=4) for _ in range(4)),
-                    client.generate("", "one two three", max_tokens=4),
+                    *(
+                        client.generate("loop", "one two three", GenerateOptions(max_tokens=4))
+                        for _ in range(4)
+                    ),
+                    client.generate("", "one two three", GenerateOptions(max_tokens=4)),
                 )
                 assert all(len(r.token_ids) == 4 for r in results)
                 await client.set_alias("loop", "prod", results[0].adapter.version)  # type: ignore[union-attr]
@@ -97,7 +100,7 @@ async def test_gateway_flow_never_blocks_the_loop(
                 await client.get_residency()
                 await client.revoke_adapter("loop")
                 with pytest.raises(errors.NotFound):
-                    await client.generate("loop", "one two three", max_tokens=4)
+                    await client.generate("loop", "one two three", GenerateOptions(max_tokens=4))
         finally:
             loop.set_debug(was_debug)
             loop.slow_callback_duration = was_slow

@@ -25,7 +25,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lora_gateway import devtools, errors
-from lora_gateway.client import AsyncGatewayClient
+from lora_gateway.client import AsyncGatewayClient, GenerateOptions, Residency, ResidencyTier
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.metrics import LoadPhase
 from lora_gateway.server import GatewayServer
@@ -38,6 +38,7 @@ from tests.support.stats import indistinguishable
 pytestmark = pytest.mark.engine
 
 MAX_TOKENS = 8
+GREEDY = GenerateOptions(max_tokens=MAX_TOKENS)  # temperature unset: the server's, 0
 KEYS = {
     "acme-user": ("acme", "user"),
     "acme-admin": ("acme", "tenant-admin"),
@@ -50,7 +51,9 @@ KEYS = {
 def write_tenants(path: Path) -> Path:
     tenants: dict[str, dict[str, object]] = {}
     for key, (tenant, role) in KEYS.items():
-        entry = tenants.setdefault(tenant, {"keys": [], "max_concurrent": 128, "max_tokens": 64})
+        entry = tenants.setdefault(
+            tenant, {"keys": [], "max_concurrent": 128, "max_tokens": 64, "max_pins": 3}
+        )
         keys = entry["keys"]
         assert isinstance(keys, list)
         keys.append({"id": key, "sha256": hash_key(f"secret-{key}"), "role": role})
@@ -142,26 +145,24 @@ async def test_upload_then_generate_equals_reference(
 ) -> None:
     async with env.client("acme-user") as client:
         for name in ("attn-r8", "all-r16-rslora", "mlp-r4"):
-            result = await client.generate(name, PROMPT, max_tokens=MAX_TOKENS)
+            result = await client.generate(name, PROMPT, GREEDY)
             assert result.token_ids == expected[(name, PROMPT)], name
             assert result.adapter is not None
             assert result.adapter.version == uploaded[name]
             assert (result.adapter.tenant, result.adapter.name) == ("acme", name)
-        base = await client.generate("", PROMPT, max_tokens=MAX_TOKENS)
+        base = await client.generate("", PROMPT, GREEDY)
         assert base.token_ids == expected[(None, PROMPT)]
-        pinned = await client.generate(
-            f"attn-r8@{uploaded['attn-r8']}", PROMPT, max_tokens=MAX_TOKENS
-        )
+        pinned = await client.generate(f"attn-r8@{uploaded['attn-r8']}", PROMPT, GREEDY)
         assert pinned.token_ids == expected[("attn-r8", PROMPT)]
-        by_alias = await client.generate("mlp-r4@prod", PROMPT, max_tokens=MAX_TOKENS)
+        by_alias = await client.generate("mlp-r4@prod", PROMPT, GREEDY)
         assert by_alias.token_ids == expected[("mlp-r4", PROMPT)]
 
 
 async def test_streaming_equals_unary(env: Env, uploaded: dict[str, str]) -> None:
     async with env.client("acme-user") as client:
         for name in ("all-r16-rslora", ""):
-            unary = await client.generate(name, PROMPT, max_tokens=MAX_TOKENS)
-            deltas = [d async for d in client.generate_stream(name, PROMPT, max_tokens=MAX_TOKENS)]
+            unary = await client.generate(name, PROMPT, GREEDY)
+            deltas = [d async for d in client.generate_stream(name, PROMPT, GREEDY)]
             assert len(deltas) > 1
             assert [t for d in deltas for t in d.token_ids] == unary.token_ids
             assert "".join(d.text for d in deltas) == unary.text
@@ -179,9 +180,7 @@ async def test_mixed_concurrent_requests_more_adapters_than_slots(
                 (globex, "qv-r8"),
                 (globex, ""),
             ]
-            results = await asyncio.gather(
-                *(c.generate(n, prompt, max_tokens=MAX_TOKENS) for c, n in calls)
-            )
+            results = await asyncio.gather(*(c.generate(n, prompt, GREEDY) for c, n in calls))
             for (_, name), result in zip(calls, results, strict=True):
                 assert result.token_ids == expected[(name or None, prompt)], (round_, name)
     stats = env.server.gateway.residency.stats
@@ -191,11 +190,11 @@ async def test_mixed_concurrent_requests_more_adapters_than_slots(
 async def test_cross_tenant_is_not_found_like_missing(env: Env, uploaded: dict[str, str]) -> None:
     async with env.client("globex-user") as globex:
         with pytest.raises(errors.NotFound) as other:
-            await globex.generate("acme/attn-r8", PROMPT, max_tokens=4)
+            await globex.generate("acme/attn-r8", PROMPT, GenerateOptions(max_tokens=4))
         with pytest.raises(errors.NotFound) as missing:
-            await globex.generate("acme/no-such-adapter", PROMPT, max_tokens=4)
+            await globex.generate("acme/no-such-adapter", PROMPT, GenerateOptions(max_tokens=4))
         with pytest.raises(errors.NotFound) as own_missing:
-            await globex.generate("attn-r8", PROMPT, max_tokens=4)
+            await globex.generate("attn-r8", PROMPT, GenerateOptions(max_tokens=4))
     assert str(other.value) == str(missing.value) == str(own_missing.value)
 
 
@@ -207,7 +206,7 @@ async def _probe(client: AsyncGatewayClient, ref: str) -> tuple[float, str, str]
     """(seconds, status code, text) of a Generate naming `ref`."""
     started = time.perf_counter()
     try:
-        await client.generate(ref, PROMPT, max_tokens=1)
+        await client.generate(ref, PROMPT, GenerateOptions(max_tokens=1))
     except errors.GatewayError as exc:
         return time.perf_counter() - started, exc.code.name, str(exc)
     return time.perf_counter() - started, "OK", ""
@@ -223,7 +222,9 @@ async def test_another_tenants_adapter_is_answered_like_a_missing_one(
     was answered from the manifest cache, each missing one after a store round trip."""
     residency = env.server.gateway.residency
     async with env.client("acme-user") as acme:
-        await acme.generate("attn-r8", PROMPT, max_tokens=1)  # acme's manifest is cached now
+        await acme.generate(
+            "attn-r8", PROMPT, GenerateOptions(max_tokens=1)
+        )  # acme's manifest is cached now
     asks = ["acme/attn-r8"] * ORACLE_SAMPLES + [f"acme/mis{i:04d}" for i in range(ORACLE_SAMPLES)]
     random.Random(12).shuffle(asks)
     samples: dict[bool, list[float]] = {True: [], False: []}
@@ -392,10 +393,10 @@ async def test_roles(env: Env, uploaded: dict[str, str], test_adapters: dict[str
         assert {a.name for a in listed.adapters} >= {"attn-r8"}
     async with AsyncGatewayClient(env.target, "not-a-key") as stranger:
         with pytest.raises(errors.Unauthenticated):
-            await stranger.generate("", PROMPT, max_tokens=2)
+            await stranger.generate("", PROMPT, GenerateOptions(max_tokens=2))
     async with AsyncGatewayClient(env.target, None) as anonymous:
         with pytest.raises(errors.Unauthenticated):
-            await anonymous.generate("", PROMPT, max_tokens=2)
+            await anonymous.generate("", PROMPT, GenerateOptions(max_tokens=2))
 
 
 async def test_sharing(
@@ -403,25 +404,35 @@ async def test_sharing(
 ) -> None:
     async with env.client("globex-admin") as admin, env.client("acme-user") as acme:
         with pytest.raises(errors.NotFound):
-            await acme.generate("globex/qv-r8", PROMPT, max_tokens=MAX_TOKENS)
+            await acme.generate("globex/qv-r8", PROMPT, GREEDY)
         await admin.share_adapter("qv-r8", "acme")
-        shared = await acme.generate("globex/qv-r8", PROMPT, max_tokens=MAX_TOKENS)
+        shared = await acme.generate("globex/qv-r8", PROMPT, GREEDY)
         assert shared.token_ids == expected[("qv-r8", PROMPT)]
         await admin.unshare_adapter("qv-r8", "acme")
         with pytest.raises(errors.NotFound):
-            await acme.generate("globex/qv-r8", PROMPT, max_tokens=MAX_TOKENS)
+            await acme.generate("globex/qv-r8", PROMPT, GREEDY)
 
 
 async def test_limits_and_bad_input(env: Env, uploaded: dict[str, str]) -> None:
     async with env.client("acme-user") as client:
         with pytest.raises(errors.ResourceExhausted, match="max_tokens"):
-            await client.generate("", PROMPT, max_tokens=65)
+            await client.generate("", PROMPT, GenerateOptions(max_tokens=65))
         with pytest.raises(errors.InvalidArgument):
-            await client.generate("../etc/passwd", PROMPT, max_tokens=2)
+            await client.generate("../etc/passwd", PROMPT, GenerateOptions(max_tokens=2))
         with pytest.raises(errors.InvalidArgument):
-            await client.generate("", PROMPT, max_tokens=2, temperature=9.0)
-        with pytest.raises(errors.InvalidArgument):
-            await client.generate("", "", max_tokens=2)
+            await client.generate("", "", GenerateOptions(max_tokens=2))
+    # Bad sampling parameters, past the SDK's own check: the server refuses them too.
+    async with grpc.aio.insecure_channel(env.target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await inference_pb2_grpc.InferenceStub(channel).Generate(
+                inference_pb2.GenerateRequest(
+                    text=PROMPT,
+                    sampling=inference_pb2.SamplingParams(max_tokens=2, temperature=9.0),
+                ),
+                metadata=(("authorization", "Bearer secret-acme-user"),),
+            )
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "temperature" in (bad.value.details() or "")
 
 
 async def test_alias_rollback(
@@ -434,10 +445,10 @@ async def test_alias_rollback(
         v2 = await admin.upload_adapter("rolling", test_adapters["attn-r8"], aliases=("prod",))
         v3 = await admin.upload_adapter("rolling", test_adapters["mlp-r4"], aliases=("prod",))
         assert v2.version != v3.version
-        result = await user.generate("rolling@prod", PROMPT, max_tokens=MAX_TOKENS)
+        result = await user.generate("rolling@prod", PROMPT, GREEDY)
         assert result.token_ids == expected[("mlp-r4", PROMPT)]
         await admin.set_alias("rolling", "prod", v2.version)
-        result = await user.generate("rolling@prod", PROMPT, max_tokens=MAX_TOKENS)
+        result = await user.generate("rolling@prod", PROMPT, GREEDY)
         assert result.adapter is not None
         assert result.adapter.version == v2.version
         assert result.token_ids == expected[("attn-r8", PROMPT)]
@@ -446,20 +457,25 @@ async def test_alias_rollback(
 async def test_revoke_with_a_request_in_flight(env: Env, test_adapters: dict[str, Path]) -> None:
     async with env.client("acme-admin") as admin, env.client("acme-user") as user:
         info = await admin.upload_adapter("doomed", test_adapters["qv-r8"])
-        stream = user.generate_stream("doomed", PROMPT, max_tokens=60, ignore_eos=True)
+        stream = user.generate_stream(
+            "doomed", PROMPT, GenerateOptions(max_tokens=60, ignore_eos=True)
+        )
         first = await anext(aiter(stream))
         assert first.token_ids
         response = await admin.revoke_adapter("doomed")
-        assert response.revoked_versions == [info.version]
+        assert response.revoked_versions == (info.version,)
         assert response.aborted_requests == 1
         with pytest.raises(errors.Aborted):
             async for _ in stream:
                 pass
         with pytest.raises(errors.NotFound):
-            await user.generate("doomed", PROMPT, max_tokens=2)
+            await user.generate("doomed", PROMPT, GenerateOptions(max_tokens=2))
     residency = env.server.gateway.residency
     sha = info.version.removeprefix("sha256:")
-    assert not residency.cache.contains(sha)
+    assert not residency.cache.contains(sha, owner="acme/doomed")
+    # globex uploaded the same bytes as qv-r8: the folder stays exactly while globex uses it.
+    assert residency.cache.contains(sha) == bool(residency.cache.owners(sha))
+    assert residency.cache.owners(sha) <= {"globex/qv-r8"}
     assert not residency.is_resident(("acme", "doomed", sha))
     assert residency.lora_id(("acme", "doomed", sha)) not in await env.server.engine.list_adapters()
 
@@ -474,9 +490,12 @@ async def test_concurrent_cold_requests_load_once(
     async with env.client("acme-admin") as admin, env.client("acme-user") as user:
         await admin.upload_adapter("herd", fresh)
         before = (residency.stats.disk_misses, residency.stats.engine_loads)
-        first = asyncio.create_task(user.generate("herd", PROMPT, max_tokens=4))
+        first = asyncio.create_task(user.generate("herd", PROMPT, GenerateOptions(max_tokens=4)))
         await asyncio.sleep(0.01)  # the first caller is the one that starts the load
-        rest = [asyncio.create_task(user.generate("herd", PROMPT, max_tokens=4)) for _ in range(99)]
+        rest = [
+            asyncio.create_task(user.generate("herd", PROMPT, GenerateOptions(max_tokens=4)))
+            for _ in range(99)
+        ]
         first.cancel()
         results = await asyncio.gather(*rest)
         with pytest.raises(asyncio.CancelledError):
@@ -517,7 +536,7 @@ async def test_cancel_aborts_the_engine_request(env: Env, uploaded: dict[str, st
 
 async def test_metrics_endpoint(env: Env, uploaded: dict[str, str]) -> None:
     async with env.client("acme-user") as client:
-        await client.generate("attn-r8", PROMPT, max_tokens=4)
+        await client.generate("attn-r8", PROMPT, GenerateOptions(max_tokens=4))
     url = f"http://127.0.0.1:{env.server.metrics_port}/metrics"
     body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
     assert 'lora_gateway_requests_total{adapter="acme/attn-r8",code="OK",tenant="acme"}' in body
@@ -538,7 +557,9 @@ async def test_metrics_endpoint(env: Env, uploaded: dict[str, str]) -> None:
 async def test_deadline_exceeded(env: Env, uploaded: dict[str, str]) -> None:
     async with env.client("acme-user", max_retries=0) as client:
         with pytest.raises(errors.DeadlineExceeded):
-            await client.generate("", PROMPT, max_tokens=60, ignore_eos=True, timeout=0.05)
+            await client.generate(
+                "", PROMPT, GenerateOptions(max_tokens=60, ignore_eos=True), timeout=0.05
+            )
 
 
 async def test_pin_prefetch_and_residency_tiers(
@@ -549,28 +570,28 @@ async def test_pin_prefetch_and_residency_tiers(
         info = await admin.upload_adapter("tiers", make_test_adapter(seed=77, rank=8))
         sha = info.version.removeprefix("sha256:")
 
-        def tier_of(reply: object) -> int:
-            entries = [e for e in reply.entries if e.version == info.version]  # type: ignore[attr-defined]
+        def tier_of(reply: Residency) -> ResidencyTier:
+            entries = [e for e in reply.entries if e.version == info.version]
             assert len(entries) == 1
-            return int(entries[0].tier)
+            return entries[0].tier
 
-        assert tier_of(await admin.get_residency()) == admin_pb2.RESIDENCY_TIER_STORE
+        assert tier_of(await admin.get_residency()) is ResidencyTier.STORE
         entry = await admin.prefetch_adapter("tiers")
-        assert entry.tier == admin_pb2.RESIDENCY_TIER_ENGINE
+        assert entry.tier is ResidencyTier.ENGINE
         assert entry.lora_int_id == residency.lora_id(("acme", "tiers", sha))
         pinned = await admin.pin_adapter("tiers")
         assert pinned.pinned
         # Pinned: survives a burst of other adapters through the engine's LRU.
         async with env.client("acme-user") as user:
             for name in ("attn-r8", "all-r16-rslora", "mlp-r4", "attn-r8"):
-                await user.generate(name, PROMPT, max_tokens=2)
+                await user.generate(name, PROMPT, GenerateOptions(max_tokens=2))
         assert residency.is_resident(("acme", "tiers", sha))
         await admin.unpin_adapter("tiers")
         async with env.client("acme-user") as user:
             for name in ("all-r16-rslora", "mlp-r4", "attn-r8"):
-                await user.generate(name, PROMPT, max_tokens=2)
+                await user.generate(name, PROMPT, GenerateOptions(max_tokens=2))
         assert not residency.is_resident(("acme", "tiers", sha))
-        assert tier_of(await admin.get_residency()) == admin_pb2.RESIDENCY_TIER_DISK
+        assert tier_of(await admin.get_residency()) is ResidencyTier.DISK
         await admin.pin_adapter("attn-r8")
         await admin.pin_adapter("all-r16-rslora")
         with pytest.raises(errors.ResourceExhausted):
@@ -587,11 +608,11 @@ async def test_compose_end_to_end(
     async with env.client("acme-admin") as admin, env.client("acme-user") as user:
         info = await admin.compose_adapter("attn-copy", [("attn-r8@prod", 1.0)])
         assert next(iter(info.composed_from)).adapter.startswith("acme/attn-r8@sha256:")
-        result = await user.generate("attn-copy", PROMPT, max_tokens=MAX_TOKENS)
+        result = await user.generate("attn-copy", PROMPT, GREEDY)
         assert result.token_ids == expected[("attn-r8", PROMPT)]
         mixed = await admin.compose_adapter("blend", [("attn-r8", 0.5), ("mlp-r4", 0.5)])
         assert mixed.rank == 12
-        blended = await user.generate("blend", PROMPT, max_tokens=MAX_TOKENS)
+        blended = await user.generate("blend", PROMPT, GREEDY)
         assert blended.token_ids not in (expected[("attn-r8", PROMPT)], expected[(None, PROMPT)])
 
 

@@ -39,7 +39,7 @@ from safetensors.numpy import load_file
 from adapter_store import BaseModelSpec, Incompatible, Limits
 from adapter_store.validate import validate_adapter
 from lora_gateway import devtools, errors
-from lora_gateway.client import AsyncGatewayClient
+from lora_gateway.client import AsyncGatewayClient, GenerateOptions
 from lora_gateway.engine import quantization
 from lora_gateway.engine.base import GenerateParams, LoadedAdapter, Prompt, next_lora_id
 from lora_gateway.engine.selftest import collect
@@ -352,7 +352,7 @@ async def test_gateway_serves_adapters_on_the_quantized_base(
                 )
             cases = [(n, p) for n in ("all-r16-rslora", "mlp-r4", "") for p in PROMPTS[:3]]
             results = await asyncio.gather(
-                *(client.generate(n, p, max_tokens=MAX_TOKENS) for n, p in cases)
+                *(client.generate(n, p, GenerateOptions(max_tokens=MAX_TOKENS)) for n, p in cases)
             )
             for (name, prompt), result in zip(cases, results, strict=True):
                 assert result.token_ids == solo[(name or None, prompt)], (name, prompt)

@@ -2,8 +2,12 @@
 
 - Revocations, alias moves and shares made through A reach B within the documented bound
   (`poll_interval_s`: B re-reads the manifests it has cached with a conditional GET).
+- A whole-adapter revoke on A while B is still loading the adapter (cold): nothing of it
+  serves on B after the bound. B reaches S3 through a fault proxy (passing bytes unchanged
+  except in that test, which throttles B's downloads so that the cold load outlasts the bound).
 - SIGTERM on B with a request in flight: health goes NOT_SERVING, new requests are refused,
-  the in-flight request completes within the grace period, and the process exits 0.
+  the in-flight request completes within the grace period, and the process exits 0. B is
+  always ended with SIGTERM, and its engine processes are checked to be gone.
 """
 
 from __future__ import annotations
@@ -17,21 +21,24 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lora_gateway import devtools, errors
-from lora_gateway.client import AsyncGatewayClient, StreamDelta
+from lora_gateway.client import AsyncGatewayClient, GenerateOptions, StreamDelta
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
 from tests.conftest import AdapterFactory, engine_settings
 from tests.support import processes
+from tests.support.faultproxy import FaultProxy
 from tests.support.s3server import S3Server, s3_server
 
 pytestmark = pytest.mark.engine
@@ -92,12 +99,13 @@ async def replica_a(
 
 
 def start_replica_b(
-    tiny_model: Path, s3: S3Server, config: dict[str, object]
+    tiny_model: Path, s3: S3Server, config: dict[str, object], s3_endpoint: str
 ) -> tuple[subprocess.Popen[str], int]:
     work = Path(str(config["work"]))
     values = {k: v for k, v in config.items() if k != "work"}
     values.update(
         {
+            "s3_endpoint": s3_endpoint,
             "model": str(tiny_model),
             "dtype": "float32",
             "max_loras": 2,
@@ -138,17 +146,30 @@ def start_replica_b(
 
 
 @pytest.fixture(scope="module")
+def b_proxy(shared: tuple[S3Server, dict[str, object]]) -> Iterator[FaultProxy]:
+    """Between replica B and S3: passes bytes unchanged unless a test sets a fault."""
+    s3, _ = shared
+    with FaultProxy(("127.0.0.1", s3.port)) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
 def replica_b(
-    tiny_model: Path, shared: tuple[S3Server, dict[str, object]]
+    tiny_model: Path, shared: tuple[S3Server, dict[str, object]], b_proxy: FaultProxy
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     s3, config = shared
-    process, port = start_replica_b(tiny_model, s3, config)
+    process, port = start_replica_b(tiny_model, s3, config, b_proxy.endpoint_url)
+    # B's engine processes (engine core, worker), to check that they end with B.
+    children = psutil.Process(process.pid).children(recursive=True)
     # Keep reading B's output so that its pipe never fills up and blocks it.
     threading.Thread(target=lambda: [None for _ in process.stdout or ()], daemon=True).start()
     yield process, f"127.0.0.1:{port}"
+    b_proxy.passthrough()
     # SIGTERM, as Kubernetes does: B drains and shuts its engine down. (SIGKILL left B's vLLM
     # engine core running after the run.)
     processes.stop(process)
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"replica B left engine processes behind: {alive}"
 
 
 async def until(predicate: Callable[[], Awaitable[bool]], bound: float) -> float:
@@ -175,14 +196,14 @@ async def test_revocation_and_alias_moves_reach_the_other_replica(
         AsyncGatewayClient(target_b, USER) as user_b,
     ):
         v1 = await admin.upload_adapter("shared", first, aliases=("prod",))
-        on_b = await user_b.generate("shared@prod", PROMPT, max_tokens=4)
+        on_b = await user_b.generate("shared@prod", PROMPT, GenerateOptions(max_tokens=4))
         assert on_b.adapter is not None
         assert on_b.adapter.version == v1.version
 
         v2 = await admin.upload_adapter("shared", second, aliases=("prod",))
 
         async def b_serves_v2() -> bool:
-            result = await user_b.generate("shared@prod", PROMPT, max_tokens=2)
+            result = await user_b.generate("shared@prod", PROMPT, GenerateOptions(max_tokens=2))
             return result.adapter is not None and result.adapter.version == v2.version
 
         took = await until(b_serves_v2, BOUND_S)
@@ -193,7 +214,7 @@ async def test_revocation_and_alias_moves_reach_the_other_replica(
 
         async def b_refuses_v2() -> bool:
             try:
-                await user_b.generate(f"shared@{v2.version}", PROMPT, max_tokens=2)
+                await user_b.generate(f"shared@{v2.version}", PROMPT, GenerateOptions(max_tokens=2))
             except errors.NotFound:
                 return True
             except errors.Aborted:
@@ -216,7 +237,9 @@ async def test_revocation_and_alias_moves_reach_the_other_replica(
         async def beta_can_use() -> bool:
             try:
                 # v2 (latest, prod) is revoked: name the surviving version.
-                await beta_b.generate(f"acme/shared@{v1.version}", PROMPT, max_tokens=2)
+                await beta_b.generate(
+                    f"acme/shared@{v1.version}", PROMPT, GenerateOptions(max_tokens=2)
+                )
             except errors.NotFound:
                 return False
             return True
@@ -242,7 +265,7 @@ async def _hammer(
     while time.monotonic() < until_s[0]:
         started = time.monotonic()
         try:
-            await user.generate(ref, PROMPT, max_tokens=2, timeout=10)
+            await user.generate(ref, PROMPT, GenerateOptions(max_tokens=2), timeout=10)
             kind = "ok"
         except errors.NotFound:
             kind = "not_found"
@@ -273,7 +296,7 @@ async def _race_trials(
             name = f"{prefix}{trial}"
             version = await admin.upload_adapter(name, make_test_adapter(seed=60 + trial, rank=8))
             ref = f"{name}@{version.version}"
-            await user_b.generate(ref, PROMPT, max_tokens=2)  # resident on B
+            await user_b.generate(ref, PROMPT, GenerateOptions(max_tokens=2))  # resident on B
             until_s = [float("inf")]
             outcomes: list[tuple[float, str]] = []
             loops = [asyncio.create_task(_hammer(user_b, ref, until_s, outcomes)) for _ in range(3)]
@@ -315,6 +338,109 @@ async def test_revocation_race_across_replicas_many_trials(
     await _race_trials(replica_a, replica_b[1], make_test_adapter, RACE_TRIALS_SLOW, "race-many-")
 
 
+COLD_TRIALS, COLD_TRIALS_SLOW = 3, 15
+#: How long B's throttled download of a cold adapter takes: well past the bound.
+COLD_LOAD_S = 3.5
+
+
+async def _cold_load_race_trials(
+    replica_a: GatewayServer,
+    target_b: str,
+    proxy: FaultProxy,
+    make_test_adapter: AdapterFactory,
+    trials: int,
+    prefix: str,
+    seed: int,
+) -> None:
+    """Per trial: a fresh adapter; B starts a cold load of it (its download throttled to take
+    COLD_LOAD_S); while B downloads, A revokes the whole adapter; 2 loops keep asking B for it
+    until the bound has passed. No request on B may succeed after the bound: not the cold one
+    (whose load was in progress when B's poller saw the revocation), not any other."""
+    rng = random.Random(seed)
+    target_a = f"127.0.0.1:{replica_a.port}"
+    outcomes: Counter[str] = Counter()
+    violations: list[tuple[str, float]] = []
+    cold_ends: list[float] = []
+    async with (
+        AsyncGatewayClient(target_a, ADMIN) as admin,
+        AsyncGatewayClient(target_b, USER, max_retries=0) as user_b,
+    ):
+        for trial in range(trials):
+            name = f"{prefix}{trial}"
+            info = await admin.upload_adapter(name, make_test_adapter(seed=seed + trial, rank=8))
+            size = sum(f.size for f in info.files)
+            records: list[tuple[str, float, float]] = []  # (kind, started, ended)
+            revoked: list[float] = []
+
+            async def ask(
+                name: str = name, records: list[tuple[str, float, float]] = records
+            ) -> tuple[str, float, float]:
+                started = time.monotonic()
+                try:
+                    await user_b.generate(name, PROMPT, GenerateOptions(max_tokens=2), timeout=30)
+                    kind = "ok"
+                except errors.NotFound:
+                    kind = "not_found"
+                except errors.Aborted:
+                    kind = "aborted"
+                record = (kind, started, time.monotonic())
+                records.append(record)
+                return record
+
+            async def loop(revoked: list[float] = revoked) -> None:
+                while not revoked or time.monotonic() < revoked[0] + BOUND_S + 1.0:
+                    await ask()
+                    await asyncio.sleep(0.05)
+
+            proxy.throttle(max(1, int(size / COLD_LOAD_S)))
+            try:
+                cold = asyncio.create_task(ask())
+                await asyncio.sleep(rng.uniform(0.6, 1.2))  # B is downloading it now
+                loops = [asyncio.create_task(loop()) for _ in range(2)]
+                await admin.revoke_adapter(name)  # the whole adapter
+                revoked.append(time.monotonic())
+                await asyncio.wait_for(asyncio.gather(cold, *loops), BOUND_S + COLD_LOAD_S + 20)
+            finally:
+                proxy.passthrough()
+            cold_kind, _, cold_end = cold.result()
+            cold_ends.append(cold_end - revoked[0])
+            outcomes[f"cold_{cold_kind}"] += 1
+            for kind, _, ended in records:
+                outcomes[kind] += 1
+                if kind == "ok" and ended > revoked[0] + BOUND_S:
+                    violations.append((name, round(ended - revoked[0], 2)))
+    print(
+        f"\ncold load on B racing a whole revoke on A, {trials} trials: {dict(outcomes)}; the "
+        f"cold request ended {min(cold_ends):.2f}-{max(cold_ends):.2f}s after Revoke returned; "
+        f"served on B after the bound ({BOUND_S}s): {len(violations)} {violations}"
+    )
+    assert min(cold_ends) > 0, "the cold load must still be running when Revoke returns"
+    assert violations == [], "served on B after the documented bound"
+
+
+async def test_cold_load_racing_a_whole_revoke_across_replicas(
+    replica_a: GatewayServer,
+    replica_b: tuple[subprocess.Popen[str], str],
+    b_proxy: FaultProxy,
+    make_test_adapter: AdapterFactory,
+) -> None:
+    await _cold_load_race_trials(
+        replica_a, replica_b[1], b_proxy, make_test_adapter, COLD_TRIALS, "cold-", 800
+    )
+
+
+@pytest.mark.slow
+async def test_cold_load_racing_a_whole_revoke_across_replicas_many_trials(
+    replica_a: GatewayServer,
+    replica_b: tuple[subprocess.Popen[str], str],
+    b_proxy: FaultProxy,
+    make_test_adapter: AdapterFactory,
+) -> None:
+    await _cold_load_race_trials(
+        replica_a, replica_b[1], b_proxy, make_test_adapter, COLD_TRIALS_SLOW, "cold-many-", 820
+    )
+
+
 async def test_sigterm_drains_in_flight_requests(
     replica_b: tuple[subprocess.Popen[str], str], replica_a: GatewayServer
 ) -> None:
@@ -323,7 +449,9 @@ async def test_sigterm_drains_in_flight_requests(
     in_flight = 4
     async with AsyncGatewayClient(target, USER, max_retries=0) as user:
         iterators = [
-            aiter(user.generate_stream("", PROMPT, max_tokens=150, ignore_eos=True))
+            aiter(
+                user.generate_stream("", PROMPT, GenerateOptions(max_tokens=150, ignore_eos=True))
+            )
             for _ in range(in_flight)
         ]
         firsts = [await anext(iterator) for iterator in iterators]
@@ -340,7 +468,7 @@ async def test_sigterm_drains_in_flight_requests(
 
             await until(not_serving, 5.0)
         with pytest.raises((errors.Unavailable, errors.DeadlineExceeded)):
-            await user.generate("", PROMPT, max_tokens=2, timeout=5)
+            await user.generate("", PROMPT, GenerateOptions(max_tokens=2), timeout=5)
 
         async def drain(iterator: AsyncIterator[StreamDelta]) -> list[StreamDelta]:
             return [delta async for delta in iterator]

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from adapter_store import LocalBackend, Registry
 from adapter_store.model import BaseModelSpec
 from lora_gateway import devtools, errors
-from lora_gateway.client import AsyncGatewayClient
+from lora_gateway.client import AsyncGatewayClient, GenerateOptions
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
@@ -152,14 +152,14 @@ async def tls_env(
 
 async def test_mtls_accepts_our_clients_and_refuses_others(tls_env: TlsEnv) -> None:
     async with tls_env.connect(tls_env.client) as client:
-        result = await client.generate("", "hello world", max_tokens=3)
+        result = await client.generate("", "hello world", GenerateOptions(max_tokens=3))
         assert len(result.token_ids) == 3
     async with tls_env.connect(tls_env.stranger, max_retries=0, timeout=5) as stranger:
         with pytest.raises(errors.Unavailable):
-            await stranger.generate("", "hello world", max_tokens=3)
+            await stranger.generate("", "hello world", GenerateOptions(max_tokens=3))
     async with tls_env.connect(None, max_retries=0, timeout=5) as no_cert:
         with pytest.raises(errors.Unavailable):
-            await no_cert.generate("", "hello world", max_tokens=3)
+            await no_cert.generate("", "hello world", GenerateOptions(max_tokens=3))
 
 
 async def test_warm_set_is_loaded_and_pinned_at_start(tls_env: TlsEnv) -> None:
@@ -183,9 +183,16 @@ async def test_load_time_validation_keeps_bad_adapters_from_the_engine(tls_env: 
     before = await engine.list_adapters()
     async with tls_env.connect(tls_env.client) as client:
         with pytest.raises(errors.FailedPrecondition):
-            await client.generate("wide", "hello world", max_tokens=3)
+            await client.generate("wide", "hello world", GenerateOptions(max_tokens=3))
         assert await engine.list_adapters() == before
-        assert len((await client.generate("warm", "hello world", max_tokens=3)).token_ids) == 3
+        assert (
+            len(
+                (
+                    await client.generate("warm", "hello world", GenerateOptions(max_tokens=3))
+                ).token_ids
+            )
+            == 3
+        )
 
 
 async def test_idle_connections_are_closed(

@@ -12,8 +12,8 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from adapter_store.model import Manifest, can_use
-from lora_gateway import errors
-from lora_gateway.config import TenantDefaults
+from lora_gateway import errors, tenancy
+from lora_gateway.config import Settings, TenantDefaults
 from lora_gateway.tenancy import (
     METHOD_PERMISSIONS,
     ROLE_PERMISSIONS,
@@ -198,9 +198,9 @@ def test_empty_ring_authenticates_nobody() -> None:
 
 def test_tenant_limits_and_defaults() -> None:
     keys = ring()
-    assert keys.tenant("acme") == TenantConfig("acme", 2, 100)
-    assert keys.tenant("globex") == TenantConfig("globex", 16, 2048)
-    assert keys.tenant("unknown") == TenantConfig("unknown", 16, 2048)
+    assert keys.tenant("acme") == TenantConfig("acme", max_concurrent=2, max_tokens=100)
+    assert keys.tenant("globex") == TenantConfig("globex", max_concurrent=16, max_tokens=2048)
+    assert keys.tenant("unknown") == TenantConfig("unknown", max_concurrent=16, max_tokens=2048)
 
 
 def test_load_from_yaml(tmp_path: Path) -> None:
@@ -220,7 +220,7 @@ tenants:
     )
     keys = KeyRing.load(path, TenantDefaults(max_concurrent=4, max_tokens=64))
     assert keys.authenticate("Bearer secret-1") == Principal("acme", Role.USER, "acme-backend")
-    assert keys.tenant("acme") == TenantConfig("acme", 8, 1024)
+    assert keys.tenant("acme") == TenantConfig("acme", max_concurrent=8, max_tokens=1024)
 
 
 def test_load_errors_name_the_file(tmp_path: Path) -> None:
@@ -268,6 +268,143 @@ def test_invalid_tenants_documents(doc: Any, message: str) -> None:
     assert "plaintext-secret" not in str(info.value)
 
 
+def test_every_problem_is_named_by_tenant_key_and_field() -> None:
+    """All problems at once, each with its place: the tenant, the key by number and id, the
+    field; unknown fields with the allowed ones. No secret-looking input is repeated."""
+    doc = {
+        "tenants": {
+            "acme": {
+                "max_tokens": 0,
+                "quota": 5,
+                "keys": [
+                    {"id": "acme-backend", "sha256": "sk-live-123", "role": "admin"},
+                    {"id": "acme-ops", "role": "user", "note": 1},
+                ],
+            },
+            "globex": {"keys": [{"id": "gx", "token": "sk-live-456"}]},
+        }
+    }
+    with pytest.raises(errors.InvalidArgument) as info:
+        ring(doc)
+    assert str(info.value) == "; ".join(
+        [
+            "tenant acme: max_tokens must be an integer >= 1, got 0",
+            "tenant acme: key #1 (acme-backend): sha256 must be 64 lowercase hex digits",
+            "tenant acme: key #1 (acme-backend): role must be one of user, tenant-admin, operator, "
+            "got 'admin'",
+            "tenant acme: key #2 (acme-ops): missing field(s) sha256",
+            "tenant acme: key #2 (acme-ops): unknown field(s) note (allowed: id, role, sha256)",
+            "tenant acme: unknown field(s) quota (allowed: keys, max_adapters, max_concurrent, "
+            "max_concurrent_uploads, max_engine_slots, max_pins, max_stored_bytes, max_tokens, "
+            "requests_per_minute, tokens_per_minute)",
+            "tenant globex: key #1 (gx): field 'token' is not allowed: never store API keys in the "
+            "tenants file; store `sha256: <hex>` of the key instead (python -c 'from "
+            'lora_gateway.tenancy import hash_key; print(hash_key("KEY"))\')',
+        ]
+    )
+    assert "sk-live" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ([1, 2], "expected a mapping with a `tenants:` key"),
+        ({"tenant": {}}, "the top level: unknown field(s) tenant (allowed: tenants)"),
+        ({"secret": "s"}, "the top level: field 'secret' is not allowed: never store API keys"),
+        ({"tenants": ["acme"]}, "`tenants` must be a mapping of tenant name -> settings"),
+        ({"tenants": {"acme": [1]}}, "tenant acme: expected a mapping"),
+        ({"tenants": {"acme": {"keys": {"id": "x"}}}}, "tenant acme: `keys` must be a list"),
+        (
+            {"tenants": {"acme": {"keys": ["abc"]}}},
+            "tenant acme: key #1: expected a mapping with id, sha256 and role",
+        ),
+        (_with_key(id="has space"), "tenant acme: key #1: invalid key id 'has space': use 1-64"),
+        (
+            _with_key(sha256=None, role=None),
+            "tenant acme: key #1 (k1): missing field(s) role, sha256",
+        ),
+        (
+            {"tenants": {"acme": {"max_concurrent": "8"}}},
+            "tenant acme: max_concurrent must be an integer >= 1, got '8'",
+        ),
+        (
+            {"tenants": {"acme": {"requests_per_minute": -1}}},
+            "tenant acme: requests_per_minute must be an integer >= 0, got -1",
+        ),
+    ],
+)
+def test_tenants_file_messages_in_full(doc: Any, message: str) -> None:
+    with pytest.raises(errors.InvalidArgument) as info:
+        ring(doc)
+    assert str(info.value).startswith(message)
+
+
+def test_nothing_under_a_heading_means_none() -> None:
+    """`tenants:`, `acme:` and `keys:` with nothing under them (YAML null) are empty."""
+    assert ring({"tenants": None}).tenants == {}
+    keys = ring({"tenants": {"acme": None, "globex": {"keys": None}}})
+    assert sorted(keys.tenants) == ["acme", "globex"]
+    assert keys.key_count == 0
+
+
+def test_defaults_of_every_limit_come_from_settings() -> None:
+    """Each field of TenantDefaults comes from the setting tenant_<field>."""
+    settings = Settings(
+        tenant_max_concurrent=3,
+        tenant_max_tokens=300,
+        tenant_max_engine_slots=2,
+        tenant_max_pins=4,
+        tenant_max_concurrent_uploads=5,
+        tenant_max_stored_bytes=6000,
+        tenant_max_adapters=7,
+        tenant_tokens_per_minute=800,
+        default_max_tokens=10,
+        tenant_requests_per_minute=9,
+    )
+    assert settings.tenant_defaults() == TenantDefaults(
+        max_concurrent=3,
+        max_tokens=300,
+        max_engine_slots=2,
+        max_pins=4,
+        max_concurrent_uploads=5,
+        max_stored_bytes=6000,
+        max_adapters=7,
+        tokens_per_minute=800,
+        requests_per_minute=9,
+    )
+    # 0 engine slots: one fewer than the engine holds, at least 1.
+    assert Settings(max_cpu_loras=8).tenant_defaults().max_engine_slots == 7
+    assert Settings(max_loras=1, max_cpu_loras=1).tenant_defaults().max_engine_slots == 1
+
+
+def test_public_names() -> None:
+    """The package's public surface, pinned (each module has its own for the rest)."""
+    assert sorted(tenancy.__all__) == sorted(
+        [
+            "GENERATE_METHODS",
+            "METHOD_PERMISSIONS",
+            "PERMISSION_DENIED_TEXT",
+            "ROLE_PERMISSIONS",
+            "Admission",
+            "Hold",
+            "KeyRing",
+            "Permission",
+            "Policy",
+            "Principal",
+            "Role",
+            "RpcLimits",
+            "Slot",
+            "TenantConfig",
+            "Tenants",
+            "check_max_tokens",
+            "hash_key",
+            "is_public",
+            "permission_for",
+        ]
+    )
+    assert all(hasattr(tenancy, name) for name in tenancy.__all__)
+
+
 def test_duplicate_hashes_and_ids_are_refused() -> None:
     same = hash_key("same")
     doc = {
@@ -276,12 +413,18 @@ def test_duplicate_hashes_and_ids_are_refused() -> None:
             "b": {"keys": [{"id": "k2", "sha256": same, "role": "operator"}]},
         }
     }
-    with pytest.raises(errors.InvalidArgument, match="same sha256"):
+    with pytest.raises(errors.InvalidArgument) as info:
         ring(doc)
+    assert str(info.value) == (
+        "tenant b: key 'k2' has the same sha256 as key 'k1': each API key maps to one principal"
+    )
     doc["tenants"]["b"]["keys"][0]["sha256"] = hash_key("other")
     doc["tenants"]["b"]["keys"][0]["id"] = "k1"
-    with pytest.raises(errors.InvalidArgument, match="used twice"):
+    with pytest.raises(errors.InvalidArgument) as info:
         ring(doc)
+    assert str(info.value) == (
+        "tenant b: key id 'k1' is used twice (ids label keys in logs and must be unique)"
+    )
 
 
 # --- policy -------------------------------------------------------------------------------
@@ -367,7 +510,7 @@ def test_effective_tenant_for_listing() -> None:
 
 
 def test_check_max_tokens() -> None:
-    acme = TenantConfig("acme", 2, 100)
+    acme = TenantConfig("acme", max_concurrent=2, max_tokens=100)
     check_max_tokens(100, acme)
     with pytest.raises(errors.ResourceExhausted, match=r"max_tokens 101 exceeds .* acme .*100"):
         check_max_tokens(101, acme)
@@ -377,7 +520,10 @@ async def test_admission_per_tenant_and_global_caps() -> None:
     changes: list[tuple[str, int]] = []
     admission = Admission(max_total=3, on_change=lambda t, n: changes.append((t, n)))
     acme, globex = principal("acme", Role.USER), principal("globex", Role.USER)
-    acme_cfg, globex_cfg = TenantConfig("acme", 2, 100), TenantConfig("globex", 5, 100)
+    acme_cfg, globex_cfg = (
+        TenantConfig("acme", max_concurrent=2, max_tokens=100),
+        TenantConfig("globex", max_concurrent=5, max_tokens=100),
+    )
     async with admission.slot(acme, acme_cfg), admission.slot(acme, acme_cfg):
         assert admission.in_flight("acme") == 2
         with pytest.raises(errors.ResourceExhausted) as info:
@@ -401,7 +547,7 @@ async def test_admission_per_tenant_and_global_caps() -> None:
 
 async def test_admission_releases_on_error_and_cancellation() -> None:
     admission = Admission(max_total=10)
-    acme, cfg = principal("acme", Role.USER), TenantConfig("acme", 1, 100)
+    acme, cfg = principal("acme", Role.USER), TenantConfig("acme", max_concurrent=1, max_tokens=100)
     with pytest.raises(RuntimeError):
         async with admission.slot(acme, cfg):
             raise RuntimeError("boom")
@@ -428,7 +574,7 @@ async def test_admission_under_concurrency_never_exceeds_caps() -> None:
     admission = Admission(max_total=5)
     peak = 0
     refused = 0
-    cfgs = {t: TenantConfig(t, 3, 100) for t in ("a", "b", "c")}
+    cfgs = {t: TenantConfig(t, max_concurrent=3, max_tokens=100) for t in ("a", "b", "c")}
 
     async def request(tenant: str) -> None:
         nonlocal peak, refused
@@ -448,7 +594,9 @@ async def test_admission_under_concurrency_never_exceeds_caps() -> None:
 
 def test_slot_requires_the_principals_tenant() -> None:
     with pytest.raises(ValueError, match="own tenant"):
-        Admission(2).slot(principal("acme", Role.USER), TenantConfig("globex", 1, 1))
+        Admission(2).slot(
+            principal("acme", Role.USER), TenantConfig("globex", max_concurrent=1, max_tokens=1)
+        )
 
 
 def test_every_tenant_limit_is_read_from_the_file_or_defaults() -> None:

@@ -89,6 +89,9 @@ class Prompt:
 
     text: str | None = None
     token_ids: tuple[int, ...] | None = None
+    #: Prefix-cache salt: requests reuse cached KV blocks only of requests with the same salt
+    #: (the gateway sets one per tenant; None: shared with every unsalted request).
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if (self.text is None) == (self.token_ids is None):

@@ -4,8 +4,8 @@ Why. One adapter with NaN/Inf effective weights (say `lora_alpha: 1e300`) poison
 vLLM's CPU attention reads the whole last KV block of a request, also the slots past its length,
 and freed blocks are reused last-in first-out, so the NaN K/V a poisoned request leaves behind
 turn the next requests' outputs into NaN, and those requests leave NaN K/V of their own
-(docs/reliability.md, "Hostile tenant: engine poisoning"). Validation refuses such adapters; the
-canary is the guard for whatever gets past it.
+(docs/reliability.md, "Hostile tenants", "Engine poisoning"). Validation refuses such adapters;
+the canary is the guard for whatever gets past it.
 
 What. `Canary` holds a known set of greedy requests, base model and a canary adapter (random
 weights, written like the self-test's canaries, in the engine's reserved canary slot), and their

@@ -471,10 +471,11 @@ class VLLMEngine:
             raise errors.Aborted("the adapter was removed from the engine")
         inflight = self._inflight.setdefault(target.lora_int_id, set()) if target else set()
         inflight.add(request_id)
+        inputs: dict[str, Any] = {"prompt_token_ids": ids}
+        if prompt.cache_salt:
+            inputs["cache_salt"] = prompt.cache_salt  # the first block's hash includes it
         try:
-            stream = llm.generate(
-                {"prompt_token_ids": ids}, sampling, request_id, lora_request=lora
-            )
+            stream = llm.generate(inputs, sampling, request_id, lora_request=lora)
             first = True
             async for output in stream:
                 out = output.outputs[0]

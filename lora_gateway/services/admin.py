@@ -204,7 +204,13 @@ class AdminService(pb_grpc.AdminServicer):
             raise errors.DeadlineExceeded(f"upload did not finish within {timeout:g}s") from None
         self._allow("UploadAdapter", version.tenant, version.name, version.version_id)
         if self.gateway.settings.prefetch_on_upload:
-            await self.residency.prefetch(version)
+            principal = current_principal()
+            limits = (
+                None
+                if principal.role is Role.OPERATOR
+                else self.gateway.keyring.tenant(principal.tenant)
+            )
+            await self.residency.prefetch(version, limits)
         return version_to_pb(version)
 
     async def _next_message(
@@ -391,25 +397,39 @@ class AdminService(pb_grpc.AdminServicer):
         )
 
     # --- residency ----------------------------------------------------------------------------
-    async def _version(self, request: pb.AdapterRefRequest) -> AdapterVersion:
+    async def _owned_version(
+        self, request: pb.AdapterRefRequest
+    ) -> tuple[AdapterVersion, TenantConfig | None]:
+        """The version a pin, unpin or prefetch acts on, and the limits that apply to it.
+
+        Only the owner tenant (or an operator) may change where its adapter lives: a grantee
+        can use a shared adapter but not pin it. Naming another tenant's adapter is answered
+        like a missing one, before any lookup (nothing tells whether it exists or is shared).
+        Operators act without the tenant's caps (None), as for the configured warm set.
+        """
         principal = current_principal()
         tenant = self._tenant(request.tenant)
-        return await self.residency.resolve(
-            tenant, parse_ref(request.adapter), any_owner=principal.role is Role.OPERATOR
-        )
+        ref = parse_ref(request.adapter)
+        operator = principal.role is Role.OPERATOR
+        if not operator and ref.owner not in (None, tenant):
+            raise errors.NotFound(errors.ADAPTER_NOT_FOUND_TEXT)
+        version = await self.residency.resolve(tenant, ref, any_owner=operator)
+        if not operator and version.tenant != principal.tenant:
+            raise errors.NotFound(errors.ADAPTER_NOT_FOUND_TEXT)
+        return version, None if operator else self.gateway.keyring.tenant(principal.tenant)
 
     async def PinAdapter(
         self, request: pb.AdapterRefRequest, context: Context
     ) -> pb.ResidencyEntry:
-        version = await self._version(request)
-        entry = await self.residency.pin(version)
+        version, limits = await self._owned_version(request)
+        entry = await self.residency.pin(version, limits)
         self._allow("PinAdapter", version.tenant, version.name, version.version_id)
         return entry_to_pb(entry)
 
     async def UnpinAdapter(
         self, request: pb.AdapterRefRequest, context: Context
     ) -> pb.ResidencyEntry:
-        version = await self._version(request)
+        version, _ = await self._owned_version(request)
         entry = await self.residency.unpin(version)
         self._allow("UnpinAdapter", version.tenant, version.name, version.version_id)
         return entry_to_pb(entry)
@@ -417,8 +437,8 @@ class AdminService(pb_grpc.AdminServicer):
     async def PrefetchAdapter(
         self, request: pb.AdapterRefRequest, context: Context
     ) -> pb.ResidencyEntry:
-        version = await self._version(request)
-        entry = await self.residency.prefetch(version)
+        version, limits = await self._owned_version(request)
+        entry = await self.residency.prefetch(version, limits)
         self._allow("PrefetchAdapter", version.tenant, version.name, version.version_id)
         return entry_to_pb(entry)
 

@@ -55,7 +55,8 @@ from lora_gateway.engine.base import TokenChunk, TokenLogprob
 from lora_gateway.gateway import Gateway, Served
 from lora_gateway.metrics import NO_ADAPTER_LABEL, adapter_label, parse_listen
 from lora_gateway.services import openai_protocol as protocol
-from lora_gateway.tenancy import Policy, Principal, RpcLimits, retry_after_seconds
+from lora_gateway.tenancy import Policy, Principal, RpcLimits
+from lora_gateway.tenancy.limits import retry_after_seconds
 
 log = logging.getLogger(__name__)
 

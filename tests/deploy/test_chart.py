@@ -236,6 +236,8 @@ def test_helm_lint_strict_is_clean(name: str) -> None:
             "tenants",
         ),
         ({"tenants": {"file": {"tenants": {"t": {"keys": [{"id": "k", "sha256": "x"}]}}}}}, "sha"),
+        ({"tenants": {"file": {"tenants": {"t": {"quota": 1}}}}}, "quota"),
+        ({"tenants": {"file": {"tenants": {"t": {"max_pins": 0}}}}}, "max_pins"),
         ({"envoy": {"lbPolicy": "ROUND_ROBIN"}}, "lbPolicy"),
         ({"resources": {"requests": None}}, "requests"),
         ({"bogus": True}, "bogus"),
@@ -254,6 +256,50 @@ def test_schema_config_covers_exactly_the_settings_fields(chart: helm.Chart) -> 
     assert schema["properties"]["config"]["additionalProperties"] is False
     assert config_props | CHART_MANAGED | NOT_IN_CHART == set(Settings.field_names())
     assert not config_props & (CHART_MANAGED | NOT_IN_CHART)
+
+
+def test_tenants_file_with_every_limit_renders_and_loads(chart: helm.Chart, tmp_path: Path) -> None:
+    """The chart's `tenants.file` schema is generated from the tenants file's model: every
+    per-tenant limit the gateway reads is accepted (before: only max_concurrent and max_tokens,
+    a README example with rates was refused by `helm install`), and the gateway reads them."""
+    limits = {
+        "max_concurrent": 8,
+        "max_tokens": 1024,
+        "max_engine_slots": 2,
+        "max_pins": 3,
+        "max_concurrent_uploads": 1,
+        "max_stored_bytes": 1 << 30,
+        "max_adapters": 50,
+        "tokens_per_minute": 60000,
+        "requests_per_minute": 600,
+    }
+    file = {
+        "tenants": {
+            "acme": {**limits, "keys": [{"id": "acme-admin", "sha256": HASH, "role": "user"}]},
+            "idle": None,
+        }
+    }
+    (secret,) = [
+        s
+        for s in of_kind(render(chart, {"tenants": {"file": file}}), "Secret")
+        if "tenants.yaml" in s["data"]
+    ]
+    tenants_file = tmp_path / "tenants.yaml"
+    tenants_file.write_bytes(base64.b64decode(secret["data"]["tenants.yaml"]))
+    keyring = KeyRing.load(tenants_file, TenantDefaults())
+    acme = keyring.tenant("acme")
+    assert {name: getattr(acme, name) for name in limits} == {
+        "max_concurrent": 8,
+        "max_tokens": 1024,
+        "max_engine_slots": 2,
+        "max_pins": 3,
+        "max_concurrent_uploads": 1,
+        "max_stored_bytes": 1073741824,
+        "max_adapters": 50,
+        "tokens_per_minute": 60000,
+        "requests_per_minute": 600,
+    }
+    assert sorted(keyring.tenants) == ["acme", "idle"]
 
 
 @pytest.mark.parametrize(

@@ -290,6 +290,7 @@ def test_cpu_target_installs_the_system_libraries_vllm_links() -> None:
 # --- replay the build in a clean virtualenv ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_build_and_cpu_install_replay_in_a_clean_virtualenv(
     tmp_path: Path, dockerfile: tuple[dict[str, str], dict[str, Stage]]
 ) -> None:

@@ -41,7 +41,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from adapter_store.model import CONFIG_FILE, WEIGHTS_FILE
 from adapter_store.spool import format_bytes
 from lora_gateway import devtools, errors
-from lora_gateway.client import AsyncGatewayClient
+from lora_gateway.client import AsyncGatewayClient, GenerateOptions
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
@@ -168,7 +168,7 @@ async def test_watch_flood_from_one_peer_leaves_generate_and_probes_answering(
     async with client(gw, "acme") as c:  # the engine warm, and the latency without a flood
         for _ in range(5):
             started = time.monotonic()
-            await c.generate("", PROMPT, max_tokens=4)
+            await c.generate("", PROMPT, GenerateOptions(max_tokens=4))
             quiet.append(time.monotonic() - started)
     # 10 connections of their own (no shared subchannel): 110 streams each, under HTTP/2's
     # max_concurrent_streams (256), so every stream reaches the server.
@@ -221,7 +221,7 @@ async def test_watch_flood_from_one_peer_leaves_generate_and_probes_answering(
         async with client(gw, "acme") as c:
             for _ in range(20):
                 started = time.monotonic()
-                result = await c.generate("", PROMPT, max_tokens=4, timeout=1.0)
+                result = await c.generate("", PROMPT, GenerateOptions(max_tokens=4), timeout=1.0)
                 generate_s.append(time.monotonic() - started)
                 assert result.completion_tokens == 4
                 status, took = await _probe(target)
@@ -329,7 +329,7 @@ async def test_a_flood_of_other_rpcs_from_one_tenant_does_not_starve_another_ten
         async with client(gw, "calm") as c:
             for _ in range(10):
                 started = time.monotonic()
-                await c.generate("", PROMPT, max_tokens=4, timeout=1.0)
+                await c.generate("", PROMPT, GenerateOptions(max_tokens=4), timeout=1.0)
                 latencies.append(time.monotonic() - started)
         stop.set()
         await asyncio.gather(*readers)
@@ -488,9 +488,9 @@ async def test_storage_quotas_refuse_uploads_and_are_shown(
 async def test_requests_per_minute_refused_with_retry_after(gw: GatewayServer) -> None:
     async with client(gw, "rated") as c:
         for _ in range(3):
-            await c.generate("", PROMPT, max_tokens=2)
+            await c.generate("", PROMPT, GenerateOptions(max_tokens=2))
         with pytest.raises(errors.ResourceExhausted) as info:
-            await c.generate("", PROMPT, max_tokens=2)
+            await c.generate("", PROMPT, GenerateOptions(max_tokens=2))
     print(f"\nrequests_per_minute 3, 4th request: {info.value} (retry {info.value.retry_after_s})")
     assert "rate limit of 3 requests per minute" in str(info.value)
     assert info.value.retry_after_s is not None
@@ -514,14 +514,16 @@ async def test_requests_per_minute_refused_with_retry_after(gw: GatewayServer) -
 async def test_tokens_per_minute_counts_generated_tokens(gw: GatewayServer) -> None:
     async with client(gw, "metered") as c:
         with pytest.raises(errors.ResourceExhausted) as too_big:
-            await c.generate("", PROMPT, max_tokens=25)
+            await c.generate("", PROMPT, GenerateOptions(max_tokens=25))
         assert "exceeds the rate limit" in str(too_big.value)
         assert too_big.value.retry_after_s is None
-        result = await c.generate("", PROMPT, max_tokens=16, ignore_eos=True)
+        result = await c.generate("", PROMPT, GenerateOptions(max_tokens=16, ignore_eos=True))
         assert result.completion_tokens == 16  # 24 - 16 = 8 left
-        await c.generate("", PROMPT, max_tokens=8, ignore_eos=True)  # exactly what is left
+        await c.generate(
+            "", PROMPT, GenerateOptions(max_tokens=8, ignore_eos=True)
+        )  # exactly what is left
         with pytest.raises(errors.ResourceExhausted) as info:
-            await c.generate("", PROMPT, max_tokens=8)
+            await c.generate("", PROMPT, GenerateOptions(max_tokens=8))
     print(f"\ntokens_per_minute 24 after 24 tokens: {info.value}")
     assert "24 generated tokens per minute" in str(info.value)
     assert info.value.retry_after_s is not None
@@ -535,7 +537,7 @@ async def _upload_and_use(server: GatewayServer, adapter_dir: Path, name: str) -
     async with client(server, "acme", "admin") as admin:
         await admin.upload_adapter(name, adapter_dir)
     async with client(server, "acme") as c:
-        await c.generate(name, PROMPT, max_tokens=2)
+        await c.generate(name, PROMPT, GenerateOptions(max_tokens=2))
 
 
 async def _refused_within(server: GatewayServer, name: str, bound_s: float) -> float:
@@ -544,7 +546,7 @@ async def _refused_within(server: GatewayServer, name: str, bound_s: float) -> f
     async with client(server, "acme") as c:
         while time.monotonic() - started < bound_s:
             try:
-                await c.generate(name, PROMPT, max_tokens=1, timeout=2.0)
+                await c.generate(name, PROMPT, GenerateOptions(max_tokens=1), timeout=2.0)
             except errors.NotFound:
                 return time.monotonic() - started
             except errors.Aborted:
@@ -568,19 +570,19 @@ async def test_poller_survives_any_error_and_keeps_propagating(
         await _upload_and_use(a, make_test_adapter(seed=71, rank=8), "poll-one")
         await _upload_and_use(a, make_test_adapter(seed=72, rank=8), "poll-two")
         cache = a.gateway.residency.cache
-        real_remove = cache.remove
+        real_release = cache.release  # what revocation calls (owner-aware removal)
         failed = asyncio.Event()
 
-        async def failing_remove(sha: str) -> bool:
+        async def failing_release(sha: str, owner: str) -> bool:
             failed.set()
             raise OSError(errno.EIO, "Input/output error (injected)")
 
-        cache.remove = failing_remove  # type: ignore[method-assign]
+        cache.release = failing_release  # type: ignore[method-assign]
         async with client(b, "acme", "admin") as admin:
             await admin.revoke_adapter("poll-one")
         took_one = await _refused_within(a, "poll-one", 5.0)
         await asyncio.wait_for(failed.wait(), 5.0)  # the injected fault was hit
-        cache.remove = real_remove  # type: ignore[method-assign]
+        cache.release = real_release  # type: ignore[method-assign]
         async with client(b, "acme", "admin") as admin:
             await admin.revoke_adapter("poll-two")
         took_two = await _refused_within(a, "poll-two", 5.0)
@@ -641,7 +643,7 @@ async def test_readiness_follows_propagation_staleness(
         assert server.metrics.registry.get_sample_value("lora_gateway_propagation_stale") == 1
         # warm adapters keep serving meanwhile (readiness is for the load balancer)
         async with client(server, "acme") as c:
-            await c.generate("stale", PROMPT, max_tokens=2, timeout=2.0)
+            await c.generate("stale", PROMPT, GenerateOptions(max_tokens=2), timeout=2.0)
         fenv.proxy.passthrough()
         started = time.monotonic()
         while await status() != SERVING:
@@ -714,7 +716,7 @@ async def test_tenants_file_reload_rotates_and_revokes_keys(
     async def accepted(key: str, max_tokens: int = 2) -> bool:
         async with AsyncGatewayClient(target, key, max_retries=0) as c:
             try:
-                await c.generate("", PROMPT, max_tokens=max_tokens, timeout=5.0)
+                await c.generate("", PROMPT, GenerateOptions(max_tokens=max_tokens), timeout=5.0)
             except errors.Unauthenticated:
                 return False
         return True
@@ -742,7 +744,7 @@ async def test_tenants_file_reload_rotates_and_revokes_keys(
         assert await accepted(new_key, max_tokens=4)
         async with AsyncGatewayClient(target, new_key, max_retries=0) as c:
             with pytest.raises(errors.ResourceExhausted, match="max_tokens 5 exceeds"):
-                await c.generate("", PROMPT, max_tokens=5)
+                await c.generate("", PROMPT, GenerateOptions(max_tokens=5))
         assert reloads("lora_gateway_tenants_reloads_total", {"result": "ok"}) == 2
         # 3. an invalid new file: logged, counted, the previous one stays in force
         volume.update("tenants:\n  acme: {keys: [{id: x, sha256: nothex, role: user}]}\n")

@@ -28,7 +28,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lora_gateway import devtools, errors
-from lora_gateway.client import AsyncGatewayClient
+from lora_gateway.client import AsyncGatewayClient, GenerateOptions
 from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
 from tests.conftest import engine_settings
@@ -117,7 +117,9 @@ async def test_engine_core_killed_fails_fast_and_reports_not_serving(
         assert await health(server.port) == health_pb2.HealthCheckResponse.SERVING
 
         async with AsyncGatewayClient(target, KEY, max_retries=0) as client:
-            assert (await client.generate("", PROMPT, max_tokens=4, timeout=30)).text is not None
+            assert (
+                await client.generate("", PROMPT, GenerateOptions(max_tokens=4), timeout=30)
+            ).text is not None
 
             first_token = asyncio.Event()
             outcome: dict[str, object] = {}
@@ -126,7 +128,7 @@ async def test_engine_core_killed_fails_fast_and_reports_not_serving(
                 tokens = 0
                 try:
                     async for _ in client.generate_stream(
-                        "", PROMPT, max_tokens=200, ignore_eos=True, timeout=60
+                        "", PROMPT, GenerateOptions(max_tokens=200, ignore_eos=True), timeout=60
                     ):
                         tokens += 1
                         first_token.set()
@@ -152,7 +154,7 @@ async def test_engine_core_killed_fails_fast_and_reports_not_serving(
             for _ in range(3):
                 asked = time.monotonic()
                 try:
-                    await client.generate("", PROMPT, max_tokens=4, timeout=10)
+                    await client.generate("", PROMPT, GenerateOptions(max_tokens=4), timeout=10)
                     new_codes.append(grpc.StatusCode.OK)
                 except errors.GatewayError as exc:
                     new_codes.append(exc.code)

@@ -3,7 +3,7 @@
 The poison is the issue's: a PEFT adapter whose adapter_config.json says `lora_alpha: 1e300`.
 The scaling overflows the engine's float32, the adapter's requests compute NaN, and their NaN
 K/V poison other tenants' later requests (vLLM's CPU attention reads the tail of a reused KV
-block; docs/reliability.md, "Hostile tenant: engine poisoning").
+block; docs/reliability.md, "Hostile tenants", "Engine poisoning").
 
 1. Uploaded through the Admin API, it is refused: INVALID_ARGUMENT naming lora_alpha.
 2. With the one validation check switched off (monkeypatched here; there is no production
@@ -38,7 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from adapter_store import LocalBackend, Quarantined, Registry, validate
 from adapter_store.model import CONFIG_FILE, AdapterRef
 from lora_gateway import devtools, errors
-from lora_gateway.client import AsyncGatewayClient
+from lora_gateway.client import AsyncGatewayClient, GenerateOptions
 from lora_gateway.engine.base import GenerateParams, LoadedAdapter, Prompt, next_lora_id
 from lora_gateway.engine.canary import CanaryReport
 from lora_gateway.engine.selftest import collect
@@ -59,6 +59,7 @@ DETECT_BOUND_S = INTERVAL_S + 5.0
 #: loaded 2-core machine.
 RECOVER_BOUND_S = 120.0
 MAX_TOKENS = 8
+GREEDY = GenerateOptions(max_tokens=MAX_TOKENS)  # temperature unset: the server's, 0
 PROMPTS = devtools.SAMPLE_PROMPTS[:3]
 #: The poisoned request's prompt: longer than the victims' (its NaN K/V then cover their tails).
 POISON_PROMPT = " ".join(devtools.SAMPLE_PROMPTS)
@@ -151,7 +152,7 @@ async def test_poisoned_adapter_refused_then_caught_quarantined_and_engine_recov
         cases = list(expected)
 
         async def one(name: str, prompt: str) -> list[int]:
-            return (await victim.generate(name, prompt, max_tokens=MAX_TOKENS)).token_ids
+            return (await victim.generate(name, prompt, GREEDY)).token_ids
 
         if batched:
             got = await asyncio.gather(*(one(n, p) for n, p in cases))
@@ -176,13 +177,13 @@ async def test_poisoned_adapter_refused_then_caught_quarantined_and_engine_recov
         monkeypatch.setattr(validate, "check_effective_weights", lambda *a, **k: None)
         info = await clients[("evil", "tenant-admin")].upload_adapter("poison", poison)
         sha = info.version.removeprefix("sha256:")
-        poisoned = await evil.generate("poison", POISON_PROMPT, max_tokens=MAX_TOKENS)
+        poisoned = await evil.generate("poison", POISON_PROMPT, GREEDY)
         detected_s = await wait_health(server.port, NOT_SERVING, DETECT_BOUND_S)
         print(f"poisoned request output {poisoned.token_ids}; NOT_SERVING {detected_s:.2f}s later")
 
         # Quarantined: refused (even while the engine restarts), with a clear error.
         with pytest.raises(errors.GatewayError) as quarantined:
-            await evil.generate("poison", "hello", max_tokens=MAX_TOKENS)
+            await evil.generate("poison", "hello", GREEDY)
         assert quarantined.value.code == SC.FAILED_PRECONDITION
         assert "quarantined" in str(quarantined.value)
         assert await health(server.port) == NOT_SERVING  # still recovering
@@ -285,13 +286,13 @@ async def test_a_canary_failure_on_a_shared_engine_quarantines_and_exits(
             return CanaryReport("fail", mismatches=("base / 'simulated'",))
 
         monkeypatch.setattr(monitor.canary, "check", mismatch)
-        served = await user.generate("suspect", PROMPTS[0], max_tokens=MAX_TOKENS)
+        served = await user.generate("suspect", PROMPTS[0], GREEDY)
         # The first use of the new version asked for a check: the monitor runs it at once.
         await asyncio.wait_for(server.engine_failed.wait(), 10)
         assert monitor.completed == 1
         assert await health(server.port) == NOT_SERVING
         with pytest.raises(errors.GatewayError) as refused:
-            await user.generate("suspect", PROMPTS[0], max_tokens=MAX_TOKENS)
+            await user.generate("suspect", PROMPTS[0], GREEDY)
         assert refused.value.code == SC.FAILED_PRECONDITION
         assert "quarantined" in str(refused.value)
         assert served.adapter is not None

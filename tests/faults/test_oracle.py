@@ -19,7 +19,7 @@ import time
 import pytest
 
 from lora_gateway import devtools, errors
-from lora_gateway.client import AsyncGatewayClient
+from lora_gateway.client import AsyncGatewayClient, GenerateOptions
 from tests.conftest import AdapterFactory
 from tests.faults.conftest import PREFIX, FaultEnv
 from tests.support.stats import indistinguishable
@@ -34,7 +34,7 @@ KEPT, JUNK = "acme/orc-kept", "acme/orc-junk"
 async def _probe(client: AsyncGatewayClient, ref: str) -> tuple[float, str, str]:
     started = time.perf_counter()
     try:
-        await client.generate(ref, PROMPT, max_tokens=1, timeout=10.0)
+        await client.generate(ref, PROMPT, GenerateOptions(max_tokens=1), timeout=10.0)
     except errors.GatewayError as exc:
         return time.perf_counter() - started, exc.code.name, str(exc)
     return time.perf_counter() - started, "OK", ""
@@ -68,7 +68,9 @@ async def test_other_tenants_names_answer_like_missing_ones_store_up_and_down(
 ) -> None:
     async with fenv.client("acme", "admin") as admin, fenv.client("acme") as acme:
         await admin.upload_adapter("orc-kept", make_test_adapter(seed=290, rank=8))
-        await acme.generate("orc-kept", PROMPT, max_tokens=1)  # cached on this replica now
+        await acme.generate(
+            "orc-kept", PROMPT, GenerateOptions(max_tokens=1)
+        )  # cached on this replica now
     fenv.s3.client().put_object(
         Bucket=fenv.s3.bucket,
         Key=f"{PREFIX}/tenants/acme/adapters/orc-junk/manifest.json",

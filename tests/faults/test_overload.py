@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from lora_gateway import devtools, errors
-from lora_gateway.client import AsyncGatewayClient
+from lora_gateway.client import AsyncGatewayClient, GenerateOptions
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
 from tests.faults.conftest import FaultEnv, key_of, start_gateway
@@ -53,7 +53,7 @@ def client(server: GatewayServer, tenant: str) -> AsyncGatewayClient:
 async def timed(c: AsyncGatewayClient) -> tuple[str, float]:
     started = time.monotonic()
     try:
-        await c.generate("", PROMPT, max_tokens=LONG, ignore_eos=True)
+        await c.generate("", PROMPT, GenerateOptions(max_tokens=LONG, ignore_eos=True))
     except errors.ResourceExhausted as exc:
         reason = str(exc)  # admission refusals only, never the max_tokens cap
         if "in flight" not in reason and "capacity" not in reason:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import pytest
 
 from lora_gateway import devtools, errors
+from lora_gateway.client import GenerateOptions
 from tests.conftest import AdapterFactory
 from tests.faults.conftest import FaultEnv
 
@@ -47,7 +48,7 @@ async def race(fenv: FaultEnv, adapter: object, trials: int, seed: int) -> Count
             for trial in range(trials):
                 name = f"race-{seed}-{trial}"
                 await admin.upload_adapter(name, adapter)  # type: ignore[arg-type]
-                await clients[0].generate(name, PROMPT, max_tokens=2)
+                await clients[0].generate(name, PROMPT, GenerateOptions(max_tokens=2))
                 records: list[Record] = []
                 revoked: list[float] = []  # when RevokeAdapter returned
 
@@ -61,7 +62,10 @@ async def race(fenv: FaultEnv, adapter: object, trials: int, seed: int) -> Count
                         started = time.monotonic()
                         try:
                             await client.generate(  # type: ignore[attr-defined]
-                                name, PROMPT, max_tokens=16, ignore_eos=True, timeout=30
+                                name,
+                                PROMPT,
+                                GenerateOptions(max_tokens=16, ignore_eos=True),
+                                timeout=30,
                             )
                             outcome = "ok"
                         except errors.NotFound:

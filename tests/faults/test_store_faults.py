@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 
 from lora_gateway import devtools, errors
+from lora_gateway.client import GenerateOptions
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from tests.conftest import AdapterFactory
 from tests.faults.conftest import MAX_TOKENS, PREFIX, FaultEnv
+
+GREEDY = GenerateOptions(max_tokens=MAX_TOKENS)  # temperature unset: the server's, 0
 
 pytestmark = pytest.mark.engine
 
@@ -47,7 +50,7 @@ async def test_store_down_cold_fails_fast_warm_keeps_serving(
             await admin.upload_adapter(name, make_test_adapter(seed=200 + i, rank=8))
         await admin.upload_adapter("down-cold", make_test_adapter(seed=210, rank=8))
         for name in names:  # capacity 3: down-0 ends up on disk only, the others in the engine
-            outputs[name] = (await user.generate(name, PROMPT, max_tokens=MAX_TOKENS)).token_ids
+            outputs[name] = (await user.generate(name, PROMPT, GREEDY)).token_ids
         assert len({tuple(t) for t in outputs.values()}) == len(names)
         disk_hits = residency.stats.disk_hits
 
@@ -55,7 +58,7 @@ async def test_store_down_cold_fails_fast_warm_keeps_serving(
         started = time.monotonic()
         cold = await asyncio.gather(
             *(
-                user.generate(name, PROMPT, max_tokens=MAX_TOKENS)
+                user.generate(name, PROMPT, GREEDY)
                 for name in ("down-cold", "never-uploaded", "down-cold")
             ),
             return_exceptions=True,
@@ -67,14 +70,14 @@ async def test_store_down_cold_fails_fast_warm_keeps_serving(
         # Every adapter already in the engine or on disk keeps serving, token for token.
         for _ in range(2):
             for name in names:
-                result = await user.generate(name, PROMPT, max_tokens=MAX_TOKENS)
+                result = await user.generate(name, PROMPT, GREEDY)
                 assert result.token_ids == outputs[name], name
         assert residency.stats.disk_hits > disk_hits, "evicted adapters came back from disk"
-        base = await user.generate("", PROMPT, max_tokens=MAX_TOKENS)
+        base = await user.generate("", PROMPT, GREEDY)
         assert base.token_ids
 
         fenv.proxy.passthrough()
-        recovered = await user.generate("down-cold", PROMPT, max_tokens=MAX_TOKENS)
+        recovered = await user.generate("down-cold", PROMPT, GREEDY)
         assert recovered.token_ids
     print(f"\nstore down: cold refused in {took:.2f}s, warm served {2 * len(names)}/8")
 
@@ -84,11 +87,11 @@ async def test_slow_store_deadlines_no_pileup_other_tenant_unaffected(
 ) -> None:
     async with fenv.client("globex", "admin") as gadmin, fenv.client("globex") as guser:
         await gadmin.upload_adapter("g-warm", make_test_adapter(seed=220, rank=8))
-        expected = (await guser.generate("g-warm", PROMPT, max_tokens=MAX_TOKENS)).token_ids
+        expected = (await guser.generate("g-warm", PROMPT, GREEDY)).token_ids
         quiet = []
         for _ in range(3):
             t = time.monotonic()
-            await guser.generate("g-warm", PROMPT, max_tokens=MAX_TOKENS)
+            await guser.generate("g-warm", PROMPT, GREEDY)
             quiet.append(time.monotonic() - t)
     async with fenv.client("acme", "admin") as admin:
         await admin.upload_adapter("slow-cold", make_test_adapter(seed=221, rank=8))
@@ -102,7 +105,7 @@ async def test_slow_store_deadlines_no_pileup_other_tenant_unaffected(
         async with fenv.client("acme") as user:
             started = time.monotonic()
             try:
-                await user.generate(name, PROMPT, max_tokens=MAX_TOKENS, timeout=1.0)
+                await user.generate(name, PROMPT, GREEDY, timeout=1.0)
             except errors.GatewayError as exc:
                 return type(exc), time.monotonic() - started
             return None, time.monotonic() - started
@@ -112,7 +115,7 @@ async def test_slow_store_deadlines_no_pileup_other_tenant_unaffected(
         async with fenv.client("globex") as user:
             for _ in range(8):
                 started = time.monotonic()
-                result = await user.generate("g-warm", PROMPT, max_tokens=MAX_TOKENS)
+                result = await user.generate("g-warm", PROMPT, GREEDY)
                 took.append(time.monotonic() - started)
                 assert result.token_ids == expected
         return took
@@ -170,7 +173,7 @@ async def test_corrupt_bytes_are_data_loss_and_go_nowhere(
     async with fenv.client("acme") as user:
         for _ in range(2):  # and again: nothing bad was kept
             with pytest.raises(errors.DataLoss):
-                await user.generate("corrupt", PROMPT, max_tokens=MAX_TOKENS)
+                await user.generate("corrupt", PROMPT, GREEDY)
     assert not residency.cache.contains(sha)
     assert not (fenv.cache_root / sha[:2] / sha).exists()
     assert tmp_leftovers(fenv) == []
@@ -225,7 +228,7 @@ async def test_connection_cut_mid_download_one_retry_never_half_visible(
             2048, match=f"cut-once/versions/{sha_once}/adapter_model".encode(), times=1
         )
         async with fenv.client("acme") as user:
-            result = await user.generate("cut-once", PROMPT, max_tokens=MAX_TOKENS)
+            result = await user.generate("cut-once", PROMPT, GREEDY)
         assert result.token_ids
         assert proxy.stats.resets - resets == 1
         assert proxy.stats.count("GET", f"/cut-once/versions/{sha_once}/adapter_model") - gets == 2
@@ -237,7 +240,7 @@ async def test_connection_cut_mid_download_one_retry_never_half_visible(
         proxy.reset_after(2048, match=path[1:].encode())
         async with fenv.client("acme") as user:
             with pytest.raises(errors.Unavailable):
-                await user.generate("cut-always", PROMPT, max_tokens=MAX_TOKENS)
+                await user.generate("cut-always", PROMPT, GREEDY)
         assert proxy.stats.count("GET", path) - gets == 2
         assert not residency.cache.contains(sha_always)
         assert not (fenv.cache_root / sha_always[:2] / sha_always).exists()

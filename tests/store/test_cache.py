@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -182,3 +185,155 @@ async def test_full_disk_evicts_and_retries_once(
     assert not cache.contains(c.sha)
     assert not cache.path_for(c.sha).exists()
     assert leftovers(cache.root) == []
+
+
+# --- hostile tenants: the byte budget under concurrency, shared bytes (issue 12) -------------
+
+
+def bytes_on_disk(root: Path) -> int:
+    """What the cache really holds on disk: every file under its root, temp folders included."""
+    total = 0
+    for folder, _, files in os.walk(root):  # os.walk skips folders deleted while it walks
+        for name in files:
+            with contextlib.suppress(OSError):  # deleted while we walked
+                total += os.stat(os.path.join(folder, name)).st_size
+    return total
+
+
+class DiskSampler:
+    """A thread measuring the real size of a folder every millisecond; keeps the peak."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, bytes_on_disk(self.root))
+            self.samples += 1
+            self._stop.wait(0.001)
+
+    def __enter__(self) -> DiskSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+class SlowFetch(CountingFetch):
+    """Writes each file, then holds it in the temp folder a while: downloads overlap."""
+
+    def __init__(self, registry: Registry, hold_s: float) -> None:
+        super().__init__(registry)
+        self.hold_s = hold_s
+
+    def __call__(self, version: AdapterVersion, filename: str, dest: Path) -> None:
+        super().__call__(version, filename, dest)
+        time.sleep(self.hold_s)
+
+
+@pytest.fixture
+def six_versions(
+    local_registry: Registry, make_test_adapter: AdapterFactory
+) -> list[AdapterVersion]:
+    return [
+        local_registry.upload_dir(
+            "acme", f"six-{seed}", make_test_adapter(seed=seed), created_by="t"
+        )
+        for seed in range(21, 27)
+    ]
+
+
+async def test_concurrent_cold_downloads_never_overshoot_the_budget(
+    tmp_path: Path, local_registry: Registry, six_versions: list[AdapterVersion]
+) -> None:
+    """Room for two and a half versions, two cached, four cold downloads at once: the bytes
+    really on disk (sampled every ms, temp folders included) never exceed the budget. Before
+    the fix each download took its reservation after awaiting its evictions, so concurrent
+    downloads counted the same free bytes: the peak was about 4 versions."""
+    size = six_versions[0].total_bytes
+    assert all(v.total_bytes == size for v in six_versions)
+    budget = 2 * size + size // 2
+    root = tmp_path / "cache"
+    cache = DiskCache(root, budget, SlowFetch(local_registry, hold_s=0.15))
+    for version in six_versions[:2]:
+        await cache.ensure(version)
+    with DiskSampler(root) as sampler:
+        results = await asyncio.gather(
+            *(cache.ensure(v) for v in six_versions[2:]), return_exceptions=True
+        )
+    served = [r for r in results if isinstance(r, Path)]
+    refused = [r for r in results if isinstance(r, CapacityExceeded)]
+    assert len(served) + len(refused) == 4, results
+    assert len(served) >= 2, results  # what fits is served; the rest is refused cleanly
+    print(
+        f"\nconcurrent cold downloads: budget {budget} B ({budget / size:.1f} versions), peak "
+        f"on disk {sampler.peak} B ({sampler.peak / size:.2f} versions) over {sampler.samples} "
+        f"samples; {len(served)} served, {len(refused)} refused"
+    )
+    assert sampler.samples > 20
+    assert sampler.peak <= budget
+    assert cache.used_bytes <= budget
+    assert cache.reserved_bytes == 0
+    assert bytes_on_disk(root) == cache.used_bytes
+    assert leftovers(root) == []
+
+
+async def test_shared_bytes_are_kept_while_another_owner_uses_them(
+    tmp_path: Path, local_registry: Registry, make_test_adapter: AdapterFactory
+) -> None:
+    """Two tenants, identical bytes, one folder: one owner's release keeps the folder for the
+    other; the last release deletes it. `contains(owner=...)` answers per owner."""
+    folder = make_test_adapter(seed=31)
+    a = local_registry.upload_dir("acme", "same", folder, created_by="t")
+    b = local_registry.upload_dir("globex", "twin", folder, created_by="t")
+    assert a.sha == b.sha
+    fetch = CountingFetch(local_registry)
+    cache = DiskCache(tmp_path / "cache", 10**7, fetch)
+    path = await cache.ensure(a, owner="acme/same")
+    assert cache.contains(a.sha, owner="acme/same")
+    assert not cache.contains(b.sha, owner="globex/twin")  # never fetched for globex
+    assert cache.contains(a.sha)  # the bytes are there
+    assert await cache.ensure(b, owner="globex/twin") == path
+    assert fetch.calls == 2  # one download (two files) for both
+    assert cache.owners(a.sha) == {"acme/same", "globex/twin"}
+
+    assert not await cache.release(a.sha, "acme/same")
+    assert path.is_dir()
+    assert sorted(p.name for p in path.iterdir()) == sorted(f.filename for f in b.files)
+    assert cache.contains(b.sha, owner="globex/twin")
+    assert not cache.contains(a.sha, owner="acme/same")
+
+    assert await cache.release(b.sha, "globex/twin")
+    assert not path.exists()
+    assert not cache.contains(b.sha)
+
+
+async def test_release_waits_for_a_download_another_owner_joined(
+    tmp_path: Path, local_registry: Registry, make_test_adapter: AdapterFactory
+) -> None:
+    """acme's release starts while the download is in flight and no owner is left; globex then
+    asks for the same bytes: the check is repeated after the download, and the folder stays."""
+    folder = make_test_adapter(seed=32)
+    a = local_registry.upload_dir("acme", "same", folder, created_by="t")
+    b = local_registry.upload_dir("globex", "twin", folder, created_by="t")
+    fetch = CountingFetch(local_registry)
+    cache = DiskCache(tmp_path / "cache", 10**7, fetch)
+    fetch.gate.clear()
+    first = asyncio.create_task(cache.ensure(a, owner="acme/same"))
+    await asyncio.sleep(0.05)
+    released = asyncio.create_task(cache.release(a.sha, "acme/same"))
+    await asyncio.sleep(0.05)  # acme's release now waits for the download: no owner is left
+    second = asyncio.create_task(cache.ensure(b, owner="globex/twin"))
+    await asyncio.sleep(0.05)
+    fetch.gate.set()
+    path = await second
+    assert await first == path
+    assert not await released
+    assert path.is_dir()
+    assert cache.contains(b.sha, owner="globex/twin")

@@ -37,6 +37,8 @@ ACCESS_KEY = "lora-gateway-test"
 SECRET_KEY = "lora-gateway-test-secret"
 REGION = "us-east-1"
 START_TIMEOUT_S = 30.0
+#: A bucket of the test server's own, for its readiness probe.
+_PROBE_BUCKET = "readiness-probe"
 
 #: `weed mini` flags that take a port; the S3 port comes first.
 _PORT_FLAGS = (
@@ -154,6 +156,8 @@ class S3Server:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
+        """Until a write and a read of a probe object succeed: the S3 front answers before its
+        filer and volume server do (after a restart, under load, for a second or more)."""
         client = self.client()
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -163,7 +167,10 @@ class S3Server:
                     f"{self.data_dir / 'weed.log'}"
                 )
             try:
-                client.list_buckets()
+                if _PROBE_BUCKET not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+                    client.create_bucket(Bucket=_PROBE_BUCKET)
+                client.put_object(Bucket=_PROBE_BUCKET, Key="probe", Body=b"ok")
+                client.get_object(Bucket=_PROBE_BUCKET, Key="probe")["Body"].read()
                 return
             except Exception:
                 if time.monotonic() > deadline:

@@ -1,0 +1,289 @@
+"""`lora-gateway adapter ...` and `lora-gateway residency`: the Admin API, one command per call
+(listings follow every page). Output goes through `format.py`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from lora_gateway.cli import format as out
+from lora_gateway.cli.connect import open_client
+from lora_gateway.cli.exits import EXIT_OK
+from lora_gateway.client import Adapter, AdapterVersion, Residency
+
+
+class _Page(Protocol):
+    @property
+    def next_page_token(self) -> str: ...
+
+
+_P = TypeVar("_P", bound=_Page)
+
+
+def _every_page(fetch: Callable[[str], _P]) -> list[_P]:
+    """`fetch(page_token)` from the first page to the last."""
+    pages = [fetch("")]
+    while pages[-1].next_page_token:
+        pages.append(fetch(pages[-1].next_page_token))
+    return pages
+
+
+def _print_version(args: argparse.Namespace, info: AdapterVersion, verb: str) -> int:
+    if args.json:
+        out.print_json(out.as_json(info))
+    else:
+        out.print_version(info, verb)
+    return EXIT_OK
+
+
+def _cmd_upload(args: argparse.Namespace) -> int:
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    bar = tqdm(
+        total=0,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"upload {args.name}",
+        file=sys.stderr,
+        disable=args.quiet or not sys.stderr.isatty(),
+        leave=False,
+    )
+
+    def progress(sent: int, total: int) -> None:
+        bar.total = total
+        bar.n = sent
+        bar.refresh()
+
+    try:
+        with open_client(args) as client:
+            info = client.upload_adapter(
+                args.name,
+                Path(args.directory),
+                tenant=args.tenant,
+                aliases=args.alias or (),
+                description=args.description,
+                chunk_size=args.chunk_size,
+                progress=progress,
+            )
+    finally:
+        bar.close()
+    return _print_version(args, info, "uploaded")
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        pages = _every_page(
+            lambda token: client.list_adapters(
+                args.tenant, args.shared, page_size=args.page_size, page_token=token
+            )
+        )
+    adapters = [a for page in pages for a in page.adapters]
+    if args.json:
+        out.print_json({"adapters": [out.as_json(a) for a in adapters]})
+    else:
+        out.print_adapters(adapters, next((p.usage for p in pages if p.usage), None))
+    return EXIT_OK
+
+
+def _print_adapter(args: argparse.Namespace, info: Adapter, text: str | None = None) -> int:
+    """JSON, or `text` (the whole adapter when None)."""
+    if args.json:
+        out.print_json(out.as_json(info))
+    elif text is None:
+        out.print_adapter(info)
+    else:
+        print(text)
+    return EXIT_OK
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        info = client.get_adapter(args.name, args.tenant)
+    return _print_adapter(args, info)
+
+
+def _cmd_alias(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        info = client.set_alias(
+            args.name,
+            args.alias,
+            args.version,
+            tenant=args.tenant,
+            expected_version=args.expected,
+        )
+    target = info.aliases.get(args.alias, args.version)
+    text = f"{out.label(info.tenant, info.name)}@{args.alias} -> {target}"
+    return _print_adapter(args, info, text)
+
+
+def _cmd_share(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        call = client.share_adapter if args.share else client.unshare_adapter
+        info = call(args.name, args.grantee, args.tenant)
+    shared = ", ".join(info.shared_with) or "nobody"
+    text = f"{out.label(info.tenant, info.name)} is shared with {shared}"
+    return _print_adapter(args, info, text)
+
+
+def _parse_part(text: str) -> tuple[str, float]:
+    ref, sep, weight = text.rpartition(":")
+    try:
+        if not sep or not ref:
+            raise ValueError
+        return ref, float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected REF:WEIGHT, got {text!r}") from None
+
+
+def _cmd_compose(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        info = client.compose_adapter(
+            args.name,
+            args.part,
+            tenant=args.tenant,
+            aliases=args.alias or (),
+            description=args.description,
+        )
+    return _print_version(args, info, "composed")
+
+
+def _cmd_residency_op(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        call = {
+            "pin": client.pin_adapter,
+            "unpin": client.unpin_adapter,
+            "prefetch": client.prefetch_adapter,
+        }[args.op]
+        entry = call(args.ref, args.tenant)
+    if args.json:
+        out.print_json(out.as_json(entry))
+    else:
+        out.print_residency([entry])
+    return EXIT_OK
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        result = client.revoke_adapter(args.name, args.version, args.tenant)
+    if args.json:
+        out.print_json(out.as_json(result))
+    else:
+        out.print_revoked(result)
+    return EXIT_OK
+
+
+def _cmd_residency(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        pages = _every_page(
+            lambda token: client.get_residency(
+                args.tenant, page_size=args.page_size, page_token=token
+            )
+        )
+    # Every page's entries; the figures are the last page's.
+    whole = Residency(
+        entries=tuple(e for page in pages for e in page.entries),
+        engine_capacity=pages[-1].engine_capacity,
+        disk_budget_bytes=pages[-1].disk_budget_bytes,
+        disk_used_bytes=pages[-1].disk_used_bytes,
+        next_page_token="",
+    )
+    if args.json:
+        out.print_json(out.as_json(whole))
+    else:
+        out.print_residency(whole.entries, whole)
+    return EXIT_OK
+
+
+# --- the parsers ------------------------------------------------------------------------------
+
+
+def _page_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--page-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="adapters per request (0 = the server's default); every page is printed",
+    )
+
+
+def _tenant(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tenant", default="", help="owner tenant (default: the caller's)")
+
+
+def register(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], client: argparse.ArgumentParser
+) -> None:
+    adapter = commands.add_parser("adapter", help="manage adapters")
+    ops = adapter.add_subparsers(dest="adapter_command", required=True, metavar="OP")
+
+    upload = ops.add_parser("upload", parents=[client], help="upload a PEFT adapter folder")
+    upload.add_argument("--name", required=True)
+    upload.add_argument("--alias", action="append", metavar="A", help="also point A at it")
+    upload.add_argument("--description", default="")
+    upload.add_argument("--chunk-size", type=int, default=1 << 20, help=argparse.SUPPRESS)
+    upload.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _tenant(upload)
+    upload.add_argument("directory", metavar="DIR")
+    upload.set_defaults(func=_cmd_upload)
+
+    listing = ops.add_parser("list", parents=[client], help="list adapters")
+    _tenant(listing)
+    listing.add_argument("--shared", action="store_true", help="include adapters shared with it")
+    _page_size(listing)
+    listing.set_defaults(func=_cmd_list)
+
+    show = ops.add_parser("show", parents=[client], help="versions, aliases and sharing")
+    show.add_argument("name")
+    _tenant(show)
+    show.set_defaults(func=_cmd_show)
+
+    alias = ops.add_parser("alias", parents=[client], help="point an alias at a version")
+    alias.add_argument("name")
+    alias.add_argument("alias")
+    alias.add_argument("version", help="sha256:<hex> or another alias")
+    alias.add_argument("--expected", default="", metavar="V", help="fail unless it points at V")
+    _tenant(alias)
+    alias.set_defaults(func=_cmd_alias)
+
+    for op, share, text in (("share", True, "share with"), ("unshare", False, "stop sharing")):
+        sub = ops.add_parser(op, parents=[client], help=f"{text} another tenant")
+        sub.add_argument("name")
+        sub.add_argument("grantee")
+        _tenant(sub)
+        sub.set_defaults(func=_cmd_share, share=share)
+
+    compose = ops.add_parser("compose", parents=[client], help="new version from weighted parts")
+    compose.add_argument("name")
+    compose.add_argument(
+        "--part", action="append", required=True, type=_parse_part, metavar="REF:WEIGHT"
+    )
+    compose.add_argument("--alias", action="append", metavar="A")
+    compose.add_argument("--description", default="")
+    _tenant(compose)
+    compose.set_defaults(func=_cmd_compose)
+
+    for op, text in (
+        ("pin", "keep loaded in the engine"),
+        ("unpin", "allow eviction again"),
+        ("prefetch", "load into the engine now"),
+    ):
+        sub = ops.add_parser(op, parents=[client], help=text)
+        sub.add_argument("ref", metavar="REF")
+        _tenant(sub)
+        sub.set_defaults(func=_cmd_residency_op, op=op)
+
+    revoke = ops.add_parser("revoke", parents=[client], help="revoke a version or the adapter")
+    revoke.add_argument("name")
+    revoke.add_argument("--version", default="", metavar="V", help="one version (default: all)")
+    _tenant(revoke)
+    revoke.set_defaults(func=_cmd_revoke)
+
+    residency = commands.add_parser("residency", parents=[client], help="what is loaded where")
+    residency.add_argument("--tenant", default="", help="'*' for all (operators)")
+    _page_size(residency)
+    residency.set_defaults(func=_cmd_residency)

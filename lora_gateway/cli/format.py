@@ -1,0 +1,176 @@
+"""Output of the client commands: the SDK's result types as tables, text and JSON.
+
+JSON is the results' own fields (`dataclasses.asdict`): the API's field names, numbers as
+numbers, statuses and tiers as their lowercase names. Tables shorten versions to
+sha256:<12 hex>; `adapter show` and --json print them whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from adapter_store.spool import format_bytes
+from lora_gateway.client import (
+    Adapter,
+    AdapterVersion,
+    GenerateResult,
+    Residency,
+    ResidencyEntry,
+    RevokeResult,
+    StreamDelta,
+    TenantUsage,
+)
+
+
+def print_json(value: Any, *, lines: bool = False) -> None:
+    """`value` as indented JSON, or on one line with `lines` (JSON lines, flushed)."""
+    if lines:
+        print(json.dumps(value, sort_keys=True), flush=True)
+    else:
+        print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def as_json(result: Any) -> dict[str, Any]:
+    """A result dataclass as JSON-ready data."""
+    data: dict[str, Any] = dataclasses.asdict(result)
+    return data
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def short(version: str) -> str:
+    """sha256:<first 12 hex> for tables; full versions are in `show` and --json."""
+    return version[: len("sha256:") + 12] if version.startswith("sha256:") else version
+
+
+def label(tenant: str, name: str) -> str:
+    return f"{tenant}/{name}" if tenant else name
+
+
+# --- generate ---------------------------------------------------------------------------------
+
+
+def _usage(prompt_tokens: int | None, completion_tokens: int | None) -> dict[str, Any] | None:
+    if prompt_tokens is None:
+        return None
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+
+
+def result_json(result: GenerateResult | StreamDelta) -> dict[str, Any]:
+    """A completion or one stream message: usage grouped, as in the API."""
+    return {
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "finish_reason": result.finish_reason,
+        "adapter": dataclasses.asdict(result.adapter) if result.adapter else None,
+        "usage": _usage(result.prompt_tokens, result.completion_tokens),
+        "request_id": result.request_id,
+    }
+
+
+# --- adapters ---------------------------------------------------------------------------------
+
+
+def print_version(info: AdapterVersion, verb: str) -> None:
+    print(f"{verb} {label(info.tenant, info.name)} {info.version}")
+    print(
+        f"  rank {info.rank}, alpha {info.alpha:g}{', rsLoRA' if info.use_rslora else ''}, "
+        f"dtype {info.dtype or '?'}, base {info.base_model or '?'}"
+    )
+    print(f"  targets {','.join(info.target_modules) or '-'}")
+    for part in info.composed_from:
+        print(f"  part {part.adapter} x {part.weight:g}")
+    for f in info.files:
+        print(f"  file {f.filename} {format_bytes(f.size)} sha256:{f.sha256}")
+
+
+def usage_text(usage: TenantUsage) -> str:
+    """ "tenant acme: 1.2 MiB of 16.0 GiB stored, 3 of 10000 adapters"."""
+    return (
+        f"tenant {usage.tenant}: {format_bytes(usage.stored_bytes)} of "
+        f"{format_bytes(usage.max_stored_bytes)} stored, {usage.adapters} of "
+        f"{usage.max_adapters} adapters"
+    )
+
+
+def print_adapters(adapters: Sequence[Adapter], usage: TenantUsage | None) -> None:
+    rows = [
+        (
+            label(a.tenant, a.name),
+            a.status,
+            len(a.versions),
+            short(a.aliases.get("latest", "")) or "-",
+            ",".join(sorted(a.aliases)) or "-",
+            ",".join(a.shared_with) or "-",
+        )
+        for a in adapters
+    ]
+    table(("ADAPTER", "STATUS", "VERSIONS", "LATEST", "ALIASES", "SHARED WITH"), rows)
+    if usage is not None:
+        print()
+        print(f"usage       {usage_text(usage)}")
+
+
+def print_adapter(info: Adapter) -> None:
+    print(f"adapter     {label(info.tenant, info.name)}")
+    print(f"status      {info.status}")
+    print(f"shared with {', '.join(info.shared_with) or '-'}")
+    if info.usage is not None:
+        print(f"usage       {usage_text(info.usage)}")
+    for alias in sorted(info.aliases):
+        print(f"alias       {alias} -> {info.aliases[alias]}")
+    by_version: dict[str, list[str]] = {}
+    for alias, version in info.aliases.items():
+        by_version.setdefault(version, []).append(alias)
+    rows = [
+        (
+            v.version,
+            v.created_at,
+            v.rank,
+            f"{v.alpha:g}",
+            ",".join(v.target_modules),
+            v.status,
+            ",".join(sorted(by_version.get(v.version, []))) or "-",
+        )
+        for v in info.versions
+    ]
+    print()
+    table(("VERSION", "CREATED", "RANK", "ALPHA", "TARGETS", "STATUS", "ALIASES"), rows)
+
+
+def print_revoked(result: RevokeResult) -> None:
+    revoked = ", ".join(result.revoked_versions) or "nothing (already revoked)"
+    print(f"revoked {revoked}")
+    print(f"aborted {result.aborted_requests} in-flight request(s)")
+
+
+# --- residency --------------------------------------------------------------------------------
+
+
+def print_residency(entries: Sequence[ResidencyEntry], figures: Residency | None = None) -> None:
+    """A row per entry; with `figures`, the replica's capacity and disk cache after them."""
+    rows = [
+        (
+            label(e.tenant, e.name),
+            short(e.version),
+            e.tier,
+            "yes" if e.pinned else "no",
+            e.lora_int_id or "-",
+            format_bytes(e.size_bytes),
+        )
+        for e in entries
+    ]
+    table(("ADAPTER", "VERSION", "TIER", "PINNED", "LORA ID", "SIZE"), rows)
+    if figures is not None:
+        print(
+            f"\nengine capacity {figures.engine_capacity}; disk cache "
+            f"{format_bytes(figures.disk_used_bytes)} of {format_bytes(figures.disk_budget_bytes)}"
+        )

@@ -1,0 +1,267 @@
+"""`AsyncGatewayClient`: the asyncio client, the same methods as `GatewayClient`, awaited. Thin
+over `_rpcs` (requests and results) and `_transport` (metadata, deadline, retries)."""
+
+# ASYNC109: `timeout` is the gRPC deadline handed to the call, the grpc.aio convention.
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+import grpc.aio
+
+from lora_gateway.client import _rpcs, _upload
+from lora_gateway.client._rpcs import Rpc
+from lora_gateway.client._transport import CHANNEL_OPTIONS, CLIENT_DEFAULT, ClientBase, Timeout
+from lora_gateway.client.options import GenerateOptions
+from lora_gateway.client.results import (
+    Adapter,
+    AdapterPage,
+    AdapterVersion,
+    GenerateResult,
+    Residency,
+    ResidencyEntry,
+    RevokeResult,
+    StreamDelta,
+)
+from lora_gateway.v1 import admin_pb2
+
+_R = TypeVar("_R")
+
+
+class AsyncGatewayClient(ClientBase[grpc.aio.Channel]):
+    """Asyncio client over a `grpc.aio` channel; the same methods as `GatewayClient`, awaited.
+
+    Use it from one event loop. `generate_stream` returns an async iterator; to stop early and
+    cancel the server's generation at once, wrap it in `contextlib.aclosing`.
+    """
+
+    def _open_channel(
+        self, target: str, credentials: grpc.ChannelCredentials | None
+    ) -> grpc.aio.Channel:
+        if credentials is None:
+            return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncGatewayClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- call machinery --
+
+    async def _retrying(
+        self, attempt: Callable[[float | None], Awaitable[_R]], timeout: Timeout
+    ) -> _R:
+        attempts = self._attempts(timeout)
+        while True:
+            try:
+                return await attempt(attempts.remaining())
+            except grpc.RpcError as exc:
+                delay = attempts.backoff(exc)
+            await asyncio.sleep(delay)
+
+    async def _call(self, rpc: Rpc[_R], timeout: Timeout) -> _R:
+        method = self._stub_method(rpc)
+
+        async def attempt(left: float | None) -> _R:
+            return rpc.result(await method(rpc.request, **self._call_kwargs(rpc, left)))
+
+        return await self._retrying(attempt, timeout)
+
+    async def _stream(
+        self, rpc: Rpc[StreamDelta], timeout: Timeout
+    ) -> AsyncGenerator[StreamDelta, None]:
+        attempts = self._attempts(timeout)
+        method = self._stub_method(rpc)
+        while True:
+            call = method(rpc.request, **self._call_kwargs(rpc, attempts.remaining()))
+            received = False
+            try:
+                async for message in call:
+                    received = True
+                    yield rpc.result(message)
+                return
+            except grpc.RpcError as exc:
+                delay = attempts.backoff(exc, retryable=not received)
+            finally:
+                call.cancel()  # a consumer that stops early ends the RPC (no-op when done)
+            await asyncio.sleep(delay)
+
+    # -- inference --
+
+    async def generate(
+        self,
+        adapter: str = "",
+        prompt: str | None = None,
+        options: GenerateOptions | None = None,
+        *,
+        token_ids: Sequence[int] | None = None,
+        request_id: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> GenerateResult:
+        """See `GatewayClient.generate` (sends the `x-lora-adapter` routing header too)."""
+        rpc = _rpcs.generate(adapter, prompt, options, token_ids, request_id)
+        return await self._call(rpc, timeout)
+
+    def generate_stream(
+        self,
+        adapter: str = "",
+        prompt: str | None = None,
+        options: GenerateOptions | None = None,
+        *,
+        token_ids: Sequence[int] | None = None,
+        request_id: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> AsyncGenerator[StreamDelta, None]:
+        """See `GatewayClient.generate_stream`; use with `async for` (not awaited)."""
+        rpc = _rpcs.streamed(_rpcs.generate(adapter, prompt, options, token_ids, request_id))
+        return self._stream(rpc, timeout)
+
+    # -- admin --
+
+    async def upload_adapter(
+        self,
+        name: str,
+        directory: Path | str,
+        *,
+        tenant: str = "",
+        aliases: Sequence[str] = (),
+        description: str = "",
+        chunk_size: int = 1 << 20,
+        progress: Callable[[int, int], None] | None = None,
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> AdapterVersion:
+        """See `GatewayClient.upload_adapter`; hashing and reading run in a thread."""
+        upload = await asyncio.to_thread(
+            _upload.prepare, name, directory, tenant, aliases, description, chunk_size
+        )
+        rpc = _rpcs.upload_adapter(upload.first)
+
+        async def messages(reader: _upload.Reader) -> AsyncIterator[admin_pb2.UploadAdapterRequest]:
+            yield upload.first  # the header
+            async for message in reader.aiter():
+                yield message
+
+        async def attempt(left: float | None) -> AdapterVersion:
+            with upload.attempt(progress) as reader:
+                call = self._admin.UploadAdapter(messages(reader), **self._call_kwargs(rpc, left))
+                response = await call
+            return rpc.result(response)
+
+        return await self._retrying(attempt, timeout)
+
+    async def list_adapters(
+        self,
+        tenant: str = "",
+        include_shared: bool = False,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> AdapterPage:
+        rpc = _rpcs.list_adapters(tenant, include_shared, page_size, page_token)
+        return await self._call(rpc, timeout)
+
+    async def iter_adapters(
+        self,
+        tenant: str = "",
+        include_shared: bool = False,
+        *,
+        page_size: int = 0,
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> AsyncIterator[Adapter]:
+        token = ""
+        while True:
+            rpc = _rpcs.list_adapters(tenant, include_shared, page_size, token)
+            page = await self._call(rpc, timeout)
+            for adapter in page.adapters:
+                yield adapter
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def get_adapter(
+        self, name: str, tenant: str = "", *, timeout: Timeout = CLIENT_DEFAULT
+    ) -> Adapter:
+        return await self._call(_rpcs.get_adapter(name, tenant), timeout)
+
+    async def set_alias(
+        self,
+        name: str,
+        alias: str,
+        version: str,
+        *,
+        tenant: str = "",
+        expected_version: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> Adapter:
+        rpc = _rpcs.set_alias(name, alias, version, tenant, expected_version)
+        return await self._call(rpc, timeout)
+
+    async def share_adapter(
+        self, name: str, grantee: str, tenant: str = "", *, timeout: Timeout = CLIENT_DEFAULT
+    ) -> Adapter:
+        return await self._call(_rpcs.share_adapter(name, grantee, tenant, share=True), timeout)
+
+    async def unshare_adapter(
+        self, name: str, grantee: str, tenant: str = "", *, timeout: Timeout = CLIENT_DEFAULT
+    ) -> Adapter:
+        return await self._call(_rpcs.share_adapter(name, grantee, tenant, share=False), timeout)
+
+    async def compose_adapter(
+        self,
+        name: str,
+        parts: Sequence[tuple[str, float]],
+        *,
+        tenant: str = "",
+        aliases: Sequence[str] = (),
+        description: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> AdapterVersion:
+        rpc = _rpcs.compose_adapter(name, parts, tenant, aliases, description)
+        return await self._call(rpc, timeout)
+
+    async def revoke_adapter(
+        self, name: str, version: str = "", tenant: str = "", *, timeout: Timeout = CLIENT_DEFAULT
+    ) -> RevokeResult:
+        return await self._call(_rpcs.revoke_adapter(name, version, tenant), timeout)
+
+    async def pin_adapter(
+        self, adapter: str, tenant: str = "", *, timeout: Timeout = CLIENT_DEFAULT
+    ) -> ResidencyEntry:
+        return await self._call(_rpcs.residency_op("PinAdapter", adapter, tenant), timeout)
+
+    async def unpin_adapter(
+        self, adapter: str, tenant: str = "", *, timeout: Timeout = CLIENT_DEFAULT
+    ) -> ResidencyEntry:
+        return await self._call(_rpcs.residency_op("UnpinAdapter", adapter, tenant), timeout)
+
+    async def prefetch_adapter(
+        self, adapter: str, tenant: str = "", *, timeout: Timeout = CLIENT_DEFAULT
+    ) -> ResidencyEntry:
+        return await self._call(_rpcs.residency_op("PrefetchAdapter", adapter, tenant), timeout)
+
+    async def get_residency(
+        self,
+        tenant: str = "",
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> Residency:
+        return await self._call(_rpcs.get_residency(tenant, page_size, page_token), timeout)

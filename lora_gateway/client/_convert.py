@@ -1,0 +1,233 @@
+"""Protobuf <-> the SDK's types, in one place: requests from arguments and `GenerateOptions`,
+results (`results.py`) from answers. Nothing past this module sees a protobuf message."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final, TypeVar
+
+from google.protobuf.message import Message
+
+from lora_gateway import errors
+from lora_gateway.client.options import GenerateOptions, option_specs
+from lora_gateway.client.results import (
+    Adapter,
+    AdapterFile,
+    AdapterPage,
+    AdapterStatus,
+    AdapterVersion,
+    ComposePart,
+    GenerateResult,
+    Residency,
+    ResidencyEntry,
+    ResidencyTier,
+    RevokeResult,
+    ServedAdapter,
+    StreamDelta,
+    TenantUsage,
+)
+from lora_gateway.v1 import admin_pb2, inference_pb2
+
+_M = TypeVar("_M", bound=Message)
+
+_FINISH_REASONS: Final = {
+    inference_pb2.FINISH_REASON_LENGTH: "length",
+    inference_pb2.FINISH_REASON_STOP: "stop",
+    inference_pb2.FINISH_REASON_ABORT: "abort",
+}
+_STATUS: Final = {
+    admin_pb2.ADAPTER_STATUS_ACTIVE: AdapterStatus.ACTIVE,
+    admin_pb2.ADAPTER_STATUS_REVOKED: AdapterStatus.REVOKED,
+}
+_TIER: Final = {
+    admin_pb2.RESIDENCY_TIER_ENGINE: ResidencyTier.ENGINE,
+    admin_pb2.RESIDENCY_TIER_DISK: ResidencyTier.DISK,
+    admin_pb2.RESIDENCY_TIER_STORE: ResidencyTier.STORE,
+}
+_SAMPLING_FIELDS: Final = frozenset(inference_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
+
+
+# --- requests ---------------------------------------------------------------------------------
+
+
+def message(cls: type[_M], **fields: Any) -> _M:
+    """`cls(**fields)`; a value of the wrong type is the caller's InvalidArgument."""
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as exc:
+        raise errors.InvalidArgument(f"invalid {cls.__name__}: {exc}") from None
+
+
+def names(values: Sequence[str]) -> list[str]:
+    """A list of names; a single string is one name, not its characters."""
+    return [values] if isinstance(values, str) else list(values)
+
+
+def sampling_params(options: GenerateOptions) -> inference_pb2.SamplingParams:
+    """Every option, by name, into `SamplingParams`; None stays unset (the server's default)."""
+    sampling = inference_pb2.SamplingParams()
+    for spec in option_specs():
+        if spec.name not in _SAMPLING_FIELDS:
+            raise TypeError(f"option {spec.name!r} has no field in the request")
+        value = getattr(options, spec.name)
+        if value is None:
+            continue
+        if spec.repeated:
+            getattr(sampling, spec.name).extend(value)
+        else:
+            setattr(sampling, spec.name, value)
+    return sampling
+
+
+def generate_request(
+    adapter: str,
+    prompt: str | None,
+    token_ids: Sequence[int] | None,
+    options: GenerateOptions | None,
+    request_id: str,
+) -> inference_pb2.GenerateRequest:
+    if (prompt is None) == (token_ids is None):
+        raise errors.InvalidArgument("give exactly one of prompt or token_ids")
+    if options is None:
+        options = GenerateOptions()
+    elif not isinstance(options, GenerateOptions):
+        raise errors.InvalidArgument("options must be a GenerateOptions")
+    request = message(
+        inference_pb2.GenerateRequest,
+        adapter=adapter,
+        sampling=sampling_params(options),
+        request_id=request_id,
+    )
+    try:
+        if prompt is not None:
+            request.text = prompt
+        else:
+            request.token_ids.ids.extend(token_ids or ())
+    except (TypeError, ValueError) as exc:
+        raise errors.InvalidArgument(f"invalid prompt: {exc}") from None
+    return request
+
+
+def compose_parts(parts: Sequence[tuple[str, float]]) -> list[admin_pb2.ComposePart]:
+    if not parts:
+        raise errors.InvalidArgument("compose needs at least one part")
+    try:
+        return [admin_pb2.ComposePart(adapter=ref, weight=float(w)) for ref, w in parts]
+    except (TypeError, ValueError) as exc:
+        raise errors.InvalidArgument(f"invalid compose part: {exc}") from None
+
+
+# --- inference results ------------------------------------------------------------------------
+
+
+def _served(adapter: inference_pb2.ServedAdapter) -> ServedAdapter | None:
+    if not adapter.name:
+        return None
+    return ServedAdapter(tenant=adapter.tenant, name=adapter.name, version=adapter.version)
+
+
+def generate_result(response: inference_pb2.GenerateResponse) -> GenerateResult:
+    return GenerateResult(
+        text=response.text,
+        token_ids=list(response.token_ids),
+        finish_reason=_FINISH_REASONS.get(response.finish_reason, ""),
+        prompt_tokens=response.usage.prompt_tokens,
+        completion_tokens=response.usage.completion_tokens,
+        adapter=_served(response.adapter),
+        request_id=response.request_id,
+    )
+
+
+def stream_delta(response: inference_pb2.GenerateStreamResponse) -> StreamDelta:
+    has_usage = response.HasField("usage")
+    return StreamDelta(
+        text=response.text,
+        token_ids=list(response.token_ids),
+        finish_reason=_FINISH_REASONS.get(response.finish_reason),
+        prompt_tokens=response.usage.prompt_tokens if has_usage else None,
+        completion_tokens=response.usage.completion_tokens if has_usage else None,
+        adapter=_served(response.adapter),
+        request_id=response.request_id,
+    )
+
+
+# --- admin results ----------------------------------------------------------------------------
+
+
+def adapter_version(info: admin_pb2.AdapterVersionInfo) -> AdapterVersion:
+    return AdapterVersion(
+        tenant=info.tenant,
+        name=info.name,
+        version=info.version,
+        files=tuple(AdapterFile(f.filename, f.size, f.sha256) for f in info.files),
+        rank=info.rank,
+        alpha=info.alpha,
+        use_rslora=info.use_rslora,
+        target_modules=tuple(info.target_modules),
+        base_model=info.base_model,
+        dtype=info.dtype,
+        created_at=info.created_at,
+        created_by=info.created_by,
+        status=_STATUS.get(info.status, AdapterStatus.UNSPECIFIED),
+        description=info.description,
+        composed_from=tuple(ComposePart(p.adapter, p.weight) for p in info.composed_from),
+    )
+
+
+def tenant_usage(usage: admin_pb2.TenantUsage) -> TenantUsage:
+    return TenantUsage(
+        tenant=usage.tenant,
+        stored_bytes=usage.stored_bytes,
+        max_stored_bytes=usage.max_stored_bytes,
+        adapters=usage.adapters,
+        max_adapters=usage.max_adapters,
+    )
+
+
+def adapter(info: admin_pb2.AdapterInfo) -> Adapter:
+    return Adapter(
+        tenant=info.tenant,
+        name=info.name,
+        versions=tuple(adapter_version(v) for v in info.versions),
+        aliases=dict(sorted(info.aliases.items())),
+        shared_with=tuple(info.shared_with),
+        status=_STATUS.get(info.status, AdapterStatus.UNSPECIFIED),
+        usage=tenant_usage(info.usage) if info.HasField("usage") else None,
+    )
+
+
+def adapter_page(response: admin_pb2.ListAdaptersResponse) -> AdapterPage:
+    return AdapterPage(
+        adapters=tuple(adapter(a) for a in response.adapters),
+        next_page_token=response.next_page_token,
+        usage=tenant_usage(response.usage) if response.HasField("usage") else None,
+    )
+
+
+def revoke_result(response: admin_pb2.RevokeAdapterResponse) -> RevokeResult:
+    return RevokeResult(
+        revoked_versions=tuple(response.revoked_versions),
+        aborted_requests=response.aborted_requests,
+    )
+
+
+def residency_entry(entry: admin_pb2.ResidencyEntry) -> ResidencyEntry:
+    return ResidencyEntry(
+        tenant=entry.tenant,
+        name=entry.name,
+        version=entry.version,
+        tier=_TIER.get(entry.tier, ResidencyTier.UNSPECIFIED),
+        pinned=entry.pinned,
+        lora_int_id=entry.lora_int_id,
+        size_bytes=entry.size_bytes,
+    )
+
+
+def residency(response: admin_pb2.GetResidencyResponse) -> Residency:
+    return Residency(
+        entries=tuple(residency_entry(e) for e in response.entries),
+        engine_capacity=response.engine_capacity,
+        disk_budget_bytes=response.disk_budget_bytes,
+        disk_used_bytes=response.disk_used_bytes,
+        next_page_token=response.next_page_token,
+    )

@@ -1,0 +1,174 @@
+"""Each RPC once, for both clients: its arguments checked, its request built, and how to read
+its answer. A client method is one line over these: `self._call(_rpcs.get_adapter(...))`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+from google.protobuf.message import Message
+
+from lora_gateway import errors
+from lora_gateway.client import _convert
+from lora_gateway.client._convert import message
+from lora_gateway.client.options import GenerateOptions
+from lora_gateway.client.results import (
+    Adapter,
+    AdapterPage,
+    AdapterVersion,
+    GenerateResult,
+    Residency,
+    ResidencyEntry,
+    RevokeResult,
+    StreamDelta,
+)
+from lora_gateway.v1 import admin_pb2, inference_pb2
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Rpc(Generic[_T]):
+    """One call, ready to send: the stub method, the request (the first message of a client
+    stream), and how to read each message of the answer."""
+
+    method: str
+    request: Message
+    response_type: type[Message]
+    convert: Callable[[Any], _T]
+    service: Literal["Admin", "Inference"] = "Admin"
+    #: The reference that the routing header is taken from.
+    adapter: str | None = None
+    request_id: str = ""
+
+    def result(self, response: object) -> _T:
+        if not isinstance(response, self.response_type):
+            raise errors.GatewayError(f"unexpected response type {type(response).__name__}")
+        return self.convert(response)
+
+
+def _check_page(page_size: int, page_token: str) -> None:
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or not 0 <= page_size < 2**31:
+        raise errors.InvalidArgument("page_size must be an integer >= 0 (0 = the server's default)")
+    if not isinstance(page_token, str):
+        raise errors.InvalidArgument("page_token must be a string")
+
+
+# --- inference --------------------------------------------------------------------------------
+
+
+def generate(
+    adapter: str,
+    prompt: str | None,
+    options: GenerateOptions | None,
+    token_ids: Sequence[int] | None,
+    request_id: str,
+) -> Rpc[GenerateResult]:
+    return Rpc(
+        "Generate",
+        _convert.generate_request(adapter, prompt, token_ids, options, request_id),
+        inference_pb2.GenerateResponse,
+        _convert.generate_result,
+        service="Inference",
+        adapter=adapter,
+        request_id=request_id,
+    )
+
+
+def streamed(unary: Rpc[GenerateResult]) -> Rpc[StreamDelta]:
+    """The same request, as GenerateStream: one `StreamDelta` per message."""
+    return Rpc(
+        "GenerateStream",
+        unary.request,
+        inference_pb2.GenerateStreamResponse,
+        _convert.stream_delta,
+        service="Inference",
+        adapter=unary.adapter,
+        request_id=unary.request_id,
+    )
+
+
+# --- admin ------------------------------------------------------------------------------------
+
+
+def upload_adapter(first: admin_pb2.UploadAdapterRequest) -> Rpc[AdapterVersion]:
+    """`first` is the header; the client streams the chunks after it."""
+    return Rpc("UploadAdapter", first, admin_pb2.AdapterVersionInfo, _convert.adapter_version)
+
+
+def list_adapters(
+    tenant: str, include_shared: bool, page_size: int, page_token: str
+) -> Rpc[AdapterPage]:
+    _check_page(page_size, page_token)
+    request = message(
+        admin_pb2.ListAdaptersRequest,
+        tenant=tenant,
+        include_shared=include_shared,
+        page_size=page_size,
+        page_token=page_token,
+    )
+    return Rpc("ListAdapters", request, admin_pb2.ListAdaptersResponse, _convert.adapter_page)
+
+
+def get_adapter(name: str, tenant: str) -> Rpc[Adapter]:
+    request = message(admin_pb2.GetAdapterRequest, tenant=tenant, name=name)
+    return Rpc("GetAdapter", request, admin_pb2.AdapterInfo, _convert.adapter)
+
+
+def set_alias(
+    name: str, alias: str, version: str, tenant: str, expected_version: str
+) -> Rpc[Adapter]:
+    request = message(
+        admin_pb2.SetAliasRequest,
+        tenant=tenant,
+        name=name,
+        alias=alias,
+        version=version,
+        expected_version=expected_version,
+    )
+    return Rpc("SetAlias", request, admin_pb2.AdapterInfo, _convert.adapter)
+
+
+def share_adapter(name: str, grantee: str, tenant: str, *, share: bool) -> Rpc[Adapter]:
+    request = message(admin_pb2.ShareAdapterRequest, tenant=tenant, name=name, grantee=grantee)
+    method = "ShareAdapter" if share else "UnshareAdapter"
+    return Rpc(method, request, admin_pb2.AdapterInfo, _convert.adapter)
+
+
+def compose_adapter(
+    name: str,
+    parts: Sequence[tuple[str, float]],
+    tenant: str,
+    aliases: Sequence[str],
+    description: str,
+) -> Rpc[AdapterVersion]:
+    request = message(
+        admin_pb2.ComposeAdapterRequest,
+        tenant=tenant,
+        name=name,
+        parts=_convert.compose_parts(parts),
+        aliases=_convert.names(aliases),
+        description=description,
+    )
+    return Rpc("ComposeAdapter", request, admin_pb2.AdapterVersionInfo, _convert.adapter_version)
+
+
+def revoke_adapter(name: str, version: str, tenant: str) -> Rpc[RevokeResult]:
+    request = message(admin_pb2.RevokeAdapterRequest, tenant=tenant, name=name, version=version)
+    return Rpc("RevokeAdapter", request, admin_pb2.RevokeAdapterResponse, _convert.revoke_result)
+
+
+def residency_op(method: str, adapter: str, tenant: str) -> Rpc[ResidencyEntry]:
+    """PinAdapter, UnpinAdapter or PrefetchAdapter (routed by the adapter, like Generate)."""
+    request = message(admin_pb2.AdapterRefRequest, tenant=tenant, adapter=adapter)
+    convert = _convert.residency_entry
+    return Rpc(method, request, admin_pb2.ResidencyEntry, convert, adapter=adapter)
+
+
+def get_residency(tenant: str, page_size: int, page_token: str) -> Rpc[Residency]:
+    _check_page(page_size, page_token)
+    request = message(
+        admin_pb2.GetResidencyRequest, tenant=tenant, page_size=page_size, page_token=page_token
+    )
+    return Rpc("GetResidency", request, admin_pb2.GetResidencyResponse, _convert.residency)

@@ -1,0 +1,288 @@
+"""`GatewayClient`: the blocking client, thin over `_rpcs` (requests and results) and
+`_transport` (metadata, deadline, retries)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+
+from lora_gateway.client import _rpcs, _upload
+from lora_gateway.client._rpcs import Rpc
+from lora_gateway.client._transport import CHANNEL_OPTIONS, CLIENT_DEFAULT, ClientBase, Timeout
+from lora_gateway.client.options import GenerateOptions
+from lora_gateway.client.results import (
+    Adapter,
+    AdapterPage,
+    AdapterVersion,
+    GenerateResult,
+    Residency,
+    ResidencyEntry,
+    RevokeResult,
+    StreamDelta,
+)
+
+_R = TypeVar("_R")
+
+
+class GatewayClient(ClientBase[grpc.Channel]):
+    """Blocking client over a `grpc` channel. Thread-safe; use one per process and target.
+
+    `target` is host:port. `api_key` travels as `authorization: Bearer <key>`. TLS is used when
+    `tls` is set or certificates are given (`root_certificates` to verify the server, the
+    client certificate chain and private key for mTLS). `timeout` is the default deadline of a
+    call in seconds (None: no deadline); every method takes its own `timeout` too. UNAVAILABLE
+    is retried `max_retries` times (backoff from `backoff_s`) within the deadline.
+    """
+
+    def _open_channel(
+        self, target: str, credentials: grpc.ChannelCredentials | None
+    ) -> grpc.Channel:
+        if credentials is None:
+            return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        return grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> GatewayClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- call machinery --
+
+    def _retrying(self, attempt: Callable[[float | None], _R], timeout: Timeout) -> _R:
+        attempts = self._attempts(timeout)
+        while True:
+            try:
+                return attempt(attempts.remaining())
+            except grpc.RpcError as exc:
+                delay = attempts.backoff(exc)
+            time.sleep(delay)
+
+    def _call(self, rpc: Rpc[_R], timeout: Timeout) -> _R:
+        method = self._stub_method(rpc)
+        return self._retrying(
+            lambda left: rpc.result(method(rpc.request, **self._call_kwargs(rpc, left))), timeout
+        )
+
+    def _stream(
+        self, rpc: Rpc[StreamDelta], timeout: Timeout
+    ) -> Generator[StreamDelta, None, None]:
+        attempts = self._attempts(timeout)
+        method = self._stub_method(rpc)
+        while True:
+            call = method(rpc.request, **self._call_kwargs(rpc, attempts.remaining()))
+            received = False
+            try:
+                for message in call:
+                    received = True
+                    yield rpc.result(message)
+                return
+            except grpc.RpcError as exc:
+                delay = attempts.backoff(exc, retryable=not received)
+            finally:
+                call.cancel()  # a consumer that stops early ends the RPC (no-op when done)
+            time.sleep(delay)
+
+    # -- inference --
+
+    def generate(
+        self,
+        adapter: str = "",
+        prompt: str | None = None,
+        options: GenerateOptions | None = None,
+        *,
+        token_ids: Sequence[int] | None = None,
+        request_id: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> GenerateResult:
+        """Generate a completion for `prompt` (or `token_ids`) with `adapter` ("" = base model).
+
+        `adapter` is a reference: "name", "name@alias", "name@sha256:<hex>" or "owner/name[@..]"
+        for an adapter shared with the caller. Its `owner/name` part is also sent as the
+        `x-lora-adapter` routing header, which a front proxy hashes on. `options` (sampling,
+        length, stops) default to the server's defaults; `request_id` is echoed in its logs.
+        """
+        return self._call(_rpcs.generate(adapter, prompt, options, token_ids, request_id), timeout)
+
+    def generate_stream(
+        self,
+        adapter: str = "",
+        prompt: str | None = None,
+        options: GenerateOptions | None = None,
+        *,
+        token_ids: Sequence[int] | None = None,
+        request_id: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> Generator[StreamDelta, None, None]:
+        """Like `generate`, as an iterator of deltas; the last one carries finish_reason and usage.
+
+        Arguments are checked now; the call starts at the first `next()`. The timeout covers the
+        whole stream. Stopping early (`break`, then `close()` or garbage collection of the
+        iterator; `contextlib.closing` makes it immediate) cancels the server's generation.
+        """
+        rpc = _rpcs.streamed(_rpcs.generate(adapter, prompt, options, token_ids, request_id))
+        return self._stream(rpc, timeout)
+
+    # -- admin --
+
+    def upload_adapter(
+        self,
+        name: str,
+        directory: Path | str,
+        *,
+        tenant: str = "",
+        aliases: Sequence[str] = (),
+        description: str = "",
+        chunk_size: int = 1 << 20,
+        progress: Callable[[int, int], None] | None = None,
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> AdapterVersion:
+        """Upload a PEFT adapter folder as a new version of `name` (`latest` points at it).
+
+        The folder holds adapter_config.json and adapter_model.safetensors (a README.md is
+        ignored; any other file raises InvalidArgument before anything is sent). Both are
+        declared with their size and sha256, then streamed in `chunk_size` pieces.
+        `progress(bytes_sent, total_bytes)` is called after each chunk; on a retry it starts
+        again from 0. An UNAVAILABLE upload is retried from the start: identical content is the
+        same version, so a repeat after a lost reply is harmless.
+        """
+        upload = _upload.prepare(name, directory, tenant, aliases, description, chunk_size)
+        rpc = _rpcs.upload_adapter(upload.first)
+
+        def attempt(left: float | None) -> AdapterVersion:
+            with upload.attempt(progress) as reader:
+                messages = itertools.chain([upload.first], reader)
+                response = self._admin.UploadAdapter(messages, **self._call_kwargs(rpc, left))
+            return rpc.result(response)
+
+        return self._retrying(attempt, timeout)
+
+    def list_adapters(
+        self,
+        tenant: str = "",
+        include_shared: bool = False,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> AdapterPage:
+        """One page of adapters (`page_size` 0 = the server's default); its `next_page_token`
+        is "" on the last page. `iter_adapters` walks every page."""
+        rpc = _rpcs.list_adapters(tenant, include_shared, page_size, page_token)
+        return self._call(rpc, timeout)
+
+    def iter_adapters(
+        self,
+        tenant: str = "",
+        include_shared: bool = False,
+        *,
+        page_size: int = 0,
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> Iterator[Adapter]:
+        """Every adapter, page after page (`timeout` applies to each page's call)."""
+        token = ""
+        while True:
+            rpc = _rpcs.list_adapters(tenant, include_shared, page_size, token)
+            page = self._call(rpc, timeout)
+            yield from page.adapters
+            token = page.next_page_token
+            if not token:
+                return
+
+    def get_adapter(
+        self, name: str, tenant: str = "", *, timeout: Timeout = CLIENT_DEFAULT
+    ) -> Adapter:
+        """Versions (oldest first), aliases, grants and (for the owner) usage of one adapter."""
+        return self._call(_rpcs.get_adapter(name, tenant), timeout)
+
+    def set_alias(
+        self,
+        name: str,
+        alias: str,
+        version: str,
+        *,
+        tenant: str = "",
+        expected_version: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> Adapter:
+        """Point `alias` at `version` ("sha256:<hex>" or another alias): promote, roll back.
+
+        With `expected_version`, only if the alias points there now (compare and set)."""
+        rpc = _rpcs.set_alias(name, alias, version, tenant, expected_version)
+        return self._call(rpc, timeout)
+
+    def share_adapter(
+        self, name: str, grantee: str, tenant: str = "", *, timeout: Timeout = CLIENT_DEFAULT
+    ) -> Adapter:
+        """Let tenant `grantee` use the adapter (read-only, as `owner/name`)."""
+        return self._call(_rpcs.share_adapter(name, grantee, tenant, share=True), timeout)
+
+    def unshare_adapter(
+        self, name: str, grantee: str, tenant: str = "", *, timeout: Timeout = CLIENT_DEFAULT
+    ) -> Adapter:
+        return self._call(_rpcs.share_adapter(name, grantee, tenant, share=False), timeout)
+
+    def compose_adapter(
+        self,
+        name: str,
+        parts: Sequence[tuple[str, float]],
+        *,
+        tenant: str = "",
+        aliases: Sequence[str] = (),
+        description: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> AdapterVersion:
+        """New version of `name` = sum of weight x part, parts given as (reference, weight)."""
+        rpc = _rpcs.compose_adapter(name, parts, tenant, aliases, description)
+        return self._call(rpc, timeout)
+
+    def revoke_adapter(
+        self, name: str, version: str = "", tenant: str = "", *, timeout: Timeout = CLIENT_DEFAULT
+    ) -> RevokeResult:
+        """Revoke one version ("sha256:<hex>") or, with version "", the whole adapter."""
+        return self._call(_rpcs.revoke_adapter(name, version, tenant), timeout)
+
+    def pin_adapter(
+        self, adapter: str, tenant: str = "", *, timeout: Timeout = CLIENT_DEFAULT
+    ) -> ResidencyEntry:
+        """Keep the version `adapter` names loaded in the engine (never evicted)."""
+        return self._call(_rpcs.residency_op("PinAdapter", adapter, tenant), timeout)
+
+    def unpin_adapter(
+        self, adapter: str, tenant: str = "", *, timeout: Timeout = CLIENT_DEFAULT
+    ) -> ResidencyEntry:
+        return self._call(_rpcs.residency_op("UnpinAdapter", adapter, tenant), timeout)
+
+    def prefetch_adapter(
+        self, adapter: str, tenant: str = "", *, timeout: Timeout = CLIENT_DEFAULT
+    ) -> ResidencyEntry:
+        """Load the version `adapter` names into the engine now."""
+        return self._call(_rpcs.residency_op("PrefetchAdapter", adapter, tenant), timeout)
+
+    def get_residency(
+        self,
+        tenant: str = "",
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> Residency:
+        """Which adapters are where (engine, disk, store); operators may pass tenant "*".
+
+        One page (`page_size` adapters; 0 = the server's default); pass `next_page_token` back
+        as `page_token` for the next, until it is ""."""
+        return self._call(_rpcs.get_residency(tenant, page_size, page_token), timeout)

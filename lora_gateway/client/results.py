@@ -1,0 +1,223 @@
+"""What the SDK returns: plain frozen dataclasses, never protobuf messages.
+
+Inference: `GenerateResult` (a whole completion), `StreamDelta` (one message of a stream) and
+`ServedAdapter` (the exact version that served). Admin: `AdapterVersion`, `Adapter`,
+`AdapterPage` (one page of a listing, with the caller's `TenantUsage`), `RevokeResult`,
+`ResidencyEntry` and `Residency` (one page). Field names are those of the API (admin.proto),
+statuses and tiers are string enums (`AdapterStatus.ACTIVE == "active"`), sequences are tuples.
+`_convert.py` builds them from the protobuf answers, in one place.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = [
+    "Adapter",
+    "AdapterFile",
+    "AdapterPage",
+    "AdapterStatus",
+    "AdapterVersion",
+    "ComposePart",
+    "GenerateResult",
+    "Residency",
+    "ResidencyEntry",
+    "ResidencyTier",
+    "RevokeResult",
+    "ServedAdapter",
+    "StreamDelta",
+    "TenantUsage",
+]
+
+
+# --- inference --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServedAdapter:
+    """The exact adapter version that served a request."""
+
+    tenant: str
+    name: str
+    #: "sha256:<64 hex>".
+    version: str
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """A whole completion."""
+
+    text: str
+    token_ids: list[int]
+    #: "length" (max_tokens), "stop" (EOS, stop string or token) or "abort".
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    #: None for the base model.
+    adapter: ServedAdapter | None
+    #: The server-assigned request id.
+    request_id: str
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """One message of a stream: the text and token ids new since the previous one."""
+
+    text: str
+    token_ids: list[int]
+    #: Set on the last message only: "length", "stop" or "abort".
+    finish_reason: str | None
+    #: Set on the last message only.
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    #: Set on the first message only (None for the base model).
+    adapter: ServedAdapter | None
+    #: Set on the first message only ("" otherwise).
+    request_id: str
+
+
+# --- adapters ---------------------------------------------------------------------------------
+
+
+class AdapterStatus(enum.StrEnum):
+    ACTIVE = "active"
+    REVOKED = "revoked"
+    #: Sent by no current server; a newer server's status unknown to this client reads so too.
+    UNSPECIFIED = "unspecified"
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    filename: str
+    size: int
+    #: Hex digest of the file's bytes (no "sha256:" prefix).
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ComposePart:
+    """One weighted part of a composed version: `weight` x the version `adapter` named."""
+
+    adapter: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """One immutable, content-addressed version of an adapter.
+
+    A tenant the adapter is shared with sees what it needs to use it: `created_by`,
+    `description` and `composed_from` are empty for it.
+    """
+
+    tenant: str
+    name: str
+    #: "sha256:<64 hex>".
+    version: str
+    files: tuple[AdapterFile, ...]
+    rank: int
+    alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]
+    base_model: str
+    #: safetensors dtype of the weights ("F32", "BF16", ...).
+    dtype: str
+    #: RFC 3339, UTC.
+    created_at: str
+    created_by: str
+    status: AdapterStatus
+    description: str
+    composed_from: tuple[ComposePart, ...]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    """A tenant's stored adapters against its quotas (tenants file: max_stored_bytes,
+    max_adapters)."""
+
+    tenant: str
+    #: Bytes of every live version.
+    stored_bytes: int
+    max_stored_bytes: int
+    #: Live adapters (names).
+    adapters: int
+    max_adapters: int
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter: its versions (oldest first), aliases and grants."""
+
+    tenant: str
+    name: str
+    versions: tuple[AdapterVersion, ...]
+    #: alias -> "sha256:<hex>"; `latest` moves with every upload.
+    aliases: Mapping[str, str]
+    #: Tenants it is shared with (empty in a grantee's view).
+    shared_with: tuple[str, ...]
+    status: AdapterStatus
+    #: `get_adapter` only: the owner's usage and quota, for callers of that tenant and
+    #: operators; None otherwise.
+    usage: TenantUsage | None
+
+
+@dataclass(frozen=True)
+class AdapterPage:
+    """One page of `list_adapters`; `next_page_token` is "" on the last."""
+
+    adapters: tuple[Adapter, ...]
+    next_page_token: str
+    #: The listed tenant's usage and quota (None when the server sent none).
+    usage: TenantUsage | None
+
+
+@dataclass(frozen=True)
+class RevokeResult:
+    #: The versions this call revoked (empty when they were revoked already).
+    revoked_versions: tuple[str, ...]
+    #: In-flight requests on them that were aborted (on this replica).
+    aborted_requests: int
+
+
+# --- residency --------------------------------------------------------------------------------
+
+
+class ResidencyTier(enum.StrEnum):
+    """Where an adapter version is: in the engine, on the local disk cache, or only stored."""
+
+    ENGINE = "engine"
+    DISK = "disk"
+    STORE = "store"
+    UNSPECIFIED = "unspecified"
+
+
+@dataclass(frozen=True)
+class ResidencyEntry:
+    tenant: str
+    name: str
+    #: "sha256:<64 hex>".
+    version: str
+    tier: ResidencyTier
+    pinned: bool
+    #: The engine's id of the loaded version; 0 when it is not in the engine.
+    lora_int_id: int
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Residency:
+    """One page of `get_residency`; the figures are the replica's."""
+
+    entries: tuple[ResidencyEntry, ...]
+    #: Adapters the engine holds at once (max_loras).
+    engine_capacity: int
+    disk_budget_bytes: int
+    disk_used_bytes: int
+    #: "" on the last page.
+    next_page_token: str
