@@ -21,6 +21,7 @@ import pytest
 from lora_gateway import devtools
 from lora_gateway.v1 import inference_pb2 as pb
 from tests.api.conftest import CHAT_MAX_MESSAGES, MAX_TOKENS, ApiEnv, metadata
+from tests.support.constraints import HOSTILE_CONSTRAINTS
 
 pytestmark = pytest.mark.engine
 
@@ -218,30 +219,6 @@ async def test_streamed_constrained_output_validates(api: ApiEnv) -> None:
     async for message in api.stub.GenerateStream(request, metadata=metadata("acme")):
         text += message.text
     check_output("json_schema", text)
-
-
-#: Past the structured-output limits (Settings defaults): each refused before admission.
-HOSTILE_CONSTRAINTS = [
-    ("schema_bytes", pb.OutputConstraint(json_schema=json.dumps({"enum": ["x" * (40 << 10)]}))),
-    (
-        "depth",
-        pb.OutputConstraint(json_schema='{"type": "array", "items": ' * 40 + "{}" + "}" * 40),
-    ),
-    (
-        "properties",
-        pb.OutputConstraint(
-            json_schema=json.dumps(
-                {"type": "object", "properties": {f"p{i}": {} for i in range(300)}}
-            )
-        ),
-    ),
-    ("repeat", pb.OutputConstraint(json_schema=json.dumps({"pattern": "(.{1,1000}){1,1000}"}))),
-    ("repeat", pb.OutputConstraint(regex="((a{1,50}){1,50}){1,50}")),
-    ("regex_chars", pb.OutputConstraint(regex="a" * 5000)),
-    ("enum", pb.OutputConstraint(choice=pb.Choices(choices=[str(i) for i in range(1000)]))),
-    ("grammar", pb.OutputConstraint(grammar="root ::= " + '"a" ' * 20_000)),
-    ("JSON", pb.OutputConstraint(json_schema="{not json")),
-]
 
 
 async def test_hostile_constraints_are_refused_before_admission(api: ApiEnv) -> None:
