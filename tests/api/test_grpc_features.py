@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 from lora_gateway import devtools
+from lora_gateway.client import AsyncGatewayClient, ChatMessage, GenerateOptions
 from lora_gateway.v1 import inference_pb2 as pb
-from tests.api.conftest import CHAT_MAX_MESSAGES, MAX_TOKENS, ApiEnv, metadata
+from tests.api.conftest import CHAT_MAX_MESSAGES, MAX_TOKENS, ApiEnv, key, metadata
 from tests.support.constraints import HOSTILE_CONSTRAINTS
 
 pytestmark = pytest.mark.engine
@@ -321,3 +322,26 @@ async def test_logprobs_beyond_the_setting_are_invalid_argument(api: ApiEnv) -> 
         code, details = await code_of(api.stub.Generate(request, metadata=metadata("acme")))
         assert code is SC.INVALID_ARGUMENT
         assert "max_logprobs" in details
+
+
+# --- the SDK, end to end -----------------------------------------------------------------------
+
+
+async def test_sdk_conversation_schema_logprobs_and_tokenize(
+    api: ApiEnv, hf_tokenizer: Any
+) -> None:
+    turns = [ChatMessage(role, content) for role, content in CONVERSATION]
+    options = GenerateOptions(
+        max_tokens=CONSTRAINED_TOKENS,
+        json_schema=SCHEMA,
+        disable_any_whitespace=True,
+        logprobs=2,
+    )
+    async with AsyncGatewayClient(api.target, key("acme")) as client:
+        result = await client.generate("attn-r8", turns, options)
+        counted = await client.tokenize("attn-r8", turns)
+    jsonschema.validate(json.loads(result.text), SCHEMA)
+    assert [e.token_id for e in result.logprobs] == result.token_ids
+    assert all(len(e.top) == 2 for e in result.logprobs)
+    assert counted.token_ids == hf_chat_ids(hf_tokenizer, CONVERSATION)
+    assert result.prompt_tokens == counted.count
