@@ -17,7 +17,7 @@ install: $(STAMP)
 
 ## test: lint, then the whole suite (engine tests included)
 test: install lint
-	$(PYTEST) -q
+	$(PYTEST) -q --durations=25
 
 ## test-fast: the suite without the engine tests
 test-fast: install

@@ -1,9 +1,29 @@
 """adapter_store: tenant LoRA adapters in S3 or a local folder, validated, versioned, cached.
 
+One job per module:
+
+    model.py        names, references, versions, manifests, the base model (dataclasses)
+    errors.py       the store's exception tree
+    registry.py     `AdapterStore` (what the gateway codes against) and `Registry`: publish,
+                    resolve, aliases, revoke, quarantine, over the modules below
+    keys.py         the object layout: keys built from validated names and hex digests only
+    upload.py       the streamed, hashed, size-capped upload into the spool
+    manifests.py    manifest reads and conditional writes (conditional.py: the retry loop)
+    sharing.py      grants and each grantee's share index
+    quota.py        per-tenant storage usage and quotas
+    pages.py        paged listings: one backend listing per page
+    compose.py      ComposeAdapter's workflow: bounded, fetched, written, published
+    rewrite.py      the exact arithmetic of LoRA weights: AdaLoRA -> LoRA, composition
+    validate.py     adapter_config.json + safetensors checks
+    spool.py        the upload spool's folder and byte budget
+    backend.py      `BlobBackend`, the interface of local.py (a folder) and s3.py (boto3)
+    cache.py        the local disk cache: byte budget, verified, atomic, single flight
+
 Never imports lora_gateway. `S3Backend` lives in `adapter_store.s3` (the only boto3 user) and is
 imported from there, so that the local store works without loading boto3.
 """
 
+from adapter_store.backend import BlobBackend
 from adapter_store.cache import CacheEntry, CacheStats, DiskCache
 from adapter_store.errors import (
     AdapterNotFound,
@@ -28,7 +48,8 @@ from adapter_store.model import (
     can_use,
     check_name,
 )
-from adapter_store.store import AdapterStore, BlobBackend, Registry, Upload
+from adapter_store.registry import AdapterStore, Registry
+from adapter_store.upload import SpooledAdapter, Upload
 
 __all__ = [
     "DEFAULT_ALIAS",
@@ -52,6 +73,7 @@ __all__ = [
     "Manifest",
     "Quarantined",
     "Registry",
+    "SpooledAdapter",
     "StoreError",
     "StoreUnavailable",
     "Upload",

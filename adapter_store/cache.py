@@ -41,8 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapter_store.errors import CapacityExceeded, IntegrityError, StoreUnavailable
-from adapter_store.model import ADAPTER_FILES, AdapterVersion, FileEntry, check_sha
-from adapter_store.store import sha256_file
+from adapter_store.model import ADAPTER_FILES, AdapterVersion, FileEntry, check_sha, sha256_file
 
 __all__ = ["CacheEntry", "CacheStats", "DiskCache", "Fetch"]
 

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from adapter_store.backend import Keys
 from adapter_store.errors import (
     BlobNotFound,
     CapacityExceeded,
@@ -27,9 +28,6 @@ from adapter_store.errors import (
     StoreError,
     StoreUnavailable,
 )
-
-#: Keys of a listing (an alias: inside the class, `list` is its method).
-Keys = list[str]
 
 __all__ = ["LocalBackend"]
 

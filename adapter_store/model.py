@@ -36,6 +36,7 @@ __all__ = [
     "check_name",
     "check_sha",
     "not_found",
+    "sha256_file",
     "utc_now",
     "version_sha",
 ]
@@ -205,6 +206,12 @@ class FileEntry:
         if size < 0:
             raise IntegrityError("manifest file size is negative")
         return cls(filename=filename, size=size, sha256=_manifest_sha(_get(obj, "sha256", str)))
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read through one reused 256 KiB buffer."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def version_sha(files: Iterable[FileEntry]) -> str:

@@ -6,12 +6,16 @@
   request within seconds.
 - Conditional writes with put_object's IfMatch / IfNoneMatch; a 412 PreconditionFailed or 409
   ConditionalRequestConflict becomes PreconditionFailed (the registry re-reads and retries).
-- botocore errors are classified by exception type and error code, never by message text.
+- botocore errors are classified by exception type and error code, never by message text, in
+  one place: every call to the store runs inside `_mapped(key)`, which raises the store's own
+  error (adapter_store.errors) for whatever boto3 raised (as httpx's `map_exceptions`).
 - Large files go through the transfer manager (multipart above `multipart_threshold`).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -30,6 +34,7 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
+from adapter_store.backend import Keys
 from adapter_store.errors import (
     BlobNotFound,
     PreconditionFailed,
@@ -39,9 +44,6 @@ from adapter_store.errors import (
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
-
-#: Keys of a listing (an alias: inside the class, `list` is its method).
-Keys = list[str]
 
 __all__ = ["S3Backend"]
 
@@ -113,24 +115,21 @@ class S3Backend:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def get(self, key: str) -> tuple[bytes, str]:
-        try:
+        with _mapped(key):
             response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
             return response["Body"].read(), response["ETag"]
-        except Exception as exc:
-            raise _translate(exc, key) from None
 
     def get_if_changed(self, key: str, etag: str) -> tuple[bytes, str] | None:
-        try:
-            response = self._client.get_object(
-                Bucket=self.bucket, Key=self._key(key), IfNoneMatch=etag
-            )
+        with _mapped(key):
+            try:
+                response = self._client.get_object(
+                    Bucket=self.bucket, Key=self._key(key), IfNoneMatch=etag
+                )
+            except ClientError as exc:
+                if _code(exc) in _NOT_MODIFIED or _status(exc) == 304:
+                    return None
+                raise
             return response["Body"].read(), response["ETag"]
-        except ClientError as exc:
-            if _code(exc) in _NOT_MODIFIED or _status(exc) == 304:
-                return None
-            raise _translate(exc, key) from None
-        except Exception as exc:
-            raise _translate(exc, key) from None
 
     def put(
         self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
@@ -140,43 +139,31 @@ class S3Backend:
             params["IfMatch"] = if_match
         if if_none_match:
             params["IfNoneMatch"] = "*"
-        try:
+        with _mapped(key):
             return self._client.put_object(**params)["ETag"]
-        except Exception as exc:
-            raise _translate(exc, key) from None
 
     def put_file(self, key: str, path: Path) -> None:
-        try:
+        with _mapped(key):
             self._client.upload_file(str(path), self.bucket, self._key(key), Config=self._transfer)
-        except Exception as exc:
-            raise _translate(exc, key) from None
 
     def download_file(self, key: str, dest: Path) -> None:
-        try:
+        with _mapped(key):
             self._client.download_file(
                 self.bucket, self._key(key), str(dest), Config=self._transfer
             )
-        except Exception as exc:
-            raise _translate(exc, key) from None
 
     def delete(self, key: str) -> None:
-        try:
+        # Deleting a missing key is not an error: a "not found" answer is one more success.
+        with contextlib.suppress(BlobNotFound), _mapped(key):
             self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
-        except Exception as exc:
-            error = _translate(exc, key)
-            if not isinstance(error, BlobNotFound):
-                raise error from None
 
     def list(self, prefix: str) -> list[str]:
-        full = self._key(prefix)
         strip = len(self._key(""))
         keys: list[str] = []
-        try:
+        with _mapped(prefix):
             paginator = self._client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
                 keys.extend(item["Key"][strip:] for item in page.get("Contents", []))
-        except Exception as exc:
-            raise _translate(exc, prefix) from None
         return sorted(keys)
 
     def list_page(
@@ -196,10 +183,8 @@ class S3Backend:
             # [A-Za-z0-9._-] and "/", all below "~".
             after = self._key(start_after)
             params["StartAfter"] = after + "~" if after.endswith("/") else after
-        try:
+        with _mapped(prefix):
             response = self._client.list_objects_v2(**params)
-        except Exception as exc:
-            raise _translate(exc, prefix) from None
         files = [item["Key"][strip:] for item in response.get("Contents", [])]
         folders_found = [item["Prefix"][strip:] for item in response.get("CommonPrefixes", [])]
         # The server's order, which its StartAfter follows: byte order on AWS S3 and MinIO,
@@ -216,6 +201,16 @@ def _code(exc: ClientError) -> str:
 
 def _status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+@contextlib.contextmanager
+def _mapped(key: str) -> Iterator[None]:
+    """Run one call to the store: any exception it raises leaves as the store's own error
+    (`_translate`), without the boto3 exception chained to it."""
+    try:
+        yield
+    except Exception as exc:
+        raise _translate(exc, key) from None
 
 
 def _translate(exc: Exception, key: str) -> StoreError:

@@ -87,6 +87,11 @@ class Spool:
         """Where this process's upload and composition folders go."""
         return self._session_folder()
 
+    def open(self) -> None:
+        """Open this process's session folder now rather than at the first upload (removing,
+        first, the session folders of processes that are gone)."""
+        self._session_folder()
+
     def _take(self, nbytes: int, what: str) -> None:
         with self._lock:
             budget = self.budget_bytes

@@ -43,16 +43,6 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save as save_safetensors
 
-from adapter_store.compose import (
-    Array,
-    ModuleKey,
-    Tensors,
-    group_modules,
-    lora_scaling,
-    normalise_adalora,
-    parse_tensor_name,
-    tensor_name,
-)
 from adapter_store.errors import Incompatible, InvalidAdapter
 from adapter_store.model import (
     ADAPTER_FILES,
@@ -62,6 +52,16 @@ from adapter_store.model import (
     WEIGHTS_FILE,
     BaseModelSpec,
     Limits,
+)
+from adapter_store.rewrite import (
+    Array,
+    ModuleKey,
+    Tensors,
+    group_modules,
+    lora_scaling,
+    normalise_adalora,
+    parse_tensor_name,
+    tensor_name,
 )
 
 __all__ = [

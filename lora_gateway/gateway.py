@@ -1,10 +1,11 @@
 """The gateway's core, free of protobuf: admit → resolve → hold the adapter → generate.
 
 Services translate protobuf (gRPC) and JSON (the OpenAI-compatible HTTP front) to the plain
-types here and back; this module owns the order of checks, the per-request bookkeeping
-(in-flight requests per version, for revocation) and the admin operations that touch both the
-store and the engine (revocation, DESIGN invariant 7). Both fronts call the same methods, so
-keys, permissions, tenancy, limits and metrics are the same whichever one a client speaks.
+types here and back; this module owns the order of checks and the per-request bookkeeping
+(in-flight requests per version, for revocation). Both fronts call the same methods, so keys,
+permissions, tenancy, limits and metrics are the same whichever one a client speaks. The admin
+workflows (upload, alias, share, compose, revoke, pin) are the admin core's:
+`lora_gateway.adapters`.
 
 Request features: a prompt is text, token ids or a chat conversation (`ChatPrompt`, rendered
 with the chat template by `chat.ChatTemplates` after admission, then tokenized); a structured
@@ -287,34 +288,6 @@ class Gateway:
     async def _read(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._reads, functools.partial(fn, *args, **kwargs))
-
-    # --- revocation (DESIGN invariant 7) ----------------------------------------------------
-    async def revoke(self, tenant: str, name: str, version: str | None) -> tuple[list[str], int]:
-        """Store marks it revoked → in-flight aborted → engine unload → disk cache → objects.
-
-        A whole adapter is blocked by name as well as by version, so that a load of it still in
-        progress on this replica never serves (`Residency.block_name`)."""
-        started = time.perf_counter()
-        shas = await asyncio.to_thread(
-            self.store.revoke, tenant, name, version, delete_objects=False
-        )
-        keys = [(tenant, name, sha) for sha in shas]
-        self.residency.block(keys)
-        if version is None:
-            keys = list(dict.fromkeys([*keys, *self.residency.block_name(tenant, name)]))
-        else:
-            self.residency.forget(tenant, name)
-        aborted = await self.residency.unload(keys)
-        await asyncio.to_thread(self.store.purge, tenant, name, shas)
-        log.info(
-            "revoked %d version(s) of %s/%s, aborted %d request(s) in %.3fs",
-            len(shas),
-            tenant,
-            name,
-            aborted,
-            time.perf_counter() - started,
-        )
-        return shas, aborted
 
 
 def _created(manifest: Manifest) -> int:

@@ -7,7 +7,7 @@ every replica that reads the same tenants file, unknown to tenants). `scope` bin
 the request it continues (the tenant listed, include_shared), so a token cannot be replayed on
 another tenant's listing, edited to jump elsewhere, or made up: any of these is INVALID_ARGUMENT
 with `INVALID_TOKEN_TEXT`. `phase` and `after` are the listing's position (`Page.next_after`).
-The position is checked again by the store (`adapter_store.store._start`) and only ever
+The position is checked again by the store (`adapter_store.pages`) and only ever
 compared with keys: it never names an object. A new tenants file (other key hashes) changes the
 key: tokens issued before it are refused, and the client lists again from the start.
 """

@@ -232,6 +232,8 @@ class Residency:
         self._tenant_gates: dict[str, FifoGate] = {}
         # --- revocation ---
         self._blocked: set[VersionKey] = set()
+        #: Blocked by the runtime canary: the reason, for FAILED_PRECONDITION.
+        self._quarantined: dict[VersionKey, str] = {}
         #: Whole adapters revoked: every version is refused, known to this replica or not.
         self._blocked_names: set[NameKey] = set()
         #: Bumped when a name is blocked: a manifest read that began before is not trusted.
@@ -419,6 +421,12 @@ class Residency:
         except AdapterNotFound:
             raise errors.NotFound(errors.ADAPTER_NOT_FOUND_TEXT) from None
         if self.is_blocked(key_of(version)):
+            reason = self._quarantined.get(key_of(version))
+            if reason is not None:  # blocked by the canary, before its manifest says so
+                raise errors.FailedPrecondition(
+                    f"adapter version {version.version_id} of {version.name!r} is quarantined: "
+                    f"{reason}; it is not served"
+                )
             raise errors.NotFound(errors.ADAPTER_NOT_FOUND_TEXT)
         return version
 
@@ -783,9 +791,14 @@ class Residency:
         return [r.version for r in self._resident.values()]
 
     # --- revocation -------------------------------------------------------------------------
-    def block(self, keys: Iterable[VersionKey]) -> None:
-        """From now on, requests for these versions are answered NOT_FOUND on this replica."""
+    def block(self, keys: Iterable[VersionKey], *, quarantined: str | None = None) -> None:
+        """From now on, requests for these versions are answered NOT_FOUND on this replica, or
+        FAILED_PRECONDITION with the reason when the canary `quarantined` them (its manifest
+        write may still be on its way)."""
+        keys = list(keys)
         self._blocked.update(keys)
+        if quarantined is not None:
+            self._quarantined.update(dict.fromkeys(keys, quarantined))
         self._wake_all()
 
     def block_name(self, tenant: str, name: str) -> list[VersionKey]:

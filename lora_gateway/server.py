@@ -42,19 +42,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from adapter_store import (
-    AdapterVersion,
-    BaseModelSpec,
-    DiskCache,
-    Limits,
-    LocalBackend,
-    Registry,
-    StoreError,
-)
-from adapter_store.model import utc_now
-from adapter_store.spool import Spool
-from adapter_store.store import BlobBackend
+from adapter_store import AdapterVersion, StoreError
 from lora_gateway import errors, logs
+from lora_gateway.adapters import Adapters
 from lora_gateway.audit import AuditLog
 from lora_gateway.config import Settings
 from lora_gateway.engine.base import Engine, LoadedAdapter
@@ -67,6 +57,7 @@ from lora_gateway.residency import Residency, key_of
 from lora_gateway.services.admin import AdminService
 from lora_gateway.services.inference import InferenceService
 from lora_gateway.services.openai_http import OpenAIFront, OpenAIServer
+from lora_gateway.stores import open_store
 from lora_gateway.tenancy import Admission, KeyRing, RpcLimits, Tenants
 from lora_gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
@@ -81,28 +72,6 @@ READINESS_NAMES = ("", *SERVICE_NAMES)
 #: The health name kubelet's liveness probe asks for: NOT_SERVING only when the engine died or
 #: the server stops (a restart helps then; it does not help a store outage).
 LIVENESS_NAME = "liveness"
-
-
-def open_backend(settings: Settings) -> BlobBackend:
-    """`file:///path` → a local folder; `s3://bucket/prefix` → S3 / MinIO."""
-    if settings.store.startswith("file://"):
-        return LocalBackend(Path(settings.store.removeprefix("file://")))
-    if settings.store.startswith("s3://"):
-        from adapter_store.s3 import S3Backend
-
-        bucket, _, prefix = settings.store.removeprefix("s3://").partition("/")
-        return S3Backend(
-            bucket,
-            prefix.strip("/"),
-            endpoint_url=settings.s3_endpoint,
-            region=settings.s3_region,
-            connect_timeout=settings.s3_connect_timeout_s,
-            read_timeout=settings.s3_read_timeout_s,
-            max_attempts=settings.s3_max_attempts,
-        )
-    raise errors.InvalidArgument(
-        "no adapter store configured (--store file:///path or s3://bucket)"
-    )
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -171,6 +140,8 @@ class GatewayServer:
     port: int
     audit: AuditLog
     metrics: Metrics
+    #: The admin core (upload, alias, share, compose, revoke, quarantine, pin).
+    adapters: Adapters
     metrics_port: int | None = None
     #: The keys and limits in force (replaced when the tenants file changes).
     tenants: Tenants | None = None
@@ -209,25 +180,8 @@ class GatewayServer:
             KeyRing.parse, tenants_bytes, settings.tenant_defaults(), where=settings.tenants_file
         )
         tenants = Tenants(keyring)
-        spec = await asyncio.to_thread(
-            BaseModelSpec.from_hf_config,
-            Path(settings.model),
-            max_rank=settings.max_lora_rank,
-            aliases=settings.base_model_aliases,
-            dtype=settings.dtype,
-        )
-        limits = Limits(
-            max_file_bytes=settings.max_upload_bytes,
-            max_compose_parts=settings.compose_max_parts,
-            max_compose_bytes=settings.compose_max_bytes,
-        )
-        backend = await asyncio.to_thread(open_backend, settings)
-        spool = Spool(settings.spool_path, settings.spool_budget_bytes, sessions=True)
-        await asyncio.to_thread(getattr, spool, "working_folder")  # abandoned sessions removed
-        registry = Registry(backend, spec, limits, spool=spool)
-        cache = await asyncio.to_thread(
-            DiskCache, settings.cache_path, settings.cache_budget_bytes, registry.fetch_file
-        )
+        store = await asyncio.to_thread(open_store, settings)
+        registry, cache = store.registry, store.cache
         owns_engine = engine is None
         if engine is None:
             from lora_gateway.engine.vllm_engine import VLLMEngine
@@ -238,8 +192,8 @@ class GatewayServer:
             engine,
             registry,
             cache,
-            spec,
-            limits,
+            store.spec,
+            store.limits,
             poll_interval_s=settings.poll_interval_s,
             metrics=metrics,
             manifest_cache_size=settings.manifest_cache_size,
@@ -270,7 +224,8 @@ class GatewayServer:
             options=grpc_options(settings),
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(gateway), server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(gateway, audit), server)
+        adapters = Adapters(gateway, audit)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(adapters), server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
@@ -305,11 +260,13 @@ class GatewayServer:
         await server.start()
         if probe_server is not None:
             await probe_server.start()
-        self = cls(settings, server, health, gateway, engine, owns_engine, port, audit, metrics)
+        self = cls(
+            settings, server, health, gateway, engine, owns_engine, port, audit, metrics, adapters
+        )
         self.tenants = tenants
         self.tenants_digest = hashlib.sha256(tenants_bytes).hexdigest()
         self.probe_server, self.health_port = probe_server, health_port
-        self.base_model_name = settings.openai_model_name or spec.name
+        self.base_model_name = settings.openai_model_name or store.spec.name
         try:
             if settings.metrics_listen:
                 self.metrics_port = metrics.start_http(settings.metrics_listen)[1]
@@ -413,7 +370,7 @@ class GatewayServer:
         await self._update_readiness()
         self.metrics.set_engine_healthy(False)
         versions = [key for key in suspects if isinstance(key, AdapterVersion)]
-        await self._quarantine(versions, report)
+        await self.adapters.quarantine(versions, report.mismatches)
         recovery = Recovery(
             mismatches=report.mismatches,
             quarantined=tuple(f"{v.tenant}/{v.name}@{v.version_id}" for v in versions),
@@ -456,49 +413,6 @@ class GatewayServer:
         self.metrics.set_engine_healthy(True)
         log.warning("engine recovered in %.1fs after the canary failed", recovery.recovered_s)
         return True
-
-    async def _quarantine(self, versions: list[AdapterVersion], report: CanaryReport) -> None:
-        """Refuse the versions here at once, then persist it in their manifests (every replica
-        and a restarted process refuse them too), audit and log each one."""
-        residency = self.gateway.residency
-        residency.block(key_of(v) for v in versions)
-        reason = (
-            f"the runtime canary found the engine's outputs corrupted after it was loaded "
-            f"({utc_now()})"
-        )
-        for version in versions:
-            persisted = True
-            try:
-                manifest = await asyncio.to_thread(
-                    self.gateway.store.quarantine,
-                    version.tenant,
-                    version.name,
-                    version.sha,
-                    reason,
-                )
-                residency.remember(manifest)
-            except (StoreError, errors.GatewayError):
-                persisted = False
-                log.exception("could not persist the quarantine; refused on this replica only")
-            self.metrics.quarantined()
-            self.audit.record(
-                principal=None,
-                rpc="runtime-canary/quarantine",
-                decision="deny",
-                code=grpc.StatusCode.FAILED_PRECONDITION,
-                tenant=version.tenant,
-                adapter=version.name,
-                version=version.version_id,
-                detail=f"quarantined{'' if persisted else ' (not persisted)'}: canary mismatch "
-                + ", ".join(report.mismatches),
-            )
-            log.error(
-                "QUARANTINED adapter version %s/%s@%s: %s",
-                version.tenant,
-                version.name,
-                version.version_id,
-                reason,
-            )
 
     async def _watch_propagation(self) -> None:
         """Readiness follows propagation: NOT_SERVING while no manifest poll has completed for

@@ -15,10 +15,10 @@ in the API server process. When a request names a model that vLLM does not know,
     flight) → validate_adapter (thread) → LoRARequest(lora_name="<tenant>/<adapter>@sha256:<hex>",
     lora_path=<cache folder>)
 
-the same store, cache layout (`<cache_dir>/<sha[:2]>/<sha>/`) and checks as the gateway's
-`Residency`. A missing, revoked, malformed, invalid or incompatible adapter, and a store that
-cannot be reached, give None: vLLM then answers 404. The reason class is logged, never the
-request's text.
+the same store (opened by `stores.open_store`, as the gateway's server opens it), cache layout
+(`<cache_dir>/<sha[:2]>/<sha>/`) and checks as the gateway's `Residency`. A missing, revoked,
+malformed, invalid or incompatible adapter, and a store that cannot be reached, give None: vLLM
+then answers 404. The reason class is logged, never the request's text.
 
 Configuration comes from `Settings.load()` only (`LORA_GATEWAY_STORE`, `LORA_GATEWAY_S3_*`,
 `LORA_GATEWAY_CACHE_DIR`, `LORA_GATEWAY_CACHE_BUDGET_BYTES`, `LORA_GATEWAY_MODEL` (default: the
@@ -93,14 +93,10 @@ from adapter_store import (
     AdapterNotFound,
     AdapterRef,
     AdapterVersion,
-    BaseModelSpec,
     CapacityExceeded,
-    DiskCache,
     Incompatible,
     IntegrityError,
     InvalidAdapter,
-    Limits,
-    Registry,
     StoreError,
     StoreUnavailable,
 )
@@ -108,6 +104,7 @@ from adapter_store.validate import validate_adapter
 from lora_gateway.config import Settings
 from lora_gateway.engine.base import next_lora_id
 from lora_gateway.errors import InvalidArgument
+from lora_gateway.stores import Store, open_store
 
 if TYPE_CHECKING:
     from vllm.lora.resolver import LoRAResolver
@@ -147,14 +144,6 @@ class Resolved:
     version: AdapterVersion
 
 
-@dataclass(frozen=True)
-class _Store:
-    registry: Registry
-    cache: DiskCache
-    spec: BaseModelSpec
-    limits: Limits
-
-
 def _reason(exc: StoreError) -> str:
     """The class of a refusal, for the log (by exception type, never by message text)."""
     if isinstance(exc, AdapterNotFound):
@@ -180,7 +169,7 @@ class StoreResolver:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._store: _Store | None = None
+        self._store: Store | None = None
         self._opening = asyncio.Lock()
         self._ids: dict[VersionKey, int] = {}
         self._pinned: set[str] = set()
@@ -191,32 +180,21 @@ class StoreResolver:
             self._ids[key] = next_lora_id()
         return self._ids[key]
 
-    async def _open(self, base_model_name: str) -> _Store:
+    async def _open(self, base_model_name: str) -> Store:
         async with self._opening:
             if self._store is None:
                 self._store = await asyncio.to_thread(self._open_blocking, base_model_name)
             return self._store
 
-    def _open_blocking(self, base_model_name: str) -> _Store:
-        from lora_gateway.server import open_backend
-
+    def _open_blocking(self, base_model_name: str) -> Store:
         settings = self.settings
-        model = settings.model or base_model_name
         if settings.model and settings.model != base_model_name:
             log.warning(
                 "adapters are validated against LORA_GATEWAY_MODEL, not the model vLLM serves"
             )
-        spec = BaseModelSpec.from_hf_config(
-            Path(model),
-            max_rank=settings.max_lora_rank,
-            aliases=settings.base_model_aliases,
-            dtype=settings.dtype,
-        )
-        limits = Limits(max_file_bytes=settings.max_upload_bytes)
-        registry = Registry(open_backend(settings), spec, limits)
-        cache = DiskCache(settings.cache_path, settings.cache_budget_bytes, registry.fetch_file)
+        store = open_store(settings, model=settings.model or base_model_name, uploads=False)
         log.info("lora_gateway resolver: store opened, disk cache at %s", settings.cache_path)
-        return _Store(registry, cache, spec, limits)
+        return store
 
     async def resolve(self, base_model_name: str, lora_name: str) -> Resolved | None:
         """The adapter `lora_name` names, ready to load; None (reason logged) if it cannot be."""
@@ -243,7 +221,7 @@ class StoreResolver:
             log.error("adapter %s refused (cache_io): %s", ref, exc)
             return None
 
-    async def _resolve(self, store: _Store, tenant: str, ref: AdapterRef) -> Resolved:
+    async def _resolve(self, store: Store, tenant: str, ref: AdapterRef) -> Resolved:
         version = await asyncio.to_thread(store.registry.resolve, tenant, ref)
         path = await store.cache.ensure(version)
         store.cache.pin(version.sha)

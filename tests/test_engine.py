@@ -285,6 +285,7 @@ async def test_self_test_passes_with_the_guard(
     assert report.requests >= 6
 
 
+@pytest.mark.slow  # its own engine (or process): make test-slow
 async def test_unguarded_cpu_engine_leaks_the_last_slot(tiny_model: Path) -> None:
     """Why the guard exists: with it off, the CPU build gives base requests an adapter's delta.
 
@@ -298,3 +299,30 @@ async def test_unguarded_cpu_engine_leaks_the_last_slot(tiny_model: Path) -> Non
         assert all(m.startswith("base") for m in report.mismatches), report.mismatches
     finally:
         await unguarded.shutdown()
+
+
+@pytest.mark.slow  # its own engine: make test-slow
+async def test_uni_executor_keeps_the_worker_in_the_engine_core(tiny_model: Path) -> None:
+    """`engine_args: {distributed_executor_backend: uni}` on the CPU build: vLLM's CPU platform
+    would turn it back into "mp" (a Worker process busy-waiting with EngineCore); the engine
+    sets the flag that stops it for the start only. One engine process, no Worker, and the
+    isolation self-test passes."""
+    import os
+
+    import psutil
+
+    def engine_processes() -> set[tuple[int, str]]:
+        children = psutil.Process().children(recursive=True)
+        return {(p.pid, p.name()) for p in children if p.name().startswith("VLLM::")}
+
+    before = engine_processes()
+    uni = await VLLMEngine.start(
+        engine_settings(tiny_model, engine_args={"distributed_executor_backend": "uni"})
+    )
+    try:
+        assert sorted(name for _, name in engine_processes() - before) == ["VLLM::EngineCore"]
+        assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ  # restored for later engines
+        report = await run_self_test(uni, str(tiny_model))
+        assert report.ok, report.mismatches
+    finally:
+        await uni.shutdown()

@@ -393,6 +393,7 @@ async def test_fp8_is_refused_before_an_engine_starts(tiny_model: Path) -> None:
     assert _engine_processes() <= before
 
 
+@pytest.mark.slow  # its own engine (or process): make test-slow
 def test_serve_refuses_w4a16_at_start_and_exits_non_zero(tiny_model: Path, tmp_path: Path) -> None:
     """`lora-gateway serve` on a W4A16 base, on a CPU whose vLLM library has no 4-bit kernel:
     refused during start (never listening, never serving), exit status 1, the reason named."""

@@ -455,3 +455,24 @@ async def test_the_canary_hears_of_each_version_once_per_engine(make_env: object
     env.engine.held.clear()  # the restarted engine holds nothing
     await env.residency.prefetch(a)
     assert heard == ["a", "b", "a"]
+
+
+async def test_a_version_the_canary_blocks_is_refused_as_quarantined_at_once(
+    make_env: object,
+) -> None:
+    """The canary blocks the suspects before their manifests say "quarantined" (that write goes
+    to the store afterwards): in between, the owner is told FAILED_PRECONDITION with the reason
+    (the documented code for a quarantined version), not NOT_FOUND; a revoked one stays
+    NOT_FOUND."""
+    env: Env = make_env()  # type: ignore[operator]
+    suspect = await env.upload("acme", "suspect", 1)
+    revoked = await env.upload("acme", "gone", 2)
+    env.residency.block([key_of(suspect)], quarantined="the canary saw NaN outputs")
+    env.residency.block([key_of(revoked)])
+    with pytest.raises(errors.GatewayError) as refused:
+        await env.residency.resolve("acme", AdapterRef.parse("suspect"))
+    assert isinstance(refused.value, errors.FailedPrecondition)
+    assert "quarantined" in str(refused.value)
+    assert "NaN outputs" in str(refused.value)
+    with pytest.raises(errors.NotFound):
+        await env.residency.resolve("acme", AdapterRef.parse("gone"))

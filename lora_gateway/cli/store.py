@@ -19,7 +19,7 @@ def _cmd_repair_shares(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_USAGE
     from adapter_store import BaseModelSpec, Registry, StoreError
-    from lora_gateway.server import open_backend
+    from lora_gateway.stores import open_backend
 
     # The repair reads manifests and writes share markers, never an adapter: a spec that
     # would accept none, so that the base model need not be at hand.

@@ -35,6 +35,7 @@ reported as `Unavailable`. `lora-gateway serve` then exits 1 before it ever repo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -43,7 +44,7 @@ import re
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -274,7 +275,8 @@ class VLLMEngine:
 
         try:
             args = AsyncEngineArgs(**kwargs)
-            llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+            with _executor_env(args):
+                llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         except (TypeError, ValueError) as exc:
             raise errors.InvalidArgument(f"engine settings rejected: {exc}") from exc
         except RuntimeError as exc:  # the engine core or a worker died while starting
@@ -331,7 +333,8 @@ class VLLMEngine:
             await asyncio.to_thread(old.shutdown)
             old.shutdown = lambda *args, **kwargs: None
             stopped = time.perf_counter()
-            self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._args)
+            with _executor_env(self._args):
+                self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._args)
             self._dead = None
             await self._add_reserved()
         except BaseException as exc:
@@ -740,3 +743,26 @@ def cpu_kernels() -> quantization.CpuKernels:
         int8_lora_fix=plugin_loads and allow_lora_on_prepacked_int8(),
         int8_dot=None if flags is None else bool(flags & quantization.INT8_DOT_FLAGS),
     )
+
+
+@contextlib.contextmanager
+def _executor_env(args: Any) -> Iterator[None]:
+    """`engine_args: {distributed_executor_backend: uni}` keeps vLLM's Worker inside its
+    EngineCore process (one process instead of two busy-waiting on each other's shared-memory
+    queue). vLLM's CPU platform turns "uni" back into "mp" unless `VLLM_ENABLE_V1_MULTIPROCESSING`
+    is 0; AsyncLLM runs EngineCore in its own process whatever that flag says, so the flag is set
+    for the start only (the EngineCore process inherits it) and restored afterwards, so that
+    later engines in this process keep vLLM's default."""
+    if getattr(args, "distributed_executor_backend", None) != "uni":
+        yield
+        return
+    flag = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    before = os.environ.get(flag)
+    os.environ[flag] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(flag, None)
+        else:
+            os.environ[flag] = before

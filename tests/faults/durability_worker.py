@@ -17,9 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from adapter_store import BaseModelSpec, LocalBackend, Registry
+from adapter_store import BaseModelSpec, BlobBackend, LocalBackend, Registry
 from adapter_store.model import CONFIG_FILE
-from adapter_store.store import BlobBackend
 
 TENANT = "durable"
 NAMES = ("a0", "a1", "a2")

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from adapter_store import BaseModelSpec, LocalBackend, Registry
+from adapter_store import BaseModelSpec, BlobBackend, LocalBackend, Registry
 from adapter_store.s3 import S3Backend
-from adapter_store.store import BlobBackend
 from lora_gateway import devtools
 from tests.conftest import AdapterFactory
 from tests.support.s3server import S3Server, s3_server

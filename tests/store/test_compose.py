@@ -11,8 +11,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from adapter_store import AdapterRef, BaseModelSpec, InvalidAdapter, Limits, Registry
-from adapter_store.compose import compose, group_modules, lora_scaling
 from adapter_store.model import CONFIG_FILE, WEIGHTS_FILE
+from adapter_store.rewrite import compose, group_modules, lora_scaling
 from adapter_store.validate import validate_adapter
 from lora_gateway import devtools
 from tests.conftest import AdapterFactory

@@ -13,6 +13,7 @@ from adapter_store import (
     DEFAULT_ALIAS,
     AdapterNotFound,
     AdapterRef,
+    BlobBackend,
     Conflict,
     InvalidAdapter,
     Manifest,
@@ -20,8 +21,7 @@ from adapter_store import (
     StoreUnavailable,
 )
 from adapter_store.errors import PreconditionFailed
-from adapter_store.model import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE
-from adapter_store.store import BlobBackend, sha256_file
+from adapter_store.model import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE, sha256_file
 from tests.conftest import AdapterFactory
 
 
@@ -152,13 +152,12 @@ def test_shared_listing_reads_the_index_not_the_bucket(
 ) -> None:
     """30 tenants' adapters in the store, 2 shared with globex: globex's listing and resolve
     read globex's index and those 2 manifests, nothing else (before: every manifest)."""
-    registry = local_registry
     for i in range(30):
-        registry.upload_dir(f"tenant-{i:02}", "bot", good_adapter, created_by="t")
-    registry.share("tenant-03", "bot", "globex")
-    registry.share("tenant-17", "bot", "globex")
-    counting = CountingBackend(registry.backend)
-    registry.backend = counting  # type: ignore[assignment]
+        local_registry.upload_dir(f"tenant-{i:02}", "bot", good_adapter, created_by="t")
+    local_registry.share("tenant-03", "bot", "globex")
+    local_registry.share("tenant-17", "bot", "globex")
+    counting = CountingBackend(local_registry.backend)
+    registry = Registry(counting, local_registry.spec)
 
     shared = registry.list_shared_with("globex")
     print(f"\nlist_shared_with, 30 tenants in the store: {len(counting.calls)} store calls")

@@ -11,12 +11,11 @@ from typing import Any
 
 import pytest
 
-from adapter_store import AdapterRef, BaseModelSpec, FileEntry, Limits, Registry
+from adapter_store import AdapterRef, BaseModelSpec, BlobBackend, FileEntry, Limits, Registry
 from adapter_store.errors import CapacityExceeded, InvalidAdapter, QuotaExceeded, SpoolFull
-from adapter_store.model import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE
+from adapter_store.model import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE, sha256_file
 from adapter_store.quota import Quota, Usage
 from adapter_store.spool import Spool
-from adapter_store.store import BlobBackend, sha256_file
 from lora_gateway import devtools
 from tests.conftest import AdapterFactory
 

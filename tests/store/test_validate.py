@@ -29,8 +29,7 @@ from adapter_store import (
     Registry,
     StoreError,
 )
-from adapter_store.model import CONFIG_FILE, WEIGHTS_FILE
-from adapter_store.store import sha256_file
+from adapter_store.model import CONFIG_FILE, WEIGHTS_FILE, sha256_file
 from adapter_store.validate import validate_adapter
 from lora_gateway.devtools import ALL_MODULES as ALL
 from lora_gateway.devtools import MLP_MODULES as MLP

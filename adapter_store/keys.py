@@ -1,0 +1,118 @@
+"""The object layout: every key the store reads or writes, and the parse of every key it lists.
+
+Keys are relative to the backend's root folder or bucket prefix::
+
+    tenants/<tenant>/adapters/<name>/manifest.json
+    tenants/<tenant>/adapters/<name>/versions/<sha256>/adapter_config.json
+    tenants/<tenant>/adapters/<name>/versions/<sha256>/adapter_model.safetensors
+    tenants/<tenant>/usage.json                          (storage usage: adapter_store.quota)
+    tenants/<grantee>/shared/<owner>/<name>              (share index: one marker per grant)
+
+`<tenant>`, `<owner>`, `<grantee>` and `<name>` pass `check_name` (letters, digits, '.', '_',
+'-'; no '..'), `<sha256>` passes `check_sha` (64 lowercase hex digits: the version's content
+address) and the file names are the two constants of `ADAPTER_FILES`: each builder below checks
+its arguments, so no other string ever reaches a key (InvalidAdapter otherwise). This module is
+the only place that spells the layout.
+
+The parsers go the other way, for listings: they return the validated names a listed key holds,
+or None (logged) for a key outside the layout, which is then skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from adapter_store.errors import InvalidAdapter
+from adapter_store.model import ADAPTER_FILES, check_name, check_sha
+
+__all__ = [
+    "TENANTS",
+    "adapter_prefix",
+    "adapters_prefix",
+    "child_name",
+    "manifest_key",
+    "object_key",
+    "share_key",
+    "share_of",
+    "shared_prefix",
+    "usage_key",
+    "version_prefix",
+]
+
+log = logging.getLogger(__name__)
+
+#: The folder every tenant's objects live under (listed, one level, by `Registry.tenant_page`).
+TENANTS = "tenants/"
+
+
+def _tenant(tenant: str) -> str:
+    return TENANTS + check_name(tenant, "tenant") + "/"
+
+
+def adapters_prefix(tenant: str) -> str:
+    """The folder of `tenant`'s adapters (one sub-folder per adapter name)."""
+    return _tenant(tenant) + "adapters/"
+
+
+def adapter_prefix(tenant: str, name: str) -> str:
+    """The folder of one adapter: its manifest and its versions."""
+    return adapters_prefix(tenant) + check_name(name, "adapter name") + "/"
+
+
+def manifest_key(tenant: str, name: str) -> str:
+    return adapter_prefix(tenant, name) + "manifest.json"
+
+
+def version_prefix(tenant: str, name: str, sha: str) -> str:
+    """The folder of one version's files (content-addressed by its sha256)."""
+    return adapter_prefix(tenant, name) + f"versions/{check_sha(sha)}/"
+
+
+def object_key(tenant: str, name: str, sha: str, filename: str) -> str:
+    """One file of a version: `filename` is one of `ADAPTER_FILES`, nothing else."""
+    if filename not in ADAPTER_FILES:
+        raise InvalidAdapter(f"unsupported file {str(filename)[:80]!r}")
+    return version_prefix(tenant, name, sha) + filename
+
+
+def usage_key(tenant: str) -> str:
+    """The tenant's storage usage object (adapter_store.quota)."""
+    return _tenant(tenant) + "usage.json"
+
+
+def shared_prefix(grantee: str) -> str:
+    """The grantee's share index: one marker per grant, `<owner>/<name>`."""
+    return _tenant(grantee) + "shared/"
+
+
+def share_key(grantee: str, owner: str, name: str) -> str:
+    """The marker of one grant, in the grantee's share index."""
+    return (
+        shared_prefix(grantee) + f"{check_name(owner, 'tenant')}/{check_name(name, 'adapter name')}"
+    )
+
+
+def child_name(key: str, prefix: str) -> str | None:
+    """The validated name of the folder `key` (`<prefix><name>/`, as a folder-level listing
+    returns it); None for anything outside the layout."""
+    rest = key[len(prefix) :]
+    if not (key.startswith(prefix) and rest.endswith("/")):
+        return None  # an object beside the folders, not one of them
+    try:
+        return check_name(rest[:-1], "name")
+    except InvalidAdapter:
+        log.warning("the store holds a key outside its layout under %s", prefix)
+        return None
+
+
+def share_of(key: str, prefix: str) -> tuple[str, str] | None:
+    """(owner, name) of a marker key `<prefix><owner>/<name>`, both validated; None for
+    anything else."""
+    owner, sep, name = key[len(prefix) :].partition("/")
+    if key.startswith(prefix) and sep and "/" not in name:
+        try:
+            return check_name(owner, "tenant"), check_name(name, "adapter name")
+        except InvalidAdapter:
+            pass
+    log.warning("the store holds a key outside its layout under %s", prefix)
+    return None

@@ -1,0 +1,79 @@
+"""Manifests: one JSON object per adapter (`keys.manifest_key`), read and written conditionally.
+
+The manifest is the truth about an adapter: its versions, aliases, grants and status. Every
+change is a read (with its etag) → modify → conditional put (adapter_store.conditional), so
+concurrent writers on any number of replicas never lose an update. A manifest with status
+"revoked" is kept as a tombstone; `live` is the check every read path applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from adapter_store.backend import BlobBackend
+from adapter_store.conditional import update
+from adapter_store.errors import BlobNotFound
+from adapter_store.keys import manifest_key
+from adapter_store.model import Manifest, not_found
+
+__all__ = ["Manifests", "is_live", "live"]
+
+#: At most this many lost races before a manifest update raises Conflict.
+DEFAULT_RETRIES = 10
+_MAX_BACKOFF_S = 0.1
+
+
+def is_live(manifest: Manifest | None) -> bool:
+    """Whether a manifest counts as one of its tenant's adapters."""
+    return manifest is not None and manifest.status == "active"
+
+
+def live(manifest: Manifest | None, what: str) -> Manifest:
+    """`manifest` if it is live, else the one NOT_FOUND error for `what`."""
+    if manifest is None or manifest.status != "active":
+        raise not_found(what)
+    return manifest
+
+
+class Manifests:
+    """The manifests of one backend."""
+
+    def __init__(self, backend: BlobBackend, *, max_retries: int = DEFAULT_RETRIES) -> None:
+        self._backend = backend
+        self._max_retries = max_retries
+
+    def read(self, tenant: str, name: str) -> Manifest | None:
+        """The stored manifest (revoked ones included), with its etag; None if there is none."""
+        try:
+            data, etag = self._backend.get(manifest_key(tenant, name))
+        except BlobNotFound:
+            return None
+        return Manifest.from_json(data, etag)
+
+    def read_if_changed(self, tenant: str, name: str, etag: str) -> Manifest | None:
+        """None when the stored manifest still has `etag` (a conditional GET); NOT_FOUND when
+        there is none."""
+        try:
+            found = self._backend.get_if_changed(manifest_key(tenant, name), etag)
+        except BlobNotFound:
+            raise not_found(name) from None
+        return None if found is None else Manifest.from_json(*found)
+
+    def update(
+        self, tenant: str, name: str, change: Callable[[Manifest | None], Manifest]
+    ) -> Manifest:
+        """Apply `change` to the current manifest (None: there is none yet) and store the
+        result conditionally, retrying lost races; `change` returning its argument writes
+        nothing."""
+        updated = update(
+            self._backend,
+            manifest_key(tenant, name),
+            lambda: self.read(tenant, name),
+            change,
+            retries=self._max_retries,
+            max_backoff_s=_MAX_BACKOFF_S,
+            what=f"adapter {name!r}",
+        )
+        if updated is None:  # `change` kept an absent manifest absent
+            raise not_found(name)
+        return updated

@@ -1,0 +1,625 @@
+"""The adapter registry: `AdapterStore`, what the gateway codes against, and `Registry`.
+
+`Registry` implements it over a `BlobBackend` (a folder or S3, with the same semantics). It owns
+the life of an adapter version: published atomically, resolved, aliased, revoked, quarantined;
+the other jobs are modules of their own that it puts together (the package docstring has the
+map): the key layout (keys.py), the upload (upload.py), manifests (manifests.py), sharing
+(sharing.py), usage and quotas (quota.py), listings (pages.py), composition (compose.py).
+
+Publishing is atomic: a version's objects are written first and the manifest is updated last;
+if anything fails the objects written are deleted and nothing becomes visible. With a `Quota`,
+a publish charges the tenant's usage object first and is refused beyond the quota.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Protocol
+
+from adapter_store.backend import BlobBackend
+from adapter_store.compose import compose_adapter
+from adapter_store.errors import (
+    AdapterNotFound,
+    BlobNotFound,
+    Conflict,
+    InvalidAdapter,
+    Quarantined,
+    StoreError,
+)
+from adapter_store.keys import TENANTS, adapters_prefix, child_name, object_key
+from adapter_store.manifests import DEFAULT_RETRIES, Manifests, is_live, live
+from adapter_store.model import (
+    ADAPTER_FILES,
+    DEFAULT_ALIAS,
+    AdapterRef,
+    AdapterVersion,
+    BaseModelSpec,
+    FileEntry,
+    Limits,
+    Manifest,
+    Page,
+    check_name,
+    check_sha,
+    not_found,
+    sha256_file,
+    utc_now,
+    version_sha,
+)
+from adapter_store.pages import MAX_PAGE, all_pages, list_page
+from adapter_store.quota import Quota, Usage, UsageLedger
+from adapter_store.sharing import ShareIndex, ShareRepair
+from adapter_store.spool import Spool
+from adapter_store.upload import (
+    SpooledAdapter,
+    Upload,
+    check_declared,
+    check_metadata,
+    declare_folder,
+)
+from adapter_store.validate import validate_adapter
+
+__all__ = ["AdapterStore", "Registry"]
+
+log = logging.getLogger(__name__)
+
+
+class AdapterStore(Protocol):
+    """What the gateway codes against. Methods are synchronous: run them in a thread."""
+
+    spec: BaseModelSpec
+    limits: Limits
+    spool: Spool
+
+    def begin_upload(
+        self,
+        tenant: str,
+        name: str,
+        declared: Sequence[FileEntry],
+        *,
+        created_by: str,
+        aliases: Sequence[str] = (),
+        description: str = "",
+        quota: Quota | None = None,
+    ) -> Upload: ...
+
+    def upload_dir(
+        self,
+        tenant: str,
+        name: str,
+        path: Path,
+        *,
+        created_by: str,
+        aliases: Sequence[str] = (),
+        description: str = "",
+        quota: Quota | None = None,
+    ) -> AdapterVersion: ...
+
+    def usage(self, tenant: str) -> Usage: ...
+
+    def get_manifest(self, tenant: str, name: str) -> Manifest: ...
+
+    def get_manifest_if_changed(self, tenant: str, name: str, etag: str) -> Manifest | None: ...
+
+    def list_adapters(self, tenant: str) -> list[Manifest]: ...
+
+    def list_tenants(self) -> list[str]: ...
+
+    def list_shared_with(self, tenant: str) -> list[Manifest]: ...
+
+    def adapter_page(self, tenant: str, *, after: str = "", limit: int = 100) -> Page[Manifest]: ...
+
+    def shared_page(self, tenant: str, *, after: str = "", limit: int = 100) -> Page[Manifest]: ...
+
+    def tenant_page(self, *, after: str = "", limit: int = 100) -> Page[str]: ...
+
+    def share_hints(self, tenant: str) -> frozenset[tuple[str, str]]: ...
+
+    def resolve(self, tenant: str, ref: AdapterRef) -> AdapterVersion: ...
+
+    def set_alias(
+        self, tenant: str, name: str, alias: str, target: str, expected: str | None = None
+    ) -> Manifest: ...
+
+    def remove_alias(self, tenant: str, name: str, alias: str) -> Manifest: ...
+
+    def share(self, tenant: str, name: str, grantee: str) -> Manifest: ...
+
+    def unshare(self, tenant: str, name: str, grantee: str) -> Manifest: ...
+
+    def revoke(
+        self, tenant: str, name: str, version: str | None = None, *, delete_objects: bool = True
+    ) -> list[str]: ...
+
+    def purge(self, tenant: str, name: str, shas: Iterable[str]) -> None: ...
+
+    def quarantine(self, tenant: str, name: str, sha: str, reason: str) -> Manifest: ...
+
+    def compose(
+        self,
+        tenant: str,
+        name: str,
+        parts: Sequence[tuple[AdapterRef, float]],
+        *,
+        created_by: str,
+        aliases: Sequence[str] = (),
+        description: str = "",
+        quota: Quota | None = None,
+    ) -> AdapterVersion: ...
+
+    def fetch_file(self, version: AdapterVersion, filename: str, dest: Path) -> None: ...
+
+
+class Registry:
+    """`AdapterStore` over a `BlobBackend`, for one deployment's base model."""
+
+    def __init__(
+        self,
+        backend: BlobBackend,
+        spec: BaseModelSpec,
+        limits: Limits | None = None,
+        *,
+        spool_dir: Path | None = None,
+        spool: Spool | None = None,
+        max_retries: int = DEFAULT_RETRIES,
+    ) -> None:
+        self.backend = backend
+        self.spec = spec
+        self.limits = limits or Limits()
+        #: Where uploads and compositions spool, and their byte budget (none by default).
+        self.spool = spool if spool is not None else Spool(spool_dir)
+        self._manifests = Manifests(backend, max_retries=max_retries)
+        self._shares = ShareIndex(backend, self._manifests)
+        self._usage = UsageLedger(backend, self.list_adapters)
+
+    # --- uploads and publishing ---------------------------------------------------------------
+
+    def begin_upload(
+        self,
+        tenant: str,
+        name: str,
+        declared: Sequence[FileEntry],
+        *,
+        created_by: str,
+        aliases: Sequence[str] = (),
+        description: str = "",
+        quota: Quota | None = None,
+    ) -> Upload:
+        """Check the header and reserve what it declares, before any byte is received.
+
+        Refused here (nothing spooled): a bad name or file list, a declared size above the cap
+        (CapacityExceeded), the tenant's quota (QuotaExceeded, with `quota`), a full spool
+        (SpoolFull). The upload's `commit` hands what it received to `publish`, which charges
+        the quota for good."""
+        check_name(tenant, "tenant")
+        check_name(name, "adapter name")
+        aliases = tuple(check_name(alias, "alias") for alias in aliases)
+        check_metadata(created_by, description, self.limits)
+        entries = check_declared(declared, self.limits)
+        if quota is not None:
+            self.check_quota(tenant, name, sum(e.size for e in entries), quota, "this upload")
+        publish = functools.partial(
+            self.publish,
+            tenant,
+            name,
+            created_by=created_by,
+            aliases=aliases,
+            description=description,
+            quota=quota,
+        )
+        return Upload.start(self.spool, entries, publish)
+
+    def upload_dir(
+        self,
+        tenant: str,
+        name: str,
+        path: Path,
+        *,
+        created_by: str,
+        aliases: Sequence[str] = (),
+        description: str = "",
+        quota: Quota | None = None,
+    ) -> AdapterVersion:
+        """Upload a local PEFT adapter folder (a README.md in it is ignored)."""
+        with self.begin_upload(
+            tenant,
+            name,
+            declare_folder(path),
+            created_by=created_by,
+            aliases=aliases,
+            description=description,
+            quota=quota,
+        ) as upload:
+            upload.write_folder(path)
+            return upload.commit()
+
+    def check_quota(self, tenant: str, name: str, nbytes: int, quota: Quota, what: str) -> None:
+        """Refuse early (QuotaExceeded, before anything is spooled) what the quota cannot take:
+        `nbytes` more, and one more adapter unless `name` is live already. `publish` charges."""
+        new_name = not is_live(self._manifests.read(tenant, name))
+        self._usage.usage(tenant).check(quota, nbytes, 1 if new_name else 0, what)
+
+    def publish(
+        self,
+        tenant: str,
+        name: str,
+        adapter: SpooledAdapter,
+        *,
+        created_by: str,
+        aliases: Sequence[str] = (),
+        description: str = "",
+        composed_from: tuple[tuple[str, float], ...] = (),
+        quota: Quota | None = None,
+    ) -> AdapterVersion:
+        """Validate the spooled adapter's two files, store them, then add the version to the
+        manifest: it becomes `latest` and each of `aliases`.
+
+        Validation may rewrite a file in place (AdaLoRA normalised to LoRA; the extra bytes
+        are reserved in `adapter.space` first). Re-publishing identical content is the same
+        version; content revoked or quarantined under `name` is refused. With `quota`, the
+        tenant's usage is charged before anything is stored (QuotaExceeded beyond it) and
+        refunded if the publish fails or added nothing new. The spool folder stays the
+        caller's."""
+        check_name(tenant, "tenant")
+        check_name(name, "adapter name")
+        aliases = tuple(check_name(alias, "alias") for alias in aliases)
+        check_metadata(created_by, description, self.limits)
+        paths = adapter.paths()
+        validated = validate_adapter(paths, self.spec, self.limits)
+        for filename, data in validated.rewritten.items():
+            if adapter.space is not None:
+                adapter.space.grow(
+                    len(data) - paths[filename].stat().st_size, "rewriting this adapter"
+                )
+            paths[filename].write_bytes(data)
+        files = tuple(
+            FileEntry(filename, path.stat().st_size, sha256_file(path))
+            for filename, path in paths.items()
+        )
+        sha = version_sha(files)
+        version = AdapterVersion(
+            tenant=tenant,
+            name=name,
+            sha=sha,
+            files=files,
+            rank=validated.rank,
+            alpha=validated.alpha,
+            target_modules=validated.target_modules,
+            base_model=validated.base_model,
+            dtype=validated.dtype,
+            created_at=utc_now(),
+            created_by=created_by,
+            use_rslora=validated.use_rslora,
+            description=description,
+            composed_from=composed_from,
+        )
+        existing = self._manifests.read(tenant, name)
+        # What this publish adds, charged before anything is stored (and refused beyond the
+        # quota); corrected to what it really added once the manifest is written.
+        charged = [0, 0]
+        if existing is None or sha not in existing.versions:
+            charged = [version.total_bytes, 0 if is_live(existing) else 1]
+        counted = self._usage.change(
+            tenant, charged[0], charged[1], quota, "this adapter", create=quota is not None
+        )
+        added = [0, 0]
+        written: list[str] = []
+        try:
+            if existing is None or sha not in existing.versions:
+                for entry in files:
+                    key = object_key(tenant, name, sha, entry.filename)
+                    written.append(key)
+                    self.backend.put_file(key, paths[entry.filename])
+
+            def add(current: Manifest | None) -> Manifest:
+                base = current or Manifest(tenant=tenant, name=name)
+                if sha in base.revoked:
+                    raise Conflict(
+                        f"this exact content was revoked as {version.version_id} of {name!r} "
+                        "and cannot be published again"
+                    )
+                known = base.versions.get(sha)
+                if known is not None and known.status == "quarantined":
+                    raise Quarantined(
+                        f"this exact content is quarantined as {version.version_id} of {name!r}"
+                        f" ({known.quarantine_reason}) and cannot be published again"
+                    )
+                added[:] = [
+                    0 if sha in base.versions else version.total_bytes,
+                    0 if is_live(current) else 1,
+                ]
+                versions = dict(base.versions)
+                versions.setdefault(sha, version)
+                new_aliases = dict(base.aliases)
+                for alias in (DEFAULT_ALIAS, *aliases):
+                    new_aliases[alias] = sha
+                return replace(base, status="active", versions=versions, aliases=new_aliases)
+
+            published = self._manifests.update(tenant, name, add).versions[sha]
+        except BaseException:
+            self._clean_up(tenant, name, sha, written)
+            if counted and any(charged):
+                self._usage.refund(tenant, charged[0], charged[1])
+            raise
+        if counted and added != charged:
+            # A concurrent writer published the same bytes or created the name meanwhile: make
+            # the usage say what this publish really added.
+            self._usage.change(tenant, added[0] - charged[0], added[1] - charged[1], None, "")
+        return published
+
+    def _clean_up(self, tenant: str, name: str, sha: str, keys: Iterable[str]) -> None:
+        """Delete objects of a failed publish unless a manifest now refers to them."""
+        try:
+            current = self._manifests.read(tenant, name)
+            if current is not None and sha in current.versions:
+                return
+            for key in keys:
+                self.backend.delete(key)
+        except StoreError:
+            log.warning("could not clean up objects of a failed upload under %s", tenant)
+
+    #: Publish the weighted sum of `tenant`'s own adapter versions as a new version: the
+    #: workflow of adapter_store.compose (bounded from the manifests before anything is
+    #: fetched), over this registry's public methods.
+    compose = compose_adapter
+
+    # --- usage and quotas (adapter_store.quota) ------------------------------------------------
+
+    def usage(self, tenant: str) -> Usage:
+        """The tenant's stored bytes and adapters (counted from its manifests until its first
+        publish with a quota)."""
+        return self._usage.usage(tenant)
+
+    def recount_usage(self, tenant: str) -> Usage:
+        """Recompute the tenant's usage from its manifests and store it (a repair, e.g. after a
+        crash between a charge and its manifest); a bounded scan of that tenant only."""
+        return self._usage.recount(tenant)
+
+    # --- manifests and listings ---------------------------------------------------------------
+
+    def get_manifest(self, tenant: str, name: str) -> Manifest:
+        return live(self._manifests.read(tenant, name), name)
+
+    def get_manifest_if_changed(self, tenant: str, name: str, etag: str) -> Manifest | None:
+        """None when the stored manifest still has `etag` (a conditional GET)."""
+        found = self._manifests.read_if_changed(tenant, name, etag)
+        return None if found is None else live(found, name)
+
+    def adapter_page(self, tenant: str, *, after: str = "", limit: int = 100) -> Page[Manifest]:
+        """Live adapters of `tenant` named after the position `after`, in the store's order.
+
+        One folder-level listing of at most `limit` names, and one manifest read per name: a
+        page costs at most 1 + `limit` store calls, however many adapters or versions exist.
+        `next_after` is the position to continue from (None at the end); a page may hold fewer
+        than `limit` items (revoked adapters are skipped) and still have a next one.
+        """
+        prefix = adapters_prefix(tenant)
+
+        def manifest(key: str) -> Manifest | None:
+            name = child_name(key, prefix)
+            found = self._manifests.read(tenant, name) if name is not None else None
+            return found if is_live(found) else None
+
+        return list_page(self.backend, prefix, manifest, after=after, limit=limit, folders=True)
+
+    def tenant_page(self, *, after: str = "", limit: int = 100) -> Page[str]:
+        """Tenants with anything stored (adapters or shares), in the store's order: one
+        listing."""
+        return list_page(
+            self.backend,
+            TENANTS,
+            lambda key: child_name(key, TENANTS),
+            after=after,
+            limit=limit,
+            folders=True,
+        )
+
+    def shared_page(self, tenant: str, *, after: str = "", limit: int = 100) -> Page[Manifest]:
+        """Other tenants' live adapters shared with `tenant`, from `tenant`'s share index
+        (adapter_store.sharing): one listing of the index and one manifest read per marker."""
+        return self._shares.page(tenant, after=after, limit=limit)
+
+    def share_hints(self, tenant: str) -> frozenset[tuple[str, str]]:
+        """(owner, name) of every marker in `tenant`'s share index: hints, not yet confirmed.
+        A name absent here is not shared with `tenant`, whether or not it exists."""
+        return self._shares.hints(tenant)
+
+    def list_adapters(self, tenant: str) -> list[Manifest]:
+        """Every live adapter of `tenant` (all pages; prefer `adapter_page` where it can grow)."""
+        return all_pages(lambda after: self.adapter_page(tenant, after=after, limit=MAX_PAGE))
+
+    def list_tenants(self) -> list[str]:
+        return all_pages(lambda after: self.tenant_page(after=after, limit=MAX_PAGE))
+
+    def list_shared_with(self, tenant: str) -> list[Manifest]:
+        """Every adapter shared with `tenant`, from its share index (all pages)."""
+        return all_pages(lambda after: self.shared_page(tenant, after=after, limit=MAX_PAGE))
+
+    # --- resolution and aliases ---------------------------------------------------------------
+
+    def resolve(self, tenant: str, ref: AdapterRef) -> AdapterVersion:
+        """The live version `ref` names, as seen by `tenant`.
+
+        `ref.owner` defaults to `tenant`. Another owner's adapter is looked for only when
+        `tenant`'s share index names it, and then resolves only if the manifest confirms the
+        grant (`can_use`); otherwise it is answered exactly like a missing one, without reading
+        the owner's manifest.
+        """
+        check_name(tenant, "tenant")
+        owner = ref.owner or tenant
+        if owner != tenant and (owner, ref.name) not in self.share_hints(tenant):
+            raise not_found(ref)
+        manifest = self._manifests.read(owner, ref.name)
+        if manifest is None or not manifest.usable_by(tenant):
+            raise not_found(ref)
+        return manifest.resolve(ref)
+
+    def set_alias(
+        self, tenant: str, name: str, alias: str, target: str, expected: str | None = None
+    ) -> Manifest:
+        """Point `alias` at `target` (a version sha or another alias).
+
+        With `expected` (a version sha), only if the alias currently points there (else
+        Conflict): a compare-and-set for rollouts.
+        """
+        check_name(alias, "alias")
+        if _looks_like_sha(alias):
+            raise InvalidAdapter("an alias may not look like a version sha256")
+        want = check_sha(expected, "expected version") if expected is not None else None
+
+        def change(current: Manifest | None) -> Manifest:
+            manifest = live(current, name)
+            if _looks_like_sha(target):
+                sha: str | None = check_sha(target)
+            else:
+                sha = manifest.aliases.get(check_name(target, "alias"))
+            if sha is None or sha not in manifest.versions:
+                raise not_found(f"{name}@{target}")
+            if want is not None and manifest.aliases.get(alias) != want:
+                raise Conflict(
+                    f"alias {alias!r} of {name!r} points at "
+                    f"{manifest.aliases.get(alias) or 'nothing'}, not the expected {want}"
+                )
+            return replace(manifest, aliases={**manifest.aliases, alias: sha})
+
+        return self._manifests.update(tenant, name, change)
+
+    def remove_alias(self, tenant: str, name: str, alias: str) -> Manifest:
+        check_name(alias, "alias")
+
+        def change(current: Manifest | None) -> Manifest:
+            manifest = live(current, name)
+            if alias not in manifest.aliases:
+                return manifest
+            aliases = {a: s for a, s in manifest.aliases.items() if a != alias}
+            return replace(manifest, aliases=aliases)
+
+        return self._manifests.update(tenant, name, change)
+
+    # --- sharing (adapter_store.sharing) -------------------------------------------------------
+
+    def share(self, tenant: str, name: str, grantee: str) -> Manifest:
+        """Let `grantee` use `name` (the marker in its share index, then the manifest)."""
+        return self._shares.share(tenant, name, grantee)
+
+    def unshare(self, tenant: str, name: str, grantee: str) -> Manifest:
+        """Stop sharing (the manifest, then the marker)."""
+        return self._shares.unshare(tenant, name, grantee)
+
+    def repair_share_index(self) -> ShareRepair:
+        """Make every tenant's share index agree with the manifests (the truth).
+
+        Writes the marker of every grant that has none (shares made before the index existed,
+        or an interrupted write) and removes markers no manifest confirms (a crash between the
+        two writes of a share, an unshare or a whole revoke). Reads every manifest and every
+        index: an operator's maintenance task (`lora-gateway store repair-shares`), never on a
+        request path. Safe to run while the gateways serve, and more than once.
+        """
+        return self._shares.repair(self.list_tenants(), self.list_adapters)
+
+    # --- revocation and quarantine ------------------------------------------------------------
+
+    def revoke(
+        self, tenant: str, name: str, version: str | None = None, *, delete_objects: bool = True
+    ) -> list[str]:
+        """Revoke one version (or, with None, the whole adapter); return the revoked shas.
+
+        The manifest is marked first (so no read path returns the version any more), then the
+        objects are deleted. Idempotent: revoking again finishes any interrupted deletion. With
+        `delete_objects=False` only the manifest is marked: the gateway unloads the versions
+        from the engine and its disk cache first and then calls `purge` (DESIGN invariant 7).
+        """
+        target = check_sha(version) if version is not None else None
+        revoked: list[str] = []
+        grantees: list[str] = []
+        freed = [0, 0]  # bytes and names no longer live: refunded from the tenant's usage
+
+        def change(current: Manifest | None) -> Manifest:
+            if current is None:
+                raise not_found(name)
+            if target is None:
+                shas = sorted({*current.versions, *current.revoked})
+                new = replace(
+                    current,
+                    status="revoked",
+                    versions={},
+                    aliases={},
+                    shared_with=(),
+                    revoked=tuple(shas),
+                )
+                revoked[:] = shas
+                grantees[:] = current.shared_with
+                freed[:] = [
+                    sum(v.total_bytes for v in current.versions.values()),
+                    1 if is_live(current) else 0,
+                ]
+                return current if new == current else new
+            if target not in current.versions and target not in current.revoked:
+                raise not_found(f"{name}@sha256:{target}")
+            revoked[:] = [target]
+            freed[:] = [0, 0]
+            if target in current.revoked:
+                return current
+            freed[0] = current.versions[target].total_bytes
+            return replace(
+                current,
+                versions={s: v for s, v in current.versions.items() if s != target},
+                aliases={a: s for a, s in current.aliases.items() if s != target},
+                revoked=tuple(sorted({*current.revoked, target})),
+            )
+
+        self._manifests.update(tenant, name, change)
+        self._shares.forget(tenant, name, grantees)
+        if any(freed):
+            self._usage.refund(tenant, freed[0], freed[1])
+        if delete_objects:
+            self.purge(tenant, name, revoked)
+        return revoked
+
+    def quarantine(self, tenant: str, name: str, sha: str, reason: str) -> Manifest:
+        """Mark a version quarantined (idempotent): it stays in the manifest, aliases included,
+        so that every read of it, on any replica and after a restart, is refused with
+        `Quarantined` and `reason`; re-uploading the same bytes keeps it quarantined. Its
+        objects are kept (for the operator's inspection); revoking it works as usual."""
+        target = check_sha(sha)
+        note = reason[:200]
+
+        def change(current: Manifest | None) -> Manifest:
+            if current is None or target not in current.versions:
+                raise not_found(f"{name}@sha256:{target}")
+            version = current.versions[target]
+            if version.status == "quarantined":
+                return current
+            versions = dict(current.versions)
+            versions[target] = replace(version, status="quarantined", quarantine_reason=note)
+            return replace(current, versions=versions)
+
+        return self._manifests.update(tenant, name, change)
+
+    def purge(self, tenant: str, name: str, shas: Iterable[str]) -> None:
+        """Delete the objects of revoked versions (idempotent)."""
+        for sha in shas:
+            for filename in ADAPTER_FILES:
+                self.backend.delete(object_key(tenant, name, check_sha(sha), filename))
+
+    # --- reads of objects ---------------------------------------------------------------------
+
+    def fetch_file(self, version: AdapterVersion, filename: str, dest: Path) -> None:
+        """Download one file of a version to `dest`, unverified (the caller checks sha256)."""
+        try:
+            self.backend.download_file(
+                object_key(version.tenant, version.name, version.sha, filename), dest
+            )
+        except BlobNotFound:
+            raise AdapterNotFound(f"version {version.version_id} is no longer stored") from None
+
+
+def _looks_like_sha(text: str) -> bool:
+    try:
+        check_sha(text)
+    except InvalidAdapter:
+        return False
+    return True

@@ -1,0 +1,670 @@
+"""The admin core, free of protobuf: upload, alias, share, compose, revoke, quarantine, pin.
+
+`Adapters` takes domain values and the caller's `Principal`, and raises `lora_gateway.errors`
+types (and the store's, which the interceptor maps the same way); `services/admin.py` only
+translates protobuf to these arguments and the results back (parse → core → to_pb).
+
+What follows a manifest write happens here and nowhere else, in this order: the store call, then
+this replica's residency is told (`Residency.forget` after an upload or a composition: the
+manifest is read again on next use; `apply_manifest` after an alias move, share or unshare, and
+`forget_shares` of the grantee; block → abort → unload → purge for a revocation, DESIGN
+invariant 7; block and `remember` for a quarantine), then the action is audited.
+
+Store I/O of the admin calls runs in the core's own bounded pool (`admin_store_threads`), apart
+from asyncio's default executor (cold loads, revocation) and residency's manifest pool, and one
+tenant holds at most half of its threads at once. Listings are paged (`paging`): a page costs one
+store listing and at most `page_size` manifest reads, and what is shared with a tenant comes from
+its share index, never from a scan of the bucket. A tenant other than an adapter's owner sees
+only what it needs of it (`sees_everything`).
+
+Who may act on what: the tenant a call names is decided by `Policy.effective_tenant_for_adapter`
+(another tenant's adapter is answered like a missing one) or `effective_tenant_for_listing`; who
+may *use* an adapter is the store's one sharing rule (`adapter_store.can_use`, through
+`Residency.resolve` and the store's share index); only the owner tenant or an operator changes
+where an adapter lives (pin, unpin, prefetch) or sees all of it (`sees_everything`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeAlias, TypeVar
+
+import grpc
+
+from adapter_store import (
+    AdapterRef,
+    AdapterVersion,
+    FileEntry,
+    InvalidAdapter,
+    Manifest,
+    StoreError,
+    Upload,
+)
+from adapter_store.errors import QuotaExceeded, SpoolFull
+from adapter_store.model import utc_now
+from adapter_store.quota import Quota
+from lora_gateway import errors, paging
+from lora_gateway.audit import AuditLog
+from lora_gateway.gateway import Gateway
+from lora_gateway.paging import Cursor, PageTokens
+from lora_gateway.residency import ResidencyEntry, key_of
+from lora_gateway.tenancy import KeyRing, Policy, Principal, Role, TenantConfig
+
+__all__ = [
+    "AdapterDetail",
+    "AdapterPage",
+    "Adapters",
+    "ResidencyPage",
+    "Revoked",
+    "TenantUsage",
+    "UploadChunk",
+    "UploadHeader",
+    "UploadMessage",
+    "parse_ref",
+    "sees_everything",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+# --- domain arguments and results ------------------------------------------------------------
+@dataclass(frozen=True)
+class UploadHeader:
+    """The first message of an upload: where the new version goes and the files it holds."""
+
+    #: The owner tenant ("" = the caller's own).
+    tenant: str
+    name: str
+    files: tuple[FileEntry, ...]
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class UploadChunk:
+    """Bytes of one declared file, in order."""
+
+    filename: str
+    data: bytes
+
+
+#: One message of an upload stream: the header first, then chunks. None is a message that
+#: carries neither (refused like a misplaced one).
+UploadMessage: TypeAlias = UploadHeader | UploadChunk | None
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    """What a tenant stores, against its quota."""
+
+    tenant: str
+    stored_bytes: int
+    max_stored_bytes: int
+    adapters: int
+    max_adapters: int
+
+
+@dataclass(frozen=True)
+class AdapterPage:
+    """One page of ListAdapters; `usage` only for the tenant's own callers and operators."""
+
+    adapters: list[Manifest]
+    next_page_token: str
+    usage: TenantUsage | None
+
+
+@dataclass(frozen=True)
+class AdapterDetail:
+    """GetAdapter: the manifest, and the owner's usage for its own callers and operators."""
+
+    manifest: Manifest
+    usage: TenantUsage | None
+
+
+@dataclass(frozen=True)
+class ResidencyPage:
+    """One page of GetResidency: where each live version of the listed adapters is."""
+
+    entries: list[ResidencyEntry]
+    engine_capacity: int
+    disk_budget_bytes: int
+    disk_used_bytes: int
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class Revoked:
+    """What a revocation did: the sha256s revoked, and the in-flight requests it aborted."""
+
+    shas: list[str]
+    aborted: int
+
+
+# --- small rules -------------------------------------------------------------------------------
+def parse_ref(text: str) -> AdapterRef:
+    """An adapter reference from user text; INVALID_ARGUMENT with the reason otherwise."""
+    try:
+        return AdapterRef.parse(text)
+    except InvalidAdapter as exc:
+        raise errors.InvalidArgument(f"adapter reference: {exc}") from None
+
+
+def sees_everything(principal: Principal, owner: str) -> bool:
+    """The owner tenant and operators see all of an adapter (and its usage); a grantee sees
+    what it needs to use it, without who made it, the description or the parts it came from."""
+    return principal.tenant == owner or principal.role is Role.OPERATOR
+
+
+def creator(principal: Principal) -> str:
+    """The `created_by` of what the principal makes: tenant and key label, never the key."""
+    return f"{principal.tenant}:{principal.key_id}"
+
+
+def quota_of(tenant: TenantConfig) -> Quota:
+    """The storage quota of a tenant (tenants file: max_stored_bytes, max_adapters)."""
+    return Quota(max_stored_bytes=tenant.max_stored_bytes, max_adapters=tenant.max_adapters)
+
+
+class Adapters:
+    """Admin workflows on the gateway's store and residency; each call names its principal."""
+
+    def __init__(self, gateway: Gateway, audit: AuditLog | None) -> None:
+        self.gateway = gateway
+        self.settings = gateway.settings
+        self.store = gateway.store
+        self.residency = gateway.residency
+        self.audit = audit
+        threads = gateway.settings.admin_store_threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="admin-store")
+        self._slots = asyncio.Semaphore(threads)
+        self._per_tenant = max(1, threads // 2)
+        self._tenant_slots: dict[str, asyncio.Semaphore] = {}
+        self._tokens: tuple[KeyRing, PageTokens] | None = None
+
+    # --- plumbing -----------------------------------------------------------------------------
+    async def _store(self, principal: Principal, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """Run blocking store I/O in the admin pool: a tenant's calls wait for one of its own
+        slots (half the pool), then for a thread; waiting never occupies a thread, and a call
+        cancelled while it waits never runs."""
+        tenant = principal.tenant
+        mine = self._tenant_slots.get(tenant)
+        if mine is None:
+            mine = self._tenant_slots[tenant] = asyncio.Semaphore(self._per_tenant)
+        async with mine, self._slots:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kw))
+
+    def _page_tokens(self) -> PageTokens:
+        keyring = self.gateway.keyring.current
+        if self._tokens is None or self._tokens[0] is not keyring:
+            self._tokens = (keyring, PageTokens(keyring.derive_key("admin page tokens v1")))
+        return self._tokens[1]
+
+    def _audit(
+        self, principal: Principal, rpc: str, tenant: str, name: str = "", version: str = ""
+    ) -> None:
+        """The audit record of an action that succeeded (refusals: the interceptor)."""
+        if self.audit is not None:
+            self.audit.record(
+                principal=principal,
+                rpc=rpc,
+                tenant=tenant,
+                adapter=name,
+                version=version,
+                decision="allow",
+                code="OK",
+            )
+
+    def _limits(self, principal: Principal) -> TenantConfig | None:
+        """The caller's tenant's caps on residency (None: operators act without them)."""
+        if principal.role is Role.OPERATOR:
+            return None
+        return self.gateway.keyring.tenant(principal.tenant)
+
+    def _quota(self, tenant: str) -> Quota:
+        return quota_of(self.gateway.keyring.tenant(tenant))
+
+    def _refused(self, exc: BaseException) -> None:
+        """Count a refusal by the spool budget or a storage quota (metrics)."""
+        metrics = self.gateway.metrics
+        if metrics is not None and isinstance(exc, SpoolFull | QuotaExceeded):
+            metrics.refused("spool" if isinstance(exc, SpoolFull) else "quota")
+
+    async def _usage(self, principal: Principal, tenant: str) -> TenantUsage | None:
+        """The tenant's storage usage, for callers of that tenant and operators only."""
+        if not sees_everything(principal, tenant):
+            return None
+        usage = await self._store(principal, self.store.usage, tenant)
+        limits = self.gateway.keyring.tenant(tenant)
+        return TenantUsage(
+            tenant=usage.tenant,
+            stored_bytes=usage.stored_bytes,
+            max_stored_bytes=limits.max_stored_bytes,
+            adapters=usage.adapters,
+            max_adapters=limits.max_adapters,
+        )
+
+    async def _changed(
+        self, principal: Principal, rpc: str, manifest: Manifest, version: str = ""
+    ) -> Manifest:
+        """After a manifest write on this replica: residency takes it, then the audit."""
+        await self.residency.apply_manifest(manifest)
+        self._audit(principal, rpc, manifest.tenant, manifest.name, version)
+        return manifest
+
+    # --- upload -------------------------------------------------------------------------------
+    async def upload(
+        self, principal: Principal, messages: AsyncIterator[UploadMessage]
+    ) -> AdapterVersion:
+        """Receive an upload stream (header, then chunks) into a new version.
+
+        The whole upload must finish within `upload_timeout_s` and keep up the minimum rate
+        (`_next_message`); either failure is DEADLINE_EXCEEDED and nothing is kept. With
+        `prefetch_on_upload` the new version is then loaded like a prefetch by the caller.
+        """
+        timeout = self.settings.upload_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                version = await self._receive(principal, messages)
+        except TimeoutError:
+            raise errors.DeadlineExceeded(f"upload did not finish within {timeout:g}s") from None
+        self._audit(principal, "UploadAdapter", version.tenant, version.name, version.version_id)
+        if self.settings.prefetch_on_upload:
+            await self.residency.prefetch(version, self._limits(principal))
+        return version
+
+    async def _next_message(
+        self, stream: AsyncIterator[UploadMessage], started: float, received: int
+    ) -> tuple[bool, UploadMessage]:
+        """(False, None) at the end, else (True, the next message); DeadlineExceeded if the
+        stream is too slow.
+
+        After `upload_rate_grace_s`, the stream must have delivered `upload_min_rate_bytes_s`
+        per second on average: the wait for the next message ends when the bytes received so
+        far stop being enough, so a stream that drips or goes silent is closed at once.
+        """
+        rate = self.settings.upload_min_rate_bytes_s
+        if rate <= 0:
+            return await _next(stream)
+        loop = asyncio.get_running_loop()
+        allowed_until = started + self.settings.upload_rate_grace_s + received / rate
+        try:
+            async with asyncio.timeout_at(allowed_until):
+                return await _next(stream)
+        except TimeoutError:
+            elapsed = loop.time() - started
+            raise errors.DeadlineExceeded(
+                f"upload too slow: {received} bytes in {elapsed:.1f}s, below the minimum of "
+                f"{rate} bytes/s after {self.settings.upload_rate_grace_s:g}s"
+            ) from None
+
+    async def _receive(
+        self, principal: Principal, messages: AsyncIterator[UploadMessage]
+    ) -> AdapterVersion:
+        started = asyncio.get_running_loop().time()
+        received = 0
+        stream = aiter(messages)
+        _, header = await self._next_message(stream, started, received)
+        if not isinstance(header, UploadHeader):
+            raise errors.InvalidArgument("the first UploadAdapter message must be the header")
+        tenant = Policy.effective_tenant_for_adapter(principal, header.tenant)
+        # Decided from the header, before any byte is spooled: the caller's tenant's cap on
+        # uploads in progress, the owner's quota, the spool budget (begin_upload).
+        with self.gateway.admission.upload(
+            principal, self.gateway.keyring.tenant(principal.tenant)
+        ):
+            try:
+                upload: Upload = await self._store(
+                    principal,
+                    self.store.begin_upload,
+                    tenant,
+                    header.name,
+                    list(header.files),
+                    created_by=creator(principal),
+                    aliases=header.aliases,
+                    description=header.description,
+                    quota=self._quota(tenant),
+                )
+            except (SpoolFull, QuotaExceeded) as exc:
+                self._refused(exc)
+                raise
+            try:
+                while True:
+                    more, message = await self._next_message(stream, started, received)
+                    if not more:
+                        break
+                    if not isinstance(message, UploadChunk):
+                        raise errors.InvalidArgument("only one header per upload")
+                    await self._store(principal, upload.write, message.filename, message.data)
+                    received += len(message.data)
+                version = await self._store(principal, upload.commit)
+            except BaseException as exc:
+                self._refused(exc)
+                await asyncio.shield(self._store(principal, upload.abort))
+                raise
+        self.residency.forget(tenant, header.name)
+        return version
+
+    # --- reads --------------------------------------------------------------------------------
+    async def list_adapters(
+        self,
+        principal: Principal,
+        tenant: str,
+        *,
+        include_shared: bool,
+        page_size: int,
+        page_token: str,
+    ) -> AdapterPage:
+        """The tenant's own adapters, then (include_shared) those shared with it, paged."""
+        tenant = Policy.effective_tenant_for_listing(principal, tenant)
+        limit = paging.page_size(page_size)
+        scope = f"{tenant}/{int(include_shared)}"
+        tokens = self._page_tokens()
+        cursor = tokens.parse(page_token, "ListAdapters", scope) or Cursor("own")
+        if cursor.phase == "own":
+            page = await self._store(
+                principal, self.store.adapter_page, tenant, after=cursor.after, limit=limit
+            )
+            if page.next_after is not None:
+                following: Cursor | None = Cursor("own", page.next_after)
+            else:
+                following = Cursor("shared") if include_shared else None
+        elif cursor.phase == "shared" and include_shared:
+            page = await self._store(
+                principal, self.store.shared_page, tenant, after=cursor.after, limit=limit
+            )
+            following = None if page.next_after is None else Cursor("shared", page.next_after)
+        else:
+            raise errors.InvalidArgument(paging.INVALID_TOKEN_TEXT)
+        return AdapterPage(
+            adapters=list(page.items),
+            next_page_token=_token(tokens, "ListAdapters", scope, following),
+            usage=await self._usage(principal, tenant),
+        )
+
+    async def get_adapter(self, principal: Principal, tenant: str, name: str) -> AdapterDetail:
+        tenant = Policy.effective_tenant_for_adapter(principal, tenant)
+        manifest = await self._store(principal, self.store.get_manifest, tenant, name)
+        return AdapterDetail(manifest, await self._usage(principal, tenant))
+
+    async def get_residency(
+        self, principal: Principal, tenant: str, *, page_size: int, page_token: str
+    ) -> ResidencyPage:
+        """Where each live version of the tenant's adapters is, paged by adapter ("*": every
+        tenant's, for operators)."""
+        if tenant == "*":
+            if principal.role is not Role.OPERATOR:
+                raise errors.PermissionDenied("permission denied")
+            scope = "*"
+        else:
+            scope = Policy.effective_tenant_for_listing(principal, tenant)
+        limit = paging.page_size(page_size)
+        tokens = self._page_tokens()
+        cursor = tokens.parse(page_token, "GetResidency", scope)
+        if scope == "*":
+            manifests, following = await self._every_tenant(
+                principal, cursor or Cursor("next:"), limit
+            )
+        else:
+            page = await self._store(
+                principal,
+                self.store.adapter_page,
+                scope,
+                after=cursor.after if cursor else "",
+                limit=limit,
+            )
+            manifests = list(page.items)
+            following = None if page.next_after is None else Cursor("", page.next_after)
+        cache = self.residency.cache
+        return ResidencyPage(
+            entries=[
+                self.residency.entry(version)
+                for manifest in manifests
+                for _, version in sorted(manifest.versions.items())
+            ],
+            engine_capacity=self.residency.capacity,
+            disk_budget_bytes=cache.budget_bytes,
+            disk_used_bytes=cache.used_bytes,
+            next_page_token=_token(tokens, "GetResidency", scope, following),
+        )
+
+    async def _every_tenant(
+        self, principal: Principal, cursor: Cursor, limit: int
+    ) -> tuple[list[Manifest], Cursor | None]:
+        """Up to `limit` adapters across tenants, from `cursor`: phase "in:<position>" while a
+        tenant's adapters are being listed (after: the position among them), "next:<position>"
+        between tenants (position: in the tenant listing). At most `limit` store listings and
+        manifest reads in all."""
+        manifests: list[Manifest] = []
+        budget = limit
+        state, _, position = cursor.phase.partition(":")
+        if state not in ("", "in", "next"):
+            raise errors.InvalidArgument(paging.INVALID_TOKEN_TEXT)
+        tenant = position.removesuffix("/") if state == "in" else None
+        after = cursor.after
+        while budget > 0:
+            if tenant is None:
+                tenants = await self._store(
+                    principal, self.store.tenant_page, after=position, limit=1
+                )
+                budget -= 1
+                if not tenants.items:
+                    if tenants.next_after is None:
+                        return manifests, None
+                    position = tenants.next_after  # a key outside the layout: skip it
+                    continue
+                tenant, after, position = tenants.items[0], "", f"{tenants.items[0]}/"
+                continue
+            page = await self._store(
+                principal, self.store.adapter_page, tenant, after=after, limit=budget
+            )
+            budget -= max(1, page.examined)
+            manifests.extend(page.items)
+            if page.next_after is None:
+                tenant, after = None, ""
+            else:
+                after = page.next_after
+        if tenant is None:
+            return manifests, Cursor(f"next:{position}")
+        return manifests, Cursor(f"in:{position}", after)
+
+    # --- manifest writes ----------------------------------------------------------------------
+    async def set_alias(
+        self,
+        principal: Principal,
+        tenant: str,
+        name: str,
+        alias: str,
+        version: str,
+        expected: str | None = None,
+    ) -> Manifest:
+        """Point `alias` at `version` (only if it points at `expected` now, when given)."""
+        tenant = Policy.effective_tenant_for_adapter(principal, tenant)
+        manifest = await self._store(
+            principal, self.store.set_alias, tenant, name, alias, version, expected
+        )
+        return await self._changed(principal, "SetAlias", manifest, version)
+
+    async def share(self, principal: Principal, tenant: str, name: str, grantee: str) -> Manifest:
+        tenant = Policy.effective_tenant_for_adapter(principal, tenant)
+        manifest = await self._store(principal, self.store.share, tenant, name, grantee)
+        self.residency.forget_shares(grantee)
+        return await self._changed(principal, "ShareAdapter", manifest)
+
+    async def unshare(self, principal: Principal, tenant: str, name: str, grantee: str) -> Manifest:
+        tenant = Policy.effective_tenant_for_adapter(principal, tenant)
+        manifest = await self._store(principal, self.store.unshare, tenant, name, grantee)
+        self.residency.forget_shares(grantee)
+        return await self._changed(principal, "UnshareAdapter", manifest)
+
+    async def compose(
+        self,
+        principal: Principal,
+        tenant: str,
+        name: str,
+        parts: Sequence[tuple[str, float]],
+        *,
+        aliases: Sequence[str] = (),
+        description: str = "",
+    ) -> AdapterVersion:
+        """A new version, the weighted sum of `parts` (adapter reference text, weight)."""
+        tenant = Policy.effective_tenant_for_adapter(principal, tenant)
+        if not parts:
+            raise errors.InvalidArgument("compose needs at least one part")
+        refs = [(parse_ref(ref), float(weight)) for ref, weight in parts]
+        with self.gateway.admission.upload(
+            principal, self.gateway.keyring.tenant(principal.tenant)
+        ):
+            try:
+                version = await self._store(
+                    principal,
+                    self.store.compose,
+                    tenant,
+                    name,
+                    refs,
+                    created_by=creator(principal),
+                    aliases=tuple(aliases),
+                    description=description,
+                    quota=self._quota(tenant),
+                )
+            except BaseException as exc:
+                self._refused(exc)
+                raise
+        self.residency.forget(tenant, name)
+        self._audit(principal, "ComposeAdapter", tenant, name, version.version_id)
+        return version
+
+    async def revoke(
+        self, principal: Principal, tenant: str, name: str, version: str | None = None
+    ) -> Revoked:
+        """Store marks it revoked → in-flight aborted → engine unload → disk cache → objects
+        (DESIGN invariant 7); `version` None: the whole adapter.
+
+        A whole adapter is blocked by name as well as by version, so that a load of it still in
+        progress on this replica never serves (`Residency.block_name`)."""
+        tenant = Policy.effective_tenant_for_adapter(principal, tenant)
+        started = time.perf_counter()
+        shas = await asyncio.to_thread(
+            self.store.revoke, tenant, name, version, delete_objects=False
+        )
+        keys = [(tenant, name, sha) for sha in shas]
+        self.residency.block(keys)
+        if version is None:
+            keys = list(dict.fromkeys([*keys, *self.residency.block_name(tenant, name)]))
+        else:
+            self.residency.forget(tenant, name)
+        aborted = await self.residency.unload(keys)
+        await asyncio.to_thread(self.store.purge, tenant, name, shas)
+        log.info(
+            "revoked %d version(s) of %s/%s, aborted %d request(s) in %.3fs",
+            len(shas),
+            tenant,
+            name,
+            aborted,
+            time.perf_counter() - started,
+        )
+        self._audit(principal, "RevokeAdapter", tenant, name, ",".join(shas))
+        return Revoked(shas, aborted)
+
+    async def quarantine(
+        self, versions: Sequence[AdapterVersion], mismatches: Sequence[str]
+    ) -> None:
+        """The runtime canary's verdict: refuse the versions here at once, then persist it in
+        their manifests (every replica and a restarted process refuse them too), and audit and
+        log each one. No principal: the server itself acts."""
+        reason = (
+            f"the runtime canary found the engine's outputs corrupted after it was loaded "
+            f"({utc_now()})"
+        )
+        self.residency.block((key_of(v) for v in versions), quarantined=reason)
+        for version in versions:
+            persisted = True
+            try:
+                manifest = await asyncio.to_thread(
+                    self.store.quarantine, version.tenant, version.name, version.sha, reason
+                )
+                self.residency.remember(manifest)
+            except (StoreError, errors.GatewayError):
+                persisted = False
+                log.exception("could not persist the quarantine; refused on this replica only")
+            if self.gateway.metrics is not None:
+                self.gateway.metrics.quarantined()
+            if self.audit is not None:
+                self.audit.record(
+                    principal=None,
+                    rpc="runtime-canary/quarantine",
+                    decision="deny",
+                    code=grpc.StatusCode.FAILED_PRECONDITION,
+                    tenant=version.tenant,
+                    adapter=version.name,
+                    version=version.version_id,
+                    detail=f"quarantined{'' if persisted else ' (not persisted)'}: canary "
+                    "mismatch " + ", ".join(mismatches),
+                )
+            log.error(
+                "QUARANTINED adapter version %s/%s@%s: %s",
+                version.tenant,
+                version.name,
+                version.version_id,
+                reason,
+            )
+
+    # --- residency ----------------------------------------------------------------------------
+    async def _owned_version(
+        self, principal: Principal, tenant: str, adapter: str
+    ) -> AdapterVersion:
+        """The version a pin, unpin or prefetch acts on.
+
+        Only the owner tenant (or an operator) may change where its adapter lives: a grantee
+        can use a shared adapter but not pin it. Naming another tenant's adapter is answered
+        like a missing one, before any lookup (nothing tells whether it exists or is shared).
+        """
+        tenant = Policy.effective_tenant_for_adapter(principal, tenant)
+        ref = parse_ref(adapter)
+        operator = principal.role is Role.OPERATOR
+        if not operator and ref.owner not in (None, tenant):
+            raise errors.NotFound(errors.ADAPTER_NOT_FOUND_TEXT)
+        version = await self.residency.resolve(tenant, ref, any_owner=operator)
+        if not operator and version.tenant != principal.tenant:
+            raise errors.NotFound(errors.ADAPTER_NOT_FOUND_TEXT)
+        return version
+
+    async def pin(self, principal: Principal, tenant: str, adapter: str) -> ResidencyEntry:
+        """Keep the version in the engine, within the owner's `max_pins` (operators: no cap
+        but the engine's)."""
+        version = await self._owned_version(principal, tenant, adapter)
+        entry = await self.residency.pin(version, self._limits(principal))
+        self._audit(principal, "PinAdapter", version.tenant, version.name, version.version_id)
+        return entry
+
+    async def unpin(self, principal: Principal, tenant: str, adapter: str) -> ResidencyEntry:
+        version = await self._owned_version(principal, tenant, adapter)
+        entry = await self.residency.unpin(version)
+        self._audit(principal, "UnpinAdapter", version.tenant, version.name, version.version_id)
+        return entry
+
+    async def prefetch(self, principal: Principal, tenant: str, adapter: str) -> ResidencyEntry:
+        """Load the version into the engine now (it may be evicted later, like any other)."""
+        version = await self._owned_version(principal, tenant, adapter)
+        entry = await self.residency.prefetch(version, self._limits(principal))
+        self._audit(principal, "PrefetchAdapter", version.tenant, version.name, version.version_id)
+        return entry
+
+
+async def _next(stream: AsyncIterator[UploadMessage]) -> tuple[bool, UploadMessage]:
+    try:
+        return True, await anext(stream)
+    except StopAsyncIteration:
+        return False, None
+
+
+def _token(tokens: PageTokens, rpc: str, scope: str, cursor: Cursor | None) -> str:
+    return "" if cursor is None else tokens.issue(rpc, scope, cursor)
