@@ -53,7 +53,7 @@ chart-schema-check: install
 demo: install
 	$(BIN)/lora-gateway demo
 
-## bench: the benchmarks at their default sizes (3 to 5 minutes on this 2-core machine)
+## bench: the benchmarks at their default sizes (3 to 5 minutes on this 2-core machine, about 3 more with features)
 bench: install
 	$(BIN)/python -m benchmarks
 

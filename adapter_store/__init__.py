@@ -18,6 +18,8 @@ One job per module:
     spool.py        the upload spool's folder and byte budget
     backend.py      `BlobBackend`, the interface of local.py (a folder) and s3.py (boto3)
     cache.py        the local disk cache: byte budget, verified, atomic, single flight
+    singleflight.py `SingleFlight`: one task per key for concurrent callers (the cache's
+                    downloads; the gateway's residency uses it too)
 
 Never imports lora_gateway. `S3Backend` lives in `adapter_store.s3` (the only boto3 user) and is
 imported from there, so that the local store works without loading boto3.

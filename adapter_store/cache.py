@@ -6,8 +6,8 @@ checked against the manifest's size and sha256, then the complete folder is rena
 
 The API is async and runs on one event loop; blocking work (downloads, hashing, deletes) runs
 in threads via `asyncio.to_thread`. Concurrent `ensure` calls for one version share one task
-(single-flight), awaited through `asyncio.shield` so a cancelled waiter does not cancel the
-download for the others. An entry in use should be pinned by the caller.
+(`singleflight.SingleFlight`), so a cancelled waiter does not cancel the download for the
+others. An entry in use should be pinned by the caller.
 
 Byte budget: a download reserves its bytes in the same step as it picks its victims (least
 recently used, unpinned entries first), before anything is awaited, so concurrent downloads
@@ -42,6 +42,7 @@ from pathlib import Path
 
 from adapter_store.errors import CapacityExceeded, IntegrityError, StoreUnavailable
 from adapter_store.model import ADAPTER_FILES, AdapterVersion, FileEntry, check_sha, sha256_file
+from adapter_store.singleflight import SingleFlight
 
 __all__ = ["CacheEntry", "CacheStats", "DiskCache", "Fetch"]
 
@@ -98,7 +99,7 @@ class DiskCache:
         self._pins: Counter[str] = Counter()
         #: sha -> who uses the folder ("tenant/name" from residency); see `release`.
         self._owners: dict[str, set[str]] = {}
-        self._inflight: dict[str, asyncio.Task[Path]] = {}
+        self._inflight: SingleFlight[str, Path] = SingleFlight()
         self._deleting: dict[str, asyncio.Future[None]] = {}
         #: Bytes of downloads that have reserved room and not finished (started or not).
         self._reserved = 0
@@ -165,13 +166,8 @@ class DiskCache:
         sha = check_sha(version.sha)
         if owner is not None:
             self._owners.setdefault(sha, set()).add(owner)
-        task = self._inflight.get(sha)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._ensure(version))
-            self._inflight[sha] = task
-            task.add_done_callback(functools.partial(self._finished, sha))
         try:
-            return await asyncio.shield(task)
+            return await self._inflight.do(sha, functools.partial(self._ensure, version))
         except BaseException:
             if owner is not None and sha not in self._entries:
                 self._drop_owner(sha, owner)
@@ -184,20 +180,11 @@ class DiskCache:
             if not owners:
                 del self._owners[sha]
 
-    def _finished(self, sha: str, task: asyncio.Task[Path]) -> None:
-        if self._inflight.get(sha) is task:
-            del self._inflight[sha]
-        if not task.cancelled():
-            task.exception()  # mark it retrieved: nobody may be left awaiting it
-
     async def remove(self, sha: str) -> bool:
         """Delete a version from the cache (pins and owners notwithstanding); True if it was
         there."""
         sha = check_sha(sha)
-        task = self._inflight.get(sha)
-        if task is not None:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.shield(task)
+        await self._inflight.settle(sha)
         self._owners.pop(sha, None)
         entry = self._entries.pop(sha, None)
         await self._delete([(sha, entry.size if entry else 0)])
@@ -214,10 +201,8 @@ class DiskCache:
         self._drop_owner(sha, owner)
         if self._owners.get(sha):
             return False
-        task = self._inflight.get(sha)
-        if task is not None:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.shield(task)
+        if sha in self._inflight:
+            await self._inflight.settle(sha)
             if self._owners.get(sha):
                 return False
         entry = self._entries.pop(sha, None)

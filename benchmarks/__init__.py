@@ -1,11 +1,20 @@
 """Benchmarks of lora-gateway: `python -m benchmarks [--smoke] [--only NAME ...] [--out DIR]`.
 
-Six benchmarks, each reporting ratios measured within one run (so that a noisy machine still
+Seven benchmarks, each reporting ratios measured within one run (so that a noisy machine still
 gives meaningful numbers): gateway overhead against the engine alone, cold start phase by phase
 against the physical floor, many adapters under Zipf traffic, the thundering herd on one cold
-adapter, revocation racing in-flight requests, and a quantized base against float32 (memory and
-throughput). Results go to `<out>/<name>.json`, a PNG plot
+adapter, revocation racing in-flight requests, a quantized base against float32 (memory and
+throughput), and the request features (structured output's cost, the OpenAI front against
+gRPC). Results go to `<out>/<name>.json`, a PNG plot
 per benchmark and `<out>/SUMMARY.md`.
 """
 
-BENCHMARKS = ("overhead", "cold_start", "many_adapters", "herd", "revocation", "quantized")
+BENCHMARKS = (
+    "overhead",
+    "cold_start",
+    "many_adapters",
+    "herd",
+    "revocation",
+    "quantized",
+    "features",
+)

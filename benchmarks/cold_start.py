@@ -37,6 +37,7 @@ from benchmarks._support import (
 )
 from lora_gateway import devtools
 from lora_gateway.engine.base import LoadedAdapter, next_lora_id
+from tests.support.metrics import load_seconds
 
 NAME = "cold_start"
 FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -66,17 +67,18 @@ async def run(bench: Bench, params: Params) -> dict[str, Any]:
     # Residency capacity is max_cpu_loras: every cold adapter stays loaded in this benchmark.
     assert len(params.ranks) * params.repeats + 2 <= bench.engine.max_cpu_loras
     async with bench.gateway(PREFIX) as gw:
-        stats = gw.server.gateway.residency.stats
+        metrics = gw.server.gateway.residency.metrics
+        phases = ("fetch", "validate", "engine_add")
 
         async def cold(name: str) -> dict[str, Any]:
-            before = {k: len(v) for k, v in stats.load_seconds.items()}
+            before = {phase: load_seconds(metrics, phase) for phase in phases}
             result = await stream_request(gw.user, name, [5, 6, 7, 8], 1)
             assert result.ok, result.error
             assert result.ttft is not None
-            load = {
-                phase: stats.load_seconds[phase][before.get(phase, 0)]
-                for phase in ("fetch", "validate", "engine_add")
-            }
+            # One load at a time: each phase's count grew by one, its sum by that load's time.
+            after = {phase: load_seconds(metrics, phase) for phase in phases}
+            assert all(after[p][0] == before[p][0] + 1 for p in phases), (before, after)
+            load = {phase: after[phase][1] - before[phase][1] for phase in phases}
             warm = await stream_request(gw.user, name, [5, 6, 7, 8], 1)
             assert warm.ttft is not None
             return {

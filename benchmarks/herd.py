@@ -22,6 +22,7 @@ import numpy as np
 
 from benchmarks._support import Bench, pct, prompts, stream_request
 from lora_gateway import devtools
+from tests.support.metrics import load_seconds, residency_counts
 
 NAME = "herd"
 
@@ -46,7 +47,7 @@ def phases(params: Params) -> int:
 async def run(bench: Bench, params: Params) -> dict[str, Any]:
     trials: list[dict[str, Any]] = []
     async with bench.gateway("herd") as gw:
-        stats = gw.server.gateway.residency.stats
+        metrics = gw.server.gateway.residency.metrics
         for trial in range(params.trials):
             with bench.progress.phase(f"herd: trial {trial + 1}/{params.trials}"):
                 name = f"herd-{trial}"
@@ -54,7 +55,9 @@ async def run(bench: Bench, params: Params) -> dict[str, Any]:
                     bench.model, bench.work / "herd" / name, rank=params.rank, seed=500 + trial
                 )
                 await gw.admin.upload_adapter(name, folder)
-                before = (stats.manifest_fetches, stats.disk_misses, stats.engine_loads)
+                before = residency_counts(metrics)
+                load_phases = ("fetch", "validate", "engine_add")
+                load_before = sum(load_seconds(metrics, p)[1] for p in load_phases)
                 work = prompts(params.requests, params.prompt_tokens, seed=trial)
                 sent = time.perf_counter()
                 results = await asyncio.gather(
@@ -66,7 +69,8 @@ async def run(bench: Bench, params: Params) -> dict[str, Any]:
                     *(stream_request(gw.user, name, ids, params.max_tokens) for ids in work)
                 )
                 warm = [r.first - sent_warm for r in again if r.first is not None]
-                load = stats.load_seconds
+                stats = residency_counts(metrics).minus(before)
+                load = sum(load_seconds(metrics, p)[1] for p in load_phases) - load_before
                 trials.append(
                     {
                         "trial": trial,
@@ -74,9 +78,9 @@ async def run(bench: Bench, params: Params) -> dict[str, Any]:
                         "ok": sum(r.ok for r in results),
                         "warm_ok": sum(r.ok for r in again),
                         "errors": sorted({r.error for r in [*results, *again] if not r.ok}),
-                        "manifest_fetches": stats.manifest_fetches - before[0],
-                        "fetches": stats.disk_misses - before[1],
-                        "engine_loads": stats.engine_loads - before[2],
+                        "manifest_fetches": int(stats.manifest_fetches),
+                        "fetches": int(stats.disk_misses),
+                        "engine_loads": int(stats.engine_loads),
                         "all_first_token_s": max(firsts) if firsts else float("nan"),
                         "median_first_token_s": pct(firsts, 50),
                         "first_first_token_s": min(firsts) if firsts else float("nan"),
@@ -86,7 +90,7 @@ async def run(bench: Bench, params: Params) -> dict[str, Any]:
                         "cold_vs_warm_all_first_token": (max(firsts) / max(warm))
                         if firsts and warm
                         else float("nan"),
-                        "load_s": sum(load[p][-1] for p in ("fetch", "validate", "engine_add")),
+                        "load_s": load,
                         "first_token_s": firsts,
                         "warm_first_token_s": warm,
                     }

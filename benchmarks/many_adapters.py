@@ -35,6 +35,7 @@ from benchmarks._support import (
 )
 from lora_gateway import devtools
 from lora_gateway.client import GenerateOptions
+from tests.support.metrics import residency_counts
 
 NAME = "many_adapters"
 COUNTERS = (
@@ -109,18 +110,18 @@ def upload_all(bench: Bench, params: Params) -> None:
 async def scenario(bench: Bench, params: Params, label: str, choices: list[int]) -> dict[str, Any]:
     work = prompts(len(choices), params.prompt_tokens, seed=3)
     async with bench.gateway(PREFIX) as gw:
-        stats = gw.server.gateway.residency.stats
+        metrics = gw.server.gateway.residency.metrics
         if label == "single":
             await gw.user.generate(adapter_name(0), "warm up", GenerateOptions(max_tokens=1))
-        base = asdict(stats)
+        base = asdict(residency_counts(metrics))
         names = [adapter_name(choice) for choice in choices]
         jobs = [
             (lambda a=name, i=ids: stream_request(gw.user, a, i, params.max_tokens))
             for name, ids in zip(names, work, strict=True)
         ]
         results, wall = await closed_loop(jobs, params.concurrency, bench.progress, label)
-        after = asdict(stats)
-    delta = {k: after[k] - base[k] for k in COUNTERS}
+        after = asdict(residency_counts(metrics))
+    delta = {k: int(after[k] - base[k]) for k in COUNTERS}
     n = len(results)
     disk_lookups = delta["disk_hits"] + delta["disk_misses"]
     ttfts = sorted(t for r in results if r.ok and (t := r.ttft) is not None)

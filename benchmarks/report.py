@@ -256,6 +256,25 @@ def rows_quantized(r: Result) -> list[tuple[str, str]]:
     return rows
 
 
+def rows_features(r: Result) -> list[tuple[str, str]]:
+    p, h, t = r["params"], r["headline"], r["time_per_output_token_s"]
+    size = (
+        f"{p['requests']}x{p['rounds']} requests per path, concurrency {p['concurrency']}, "
+        f"{p['prompt_tokens']} → up to {p['max_tokens']} tokens"
+    )
+    return [
+        ("workload", size),
+        ("throughput, OpenAI HTTP / gRPC (median of rounds)", _x(h["openai_throughput_ratio"])),
+        ("added latency p50, OpenAI HTTP over gRPC", _ms(h["openai_added_latency_p50_ms"] / 1e3)),
+        ("tokens/s, JSON schema / free (median of rounds)", _x(h["json_tokens_per_s_ratio"])),
+        (
+            "time per output token, free → JSON schema",
+            f"{_ms(t['grpc'])} → {_ms(t['grpc_json'])} "
+            f"(mean {h['json_mean_output_tokens']:.1f} tokens per JSON answer)",
+        ),
+    ]
+
+
 ROWS: dict[str, Callable[[Result], list[tuple[str, str]]]] = {
     "overhead": rows_overhead,
     "cold_start": rows_cold_start,
@@ -263,6 +282,7 @@ ROWS: dict[str, Callable[[Result], list[tuple[str, str]]]] = {
     "herd": rows_herd,
     "revocation": rows_revocation,
     "quantized": rows_quantized,
+    "features": rows_features,
 }
 
 
@@ -480,6 +500,23 @@ def plot_quantized(r: Result) -> Figure:
     return fig
 
 
+def plot_features(r: Result) -> Figure:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    paths = list(r["paths"])
+    a.bar(paths, [r["paths"][p]["tokens_per_s"] for p in paths], color="C0")
+    a.set_ylabel("output tokens / s")
+    a.set_title("throughput")
+    for index, p in enumerate(paths):
+        _cdf(b, r["samples"][p]["latency_s"], p, f"C{index}")
+    b.set_title("latency per request (CDF)")
+    b.set_xlabel("ms")
+    b.set_ylabel("fraction")
+    b.legend()
+    fig.suptitle("request features: JSON-schema output and the OpenAI front vs gRPC")
+    fig.tight_layout()
+    return fig
+
+
 PLOTS: dict[str, Callable[[Result], Figure]] = {
     "overhead": plot_overhead,
     "cold_start": plot_cold_start,
@@ -487,4 +524,5 @@ PLOTS: dict[str, Callable[[Result], Figure]] = {
     "herd": plot_herd,
     "revocation": plot_revocation,
     "quantized": plot_quantized,
+    "features": plot_features,
 }

@@ -310,6 +310,55 @@ class Settings(BaseSettings):
     and revocation use, so a flood of admin reads cannot delay them. One tenant's calls hold
     at most half of these threads at once."""
 
+    # --- requests: chat, structured output, logprobs ------------------------------------------
+    chat_max_messages: int = Field(512, ge=1)
+    """Most messages in one conversation (`messages` prompts); more is INVALID_ARGUMENT."""
+    chat_max_prompt_chars: int = Field(200_000, ge=1)
+    """Longest conversation, in characters: the messages' contents together, and the prompt the
+    chat template renders from them (INVALID_ARGUMENT beyond)."""
+    chat_template_max_bytes: int = Field(64 << 10, ge=1)
+    """Largest chat template (UTF-8 bytes) the gateway compiles. A base model whose template is
+    larger (or does not compile) is logged at start, and its chat requests are refused with
+    FAILED_PRECONDITION; text and token prompts are served."""
+    chat_render_timeout_s: float = Field(1.0, gt=0, le=60)
+    """Longest a chat template may run to render one conversation (checked while it runs, in a
+    thread of its own); beyond, the request is INVALID_ARGUMENT."""
+    structured_max_schema_bytes: int = Field(32 << 10, ge=2)
+    """Largest JSON schema of a structured-output request (UTF-8 bytes of its JSON text)."""
+    structured_max_schema_depth: int = Field(32, ge=1)
+    """Deepest nesting of objects and arrays in a JSON schema document (an object schema
+    nested in another takes two levels: itself and the `properties` around it)."""
+    structured_max_schema_properties: int = Field(256, ge=1)
+    """Most properties a JSON schema declares, counted over every `properties` in it."""
+    structured_max_enum_values: int = Field(256, ge=1)
+    """Most `enum` values a JSON schema lists, counted over the whole schema; also the most
+    `choice` strings of a choice constraint."""
+    structured_max_regex_chars: int = Field(1024, ge=1)
+    """Longest regex: the regex constraint, each `pattern` of a JSON schema, each choice."""
+    structured_max_repeat: int = Field(4096, ge=1)
+    """Budget of counted repetitions ({n}, {n,m}, {n,}) in a request's regexes and schema
+    patterns: each costs the product of its bound and the bounds around it, summed over the
+    request. vLLM parses these on its event loop and xgrammar expands them (measured:
+    `(.{1,1000}){1,1000}` in a schema pattern took 0.38 s to parse)."""
+    structured_max_grammar_bytes: int = Field(32 << 10, ge=1)
+    """Largest grammar (EBNF/GBNF or Lark) of a grammar constraint, in UTF-8 bytes."""
+    max_logprobs: int = Field(20, ge=0, le=1024)
+    """Most alternatives per token a request may ask for (`logprobs`, `prompt_logprobs`, the
+    OpenAI API's `top_logprobs`); also the engine's own `max_logprobs`."""
+
+    # --- OpenAI-compatible HTTP ---------------------------------------------------------------
+    openai_listen: str | None = None
+    """OpenAI-compatible HTTP API on host:port (/v1/completions, /v1/chat/completions,
+    /v1/models), served by this process next to gRPC: the same API keys (Authorization:
+    Bearer), permissions, tenancy, limits, audit and metrics; TLS settings apply to it too;
+    request bodies are limited to max_message_bytes. None: off."""
+    openai_model_name: str = ""
+    """The base model's name in the OpenAI API (`model`, /v1/models); default: its own name
+    (config.json's `_name_or_path`, else the model folder's name)."""
+    openai_max_models: int = Field(1000, ge=1)
+    """Most adapters /v1/models lists (the caller's own, then those shared with it), read page
+    by page from the store."""
+
     def __init__(self, **values: Any) -> None:
         """Validate `values` (and, inside `load`, the environment and file); InvalidArgument
         naming every bad setting otherwise."""

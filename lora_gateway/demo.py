@@ -3,25 +3,31 @@
 1. generate a tiny Llama and three PEFT adapters;
 2. start the gateway on 127.0.0.1 (local folder store, two tenants, an operator);
 3. upload the adapters through the Admin API, generate with each and with the base model;
-4. show a cross-tenant request refused, roll an alias back, revoke an adapter and show the next
+4. ask an adapter for JSON that follows a schema, from a chat conversation, through gRPC (the SDK)
+   and through the OpenAI-compatible HTTP API (any OpenAI client works; the demo uses the
+   standard library's HTTP client so that it needs nothing more);
+5. show a cross-tenant request refused, roll an alias back, revoke an adapter and show the next
    request refused; print a summary and exit 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import secrets
 import shutil
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from lora_gateway import devtools, errors
-from lora_gateway.client import AsyncGatewayClient, GenerateOptions, ResidencyTier
+from lora_gateway.client import AsyncGatewayClient, ChatMessage, GenerateOptions, ResidencyTier
 from lora_gateway.config import Settings
 from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
@@ -29,6 +35,29 @@ from lora_gateway.tenancy import hash_key
 PROMPT = "the tenant sends a request to the gateway"
 TOKENS = 12
 GREEDY = GenerateOptions(max_tokens=TOKENS)  # temperature unset: the server's default, 0
+#: Structured output: what an extraction adapter would be asked for.
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"urgent": {"type": "boolean"}, "team": {"enum": ["billing", "tech", "sales"]}},
+    "required": ["urgent", "team"],
+    "additionalProperties": False,
+}
+CHAT = [
+    ChatMessage("system", "Route the ticket: answer in JSON."),
+    ChatMessage("user", "my invoice is wrong and I am charged twice"),
+]
+
+
+def _post_json(url: str, key: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One OpenAI-style HTTP call with the standard library (run in a thread)."""
+    request = urllib.request.Request(  # noqa: S310 (an http URL to 127.0.0.1, built here)
+        url,
+        data=json.dumps(body).encode(),
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 (127.0.0.1)
+        answer: dict[str, Any] = json.load(response)
+    return answer
 
 
 def _say(text: str = "") -> None:
@@ -78,6 +107,7 @@ async def _run(work: Path) -> None:
             "cache_dir": str(work / "cache"),
             "tenants_file": str(work / "tenants.yaml"),
             "listen": "127.0.0.1:0",
+            "openai_listen": "127.0.0.1:0",
             "dtype": "float32",
             "max_loras": 2,
             "max_cpu_loras": 3,
@@ -95,6 +125,7 @@ async def _run(work: Path) -> None:
     _say(
         f"    serving on {target} after {time.perf_counter() - started:.0f}s; tenants: acme, globex"
     )
+    _say(f"    OpenAI-compatible API on http://127.0.0.1:{server.openai_port}/v1")
 
     def client(key_id: str) -> AsyncGatewayClient:
         return AsyncGatewayClient(target, keys[key_id])
@@ -121,7 +152,30 @@ async def _run(work: Path) -> None:
                 served = result.adapter.version[:19] + "..." if result.adapter else "base model"
                 _say(f"    {adapter or '(base)':<11} -> {result.token_ids}  [{served}]")
 
-            _step(5, "globex asks for acme's adapter: refused exactly like a missing one")
+            _step(5, "structured output: a chat conversation, JSON following a schema")
+            constrained = GenerateOptions(
+                max_tokens=64, json_schema=json.dumps(SCHEMA), disable_any_whitespace=True
+            )
+            result = await app.generate("support", CHAT, constrained)
+            _say(f"    gRPC   support -> {json.loads(result.text)}")
+            body = {
+                "model": "support",
+                "messages": [{"role": m.role, "content": m.content} for m in CHAT],
+                "max_tokens": 64,
+                "temperature": 0,  # OpenAI's default is 1; the SDK call above is greedy
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "ticket", "schema": SCHEMA},
+                },
+                "structured_outputs": {"disable_any_whitespace": True},
+            }
+            url = f"http://127.0.0.1:{server.openai_port}/v1/chat/completions"
+            answer = await asyncio.to_thread(_post_json, url, keys["acme-app"], body)
+            content = answer["choices"][0]["message"]["content"]
+            _say(f"    OpenAI support -> {json.loads(content)}")
+            _say("    (random adapters: the values are arbitrary, the shape is the schema's)")
+
+            _step(6, "globex asks for acme's adapter: refused exactly like a missing one")
             for ref in ("acme/support", "acme/no-such-adapter"):
                 try:
                     await globex.generate(ref, PROMPT, GREEDY)
@@ -129,7 +183,7 @@ async def _run(work: Path) -> None:
                 except errors.NotFound as exc:
                     _say(f"    {ref:<22} -> NOT_FOUND: {exc}")
 
-            _step(6, "roll legal@prod back to the first version")
+            _step(7, "roll legal@prod back to the first version")
             await admin.set_alias("legal", "prod", versions["legal"])
             result = await app.generate("legal@prod", PROMPT, GREEDY)
             assert result.adapter is not None
@@ -137,7 +191,7 @@ async def _run(work: Path) -> None:
             if result.adapter.version != versions["legal"]:
                 raise RuntimeError("rollback did not take effect")
 
-            _step(7, "revoke 'support'; the next request is refused")
+            _step(8, "revoke 'support'; the next request is refused")
             revoked = await admin.revoke_adapter("support")
             _say(f"    revoked {len(revoked.revoked_versions)} version(s)")
             try:
@@ -153,6 +207,7 @@ async def _run(work: Path) -> None:
 
     _say("\nsummary")
     _say("    3 adapters uploaded (validated, content-addressed), 3 generations served")
+    _say("    JSON-schema output from a conversation, through gRPC and the OpenAI-compatible API")
     _say("    cross-tenant access refused; alias rolled back; revoked adapter refused")
     _say(f"    {in_engine} adapter version(s) were resident in the engine at the end")
     _say(f"    demo finished in {time.perf_counter() - started:.0f}s")

@@ -3,7 +3,8 @@
 Everything here is deterministic (seeded) and offline. The heavy libraries (torch, transformers,
 tokenizers, peft) are imported inside the functions so that the server does not pay for them.
 
-- `make_model(out)`          a random Llama with a small BPE tokenizer, saved with save_pretrained.
+- `make_model(out)`          a random Llama with a small BPE tokenizer and a chat template
+                             (`TINY_CHAT_TEMPLATE`), saved with save_pretrained.
 - `make_quantized_model(out, scheme)`  the same model quantized with compressed-tensors (W8A8,
                              W4A8, W4A16), in the format llm-compressor writes and vLLM reads.
 - `dequantize_model(q, out)` a quantized checkpoint's weights dequantized back to a float32 model
@@ -13,8 +14,8 @@ tokenizers, peft) are imported inside the functions so that the server does not 
                              with numpy (no torch, no PEFT: fast enough for a thousand): the
                              engine's null and canary adapters, the self-test's, the benchmarks'.
 - `ReferenceGenerator`       the PEFT-merged model run greedily in transformers, float32: the
-                             token-for-token reference that the engine's outputs must equal
-                             (and, for a quantized base, the logprobs they are held to).
+                             token-for-token reference that the engine's outputs must equal,
+                             and the log-softmax its logprobs are held to (`log_softmax`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,19 @@ TINY_INTERMEDIATE = 256
 TINY_VOCAB = 384
 TINY_MAX_POSITIONS = 512
 TINY_MODEL_NAME = "lora-gateway/tiny-llama"
+#: The tiny model's chat template (saved with its tokenizer as `chat_template`): each message is
+#: `<s>{role}\n{content}</s>\n`, the generation prompt `<s>assistant\n`. Roles other than
+#: system, user and assistant are refused by the template itself (`raise_exception`), as real
+#: templates do. It adds no token to the vocabulary, so the model's weights are unchanged.
+TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('unsupported role: ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{{- bos_token + message['role'] + '\\n' + message['content'] + eos_token + '\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- bos_token + 'assistant\\n' -}}{%- endif -%}"
+)
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -110,6 +124,7 @@ def make_model(
         tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
     tokenizer.model_max_length = TINY_MAX_POSITIONS
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
 
     config = LlamaConfig(
@@ -468,6 +483,21 @@ class ReferenceGenerator:
                 pad_token_id=self.tokenizer.eos_token_id,
             )
         return [int(t) for t in output[0][len(ids) :]]
+
+    def log_softmax(
+        self, prompt: str | Sequence[int], adapter_dir: Path | str | None, tokens: Sequence[int]
+    ) -> Any:
+        """Teacher-forced along `tokens` after `prompt`: the float32 log-softmax of the logits
+        at every position of prompt + tokens but the last, as a numpy array [positions, vocab].
+        Row i is the distribution of token i + 1: rows len(prompt) - 1 onwards are those of
+        the generated tokens, rows 0 .. len(prompt) - 2 those of the prompt's own tokens."""
+        import torch
+
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        model = self._model(adapter_dir)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + list(tokens)])).logits[0, :-1]
+        return torch.log_softmax(logits.float(), dim=-1).numpy()
 
     def logprob_gaps(
         self, prompt: str | Sequence[int], adapter_dir: Path | str | None, tokens: Sequence[int]

@@ -1,25 +1,37 @@
 """The gateway's core, free of protobuf: admit → resolve → hold the adapter → generate.
 
-Services translate protobuf to the plain types here and back; this module owns the order of
-checks and the per-request bookkeeping (in-flight requests per version, for revocation). The
-admin workflows (upload, alias, share, compose, revoke, pin) are the admin core's:
+Services translate protobuf (gRPC) and JSON (the OpenAI-compatible HTTP front) to the plain
+types here and back; this module owns the order of checks and the per-request bookkeeping
+(in-flight requests per version, for revocation). Both fronts call the same methods, so keys,
+permissions, tenancy, limits and metrics are the same whichever one a client speaks. The admin
+workflows (upload, alias, share, compose, revoke, pin) are the admin core's:
 `lora_gateway.adapters`.
+
+Request features: a prompt is text, token ids or a chat conversation (`ChatPrompt`, rendered
+with the chat template by `chat.ChatTemplates` after admission, then tokenized); a structured
+output constraint is checked against its limits (`structured.check_constraint`) and logprobs
+against `max_logprobs` before admission, so a refused request costs no rate tokens.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import hmac
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
-from adapter_store import AdapterRef, AdapterStore, AdapterVersion
+from adapter_store import AdapterRef, AdapterStore, AdapterVersion, Manifest
 from lora_gateway import errors
+from lora_gateway.chat import ChatLimits, ChatMessage, ChatTemplates
 from lora_gateway.config import Settings
 from lora_gateway.engine.base import (
     Engine,
@@ -31,7 +43,10 @@ from lora_gateway.engine.base import (
 )
 from lora_gateway.metrics import Metrics
 from lora_gateway.residency import Residency, key_of
+from lora_gateway.structured import StructuredLimits, check_constraint
 from lora_gateway.tenancy import Admission, KeyRing, Principal, Role, Tenants, check_max_tokens
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +67,44 @@ class Served:
 
 
 @dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation, rendered with the chat template (the base model's; an adapter
+    version's own once the store carries one) and tokenized before it reaches the engine."""
+
+    messages: tuple[ChatMessage, ...]
+    #: Append the template's opening of an assistant turn (transformers' flag; default on).
+    add_generation_prompt: bool = True
+
+
+@dataclass(frozen=True)
 class GenerateCall:
     adapter: AdapterRef | None
-    prompt: Prompt
+    prompt: Prompt | ChatPrompt
     params: GenerateParams
     request_id: str
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """What `Gateway.tokenize` returns."""
+
+    token_ids: list[int]
+    #: The prompt text the chat template rendered (None for a text prompt).
+    rendered: str | None
+    #: The engine's context length: prompt and output together must fit in it.
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model a caller may name: an adapter (own or shared) or the base model."""
+
+    #: What the caller passes as `model`: "name" (own), "owner/name" (shared) or the base name.
+    id: str
+    #: The owning tenant ("" for the base model).
+    owner: str
+    #: Seconds since the epoch of the adapter's newest version (0 for the base model).
+    created: int = 0
 
 
 class Gateway:
@@ -79,9 +127,61 @@ class Gateway:
         self.admission = admission
         self.metrics = metrics
         self.draining = False
+        self.structured_limits = StructuredLimits.of(settings)
+        #: The chat templates (the base model's from the engine's tokenizer).
+        self.chat = ChatTemplates(engine.tokenizer_info(), ChatLimits.of(settings))
+        #: Store reads of model listings (the OpenAI front's /v1/models): their own threads.
+        self._reads = ThreadPoolExecutor(2, thread_name_prefix="model-list")
         #: Key of the per-tenant prefix-cache salts: random per process (the prefix cache is
         #: too), never logged, so a salt cannot be guessed from a tenant's name.
         self._salt_key = secrets.token_bytes(32)
+
+    def close(self) -> None:
+        self.chat.close()
+        self._reads.shutdown(wait=False, cancel_futures=True)
+
+    # --- checks -----------------------------------------------------------------------------
+    def check_params(self, params: GenerateParams) -> None:
+        """Structured output and logprobs within their limits (InvalidArgument otherwise)."""
+        if params.structured is not None:
+            check_constraint(params.structured, self.structured_limits)
+        most = self.settings.max_logprobs
+        for name, value in (
+            ("logprobs", params.logprobs),
+            ("prompt_logprobs", params.prompt_logprobs),
+        ):
+            if value is not None and not 0 <= value <= most:
+                raise errors.InvalidArgument(
+                    f"{name}: at most {most} alternatives per token (max_logprobs), got {value}"
+                )
+
+    def chat_template_of(self, version: AdapterVersion | None) -> str | None:
+        """The chat template of `version`: None, the base model's, until the store keeps an
+        adapter's own template (then: the version's, validated at upload)."""
+        return None
+
+    async def prompt_ids(
+        self, prompt: Prompt | ChatPrompt, version: AdapterVersion | None
+    ) -> tuple[Prompt, str | None]:
+        """A chat prompt rendered and tokenized (its text returned too); other prompts as
+        they are. A conversation the context cannot hold is INVALID_ARGUMENT."""
+        if isinstance(prompt, Prompt):
+            return prompt, None
+        text = await self.chat.render(
+            prompt.messages,
+            add_generation_prompt=prompt.add_generation_prompt,
+            template=self.chat_template_of(version),
+        )
+        ids = await self.engine.tokenize(text, add_special_tokens=False)
+        limit = self.engine.max_model_len
+        if not ids:
+            raise errors.InvalidArgument("messages: the chat template rendered an empty prompt")
+        if len(ids) >= limit:
+            raise errors.InvalidArgument(
+                f"messages: the conversation is {len(ids)} tokens, and the model's context is "
+                f"{limit} (max_model_len) for the prompt and the output together"
+            )
+        return Prompt(token_ids=tuple(ids)), text
 
     def cache_salt(self, tenant: str) -> str | None:
         """The tenant's prefix-cache salt (None when `prefix_cache_per_tenant` is off)."""
@@ -98,6 +198,7 @@ class Gateway:
             raise errors.Unavailable("server is shutting down")
         tenant = self.keyring.tenant(principal.tenant)
         check_max_tokens(call.params.max_tokens, tenant)
+        self.check_params(call.params)
         started = time.perf_counter()
         async with self.admission.slot(principal, tenant, tokens=call.params.max_tokens) as slot:
             version = None
@@ -106,6 +207,7 @@ class Gateway:
                     principal.tenant, call.adapter, any_owner=principal.role is Role.OPERATOR
                 )
             served = Served.of(version)
+            ready, _ = await self.prompt_ids(call.prompt, version)
             async with contextlib.AsyncExitStack() as stack:
                 loaded = (
                     None
@@ -114,9 +216,7 @@ class Gateway:
                 )
                 queued = time.perf_counter()
                 produced = 0
-                prompt = dataclasses.replace(
-                    call.prompt, cache_salt=self.cache_salt(principal.tenant)
-                )
+                prompt = dataclasses.replace(ready, cache_salt=self.cache_salt(principal.tenant))
                 async for chunk in self._run(call, prompt, loaded, version):
                     if produced == 0 and self.metrics is not None:
                         self.metrics.queued(queued - started)
@@ -140,3 +240,64 @@ class Gateway:
                     raise errors.Aborted("request aborted: the adapter version was revoked")
                 raise errors.Unavailable("request aborted by the server")
             yield chunk
+
+    # --- tokenize and models ----------------------------------------------------------------
+    async def tokenize(
+        self, principal: Principal, adapter: AdapterRef | None, prompt: Prompt | ChatPrompt
+    ) -> Tokenized:
+        """Token ids of a prompt as `generate` would send it to the engine. An adapter is
+        resolved with the same visibility rules (another tenant's is NOT_FOUND like a missing
+        one), never loaded: it only chooses the chat template."""
+        if self.draining:
+            raise errors.Unavailable("server is shutting down")
+        version = None
+        if adapter is not None:
+            version = await self.residency.resolve(
+                principal.tenant, adapter, any_owner=principal.role is Role.OPERATOR
+            )
+        ready, rendered = await self.prompt_ids(prompt, version)
+        if ready.token_ids is not None:
+            ids = list(ready.token_ids)
+        else:
+            assert ready.text is not None
+            ids = await self.engine.tokenize(ready.text)
+        return Tokenized(ids, rendered, self.engine.max_model_len)
+
+    async def models(self, principal: Principal, base_name: str) -> list[ModelEntry]:
+        """What `principal` may name as a model: the base model, its tenant's live adapters,
+        then those shared with it (from its share index), read a page at a time, at most
+        `openai_max_models` adapters."""
+        if self.draining:
+            raise errors.Unavailable("server is shutting down")
+        most = self.settings.openai_max_models
+        entries = [ModelEntry(base_name, "")]
+        tenant = principal.tenant
+        for shared in (False, True):
+            after: str | None = ""
+            while after is not None and len(entries) <= most:
+                read = self.store.shared_page if shared else self.store.adapter_page
+                page = await self._read(read, tenant, after=after, limit=min(200, most))
+                for manifest in page.items:
+                    if len(entries) > most:
+                        break
+                    name = f"{manifest.tenant}/{manifest.name}" if shared else manifest.name
+                    entries.append(ModelEntry(name, manifest.tenant, _created(manifest)))
+                after = page.next_after
+        return entries
+
+    async def _read(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reads, functools.partial(fn, *args, **kwargs))
+
+
+def _created(manifest: Manifest) -> int:
+    """Seconds since the epoch of the manifest's newest version (0 when unknown)."""
+    from datetime import datetime
+
+    stamps = []
+    for version in manifest.versions.values():
+        try:
+            stamps.append(datetime.fromisoformat(version.created_at.replace("Z", "+00:00")))
+        except (AttributeError, ValueError):
+            continue
+    return int(max(stamps).timestamp()) if stamps else 0

@@ -37,6 +37,7 @@ __all__ = [
     "NO_ADAPTER_LABEL",
     "LoadPhase",
     "Metrics",
+    "SlotQueue",
     "Tier",
     "adapter_label",
     "parse_listen",
@@ -47,7 +48,11 @@ Tier = Literal["engine", "disk"]
 #: fsync, sha256 verify, atomic rename; the cache verifies as it fetches, so there is no
 #: separate verify phase), `validate` (adapter checks), `engine_add` (make room and add_lora).
 LoadPhase = Literal["fetch", "validate", "engine_add"]
+#: The queues a request may wait in for an engine slot: `tenant` (its tenant holds its
+#: `max_engine_slots`), `engine` (a load waits for a free or evictable slot).
+SlotQueue = Literal["tenant", "engine"]
 _TIERS: frozenset[str] = frozenset(get_args(Tier))
+_SLOT_QUEUES: frozenset[str] = frozenset(get_args(SlotQueue))
 _CANARY_RESULTS: frozenset[str] = frozenset({"pass", "fail", "error"})
 _PHASES: frozenset[str] = frozenset(get_args(LoadPhase))
 
@@ -172,6 +177,34 @@ class Metrics:
             ["tier"],
             registry=r,
         )
+        self.engine_loads_total = Counter(
+            "lora_gateway_engine_loads_total",
+            "Adapter versions added to the engine (cold loads that completed).",
+            registry=r,
+        )
+        self.revoked_unloads_total = Counter(
+            "lora_gateway_revoked_unloads_total",
+            "Adapter versions removed from the engine because they were revoked.",
+            registry=r,
+        )
+        self.slot_waits_total = Counter(
+            "lora_gateway_slot_waits_total",
+            "Requests that queued for an engine adapter slot, by queue (tenant: the tenant held "
+            "its max_engine_slots; engine: no slot was free or evictable).",
+            ["queue"],
+            registry=r,
+        )
+        self.manifest_reads_total = Counter(
+            "lora_gateway_manifest_reads_total",
+            "Manifest reads from the store on a request's path (the poller's re-reads aside).",
+            registry=r,
+        )
+        self.manifest_evictions_total = Counter(
+            "lora_gateway_manifest_evictions_total",
+            "Manifests dropped from the in-memory cache (least recently used beyond "
+            "manifest_cache_size).",
+            registry=r,
+        )
         self.resident_adapters = Gauge(
             "lora_gateway_resident_adapters",
             "Adapters held by a tier.",
@@ -277,6 +310,21 @@ class Metrics:
 
     def evicted(self, tier: Tier, count: int = 1) -> None:
         self.evictions_total.labels(_check(tier, _TIERS)).inc(count)
+
+    def engine_loaded(self) -> None:
+        self.engine_loads_total.inc()
+
+    def revoked_unload(self) -> None:
+        self.revoked_unloads_total.inc()
+
+    def slot_waited(self, queue: SlotQueue) -> None:
+        self.slot_waits_total.labels(_check(queue, _SLOT_QUEUES)).inc()
+
+    def manifest_read(self) -> None:
+        self.manifest_reads_total.inc()
+
+    def manifest_evicted(self) -> None:
+        self.manifest_evictions_total.inc()
 
     def set_resident(self, tier: Tier, count: int) -> None:
         self.resident_adapters.labels(_check(tier, _TIERS)).set(count)

@@ -1,10 +1,11 @@
 """Build and run the gateway: grpc.aio server, health, reflection, signals and drain.
 
 Start-up: store, disk cache and engine → gRPC server up with health NOT_SERVING → isolation
-self-test → runtime canary references → warm (pinned) adapters → SERVING. Shutdown
-(SIGTERM/SIGINT): health NOT_SERVING at once → new requests refused (UNAVAILABLE) and the listener
-closed → in-flight requests drain within `drain_grace_s`, then are cancelled (engine abort) →
-poller stopped → engine shut down.
+self-test → runtime canary references → warm (pinned) adapters → the OpenAI-compatible HTTP
+listener (`openai_listen`) → SERVING. Shutdown (SIGTERM/SIGINT): health NOT_SERVING at once → new
+requests refused (UNAVAILABLE, HTTP 503) and both listeners closed → in-flight requests of both
+drain within `drain_grace_s`, then are cancelled (engine abort) → poller stopped → engine shut
+down.
 
 Health names: "" and the two API services (readiness) are SERVING while the engine is healthy,
 the server is neither draining nor recovering, and manifest propagation is fresh (a poll
@@ -55,6 +56,7 @@ from lora_gateway.metrics import Metrics
 from lora_gateway.residency import Residency, key_of
 from lora_gateway.services.admin import AdminService
 from lora_gateway.services.inference import InferenceService
+from lora_gateway.services.openai_http import OpenAIFront, OpenAIServer
 from lora_gateway.stores import open_store
 from lora_gateway.tenancy import Admission, KeyRing, RpcLimits, Tenants
 from lora_gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
@@ -164,6 +166,11 @@ class GatewayServer:
     recovering: bool = False
     #: One entry per canary failure handled: timings for logs, tests and docs.
     recoveries: list[Recovery] = field(default_factory=list)
+    #: The OpenAI-compatible HTTP listener (`openai_listen`) and its port.
+    openai: OpenAIServer | None = None
+    openai_port: int | None = None
+    #: The base model's name in the OpenAI API (`openai_model_name`, else its own name).
+    base_model_name: str = ""
 
     @classmethod
     async def start(cls, settings: Settings, engine: Engine | None = None) -> GatewayServer:
@@ -198,6 +205,13 @@ class GatewayServer:
             on_refused=metrics.refused,
         )
         gateway = Gateway(settings, engine, registry, residency, tenants, admission, metrics)
+        await gateway.chat.check_base()
+        if gateway.chat.base_problem is not None:
+            log.error(
+                "the base model's chat template cannot be used; chat requests will be refused "
+                "(text and token prompts are served): %s",
+                gateway.chat.base_problem,
+            )
         audit = await asyncio.to_thread(AuditLog, settings.audit_log)
 
         # No `maximum_concurrent_rpcs`: at that cap grpc.aio stops taking calls (they wait until
@@ -252,6 +266,7 @@ class GatewayServer:
         self.tenants = tenants
         self.tenants_digest = hashlib.sha256(tenants_bytes).hexdigest()
         self.probe_server, self.health_port = probe_server, health_port
+        self.base_model_name = settings.openai_model_name or store.spec.name
         try:
             if settings.metrics_listen:
                 self.metrics_port = metrics.start_http(settings.metrics_listen)[1]
@@ -259,6 +274,13 @@ class GatewayServer:
                 await require_isolation(engine, settings.model)
             await self._start_canary()
             await self._warm_up()
+            if settings.openai_listen:
+                # Started last, so that no HTTP request is served before the self-test passed.
+                front = OpenAIFront(
+                    gateway, audit, rpc_limits(settings, metrics), self.base_model_name
+                )
+                self.openai = await OpenAIServer.start(settings, front)
+                self.openai_port = self.openai.port
         except BaseException:
             await self.stop(grace=0)
             raise
@@ -495,7 +517,11 @@ class GatewayServer:
         grace = self.settings.drain_grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
         self.gateway.draining = True
-        await self.server.stop(grace)
+        # Both fronts stop accepting and drain their in-flight requests within the same grace.
+        await asyncio.gather(
+            self.server.stop(grace),
+            *([self.openai.stop(grace)] if self.openai is not None else []),
+        )
         self._stop_poller.set()
         for task in (self._poller, self._watcher, self._canary_task, *self._tasks):
             if task is not None:
@@ -508,6 +534,7 @@ class GatewayServer:
         else:
             with contextlib.suppress(errors.GatewayError):
                 await self.gateway.residency.close()
+        self.gateway.close()
         self.audit.close()
         self.metrics.set_engine_healthy(False)
         self.metrics.close()
@@ -522,6 +549,8 @@ async def run(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     server = await GatewayServer.start(settings)
     print(f"lora-gateway listening on port {server.port}", flush=True)
+    if server.openai_port is not None:
+        print(f"OpenAI-compatible HTTP API on port {server.openai_port}", flush=True)
     signalled = asyncio.create_task(stop.wait())
     failed = asyncio.create_task(server.engine_failed.wait())
     await asyncio.wait({signalled, failed}, return_when=asyncio.FIRST_COMPLETED)

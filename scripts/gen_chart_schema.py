@@ -32,6 +32,7 @@ CHART_MANAGED = (
     "cache_dir",
     "spool_dir",
     "health_listen",
+    "openai_listen",
 )
 #: TLS is not wired: kubelet's gRPC probes speak plaintext (terminate TLS in front). The vLLM
 #: plugin's setting concerns `vllm serve`, which the chart does not run.

@@ -144,6 +144,13 @@ def test_metrics_move() -> None:
     with m.time_load("fetch"):
         pass
     m.evicted("engine")
+    m.engine_loaded()
+    m.revoked_unload()
+    m.slot_waited("tenant")
+    m.slot_waited("engine")
+    m.slot_waited("engine")
+    m.manifest_read()
+    m.manifest_evicted()
     m.set_resident("engine", 3)
     m.set_engine_healthy(True)
     m.set_inflight("acme", 2)
@@ -162,11 +169,19 @@ def test_metrics_move() -> None:
     assert v("lora_gateway_adapter_load_seconds_count", phase="validate") == 1
     assert v("lora_gateway_adapter_load_seconds_count", phase="fetch") == 1
     assert v("lora_gateway_evictions_total", tier="engine") == 1
+    assert v("lora_gateway_engine_loads_total") == 1
+    assert v("lora_gateway_revoked_unloads_total") == 1
+    assert v("lora_gateway_slot_waits_total", queue="tenant") == 1
+    assert v("lora_gateway_slot_waits_total", queue="engine") == 2
+    assert v("lora_gateway_manifest_reads_total") == 1
+    assert v("lora_gateway_manifest_evictions_total") == 1
     assert v("lora_gateway_resident_adapters", tier="engine") == 3
     assert v("lora_gateway_engine_healthy") == 1
     assert v("lora_gateway_inflight_requests", tenant="acme") == 2
     with pytest.raises(ValueError):
         m.cache_hit("gpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        m.slot_waited("disk")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         m.load_phase("download", 1.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError):  # production never records it: the cache verifies in fetch

@@ -20,7 +20,15 @@ import pytest
 pytestmark = pytest.mark.engine
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("overhead", "cold_start", "many_adapters", "herd", "revocation", "quantized")
+BENCHMARKS = (
+    "overhead",
+    "cold_start",
+    "many_adapters",
+    "herd",
+    "revocation",
+    "quantized",
+    "features",
+)
 REQUIRED = {
     "overhead": ("paths", "comparison", "samples"),
     "cold_start": ("by_rank", "trials"),
@@ -28,6 +36,7 @@ REQUIRED = {
     "herd": ("trials",),
     "revocation": ("trials", "summary"),
     "quantized": ("systems", "comparison"),
+    "features": ("paths", "rounds", "time_per_output_token_s"),
 }
 
 

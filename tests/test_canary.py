@@ -14,7 +14,13 @@ import pytest
 
 from lora_gateway import errors
 from lora_gateway.config import Settings
-from lora_gateway.engine.base import GenerateParams, LoadedAdapter, Prompt, TokenChunk
+from lora_gateway.engine.base import (
+    GenerateParams,
+    LoadedAdapter,
+    Prompt,
+    TokenChunk,
+    TokenizerInfo,
+)
 from lora_gateway.engine.canary import (
     CANARY_PROMPTS,
     Canary,
@@ -30,6 +36,7 @@ class FakeEngine:
 
     max_loras = 2
     max_cpu_loras = 3
+    max_model_len = 256
 
     def __init__(self) -> None:
         self.canary_adapter = LoadedAdapter(1, "canary", Path("/nonexistent"))
@@ -77,6 +84,12 @@ class FakeEngine:
         return set()
 
     async def check_health(self) -> None: ...
+
+    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return [len(text)]
+
+    def tokenizer_info(self) -> TokenizerInfo:
+        return TokenizerInfo(chat_template=None)
 
     async def shutdown(self) -> None: ...
 

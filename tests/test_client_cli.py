@@ -39,6 +39,7 @@ from lora_gateway.client import (
     AdapterStatus,
     AdapterVersion,
     AsyncGatewayClient,
+    ChatMessage,
     ComposePart,
     GatewayClient,
     GenerateOptions,
@@ -48,6 +49,9 @@ from lora_gateway.client import (
     RevokeResult,
     ServedAdapter,
     TenantUsage,
+    TokenizeResult,
+    TokenLogprob,
+    TopLogprob,
 )
 from lora_gateway.config import Settings
 from lora_gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
@@ -164,6 +168,24 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             usage=inference_pb2.Usage(prompt_tokens=4, completion_tokens=3),
             adapter=SERVED if request.adapter else None,
             request_id="srv-1",
+            logprobs=[
+                inference_pb2.TokenLogprob(
+                    token_id=5,
+                    logprob=-0.5,
+                    token="a",
+                    top=[inference_pb2.TopLogprob(token_id=5, logprob=-0.5, token="a")],
+                )
+            ]
+            if request.sampling.HasField("logprobs")
+            else [],
+        )
+
+    async def Tokenize(
+        self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.TokenizeResponse:
+        await self.script.enter("Tokenize", request, context)
+        return inference_pb2.TokenizeResponse(
+            token_ids=[1, 2, 3], count=3, rendered="<s>user", max_model_len=256
         )
 
     async def GenerateStream(
@@ -391,6 +413,8 @@ def test_public_surface_is_small_and_both_clients_match() -> None:
             "GatewayClient",
             # what a call takes
             "GenerateOptions",
+            "ChatMessage",
+            "Prompt",
             # what calls return
             "GenerateResult",
             "ServedAdapter",
@@ -406,6 +430,9 @@ def test_public_surface_is_small_and_both_clients_match() -> None:
             "ResidencyTier",
             "RevokeResult",
             "TenantUsage",
+            "TokenizeResult",
+            "TokenLogprob",
+            "TopLogprob",
         ]
     )
     assert all(hasattr(client_module, name) for name in client_module.__all__)
@@ -502,6 +529,7 @@ def test_token_id_prompt_and_local_argument_checks(
 # --- the options type -------------------------------------------------------------------------
 
 #: Every option set to something other than its default, and the request it must make.
+SCHEMA_TEXT = '{"type": "object", "required": ["a"]}'
 ALL_OPTIONS = GenerateOptions(
     max_tokens=20,
     min_tokens=2,
@@ -515,6 +543,10 @@ ALL_OPTIONS = GenerateOptions(
     presence_penalty=-1.5,
     frequency_penalty=0.25,
     repetition_penalty=1.25,
+    json_schema=SCHEMA_TEXT,
+    disable_any_whitespace=True,
+    logprobs=3,
+    prompt_logprobs=1,
 )
 ALL_SAMPLING = inference_pb2.SamplingParams(
     max_tokens=20,
@@ -529,6 +561,9 @@ ALL_SAMPLING = inference_pb2.SamplingParams(
     presence_penalty=-1.5,
     frequency_penalty=0.25,
     repetition_penalty=1.25,
+    constraint=inference_pb2.OutputConstraint(json_schema=SCHEMA_TEXT, disable_any_whitespace=True),
+    logprobs=3,
+    prompt_logprobs=1,
 )
 
 
@@ -555,10 +590,63 @@ def test_every_option_reaches_the_request(sync_client: GatewayClient, script: Sc
         list(stream)
     assert script.last("GenerateStream").request.sampling == ALL_SAMPLING
     # Each request field is an option and each option a request field: neither grows alone,
-    # and ALL_SAMPLING above sets every one of them.
+    # and ALL_SAMPLING above sets every one of them. The output constraint's fields are
+    # options of their own (one kind at a time: the other kinds are tested below).
     fields = set(inference_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
-    assert {f.name for f in dataclasses.fields(GenerateOptions)} == fields
+    constraint = set(inference_pb2.OutputConstraint.DESCRIPTOR.fields_by_name)
+    assert {f.name for f in dataclasses.fields(GenerateOptions)} == (
+        fields - {"constraint"}
+    ) | constraint
     assert {f.name for f, _ in ALL_SAMPLING.ListFields()} == fields
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({"regex": "[a-z]+"}, inference_pb2.OutputConstraint(regex="[a-z]+")),
+        (
+            {"choice": ["yes", "no"]},
+            inference_pb2.OutputConstraint(choice=inference_pb2.Choices(choices=["yes", "no"])),
+        ),
+        ({"grammar": 'root ::= "a"'}, inference_pb2.OutputConstraint(grammar='root ::= "a"')),
+        ({"json_object": True}, inference_pb2.OutputConstraint(json_object=True)),
+        (
+            {"json_schema": {"type": "object"}},  # a dict is sent as its JSON text
+            inference_pb2.OutputConstraint(json_schema='{"type": "object"}'),
+        ),
+    ],
+)
+def test_each_constraint_kind_reaches_the_request(
+    sync_client: GatewayClient,
+    script: Script,
+    given: dict[str, Any],
+    expected: inference_pb2.OutputConstraint,
+) -> None:
+    sync_client.generate("support", "hi", GenerateOptions(**given))
+    assert script.last("Generate").request.sampling.constraint == expected
+
+
+def test_logprobs_come_back_as_dataclasses(sync_client: GatewayClient) -> None:
+    result = sync_client.generate("support", "hi", GenerateOptions(logprobs=1))
+    assert result.logprobs == (TokenLogprob(5, -0.5, "a", (TopLogprob(5, -0.5, "a"),)),)
+    assert sync_client.generate("support", "hi").logprobs == ()
+
+
+def test_a_conversation_is_the_prompt(sync_client: GatewayClient, script: Script) -> None:
+    turns = [ChatMessage("system", "be brief"), {"role": "user", "content": "hello"}]
+    sync_client.generate("support", turns)  # type: ignore[arg-type]
+    sent = script.last("Generate").request
+    assert sent.WhichOneof("prompt") == "messages"
+    assert [(m.role, m.content) for m in sent.messages.messages] == [
+        ("system", "be brief"),
+        ("user", "hello"),
+    ]
+    assert not sent.messages.HasField("add_generation_prompt")  # the server's default: on
+    with pytest.raises(errors.InvalidArgument, match="messages\\[0\\]"):
+        sync_client.generate("support", [("user", "x")])  # type: ignore[list-item]
+    result = sync_client.tokenize("support", [ChatMessage("user", "hello")])
+    assert result == TokenizeResult([1, 2, 3], 3, "<s>user", 256)
+    assert script.last("Tokenize").request.messages.messages[0].content == "hello"
 
 
 @pytest.mark.parametrize(
@@ -590,6 +678,10 @@ def test_every_option_reaches_the_request(sync_client: GatewayClient, script: Sc
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"stop_token_ids": list(range(65))}, "stop_token_ids"),
         ({"temprature": 0.5}, "temprature"),  # a misspelt option is refused, not ignored
+        ({"regex": "a", "choice": ["b"]}, "at most one output constraint"),
+        ({"disable_any_whitespace": True, "regex": "a"}, "disable_any_whitespace"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"json_schema": ""}, "json_schema"),
     ],
 )
 def test_options_are_checked_when_made(given: dict[str, Any], named: str) -> None:
@@ -1099,7 +1191,7 @@ def test_cli_generate_has_a_flag_for_every_option(capsys: pytest.CaptureFixture[
 
 
 def test_cli_generate_flags_fill_the_options(
-    environ: dict[str, str], script: Script, capsys: pytest.CaptureFixture[str]
+    environ: dict[str, str], script: Script, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     argv = ["generate", "--prompt", "hi", "--max-tokens", "20", "--min-tokens", "2"]
     argv += ["--ignore-eos", "--stop", "\n", "--stop", "END"]
@@ -1107,6 +1199,10 @@ def test_cli_generate_flags_fill_the_options(
     argv += ["--top-p", "0.75", "--top-k", "40", "--seed", str(2**40)]
     argv += ["--presence-penalty", "-1.5", "--frequency-penalty", "0.25"]
     argv += ["--repetition-penalty", "1.25", "--request-id", "cli-1"]
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(SCHEMA_TEXT)
+    argv += ["--json-schema", str(schema_file), "--disable-any-whitespace"]
+    argv += ["--logprobs", "3", "--prompt-logprobs", "1"]
     assert main(argv, environ=environ) == 0
     request = script.last("Generate").request
     assert request.sampling == ALL_SAMPLING
@@ -1129,6 +1225,43 @@ def test_cli_generate_flags_fill_the_options(
         main(["generate", "--prompt", "hi", "--top-k", "many"], environ=environ)
     assert caught.value.code == 2
     assert "--top-k" in capsys.readouterr().err
+
+
+def test_cli_conversations_choices_and_tokenize(
+    environ: dict[str, str], script: Script, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    argv = ["generate", "--system", "be brief", "--user", "hi", "--user", "again"]
+    argv += ["--choice", "yes", "--choice", "no", "--json"]
+    assert main(argv, environ=environ) == 0
+    sent = script.last("Generate").request
+    assert [(m.role, m.content) for m in sent.messages.messages] == [
+        ("system", "be brief"),
+        ("user", "hi"),
+        ("user", "again"),
+    ]
+    assert list(sent.sampling.constraint.choice.choices) == ["yes", "no"]
+    capsys.readouterr()
+    conversation = tmp_path / "chat.json"
+    conversation.write_text(json.dumps([{"role": "user", "content": "from a file"}]))
+    assert main(["tokenize", "--messages", str(conversation), "--json"], environ=environ) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "token_ids": [1, 2, 3],
+        "count": 3,
+        "rendered": "<s>user",
+        "max_model_len": 256,
+    }
+    assert script.last("Tokenize").request.messages.messages[0].content == "from a file"
+    assert main(["tokenize", "--prompt", "hello"], environ=environ) == 0
+    assert capsys.readouterr().out == "3 tokens (context 256)\n1,2,3\n"
+    # Two prompts, a malformed conversation file: exit 3, nothing sent.
+    script.calls.clear()
+    rc = main(["generate", "--prompt", "x", "--user", "y"], environ=environ)
+    assert rc == EXIT_CODES[errors.InvalidArgument]
+    conversation.write_text('{"role": "user"}')
+    rc = main(["generate", "--messages", str(conversation)], environ=environ)
+    assert rc == EXIT_CODES[errors.InvalidArgument]
+    assert "--messages" in capsys.readouterr().err
+    assert script.calls == []
 
 
 def test_cli_error_prints_the_code_and_exits_nonzero(

@@ -34,6 +34,7 @@ from lora_gateway.residency import Residency, key_of
 from lora_gateway.tenancy import TenantConfig
 from tests.conftest import AdapterFactory
 from tests.support.fake_engine import FakeEngine
+from tests.support.metrics import residency_counts
 
 
 class GatedFetch:
@@ -133,8 +134,8 @@ async def test_load_models_concurrently_capacity_bound(make_env: object) -> None
     assert env.engine.peak <= 3
     assert max(over) <= 3
     assert len(env.residency.resident_versions()) <= 3
-    assert env.residency.stats.engine_loads == len(env.engine.adds)
-    assert env.residency.stats.evictions == len(env.engine.removes) > 0
+    assert residency_counts(env.residency.metrics).engine_loads == len(env.engine.adds)
+    assert residency_counts(env.residency.metrics).evictions == len(env.engine.removes) > 0
 
 
 async def test_load_before_evict(make_env: object) -> None:
@@ -248,7 +249,7 @@ async def test_a_flooding_tenant_holds_at_most_its_share(make_env: object) -> No
         await until(lambda i=i: len(order) >= min(6, i + 3))  # the next waiter got its slot
     await asyncio.gather(*tasks)
     assert order[2:] == [2, 3, 4, 5]  # flood's waiters, in arrival order
-    assert env.residency.stats.tenant_slot_waits == 4
+    assert residency_counts(env.residency.metrics).tenant_slot_waits == 4
     assert env.engine.peak <= 3
     assert env.engine.faults == []
 
@@ -290,7 +291,7 @@ async def test_revocation_never_waits_behind_a_load_waiting_for_a_slot(make_env:
     await until(resident(env, a, b))
     queued_c = asyncio.create_task(env.residency.prefetch(c))
     queued_d = asyncio.create_task(env.residency.prefetch(d))
-    await until(lambda: env.residency.stats.slot_waits >= 2)  # both queued for a slot
+    await until(lambda: residency_counts(env.residency.metrics).slot_waits >= 2)  # both queued
     assert not queued_c.done()
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -301,6 +302,7 @@ async def test_revocation_never_waits_behind_a_load_waiting_for_a_slot(make_env:
     await asyncio.wait_for(env.residency.unload([key_of(a)]), 1.0)
     took = loop.time() - started
     assert took < 0.2, took
+    assert residency_counts(env.residency.metrics).revoked_unloads == 1  # a; d never loaded
     assert (await asyncio.wait_for(queued_c, 2.0)).tier == "engine"
     done.set()
     await asyncio.gather(*holders)
@@ -369,7 +371,7 @@ async def test_identical_bytes_of_two_tenants_residency_and_revocation(make_env:
     assert env.residency.entry(acme_v).tier == "disk"
     assert env.residency.entry(globex_v).tier == "store"
     loading = asyncio.create_task(env.residency.prefetch(globex_v))  # waits for a slot
-    await until(lambda: env.residency.stats.slot_waits >= 1)
+    await until(lambda: residency_counts(env.residency.metrics).slot_waits >= 1)
     assert not loading.done()
     env.residency.block([key_of(acme_v)])
     await env.residency.unload([key_of(acme_v)])
@@ -412,7 +414,7 @@ async def test_manifest_cache_is_bounded_and_keeps_what_must_stay_known(make_env
     for name in names:
         await env.residency.resolve("acme", AdapterRef.parse(name))
     assert env.residency.cached_manifests() <= 4 + 1
-    assert env.residency.stats.manifest_evictions >= len(names) - 4
+    assert residency_counts(env.residency.metrics).manifest_evictions >= len(names) - 4
     await asyncio.to_thread(env.registry.revoke, "acme", "held", held.version_id)
     await env.residency.poll_once()
     assert not env.residency.is_resident(key_of(held))

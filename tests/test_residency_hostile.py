@@ -35,6 +35,7 @@ from tests.support.gateway import (
     running_gateway,
     write_tenants,
 )
+from tests.support.metrics import residency_counts
 from tests.support.s3server import S3Server, s3_server
 
 pytestmark = pytest.mark.engine
@@ -313,9 +314,10 @@ async def test_a_flooding_tenant_leaves_others_their_slot_and_their_ttft(
         await watcher
     revoke_s = aborted_at[0] - called
     solo_p99, flooded_p99 = p99(solo), p99(flooded)
+    engine_loads = residency_counts(residency.metrics).engine_loads
     print(
         f"\nflood of {FLOOD_LOOPS} loops over {FLOOD_ADAPTERS} adapters ({dict(flood_counts)}, "
-        f"peak share {peak_share} slots, {residency.stats.engine_loads} engine loads): calm "
+        f"peak share {peak_share} slots, {engine_loads:.0f} engine loads): calm "
         f"TTFT p99 {flooded_p99 * 1000:.0f} ms vs solo {solo_p99 * 1000:.0f} ms (median "
         f"{statistics.median(flooded) * 1000:.0f} vs {statistics.median(solo) * 1000:.0f} ms, "
         f"{len(solo)} samples each); revoke aborted the stream {revoke_s * 1000:.0f} ms after "

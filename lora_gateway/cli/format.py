@@ -65,8 +65,8 @@ def _usage(prompt_tokens: int | None, completion_tokens: int | None) -> dict[str
 
 
 def result_json(result: GenerateResult | StreamDelta) -> dict[str, Any]:
-    """A completion or one stream message: usage grouped, as in the API."""
-    return {
+    """A completion or one stream message: usage grouped, as in the API; logprobs when asked."""
+    out: dict[str, Any] = {
         "text": result.text,
         "token_ids": result.token_ids,
         "finish_reason": result.finish_reason,
@@ -74,6 +74,11 @@ def result_json(result: GenerateResult | StreamDelta) -> dict[str, Any]:
         "usage": _usage(result.prompt_tokens, result.completion_tokens),
         "request_id": result.request_id,
     }
+    for name in ("logprobs", "prompt_logprobs"):
+        entries = getattr(result, name)
+        if entries:
+            out[name] = [dataclasses.asdict(e) for e in entries]
+    return out
 
 
 # --- adapters ---------------------------------------------------------------------------------

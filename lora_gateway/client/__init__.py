@@ -49,7 +49,7 @@ raised, since the tokens already delivered cannot be taken back.
 from lora_gateway.client._aio import AsyncGatewayClient
 from lora_gateway.client._sync import GatewayClient
 from lora_gateway.client._transport import ROUTING_HEADER
-from lora_gateway.client.options import GenerateOptions
+from lora_gateway.client.options import ChatMessage, GenerateOptions, Prompt
 from lora_gateway.client.results import (
     Adapter,
     AdapterFile,
@@ -65,6 +65,9 @@ from lora_gateway.client.results import (
     ServedAdapter,
     StreamDelta,
     TenantUsage,
+    TokenizeResult,
+    TokenLogprob,
+    TopLogprob,
 )
 
 __all__ = [
@@ -75,10 +78,12 @@ __all__ = [
     "AdapterStatus",
     "AdapterVersion",
     "AsyncGatewayClient",
+    "ChatMessage",
     "ComposePart",
     "GatewayClient",
     "GenerateOptions",
     "GenerateResult",
+    "Prompt",
     "Residency",
     "ResidencyEntry",
     "ResidencyTier",
@@ -86,4 +91,7 @@ __all__ = [
     "ServedAdapter",
     "StreamDelta",
     "TenantUsage",
+    "TokenLogprob",
+    "TokenizeResult",
+    "TopLogprob",
 ]

@@ -18,7 +18,7 @@ import grpc.aio
 from lora_gateway.client import _rpcs, _upload
 from lora_gateway.client._rpcs import Rpc
 from lora_gateway.client._transport import CHANNEL_OPTIONS, CLIENT_DEFAULT, ClientBase, Timeout
-from lora_gateway.client.options import GenerateOptions
+from lora_gateway.client.options import GenerateOptions, Prompt
 from lora_gateway.client.results import (
     Adapter,
     AdapterPage,
@@ -28,6 +28,7 @@ from lora_gateway.client.results import (
     ResidencyEntry,
     RevokeResult,
     StreamDelta,
+    TokenizeResult,
 )
 from lora_gateway.v1 import admin_pb2
 
@@ -107,7 +108,7 @@ class AsyncGatewayClient(ClientBase[grpc.aio.Channel]):
     async def generate(
         self,
         adapter: str = "",
-        prompt: str | None = None,
+        prompt: Prompt | None = None,
         options: GenerateOptions | None = None,
         *,
         token_ids: Sequence[int] | None = None,
@@ -121,7 +122,7 @@ class AsyncGatewayClient(ClientBase[grpc.aio.Channel]):
     def generate_stream(
         self,
         adapter: str = "",
-        prompt: str | None = None,
+        prompt: Prompt | None = None,
         options: GenerateOptions | None = None,
         *,
         token_ids: Sequence[int] | None = None,
@@ -131,6 +132,12 @@ class AsyncGatewayClient(ClientBase[grpc.aio.Channel]):
         """See `GatewayClient.generate_stream`; use with `async for` (not awaited)."""
         rpc = _rpcs.streamed(_rpcs.generate(adapter, prompt, options, token_ids, request_id))
         return self._stream(rpc, timeout)
+
+    async def tokenize(
+        self, adapter: str = "", prompt: Prompt = "", *, timeout: Timeout = CLIENT_DEFAULT
+    ) -> TokenizeResult:
+        """See `GatewayClient.tokenize`."""
+        return await self._call(_rpcs.tokenize(adapter, prompt), timeout)
 
     # -- admin --
 

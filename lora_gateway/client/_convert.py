@@ -9,7 +9,13 @@ from typing import Any, Final, TypeVar
 from google.protobuf.message import Message
 
 from lora_gateway import errors
-from lora_gateway.client.options import GenerateOptions, option_specs
+from lora_gateway.client.options import (
+    CONSTRAINT_KINDS,
+    ChatMessage,
+    GenerateOptions,
+    Prompt,
+    option_specs,
+)
 from lora_gateway.client.results import (
     Adapter,
     AdapterFile,
@@ -25,6 +31,9 @@ from lora_gateway.client.results import (
     ServedAdapter,
     StreamDelta,
     TenantUsage,
+    TokenizeResult,
+    TokenLogprob,
+    TopLogprob,
 )
 from lora_gateway.v1 import admin_pb2, inference_pb2
 
@@ -45,6 +54,8 @@ _TIER: Final = {
     admin_pb2.RESIDENCY_TIER_STORE: ResidencyTier.STORE,
 }
 _SAMPLING_FIELDS: Final = frozenset(inference_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
+#: Options that go into `SamplingParams.constraint` (the output constraint).
+_CONSTRAINT_FIELDS: Final = frozenset(inference_pb2.OutputConstraint.DESCRIPTOR.fields_by_name)
 
 
 # --- requests ---------------------------------------------------------------------------------
@@ -66,12 +77,21 @@ def names(values: Sequence[str]) -> list[str]:
 def sampling_params(options: GenerateOptions) -> inference_pb2.SamplingParams:
     """Every option, by name, into `SamplingParams`; None stays unset (the server's default)."""
     sampling = inference_pb2.SamplingParams()
+    constrained = any(getattr(options, k) not in (None, (), False) for k in CONSTRAINT_KINDS)
     for spec in option_specs():
-        if spec.name not in _SAMPLING_FIELDS:
-            raise TypeError(f"option {spec.name!r} has no field in the request")
         value = getattr(options, spec.name)
         if value is None:
             continue
+        if spec.name in _CONSTRAINT_FIELDS:
+            if not constrained or value in ((), False):
+                continue
+            if spec.name == "choice":
+                sampling.constraint.choice.choices.extend(value)
+            else:
+                setattr(sampling.constraint, spec.name, value)
+            continue
+        if spec.name not in _SAMPLING_FIELDS:
+            raise TypeError(f"option {spec.name!r} has no field in the request")
         if spec.repeated:
             getattr(sampling, spec.name).extend(value)
         else:
@@ -79,9 +99,25 @@ def sampling_params(options: GenerateOptions) -> inference_pb2.SamplingParams:
     return sampling
 
 
+def messages_pb(prompt: Sequence[ChatMessage]) -> inference_pb2.Messages:
+    """A conversation; items may also be {"role": ..., "content": ...} mappings."""
+    messages = inference_pb2.Messages()
+    for index, item in enumerate(prompt):
+        if isinstance(item, ChatMessage):
+            role, content = item.role, item.content
+        elif isinstance(item, dict):
+            role, content = item.get("role"), item.get("content")
+        else:
+            raise errors.InvalidArgument(f"messages[{index}]: a ChatMessage or a role/content dict")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise errors.InvalidArgument(f"messages[{index}]: role and content are strings")
+        messages.messages.add(role=role, content=content)
+    return messages
+
+
 def generate_request(
     adapter: str,
-    prompt: str | None,
+    prompt: Prompt | None,
     token_ids: Sequence[int] | None,
     options: GenerateOptions | None,
     request_id: str,
@@ -99,12 +135,23 @@ def generate_request(
         request_id=request_id,
     )
     try:
-        if prompt is not None:
+        if isinstance(prompt, str):
             request.text = prompt
+        elif prompt is not None:
+            request.messages.CopyFrom(messages_pb(prompt))
         else:
             request.token_ids.ids.extend(token_ids or ())
     except (TypeError, ValueError) as exc:
         raise errors.InvalidArgument(f"invalid prompt: {exc}") from None
+    return request
+
+
+def tokenize_request(adapter: str, prompt: Prompt) -> inference_pb2.TokenizeRequest:
+    request = message(inference_pb2.TokenizeRequest, adapter=adapter)
+    if isinstance(prompt, str):
+        request.text = prompt
+    else:
+        request.messages.CopyFrom(messages_pb(prompt))
     return request
 
 
@@ -135,6 +182,29 @@ def generate_result(response: inference_pb2.GenerateResponse) -> GenerateResult:
         completion_tokens=response.usage.completion_tokens,
         adapter=_served(response.adapter),
         request_id=response.request_id,
+        logprobs=_logprobs(response.logprobs),
+        prompt_logprobs=_logprobs(response.prompt_logprobs),
+    )
+
+
+def _logprobs(entries: Sequence[inference_pb2.TokenLogprob]) -> tuple[TokenLogprob, ...]:
+    return tuple(
+        TokenLogprob(
+            token_id=e.token_id,
+            logprob=e.logprob if e.HasField("logprob") else None,
+            token=e.token,
+            top=tuple(TopLogprob(t.token_id, t.logprob, t.token) for t in e.top),
+        )
+        for e in entries
+    )
+
+
+def tokenize_result(response: inference_pb2.TokenizeResponse) -> TokenizeResult:
+    return TokenizeResult(
+        token_ids=list(response.token_ids),
+        count=response.count,
+        rendered=response.rendered,
+        max_model_len=response.max_model_len,
     )
 
 
@@ -148,6 +218,8 @@ def stream_delta(response: inference_pb2.GenerateStreamResponse) -> StreamDelta:
         completion_tokens=response.usage.completion_tokens if has_usage else None,
         adapter=_served(response.adapter),
         request_id=response.request_id,
+        logprobs=_logprobs(response.logprobs),
+        prompt_logprobs=_logprobs(response.prompt_logprobs),
     )
 
 

@@ -12,7 +12,7 @@ from google.protobuf.message import Message
 from lora_gateway import errors
 from lora_gateway.client import _convert
 from lora_gateway.client._convert import message
-from lora_gateway.client.options import GenerateOptions
+from lora_gateway.client.options import GenerateOptions, Prompt
 from lora_gateway.client.results import (
     Adapter,
     AdapterPage,
@@ -22,6 +22,7 @@ from lora_gateway.client.results import (
     ResidencyEntry,
     RevokeResult,
     StreamDelta,
+    TokenizeResult,
 )
 from lora_gateway.v1 import admin_pb2, inference_pb2
 
@@ -60,7 +61,7 @@ def _check_page(page_size: int, page_token: str) -> None:
 
 def generate(
     adapter: str,
-    prompt: str | None,
+    prompt: Prompt | None,
     options: GenerateOptions | None,
     token_ids: Sequence[int] | None,
     request_id: str,
@@ -73,6 +74,16 @@ def generate(
         service="Inference",
         adapter=adapter,
         request_id=request_id,
+    )
+
+
+def tokenize(adapter: str, prompt: Prompt) -> Rpc[TokenizeResult]:
+    return Rpc(
+        "Tokenize",
+        _convert.tokenize_request(adapter, prompt),
+        inference_pb2.TokenizeResponse,
+        _convert.tokenize_result,
+        service="Inference",
     )
 
 

@@ -15,7 +15,7 @@ import grpc
 from lora_gateway.client import _rpcs, _upload
 from lora_gateway.client._rpcs import Rpc
 from lora_gateway.client._transport import CHANNEL_OPTIONS, CLIENT_DEFAULT, ClientBase, Timeout
-from lora_gateway.client.options import GenerateOptions
+from lora_gateway.client.options import GenerateOptions, Prompt
 from lora_gateway.client.results import (
     Adapter,
     AdapterPage,
@@ -25,6 +25,7 @@ from lora_gateway.client.results import (
     ResidencyEntry,
     RevokeResult,
     StreamDelta,
+    TokenizeResult,
 )
 
 _R = TypeVar("_R")
@@ -102,7 +103,7 @@ class GatewayClient(ClientBase[grpc.Channel]):
     def generate(
         self,
         adapter: str = "",
-        prompt: str | None = None,
+        prompt: Prompt | None = None,
         options: GenerateOptions | None = None,
         *,
         token_ids: Sequence[int] | None = None,
@@ -111,17 +112,21 @@ class GatewayClient(ClientBase[grpc.Channel]):
     ) -> GenerateResult:
         """Generate a completion for `prompt` (or `token_ids`) with `adapter` ("" = base model).
 
+        `prompt` is text, or a conversation (a sequence of `ChatMessage`, or of
+        {"role", "content"} dicts) that the server renders with the model's chat template.
+
         `adapter` is a reference: "name", "name@alias", "name@sha256:<hex>" or "owner/name[@..]"
         for an adapter shared with the caller. Its `owner/name` part is also sent as the
         `x-lora-adapter` routing header, which a front proxy hashes on. `options` (sampling,
-        length, stops) default to the server's defaults; `request_id` is echoed in its logs.
+        length, stops, structured output, logprobs) default to the server's defaults;
+        `request_id` is echoed in its logs.
         """
         return self._call(_rpcs.generate(adapter, prompt, options, token_ids, request_id), timeout)
 
     def generate_stream(
         self,
         adapter: str = "",
-        prompt: str | None = None,
+        prompt: Prompt | None = None,
         options: GenerateOptions | None = None,
         *,
         token_ids: Sequence[int] | None = None,
@@ -136,6 +141,14 @@ class GatewayClient(ClientBase[grpc.Channel]):
         """
         rpc = _rpcs.streamed(_rpcs.generate(adapter, prompt, options, token_ids, request_id))
         return self._stream(rpc, timeout)
+
+    def tokenize(
+        self, adapter: str = "", prompt: Prompt = "", *, timeout: Timeout = CLIENT_DEFAULT
+    ) -> TokenizeResult:
+        """Token ids of `prompt` (text, or a conversation rendered with the chat template of
+        `adapter`, "" = the base model's) as Generate would send it, their count, the rendered
+        text and the model's context length: for budgeting tokens before a call."""
+        return self._call(_rpcs.tokenize(adapter, prompt), timeout)
 
     # -- admin --
 

@@ -7,12 +7,12 @@ Each field is one option and is written once, here: its type, its default, its c
 under it, which is also the help text of the `lora-gateway generate` flag derived from it
 (`max_tokens` -> `--max-tokens`). The protobuf request is filled from the fields by name (see
 `_convert.py`). Adding an option is adding a field here and its protobuf field; no signature,
-flag or request builder spells the options out again. The output options still to come
-(structured output: a JSON schema, a regex, choices; logprobs) join as fields of this type under
-a comment of their own: a field with no home in `SamplingParams` is refused by `_convert.py`
-until it is given one there, and a value type the CLI cannot derive a flag for (a JSON schema
-read from a file) by `option_specs` until `cli/generate.py` spells that flag. The prompt (text,
-token ids, and later chat messages) is not an option: it is the call's own argument.
+flag or request builder spells the options out again. The output options (structured output:
+`json_schema`, `regex`, `choice`, `grammar`, `json_object`, `disable_any_whitespace`; and
+`logprobs`, `prompt_logprobs`) are fields like the others: the constraint's go into
+`SamplingParams.constraint`, the rest into `SamplingParams` by name. The prompt (text, token ids,
+or a chat conversation: a sequence of `ChatMessage`) is not an option: it is the call's own
+argument (`Prompt`).
 
 An option left None is left unset in the request, so the server's default applies.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import typing
 from collections.abc import Sequence
 from typing import Annotated, Any, Final
@@ -32,7 +33,7 @@ from pydantic.fields import FieldInfo
 
 from lora_gateway.errors import InvalidArgument
 
-__all__ = ["GenerateOptions", "OptionSpec", "option_specs"]
+__all__ = ["ChatMessage", "GenerateOptions", "OptionSpec", "Prompt", "option_specs"]
 
 _U32: Final = 2**32 - 1
 _U64: Final = 2**64 - 1
@@ -55,6 +56,29 @@ _Items = (BeforeValidator(_as_tuple), AfterValidator(tuple))
 _StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 _TokenId = Annotated[int, Field(ge=0, le=_U32)]
 _Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+#: The most alternatives per token a server allows by default (Settings.max_logprobs may differ).
+_LOGPROBS = Annotated[int, Field(ge=0, le=1024)]
+#: The kinds of output constraint; at most one per call.
+CONSTRAINT_KINDS: Final = ("json_schema", "regex", "choice", "grammar", "json_object")
+
+
+def _schema_text(value: object) -> object:
+    """A JSON schema given as a dict is sent as its JSON text."""
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation: role "system", "user" or "assistant", and its text."""
+
+    role: str
+    content: str
+
+
+#: A prompt: text, or a conversation (rendered with the model's chat template by the server).
+Prompt = str | Sequence[ChatMessage]
 
 
 @_pydantic_dataclass(
@@ -105,6 +129,24 @@ class GenerateOptions:
     repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] | None = None
     """Penalty for tokens of the prompt and output, in (0, 2]; 1 is none."""
 
+    # --- output: structured output (at most one kind) and logprobs -------------------------
+    json_schema: Annotated[str, BeforeValidator(_schema_text), Field(min_length=1)] | None = None
+    """Constrain the output to this JSON schema (JSON text; a dict is sent as its JSON)."""
+    regex: Annotated[str, Field(min_length=1)] | None = None
+    """Constrain the output to match this regular expression as a whole."""
+    choice: Annotated[Sequence[str], *_Items] = ()
+    """Constrain the output to exactly one of these strings."""
+    grammar: Annotated[str, Field(min_length=1)] | None = None
+    """Constrain the output to this grammar (EBNF/GBNF `root ::= ...`, or Lark)."""
+    json_object: bool = False
+    """Constrain the output to any JSON object."""
+    disable_any_whitespace: bool = False
+    """JSON constraints only: no whitespace between JSON tokens (compact output)."""
+    logprobs: _LOGPROBS | None = None
+    """Return each generated token's logprob and this many top alternatives (0: its own)."""
+    prompt_logprobs: _LOGPROBS | None = None
+    """Return each prompt token's logprob and this many top alternatives."""
+
     @_model_validator(mode="wrap")
     @classmethod
     def _validate(cls, values: Any, handler: Any) -> Any:
@@ -118,6 +160,15 @@ class GenerateOptions:
             raise InvalidArgument(
                 f"invalid generate options: min_tokens ({options.min_tokens}) must be <= "
                 f"max_tokens ({options.max_tokens})"
+            )
+        kinds = [k for k in CONSTRAINT_KINDS if getattr(options, k) not in (None, (), False)]
+        if len(kinds) > 1:
+            raise InvalidArgument(
+                f"invalid generate options: at most one output constraint, got {', '.join(kinds)}"
+            )
+        if options.disable_any_whitespace and kinds not in (["json_schema"], ["json_object"]):
+            raise InvalidArgument(
+                "invalid generate options: disable_any_whitespace needs json_schema or json_object"
             )
         return options
 

@@ -46,6 +46,38 @@ class ServedAdapter:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One candidate token at a position."""
+
+    token_id: int
+    logprob: float
+    token: str
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (None for the first prompt token) and the
+    most likely tokens at its position, best first (`logprobs` / `prompt_logprobs` of them)."""
+
+    token_id: int
+    logprob: float | None
+    token: str
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenizeResult:
+    """Token ids of a prompt as Generate sends it to the engine."""
+
+    token_ids: list[int]
+    count: int
+    #: The text the chat template rendered ("" for a text prompt).
+    rendered: str
+    #: The model's context length: the prompt and max_tokens together must fit in it.
+    max_model_len: int
+
+
+@dataclass(frozen=True)
 class GenerateResult:
     """A whole completion."""
 
@@ -59,6 +91,10 @@ class GenerateResult:
     adapter: ServedAdapter | None
     #: The server-assigned request id.
     request_id: str
+    #: One per generated token when the `logprobs` option was set (else empty).
+    logprobs: tuple[TokenLogprob, ...] = ()
+    #: One per prompt token when the `prompt_logprobs` option was set (else empty).
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,6 +112,10 @@ class StreamDelta:
     adapter: ServedAdapter | None
     #: Set on the first message only ("" otherwise).
     request_id: str
+    #: One per token of `token_ids` when the `logprobs` option was set.
+    logprobs: tuple[TokenLogprob, ...] = ()
+    #: On the first message, when the `prompt_logprobs` option was set.
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 # --- adapters ---------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -18,6 +18,45 @@ class FinishReason(enum.Enum):
     LENGTH = "length"
     STOP = "stop"
     ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """Structured output: exactly one of a JSON schema (JSON text), a regex, a list of choices,
+    a grammar (EBNF/GBNF or Lark, as vLLM's backends take it) or "any JSON object". Checked
+    against the structured-output limits (`lora_gateway.structured`) before it gets here."""
+
+    json_schema: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    #: JSON only (json_schema, json_object): no whitespace between JSON tokens.
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        kinds = [
+            self.json_schema is not None,
+            self.regex is not None,
+            self.choice is not None,
+            self.grammar is not None,
+            self.json_object,
+        ]
+        if sum(kinds) != 1:
+            raise ValueError("an output constraint is exactly one of its kinds")
+
+    @property
+    def kind(self) -> str:
+        """json_schema, regex, choice, grammar or json_object."""
+        if self.json_schema is not None:
+            return "json_schema"
+        if self.regex is not None:
+            return "regex"
+        if self.choice is not None:
+            return "choice"
+        if self.grammar is not None:
+            return "grammar"
+        return "json_object"
 
 
 @dataclass(frozen=True)
@@ -36,6 +75,12 @@ class GenerateParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     min_tokens: int = 0
+    #: Constrain the output (structured output); None: free text.
+    structured: OutputConstraint | None = None
+    #: Per generated token, its logprob and this many top alternatives; None: no logprobs.
+    logprobs: int | None = None
+    #: Per prompt token, its logprob and this many top alternatives; None: none.
+    prompt_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +110,28 @@ class LoadedAdapter:
     path: Path
 
 
+@dataclass(frozen=True)
+class TopLogprob:
+    """One candidate token at a position: its id, log-probability and text."""
+
+    token_id: int
+    logprob: float
+    token: str
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token of the prompt or the output: its own log-probability (None for the first prompt
+    token, which has no context) and the `top` most likely tokens at its position, best first.
+    Log-probabilities are the model's (log-softmax of the logits), before temperature and
+    penalties; with an output constraint, after the grammar's mask."""
+
+    token_id: int
+    logprob: float | None
+    token: str
+    top: tuple[TopLogprob, ...] = ()
+
+
 @dataclass
 class TokenChunk:
     """One streamed delta. The last one has `finish_reason` set."""
@@ -74,6 +141,20 @@ class TokenChunk:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: One entry per token of `token_ids` when logprobs were asked for.
+    logprobs: list[TokenLogprob] | None = None
+    #: Every prompt token, on the first chunk only, when prompt logprobs were asked for.
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What chat rendering needs from the engine's tokenizer."""
+
+    #: The base model's chat template (Jinja), None when its tokenizer has none.
+    chat_template: str | None
+    #: Special tokens by role (bos_token, eos_token, ...), passed to the template.
+    special_tokens: Mapping[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -84,6 +165,8 @@ class Engine(Protocol):
     max_loras: int
     #: Adapters the engine keeps loaded (CPU cache), the residency capacity.
     max_cpu_loras: int
+    #: Longest sequence (prompt + output) in tokens.
+    max_model_len: int
 
     def generate(
         self,
@@ -96,6 +179,13 @@ class Engine(Protocol):
         ...
 
     async def abort(self, request_ids: Sequence[str]) -> None: ...
+
+    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, as `generate` tokenizes a text prompt (add_special_tokens) or
+        as a rendered chat is tokenized (without: the template writes its own)."""
+        ...
+
+    def tokenizer_info(self) -> TokenizerInfo: ...
 
     async def add_adapter(self, adapter: LoadedAdapter) -> None:
         """Load an adapter. Raises ResourceExhausted beyond `max_cpu_loras`."""

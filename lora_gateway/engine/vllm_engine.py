@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -53,8 +55,12 @@ from lora_gateway.engine.base import (
     FinishReason,
     GenerateParams,
     LoadedAdapter,
+    OutputConstraint,
     Prompt,
     TokenChunk,
+    TokenizerInfo,
+    TokenLogprob,
+    TopLogprob,
     next_lora_id,
 )
 
@@ -72,7 +78,12 @@ CANARY_SCALE = 2.0
 PROBE_TEXT = "hello world"
 PROBE_TOKENS = 2
 
-_FINISH = {"length": FinishReason.LENGTH, "stop": FinishReason.STOP, "abort": FinishReason.ABORT}
+_FINISH = {
+    "length": FinishReason.LENGTH,
+    "stop": FinishReason.STOP,
+    "abort": FinishReason.ABORT,
+    "repetition": FinishReason.STOP,
+}
 
 
 def write_q_proj_adapter(
@@ -108,6 +119,7 @@ class VLLMEngine:
         self._args = args
         self.max_loras = settings.max_loras
         self.max_cpu_loras = settings.max_cpu_loras
+        self.max_model_len = int(llm.model_config.max_model_len)
         self.null_adapter = null_adapter
         #: The runtime canary's adapter, in its own reserved slot (None: canary off).
         self.canary_adapter = canary_adapter
@@ -124,6 +136,9 @@ class VLLMEngine:
         #: store and disk work (a slow store), and warm requests must not wait behind it. One
         #: thread also keeps the (not thread-safe) fast tokenizer to one caller at a time.
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="engine-tokenize")
+        #: Compact-JSON constraints are turned into grammars here (off the event loop, and not
+        #: behind tokenization).
+        self._grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="engine-grammar")
 
     # --- life cycle -------------------------------------------------------------------------
     @classmethod
@@ -166,6 +181,7 @@ class VLLMEngine:
             "tensor_parallel_size": settings.tensor_parallel_size,
             "enforce_eager": settings.enforce_eager,
             "enable_prefix_caching": settings.enable_prefix_caching,
+            "max_logprobs": settings.max_logprobs,
             "disable_log_stats": True,
         }
         kwargs.update(settings.engine_args)
@@ -301,21 +317,63 @@ class VLLMEngine:
     async def shutdown(self) -> None:
         await asyncio.to_thread(self._llm.shutdown)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        self._grammar_pool.shutdown(wait=False, cancel_futures=True)
         self._dead = errors.EngineDead("engine was shut down")
         # AsyncLLM.__del__ calls shutdown() again; at interpreter exit that second call fails on
         # torn-down module globals and prints a traceback. It has nothing left to do.
         self._llm.shutdown = lambda *args, **kwargs: None
 
+    # --- tokenizer --------------------------------------------------------------------------
+    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        self._raise_if_dead()
+        tokenizer = self._llm.get_tokenizer()
+        encode = functools.partial(tokenizer.encode, add_special_tokens=add_special_tokens)
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(self._tokenize_pool, encode, text)
+        return [int(i) for i in ids]
+
+    def tokenizer_info(self) -> TokenizerInfo:
+        tokenizer = self._llm.get_tokenizer()
+        template = getattr(tokenizer, "chat_template", None)
+        special = getattr(tokenizer, "special_tokens_map", None) or {}
+        return TokenizerInfo(
+            chat_template=template if isinstance(template, str) else None,
+            special_tokens={k: v for k, v in special.items() if isinstance(v, str)},
+        )
+
     # --- generation -------------------------------------------------------------------------
     async def _token_ids(self, prompt: Prompt) -> list[int]:
         if prompt.token_ids is not None:
             return list(prompt.token_ids)
-        tokenizer = self._llm.get_tokenizer()
-        loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(self._tokenize_pool, tokenizer.encode, prompt.text)
-        return [int(i) for i in ids]
+        assert prompt.text is not None
+        return await self.tokenize(prompt.text)
 
-    def _sampling_params(self, params: GenerateParams) -> Any:
+    async def _structured(self, constraint: OutputConstraint | None) -> Any:
+        """vLLM's structured-output parameters. Compact JSON (`disable_any_whitespace`) is
+        compiled to its grammar here, with xgrammar: vLLM 0.32's xgrammar backend reads that
+        option from the engine's configuration only, never from the request."""
+        from vllm.sampling_params import StructuredOutputsParams
+
+        if constraint is None:
+            return None
+        if constraint.json_schema is not None or constraint.json_object:
+            schema = constraint.json_schema or '{"type": "object"}'
+            if constraint.disable_any_whitespace:
+                loop = asyncio.get_running_loop()
+                grammar = await loop.run_in_executor(
+                    self._grammar_pool, compact_json_grammar, schema
+                )
+                return StructuredOutputsParams(grammar=grammar)
+            if constraint.json_object:
+                return StructuredOutputsParams(json_object=True)
+            return StructuredOutputsParams(json=schema)
+        if constraint.regex is not None:
+            return StructuredOutputsParams(regex=constraint.regex)
+        if constraint.choice is not None:
+            return StructuredOutputsParams(choice=list(constraint.choice))
+        return StructuredOutputsParams(grammar=constraint.grammar)
+
+    def _sampling_params(self, params: GenerateParams, structured: Any = None) -> Any:
         from vllm import SamplingParams
         from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind
@@ -334,6 +392,9 @@ class VLLMEngine:
                 frequency_penalty=params.frequency_penalty,
                 repetition_penalty=params.repetition_penalty,
                 min_tokens=params.min_tokens,
+                structured_outputs=structured,
+                logprobs=params.logprobs,
+                prompt_logprobs=params.prompt_logprobs,
                 output_kind=RequestOutputKind.DELTA,
             )
         except (VLLMValidationError, ValueError) as exc:
@@ -358,7 +419,11 @@ class VLLMEngine:
             else None
         )
         ids = await self._token_ids(prompt)
-        sampling = self._sampling_params(params)
+        try:
+            structured = await self._structured(params.structured)
+        except (ValueError, RuntimeError) as exc:  # xgrammar's refusal of the schema
+            raise errors.InvalidArgument(f"json_schema: {_first_line(exc)}") from None
+        sampling = self._sampling_params(params, structured)
         finished = False
         completion = 0
         # Checked after the last await before submission, and the request joins the adapter's
@@ -380,18 +445,34 @@ class VLLMEngine:
             inputs["cache_salt"] = prompt.cache_salt  # the first block's hash includes it
         try:
             stream = llm.generate(inputs, sampling, request_id, lora_request=lora)
+            first = True
             async for output in stream:
                 out = output.outputs[0]
                 completion += len(out.token_ids)
-                reason = _FINISH.get(out.finish_reason) if output.finished else None
                 finished = output.finished
-                yield TokenChunk(
+                if finished and out.finish_reason == "error":
+                    if params.structured is not None:
+                        raise errors.InvalidArgument(
+                            f"the engine could not compile the {params.structured.kind} "
+                            "constraint (xgrammar's error is in the server log)"
+                        )
+                    raise errors.Unavailable("engine failed the request")
+                reason = _FINISH.get(out.finish_reason) if finished else None
+                chunk = TokenChunk(
                     token_ids=list(out.token_ids),
                     text=out.text,
                     finish_reason=reason or (FinishReason.STOP if finished else None),
                     prompt_tokens=len(ids),
                     completion_tokens=completion,
                 )
+                if params.logprobs is not None:
+                    chunk.logprobs = _logprobs(out.token_ids, out.logprobs, params.logprobs)
+                if first and params.prompt_logprobs is not None:
+                    chunk.prompt_logprobs = await self._prompt_logprobs(
+                        ids, output.prompt_logprobs, params.prompt_logprobs
+                    )
+                first = False
+                yield chunk
         except EngineDeadError as exc:
             if llm is not self._llm:  # the core was replaced by restart() meanwhile
                 raise errors.Unavailable("engine restarting: request aborted") from exc
@@ -411,6 +492,18 @@ class VLLMEngine:
             if not finished:
                 # Cancelled, or the consumer stopped early: free the engine's slot at once.
                 await asyncio.shield(self._abort_quietly([request_id]))
+
+    async def _prompt_logprobs(
+        self, ids: list[int], positions: Sequence[Any] | None, top: int
+    ) -> list[TokenLogprob]:
+        """vLLM gives None for the first prompt token (nothing precedes it): its text is decoded
+        here, its logprob stays None."""
+        tokenizer = self._llm.get_tokenizer()
+        loop = asyncio.get_running_loop()
+        head = await loop.run_in_executor(self._tokenize_pool, tokenizer.decode, ids[:1])
+        entries = [TokenLogprob(ids[0], None, str(head))]
+        entries += _logprobs(ids[1:], list(positions or [])[1:], top)
+        return entries
 
     async def _abort_quietly(self, request_ids: Sequence[str]) -> None:
         try:
@@ -523,6 +616,55 @@ class VLLMEngine:
         except Exception as exc:
             self._dead = exc
             raise errors.EngineDead("engine is not running") from exc
+
+
+def _logprobs(
+    tokens: Sequence[int], positions: Sequence[Any] | None, top: int
+) -> list[TokenLogprob]:
+    """vLLM's per-position {token id: Logprob(logprob, rank, decoded_token)} as TokenLogprobs:
+    the token at each position, and the `top` best (ranks 1..top) in rank order."""
+    entries: list[TokenLogprob] = []
+    for token, candidates in zip(tokens, positions or [], strict=False):
+        if not candidates:
+            continue
+        chosen = candidates.get(token)
+        best = sorted(
+            (
+                item
+                for item in candidates.items()
+                if item[1].rank is not None and item[1].rank <= top
+            ),
+            key=lambda item: item[1].rank,
+        )
+        entries.append(
+            TokenLogprob(
+                token_id=int(token),
+                logprob=float(chosen.logprob) if chosen is not None else None,
+                token=(chosen.decoded_token or "") if chosen is not None else "",
+                top=tuple(
+                    TopLogprob(int(tid), float(lp.logprob), lp.decoded_token or "")
+                    for tid, lp in best
+                ),
+            )
+        )
+    return entries
+
+
+def compact_json_grammar(schema: str) -> str:
+    """The EBNF grammar of `schema` with no whitespace between JSON tokens (xgrammar, vLLM's
+    structured-output backend, writes it; vLLM then compiles it like any grammar)."""
+    import xgrammar
+
+    grammar = xgrammar.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":"))
+    return str(grammar)
+
+
+def _first_line(exc: BaseException) -> str:
+    """xgrammar's message without its time stamp and source location."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", lines[0])[:300]
 
 
 def cpu_kernels() -> quantization.CpuKernels:

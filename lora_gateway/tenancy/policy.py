@@ -72,6 +72,11 @@ _ADMIN = "/lora_gateway.v1.Admin/"
 METHOD_PERMISSIONS: Mapping[str, Permission] = {
     _INFERENCE + "Generate": Permission.GENERATE,
     _INFERENCE + "GenerateStream": Permission.GENERATE,
+    _INFERENCE + "Tokenize": Permission.GENERATE,
+    # The OpenAI-compatible HTTP front (services/openai_http.py), as "HTTP <method> <path>".
+    "HTTP POST /v1/completions": Permission.GENERATE,
+    "HTTP POST /v1/chat/completions": Permission.GENERATE,
+    "HTTP GET /v1/models": Permission.READ_ADAPTERS,
     _ADMIN + "ListAdapters": Permission.READ_ADAPTERS,
     _ADMIN + "GetAdapter": Permission.READ_ADAPTERS,
     _ADMIN + "GetResidency": Permission.READ_ADAPTERS,

@@ -44,6 +44,11 @@ class InferenceStub:
                 request_serializer=lora__gateway_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=lora__gateway_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/lora_gateway.v1.Inference/Tokenize',
+                request_serializer=lora__gateway_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=lora__gateway_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -64,6 +69,15 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Token ids of a prompt (text or messages), as Generate would send it to the engine: for
+        clients that budget tokens. Needs the same permission as Generate; an adapter is resolved
+        with the same visibility rules (it chooses the chat template), never loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +90,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=lora__gateway_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=lora__gateway_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=lora__gateway_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
+                    response_serializer=lora__gateway_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +151,33 @@ class Inference:
             '/lora_gateway.v1.Inference/GenerateStream',
             lora__gateway_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             lora__gateway_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lora_gateway.v1.Inference/Tokenize',
+            lora__gateway_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+            lora__gateway_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

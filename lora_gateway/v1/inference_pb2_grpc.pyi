@@ -42,6 +42,11 @@ class InferenceStub:
     """Generate a completion and stream it as deltas; the last message carries finish_reason
     and usage.
     """
+    Tokenize: _grpc.UnaryUnaryMultiCallable[_inference_pb2.TokenizeRequest, _inference_pb2.TokenizeResponse]
+    """Token ids of a prompt (text or messages), as Generate would send it to the engine: for
+    clients that budget tokens. Needs the same permission as Generate; an adapter is resolved
+    with the same visibility rules (it chooses the chat template), never loaded.
+    """
 
 @_typing.type_check_only
 class InferenceAsyncStub(InferenceStub):
@@ -51,6 +56,11 @@ class InferenceAsyncStub(InferenceStub):
     GenerateStream: _aio.UnaryStreamMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateStreamResponse]  # type: ignore[assignment]
     """Generate a completion and stream it as deltas; the last message carries finish_reason
     and usage.
+    """
+    Tokenize: _aio.UnaryUnaryMultiCallable[_inference_pb2.TokenizeRequest, _inference_pb2.TokenizeResponse]  # type: ignore[assignment]
+    """Token ids of a prompt (text or messages), as Generate would send it to the engine: for
+    clients that budget tokens. Needs the same permission as Generate; an adapter is resolved
+    with the same visibility rules (it chooses the chat template), never loaded.
     """
 
 class InferenceServicer(metaclass=_abc_1.ABCMeta):
@@ -70,6 +80,17 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_inference_pb2.GenerateStreamResponse], _abc.AsyncIterator[_inference_pb2.GenerateStreamResponse]]:
         """Generate a completion and stream it as deltas; the last message carries finish_reason
         and usage.
+        """
+
+    @_abc_1.abstractmethod
+    def Tokenize(
+        self,
+        request: _inference_pb2.TokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.TokenizeResponse, _abc.Awaitable[_inference_pb2.TokenizeResponse]]:
+        """Token ids of a prompt (text or messages), as Generate would send it to the engine: for
+        clients that budget tokens. Needs the same permission as Generate; an adapter is resolved
+        with the same visibility rules (it chooses the chat template), never loaded.
         """
 
 def add_InferenceServicer_to_server(servicer: InferenceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

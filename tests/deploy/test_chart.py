@@ -54,6 +54,7 @@ CHART_MANAGED = frozenset(
         "cache_dir",
         "spool_dir",
         "health_listen",
+        "openai_listen",
     }
 )
 #: TLS is not wired; vllm_open_adapter_routes is for `vllm serve` with the plugin, not the gateway.
@@ -367,9 +368,10 @@ def test_probes_are_grpc_on_the_probe_port(scenario: tuple[str, list[dict[str, A
     _, docs = scenario
     container = gateway_container(docs)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": GRPC_PORT, "metrics": 9400, "health": HEALTH_PORT}
+    assert ports == {"grpc": GRPC_PORT, "metrics": 9400, "health": HEALTH_PORT, "openai": 8000}
     config = gateway_config(docs)
     assert config["listen"].rsplit(":", 1)[1] == str(ports["grpc"])
+    assert config["openai_listen"].rsplit(":", 1)[1] == str(ports["openai"])
     assert config["metrics_listen"].rsplit(":", 1)[1] == str(ports["metrics"])
     assert config["health_listen"].rsplit(":", 1)[1] == str(ports["health"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -615,10 +617,12 @@ def test_network_policy_admits_exactly_the_configured_peers(chart: helm.Chart) -
     gateway_policy = policy_of(default, "gateway")
     assert admitted(gateway_policy, "grpc") == [{"podSelector": {}}]  # the release's namespace
     assert admitted(gateway_policy, "metrics") == [{"namespaceSelector": {}}]
+    assert admitted(gateway_policy, "openai") == [{"podSelector": {}}]
 
-    closed = render(chart, {"networkPolicy": {"grpcFrom": [], "metricsFrom": []}})
+    closed = render(chart, {"networkPolicy": {"grpcFrom": [], "metricsFrom": [], "openaiFrom": []}})
     assert admitted(policy_of(closed, "gateway"), "grpc") == []
     assert admitted(policy_of(closed, "gateway"), "metrics") == []
+    assert admitted(policy_of(closed, "gateway"), "openai") == []
     assert policy_of(closed, "gateway")["spec"]["ingress"] == []
 
     fronted = render(chart, {"envoy": {"enabled": True}, "networkPolicy": {"grpcFrom": []}})
@@ -637,6 +641,22 @@ def test_network_policy_admits_exactly_the_configured_peers(chart: helm.Chart) -
         envoy_pods["matchLabels"].items()
         <= envoy_peer(peers)[0]["podSelector"]["matchLabels"].items()
     )
+
+    # The OpenAI-compatible port: its own peers; off, no port and no rule.
+    ml = [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}]
+    openai_peers = render(chart, {"networkPolicy": {"openaiFrom": ml}})
+    assert admitted(policy_of(openai_peers, "gateway"), "openai") == ml
+    assert admitted(policy_of(openai_peers, "gateway"), "grpc") == [{"podSelector": {}}]
+    off = render(chart, {"openai": {"enabled": False}})
+    assert admitted(policy_of(off, "gateway"), "openai") == []
+    assert "openai_listen" not in gateway_config(off)
+    assert "openai" not in {p["name"] for p in gateway_container(off)["ports"]}
+    for service in of_kind(off, "Service"):
+        assert "openai" not in {p["name"] for p in service["spec"]["ports"]}
+    (served,) = [s for s in of_kind(default, "Service") if "openai" in str(s["spec"]["ports"])]
+    assert {"name": "openai", "port": 8000, "targetPort": "openai"}.items() <= next(
+        p for p in served["spec"]["ports"] if p["name"] == "openai"
+    ).items()
 
     # Opening it to everything is possible, and explicit.
     anywhere = [{"ipBlock": {"cidr": "0.0.0.0/0"}}]

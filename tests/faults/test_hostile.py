@@ -37,6 +37,7 @@ from adapter_store.model import CONFIG_FILE, WEIGHTS_FILE
 from lora_gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tests.conftest import AdapterFactory
 from tests.faults.conftest import FaultEnv
+from tests.support.constraints import HOSTILE_CONSTRAINTS
 from tests.support.gateway import key_of
 from tests.support.hostile import (
     BAD_ADAPTERS,
@@ -123,12 +124,18 @@ def generate_requests(draw: st.DrawFn) -> inference_pb2.GenerateRequest:
         sampling.top_k = draw(mostly(st.integers(0, 50), U32))
     if draw(st.booleans()):
         sampling.seed = draw(st.integers(0, 2**64 - 1))
+    if draw(st.integers(0, 3)) == 0:
+        sampling.constraint.CopyFrom(draw(CONSTRAINTS))
+    if draw(st.integers(0, 3)) == 0:
+        sampling.logprobs = draw(mostly(st.integers(0, 5), U32))
     request = inference_pb2.GenerateRequest(
         adapter=draw(mostly(st.just(""), TEXT)),
         request_id=draw(mostly(st.text("abc-_0123", max_size=20), TEXT)),
         sampling=sampling,
     )
-    prompt = draw(st.sampled_from(["text", "ids", "text", "ids", "text", "ids", "none", "huge"]))
+    prompt = draw(
+        st.sampled_from(["text", "ids", "text", "ids", "text", "ids", "none", "huge", "chat"])
+    )
     if prompt == "text":
         request.text = draw(mostly(st.text(min_size=1, max_size=200), st.just("")))
     elif prompt == "ids":
@@ -142,7 +149,31 @@ def generate_requests(draw: st.DrawFn) -> inference_pb2.GenerateRequest:
         )
     elif prompt == "huge":
         request.text = "z" * draw(st.sampled_from([1000, 200_001]))
+    elif prompt == "chat":
+        roles = mostly(st.sampled_from(["system", "user", "assistant"]), TEXT)
+        for _ in range(draw(st.integers(0, 4))):
+            message = request.messages.messages.add()
+            message.role = draw(roles)  # type: ignore[assignment]
+            message.content = draw(TEXT)
+        if draw(st.booleans()):
+            request.messages.add_generation_prompt = draw(st.booleans())
     return request
+
+
+#: Output constraints: small valid ones, hand-written hostile ones, and drawn regexes/schemas.
+CONSTRAINTS = st.one_of(
+    st.sampled_from(
+        [
+            inference_pb2.OutputConstraint(regex="[a-z]{1,4}"),
+            inference_pb2.OutputConstraint(choice=inference_pb2.Choices(choices=["a", "b"])),
+            inference_pb2.OutputConstraint(json_object=True, disable_any_whitespace=True),
+        ]
+    ),
+    st.sampled_from([constraint for _, constraint in HOSTILE_CONSTRAINTS]),
+    st.builds(lambda text: inference_pb2.OutputConstraint(regex=text), TEXT),
+    st.builds(lambda text: inference_pb2.OutputConstraint(json_schema=text), TEXT),
+    st.builds(lambda text: inference_pb2.OutputConstraint(grammar=text), TEXT),
+)
 
 
 DECLARED_NAMES = st.one_of(
@@ -336,6 +367,23 @@ async def _fuzz_upload(fenv: FaultEnv, examples: int) -> None:
 
 async def test_fuzz_generate(fenv: FaultEnv) -> None:
     await _fuzz_generate(fenv, FAST)
+
+
+@pytest.mark.parametrize(("reason", "constraint"), HOSTILE_CONSTRAINTS)
+async def test_hostile_constraints_are_invalid_argument(
+    fenv: FaultEnv, reason: str, constraint: inference_pb2.OutputConstraint
+) -> None:
+    """Schemas and regexes past the structured-output limits, malformed ones, and a constraint
+    of no kind: INVALID_ARGUMENT naming the reason, and the engine keeps serving."""
+    sampling = inference_pb2.SamplingParams(max_tokens=2, constraint=constraint)
+    with grpc.insecure_channel(fenv.target) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        request = inference_pb2.GenerateRequest(text="hello", sampling=sampling)
+        with pytest.raises(grpc.RpcError) as caught:
+            await asyncio.to_thread(stub.Generate, request, metadata=USER, timeout=30)
+    assert caught.value.code() is SC.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert reason.lower() in (caught.value.details() or "").lower()  # type: ignore[attr-defined]
+    await _assert_serving(fenv)
 
 
 async def _fuzz_header_types(fenv: FaultEnv, good: Path, examples: int) -> None:

@@ -22,6 +22,7 @@ from lora_gateway import devtools, errors
 from lora_gateway.client import AsyncGatewayClient, GenerateOptions
 from tests.conftest import AdapterFactory
 from tests.faults.conftest import PREFIX, FaultEnv
+from tests.support.metrics import residency_counts
 from tests.support.stats import indistinguishable
 
 pytestmark = pytest.mark.engine
@@ -80,12 +81,14 @@ async def test_other_tenants_names_answer_like_missing_ones_store_up_and_down(
     async with fenv.client("globex", max_retries=0) as globex:
         for i in range(10):  # warm the channel and globex's share index
             await _probe(globex, f"acme/wrm{i:05d}")
-        fetches = residency.stats.manifest_fetches
+        fetches = residency_counts(residency.metrics).manifest_fetches
         _compare(await _sample(globex, seed=1), "store up")
 
         fenv.proxy.blackhole()
         _compare(await _sample(globex, seed=2), "store down")
-        assert residency.stats.manifest_fetches == fetches  # no name of acme's was read
+        assert (
+            residency_counts(residency.metrics).manifest_fetches == fetches
+        )  # no name of acme's was read
 
     # A tenant whose share index was never read sees the store's error, the same for all
     # (calm admits 2 requests at once: two pairs, each pair waiting on one index read).

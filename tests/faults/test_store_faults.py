@@ -19,6 +19,7 @@ from lora_gateway.client import GenerateOptions
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from tests.conftest import AdapterFactory
 from tests.faults.conftest import MAX_TOKENS, PREFIX, FaultEnv
+from tests.support.metrics import residency_counts
 
 GREEDY = GenerateOptions(max_tokens=MAX_TOKENS)  # temperature unset: the server's, 0
 
@@ -52,7 +53,7 @@ async def test_store_down_cold_fails_fast_warm_keeps_serving(
         for name in names:  # capacity 3: down-0 ends up on disk only, the others in the engine
             outputs[name] = (await user.generate(name, PROMPT, GREEDY)).token_ids
         assert len({tuple(t) for t in outputs.values()}) == len(names)
-        disk_hits = residency.stats.disk_hits
+        disk_hits = residency_counts(residency.metrics).disk_hits
 
         fenv.proxy.blackhole()
         started = time.monotonic()
@@ -72,7 +73,9 @@ async def test_store_down_cold_fails_fast_warm_keeps_serving(
             for name in names:
                 result = await user.generate(name, PROMPT, GREEDY)
                 assert result.token_ids == outputs[name], name
-        assert residency.stats.disk_hits > disk_hits, "evicted adapters came back from disk"
+        assert residency_counts(residency.metrics).disk_hits > disk_hits, (
+            "evicted adapters came back from disk"
+        )
         base = await user.generate("", PROMPT, GREEDY)
         assert base.token_ids
 
@@ -169,7 +172,10 @@ async def test_corrupt_bytes_are_data_loss_and_go_nowhere(
     s3.put_object(Bucket=fenv.s3.bucket, Key=key, Body=bytes(body))
 
     in_engine = await engine.list_adapters()
-    loads, entries = residency.stats.engine_loads, len(residency.cache.entries())
+    loads, entries = (
+        residency_counts(residency.metrics).engine_loads,
+        len(residency.cache.entries()),
+    )
     async with fenv.client("acme") as user:
         for _ in range(2):  # and again: nothing bad was kept
             with pytest.raises(errors.DataLoss):
@@ -178,7 +184,7 @@ async def test_corrupt_bytes_are_data_loss_and_go_nowhere(
     assert not (fenv.cache_root / sha[:2] / sha).exists()
     assert tmp_leftovers(fenv) == []
     assert len(residency.cache.entries()) == entries
-    assert residency.stats.engine_loads == loads
+    assert residency_counts(residency.metrics).engine_loads == loads
     assert not residency.is_resident(("acme", "corrupt", sha))
     assert await engine.list_adapters() == in_engine
 

@@ -1,5 +1,5 @@
 """The store's budgets: the upload spool, per-tenant storage quotas, and compositions bounded
-before any fetch with their memory measured. Local folder and S3 over HTTP (moto)."""
+before any fetch with their memory measured. Local folder and S3 over HTTP (SeaweedFS)."""
 
 from __future__ import annotations
 

@@ -13,13 +13,21 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from lora_gateway import errors
-from lora_gateway.engine.base import FinishReason, GenerateParams, LoadedAdapter, Prompt, TokenChunk
+from lora_gateway.engine.base import (
+    FinishReason,
+    GenerateParams,
+    LoadedAdapter,
+    Prompt,
+    TokenChunk,
+    TokenizerInfo,
+)
 
 
 @dataclass
 class FakeEngine:
     max_loras: int = 2
     max_cpu_loras: int = 3
+    max_model_len: int = 256
     #: Seconds each add_adapter takes (the engine reading the files).
     add_delay_s: float = 0.0
     #: Seconds between generated tokens.
@@ -63,6 +71,12 @@ class FakeEngine:
             self._aborted.discard(request_id)
             self._ended.pop(request_id, None)
             ended.set()
+
+    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) for c in text]
+
+    def tokenizer_info(self) -> TokenizerInfo:
+        return TokenizerInfo(chat_template=None)
 
     async def abort(self, request_ids: Sequence[str]) -> None:
         self._aborted.update(r for r in request_ids if r in self._inflight)

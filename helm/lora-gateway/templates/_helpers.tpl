@@ -141,6 +141,9 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- $_ = set $cfg "cache_dir" "/var/cache/lora-gateway" }}
 {{- $_ = set $cfg "spool_dir" "/var/spool/lora-gateway" }}
 {{- $_ = set $cfg "health_listen" "0.0.0.0:50052" }}
+{{- if .Values.openai.enabled }}
+{{- $_ = set $cfg "openai_listen" "0.0.0.0:8000" }}
+{{- end }}
 {{- $_ = set $cfg "tenants_file" (printf "/etc/lora-gateway/tenants/%s" .Values.tenants.secretKey) }}
 {{- $_ = set $cfg "store" (include "lora-gateway.s3.store" . | default "file:///var/lib/lora-gateway/adapters") }}
 {{- with (include "lora-gateway.s3.endpoint" .) }}

@@ -1,0 +1,259 @@
+"""Engine slots: the resident LRU, who holds what, per-tenant shares, and the wait for a slot.
+
+- Capacity is the engine's `max_cpu_loras`; beyond it an idle, unpinned version is removed
+  (`remove_lora`): the loading tenant's own least recently used one first, else the least
+  recently used of all. GPU slots (`max_loras`) are left to vLLM's scheduler.
+- Engine slots are shared fairly (invariant 11). A request *holds* its version from the moment
+  it asks for it until it ends. A tenant's requests hold at most `TenantConfig.max_engine_slots`
+  distinct unpinned versions at once (and never more than the unpinned capacity minus one), so
+  one tenant can never hold every slot; the excess waits in its tenant's queue. A load waits for
+  a free slot, or for an idle version to evict, in one queue served in arrival order. Both waits
+  end after `slot_wait_s` with RESOURCE_EXHAUSTED, and neither holds anything revocation needs:
+  there is no engine lock; slots are counted (`occupied`) and reserved before any await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from adapter_store import AdapterVersion, DiskCache
+from lora_gateway import errors
+from lora_gateway.engine.base import Engine, LoadedAdapter
+from lora_gateway.metrics import Metrics
+from lora_gateway.residency.keys import VersionKey
+from lora_gateway.residency.pins import Blocks, Pins
+from lora_gateway.tenancy import TenantConfig
+
+#: Default of `Settings.engine_slot_wait_s`: how long a request waits for an engine slot (its
+#: tenant's share, then a free or evictable slot) before RESOURCE_EXHAUSTED.
+SLOT_WAIT_S = 30.0
+
+
+@dataclass
+class Resident:
+    version: AdapterVersion
+    loaded: LoadedAdapter
+    #: The tenant whose request used it last (loads evict their own tenant's idle ones first).
+    last_tenant: str = ""
+
+
+class FifoGate:
+    """Waiters served in arrival order: only the first in line may take what `ready` reports.
+
+    Whoever frees something calls `wake()` (the first waiter re-checks); `wake_all()` makes
+    every waiter re-run its `check` (e.g. after a revocation). Single event loop, no locks.
+    """
+
+    def __init__(self) -> None:
+        self._queue: OrderedDict[int, asyncio.Future[None]] = OrderedDict()
+        self._tickets = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    async def wait(
+        self,
+        ready: Callable[[], bool],
+        check: Callable[[], None],
+        deadline: float,
+        bypass: Callable[[], bool] | None = None,
+    ) -> bool:
+        """True once `ready()` holds while this waiter is first in line (at once if nobody
+        waits); False at `deadline` (loop time). `check()` raises to give up; `bypass()` true
+        lets a waiter through whatever its place (it needs nothing new)."""
+        check()
+        if bypass is not None and bypass():
+            return True
+        if not self._queue and ready():
+            return True
+        loop = asyncio.get_running_loop()
+        ticket = next(self._tickets)
+        try:
+            while True:
+                future: asyncio.Future[None] = loop.create_future()
+                self._queue[ticket] = future  # a ticket keeps its place when it waits again
+                if (bypass is not None and bypass()) or (
+                    next(iter(self._queue)) == ticket and ready()
+                ):
+                    return True
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                await asyncio.wait([future], timeout=remaining)
+                check()
+        finally:
+            del self._queue[ticket]
+            self.wake()
+
+    def wake(self) -> None:
+        for future in self._queue.values():
+            if not future.done():
+                future.set_result(None)
+            return
+
+    def wake_all(self) -> None:
+        for future in self._queue.values():
+            if not future.done():
+                future.set_result(None)
+
+
+class Slots:
+    """The engine's adapter slots: resident versions (LRU first), holds, reservations, waits."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        cache: DiskCache,
+        pins: Pins,
+        blocks: Blocks,
+        metrics: Metrics,
+        *,
+        slot_wait_s: float = SLOT_WAIT_S,
+    ) -> None:
+        self.engine = engine
+        self.cache = cache
+        self.capacity = engine.max_cpu_loras
+        self.pins = pins
+        self.blocks = blocks
+        self.metrics = metrics
+        self.slot_wait_s = slot_wait_s
+        self.resident: OrderedDict[VersionKey, Resident] = OrderedDict()  # LRU first
+        #: Requests between `Residency.use()` entry and exit, per version (their manifest stays
+        #: cached).
+        self.wanted: Counter[VersionKey] = Counter()
+        #: Requests holding each version (waiting for its load, or running on it), per tenant.
+        self.holds: dict[VersionKey, Counter[str]] = {}
+        #: Slots reserved by loads (or taken by revocation unloads) not yet counted in resident.
+        self.reserved = 0
+        self._slot_gate = FifoGate()
+        self._tenant_gates: dict[str, FifoGate] = {}
+
+    # --- holds: a tenant's share --------------------------------------------------------------
+    def _holding(self, key: VersionKey, holder: str) -> bool:
+        holds = self.holds.get(key)
+        return holds is not None and holds[holder] > 0
+
+    def tenant_slots(self, tenant: str) -> int:
+        """Distinct unpinned versions the tenant's requests hold (waiting or running)."""
+        return sum(
+            1 for key, holds in self.holds.items() if holds[tenant] > 0 and key not in self.pins
+        )
+
+    def slot_limit(self, tenant: TenantConfig) -> int:
+        """The tenant's cap: its `max_engine_slots`, and never all the unpinned slots."""
+        return min(tenant.max_engine_slots, max(1, self.capacity - len(self.pins) - 1))
+
+    async def hold(self, key: VersionKey, holder: str, tenant: TenantConfig | None) -> None:
+        """Count a request of `holder` on `key`, once the tenant's share allows it (waits)."""
+        self.blocks.check(key)
+
+        def free_of_charge() -> bool:  # already held by this tenant, or pinned: no new slot
+            return self._holding(key, holder) or key in self.pins
+
+        if tenant is not None and not free_of_charge():
+            if self.tenant_slots(holder) >= self.slot_limit(tenant):
+                self.metrics.slot_waited("tenant")
+            gate = self._tenant_gates.setdefault(holder, FifoGate())
+            loop = asyncio.get_running_loop()
+            try:
+                ok = await gate.wait(
+                    ready=lambda: self.tenant_slots(holder) < self.slot_limit(tenant),
+                    check=lambda: self.blocks.check(key),
+                    deadline=loop.time() + self.slot_wait_s,
+                    bypass=free_of_charge,
+                )
+            finally:
+                if not gate and self._tenant_gates.get(holder) is gate:
+                    del self._tenant_gates[holder]
+            if not ok:
+                raise errors.ResourceExhausted(
+                    f"tenant {holder} holds {self.tenant_slots(holder)} engine adapter slots "
+                    f"(limit {self.slot_limit(tenant)}) and none freed within "
+                    f"{self.slot_wait_s:g}s; try again"
+                )
+        self.holds.setdefault(key, Counter())[holder] += 1
+
+    def unhold(self, key: VersionKey, holder: str) -> None:
+        holds = self.holds.get(key)
+        if holds is None:
+            return
+        holds[holder] -= 1
+        if holds[holder] <= 0:
+            del holds[holder]
+        if not holds:
+            del self.holds[key]
+        self.changed()
+
+    # --- waking -------------------------------------------------------------------------------
+    def changed(self) -> None:
+        """Something may have freed: the first waiter of each queue re-checks."""
+        self._slot_gate.wake()
+        for gate in self._tenant_gates.values():
+            gate.wake()
+
+    def wake_all(self) -> None:
+        """Every waiter re-checks (after a revocation: blocked ones give up)."""
+        self._slot_gate.wake_all()
+        for gate in self._tenant_gates.values():
+            gate.wake_all()
+
+    # --- engine slots -------------------------------------------------------------------------
+    def occupied(self) -> int:
+        return len(self.resident) + self.reserved
+
+    def _victim(self, tenant: str) -> VersionKey | None:
+        """An idle, unpinned resident version to evict for a load of `tenant`: its own least
+        recently used one first, else the least recently used of all."""
+        first = None
+        for key, resident in self.resident.items():
+            if key in self.holds or key in self.pins:
+                continue
+            if resident.last_tenant == tenant:
+                return key
+            if first is None:
+                first = key
+        return first
+
+    async def reserve(self, key: VersionKey, tenant: str) -> None:
+        """Take an engine slot for `key`'s load: a free one, or one freed by evicting an idle
+        version. Waits in arrival order, holding nothing; a revocation ends the wait. The
+        caller gives the slot back with `unreserve` once the load is resident (or failed)."""
+        loop = asyncio.get_running_loop()
+
+        def ready() -> bool:
+            return self.occupied() < self.capacity or self._victim(tenant) is not None
+
+        if len(self._slot_gate) or not ready():
+            self.metrics.slot_waited("engine")
+        ok = await self._slot_gate.wait(
+            ready, lambda: self.blocks.check(key), loop.time() + self.slot_wait_s
+        )
+        if not ok:
+            raise errors.ResourceExhausted(
+                f"all {self.capacity} engine adapter slots are busy; try again"
+            )
+        self.reserved += 1  # counted before any await: nobody else can take it
+        if self.occupied() <= self.capacity:
+            return
+        victim = self._victim(tenant)
+        assert victim is not None  # ready() said so, and nothing ran since
+        resident = self.resident.pop(victim)
+        try:
+            await self.engine.remove_adapter(resident.loaded.lora_int_id)
+        except BaseException:
+            self.unreserve()
+            raise
+        self.metrics.evicted("engine")
+
+    def unreserve(self) -> None:
+        self.reserved -= 1
+        self.changed()
+
+    def report(self) -> None:
+        """Publish how many versions the engine and the disk cache hold."""
+        self.metrics.set_resident("engine", len(self.resident))
+        self.metrics.set_resident("disk", len(self.cache.entries()))
