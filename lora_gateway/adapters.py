@@ -552,8 +552,10 @@ class Adapters:
         progress on this replica never serves (`Residency.block_name`)."""
         tenant = Policy.effective_tenant_for_adapter(principal, tenant)
         started = time.perf_counter()
-        shas = await asyncio.to_thread(
-            self.store.revoke, tenant, name, version, delete_objects=False
+        # The admin pool, like every admin RPC's store I/O: asyncio's default executor is where
+        # cold loads (downloads, validation) of a flooding tenant queue.
+        shas = await self._store(
+            principal, self.store.revoke, tenant, name, version, delete_objects=False
         )
         keys = [(tenant, name, sha) for sha in shas]
         self.residency.block(keys)
@@ -562,7 +564,7 @@ class Adapters:
         else:
             self.residency.forget(tenant, name)
         aborted = await self.residency.unload(keys)
-        await asyncio.to_thread(self.store.purge, tenant, name, shas)
+        await self._store(principal, self.store.purge, tenant, name, shas)
         log.info(
             "revoked %d version(s) of %s/%s, aborted %d request(s) in %.3fs",
             len(shas),

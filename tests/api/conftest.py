@@ -16,49 +16,32 @@ from typing import Any
 
 import grpc
 import pytest
-import yaml
 
-from lora_gateway import devtools
 from lora_gateway.client import AsyncGatewayClient
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
-from lora_gateway.tenancy import hash_key
 from lora_gateway.v1 import inference_pb2_grpc
-from tests.conftest import engine_settings
+from tests.support.gateway import gateway_settings, key_of, running_gateway, write_tenants
 from tests.support.s3server import S3Server, s3_server
 
 #: Generated tokens of the reference comparisons.
 MAX_TOKENS = 8
-#: Per tenant: (role per key, extra limits).
+#: Per tenant: its limits, and its keys' labels (tests/support/gateway.py: "user", "admin").
 TENANTS: dict[str, dict[str, Any]] = {
-    "acme": {"keys": ["user", "tenant-admin"]},
-    "globex": {"keys": ["user", "tenant-admin"]},
-    "slow": {"keys": ["user"], "requests_per_minute": 1},
+    "acme": {"max_concurrent": 64, "max_tokens": 200},
+    "globex": {"max_concurrent": 64, "max_tokens": 200},
+    "slow": {"max_concurrent": 64, "max_tokens": 200, "keys": ["user"], "requests_per_minute": 1},
 }
 #: The chat limit the tests reach (Settings.chat_max_messages).
 CHAT_MAX_MESSAGES = 16
 
 
-def key(tenant: str, role: str = "user") -> str:
-    return f"secret-{tenant}-{role}"
+def key(tenant: str, label: str = "user") -> str:
+    return key_of(tenant, label)
 
 
-def metadata(tenant: str, role: str = "user") -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {key(tenant, role)}"),)
-
-
-def write_tenants(path: Path) -> Path:
-    tenants: dict[str, Any] = {}
-    for tenant, spec in TENANTS.items():
-        entry: dict[str, Any] = {"max_concurrent": 64, "max_tokens": 200}
-        entry.update({k: v for k, v in spec.items() if k != "keys"})
-        entry["keys"] = [
-            {"id": f"{tenant}-{role}", "sha256": hash_key(key(tenant, role)), "role": role}
-            for role in spec["keys"]
-        ]
-        tenants[tenant] = entry
-    path.write_text(yaml.safe_dump({"tenants": tenants}))
-    return path
+def metadata(tenant: str, label: str = "user") -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key(tenant, label)}"),)
 
 
 @dataclass
@@ -82,7 +65,7 @@ class ApiEnv:
         return inference_pb2_grpc.InferenceStub(self.channel)
 
     def admin(self, tenant: str) -> AsyncGatewayClient:
-        return AsyncGatewayClient(self.target, key(tenant, "tenant-admin"))
+        return AsyncGatewayClient(self.target, key(tenant, "admin"))
 
     def openai(self, tenant: str = "acme", **kwargs: Any) -> Any:
         import openai
@@ -106,45 +89,41 @@ async def api(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[ApiEnv]:
     work = tmp_path_factory.mktemp("api")
-    settings = engine_settings(
+    settings = gateway_settings(
         tiny_model,
-        store=f"s3://{api_s3.bucket}/api",
-        s3_endpoint=api_s3.endpoint_url,
-        s3_region=api_s3.region,
-        tenants_file=str(write_tenants(work / "tenants.yaml")),
-        listen="127.0.0.1:0",
+        work,
+        tenants=write_tenants(work / "tenants.yaml", TENANTS),
+        s3=api_s3,
+        prefix="api",
         openai_listen="127.0.0.1:0",
         metrics_listen="127.0.0.1:0",
-        cache_dir=str(work / "cache"),
         audit_log=str(work / "audit.jsonl"),
-        base_model_aliases=(devtools.TINY_MODEL_NAME,),
         poll_interval_s=0.5,
         drain_grace_s=2.0,
         default_max_tokens=MAX_TOKENS,
         tenant_max_tokens=200,
         max_concurrent_requests=128,
         chat_max_messages=CHAT_MAX_MESSAGES,
-        self_test=False,  # with constrained requests: tests/test_engine.py
+        # self_test stays off (gateway_settings): with constrained requests, tests/test_engine.py
     )
-    server = await GatewayServer.start(settings, engine=engine)
     versions: dict[str, str] = {}
     try:
-        async with server_admin(server, "acme") as acme, server_admin(server, "globex") as globex:
-            for name in ("attn-r8", "all-r16-rslora", "mlp-r4"):
-                info = await acme.upload_adapter(name, test_adapters[name], aliases=("prod",))
-                versions[name] = info.version
-            info = await globex.upload_adapter("qv-r8", test_adapters["qv-r8"])
-            versions["qv-r8"] = info.version
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield ApiEnv(server, channel, versions, test_adapters)
+        async with running_gateway(settings, engine) as server:
+            async with server_admin(server, "acme") as acme, server_admin(server, "globex") as b:
+                for name in ("attn-r8", "all-r16-rslora", "mlp-r4"):
+                    info = await acme.upload_adapter(name, test_adapters[name], aliases=("prod",))
+                    versions[name] = info.version
+                info = await b.upload_adapter("qv-r8", test_adapters["qv-r8"])
+                versions["qv-r8"] = info.version
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                yield ApiEnv(server, channel, versions, test_adapters)
     finally:
-        await server.stop(grace=1.0)
         for lora_int_id in await engine.list_adapters():  # leave the shared engine empty
             await engine.remove_adapter(lora_int_id)
 
 
 def server_admin(server: GatewayServer, tenant: str) -> AsyncGatewayClient:
-    return AsyncGatewayClient(f"127.0.0.1:{server.port}", key(tenant, "tenant-admin"))
+    return AsyncGatewayClient(f"127.0.0.1:{server.port}", key(tenant, "admin"))
 
 
 @pytest.fixture(scope="package")
