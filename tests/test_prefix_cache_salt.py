@@ -140,7 +140,11 @@ async def test_tenant_b_cannot_time_tenant_a_cached_prefix(
     # With the salt: B's request on A's prefix is a cold one (indistinguishable from B's cold
     # prompts, clearly slower than A's warm ones) ...
     assert superiority(salted["b_cross"], salted["a_warm"]) >= 0.9
-    assert 0.2 <= superiority(salted["b_cross"], salted["b_cold"]) <= 0.8
+    # Not faster than B's cold ones: the leak would be a cross request that is faster. (A
+    # two-sided band cannot be asked of 6 x 6 pairs: under no difference at all P(X > Y) has a
+    # spread of 0.17, so 0.2-0.8 failed about one run in twelve; one run measured 0.94, the
+    # cross requests 10 % slower.) P < 0.05 means at most 1 of 36 pairs: p = 0.4 % by chance.
+    assert superiority(salted["b_cross"], salted["b_cold"]) >= 0.05
     assert statistics.median(salted["b_cross"]) > 0.7 * statistics.median(salted["b_cold"])
     # ... while a tenant still reuses its own prefixes.
     assert superiority(salted["a_cold"], salted["a_warm"]) >= 0.9
