@@ -143,7 +143,7 @@ async def test_tenant_b_cannot_time_tenant_a_cached_prefix(
     # Not faster than B's cold ones: the leak would be a cross request that is faster. (A
     # two-sided band cannot be asked of 6 x 6 pairs: under no difference at all P(X > Y) has a
     # spread of 0.17, so 0.2-0.8 failed about one run in twelve; one run measured 0.94, the
-    # cross requests 10 % slower.) P < 0.05 means at most 1 of 36 pairs: p = 0.4 % by chance.
+    # cross requests 10 % slower.) P < 0.05 means at most 1 of 36 pairs: p = 0.2 % by chance.
     assert superiority(salted["b_cross"], salted["b_cold"]) >= 0.05
     assert statistics.median(salted["b_cross"]) > 0.7 * statistics.median(salted["b_cold"])
     # ... while a tenant still reuses its own prefixes.
