@@ -30,6 +30,7 @@ from adapter_store.errors import (
     Quarantined,
     StoreError,
 )
+from adapter_store.feed import ChangePage
 from adapter_store.keys import TENANTS, adapters_prefix, child_name, object_key
 from adapter_store.manifests import DEFAULT_RETRIES, Manifests, is_live, live
 from adapter_store.model import (
@@ -103,6 +104,10 @@ class AdapterStore(Protocol):
     def get_manifest(self, tenant: str, name: str) -> Manifest: ...
 
     def get_manifest_if_changed(self, tenant: str, name: str, etag: str) -> Manifest | None: ...
+
+    def changes(self, since_us: int, *, position: str = "") -> ChangePage: ...
+
+    def expire_changes(self, before_us: int) -> int: ...
 
     def list_adapters(self, tenant: str) -> list[Manifest]: ...
 
@@ -387,6 +392,15 @@ class Registry:
         """None when the stored manifest still has `etag` (a conditional GET)."""
         found = self._manifests.read_if_changed(tenant, name, etag)
         return None if found is None else live(found, name)
+
+    def changes(self, since_us: int, *, position: str = "") -> ChangePage:
+        """One listing of the change feed (adapter_store.feed): manifests written since
+        `since_us` (µs since the epoch, the writers' clocks), after `position`."""
+        return self._manifests.feed.read(since_us, position=position)
+
+    def expire_changes(self, before_us: int) -> int:
+        """Delete change-feed events stamped before `before_us` (at most one page)."""
+        return self._manifests.feed.expire(before_us)
 
     def adapter_page(self, tenant: str, *, after: str = "", limit: int = 100) -> Page[Manifest]:
         """Live adapters of `tenant` named after the position `after`, in the store's order.

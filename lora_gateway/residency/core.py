@@ -51,6 +51,9 @@ class Residency:
         metrics: Metrics | None = None,
         manifest_cache_size: int = MANIFEST_CACHE_SIZE,
         slot_wait_s: float = SLOT_WAIT_S,
+        resync_per_poll: int = 16,
+        feed_lookback_s: float = 30.0,
+        feed_retention_s: float = 3600.0,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -84,7 +87,13 @@ class Residency:
             manifest=self.manifests.manifest,
         )
         self.poller = ManifestPoller(
-            self.manifests, self.apply_manifest, self.revoke_name, self.metrics
+            self.manifests,
+            self.apply_manifest,
+            self.revoke_name,
+            self.metrics,
+            resync_per_poll=resync_per_poll,
+            lookback_s=feed_lookback_s,
+            retention_s=feed_retention_s,
         )
         self._unloads: set[asyncio.Task[int]] = set()
 
@@ -120,7 +129,7 @@ class Residency:
 
     @property
     def last_complete_poll(self) -> float | None:
-        """time.monotonic() of the last poll that re-read every cached manifest."""
+        """time.monotonic() of the last poll that read the change feed to its end."""
         return self.poller.last_complete_poll
 
     # --- manifests and shares -----------------------------------------------------------------
@@ -355,7 +364,8 @@ class Residency:
 
     # --- polling ------------------------------------------------------------------------------
     async def poll_once(self) -> int:
-        """Re-read every cached manifest (conditional GET); returns how many changed."""
+        """One poll of the change feed (`ManifestPoller.poll_once`); returns how many cached
+        manifests changed."""
         return await self.poller.poll_once()
 
     async def run_poller(self, stop: asyncio.Event) -> None:
