@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -72,17 +73,25 @@ async def tokenize(api: ApiEnv, tenant: str, adapter: str, add: bool = True) -> 
 
 
 @pytest.fixture(scope="module")
-async def templated(api: ApiEnv, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+async def templated(
+    api: ApiEnv, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[dict[str, Any]]:
     """acme's "templated" (mlp-r4's weights with TEMPLATE_A) and globex's "templated" (the same
-    weights with TEMPLATE_B), uploaded once for this module."""
+    weights with TEMPLATE_B), uploaded for this module and revoked after it (the package's
+    other tests list each tenant's adapters)."""
     work = tmp_path_factory.mktemp("templates")
     source = api.adapters[WEIGHTS]
     uploaded: dict[str, Any] = {}
-    for tenant, template in (("acme", TEMPLATE_A), ("globex", TEMPLATE_B)):
-        folder = with_template(source, work / tenant, template.encode())
-        async with api.admin(tenant) as admin:
-            uploaded[tenant] = await admin.upload_adapter("templated", folder)
-    return uploaded
+    try:
+        for tenant, template in (("acme", TEMPLATE_A), ("globex", TEMPLATE_B)):
+            folder = with_template(source, work / tenant, template.encode())
+            async with api.admin(tenant) as admin:
+                uploaded[tenant] = await admin.upload_adapter("templated", folder)
+        yield uploaded
+    finally:
+        for tenant in uploaded:
+            async with api.admin(tenant) as admin:
+                await admin.revoke_adapter("templated")
 
 
 async def test_an_adapters_template_renders_its_chat_prompts(
