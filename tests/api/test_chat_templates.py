@@ -204,3 +204,27 @@ async def test_a_bad_template_is_refused_and_nothing_is_stored(
         Prefix="api/tenants/acme/adapters/bad-template/",
     )
     assert listed.get("KeyCount", 0) == 0, listed.get("Contents")
+
+
+async def test_a_cached_template_is_verified_like_the_other_files(
+    api: ApiEnv, hf_tokenizer: Any, tmp_path: Path
+) -> None:
+    """The template comes from the disk cache, checked against its sha256 when it is read: a
+    cached copy changed on disk (same size) is DATA_LOSS, and the next request fetches it
+    again from the store."""
+    folder = with_template(api.adapters[WEIGHTS], tmp_path / "tampered", TEMPLATE_B.encode())
+    async with api.admin("acme") as admin:
+        version = await admin.upload_adapter("tampered", folder)
+        try:
+            await admin.prefetch_adapter("tampered")  # its files are in the disk cache now
+            cached = api.server.gateway.residency.cache.path_for(version.version[7:])
+            original = (cached / "chat_template.jinja").read_bytes()
+            (cached / "chat_template.jinja").write_bytes(original.replace(b"answer", b"ANSWER"))
+            with pytest.raises(grpc.aio.AioRpcError) as lost:
+                await tokenize(api, "acme", "tampered")
+            assert lost.value.code() is SC.DATA_LOSS
+            response = await tokenize(api, "acme", "tampered")
+            assert list(response.token_ids) == hf_ids(hf_tokenizer, TEMPLATE_B)
+            assert (cached / "chat_template.jinja").read_bytes() == original
+        finally:
+            await admin.revoke_adapter("tampered")
