@@ -5,6 +5,7 @@ Keys are relative to the backend's root folder or bucket prefix::
     tenants/<tenant>/adapters/<name>/manifest.json
     tenants/<tenant>/adapters/<name>/versions/<sha256>/adapter_config.json
     tenants/<tenant>/adapters/<name>/versions/<sha256>/adapter_model.safetensors
+    tenants/<tenant>/adapters/<name>/versions/<sha256>/chat_template.jinja   (optional)
     tenants/<tenant>/usage.json                          (storage usage: adapter_store.quota)
     tenants/<grantee>/shared/<owner>/<name>              (share index: one marker per grant)
     events/<stamp>-<nonce>-<tenant>/<name>               (change feed: one per manifest write)
@@ -14,7 +15,8 @@ in time order; `<nonce>` is 8 random hex digits (two writers in one microsecond)
 
 `<tenant>`, `<owner>`, `<grantee>` and `<name>` pass `check_name` (letters, digits, '.', '_',
 '-'; no '..'), `<sha256>` passes `check_sha` (64 lowercase hex digits: the version's content
-address) and the file names are the two constants of `ADAPTER_FILES`: each builder below checks
+address) and the file names are the constants of `VERSION_FILES` (`ADAPTER_FILES` and the
+optional `OPTIONAL_FILES`), never a string from a request: each builder below checks
 its arguments, so no other string ever reaches a key (InvalidAdapter otherwise). This module is
 the only place that spells the layout.
 
@@ -28,7 +30,7 @@ import logging
 import re
 
 from adapter_store.errors import InvalidAdapter
-from adapter_store.model import ADAPTER_FILES, check_name, check_sha
+from adapter_store.model import VERSION_FILES, check_name, check_sha
 
 __all__ = [
     "EVENTS",
@@ -81,8 +83,8 @@ def version_prefix(tenant: str, name: str, sha: str) -> str:
 
 
 def object_key(tenant: str, name: str, sha: str, filename: str) -> str:
-    """One file of a version: `filename` is one of `ADAPTER_FILES`, nothing else."""
-    if filename not in ADAPTER_FILES:
+    """One file of a version: `filename` is one of `VERSION_FILES`, nothing else."""
+    if filename not in VERSION_FILES:
         raise InvalidAdapter(f"unsupported file {str(filename)[:80]!r}")
     return version_prefix(tenant, name, sha) + filename
 

@@ -332,7 +332,8 @@ class Settings(BaseSettings):
     chat_template_max_bytes: int = Field(64 << 10, ge=1)
     """Largest chat template (UTF-8 bytes) the gateway compiles. A base model whose template is
     larger (or does not compile) is logged at start, and its chat requests are refused with
-    FAILED_PRECONDITION; text and token prompts are served."""
+    FAILED_PRECONDITION; text and token prompts are served. An adapter's uploaded
+    chat_template.jinja above it is refused (INVALID_ARGUMENT) and nothing is stored."""
     chat_render_timeout_s: float = Field(1.0, gt=0, le=60)
     """Longest a chat template may run to render one conversation (checked while it runs, in a
     thread of its own); beyond, the request is INVALID_ARGUMENT."""
