@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 #: The folder every tenant's objects live under (listed, one level, by `Registry.tenant_page`).
 TENANTS = "tenants/"
-#: The change feed's folder (adapter_store.feed).
+#: The change feed's folder (adapter_store.changes).
 EVENTS = "events/"
 _EVENT_RE = re.compile(r"^events/([0-9]{16})-([0-9a-f]{8})-([^/]+)/([^/]+)$")
 

@@ -1,6 +1,6 @@
 """Manifests: one JSON object per adapter (`keys.manifest_key`), read and written conditionally.
 
-Every write also appends an event to the change feed (adapter_store.feed), after the put, so
+Every write also appends an event to the change feed (adapter_store.changes), after the put, so
 that other replicas learn of it with one listing.
 
 The manifest is the truth about an adapter: its versions, aliases, grants and status. Every
@@ -15,9 +15,9 @@ import logging
 from collections.abc import Callable
 
 from adapter_store.backend import BlobBackend
+from adapter_store.changes import ChangeFeed
 from adapter_store.conditional import update
 from adapter_store.errors import BlobNotFound, StoreError
-from adapter_store.feed import ChangeFeed
 from adapter_store.keys import manifest_key
 from adapter_store.model import Manifest, not_found
 

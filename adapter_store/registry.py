@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from adapter_store.backend import BlobBackend
+from adapter_store.changes import ChangePage
 from adapter_store.compose import compose_adapter
 from adapter_store.errors import (
     AdapterNotFound,
@@ -30,7 +31,6 @@ from adapter_store.errors import (
     Quarantined,
     StoreError,
 )
-from adapter_store.feed import ChangePage
 from adapter_store.keys import TENANTS, adapters_prefix, child_name, object_key
 from adapter_store.manifests import DEFAULT_RETRIES, Manifests, is_live, live
 from adapter_store.model import (
@@ -415,7 +415,7 @@ class Registry:
         return None if found is None else live(found, name)
 
     def changes(self, since_us: int, *, position: str = "") -> ChangePage:
-        """One listing of the change feed (adapter_store.feed): manifests written since
+        """One listing of the change feed (adapter_store.changes): manifests written since
         `since_us` (µs since the epoch, the writers' clocks), after `position`."""
         return self._manifests.feed.read(since_us, position=position)
 

@@ -4,7 +4,7 @@ The poller (lora_gateway.residency.manifests.ManifestPoller) is driven one `poll
 time over a real `Registry`; the backend is `MemoryBackend` (10,000 manifests in a second)
 wrapped by `Recording` (counts requests, fails them all while `down`). Another replica's writes
 are made with a second `Manifests` on the same backend, as a replica B would. The same feed on
-the real backends (local folder, SeaweedFS) is tests/store/test_feed.py; two processes on
+the real backends (local folder, SeaweedFS) is tests/store/test_changes.py; two processes on
 SeaweedFS are tests/test_replicas.py.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from adapter_store import BaseModelSpec, Manifest, Registry
-from adapter_store.feed import ChangeFeed
+from adapter_store.changes import ChangeFeed
 from adapter_store.keys import manifest_key
 from adapter_store.manifests import Manifests
 from lora_gateway import devtools

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from adapter_store import BlobBackend, InvalidAdapter, Manifest, Registry, StoreUnavailable
-from adapter_store.feed import ChangeFeed
+from adapter_store.changes import ChangeFeed
 from adapter_store.keys import event_key, event_of, events_from
 from adapter_store.manifests import Manifests
 
