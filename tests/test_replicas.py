@@ -21,8 +21,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -31,6 +33,9 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from adapter_store import Manifest
+from adapter_store.keys import manifest_key
+from adapter_store.s3 import S3Backend
 from lora_gateway import devtools, errors
 from lora_gateway.client import AsyncGatewayClient, GenerateOptions, StreamDelta
 from lora_gateway.engine.vllm_engine import VLLMEngine
@@ -48,6 +53,10 @@ POLL_S = 0.5
 #: plus the poll's own store round trip, plus scheduling slack on a busy 2-core machine.
 BOUND_S = POLL_S + 1.5
 ADMIN, USER, BETA = key_of("acme", "admin"), key_of("acme"), key_of("beta")
+#: Replica B's Prometheus port (chosen free when the module loads).
+B_METRICS_PORT = processes.free_port()
+#: Manifests in the store (and cached on B) for the test of the bound at scale.
+AT_SCALE = 10_000
 PROMPT = devtools.SAMPLE_PROMPTS[2]
 
 
@@ -68,6 +77,7 @@ def shared(
             "listen": "127.0.0.1:0",
             "base_model_aliases": [devtools.TINY_MODEL_NAME],
             "poll_interval_s": POLL_S,
+            "manifest_cache_size": AT_SCALE + 1000,
             "drain_grace_s": 15.0,
             "tenant_max_tokens": 200,
             "work": str(work),
@@ -100,6 +110,7 @@ def start_replica_b(
             **ENGINE_DEFAULTS,
             "max_num_seqs": 8,
             "cache_dir": str(work / "cache-b"),
+            "metrics_listen": f"127.0.0.1:{B_METRICS_PORT}",
         }
     )
     (work / "b.yaml").write_text(yaml.safe_dump(values))
@@ -264,9 +275,11 @@ async def _race_trials(
     make_test_adapter: AdapterFactory,
     trials: int,
     prefix: str,
-) -> None:
+    bound: float = BOUND_S,
+) -> float:
     """Loops on B racing a RevokeAdapter made through A, one fresh adapter per trial: no
-    request started on B later than BOUND_S after Revoke returned may succeed."""
+    request started on B later than `bound` after Revoke returned may succeed. Returns when
+    the last request served on B started, after Revoke returned (s)."""
     rng = random.Random(7)
     target_a = f"127.0.0.1:{replica_a.port}"
     after_bound: dict[str, int] = {}
@@ -292,17 +305,18 @@ async def _race_trials(
             for started, kind in outcomes:
                 if started < revoked_at:
                     continue
-                counts = after_bound if started > revoked_at + BOUND_S else within_bound
+                counts = after_bound if started > revoked_at + bound else within_bound
                 counts[kind] = counts.get(kind, 0) + 1
                 if kind == "ok":
                     last_ok_s = max(last_ok_s, started - revoked_at)
     print(
         f"\nrevocation across replicas, {trials} trials: started on B after the bound "
         f"{after_bound}; between Revoke and the bound {within_bound}; last request served on B "
-        f"started {last_ok_s:.2f}s after Revoke returned (bound {BOUND_S}s)"
+        f"started {last_ok_s:.2f}s after Revoke returned (bound {bound}s)"
     )
     assert after_bound.get("ok", 0) == 0, "served on B after the documented bound"
     assert sum(after_bound.values()) >= trials, "the loops kept running past the bound"
+    return last_ok_s
 
 
 async def test_revocation_race_across_replicas(
@@ -423,6 +437,77 @@ async def test_cold_load_racing_a_whole_revoke_across_replicas_many_trials(
     await _cold_load_race_trials(
         replica_a, replica_b[1], b_proxy, make_test_adapter, COLD_TRIALS_SLOW, "cold-many-", 820
     )
+
+
+def _b_metric(name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{B_METRICS_PORT}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
+    assert match is not None, f"B exports no {name}"
+    return float(match.group(1))
+
+
+@pytest.mark.slow
+async def test_revocation_bound_with_10000_manifests_cached_on_the_other_replica(
+    replica_a: GatewayServer,
+    replica_b: tuple[subprocess.Popen[str], str],
+    shared: tuple[S3Server, dict[str, object]],
+    make_test_adapter: AdapterFactory,
+) -> None:
+    """10,000 adapters in the store, every manifest cached on B: B's polls still make a
+    constant number of store requests, and a revocation on A stops B within poll_interval_s
+    + 1 s (issue 14's bound). Before the change feed, each poll re-read every cached manifest,
+    one after another."""
+    s3, _ = shared
+    backend = S3Backend(
+        s3.bucket,
+        prefix="shared",
+        endpoint_url=s3.endpoint_url,
+        region=s3.region,
+        access_key_id=s3.access_key,
+        secret_access_key=s3.secret_key,
+    )
+    names = [f"bulk-{i:05d}" for i in range(AT_SCALE)]
+
+    def seed(name: str) -> None:
+        # beta's: acme's own adapter quota (10,000) stays free for the trials' uploads.
+        backend.put(manifest_key("beta", name), Manifest("beta", name).to_json())
+
+    def seed_all() -> None:
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(seed, names))
+
+    started = time.monotonic()
+    await asyncio.to_thread(seed_all)  # replica A runs on this event loop
+    seeded_s = time.monotonic() - started
+    process_b, target_b = replica_b
+    rss_before = psutil.Process(process_b.pid).memory_info().rss
+    gate = asyncio.Semaphore(16)
+    async with AsyncGatewayClient(target_b, BETA, max_retries=0) as beta_b:
+
+        async def read_on_b(name: str) -> None:
+            async with gate:
+                with pytest.raises(errors.NotFound):  # no version yet; its manifest is cached
+                    await beta_b.generate(name, PROMPT, GenerateOptions(max_tokens=1))
+
+        started = time.monotonic()
+        await asyncio.gather(*(read_on_b(name) for name in names))
+        cached_s = time.monotonic() - started
+    rss_after = psutil.Process(process_b.pid).memory_info().rss
+    await asyncio.sleep(3 * POLL_S)
+    cached = _b_metric("lora_gateway_manifests_cached")
+    per_poll = _b_metric("lora_gateway_manifest_poll_last_store_requests")
+    last_ok_s = await _race_trials(
+        replica_a, target_b, make_test_adapter, 3, "scale-", bound=POLL_S + 1.0
+    )
+    print(
+        f"\n{AT_SCALE} manifests: seeded in {seeded_s:.1f}s, cached on B in {cached_s:.1f}s; "
+        f"B caches {cached:.0f} (its RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} "
+        f"MiB), its last poll made {per_poll:.0f} store requests; the last "
+        f"request served on B started {last_ok_s:.2f}s after Revoke (bound {POLL_S + 1.0}s)"
+    )
+    assert cached >= AT_SCALE
+    assert per_poll <= 1 + 16 + 5  # a listing, the resync slice, a few changed manifests
 
 
 async def test_sigterm_drains_in_flight_requests(

@@ -259,7 +259,7 @@ class ManifestPoller:
     does not grow with the number of manifests.
 
     Each poll:
-    1. lists the change feed (adapter_store.feed) from its position: one listing names every
+    1. lists the change feed (adapter_store.changes) from its position: one listing names every
        adapter whose manifest was written since (one more per 1,000 events);
     2. re-reads (conditional GET) the cached manifests the new events name, and hands what
        changed to `apply` (a newer manifest) or `revoke_name` (the adapter is gone);
