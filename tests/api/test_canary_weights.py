@@ -26,6 +26,9 @@ from tests.api.conftest import ApiEnv, key, metadata
 
 pytestmark = pytest.mark.engine
 
+#: The module's own tenant (tests/api/conftest.py), so that its adapters stay out of the
+#: listings other modules check.
+TENANT = "canary"
 NAME = "canary-bot"
 #: Allowed distance of a realised count from its binomial mean, in standard deviations: a
 #: correct split fails about once in 150,000 runs; routing that ignores the weights (all on the
@@ -47,7 +50,7 @@ class Canary:
 
 @pytest.fixture(scope="module")
 async def versions(api: ApiEnv) -> Canary:
-    async with api.admin("acme") as admin:
+    async with api.admin(TENANT) as admin:
         stable = await admin.upload_adapter(NAME, api.adapters["attn-r8"], aliases=("prod",))
         canary = await admin.upload_adapter(NAME, api.adapters["mlp-r4"])
         gone = await admin.upload_adapter(NAME, api.adapters["all-r16-rslora"])
@@ -62,7 +65,7 @@ async def served(api: ApiEnv, routing_key: str = "", adapter: str = f"{NAME}@pro
         sampling=pb.SamplingParams(max_tokens=1, temperature=0.0),
         routing_key=routing_key,
     )
-    response = await api.stub.Generate(request, metadata=metadata("acme"))
+    response = await api.stub.Generate(request, metadata=metadata(TENANT))
     assert response.adapter.name == NAME
     return response.adapter.version
 
@@ -85,7 +88,7 @@ async def test_the_split_matches_the_weights_and_sticks_to_the_routing_key(
     api: ApiEnv, versions: Canary
 ) -> None:
     split = {versions.stable: 1 - CANARY_WEIGHT, versions.canary: CANARY_WEIGHT}
-    async with api.admin("acme") as admin:
+    async with api.admin(TENANT) as admin:
         info = await admin.set_alias_weights(NAME, "prod", split)
         assert info.alias_weights == {"prod": split}
         assert info.aliases["prod"] == versions.stable  # the primary version
@@ -112,14 +115,14 @@ async def test_the_split_matches_the_weights_and_sticks_to_the_routing_key(
 
 
 async def test_all_weight_on_one_version_ends_the_canary(api: ApiEnv, versions: Canary) -> None:
-    async with api.admin("acme") as admin:
+    async with api.admin(TENANT) as admin:
         await admin.set_alias_weights(NAME, "prod", {versions.stable: 0.5, versions.canary: 0.5})
         info = await admin.set_alias_weights(NAME, "prod", {versions.canary: 1.0})
         assert (info.alias_weights, info.aliases["prod"]) == ({}, versions.canary)
         assert (await admin.get_adapter(NAME)).alias_weights == {}
     keys = [f"ended-{i}" for i in range(40)]
     assert await served_many(api, keys) == [versions.canary] * 40
-    async with api.admin("acme") as admin:  # SetAlias ends one as well
+    async with api.admin(TENANT) as admin:  # SetAlias ends one as well
         await admin.set_alias_weights(NAME, "prod", {versions.stable: 0.5, versions.canary: 0.5})
         info = await admin.set_alias(NAME, "prod", versions.stable)
         assert (info.alias_weights, info.aliases["prod"]) == ({}, versions.stable)
@@ -128,7 +131,7 @@ async def test_all_weight_on_one_version_ends_the_canary(api: ApiEnv, versions: 
 
 async def test_bad_weights_are_refused_and_change_nothing(api: ApiEnv, versions: Canary) -> None:
     stable, canary = versions.stable, versions.canary
-    async with api.admin("acme") as admin:
+    async with api.admin(TENANT) as admin:
         await admin.set_alias_weights(NAME, "prod", {stable: 0.8, canary: 0.2})
         before: Adapter = await admin.get_adapter(NAME)
         five = {f"sha256:{d * 64}": 0.2 for d in "12345"}
@@ -154,8 +157,8 @@ async def test_bad_weights_are_refused_and_change_nothing(api: ApiEnv, versions:
         # Another tenant's adapter reads like a missing one; a user key may not write.
         async with api.admin("globex") as other:
             with pytest.raises(errors.NotFound, match=errors.ADAPTER_NOT_FOUND_TEXT):
-                await other.set_alias_weights(NAME, "prod", {stable: 1.0}, tenant="acme")
-        async with AsyncGatewayClient(api.target, key("acme", "user")) as user:
+                await other.set_alias_weights(NAME, "prod", {stable: 1.0}, tenant=TENANT)
+        async with AsyncGatewayClient(api.target, key(TENANT, "user")) as user:
             with pytest.raises(errors.PermissionDenied):
                 await user.set_alias_weights(NAME, "prod", {stable: 1.0})
         assert await admin.get_adapter(NAME) == before
@@ -171,7 +174,7 @@ async def test_concurrent_weight_writes_with_expected_lose_nothing(
     lost = [0]
 
     async def writer() -> None:
-        async with api.admin("acme") as admin:
+        async with api.admin(TENANT) as admin:
             for _ in range(moves):
                 while True:
                     split = dict((await admin.get_adapter(NAME)).alias_weights["prod"])
@@ -184,7 +187,7 @@ async def test_concurrent_weight_writes_with_expected_lose_nothing(
                     except errors.FailedPrecondition:
                         lost[0] += 1
 
-    async with api.admin("acme") as admin:
+    async with api.admin(TENANT) as admin:
         await admin.set_alias_weights(NAME, "prod", {stable: 0.9, canary: 0.1})
         await asyncio.gather(*(writer() for _ in range(writers)))
         split = (await admin.get_adapter(NAME)).alias_weights["prod"]
