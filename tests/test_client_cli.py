@@ -496,6 +496,20 @@ def test_generate_sends_auth_routing_and_request(
     assert not sampling.HasField("top_p")  # unset stays unset: the server's default
     assert list(sampling.stop) == ["\n"]
     assert request.request_id == "req-42"
+    assert request.routing_key == ""  # none given: the server uses the request id
+
+
+async def test_routing_key_is_sent(sync_client: GatewayClient, target: str, script: Script) -> None:
+    await asyncio.to_thread(sync_client.generate, "support@prod", "hi", routing_key="conv-1")
+    assert script.last("Generate").request.routing_key == "conv-1"
+    await asyncio.to_thread(sync_client.tokenize, "support@prod", "hi", routing_key="conv-2")
+    assert script.last("Tokenize").request.routing_key == "conv-2"
+    async with AsyncGatewayClient(target, API_KEY) as client:
+        async for _ in client.generate_stream("support@prod", "hi", routing_key="conv-3"):
+            pass
+        assert script.last("GenerateStream").request.routing_key == "conv-3"
+        await client.tokenize("support", "hi", routing_key="conv-4")
+        assert script.last("Tokenize").request.routing_key == "conv-4"
 
 
 @pytest.mark.parametrize(

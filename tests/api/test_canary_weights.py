@@ -200,6 +200,12 @@ async def test_an_invalid_routing_key_is_refused(api: ApiEnv, versions: Canary) 
             await served(api, bad)
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert "routing_key" in (caught.value.details() or "")
+        tokenize = pb.TokenizeRequest(adapter=f"{NAME}@prod", text="hi", routing_key=bad)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await api.stub.Tokenize(tokenize, metadata=metadata(TENANT))
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    tokenize = pb.TokenizeRequest(adapter=f"{NAME}@prod", text="hi", routing_key="k")
+    assert (await api.stub.Tokenize(tokenize, metadata=metadata(TENANT))).count > 0
 
 
 def test_the_openai_front_takes_the_header_then_user() -> None:
