@@ -9,6 +9,7 @@ One job per module:
     keys.py         the object layout: keys built from validated names and hex digests only
     upload.py       the streamed, hashed, size-capped upload into the spool
     manifests.py    manifest reads and conditional writes (conditional.py: the retry loop)
+    feed.py         the change feed: one event per manifest write, listed in time order
     sharing.py      grants and each grantee's share index
     quota.py        per-tenant storage usage and quotas
     pages.py        paged listings: one backend listing per page

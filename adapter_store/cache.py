@@ -1,8 +1,10 @@
 """`DiskCache`: adapter versions on local disk, verified, atomic, single-flight, byte-budget LRU.
 
-Layout: `<root>/<sha[:2]>/<sha>/{adapter_config.json, adapter_model.safetensors}`; the path is
-derived from the version's sha256 only. Downloads go to `<root>/.tmp/`, each file is fsynced and
-checked against the manifest's size and sha256, then the complete folder is renamed into place.
+Layout: `<root>/<sha[:2]>/<sha>/{adapter_config.json, adapter_model.safetensors}`, and the
+version's `chat_template.jinja` when it has one (`VERSION_FILES`); the path is derived from the
+version's sha256 only, the file names are the store's constants. Downloads go to
+`<root>/.tmp/`, each file is fsynced and checked against the manifest's size and sha256, then
+the complete folder is renamed into place.
 
 The API is async and runs on one event loop; blocking work (downloads, hashing, deletes) runs
 in threads via `asyncio.to_thread`. Concurrent `ensure` calls for one version share one task
@@ -41,7 +43,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapter_store.errors import CapacityExceeded, IntegrityError, StoreUnavailable
-from adapter_store.model import ADAPTER_FILES, AdapterVersion, FileEntry, check_sha, sha256_file
+from adapter_store.model import (
+    ADAPTER_FILES,
+    VERSION_FILES,
+    AdapterVersion,
+    FileEntry,
+    check_sha,
+    sha256_file,
+)
 from adapter_store.singleflight import SingleFlight
 
 __all__ = ["CacheEntry", "CacheStats", "DiskCache", "Fetch"]
@@ -158,7 +167,7 @@ class DiskCache:
     # --- ensure / remove ----------------------------------------------------------------------
 
     async def ensure(self, version: AdapterVersion, *, owner: str | None = None) -> Path:
-        """A folder holding the version's two files, verified; downloads it if needed.
+        """A folder holding the version's files, verified; downloads it if needed.
 
         `owner` is recorded before anything is awaited, so a `release` by another owner that
         runs while this call waits (or while the caller then reads the files) keeps the folder.
@@ -346,7 +355,7 @@ class DiskCache:
         temp.mkdir()
         try:
             for entry in version.files:
-                if entry.filename not in ADAPTER_FILES:
+                if entry.filename not in VERSION_FILES:
                     raise IntegrityError(f"manifest names an unexpected file in {version.sha}")
                 dest = temp / entry.filename
                 self._fetch_once_more_on_error(version, entry.filename, dest)
@@ -387,7 +396,7 @@ class DiskCache:
                 name = folder.name
                 valid = _SHA.fullmatch(name) and name[:2] == group.name and folder.is_dir()
                 files = sorted(p.name for p in folder.iterdir()) if valid else []
-                if not valid or files != sorted(ADAPTER_FILES):
+                if not valid or not set(ADAPTER_FILES) <= set(files) <= set(VERSION_FILES):
                     self.stats.verify_failures += 1
                     _remove_dirs([folder])
                     continue

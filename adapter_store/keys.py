@@ -5,12 +5,18 @@ Keys are relative to the backend's root folder or bucket prefix::
     tenants/<tenant>/adapters/<name>/manifest.json
     tenants/<tenant>/adapters/<name>/versions/<sha256>/adapter_config.json
     tenants/<tenant>/adapters/<name>/versions/<sha256>/adapter_model.safetensors
+    tenants/<tenant>/adapters/<name>/versions/<sha256>/chat_template.jinja   (optional)
     tenants/<tenant>/usage.json                          (storage usage: adapter_store.quota)
     tenants/<grantee>/shared/<owner>/<name>              (share index: one marker per grant)
+    events/<stamp>-<nonce>-<tenant>/<name>               (change feed: one per manifest write)
+
+`<stamp>` is the writer's clock in microseconds since the epoch, 16 digits, so that events list
+in time order; `<nonce>` is 8 random hex digits (two writers in one microsecond).
 
 `<tenant>`, `<owner>`, `<grantee>` and `<name>` pass `check_name` (letters, digits, '.', '_',
 '-'; no '..'), `<sha256>` passes `check_sha` (64 lowercase hex digits: the version's content
-address) and the file names are the two constants of `ADAPTER_FILES`: each builder below checks
+address) and the file names are the constants of `VERSION_FILES` (`ADAPTER_FILES` and the
+optional `OPTIONAL_FILES`), never a string from a request: each builder below checks
 its arguments, so no other string ever reaches a key (InvalidAdapter otherwise). This module is
 the only place that spells the layout.
 
@@ -21,15 +27,20 @@ or None (logged) for a key outside the layout, which is then skipped.
 from __future__ import annotations
 
 import logging
+import re
 
 from adapter_store.errors import InvalidAdapter
-from adapter_store.model import ADAPTER_FILES, check_name, check_sha
+from adapter_store.model import VERSION_FILES, check_name, check_sha
 
 __all__ = [
+    "EVENTS",
     "TENANTS",
     "adapter_prefix",
     "adapters_prefix",
     "child_name",
+    "event_key",
+    "event_of",
+    "events_from",
     "manifest_key",
     "object_key",
     "share_key",
@@ -43,6 +54,9 @@ log = logging.getLogger(__name__)
 
 #: The folder every tenant's objects live under (listed, one level, by `Registry.tenant_page`).
 TENANTS = "tenants/"
+#: The change feed's folder (adapter_store.feed).
+EVENTS = "events/"
+_EVENT_RE = re.compile(r"^events/([0-9]{16})-([0-9a-f]{8})-([^/]+)/([^/]+)$")
 
 
 def _tenant(tenant: str) -> str:
@@ -69,8 +83,8 @@ def version_prefix(tenant: str, name: str, sha: str) -> str:
 
 
 def object_key(tenant: str, name: str, sha: str, filename: str) -> str:
-    """One file of a version: `filename` is one of `ADAPTER_FILES`, nothing else."""
-    if filename not in ADAPTER_FILES:
+    """One file of a version: `filename` is one of `VERSION_FILES`, nothing else."""
+    if filename not in VERSION_FILES:
         raise InvalidAdapter(f"unsupported file {str(filename)[:80]!r}")
     return version_prefix(tenant, name, sha) + filename
 
@@ -115,4 +129,35 @@ def share_of(key: str, prefix: str) -> tuple[str, str] | None:
         except InvalidAdapter:
             pass
     log.warning("the store holds a key outside its layout under %s", prefix)
+    return None
+
+
+def event_key(stamp_us: int, nonce: str, tenant: str, name: str) -> str:
+    """The change-feed event of one manifest write: `stamp_us` the writer's clock (µs)."""
+    if not 0 <= stamp_us < 10**16 or not re.fullmatch(r"[0-9a-f]{8}", nonce):
+        raise InvalidAdapter("invalid change-feed event")
+    return (
+        f"{EVENTS}{stamp_us:016d}-{nonce}-{check_name(tenant, 'tenant')}/"
+        f"{check_name(name, 'adapter name')}"
+    )
+
+
+def events_from(stamp_us: int) -> str:
+    """The listing position (StartAfter) before every event stamped `stamp_us` or later."""
+    return f"{EVENTS}{max(0, min(stamp_us, 10**16 - 1)):016d}"
+
+
+def event_of(key: str) -> tuple[int, str, str] | None:
+    """(stamp_us, tenant, name) of an event key, names validated; None (logged) for any other
+    key under `EVENTS`."""
+    match = _EVENT_RE.fullmatch(key)
+    if match is not None:
+        try:
+            tenant = check_name(match.group(3), "tenant")
+            name = check_name(match.group(4), "adapter name")
+        except InvalidAdapter:
+            pass
+        else:
+            return int(match.group(1)), tenant, name
+    log.warning("the store holds a key outside its layout under %s", EVENTS)
     return None

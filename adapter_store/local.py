@@ -28,6 +28,7 @@ from adapter_store.errors import (
     StoreError,
     StoreUnavailable,
 )
+from adapter_store.keys import EVENTS
 
 __all__ = ["LocalBackend"]
 
@@ -106,7 +107,13 @@ class LocalBackend:
             raise
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        if key.startswith(EVENTS):
+            # Each change-feed event has a folder of its own (keys.event_key): remove it too,
+            # so that expired events leave nothing behind.
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
 
     def list(self, prefix: str) -> list[str]:
         base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root

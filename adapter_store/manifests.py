@@ -1,5 +1,8 @@
 """Manifests: one JSON object per adapter (`keys.manifest_key`), read and written conditionally.
 
+Every write also appends an event to the change feed (adapter_store.feed), after the put, so
+that other replicas learn of it with one listing.
+
 The manifest is the truth about an adapter: its versions, aliases, grants and status. Every
 change is a read (with its etag) → modify → conditional put (adapter_store.conditional), so
 concurrent writers on any number of replicas never lose an update. A manifest with status
@@ -8,15 +11,19 @@ concurrent writers on any number of replicas never lose an update. A manifest wi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from adapter_store.backend import BlobBackend
 from adapter_store.conditional import update
-from adapter_store.errors import BlobNotFound
+from adapter_store.errors import BlobNotFound, StoreError
+from adapter_store.feed import ChangeFeed
 from adapter_store.keys import manifest_key
 from adapter_store.model import Manifest, not_found
 
 __all__ = ["Manifests", "is_live", "live"]
+
+log = logging.getLogger(__name__)
 
 #: At most this many lost races before a manifest update raises Conflict.
 DEFAULT_RETRIES = 10
@@ -41,6 +48,7 @@ class Manifests:
     def __init__(self, backend: BlobBackend, *, max_retries: int = DEFAULT_RETRIES) -> None:
         self._backend = backend
         self._max_retries = max_retries
+        self.feed = ChangeFeed(backend)
 
     def read(self, tenant: str, name: str) -> Manifest | None:
         """The stored manifest (revoked ones included), with its etag; None if there is none."""
@@ -64,16 +72,38 @@ class Manifests:
     ) -> Manifest:
         """Apply `change` to the current manifest (None: there is none yet) and store the
         result conditionally, retrying lost races; `change` returning its argument writes
-        nothing."""
+        nothing.
+
+        A write is followed by its change-feed event. If that append fails, the write stands
+        (it is the truth) and the error is logged: other replicas then see the change at their
+        resync pass instead (lora_gateway.residency.manifests), not within one poll interval.
+        """
+        given: list[Manifest | None] = []
+
+        def tracked(current: Manifest | None) -> Manifest:
+            given.append(current)
+            return change(current)
+
         updated = update(
             self._backend,
             manifest_key(tenant, name),
             lambda: self.read(tenant, name),
-            change,
+            tracked,
             retries=self._max_retries,
             max_backoff_s=_MAX_BACKOFF_S,
             what=f"adapter {name!r}",
         )
         if updated is None:  # `change` kept an absent manifest absent
             raise not_found(name)
+        if given and updated is not given[-1]:  # written (a no-op returns what was read)
+            try:
+                self.feed.append(tenant, name)
+            except StoreError as exc:
+                log.error(
+                    "change feed: the event of %s/%s was not written (%s); other replicas "
+                    "see the change at their next resync pass",
+                    tenant,
+                    name,
+                    exc,
+                )
         return updated

@@ -20,12 +20,15 @@ from adapter_store.errors import AdapterNotFound, IntegrityError, InvalidAdapter
 
 __all__ = [
     "ADAPTER_FILES",
+    "CHAT_TEMPLATE_FILE",
     "CONFIG_FILE",
     "DEFAULT_ALIAS",
     "DTYPE_MAX",
     "MAX_ALIAS_VERSIONS",
     "MODULE_PARENTS",
     "NAME_PATTERN",
+    "OPTIONAL_FILES",
+    "VERSION_FILES",
     "WEIGHTS_FILE",
     "WEIGHT_SUM_TOLERANCE",
     "AdapterRef",
@@ -64,8 +67,15 @@ WEIGHT_SUM_TOLERANCE = 1e-6
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-#: The only files an adapter version consists of, in the order they are uploaded.
+#: The files every adapter version consists of, in the order they are uploaded.
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+#: The adapter's own chat template (Jinja, UTF-8), as PEFT/transformers save it next to
+#: adapter_config.json. Validated at upload; the gateway renders the version's chat prompts with it.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+#: Files a version may carry besides `ADAPTER_FILES`, uploaded after them in this order.
+OPTIONAL_FILES = (CHAT_TEMPLATE_FILE,)
+#: Every file name a version may hold: the only names that reach a storage key or a cache path.
+VERSION_FILES = ADAPTER_FILES + OPTIONAL_FILES
 
 #: Llama/Mistral/Qwen2 module name -> the submodule of a decoder layer that holds it.
 MODULE_PARENTS: Mapping[str, str] = {
@@ -212,7 +222,7 @@ class FileEntry:
     def from_dict(cls, data: object) -> FileEntry:
         obj = _obj(data, "file entry")
         filename = _get(obj, "filename", str)
-        if filename not in ADAPTER_FILES:
+        if filename not in VERSION_FILES:
             raise IntegrityError(f"manifest names an unexpected file {filename[:80]!r}")
         size = _get(obj, "size", int)
         if size < 0:
@@ -263,6 +273,15 @@ class AdapterVersion:
     @property
     def version_id(self) -> str:
         return _SHA_PREFIX + self.sha
+
+    @property
+    def chat_template(self) -> FileEntry | None:
+        """The version's own chat template file (its sha256 is part of the content address),
+        None when it has none (its chat prompts use the base model's template)."""
+        for entry in self.files:
+            if entry.filename == CHAT_TEMPLATE_FILE:
+                return entry
+        return None
 
     def file(self, filename: str) -> FileEntry:
         for entry in self.files:
@@ -653,6 +672,9 @@ class Limits:
     max_config_bytes: int = 64 * 1024
     max_header_bytes: int = 1024 * 1024
     max_description_chars: int = 1024
+    #: Largest chat_template.jinja (UTF-8 bytes); the gateway sets it from
+    #: `chat_template_max_bytes`.
+    max_chat_template_bytes: int = 64 * 1024
     #: ComposeAdapter: most parts, and most stored bytes of all parts (checked from manifests).
     max_compose_parts: int = 8
     max_compose_bytes: int = 1024 * 1024 * 1024

@@ -31,11 +31,13 @@ from adapter_store.errors import (
     Quarantined,
     StoreError,
 )
+from adapter_store.feed import ChangePage
 from adapter_store.keys import TENANTS, adapters_prefix, child_name, object_key
 from adapter_store.manifests import DEFAULT_RETRIES, Manifests, is_live, live
 from adapter_store.model import (
-    ADAPTER_FILES,
+    CHAT_TEMPLATE_FILE,
     DEFAULT_ALIAS,
+    VERSION_FILES,
     WEIGHT_SUM_TOLERANCE,
     AdapterRef,
     AdapterVersion,
@@ -58,6 +60,7 @@ from adapter_store.sharing import ShareIndex, ShareRepair
 from adapter_store.spool import Spool
 from adapter_store.upload import (
     SpooledAdapter,
+    TemplateCheck,
     Upload,
     check_declared,
     check_metadata,
@@ -87,6 +90,7 @@ class AdapterStore(Protocol):
         aliases: Sequence[str] = (),
         description: str = "",
         quota: Quota | None = None,
+        check_template: TemplateCheck | None = None,
     ) -> Upload: ...
 
     def upload_dir(
@@ -99,6 +103,7 @@ class AdapterStore(Protocol):
         aliases: Sequence[str] = (),
         description: str = "",
         quota: Quota | None = None,
+        check_template: TemplateCheck | None = None,
     ) -> AdapterVersion: ...
 
     def usage(self, tenant: str) -> Usage: ...
@@ -106,6 +111,10 @@ class AdapterStore(Protocol):
     def get_manifest(self, tenant: str, name: str) -> Manifest: ...
 
     def get_manifest_if_changed(self, tenant: str, name: str, etag: str) -> Manifest | None: ...
+
+    def changes(self, since_us: int, *, position: str = "") -> ChangePage: ...
+
+    def expire_changes(self, before_us: int) -> int: ...
 
     def list_adapters(self, tenant: str) -> list[Manifest]: ...
 
@@ -201,6 +210,7 @@ class Registry:
         aliases: Sequence[str] = (),
         description: str = "",
         quota: Quota | None = None,
+        check_template: TemplateCheck | None = None,
     ) -> Upload:
         """Check the header and reserve what it declares, before any byte is received.
 
@@ -223,6 +233,7 @@ class Registry:
             aliases=aliases,
             description=description,
             quota=quota,
+            check_template=check_template,
         )
         return Upload.start(self.spool, entries, publish)
 
@@ -236,6 +247,7 @@ class Registry:
         aliases: Sequence[str] = (),
         description: str = "",
         quota: Quota | None = None,
+        check_template: TemplateCheck | None = None,
     ) -> AdapterVersion:
         """Upload a local PEFT adapter folder (a README.md in it is ignored)."""
         with self.begin_upload(
@@ -246,6 +258,7 @@ class Registry:
             aliases=aliases,
             description=description,
             quota=quota,
+            check_template=check_template,
         ) as upload:
             upload.write_folder(path)
             return upload.commit()
@@ -267,9 +280,15 @@ class Registry:
         description: str = "",
         composed_from: tuple[tuple[str, float], ...] = (),
         quota: Quota | None = None,
+        check_template: TemplateCheck | None = None,
     ) -> AdapterVersion:
-        """Validate the spooled adapter's two files, store them, then add the version to the
+        """Validate the spooled adapter's files, store them, then add the version to the
         manifest: it becomes `latest` and each of `aliases`.
+
+        A chat_template.jinja among them is checked by `validate_adapter` (UTF-8, size) and then
+        by `check_template` (the gateway's sandbox: it compiles and renders); without a
+        `check_template` a template is refused (InvalidAdapter), never stored unchecked. Its
+        sha256 is part of the version's content address, like the other files'.
 
         Validation may rewrite a file in place (AdaLoRA normalised to LoRA; the extra bytes
         are reserved in `adapter.space` first). Re-publishing identical content is the same
@@ -283,6 +302,13 @@ class Registry:
         check_metadata(created_by, description, self.limits)
         paths = adapter.paths()
         validated = validate_adapter(paths, self.spec, self.limits)
+        if validated.chat_template is not None:
+            if check_template is None:
+                raise InvalidAdapter(
+                    f"{CHAT_TEMPLATE_FILE}: chat templates are not accepted here "
+                    "(no template check)"
+                )
+            check_template(validated.chat_template)
         for filename, data in validated.rewritten.items():
             if adapter.space is not None:
                 adapter.space.grow(
@@ -409,6 +435,15 @@ class Registry:
         """None when the stored manifest still has `etag` (a conditional GET)."""
         found = self._manifests.read_if_changed(tenant, name, etag)
         return None if found is None else live(found, name)
+
+    def changes(self, since_us: int, *, position: str = "") -> ChangePage:
+        """One listing of the change feed (adapter_store.feed): manifests written since
+        `since_us` (µs since the epoch, the writers' clocks), after `position`."""
+        return self._manifests.feed.read(since_us, position=position)
+
+    def expire_changes(self, before_us: int) -> int:
+        """Delete change-feed events stamped before `before_us` (at most one page)."""
+        return self._manifests.feed.expire(before_us)
 
     def adapter_page(self, tenant: str, *, after: str = "", limit: int = 100) -> Page[Manifest]:
         """Live adapters of `tenant` named after the position `after`, in the store's order.
@@ -679,7 +714,7 @@ class Registry:
     def purge(self, tenant: str, name: str, shas: Iterable[str]) -> None:
         """Delete the objects of revoked versions (idempotent)."""
         for sha in shas:
-            for filename in ADAPTER_FILES:
+            for filename in VERSION_FILES:  # an optional file it lacks: a no-op delete
                 self.backend.delete(object_key(tenant, name, check_sha(sha), filename))
 
     # --- reads of objects ---------------------------------------------------------------------

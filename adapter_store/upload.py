@@ -2,15 +2,16 @@
 
 An upload is checked in two steps, each before anything is spent on it:
 
-1. its header (`check_declared`): exactly `adapter_config.json` and `adapter_model.safetensors`
-   (never a pickle format), each with a size within its cap and a well-formed sha256; and its
-   metadata (`check_metadata`). The registry then checks the tenant's quota, and `Upload.start`
-   reserves the declared sizes in the spool (SpoolFull beyond its budget);
+1. its header (`check_declared`): `adapter_config.json` and `adapter_model.safetensors`, and
+   optionally `chat_template.jinja` (never a pickle format, nothing else), each with a size
+   within its cap and a well-formed sha256; and its metadata (`check_metadata`). The registry
+   then checks the tenant's quota, and `Upload.start` reserves the declared sizes in the spool
+   (SpoolFull beyond its budget);
 2. its bytes (`Upload.write`): file by file in the declared order, never more than a file's
    declared size, hashed as they arrive; `Upload.commit` checks every size and sha256 against
    the header.
 
-What a complete upload produces is a `SpooledAdapter` (its two files in a private spool folder,
+What a complete upload produces is a `SpooledAdapter` (its files in a private spool folder,
 received in full and matching the header), handed to the `publish` callable the upload was
 started with: for `Registry.begin_upload`, `Registry.publish` (which validates and stores it).
 The upload knows nothing else of the registry. Any error aborts the upload: its folder is
@@ -30,7 +31,10 @@ from typing import IO
 from adapter_store.errors import CapacityExceeded, InvalidAdapter
 from adapter_store.model import (
     ADAPTER_FILES,
+    CHAT_TEMPLATE_FILE,
     CONFIG_FILE,
+    OPTIONAL_FILES,
+    VERSION_FILES,
     WEIGHTS_FILE,
     AdapterVersion,
     FileEntry,
@@ -43,6 +47,7 @@ from adapter_store.spool import Spool, SpoolSpace
 __all__ = [
     "Publish",
     "SpooledAdapter",
+    "TemplateCheck",
     "Upload",
     "check_declared",
     "check_metadata",
@@ -56,7 +61,7 @@ MAX_CREATED_BY_CHARS = 256
 
 @dataclass(frozen=True)
 class SpooledAdapter:
-    """An adapter's two files in a spool folder, not validated yet (`Registry.publish` does).
+    """An adapter's files in a spool folder, not validated yet (`Registry.publish` does).
 
     From an upload, every file matches the size and sha256 its header declared; from a
     composition, the store wrote them itself. `space` holds their bytes in the spool's budget
@@ -68,33 +73,48 @@ class SpooledAdapter:
     space: SpoolSpace | None = None
 
     def paths(self) -> dict[str, Path]:
-        """Each file of `ADAPTER_FILES`, in that order, and where it is."""
-        return {filename: self.folder / filename for filename in ADAPTER_FILES}
+        """Each file of `ADAPTER_FILES`, then each of `OPTIONAL_FILES` the folder holds, in that
+        order, and where it is."""
+        paths = {filename: self.folder / filename for filename in ADAPTER_FILES}
+        for filename in OPTIONAL_FILES:
+            if (self.folder / filename).is_file():
+                paths[filename] = self.folder / filename
+        return paths
 
 
 #: What a complete upload is handed to; returns the published version.
 Publish = Callable[[SpooledAdapter], AdapterVersion]
+#: Checks the text of an uploaded chat_template.jinja (the gateway's: it compiles the template
+#: in its sandbox and renders a sample conversation); raises InvalidAdapter with the reason.
+#: Blocking: it runs in the publishing thread.
+TemplateCheck = Callable[[str], None]
 
 
 def check_declared(declared: Sequence[FileEntry], limits: Limits) -> list[FileEntry]:
-    """The header of an upload, checked: one entry per file of `ADAPTER_FILES`, in that order.
+    """The header of an upload, checked: one entry per file of `ADAPTER_FILES`, then one per
+    file of `OPTIONAL_FILES` it declares, in that order (the order the bytes must come in).
 
-    InvalidAdapter for an unsupported, duplicate or missing file, an invalid size or sha256;
-    CapacityExceeded for a size above its cap (`limits.max_config_bytes` for the config,
-    `limits.max_file_bytes` for the weights).
+    InvalidAdapter for an unsupported, duplicate or missing file, an invalid size or sha256, a
+    chat template above `limits.max_chat_template_bytes`; CapacityExceeded for a size above its
+    cap (`limits.max_config_bytes` for the config, `limits.max_file_bytes` for the weights).
     """
     by_name: dict[str, FileEntry] = {}
     for entry in declared:
-        if entry.filename not in ADAPTER_FILES:
+        if entry.filename not in VERSION_FILES:
             raise InvalidAdapter(
-                f"unsupported file {str(entry.filename)[:80]!r}: an adapter is exactly "
-                f"{CONFIG_FILE} and {WEIGHTS_FILE} (.bin, .pt and other pickle formats are "
-                "never loaded)"
+                f"unsupported file {str(entry.filename)[:80]!r}: an adapter is "
+                f"{CONFIG_FILE} and {WEIGHTS_FILE}, and optionally {CHAT_TEMPLATE_FILE} (.bin, "
+                ".pt and other pickle formats are never loaded)"
             )
         if entry.filename in by_name:
             raise InvalidAdapter(f"file {entry.filename} is declared twice")
         if not isinstance(entry.size, int) or isinstance(entry.size, bool) or entry.size < 0:
             raise InvalidAdapter(f"file {entry.filename} declares an invalid size")
+        if entry.filename == CHAT_TEMPLATE_FILE and entry.size > limits.max_chat_template_bytes:
+            raise InvalidAdapter(
+                f"file {entry.filename} declares {entry.size} bytes, above the cap of "
+                f"{limits.max_chat_template_bytes} (chat_template_max_bytes)"
+            )
         cap = limits.max_config_bytes if entry.filename == CONFIG_FILE else limits.max_file_bytes
         if entry.size > cap:
             raise CapacityExceeded(
@@ -106,7 +126,7 @@ def check_declared(declared: Sequence[FileEntry], limits: Limits) -> list[FileEn
     for filename in ADAPTER_FILES:
         if filename not in by_name:
             raise InvalidAdapter(f"missing file {filename}")
-    return [by_name[filename] for filename in ADAPTER_FILES]
+    return [by_name[filename] for filename in VERSION_FILES if filename in by_name]
 
 
 def check_metadata(created_by: object, description: object, limits: Limits) -> None:
@@ -123,7 +143,8 @@ def check_metadata(created_by: object, description: object, limits: Limits) -> N
 
 def declare_folder(path: Path) -> list[FileEntry]:
     """The header of a local PEFT adapter folder: each regular file's size and sha256 (a
-    README.md in it is ignored); InvalidAdapter for a link or anything else not a file."""
+    README.md in it is ignored); InvalidAdapter for a link or anything else not a file.
+    `check_declared` then refuses any file that is not one of `VERSION_FILES`."""
     files = sorted(p for p in Path(path).iterdir() if p.name != "README.md")
     for file in files:
         if file.is_symlink() or not file.is_file():
@@ -157,7 +178,10 @@ class Upload:
     ) -> None:
         """`declared` as `check_declared` returns it; `folder` is this upload's own (removed
         when it ends), `space` what the spool holds for it (released when it ends)."""
-        if [entry.filename for entry in declared] != list(ADAPTER_FILES):
+        names = [entry.filename for entry in declared]
+        if names[: len(ADAPTER_FILES)] != list(ADAPTER_FILES) or names != [
+            filename for filename in VERSION_FILES if filename in names
+        ]:
             raise InvalidAdapter("an upload's header must be checked by check_declared")
         self._publish = publish
         self._space = space
@@ -211,7 +235,8 @@ class Upload:
 
     def write_folder(self, path: Path) -> None:
         """Write the files of a local adapter folder (the one `declare_folder` read)."""
-        for filename in ADAPTER_FILES:
+        for incoming in self._files:
+            filename = incoming.declared.filename
             with (Path(path) / filename).open("rb") as f:
                 while chunk := f.read(_CHUNK):
                     self.write(filename, chunk)

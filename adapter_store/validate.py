@@ -1,4 +1,4 @@
-"""Validation of a PEFT adapter's two files against the deployment's base model.
+"""Validation of a PEFT adapter's files against the deployment's base model.
 
 Pure functions: they read the local files they are given and nothing else. Nothing is ever
 unpickled; the safetensors header is parsed here (8-byte little-endian length, JSON header) so
@@ -6,7 +6,10 @@ that its size, offsets and dtypes are checked before any tensor data is touched.
 
 An adapter is accepted when:
 
-- it consists of exactly `adapter_config.json` and `adapter_model.safetensors`;
+- it consists of `adapter_config.json` and `adapter_model.safetensors`, and optionally
+  `chat_template.jinja` (`check_chat_template`: UTF-8 within `max_chat_template_bytes`; that it
+  compiles and renders in the gateway's sandbox is checked by the gateway, which the store
+  never imports: `Registry.publish`'s `check_template`);
 - the config is a UTF-8 JSON object within the size cap whose every key is one the engine supports
   (an allowlist, `_CONFIG_KEYS`: an unknown key is refused by name) with a value of the right type
   and within bounds: `peft_type` is LORA or ADALORA, the rank is within 1..max_rank, `lora_alpha`
@@ -46,9 +49,11 @@ from safetensors.numpy import save as save_safetensors
 from adapter_store.errors import Incompatible, InvalidAdapter
 from adapter_store.model import (
     ADAPTER_FILES,
+    CHAT_TEMPLATE_FILE,
     CONFIG_FILE,
     DTYPE_MAX,
     MODULE_PARENTS,
+    VERSION_FILES,
     WEIGHTS_FILE,
     BaseModelSpec,
     Limits,
@@ -71,6 +76,7 @@ __all__ = [
     "SUPPORTED_INITS",
     "TensorInfo",
     "ValidatedAdapter",
+    "check_chat_template",
     "check_effective_weights",
     "load_tensors",
     "magnitude_limit",
@@ -140,6 +146,8 @@ class ValidatedAdapter:
     config: dict[str, Any]
     #: New contents of files that were rewritten (AdaLoRA normalised to LoRA); else empty.
     rewritten: dict[str, bytes] = field(default_factory=dict)
+    #: The text of its chat_template.jinja (None: it has none).
+    chat_template: str | None = None
 
 
 def validate_adapter(
@@ -147,6 +155,10 @@ def validate_adapter(
 ) -> ValidatedAdapter:
     """Check an adapter's files; raise InvalidAdapter or Incompatible saying what is wrong."""
     _check_file_set(files.keys())
+    template = None
+    if CHAT_TEMPLATE_FILE in files:
+        with files[CHAT_TEMPLATE_FILE].open("rb") as f:
+            template = check_chat_template(f.read(limits.max_chat_template_bytes + 1), limits)
     with files[CONFIG_FILE].open("rb") as f:
         config = parse_config(f.read(limits.max_config_bytes + 1), limits)
     info = _check_config(config, spec)
@@ -183,6 +195,7 @@ def validate_adapter(
                 CONFIG_FILE: json.dumps(new_config, indent=2, sort_keys=True).encode(),
                 WEIGHTS_FILE: serialise_tensors(new_tensors),
             },
+            chat_template=template,
         )
     check_effective_weights(
         tensors,
@@ -201,7 +214,28 @@ def validate_adapter(
         dtype=dtype,
         base_model=info.base_model,
         config=config,
+        chat_template=template,
     )
+
+
+def check_chat_template(data: bytes, limits: Limits) -> str:
+    """The text of a chat_template.jinja: UTF-8 (strict), not empty, at most
+    `limits.max_chat_template_bytes`; InvalidAdapter saying what is wrong otherwise. Whether it
+    compiles and renders is the gateway's check (its sandbox)."""
+    cap = limits.max_chat_template_bytes
+    if len(data) > cap:
+        raise InvalidAdapter(
+            f"{CHAT_TEMPLATE_FILE} is larger than the cap of {cap} bytes (chat_template_max_bytes)"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidAdapter(
+            f"{CHAT_TEMPLATE_FILE} is not UTF-8 (byte {exc.start} cannot be decoded)"
+        ) from None
+    if not text.strip():
+        raise InvalidAdapter(f"{CHAT_TEMPLATE_FILE} is empty")
+    return text
 
 
 def _module_of(name: str) -> str:
@@ -213,10 +247,11 @@ def _module_of(name: str) -> str:
 def _check_file_set(names: Iterable[str]) -> None:
     given = sorted(names)
     for name in given:
-        if name not in ADAPTER_FILES:
+        if name not in VERSION_FILES:
             raise InvalidAdapter(
-                f"unsupported file {name[:80]!r}: an adapter is exactly {CONFIG_FILE} and "
-                f"{WEIGHTS_FILE} (.bin, .pt and other pickle formats are never loaded)"
+                f"unsupported file {name[:80]!r}: an adapter is {CONFIG_FILE} and "
+                f"{WEIGHTS_FILE}, and optionally {CHAT_TEMPLATE_FILE} (.bin, .pt and other "
+                "pickle formats are never loaded)"
             )
     for name in ADAPTER_FILES:
         if name not in given:

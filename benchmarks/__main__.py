@@ -40,8 +40,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace, work: Path) -> int:
     from benchmarks import report
-    from benchmarks._support import SETUP_PHASES, Progress, open_bench
+    from benchmarks._support import SETUP_PHASES, Progress, open_bench, other_engines
 
+    others = other_engines()
+    if others:
+        banner = "!" * 78
+        print(
+            f"{banner}\nWARNING: {len(others)} other vLLM engine or gateway process(es) are "
+            "running on this machine.\nThey share its cores: every figure of this run is "
+            "suspect. Stop them and run again.\n" + "\n".join(others) + f"\n{banner}",
+            file=sys.stderr,
+        )
     selected = args.only or list(BENCHMARKS)
     modules: dict[str, ModuleType] = {
         name: importlib.import_module(f"benchmarks.{name}") for name in selected
@@ -64,6 +73,11 @@ async def run(args: argparse.Namespace, work: Path) -> int:
                     continue
                 for problem in result.get("problems", []):
                     logging.getLogger("benchmarks").error("%s: %s", name, problem)
+                if others:
+                    result.setdefault("problems", []).append(
+                        f"{len(others)} other engine process(es) ran during this run: "
+                        "the figures are suspect"
+                    )
                 result["seconds"] = time.perf_counter() - began
                 result["smoke"] = args.smoke
                 results[name] = result

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from adapter_store import BaseModelSpec, Limits, Registry
@@ -380,3 +381,24 @@ async def open_bench(work: Path, *, smoke: bool, progress: Progress) -> AsyncIte
 
 
 SETUP_PHASES = 3
+
+
+#: What a vLLM engine (or a server that runs one) looks like in `ps`.
+ENGINE_MARKERS = ("VLLM::EngineCore", "VLLM::Worker", "vllm.entrypoints", "lora-gateway serve")
+
+
+def other_engines() -> list[str]:
+    """vLLM engines and gateway servers running on this machine that this process did not start
+    (`pid: command`): any of them makes every figure of a run wrong (up to 2.5x measured)."""
+    mine = {child.pid for child in psutil.Process().children(recursive=True)}
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline", "name"]):
+        try:
+            command = " ".join(process.info["cmdline"] or [process.info["name"] or ""])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if process.pid in mine or process.pid == psutil.Process().pid:
+            continue
+        if any(marker in command for marker in ENGINE_MARKERS):
+            found.append(f"{process.pid}: {command.strip()[:120]}")
+    return found

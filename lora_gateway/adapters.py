@@ -344,6 +344,8 @@ class Adapters:
                     aliases=header.aliases,
                     description=header.description,
                     quota=self._quota(tenant),
+                    # An uploaded chat_template.jinja: compiled and rendered in the sandbox.
+                    check_template=self.gateway.chat.check_upload,
                 )
             except (SpoolFull, QuotaExceeded) as exc:
                 self._refused(exc)

@@ -23,7 +23,11 @@ rendering is bounded, not only sandboxed:
   `raise_exception` message included, as for "roles must alternate").
 
 `ChatTemplates.render` takes an optional template: None means the base model's. An adapter
-version's own template (carried by its upload, once the store keeps one) plugs in there.
+version's own template (its upload's `chat_template.jinja`) plugs in there, with the version as
+its `scope`: compiled templates are cached per scope, so identical template text of two tenants
+never shares a cache entry (nor its timing). `ChatTemplates.check_upload` is the upload's check
+of such a template: it compiles in this sandbox and renders `SAMPLE_CONVERSATION` within the same
+bounds, or the upload is refused (INVALID_ARGUMENT with the reason) and nothing is stored.
 """
 
 from __future__ import annotations
@@ -50,15 +54,24 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
+from adapter_store.errors import InvalidAdapter
+from adapter_store.model import CHAT_TEMPLATE_FILE
 from lora_gateway.config import Settings
 from lora_gateway.engine.base import TokenizerInfo
 from lora_gateway.errors import FailedPrecondition, InvalidArgument
 
-__all__ = ["ROLES", "ChatLimits", "ChatMessage", "ChatTemplates", "check_messages"]
+__all__ = [
+    "ROLES",
+    "SAMPLE_CONVERSATION",
+    "ChatLimits",
+    "ChatMessage",
+    "ChatTemplates",
+    "check_messages",
+]
 
 #: Roles a message may have.
 ROLES = ("system", "user", "assistant")
-#: Compiled templates kept (the base model's and, later, adapters' own).
+#: Compiled templates kept (the base model's and adapter versions' own).
 _CACHE_SIZE = 32
 #: Largest width a template may ask of `%` formatting or `str.format` (`%99999s`).
 _MAX_WIDTH = 9999
@@ -70,6 +83,16 @@ _WIDE_FORMAT = re.compile(r"\{[^{}]*:[^{}]*(\d{5,}|\{)")
 class ChatMessage:
     role: str
     content: str
+
+
+#: What an uploaded chat template must render (with `add_generation_prompt`) to be accepted:
+#: user and assistant turns that alternate, the conversation every template takes (a system
+#: message is left out: some real templates refuse one with `raise_exception`).
+SAMPLE_CONVERSATION = (
+    ChatMessage("user", "Hello, who are you?"),
+    ChatMessage("assistant", "An assistant."),
+    ChatMessage("user", "Say something short."),
+)
 
 
 @dataclass(frozen=True)
@@ -325,7 +348,7 @@ class ChatTemplates:
         self.base_template = info.chat_template
         self.special_tokens = dict(info.special_tokens)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="chat-render")
-        self._compiled: OrderedDict[str, jinja2.Template] = OrderedDict()
+        self._compiled: OrderedDict[tuple[str | None, str], jinja2.Template] = OrderedDict()
         self._lock = threading.Lock()
         #: Why the base model's template cannot be used (None: it can, or there is none).
         self.base_problem: str | None = None
@@ -346,11 +369,14 @@ class ChatTemplates:
         *,
         add_generation_prompt: bool = True,
         template: str | None = None,
+        scope: str = "",
     ) -> str:
         """The prompt text of `messages` (checked with `check_messages` first), rendered with
-        `template`, or with the base model's template when it is None."""
+        `template`, or with the base model's template when it is None. `scope` names whose
+        template it is (an adapter version's owner): its compiled form is cached apart."""
         messages = check_messages(messages, self.limits)
         if template is None:
+            scope = ""
             if self.base_template is None:
                 raise FailedPrecondition(
                     "the base model has no chat template: send the prompt as text or token_ids"
@@ -360,14 +386,38 @@ class ChatTemplates:
                     f"the base model's chat template cannot be used: {self.base_problem}"
                 )
             template = self.base_template
-        variables: dict[str, Any] = {
+        variables = self._variables(messages, add_generation_prompt)
+        return await self._run(functools.partial(self._render, template, variables, scope))
+
+    def check_upload(self, template: str) -> None:
+        """An uploaded chat template's check (blocking: the publishing thread runs it): it
+        compiles in the sandbox and renders `SAMPLE_CONVERSATION` with `add_generation_prompt`
+        to a non-empty prompt, within the same bounds as a request's render (size, time,
+        values). InvalidAdapter with the reason otherwise (INVALID_ARGUMENT)."""
+        variables = self._variables(SAMPLE_CONVERSATION, True)
+        try:
+            rendered = _bounded(
+                self.limits.render_timeout_s,
+                functools.partial(self._render, template, variables, None),
+            )
+        except InvalidArgument as exc:
+            reason = str(exc).removeprefix("chat template: ")
+            raise InvalidAdapter(f"{CHAT_TEMPLATE_FILE}: {reason}") from None
+        if not rendered.strip():
+            raise InvalidAdapter(
+                f"{CHAT_TEMPLATE_FILE}: it renders an empty prompt for a sample conversation"
+            )
+
+    def _variables(
+        self, messages: Sequence[ChatMessage], add_generation_prompt: bool
+    ) -> dict[str, Any]:
+        return {
             **self.special_tokens,
             "messages": [{"role": m.role, "content": m.content} for m in messages],
             "tools": None,
             "documents": None,
             "add_generation_prompt": add_generation_prompt,
         }
-        return await self._run(functools.partial(self._render, template, variables))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -378,13 +428,15 @@ class ChatTemplates:
         return await loop.run_in_executor(self._pool, bounded)
 
     def _compile_only(self, template: str) -> str:
-        self._compile(template)
+        self._compile(template, "")
         return template
 
-    def _compile(self, template: str) -> jinja2.Template:
-        key = hashlib.sha256(template.encode("utf-8", "surrogatepass")).hexdigest()
+    def _compile(self, template: str, scope: str | None) -> jinja2.Template:
+        """The compiled template, cached under (`scope`, its sha256); `scope` None: not cached
+        (an upload's check)."""
+        key = (scope, hashlib.sha256(template.encode("utf-8", "surrogatepass")).hexdigest())
         with self._lock:
-            cached = self._compiled.get(key)
+            cached = self._compiled.get(key) if scope is not None else None
             if cached is not None:
                 self._compiled.move_to_end(key)
                 return cached
@@ -400,14 +452,16 @@ class ChatTemplates:
             raise InvalidArgument(f"chat template: {exc.message} (line {exc.lineno})") from None
         except (jinja2.TemplateError, RecursionError, MemoryError) as exc:
             raise InvalidArgument(f"chat template does not compile: {type(exc).__name__}") from None
+        if scope is None:
+            return compiled
         with self._lock:
             self._compiled[key] = compiled
             while len(self._compiled) > _CACHE_SIZE:
                 self._compiled.popitem(last=False)
         return compiled
 
-    def _render(self, template: str, variables: Mapping[str, Any]) -> str:
-        compiled = self._compile(template)
+    def _render(self, template: str, variables: Mapping[str, Any], scope: str | None) -> str:
+        compiled = self._compile(template, scope)
         limit = self.limits.max_chars
         parts: list[str] = []
         size = 0

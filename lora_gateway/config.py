@@ -211,14 +211,27 @@ class Settings(BaseSettings):
     """Most versions one weighted alias (a canary, SetAliasWeights) may split its traffic
     between; more are refused with INVALID_ARGUMENT."""
     poll_interval_s: float = Field(2.0, gt=0)
-    """How often manifests of resident adapters are re-read (conditional GET) so that other
-    replicas' revocations, alias moves and shares take effect: the propagation bound."""
+    """How often the store's change feed is listed, and the cached manifests it names re-read
+    (conditional GET), so that other replicas' revocations, alias moves and shares take effect:
+    the propagation bound. A poll costs 1 listing + the changed manifests +
+    `manifest_resync_per_poll` store requests, however many manifests are cached."""
+    manifest_resync_per_poll: int = Field(16, ge=0)
+    """Cached manifests each poll also re-reads, round robin, whether or not the feed named
+    them: the safety net for a change whose feed event was never written. Every cached manifest
+    is re-read at least once per ceil(cached / this) polls. 0 turns it off."""
+    change_feed_lookback_s: float = Field(30.0, gt=0)
+    """Each poll lists the feed from its previous listing's start minus this: events stamped up
+    to this much early (clock skew between replicas, a slow PUT) are still seen."""
+    change_feed_retention_s: float = Field(3600.0, gt=0)
+    """Feed events older than this are deleted. A replica that could not read the feed for
+    longer than this minus `change_feed_lookback_s` re-reads every cached manifest (a full
+    resync) once the store is back."""
     manifest_cache_size: int = Field(1024, ge=1)
-    """Manifests kept in memory and polled (least recently used beyond it; a manifest whose
+    """Manifests kept in memory and kept fresh (least recently used beyond it; a manifest whose
     versions are in use, loading, resident or pinned is never dropped). Bounds the poll set,
     whatever names callers probe."""
     propagation_stale_after_s: float = Field(60.0, gt=0)
-    """When no manifest poll has completed (every cached manifest re-read) for this long, health
+    """When no manifest poll has completed (the change feed read to its end) for this long, health
     reports NOT_SERVING for readiness (service "") until one completes: a replica that cannot
     see other replicas' revocations leaves the load balancer. Liveness ("liveness") stays
     SERVING. At least 2 x poll_interval_s."""
@@ -322,7 +335,8 @@ class Settings(BaseSettings):
     chat_template_max_bytes: int = Field(64 << 10, ge=1)
     """Largest chat template (UTF-8 bytes) the gateway compiles. A base model whose template is
     larger (or does not compile) is logged at start, and its chat requests are refused with
-    FAILED_PRECONDITION; text and token prompts are served."""
+    FAILED_PRECONDITION; text and token prompts are served. An adapter's uploaded
+    chat_template.jinja above it is refused (INVALID_ARGUMENT) and nothing is stored."""
     chat_render_timeout_s: float = Field(1.0, gt=0, le=60)
     """Longest a chat template may run to render one conversation (checked while it runs, in a
     thread of its own); beyond, the request is INVALID_ARGUMENT."""
@@ -398,6 +412,8 @@ class Settings(BaseSettings):
             )
         if self.store and not self.store.startswith(("file://", "s3://")):
             problems.append("store must be file:///path or s3://bucket/prefix")
+        if self.change_feed_retention_s < 4 * self.change_feed_lookback_s:
+            problems.append("change_feed_retention_s must be >= 4 x change_feed_lookback_s")
         if self.propagation_stale_after_s < 2 * self.poll_interval_s:
             problems.append("propagation_stale_after_s must be >= 2 x poll_interval_s")
         if self.spool_budget_bytes < self.max_upload_bytes:

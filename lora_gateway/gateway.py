@@ -42,7 +42,7 @@ from lora_gateway.engine.base import (
     TokenChunk,
 )
 from lora_gateway.metrics import Metrics
-from lora_gateway.residency import Residency, key_of
+from lora_gateway.residency import Residency, key_of, owner_of
 from lora_gateway.structured import StructuredLimits, check_constraint
 from lora_gateway.tenancy import Admission, KeyRing, Principal, Role, Tenants, check_max_tokens
 
@@ -68,8 +68,8 @@ class Served:
 
 @dataclass(frozen=True)
 class ChatPrompt:
-    """A conversation, rendered with the chat template (the base model's; an adapter
-    version's own once the store carries one) and tokenized before it reaches the engine."""
+    """A conversation, rendered with the chat template (an adapter version's own when its
+    upload carried one, else the base model's) and tokenized before it reaches the engine."""
 
     messages: tuple[ChatMessage, ...]
     #: Append the template's opening of an assistant turn (transformers' flag; default on).
@@ -158,10 +158,13 @@ class Gateway:
                     f"{name}: at most {most} alternatives per token (max_logprobs), got {value}"
                 )
 
-    def chat_template_of(self, version: AdapterVersion | None) -> str | None:
-        """The chat template of `version`: None, the base model's, until the store keeps an
-        adapter's own template (then: the version's, validated at upload)."""
-        return None
+    async def chat_template_of(self, version: AdapterVersion | None) -> str | None:
+        """The chat template of `version`: its own (the upload's chat_template.jinja, checked
+        at upload, fetched with its files), or None, the base model's, for the base model and
+        for versions without one."""
+        if version is None:
+            return None
+        return await self.residency.chat_template(version)
 
     async def prompt_ids(
         self, prompt: Prompt | ChatPrompt, version: AdapterVersion | None
@@ -170,10 +173,12 @@ class Gateway:
         they are. A conversation the context cannot hold is INVALID_ARGUMENT."""
         if isinstance(prompt, Prompt):
             return prompt, None
+        template = await self.chat_template_of(version)
         text = await self.chat.render(
             prompt.messages,
             add_generation_prompt=prompt.add_generation_prompt,
-            template=self.chat_template_of(version),
+            template=template,
+            scope="" if version is None else owner_of(key_of(version)),
         )
         ids = await self.engine.tokenize(text, add_special_tokens=False)
         limit = self.engine.max_model_len

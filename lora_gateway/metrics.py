@@ -247,7 +247,23 @@ class Metrics:
         )
         self.manifest_poll_last_complete = Gauge(
             "lora_gateway_manifest_poll_last_complete_timestamp_seconds",
-            "Unix time of the last manifest poll that re-read every cached manifest.",
+            "Unix time of the last manifest poll that read the change feed to its end and "
+            "re-read the cached manifests it named.",
+            registry=r,
+        )
+        self.manifest_poll_requests = Gauge(
+            "lora_gateway_manifest_poll_last_store_requests",
+            "Store requests the last manifest poll made (feed listings and manifest re-reads).",
+            registry=r,
+        )
+        self.manifests_cached = Gauge(
+            "lora_gateway_manifests_cached",
+            "Manifests in this replica's cache (kept fresh by the poller), at the last poll.",
+            registry=r,
+        )
+        self.manifest_poll_requests_total = Counter(
+            "lora_gateway_manifest_poll_store_requests_total",
+            "Store requests made by manifest polls (feed listings and manifest re-reads).",
             registry=r,
         )
         self.propagation_stale = Gauge(
@@ -348,6 +364,11 @@ class Metrics:
 
     def poll_failed(self, count: int = 1) -> None:
         self.manifest_poll_errors_total.inc(count)
+
+    def poll_requests(self, count: int, cached: int) -> None:
+        self.manifests_cached.set(cached)
+        self.manifest_poll_requests.set(count)
+        self.manifest_poll_requests_total.inc(count)
 
     def poll_completed(self) -> None:
         self.manifest_poll_last_complete.set(time.time())

@@ -5,7 +5,8 @@
 - the backend: `file:///path` → a local folder, `s3://bucket/prefix` → S3, MinIO or SeaweedFS
   (`s3_endpoint`, `s3_region`, timeouts and attempts);
 - the base-model spec adapters are validated against (`model`, `max_lora_rank`,
-  `base_model_aliases`, `dtype`) and the size limits (`max_upload_bytes`, `compose_max_*`);
+  `base_model_aliases`, `dtype`) and the size limits (`max_upload_bytes`, `compose_max_*`,
+  `chat_template_max_bytes`);
 - the upload spool (`spool_dir`, `spool_budget_bytes`) and the `Registry` over all of these;
 - the disk cache (`cache_dir`, `cache_budget_bytes`), fetching through the registry.
 
@@ -82,6 +83,7 @@ def store_limits(settings: Settings) -> Limits:
         max_file_bytes=settings.max_upload_bytes,
         max_compose_parts=settings.compose_max_parts,
         max_compose_bytes=settings.compose_max_bytes,
+        max_chat_template_bytes=settings.chat_template_max_bytes,
         max_alias_versions=settings.max_alias_versions,
     )
 

@@ -927,18 +927,24 @@ def test_closing_a_stream_cancels_the_rpc(sync_client: GatewayClient, script: Sc
 # --- upload -----------------------------------------------------------------------------------
 
 
-def _check_upload(upload: Upload, folder: Path, chunk_size: int) -> None:
+def _check_upload(
+    upload: Upload, folder: Path, chunk_size: int, template: Path | None = None
+) -> None:
     expected = {
         name: (folder / name).read_bytes()
         for name in ("adapter_config.json", "adapter_model.safetensors")
     }
+    if template is not None:
+        expected["chat_template.jinja"] = template.read_bytes()
     declared = {f.filename: (f.size, f.sha256) for f in upload.header.files}
+    # Declared, and sent, in the server's order: the two files, then the template.
+    assert [f.filename for f in upload.header.files] == list(expected)
     assert declared == {
         name: (len(data), hashlib.sha256(data).hexdigest()) for name, data in expected.items()
     }
     assert upload.files == expected  # the chunks reassemble to the files; no README.md
     names = [name for name, _ in upload.chunks]
-    assert names == sorted(names)  # file after file
+    assert list(dict.fromkeys(names)) == list(expected)  # file after file, in that order
     assert all(0 < size <= chunk_size for _, size in upload.chunks)
 
 
@@ -993,6 +999,24 @@ def test_upload_retried_from_the_start(
     for call in script.calls:
         _check_upload(call.request, adapter_dir, 2048)
     assert starts == [0, 0]
+
+
+def test_upload_sends_the_adapters_chat_template(
+    sync_client: GatewayClient, script: Script, adapter_dir: Path, tmp_path: Path
+) -> None:
+    """PEFT's chat_template.jinja in the folder is sent after the two files; a template file
+    given as `chat_template` is sent under that name instead of the folder's."""
+    (adapter_dir / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    sync_client.upload_adapter("support", adapter_dir, chunk_size=600)
+    _check_upload(
+        script.last("UploadAdapter").request, adapter_dir, 600, adapter_dir / "chat_template.jinja"
+    )
+    given = tmp_path / "house-style.j2"
+    given.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    sync_client.upload_adapter("support", adapter_dir, chat_template=given)
+    _check_upload(script.last("UploadAdapter").request, adapter_dir, 1 << 20, given)
+    with pytest.raises(errors.InvalidArgument, match="is not a file"):
+        sync_client.upload_adapter("support", adapter_dir, chat_template=tmp_path / "missing")
 
 
 def test_upload_rejects_other_files_before_sending(
@@ -1331,6 +1355,10 @@ def test_cli_adapter_commands(
     assert f"uploaded acme/support {VERSION}" in out
     _check_upload(script.last("UploadAdapter").request, adapter_dir, 1 << 20)
     assert list(script.last("UploadAdapter").request.header.aliases) == ["canary"]
+    template = adapter_dir.parent / "template.jinja"
+    template.write_text("{{ messages[-1]['content'] }}")
+    run("adapter", "upload", "--name", "t", "--chat-template", str(template), str(adapter_dir))
+    _check_upload(script.last("UploadAdapter").request, adapter_dir, 1 << 20, template)
     uploaded = json.loads(run("adapter", "upload", "--name", "x", "--json", str(adapter_dir)))
     assert (uploaded["version"], uploaded["name"]) == (VERSION, "x")
     weights = (adapter_dir / "adapter_model.safetensors").read_bytes()

@@ -69,6 +69,7 @@ def _cmd_upload(args: argparse.Namespace) -> int:
                 description=args.description,
                 chunk_size=args.chunk_size,
                 progress=progress,
+                chat_template=args.chat_template,
             )
     finally:
         bar.close()
@@ -257,6 +258,14 @@ def register(
     upload.add_argument("--name", required=True)
     upload.add_argument("--alias", action="append", metavar="A", help="also point A at it")
     upload.add_argument("--description", default="")
+    upload.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        type=Path,
+        default=None,
+        help="the adapter's own chat template (Jinja), sent as its chat_template.jinja; "
+        "default: DIR/chat_template.jinja if there is one, else the base model's template",
+    )
     upload.add_argument("--chunk-size", type=int, default=1 << 20, help=argparse.SUPPRESS)
     upload.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     _tenant(upload)

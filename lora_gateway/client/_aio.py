@@ -159,11 +159,19 @@ class AsyncGatewayClient(ClientBase[grpc.aio.Channel]):
         description: str = "",
         chunk_size: int = 1 << 20,
         progress: Callable[[int, int], None] | None = None,
+        chat_template: Path | str | None = None,
         timeout: Timeout = CLIENT_DEFAULT,
     ) -> AdapterVersion:
         """See `GatewayClient.upload_adapter`; hashing and reading run in a thread."""
         upload = await asyncio.to_thread(
-            _upload.prepare, name, directory, tenant, aliases, description, chunk_size
+            _upload.prepare,
+            name,
+            directory,
+            tenant,
+            aliases,
+            description,
+            chunk_size,
+            chat_template,
         )
         rpc = _rpcs.upload_adapter(upload.first)
 

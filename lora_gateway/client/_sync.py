@@ -173,18 +173,25 @@ class GatewayClient(ClientBase[grpc.Channel]):
         description: str = "",
         chunk_size: int = 1 << 20,
         progress: Callable[[int, int], None] | None = None,
+        chat_template: Path | str | None = None,
         timeout: Timeout = CLIENT_DEFAULT,
     ) -> AdapterVersion:
         """Upload a PEFT adapter folder as a new version of `name` (`latest` points at it).
 
-        The folder holds adapter_config.json and adapter_model.safetensors (a README.md is
-        ignored; any other file raises InvalidArgument before anything is sent). Both are
-        declared with their size and sha256, then streamed in `chunk_size` pieces.
+        The folder holds adapter_config.json and adapter_model.safetensors, and optionally the
+        adapter's own chat template as chat_template.jinja (as PEFT saves it), or give that
+        file as `chat_template` (it replaces one in the folder). A README.md is ignored; any
+        other file raises InvalidArgument before anything is sent. The server checks the
+        template (UTF-8, at most `chat_template_max_bytes`, compiles and renders in its
+        sandbox) and renders this version's chat prompts with it. Every file is declared with
+        its size and sha256, then streamed in `chunk_size` pieces.
         `progress(bytes_sent, total_bytes)` is called after each chunk; on a retry it starts
         again from 0. An UNAVAILABLE upload is retried from the start: identical content is the
         same version, so a repeat after a lost reply is harmless.
         """
-        upload = _upload.prepare(name, directory, tenant, aliases, description, chunk_size)
+        upload = _upload.prepare(
+            name, directory, tenant, aliases, description, chunk_size, chat_template
+        )
         rpc = _rpcs.upload_adapter(upload.first)
 
         def attempt(left: float | None) -> AdapterVersion:

@@ -16,6 +16,8 @@ from lora_gateway.client._convert import message, names
 from lora_gateway.v1 import admin_pb2
 
 _UPLOAD_FILES: Final = ("adapter_config.json", "adapter_model.safetensors")
+#: The adapter's own chat template (optional; sent after the two files, checked by the server).
+_TEMPLATE_FILE: Final = "chat_template.jinja"
 #: Files that PEFT writes next to an adapter and that are not uploaded.
 _IGNORED_FILES: Final = frozenset({"README.md"})
 _MAX_CHUNK_BYTES: Final = 4 << 20
@@ -58,11 +60,16 @@ def prepare(
     aliases: Sequence[str],
     description: str,
     chunk_size: int,
+    chat_template: Path | str | None = None,
 ) -> Upload:
-    """Check the folder and hash its files (blocking: the asyncio client runs it in a thread)."""
+    """Check the folder and hash its files (blocking: the asyncio client runs it in a thread).
+    `chat_template`: a template file sent as the adapter's chat_template.jinja (instead of one
+    in the folder)."""
     if not 0 < chunk_size <= _MAX_CHUNK_BYTES:
         raise errors.InvalidArgument(f"chunk_size must be in 1..{_MAX_CHUNK_BYTES}")
-    files = _scan_adapter_dir(Path(directory))
+    files = _scan_adapter_dir(
+        Path(directory), None if chat_template is None else Path(chat_template)
+    )
     header = message(
         admin_pb2.UploadHeader,
         tenant=tenant,
@@ -76,25 +83,32 @@ def prepare(
     return Upload(admin_pb2.UploadAdapterRequest(header=header), tuple(files), chunk_size)
 
 
-def _scan_adapter_dir(directory: Path) -> list[_LocalFile]:
-    """The two adapter files of a PEFT folder, hashed; InvalidArgument for anything else."""
+def _scan_adapter_dir(directory: Path, chat_template: Path | None = None) -> list[_LocalFile]:
+    """The adapter files of a PEFT folder (and its optional chat_template.jinja, or the
+    `chat_template` file given), hashed, in upload order; InvalidArgument for anything else."""
     if not directory.is_dir():
         raise errors.InvalidArgument(f"{directory} is not a directory")
     found: dict[str, Path] = {}
     for path in sorted(directory.iterdir()):
         if path.name in _IGNORED_FILES:
             continue
-        if path.name not in _UPLOAD_FILES or not path.is_file():
+        if path.name == _TEMPLATE_FILE and chat_template is not None:
+            continue  # the file given replaces the folder's
+        if path.name not in (*_UPLOAD_FILES, _TEMPLATE_FILE) or not path.is_file():
             raise errors.InvalidArgument(
                 f"unexpected {path.name!r} in {directory}: an adapter folder holds only "
-                f"{' and '.join(_UPLOAD_FILES)} (and an optional README.md)"
+                f"{' and '.join(_UPLOAD_FILES)} (and an optional {_TEMPLATE_FILE} and README.md)"
             )
         found[path.name] = path
+    if chat_template is not None:
+        if not chat_template.is_file():
+            raise errors.InvalidArgument(f"chat template {chat_template} is not a file")
+        found[_TEMPLATE_FILE] = chat_template
     missing = [name for name in _UPLOAD_FILES if name not in found]
     if missing:
         raise errors.InvalidArgument(f"{directory}: missing {', '.join(missing)}")
     files = []
-    for name in _UPLOAD_FILES:
+    for name in (name for name in (*_UPLOAD_FILES, _TEMPLATE_FILE) if name in found):
         digest = hashlib.sha256()
         size = 0
         with found[name].open("rb") as handle:

@@ -175,6 +175,12 @@ class AdapterVersion:
     def size_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
+    @property
+    def chat_template(self) -> AdapterFile | None:
+        """The version's own chat template file (chat_template.jinja), None without one (its
+        chat prompts then use the base model's template)."""
+        return next((f for f in self.files if f.filename == "chat_template.jinja"), None)
+
 
 @dataclass(frozen=True)
 class TenantUsage:

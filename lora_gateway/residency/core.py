@@ -1,7 +1,8 @@
 """`Residency`: the one object the gateway asks where an adapter version is, and to hold it.
 
 resolve → manifest (`manifests`) → hold a tenant's share of the slots (`slots`) → load once
-(`loads`: disk cache → validate → engine) → serve; pins and revocation blocks in `pins`. This
+(`loads`: disk cache → validate → engine) → serve; pins and revocation blocks in `pins`. A
+version's own chat template (`chat_template`) comes from the disk cache with its files. This
 module wires the parts together and carries the workflows that span them: a request's `use`,
 pin / unpin / prefetch, and revocation (block → abort and unload → release the disk entry).
 Every count is a Prometheus metric (`lora_gateway.metrics`); pass the server's `Metrics`, or
@@ -12,8 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
 
 from adapter_store import (
     AdapterNotFound,
@@ -25,6 +29,7 @@ from adapter_store import (
     Limits,
     Manifest,
 )
+from adapter_store.validate import check_chat_template
 from lora_gateway import errors
 from lora_gateway.engine.base import Engine, LoadedAdapter
 from lora_gateway.metrics import Metrics
@@ -36,6 +41,10 @@ from lora_gateway.residency.slots import SLOT_WAIT_S, Slots
 from lora_gateway.tenancy import TenantConfig
 
 log = logging.getLogger(__name__)
+
+#: Adapter versions whose chat template text is kept in memory (each at most
+#: `chat_template_max_bytes`).
+TEMPLATE_CACHE_SIZE = 64
 
 
 class Residency:
@@ -51,6 +60,9 @@ class Residency:
         metrics: Metrics | None = None,
         manifest_cache_size: int = MANIFEST_CACHE_SIZE,
         slot_wait_s: float = SLOT_WAIT_S,
+        resync_per_poll: int = 16,
+        feed_lookback_s: float = 30.0,
+        feed_retention_s: float = 3600.0,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -84,9 +96,17 @@ class Residency:
             manifest=self.manifests.manifest,
         )
         self.poller = ManifestPoller(
-            self.manifests, self.apply_manifest, self.revoke_name, self.metrics
+            self.manifests,
+            self.apply_manifest,
+            self.revoke_name,
+            self.metrics,
+            resync_per_poll=resync_per_poll,
+            lookback_s=feed_lookback_s,
+            retention_s=feed_retention_s,
         )
         self._unloads: set[asyncio.Task[int]] = set()
+        #: Chat template texts by version (read from the disk cache, verified).
+        self._templates: OrderedDict[VersionKey, str] = OrderedDict()
 
     # --- settings the tests and the server adjust --------------------------------------------
     @property
@@ -120,7 +140,7 @@ class Residency:
 
     @property
     def last_complete_poll(self) -> float | None:
-        """time.monotonic() of the last poll that re-read every cached manifest."""
+        """time.monotonic() of the last poll that read the change feed to its end."""
         return self.poller.last_complete_poll
 
     # --- manifests and shares -----------------------------------------------------------------
@@ -211,6 +231,43 @@ class Residency:
             wanted[key] -= 1
             if wanted[key] <= 0:
                 del wanted[key]
+
+    async def chat_template(self, version: AdapterVersion) -> str | None:
+        """The text of `version`'s own chat template, None when it has none.
+
+        Fetched with the version's files into the disk cache (verified there like them, under
+        this version's owner), read and checked against its sha256 again, then kept in memory
+        by version key: identical template bytes of another tenant are another entry. A
+        revoked version is NOT_FOUND, as for `use`."""
+        entry = version.chat_template
+        if entry is None:
+            return None
+        key = key_of(version)
+        self.blocks.check(key)
+        text = self._templates.get(key)
+        if text is not None:
+            self._templates.move_to_end(key)
+            return text
+        path = await self.cache.ensure(version, owner=owner_of(key))
+        self.cache.pin(version.sha)
+        try:
+            data = await asyncio.to_thread(_read_at_most, path / entry.filename, entry.size)
+        except OSError:
+            self.blocks.check(key)  # revoked meanwhile: its files went
+            raise
+        finally:
+            self.cache.unpin(version.sha)
+        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+            await self.cache.remove(version.sha)  # fetched again on the next use
+            raise errors.DataLoss(
+                f"the chat template of {version.version_id} does not match its sha256"
+            )
+        self.blocks.check(key)
+        text = check_chat_template(data, self.limits)
+        self._templates[key] = text
+        while len(self._templates) > TEMPLATE_CACHE_SIZE:
+            self._templates.popitem(last=False)
+        return text
 
     def tenant_slots(self, tenant: str) -> int:
         """Distinct unpinned versions the tenant's requests hold (waiting or running)."""
@@ -329,6 +386,7 @@ class Residency:
                 slots.unreserve()
             self.metrics.revoked_unload()
         for key in keys:
+            self._templates.pop(key, None)
             await self.loads.settle_add(key)
             await self.cache.release(key[2], owner_of(key))
         slots.changed()
@@ -363,7 +421,8 @@ class Residency:
 
     # --- polling ------------------------------------------------------------------------------
     async def poll_once(self) -> int:
-        """Re-read every cached manifest (conditional GET); returns how many changed."""
+        """One poll of the change feed (`ManifestPoller.poll_once`); returns how many cached
+        manifests changed."""
         return await self.poller.poll_once()
 
     async def run_poller(self, stop: asyncio.Event) -> None:
@@ -393,3 +452,9 @@ class Residency:
                 await self.engine.remove_adapter(resident.loaded.lora_int_id)
         finally:
             self.manifests.close()
+
+
+def _read_at_most(path: Path, size: int) -> bytes:
+    """The file's bytes, at most `size` + 1 of them (a longer file fails its check)."""
+    with path.open("rb") as f:
+        return f.read(size + 1)

@@ -27,6 +27,7 @@ from adapter_store import (
     Limits,
     Manifest,
 )
+from adapter_store.model import ADAPTER_FILES
 from adapter_store.singleflight import SingleFlight
 from adapter_store.validate import validate_adapter
 from lora_gateway import errors
@@ -137,7 +138,10 @@ class Loads:
         self.cache.pin(sha)
         try:
             self.blocks.check(key)
-            files = {name: path / name for name in (f.filename for f in version.files)}
+            # What the engine reads; a chat template is checked where it is read (its text).
+            files = {
+                f.filename: path / f.filename for f in version.files if f.filename in ADAPTER_FILES
+            }
             await asyncio.to_thread(validate_adapter, files, self.spec, self.limits)
             validated = time.perf_counter()
             self.metrics.load_phase("validate", validated - fetched)

@@ -1,11 +1,12 @@
 """Manifests in memory: a bounded LRU read once per name (single flight), the share indexes, and
-the poller that re-reads them so other replicas' changes apply here.
+the poller that follows the store's change feed so other replicas' changes apply here.
 
-- Manifests are cached in memory (LRU, `manifest_cache_size`) and re-read with a conditional GET
-  every `poll_interval_s`, so alias moves, shares and revocations made by other replicas apply
-  within that bound, and warm adapters keep serving while the store is down. A manifest whose
-  versions are in use, loading, resident or pinned is never evicted (its revocation must stay
-  visible); any other is simply read again on its next use.
+- Manifests are cached in memory (LRU, `manifest_cache_size`). Every `poll_interval_s` the
+  poller lists the change feed and re-reads (conditional GET) the cached manifests it names, so
+  alias moves, shares and revocations made by other replicas apply within that bound at a
+  constant cost per interval, and warm adapters keep serving while the store is down. A
+  manifest whose versions are in use, loading, resident or pinned is never evicted (its
+  revocation must stay visible); any other is simply read again on its next use.
 - Misses are cached for one poll interval, bounded by `ABSENT_MAX` names.
 - A manifest taken into the cache blocks the versions it lists as revoked that this replica
   holds; the owner of those versions (`Holder`, i.e. `Residency`) unloads them.
@@ -14,6 +15,7 @@ the poller that re-reads them so other replicas' changes apply here.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import functools
 import logging
@@ -186,6 +188,11 @@ class ManifestCache:
             self._stale.discard(name)
             self.metrics.manifest_evicted()
 
+    def unmiss(self, name: NameKey) -> None:
+        """The store wrote `name`'s manifest: forget that it was missing (an upload on another
+        replica is then found on its first request here, not one poll interval later)."""
+        self._absent.pop(name, None)
+
     def drop(self, name: NameKey) -> None:
         """The whole adapter was revoked: its manifest is no longer cached (nor polled)."""
         self.cached.pop(name, None)
@@ -248,8 +255,33 @@ class ManifestCache:
 
 
 class ManifestPoller:
-    """Re-reads every cached manifest each `poll_interval_s` (conditional GET) and hands what
-    changed to `apply` (a newer manifest) or `revoke_name` (the adapter is gone)."""
+    """Applies other replicas' manifest writes here, every `poll_interval_s`, at a cost that
+    does not grow with the number of manifests.
+
+    Each poll:
+    1. lists the change feed (adapter_store.feed) from its position: one listing names every
+       adapter whose manifest was written since (one more per 1,000 events);
+    2. re-reads (conditional GET) the cached manifests the new events name, and hands what
+       changed to `apply` (a newer manifest) or `revoke_name` (the adapter is gone);
+    3. re-reads `resync_per_poll` more cached manifests, round robin: the bounded resync that
+       catches an event that was never written (a writer that failed between its manifest and
+       its event). Every cached manifest is re-read once per ceil(cached / resync_per_poll)
+       polls.
+    So a poll costs 1 + (changed cached manifests) + `resync_per_poll` store requests, whether 10
+    or 10,000 manifests are cached.
+
+    The position: events are stamped with their writer's clock. A poll lists from its last
+    complete listing's start minus `lookback_s`, so an event stamped up to `lookback_s` early
+    (clock skew between replicas, a slow PUT) is still seen; events already handled are
+    remembered by key for that window. A replica that could not list the feed resumes from its
+    position when the store is back (a partition converges) unless that is more than
+    `retention_s - lookback_s` ago: events so old may have been deleted, so it re-reads every
+    cached manifest instead (a full resync). Every replica deletes events older than
+    `retention_s` about once per `retention_s / 60`.
+    """
+
+    #: Re-reads of cached manifests in flight at once (the manifest pool has STORE_THREADS).
+    CONCURRENCY = 8
 
     def __init__(
         self,
@@ -257,23 +289,134 @@ class ManifestPoller:
         apply: Callable[[Manifest], Awaitable[int]],
         revoke_name: Callable[[str, str], Awaitable[int]],
         metrics: Metrics,
+        *,
+        resync_per_poll: int = 16,
+        lookback_s: float = 30.0,
+        retention_s: float = 3600.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.manifests = manifests
         self.apply = apply
         self.revoke_name = revoke_name
         self.metrics = metrics
+        self.resync_per_poll = resync_per_poll
+        self.lookback_s = lookback_s
+        self.retention_s = retention_s
+        self._clock = clock
         #: Manifests (or whole polls) that failed in the current poll; set by `poll_once`.
         self.poll_failures = 0
-        #: time.monotonic() of the last poll that re-read every cached manifest (the start of
-        #: `run` before the first one): what the server's staleness check reads.
+        #: time.monotonic() of the last poll that read the feed to its end and re-read what it
+        #: named (the start of `run` before the first one): what the server's staleness check
+        #: reads.
         self.last_complete_poll: float | None = None
+        #: Store requests the last poll made (listings and manifest reads).
+        self.last_poll_requests = 0
+        started = self._now_s()
+        #: Wall-clock start (s) of the last poll that listed the feed to its end.
+        self._listed_at = started
+        #: Where the current listing goes on (a poll that stopped after MAX_PAGES pages).
+        self._position = ""
+        #: Event keys already handled → their stamp (µs): pruned past the look-back window.
+        self._seen: dict[str, int] = {}
+        #: Where the round-robin resync goes on: the last name it re-read.
+        self._resync_after: NameKey | None = None
+        self._expired_at = started
+        self._resync_all = False
+
+    #: Listings one poll makes at most (a backlog of more events carries on at the next poll).
+    MAX_PAGES = 20
+
+    def _now_s(self) -> float:
+        return self._clock()
 
     async def poll_once(self) -> int:
-        """Re-read every cached manifest (conditional GET); returns how many changed."""
-        changed = 0
+        """One poll (see the class docstring); returns how many cached manifests changed."""
+        self.last_poll_requests = 0
+        started = self._now_s()
+        if started - self._listed_at > self.retention_s - self.lookback_s:
+            # Events this old may have expired: what happened meanwhile cannot be listed.
+            self._resync_all = True
+            self._listed_at = started
+            self._position = ""
+        names = await self._read_feed(started)
+        if self._resync_all:
+            names.update(self.manifests.cached)
+        else:
+            names.update(self._resync_slice(exclude=names))
+        changed = await self._reread(names)
+        if self._resync_all and not self.poll_failures:
+            log.info("change feed: full resync of %d cached manifests done", len(names))
+            self._resync_all = False
+        if started - self._expired_at > self.retention_s / 60:
+            self._expired_at = started
+            await self._expire(started)
+        return changed
+
+    async def _read_feed(self, started: float) -> set[NameKey]:
+        """The cached names the feed's new events name (names not cached are only un-missed:
+        their next use reads them anyway)."""
+        manifests = self.manifests
+        since_us = int((self._listed_at - self.lookback_s) * 1_000_000)
+        names: set[NameKey] = set()
+        for _ in range(self.MAX_PAGES):
+            self.last_poll_requests += 1
+            try:
+                page = await manifests.read_store(
+                    functools.partial(manifests.store.changes, position=self._position), since_us
+                )
+            except StoreError as exc:
+                self.poll_failures += 1
+                log.warning("change feed not read: %s", type(exc).__name__)
+                return names
+            for change in page.changes:
+                if change.key in self._seen:
+                    continue
+                self._seen[change.key] = change.stamp_us
+                name = (change.tenant, change.name)
+                manifests.unmiss(name)
+                if name in manifests.cached:
+                    names.add(name)
+            if not page.more:
+                self._position = ""
+                self._listed_at = started
+                floor_us = int((started - self.lookback_s) * 1_000_000)
+                self._seen = {k: v for k, v in self._seen.items() if v >= floor_us}
+                return names
+            self._position = page.position
+        self.poll_failures += 1  # a backlog: the next poll goes on from `_position`
+        return names
+
+    def _resync_slice(self, exclude: set[NameKey]) -> list[NameKey]:
+        """The next `resync_per_poll` cached names after the last one re-read, round robin."""
+        cached = list(self.manifests.cached)
+        if not cached or self.resync_per_poll <= 0:
+            return []
+        ordered = sorted(cached)
+        start = 0
+        if self._resync_after is not None:
+            start = bisect.bisect_right(ordered, self._resync_after)
+        picked = [
+            ordered[(start + i) % len(ordered)]
+            for i in range(min(self.resync_per_poll, len(ordered)))
+        ]
+        self._resync_after = picked[-1]
+        return [name for name in picked if name not in exclude]
+
+    async def _reread(self, names: set[NameKey] | list[NameKey]) -> int:
+        """Re-read `names` (conditional GET), at most CONCURRENCY at once; apply what changed."""
+        gate = asyncio.Semaphore(self.CONCURRENCY)
+        results = await asyncio.gather(*(self._reread_one(name, gate) for name in names))
+        return sum(results)
+
+    async def _reread_one(self, key: NameKey, gate: asyncio.Semaphore) -> int:
         manifests, store = self.manifests, self.manifests.store
-        for (tenant, name), cached in list(manifests.cached.items()):
-            epoch = manifests.blocks.epoch((tenant, name))
+        tenant, name = key
+        cached = manifests.cached.get(key)
+        if cached is None:
+            return 0  # evicted meanwhile: its next use reads it afresh
+        epoch = manifests.blocks.epoch(key)
+        async with gate:
+            self.last_poll_requests += 1
             try:
                 if cached.etag is None:
                     newer: Manifest | None = await manifests.read_store(
@@ -286,34 +429,50 @@ class ManifestPoller:
             except AdapterNotFound:
                 # The whole adapter is gone from the store: nothing of it may serve any more.
                 await self.revoke_name(tenant, name)
-                changed += 1
-                continue
+                return 1
             except StoreError as exc:
                 self.poll_failures += 1
                 log.warning("manifest poll failed for %s/%s: %s", tenant, name, type(exc).__name__)
-                continue
-            if newer is not None and manifests.blocks.epoch((tenant, name)) == epoch:
-                changed += 1
-                await self.apply(newer)
-        return changed
+                return 0
+        if newer is not None and manifests.blocks.epoch(key) == epoch:
+            await self.apply(newer)
+            return 1
+        return 0
+
+    async def _expire(self, started: float) -> None:
+        store = self.manifests.store
+        before_us = int((started - self.retention_s) * 1_000_000)
+        try:
+            deleted = await self.manifests.read_store(store.expire_changes, before_us)
+        except StoreError as exc:
+            log.warning("change feed: expired events not deleted: %s", type(exc).__name__)
+            return
+        if deleted:
+            log.info("change feed: %d expired events deleted", deleted)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll every `poll_interval_s` until `stop` is set. Nothing ends the loop but `stop`
         (or cancellation): any error is logged and counted (metric
         lora_gateway_manifest_poll_errors_total), and a poll without failures records
-        `last_complete_poll` (lora_gateway_manifest_poll_last_complete_timestamp_seconds)."""
+        `last_complete_poll` (lora_gateway_manifest_poll_last_complete_timestamp_seconds).
+        The interval runs from one poll's start to the next one's, so a slow store does not
+        stretch the propagation bound by a whole interval more."""
         self.last_complete_poll = time.monotonic()
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + self.manifests.poll_interval_s
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.manifests.poll_interval_s)
+                await asyncio.wait_for(stop.wait(), max(0.0, next_at - loop.time()))
             if stop.is_set():
                 return
+            next_at = max(loop.time(), next_at) + self.manifests.poll_interval_s
             self.poll_failures = 0
             try:
                 await self.poll_once()
             except Exception:
                 self.poll_failures += 1
                 log.exception("manifest poll failed; polling continues")
+            self.metrics.poll_requests(self.last_poll_requests, len(self.manifests.cached))
             if self.poll_failures:
                 self.metrics.poll_failed(self.poll_failures)
                 continue

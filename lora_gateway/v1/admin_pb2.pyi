@@ -75,7 +75,11 @@ class DeclaredFile(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     filename: _builtins.str
-    """Only "adapter_config.json" and "adapter_model.safetensors" are accepted."""
+    """"adapter_config.json" and "adapter_model.safetensors" (both required), and optionally
+    "chat_template.jinja": the adapter's own chat template (UTF-8 Jinja, at most
+    chat_template_max_bytes; it must compile and render in the gateway's sandbox). Nothing else.
+    Bytes are sent in that order.
+    """
     size: _builtins.int
     sha256: _builtins.str
     """Lowercase hex sha256 of the file's bytes."""

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from adapter_store import AdapterVersion, CapacityExceeded, DiskCache, Registry
-from adapter_store.model import WEIGHTS_FILE
+from adapter_store.model import CHAT_TEMPLATE_FILE, WEIGHTS_FILE
 from tests.conftest import AdapterFactory
 
 
@@ -129,6 +130,29 @@ async def test_restart_scan_verifies_and_cleans(
     assert second.stats.downloads == 1
     await second.ensure(versions[1])
     assert second.stats.hits == 1
+
+
+async def test_a_chat_template_is_cached_and_verified_with_the_version(
+    tmp_path: Path, local_registry: Registry, good_adapter: Path, fetch: CountingFetch
+) -> None:
+    folder = tmp_path / "templated"
+    shutil.copytree(good_adapter, folder)
+    (folder / CHAT_TEMPLATE_FILE).write_text("{{ messages }}")
+    version = local_registry.upload_dir(
+        "acme", "bot", folder, created_by="t", check_template=lambda text: None
+    )
+    root = tmp_path / "cache"
+    path = await DiskCache(root, 10**7, fetch).ensure(version)
+    assert (path / CHAT_TEMPLATE_FILE).read_text() == "{{ messages }}"
+    assert version.total_bytes == sum(f.stat().st_size for f in path.iterdir())
+    (path / CHAT_TEMPLATE_FILE).write_text("{{ message }}")  # same size, other bytes
+    again = DiskCache(root, 10**7, fetch)  # a restart: kept, then fully verified on first use
+    assert [e.sha for e in again.entries()] == [version.sha]
+    assert await again.ensure(version) == path
+    assert again.stats.verify_failures == 1
+    assert (path / CHAT_TEMPLATE_FILE).read_text() == "{{ messages }}"
+    (path / "tokenizer.json").write_text("{}")  # a file no version holds: the entry goes
+    assert DiskCache(root, 10**7, fetch).entries() == []
 
 
 async def test_lru_eviction_under_budget_with_pins(

@@ -114,11 +114,27 @@ def test_digests_must_be_sha256_hex(bad: object) -> None:
 
 
 @pytest.mark.parametrize(
-    "filename", ["adapter_model.bin", "../adapter_config.json", "", "manifest.json", None]
+    "filename",
+    [
+        "adapter_model.bin",
+        "../adapter_config.json",
+        "",
+        "manifest.json",
+        None,
+        "tokenizer_config.json",
+        "Chat_Template.jinja",
+        "../chat_template.jinja",
+    ],
 )
 def test_object_keys_name_only_the_adapter_files(filename: object) -> None:
     with pytest.raises(InvalidAdapter):
         keys.object_key("acme", "bot", SHA, filename)  # type: ignore[arg-type]
+
+
+def test_the_optional_chat_template_has_its_own_key() -> None:
+    assert keys.object_key("acme", "bot", SHA, "chat_template.jinja") == (
+        f"tenants/acme/adapters/bot/versions/{SHA}/chat_template.jinja"
+    )
 
 
 @given(st.text(max_size=80), st.text(max_size=80))

@@ -24,7 +24,14 @@ from adapter_store import (
     Upload,
 )
 from adapter_store.errors import SpoolFull
-from adapter_store.model import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE, sha256_file
+from adapter_store.model import (
+    ADAPTER_FILES,
+    CHAT_TEMPLATE_FILE,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    sha256_file,
+    version_sha,
+)
 from adapter_store.spool import Spool
 from adapter_store.upload import check_declared, check_metadata, declare_folder
 
@@ -190,6 +197,87 @@ def test_check_declared() -> None:
     for declared, error, message in refused:
         with pytest.raises(error, match=message):
             check_declared(declared, limits)
+
+
+def test_a_chat_template_is_declared_after_the_two_files_within_its_cap() -> None:
+    config, weights = header()
+    template = entry(CHAT_TEMPLATE_FILE, b"{{ messages }}")
+    limits = Limits(max_chat_template_bytes=template.size)
+    assert check_declared([template, weights, config], limits) == [config, weights, template]
+    big = entry(CHAT_TEMPLATE_FILE, b"{{ messages }} ")
+    # A template above its cap is an invalid file (INVALID_ARGUMENT), refused from the header.
+    with pytest.raises(InvalidAdapter, match="chat_template_max_bytes"):
+        check_declared([config, weights, big], limits)
+    with pytest.raises(InvalidAdapter, match="missing file"):
+        check_declared([config, template], limits)
+    with pytest.raises(InvalidAdapter, match=r"unsupported file 'tokenizer_config\.json'"):
+        check_declared([config, weights, entry("tokenizer_config.json", b"{}")], limits)
+
+
+def test_a_chat_template_is_stored_checked_and_in_the_content_address(
+    local_registry: Registry, good_adapter: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "templated"
+    shutil.copytree(good_adapter, folder)
+    plain = local_registry.upload_dir("acme", "plain", folder, created_by="t")
+    (folder / CHAT_TEMPLATE_FILE).write_text("{{ messages[0]['content'] }}")
+    checked: list[str] = []
+    version = local_registry.upload_dir(
+        "acme", "bot", folder, created_by="t", check_template=checked.append
+    )
+    assert checked == ["{{ messages[0]['content'] }}"]
+    assert version.chat_template is not None
+    assert version.chat_template.sha256 == sha256_file(folder / CHAT_TEMPLATE_FILE)
+    assert [f.filename for f in version.files] == [*ADAPTER_FILES, CHAT_TEMPLATE_FILE]
+    assert version.sha == version_sha(version.files) != plain.sha
+    assert local_registry.resolve("acme", AdapterRef.parse("bot")) == version
+    fetched = tmp_path / "fetched.jinja"
+    local_registry.fetch_file(version, CHAT_TEMPLATE_FILE, fetched)
+    assert fetched.read_bytes() == (folder / CHAT_TEMPLATE_FILE).read_bytes()
+    # A different template: a different version.
+    (folder / CHAT_TEMPLATE_FILE).write_text("{{ messages[-1]['content'] }}")
+    other = local_registry.upload_dir(
+        "acme", "bot", folder, created_by="t", check_template=checked.append
+    )
+    assert other.sha != version.sha
+    # Revoking deletes the template's object with the others.
+    local_registry.revoke("acme", "bot")
+    keys = local_registry.backend.list("tenants/acme/adapters/bot/versions/")
+    assert keys == []
+
+
+@pytest.mark.parametrize(
+    ("data", "check", "message"),
+    [
+        (b"{{ messages }}", None, "not accepted here"),
+        (b"\xff{{ messages }}", "ok", "not UTF-8"),
+        (b"   ", "ok", "is empty"),
+        (b"{{ messages }}", "refuse", "the check's reason"),
+    ],
+)
+def test_a_refused_chat_template_stores_nothing(
+    local_registry: Registry,
+    good_adapter: Path,
+    tmp_path: Path,
+    data: bytes,
+    check: str | None,
+    message: str,
+) -> None:
+    folder = tmp_path / "templated"
+    shutil.copytree(good_adapter, folder)
+    (folder / CHAT_TEMPLATE_FILE).write_bytes(data)
+
+    def refuse(text: str) -> None:
+        raise InvalidAdapter(f"{CHAT_TEMPLATE_FILE}: the check's reason")
+
+    checks = {None: None, "ok": lambda text: None, "refuse": refuse}
+    with pytest.raises(InvalidAdapter, match=message):
+        local_registry.upload_dir(
+            "acme", "bot", folder, created_by="t", check_template=checks[check]
+        )
+    assert local_registry.list_adapters("acme") == []
+    assert local_registry.backend.list("tenants/") == []
+    assert local_registry.spool.reserved_bytes == 0
 
 
 def test_check_metadata() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -55,3 +56,11 @@ def leftovers(session: str, *, wait_s: float = 15.0) -> list[psutil.Process]:
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.25)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a server whose port must be
+    known before it starts; one that binds port 0 and reports it is better where it can)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
