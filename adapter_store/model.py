@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,11 +24,13 @@ __all__ = [
     "CONFIG_FILE",
     "DEFAULT_ALIAS",
     "DTYPE_MAX",
+    "MAX_ALIAS_VERSIONS",
     "MODULE_PARENTS",
     "NAME_PATTERN",
     "OPTIONAL_FILES",
     "VERSION_FILES",
     "WEIGHTS_FILE",
+    "WEIGHT_SUM_TOLERANCE",
     "AdapterRef",
     "AdapterVersion",
     "BaseModelSpec",
@@ -39,6 +42,9 @@ __all__ = [
     "check_name",
     "check_sha",
     "not_found",
+    "pick_weighted",
+    "primary_of",
+    "route_point",
     "sha256_file",
     "utc_now",
     "version_sha",
@@ -52,6 +58,12 @@ _SHA_PREFIX = "sha256:"
 
 #: The alias every upload moves to the new version.
 DEFAULT_ALIAS = "latest"
+
+#: Most versions one weighted alias may split its traffic between (Limits.max_alias_versions
+#: is the deployment's; this is its default).
+MAX_ALIAS_VERSIONS = 4
+#: The weights of a weighted alias must sum to 1 within this.
+WEIGHT_SUM_TOLERANCE = 1e-6
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -340,6 +352,42 @@ class AdapterVersion:
         )
 
 
+def route_point(caller: str, owner: str, name: str, alias: str, routing_key: str) -> float:
+    """Where a request falls in [0, 1) on a weighted alias: the first 8 bytes of the sha256 of
+    (caller tenant, owner, adapter, alias, routing key), NUL-separated, over 2**64.
+
+    A pure function of its arguments, the same on every replica and after a restart, so one
+    routing key stays on one version while the weights are unchanged. Nothing secret: a
+    caller that chooses its routing key can choose its version, as it can by naming the sha.
+    """
+    text = "\0".join((caller, owner, name, alias, routing_key))
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def pick_weighted(weights: Mapping[str, float], point: float) -> str:
+    """The sha whose slice of [0, 1) holds `point`: the weights laid end to end in sha order
+    (normalised by their sum). With two versions, raising one's weight only moves keys onto
+    it, never between the others."""
+    if not weights:
+        raise ValueError("no weights")
+    total = math.fsum(weights.values())
+    cumulative = 0.0
+    ordered = sorted(weights.items())
+    for sha, weight in ordered:
+        cumulative += weight / total
+        if point < cumulative:
+            return sha
+    return ordered[-1][0]  # rounding: the sum of the slices fell short of 1
+
+
+def primary_of(weights: Mapping[str, float]) -> str:
+    """The version with the most weight (the smallest sha of a tie): what a weighted alias
+    names in `Manifest.aliases`, so that readers without weights (an older gateway, a lookup
+    with no routing key) serve it."""
+    return min(weights.items(), key=lambda item: (-item[1], item[0]))[0]
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Everything known about one adapter of one tenant; stored as JSON next to its versions.
@@ -347,6 +395,13 @@ class Manifest:
     `versions` holds the live versions only; a revoked version's sha moves to `revoked` (kept as
     a tombstone so that a revocation is idempotent and replicas can see it). A revoked adapter
     (`status == "revoked"`) is never returned by the store's read paths.
+
+    An alias is plain (`aliases[alias]` is its version) or weighted (a canary): then
+    `alias_weights[alias]` maps 2 or more live versions to weights summing to 1, and
+    `aliases[alias]` is still set, to the version with the most weight (`primary_of`). The
+    JSON keeps `aliases` a plain map and adds `alias_weights` only when there are any, so
+    manifests written before weighted aliases read as before, and a reader that predates them
+    serves the primary version.
     """
 
     tenant: str
@@ -358,6 +413,8 @@ class Manifest:
     revoked: tuple[str, ...] = ()
     #: The backend's entity tag of the stored manifest this was read from (None: not stored).
     etag: str | None = None
+    #: Weighted aliases: alias -> {sha: weight} (2 or more live versions, weights > 0, sum 1).
+    alias_weights: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def usable_by(self, tenant: str, *, operator: bool = False) -> bool:
         """`can_use` for this adapter: live, and `tenant` is its owner, a grantee or an operator."""
@@ -365,11 +422,34 @@ class Manifest:
             tenant, self.tenant, self.shared_with, operator=operator
         )
 
-    def resolve(self, ref: AdapterRef) -> AdapterVersion:
+    def split(self, alias: str) -> dict[str, float]:
+        """The alias's traffic split: {sha: weight}; {sha: 1.0} for a plain alias, {} for none."""
+        weights = self.alias_weights.get(alias)
+        if weights is not None:
+            return dict(weights)
+        sha = self.aliases.get(alias)
+        return {} if sha is None else {sha: 1.0}
+
+    def resolve(
+        self, ref: AdapterRef, *, caller: str = "", routing_key: str | None = None
+    ) -> AdapterVersion:
         """The live version `ref` selects; AdapterNotFound if missing or revoked, Quarantined
-        if the runtime canary quarantined it (callers check visibility before this)."""
+        if the runtime canary quarantined it (callers check visibility before this).
+
+        A weighted alias picks one of its versions: with a `routing_key`, the one whose slice
+        holds `route_point(caller, owner, name, alias, routing_key)`; without one (compose
+        parts, pins, the warm set), its primary version."""
         if self.status == "active":
-            sha = ref.version if ref.version is not None else self.aliases.get(ref.selector)
+            if ref.version is not None:
+                sha: str | None = ref.version
+            else:
+                alias = ref.selector
+                weights = self.alias_weights.get(alias)
+                if weights is not None and routing_key is not None:
+                    point = route_point(caller, self.tenant, self.name, alias, routing_key)
+                    sha = pick_weighted(weights, point)
+                else:
+                    sha = self.aliases.get(alias)
             version = self.versions.get(sha) if sha is not None else None
             if version is not None and version.status == "active":
                 return version
@@ -381,7 +461,7 @@ class Manifest:
         raise not_found(ref)
 
     def to_json(self) -> bytes:
-        data = {
+        data: dict[str, Any] = {
             "format": 1,
             "tenant": self.tenant,
             "name": self.name,
@@ -391,6 +471,11 @@ class Manifest:
             "shared_with": sorted(self.shared_with),
             "revoked": sorted(self.revoked),
         }
+        if self.alias_weights:
+            data["alias_weights"] = {
+                alias: dict(sorted(weights.items()))
+                for alias, weights in sorted(self.alias_weights.items())
+            }
         return json.dumps(data, indent=2, sort_keys=True).encode()
 
     @classmethod
@@ -412,6 +497,7 @@ class Manifest:
             if not isinstance(sha, str) or sha not in versions:
                 raise IntegrityError(f"manifest alias {alias[:80]!r} points at no live version")
             aliases[alias] = sha
+        alias_weights = _alias_weights(obj.get("alias_weights", {}), aliases, versions)
         status = _get(obj, "status", str)
         if status not in ("active", "revoked"):
             raise IntegrityError(f"manifest has an unknown status {status[:20]!r}")
@@ -424,7 +510,39 @@ class Manifest:
             status="active" if status == "active" else "revoked",
             revoked=tuple(_manifest_sha(s) for s in _str_list(_get(obj, "revoked", list))),
             etag=etag,
+            alias_weights=alias_weights,
         )
+
+
+def _alias_weights(
+    raw: object, aliases: Mapping[str, str], versions: Mapping[str, AdapterVersion]
+) -> dict[str, dict[str, float]]:
+    """The stored `alias_weights`, checked as strictly as the writer made them."""
+    if not isinstance(raw, dict):
+        raise IntegrityError("stored manifest: field 'alias_weights' has the wrong type")
+    parsed: dict[str, dict[str, float]] = {}
+    for alias, weights in raw.items():
+        what = f"manifest weighted alias {str(alias)[:80]!r}"
+        if not isinstance(weights, dict) or len(weights) < 2:
+            raise IntegrityError(f"{what} does not split between versions")
+        split: dict[str, float] = {}
+        for sha, weight in weights.items():
+            if not isinstance(sha, str) or sha not in versions:
+                raise IntegrityError(f"{what} names no live version")
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, int | float)
+                or not math.isfinite(weight)
+                or weight <= 0
+            ):
+                raise IntegrityError(f"{what} has a weight that is not a positive number")
+            split[sha] = float(weight)
+        if abs(math.fsum(split.values()) - 1.0) > WEIGHT_SUM_TOLERANCE:
+            raise IntegrityError(f"{what} has weights that do not sum to 1")
+        if aliases.get(alias) != primary_of(split):
+            raise IntegrityError(f"{what} does not name its primary version in 'aliases'")
+        parsed[alias] = split
+    return parsed
 
 
 _T = TypeVar("_T")
@@ -560,6 +678,8 @@ class Limits:
     #: ComposeAdapter: most parts, and most stored bytes of all parts (checked from manifests).
     max_compose_parts: int = 8
     max_compose_bytes: int = 1024 * 1024 * 1024
+    #: Most versions one weighted alias may split its traffic between.
+    max_alias_versions: int = MAX_ALIAS_VERSIONS
 
 
 # --- strict JSON helpers for reading manifests back ----------------------------------------

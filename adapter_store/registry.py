@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +38,7 @@ from adapter_store.model import (
     CHAT_TEMPLATE_FILE,
     DEFAULT_ALIAS,
     VERSION_FILES,
+    WEIGHT_SUM_TOLERANCE,
     AdapterRef,
     AdapterVersion,
     BaseModelSpec,
@@ -47,6 +49,7 @@ from adapter_store.model import (
     check_name,
     check_sha,
     not_found,
+    primary_of,
     sha256_file,
     utc_now,
     version_sha,
@@ -127,10 +130,21 @@ class AdapterStore(Protocol):
 
     def share_hints(self, tenant: str) -> frozenset[tuple[str, str]]: ...
 
-    def resolve(self, tenant: str, ref: AdapterRef) -> AdapterVersion: ...
+    def resolve(
+        self, tenant: str, ref: AdapterRef, *, routing_key: str | None = None
+    ) -> AdapterVersion: ...
 
     def set_alias(
         self, tenant: str, name: str, alias: str, target: str, expected: str | None = None
+    ) -> Manifest: ...
+
+    def set_alias_weights(
+        self,
+        tenant: str,
+        name: str,
+        alias: str,
+        weights: Mapping[str, float],
+        expected: Mapping[str, float] | None = None,
     ) -> Manifest: ...
 
     def remove_alias(self, tenant: str, name: str, alias: str) -> Manifest: ...
@@ -360,9 +374,17 @@ class Registry:
                 versions = dict(base.versions)
                 versions.setdefault(sha, version)
                 new_aliases = dict(base.aliases)
-                for alias in (DEFAULT_ALIAS, *aliases):
+                moved = (DEFAULT_ALIAS, *aliases)
+                for alias in moved:
                     new_aliases[alias] = sha
-                return replace(base, status="active", versions=versions, aliases=new_aliases)
+                weights = {a: w for a, w in base.alias_weights.items() if a not in moved}
+                return replace(
+                    base,
+                    status="active",
+                    versions=versions,
+                    aliases=new_aliases,
+                    alias_weights=weights,
+                )
 
             published = self._manifests.update(tenant, name, add).versions[sha]
         except BaseException:
@@ -475,13 +497,15 @@ class Registry:
 
     # --- resolution and aliases ---------------------------------------------------------------
 
-    def resolve(self, tenant: str, ref: AdapterRef) -> AdapterVersion:
+    def resolve(
+        self, tenant: str, ref: AdapterRef, *, routing_key: str | None = None
+    ) -> AdapterVersion:
         """The live version `ref` names, as seen by `tenant`.
 
         `ref.owner` defaults to `tenant`. Another owner's adapter is looked for only when
         `tenant`'s share index names it, and then resolves only if the manifest confirms the
         grant (`can_use`); otherwise it is answered exactly like a missing one, without reading
-        the owner's manifest.
+        the owner's manifest. A weighted alias picks by `routing_key` (`Manifest.resolve`).
         """
         check_name(tenant, "tenant")
         owner = ref.owner or tenant
@@ -490,15 +514,17 @@ class Registry:
         manifest = self._manifests.read(owner, ref.name)
         if manifest is None or not manifest.usable_by(tenant):
             raise not_found(ref)
-        return manifest.resolve(ref)
+        return manifest.resolve(ref, caller=tenant, routing_key=routing_key)
 
     def set_alias(
         self, tenant: str, name: str, alias: str, target: str, expected: str | None = None
     ) -> Manifest:
-        """Point `alias` at `target` (a version sha or another alias).
+        """Point `alias` at `target` (a version sha or another alias); a weighted alias becomes
+        plain (its canary ends).
 
-        With `expected` (a version sha), only if the alias currently points there (else
-        Conflict): a compare-and-set for rollouts.
+        With `expected` (a version sha), only if the alias currently points there, plainly
+        (else Conflict; a weighted alias points at no one version): a compare-and-set for
+        rollouts.
         """
         check_name(alias, "alias")
         if _looks_like_sha(alias):
@@ -513,12 +539,62 @@ class Registry:
                 sha = manifest.aliases.get(check_name(target, "alias"))
             if sha is None or sha not in manifest.versions:
                 raise not_found(f"{name}@{target}")
-            if want is not None and manifest.aliases.get(alias) != want:
+            if want is not None and (
+                manifest.aliases.get(alias) != want or alias in manifest.alias_weights
+            ):
                 raise Conflict(
-                    f"alias {alias!r} of {name!r} points at "
-                    f"{manifest.aliases.get(alias) or 'nothing'}, not the expected {want}"
+                    f"alias {alias!r} of {name!r} points at {_describe(manifest, alias)}, "
+                    f"not the expected {want}"
                 )
-            return replace(manifest, aliases={**manifest.aliases, alias: sha})
+            return _with_alias(manifest, alias, {sha: 1.0})
+
+        return self._manifests.update(tenant, name, change)
+
+    def set_alias_weights(
+        self,
+        tenant: str,
+        name: str,
+        alias: str,
+        weights: Mapping[str, float],
+        expected: Mapping[str, float] | None = None,
+    ) -> Manifest:
+        """Split `alias` between versions: {version: weight}, a canary (`prod = v7: 0.9,
+        v8: 0.1`). Each request then resolves to one of them, sticky per routing key
+        (`Manifest.resolve`). All weight on one version (`{v8: 1.0}`) makes the alias plain.
+
+        A version is a sha ("sha256:<hex>") or a plain alias of the adapter, resolved now.
+        Refused, with the manifest unchanged: no weights, more versions than
+        `limits.max_alias_versions`, a weight that is not a finite number > 0, weights that do
+        not sum to 1 (within 1e-6), one version named twice, or a weighted alias as a version
+        (InvalidAdapter); a version that is missing or revoked (AdapterNotFound); a version
+        that is quarantined (Quarantined). With `expected` ({version sha: weight}; {} = the
+        alias does not exist), only if the alias's split is that now (`Manifest.split`; a
+        plain alias is {sha: 1.0}), else Conflict: a compare-and-set like `set_alias`'s.
+        """
+        check_name(alias, "alias")
+        if _looks_like_sha(alias):
+            raise InvalidAdapter("an alias may not look like a version sha256")
+        given = _check_weights(weights, self.limits.max_alias_versions)
+        want = None
+        if expected is not None:
+            want = {}
+            for key, weight in _items(expected, "expected"):
+                want[check_sha(key, "expected version")] = _weight(weight, key, allow_zero=True)
+
+        def change(current: Manifest | None) -> Manifest:
+            manifest = live(current, name)
+            split: dict[str, float] = {}
+            for key, weight in given:
+                sha = _weighted_target(manifest, name, key)
+                if sha in split:
+                    raise InvalidAdapter(f"weights name version sha256:{sha} twice")
+                split[sha] = weight
+            if want is not None and not _same_split(manifest.split(alias), want):
+                raise Conflict(
+                    f"alias {alias!r} of {name!r} points at {_describe(manifest, alias)}, "
+                    f"not the expected {_describe_split(want)}"
+                )
+            return _with_alias(manifest, alias, split)
 
         return self._manifests.update(tenant, name, change)
 
@@ -530,7 +606,8 @@ class Registry:
             if alias not in manifest.aliases:
                 return manifest
             aliases = {a: s for a, s in manifest.aliases.items() if a != alias}
-            return replace(manifest, aliases=aliases)
+            weights = {a: w for a, w in manifest.alias_weights.items() if a != alias}
+            return replace(manifest, aliases=aliases, alias_weights=weights)
 
         return self._manifests.update(tenant, name, change)
 
@@ -582,6 +659,7 @@ class Registry:
                     status="revoked",
                     versions={},
                     aliases={},
+                    alias_weights={},
                     shared_with=(),
                     revoked=tuple(shas),
                 )
@@ -600,9 +678,8 @@ class Registry:
                 return current
             freed[0] = current.versions[target].total_bytes
             return replace(
-                current,
+                _without_version(current, target),
                 versions={s: v for s, v in current.versions.items() if s != target},
-                aliases={a: s for a, s in current.aliases.items() if s != target},
                 revoked=tuple(sorted({*current.revoked, target})),
             )
 
@@ -650,6 +727,116 @@ class Registry:
             )
         except BlobNotFound:
             raise AdapterNotFound(f"version {version.version_id} is no longer stored") from None
+
+
+# --- weighted aliases ---------------------------------------------------------------------------
+
+
+def _items(weights: Mapping[str, float], what: str) -> list[tuple[str, float]]:
+    if not isinstance(weights, Mapping):
+        raise InvalidAdapter(f"{what}: expected a map of version -> weight")
+    return list(weights.items())
+
+
+def _weight(value: object, key: str, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidAdapter(f"weight of {str(key)[:80]!r} must be a number")
+    weight = float(value)
+    if not math.isfinite(weight) or weight < 0 or (weight == 0 and not allow_zero):
+        raise InvalidAdapter(
+            f"weight of {str(key)[:80]!r} must be a finite number > 0, got {weight!r} "
+            "(leave a version out to give it no traffic)"
+        )
+    return weight
+
+
+def _check_weights(weights: Mapping[str, float], most: int) -> list[tuple[str, float]]:
+    """The weights' shape, before the manifest is read: 1..`most` versions, each weight finite
+    and > 0, summing to 1 within WEIGHT_SUM_TOLERANCE."""
+    items = _items(weights, "weights")
+    if not items:
+        raise InvalidAdapter("weights: name at least one version")
+    if len(items) > most:
+        raise InvalidAdapter(
+            f"weights: at most {most} versions per alias (max_alias_versions), got {len(items)}"
+        )
+    checked = []
+    for key, value in items:
+        if not isinstance(key, str):
+            raise InvalidAdapter("weights: a version is a sha256 or an alias")
+        checked.append((key, _weight(value, key)))
+    total = math.fsum(w for _, w in checked)
+    if abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
+        raise InvalidAdapter(
+            f"weights must sum to 1 (within {WEIGHT_SUM_TOLERANCE:g}), got {total!r}"
+        )
+    return checked
+
+
+def _weighted_target(manifest: Manifest, name: str, key: str) -> str:
+    """The live, servable version `key` (a sha or a plain alias) names in `manifest`."""
+    if _looks_like_sha(key):
+        sha: str | None = check_sha(key)
+    else:
+        alias = check_name(key, "alias")
+        if alias in manifest.alias_weights:
+            raise InvalidAdapter(
+                f"{alias!r} is a weighted alias: name a version (sha256:<hex>) or a plain alias"
+            )
+        sha = manifest.aliases.get(alias)
+    version = manifest.versions.get(sha) if sha is not None else None
+    if version is None:
+        raise not_found(f"{name}@{key}")
+    if version.status == "quarantined":
+        raise Quarantined(
+            f"adapter version {version.version_id} of {name!r} is quarantined "
+            f"({version.quarantine_reason or 'it corrupted the engine'}) and cannot take traffic"
+        )
+    return version.sha
+
+
+def _with_alias(manifest: Manifest, alias: str, split: Mapping[str, float]) -> Manifest:
+    """`manifest` with `alias` set to `split`: plain for one version, weighted for more."""
+    weights = {a: w for a, w in manifest.alias_weights.items() if a != alias}
+    if len(split) > 1:
+        weights[alias] = dict(split)
+    aliases = {**manifest.aliases, alias: primary_of(split)}
+    return replace(manifest, aliases=aliases, alias_weights=weights)
+
+
+def _without_version(manifest: Manifest, sha: str) -> Manifest:
+    """`manifest`'s aliases without `sha` (it is being revoked): a plain alias on it goes; a
+    weighted one keeps its other versions, their weights scaled back to a sum of 1 (plain when
+    one is left)."""
+    aliases = {a: s for a, s in manifest.aliases.items() if a not in manifest.alias_weights}
+    aliases = {a: s for a, s in aliases.items() if s != sha}
+    weights: dict[str, dict[str, float]] = {}
+    for alias, split in manifest.alias_weights.items():
+        rest = {s: w for s, w in split.items() if s != sha}
+        total = math.fsum(rest.values())
+        if len(rest) > 1:
+            weights[alias] = {s: w / total for s, w in rest.items()}
+        aliases[alias] = primary_of(rest)
+    return replace(manifest, aliases=aliases, alias_weights=weights)
+
+
+def _same_split(current: Mapping[str, float], want: Mapping[str, float]) -> bool:
+    want = {s: w for s, w in want.items() if w > 0}
+    return current.keys() == want.keys() and all(
+        abs(current[s] - w) <= 1e-9 for s, w in want.items()
+    )
+
+
+def _describe_split(split: Mapping[str, float]) -> str:
+    if not split:
+        return "nothing"
+    if len(split) == 1:
+        return f"sha256:{next(iter(split))}"
+    return ", ".join(f"sha256:{s[:12]}…={w:g}" for s, w in sorted(split.items()))
+
+
+def _describe(manifest: Manifest, alias: str) -> str:
+    return _describe_split(manifest.split(alias))
 
 
 def _looks_like_sha(text: str) -> bool:

@@ -30,7 +30,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
@@ -209,7 +209,13 @@ class Adapters:
         return self._tokens[1]
 
     def _audit(
-        self, principal: Principal, rpc: str, tenant: str, name: str = "", version: str = ""
+        self,
+        principal: Principal,
+        rpc: str,
+        tenant: str,
+        name: str = "",
+        version: str = "",
+        detail: str = "",
     ) -> None:
         """The audit record of an action that succeeded (refusals: the interceptor)."""
         if self.audit is not None:
@@ -221,6 +227,7 @@ class Adapters:
                 version=version,
                 decision="allow",
                 code="OK",
+                detail=detail,
             )
 
     def _limits(self, principal: Principal) -> TenantConfig | None:
@@ -253,11 +260,16 @@ class Adapters:
         )
 
     async def _changed(
-        self, principal: Principal, rpc: str, manifest: Manifest, version: str = ""
+        self,
+        principal: Principal,
+        rpc: str,
+        manifest: Manifest,
+        version: str = "",
+        detail: str = "",
     ) -> Manifest:
         """After a manifest write on this replica: residency takes it, then the audit."""
         await self.residency.apply_manifest(manifest)
-        self._audit(principal, rpc, manifest.tenant, manifest.name, version)
+        self._audit(principal, rpc, manifest.tenant, manifest.name, version, detail)
         return manifest
 
     # --- upload -------------------------------------------------------------------------------
@@ -494,6 +506,33 @@ class Adapters:
             principal, self.store.set_alias, tenant, name, alias, version, expected
         )
         return await self._changed(principal, "SetAlias", manifest, version)
+
+    async def set_alias_weights(
+        self,
+        principal: Principal,
+        tenant: str,
+        name: str,
+        alias: str,
+        weights: Mapping[str, float],
+        expected: Mapping[str, float] | None = None,
+    ) -> Manifest:
+        """Split `alias` between versions (a canary; `Registry.set_alias_weights` has the
+        rules); one version with weight 1 makes it plain. Other replicas take it from the
+        manifest, like an alias move. Audited with the versions and the split that resulted."""
+        tenant = Policy.effective_tenant_for_adapter(principal, tenant)
+        manifest = await self._store(
+            principal,
+            self.store.set_alias_weights,
+            tenant,
+            name,
+            alias,
+            dict(weights),
+            None if expected is None else dict(expected),
+        )
+        split = sorted(manifest.split(alias).items())
+        versions = ",".join(f"sha256:{sha}" for sha, _ in split)
+        detail = f"{alias}: " + ", ".join(f"{sha[:12]}={weight:g}" for sha, weight in split)
+        return await self._changed(principal, "SetAliasWeights", manifest, versions, detail)
 
     async def share(self, principal: Principal, tenant: str, name: str, grantee: str) -> Manifest:
         tenant = Policy.effective_tenant_for_adapter(principal, tenant)

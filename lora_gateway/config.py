@@ -207,6 +207,9 @@ class Settings(BaseSettings):
     compose_max_bytes: int = Field(1 << 30, ge=1)
     """Most stored bytes the parts of one ComposeAdapter call may total (checked from the
     manifests, before anything is fetched)."""
+    max_alias_versions: int = Field(4, ge=2, le=64)
+    """Most versions one weighted alias (a canary, SetAliasWeights) may split its traffic
+    between; more are refused with INVALID_ARGUMENT."""
     poll_interval_s: float = Field(2.0, gt=0)
     """How often the store's change feed is listed, and the cached manifests it names re-read
     (conditional GET), so that other replicas' revocations, alias moves and shares take effect:

@@ -82,6 +82,9 @@ class GenerateCall:
     prompt: Prompt | ChatPrompt
     params: GenerateParams
     request_id: str
+    #: Which version of a weighted alias serves the call: the same key, the same version
+    #: while the weights are unchanged (e.g. a conversation's id). "" = the request id.
+    routing_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,10 @@ class Gateway:
             version = None
             if call.adapter is not None:
                 version = await self.residency.resolve(
-                    principal.tenant, call.adapter, any_owner=principal.role is Role.OPERATOR
+                    principal.tenant,
+                    call.adapter,
+                    any_owner=principal.role is Role.OPERATOR,
+                    routing_key=call.routing_key or call.request_id,
                 )
             served = Served.of(version)
             ready, _ = await self.prompt_ids(call.prompt, version)
@@ -248,17 +254,25 @@ class Gateway:
 
     # --- tokenize and models ----------------------------------------------------------------
     async def tokenize(
-        self, principal: Principal, adapter: AdapterRef | None, prompt: Prompt | ChatPrompt
+        self,
+        principal: Principal,
+        adapter: AdapterRef | None,
+        prompt: Prompt | ChatPrompt,
+        routing_key: str = "",
     ) -> Tokenized:
         """Token ids of a prompt as `generate` would send it to the engine. An adapter is
         resolved with the same visibility rules (another tenant's is NOT_FOUND like a missing
-        one), never loaded: it only chooses the chat template."""
+        one), never loaded: it only chooses the chat template. A weighted alias resolves by
+        `routing_key` as in `generate` ("" without one: its primary version)."""
         if self.draining:
             raise errors.Unavailable("server is shutting down")
         version = None
         if adapter is not None:
             version = await self.residency.resolve(
-                principal.tenant, adapter, any_owner=principal.role is Role.OPERATOR
+                principal.tenant,
+                adapter,
+                any_owner=principal.role is Role.OPERATOR,
+                routing_key=routing_key or None,
             )
         ready, rendered = await self.prompt_ids(prompt, version)
         if ready.token_ids is not None:

@@ -78,12 +78,13 @@ def base_model_spec(settings: Settings, model: str | None = None) -> BaseModelSp
 
 
 def store_limits(settings: Settings) -> Limits:
-    """The size caps on uploads and compositions."""
+    """The size caps on uploads and compositions, and the most versions of a weighted alias."""
     return Limits(
         max_file_bytes=settings.max_upload_bytes,
         max_compose_parts=settings.compose_max_parts,
         max_compose_bytes=settings.compose_max_bytes,
         max_chat_template_bytes=settings.chat_template_max_bytes,
+        max_alias_versions=settings.max_alias_versions,
     )
 
 

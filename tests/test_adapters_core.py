@@ -176,6 +176,36 @@ async def test_an_alias_move_applies_here_at_once_and_is_audited(core: Core) -> 
     )
 
 
+async def test_alias_weights_apply_here_at_once_and_are_audited(core: Core) -> None:
+    first = await core.upload(ACME_ADMIN, "bot", aliases=("prod",))
+    second = await core.upload(ACME_ADMIN, "bot", seed=2)
+    prod = AdapterRef.parse("bot@prod")
+    assert await core.residency.resolve("acme", prod, routing_key="k") == first  # now cached
+    split = {first.version_id: 0.5, second.version_id: 0.5}
+    manifest = await core.adapters.set_alias_weights(ACME_ADMIN, "", "bot", "prod", split)
+    assert manifest.alias_weights == {"prod": {first.sha: 0.5, second.sha: 0.5}}
+    served = {
+        (await core.residency.resolve("acme", prod, routing_key=f"k{i}")).sha for i in range(40)
+    }
+    assert served == {first.sha, second.sha}  # without a poll: told to residency at once
+    with pytest.raises(errors.NotFound, match=errors.ADAPTER_NOT_FOUND_TEXT):
+        await core.adapters.set_alias_weights(GLOBEX_ADMIN, "acme", "bot", "prod", split)
+    ended = await core.adapters.set_alias_weights(
+        ACME_ADMIN, "", "bot", "prod", {second.version_id: 1.0}
+    )
+    assert (ended.alias_weights, ended.aliases["prod"]) == ({}, second.sha)
+    served = {
+        (await core.residency.resolve("acme", prod, routing_key=f"k{i}")).sha for i in range(40)
+    }
+    assert served == {second.sha}
+    one, two = allowed(core.events(), "SetAliasWeights")
+    ordered = sorted([first.sha, second.sha])
+    assert (one["tenant"], one["adapter"], one["principal_tenant"]) == ("acme", "bot", "acme")
+    assert one["version"] == ",".join(f"sha256:{sha}" for sha in ordered)
+    assert one["detail"] == f"prod: {ordered[0][:12]}=0.5, {ordered[1][:12]}=0.5"
+    assert (two["version"], two["detail"]) == (second.version_id, f"prod: {second.sha[:12]}=1")
+
+
 async def test_share_and_unshare_apply_to_the_grantee_at_once_and_are_audited(
     core: Core,
 ) -> None:

@@ -270,6 +270,17 @@ class Admin(admin_pb2_grpc.AdminServicer):
         await self.script.enter("SetAlias", request, context)
         return _adapter_info(aliases={"latest": VERSION, request.alias: request.version})
 
+    async def SetAliasWeights(
+        self, request: admin_pb2.SetAliasWeightsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AdapterInfo:
+        await self.script.enter("SetAliasWeights", request, context)
+        weights = dict(request.weights)
+        primary = max(sorted(weights), key=lambda v: weights[v])
+        info = _adapter_info(aliases={"latest": VERSION, request.alias: primary})
+        if len(weights) > 1:
+            info.alias_weights[request.alias].weights.update(weights)
+        return info
+
     async def ShareAdapter(
         self, request: admin_pb2.ShareAdapterRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.AdapterInfo:
@@ -485,6 +496,20 @@ def test_generate_sends_auth_routing_and_request(
     assert not sampling.HasField("top_p")  # unset stays unset: the server's default
     assert list(sampling.stop) == ["\n"]
     assert request.request_id == "req-42"
+    assert request.routing_key == ""  # none given: the server uses the request id
+
+
+async def test_routing_key_is_sent(sync_client: GatewayClient, target: str, script: Script) -> None:
+    await asyncio.to_thread(sync_client.generate, "support@prod", "hi", routing_key="conv-1")
+    assert script.last("Generate").request.routing_key == "conv-1"
+    await asyncio.to_thread(sync_client.tokenize, "support@prod", "hi", routing_key="conv-2")
+    assert script.last("Tokenize").request.routing_key == "conv-2"
+    async with AsyncGatewayClient(target, API_KEY) as client:
+        async for _ in client.generate_stream("support@prod", "hi", routing_key="conv-3"):
+            pass
+        assert script.last("GenerateStream").request.routing_key == "conv-3"
+        await client.tokenize("support", "hi", routing_key="conv-4")
+        assert script.last("Tokenize").request.routing_key == "conv-4"
 
 
 @pytest.mark.parametrize(
@@ -1406,6 +1431,98 @@ def test_cli_adapter_commands(
     assert revoked_json == {"revoked_versions": [VERSION], "aborted_requests": 2}
     pinned_json = json.loads(run("adapter", "pin", "support", "--json"))
     assert (pinned_json["tier"], pinned_json["pinned"]) == ("engine", True)
+
+
+CANARY = "sha256:" + "cd" * 32
+
+
+async def test_set_alias_weights_sdk(
+    sync_client: GatewayClient, target: str, script: Script
+) -> None:
+    split = {VERSION: 0.9, CANARY: 0.1}
+    info = await asyncio.to_thread(sync_client.set_alias_weights, "support", "prod", split)
+    assert info.alias_weights == {"prod": split}
+    assert info.aliases["prod"] == VERSION  # the primary
+    request = script.last("SetAliasWeights").request
+    assert (request.name, request.alias, dict(request.weights)) == ("support", "prod", split)
+    assert not request.HasField("expected")
+    async with AsyncGatewayClient(target, API_KEY) as client:
+        info = await client.set_alias_weights(
+            "support", "prod", {CANARY: 1.0}, tenant="acme", expected=split
+        )
+        assert (info.alias_weights, info.aliases["prod"]) == ({}, CANARY)
+        request = script.last("SetAliasWeights").request
+        assert (request.tenant, dict(request.expected.weights)) == ("acme", split)
+        await client.set_alias_weights("support", "fresh", {CANARY: 1.0}, expected={})
+        request = script.last("SetAliasWeights").request
+        assert request.HasField("expected")
+        assert dict(request.expected.weights) == {}
+        with pytest.raises(errors.InvalidArgument, match="weights"):
+            await client.set_alias_weights("support", "prod", [CANARY])  # type: ignore[arg-type]
+        with pytest.raises(errors.InvalidArgument, match="weights"):
+            await client.set_alias_weights("support", "prod", {CANARY: "x"})  # type: ignore[dict-item]
+
+
+def test_cli_canary(
+    environ: dict[str, str], script: Script, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def run(*argv: str) -> str:
+        assert main(list(argv), environ=environ) == 0
+        return capsys.readouterr().out
+
+    text = run("adapter", "canary", "support", "prod", f"{VERSION}=0.9", f"{CANARY}=0.1")
+    assert text.strip() == f"acme/support@prod -> {VERSION} 0.9, {CANARY} 0.1"
+    request = script.last("SetAliasWeights").request
+    assert dict(request.weights) == {VERSION: 0.9, CANARY: 0.1}
+    assert not request.HasField("expected")
+    as_json = json.loads(
+        run(
+            "adapter",
+            "canary",
+            "support",
+            "prod",
+            f"{CANARY}=1",
+            "--expected",
+            f"{VERSION}=0.9",
+            f"{CANARY}=0.1",
+            "--json",
+        )
+    )
+    assert (as_json["aliases"]["prod"], as_json["alias_weights"]) == (CANARY, {})
+    assert dict(script.last("SetAliasWeights").request.expected.weights) == {
+        VERSION: 0.9,
+        CANARY: 0.1,
+    }
+    run("adapter", "canary", "support", "beta", "latest=1", "--expected")
+    request = script.last("SetAliasWeights").request
+    assert request.HasField("expected")
+    assert dict(request.weights) == {"latest": 1.0}
+    for bad in ([f"{VERSION}:0.9"], [f"{VERSION}=x"], []):
+        with pytest.raises(SystemExit) as caught:
+            main(["adapter", "canary", "support", "prod", *bad], environ=environ)
+        assert caught.value.code == 2
+        assert "V=W" in capsys.readouterr().err
+    twice = ["adapter", "canary", "support", "prod", f"{VERSION}=0.5", f"{VERSION}=0.5"]
+    assert main(twice, environ=environ) != 0
+    assert "named twice" in capsys.readouterr().err
+
+
+def test_cli_show_prints_the_weights(
+    environ: dict[str, str], script: Script, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lora_gateway.cli import format as out
+
+    info = dataclasses.replace(
+        SUPPORT,
+        aliases={"latest": VERSION, "prod": VERSION},
+        alias_weights={"prod": {VERSION: 0.75, CANARY: 0.25}},
+    )
+    out.print_adapter(info)
+    shown = capsys.readouterr().out
+    assert f"alias       prod -> {VERSION} 0.75, {CANARY} 0.25" in shown
+    assert f"alias       latest -> {VERSION}" in shown
+    row = next(line for line in shown.splitlines() if line.startswith(VERSION))
+    assert row.split()[-1] == "latest,prod=0.75"
 
 
 def test_cli_compose_part_needs_a_weight(capsys: pytest.CaptureFixture[str]) -> None:

@@ -250,6 +250,48 @@ async def test_revocation_and_alias_moves_reach_the_other_replica(
         await until(beta_refused, BOUND_S)
 
 
+async def test_alias_weights_reach_the_other_replica(
+    replica_a: GatewayServer,
+    replica_b: tuple[subprocess.Popen[str], str],
+    make_test_adapter: AdapterFactory,
+) -> None:
+    """A canary set on A (and its end) is what B serves within the bound, key for key: both
+    replicas pick the same version for the same routing key."""
+    target_a = f"127.0.0.1:{replica_a.port}"
+    _, target_b = replica_b
+    keys = [f"session-{i}" for i in range(12)]
+    options = GenerateOptions(max_tokens=1)
+    async with (
+        AsyncGatewayClient(target_a, ADMIN) as admin,
+        AsyncGatewayClient(target_a, USER) as user_a,
+        AsyncGatewayClient(target_b, USER) as user_b,
+    ):
+        v1 = await admin.upload_adapter("weighted", make_test_adapter(seed=43), aliases=("prod",))
+        v2 = await admin.upload_adapter("weighted", make_test_adapter(seed=44))
+
+        async def versions(user: AsyncGatewayClient) -> list[str]:
+            results = [
+                await user.generate("weighted@prod", PROMPT, options, routing_key=k) for k in keys
+            ]
+            return [r.adapter.version if r.adapter else "" for r in results]
+
+        assert await versions(user_b) == [v1.version] * len(keys)  # B has the manifest cached
+        await admin.set_alias_weights("weighted", "prod", {v1.version: 0.5, v2.version: 0.5})
+        on_a = await versions(user_a)
+        assert set(on_a) == {v1.version, v2.version}  # 2**-11 that 12 keys all draw one side
+
+        async def b_agrees() -> bool:
+            return await versions(user_b) == on_a
+
+        await until(b_agrees, BOUND_S)
+        await admin.set_alias_weights("weighted", "prod", {v2.version: 1.0})
+
+        async def b_ended() -> bool:
+            return await versions(user_b) == [v2.version] * len(keys)
+
+        await until(b_ended, BOUND_S)
+
+
 RACE_TRIALS, RACE_TRIALS_SLOW = 2, 20
 
 

@@ -106,9 +106,9 @@ def test_method_permissions() -> None:
     assert permission_for("/lora_gateway.v1.Inference/GenerateStream") is Permission.GENERATE
     for rpc in ("GetAdapter", "ListAdapters", "GetResidency"):
         assert permission_for(f"/lora_gateway.v1.Admin/{rpc}") is Permission.READ_ADAPTERS
-    for rpc in ("UploadAdapter", "SetAlias", "ShareAdapter", "UnshareAdapter", "ComposeAdapter"):
+    for rpc in ("UploadAdapter", "SetAlias", "SetAliasWeights", "ShareAdapter", "ComposeAdapter"):
         assert permission_for(f"/lora_gateway.v1.Admin/{rpc}") is Permission.MANAGE_ADAPTERS
-    for rpc in ("RevokeAdapter", "PinAdapter", "UnpinAdapter", "PrefetchAdapter"):
+    for rpc in ("UnshareAdapter", "RevokeAdapter", "PinAdapter", "UnpinAdapter", "PrefetchAdapter"):
         assert permission_for(f"/lora_gateway.v1.Admin/{rpc}") is Permission.MANAGE_ADAPTERS
     assert is_public("/grpc.health.v1.Health/Check")
     assert is_public("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
@@ -133,6 +133,8 @@ def test_role_permissions() -> None:
         (Role.USER, "/lora_gateway.v1.Admin/ListAdapters", True),
         (Role.USER, "/lora_gateway.v1.Admin/UploadAdapter", False),
         (Role.USER, "/lora_gateway.v1.Admin/RevokeAdapter", False),
+        (Role.USER, "/lora_gateway.v1.Admin/SetAliasWeights", False),
+        (Role.TENANT_ADMIN, "/lora_gateway.v1.Admin/SetAliasWeights", True),
         (Role.TENANT_ADMIN, "/lora_gateway.v1.Admin/RevokeAdapter", True),
         (Role.TENANT_ADMIN, "/lora_gateway.v1.Admin/PinAdapter", True),
         (Role.OPERATOR, "/lora_gateway.v1.Admin/PrefetchAdapter", True),

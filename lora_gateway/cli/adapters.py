@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from lora_gateway import errors
 from lora_gateway.cli import format as out
 from lora_gateway.cli.connect import open_client
 from lora_gateway.cli.exits import EXIT_OK
@@ -117,6 +118,37 @@ def _cmd_alias(args: argparse.Namespace) -> int:
             expected_version=args.expected,
         )
     target = info.aliases.get(args.alias, args.version)
+    text = f"{out.label(info.tenant, info.name)}@{args.alias} -> {target}"
+    return _print_adapter(args, info, text)
+
+
+def _parse_weight(text: str) -> tuple[str, float]:
+    version, sep, weight = text.rpartition("=")
+    try:
+        if not sep or not version:
+            raise ValueError
+        return version, float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected VERSION=WEIGHT, got {text!r}") from None
+
+
+def _weights(pairs: list[tuple[str, float]], what: str) -> dict[str, float]:
+    weights: dict[str, float] = {}
+    for version, weight in pairs:
+        if version in weights:
+            raise errors.InvalidArgument(f"{what}: {version!r} is named twice")
+        weights[version] = weight
+    return weights
+
+
+def _cmd_canary(args: argparse.Namespace) -> int:
+    weights = _weights(args.weights, "weights")
+    expected = None if args.expected is None else _weights(args.expected, "--expected")
+    with open_client(args) as client:
+        info = client.set_alias_weights(
+            args.name, args.alias, weights, tenant=args.tenant, expected=expected
+        )
+    target = out.alias_target(info, args.alias)
     text = f"{out.label(info.tenant, info.name)}@{args.alias} -> {target}"
     return _print_adapter(args, info, text)
 
@@ -258,6 +290,34 @@ def register(
     alias.add_argument("--expected", default="", metavar="V", help="fail unless it points at V")
     _tenant(alias)
     alias.set_defaults(func=_cmd_alias)
+
+    canary = ops.add_parser(
+        "canary",
+        parents=[client],
+        help="split an alias between versions by weight (V=1 on one version ends it)",
+        description="Split ALIAS between versions: each request gets one, sticky per routing "
+        "key, e.g. `adapter canary bot prod sha256:<v7>=0.9 sha256:<v8>=0.1`. Weights are > 0 "
+        "and sum to 1; all weight on one version makes the alias plain again.",
+    )
+    canary.add_argument("name")
+    canary.add_argument("alias")
+    canary.add_argument(
+        "weights",
+        nargs="+",
+        type=_parse_weight,
+        metavar="V=W",
+        help="version (sha256:<hex> or a plain alias) and its weight",
+    )
+    canary.add_argument(
+        "--expected",
+        nargs="*",
+        type=_parse_weight,
+        metavar="V=W",
+        help="fail unless the alias's split is exactly this now (none given: the alias "
+        "must not exist)",
+    )
+    _tenant(canary)
+    canary.set_defaults(func=_cmd_canary)
 
     for op, share, text in (("share", True, "share with"), ("unshare", False, "stop sharing")):
         sub = ops.add_parser(op, parents=[client], help=f"{text} another tenant")

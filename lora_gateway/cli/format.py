@@ -124,6 +124,15 @@ def print_adapters(adapters: Sequence[Adapter], usage: TenantUsage | None) -> No
         print(f"usage       {usage_text(usage)}")
 
 
+def alias_target(info: Adapter, alias: str) -> str:
+    """ "sha256:<hex>" of a plain alias; "sha256:<hex> 0.9, sha256:<hex> 0.1" of a weighted
+    one (a canary), in version order."""
+    split = info.alias_weights.get(alias)
+    if split is None:
+        return info.aliases.get(alias, "-")
+    return ", ".join(f"{version} {weight:g}" for version, weight in sorted(split.items()))
+
+
 def print_adapter(info: Adapter) -> None:
     print(f"adapter     {label(info.tenant, info.name)}")
     print(f"status      {info.status}")
@@ -131,10 +140,14 @@ def print_adapter(info: Adapter) -> None:
     if info.usage is not None:
         print(f"usage       {usage_text(info.usage)}")
     for alias in sorted(info.aliases):
-        print(f"alias       {alias} -> {info.aliases[alias]}")
+        print(f"alias       {alias} -> {alias_target(info, alias)}")
     by_version: dict[str, list[str]] = {}
     for alias, version in info.aliases.items():
-        by_version.setdefault(version, []).append(alias)
+        split = info.alias_weights.get(alias)
+        if split is None:
+            by_version.setdefault(version, []).append(alias)
+        for weighted, weight in (split or {}).items():
+            by_version.setdefault(weighted, []).append(f"{alias}={weight:g}")
     rows = [
         (
             v.version,

@@ -157,7 +157,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if args.stream:
             finish_reason = None
             for delta in client.generate_stream(
-                args.adapter, prompt, options, token_ids=token_ids, request_id=args.request_id
+                args.adapter,
+                prompt,
+                options,
+                token_ids=token_ids,
+                request_id=args.request_id,
+                routing_key=args.routing_key,
             ):
                 if args.json:
                     print_json(result_json(delta), lines=True)
@@ -169,7 +174,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 sys.stdout.write("\n")
         else:
             result = client.generate(
-                args.adapter, prompt, options, token_ids=token_ids, request_id=args.request_id
+                args.adapter,
+                prompt,
+                options,
+                token_ids=token_ids,
+                request_id=args.request_id,
+                routing_key=args.routing_key,
             )
             finish_reason = result.finish_reason
             if args.json:
@@ -189,6 +199,12 @@ def register(
     gen.add_argument("--adapter", default="", help="adapter reference; empty = the base model")
     _add_prompt_flags(gen, token_ids=True)
     gen.add_argument("--request-id", default="", help="id echoed in the server's logs")
+    gen.add_argument(
+        "--routing-key",
+        default="",
+        metavar="KEY",
+        help="which version of a weighted alias serves (the same KEY, the same version)",
+    )
     gen.add_argument(
         "--stream", action="store_true", help="print deltas as they come (with --json: JSON lines)"
     )

@@ -7,7 +7,7 @@ over `_rpcs` (requests and results) and `_transport` (metadata, deadline, retrie
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -113,10 +113,11 @@ class AsyncGatewayClient(ClientBase[grpc.aio.Channel]):
         *,
         token_ids: Sequence[int] | None = None,
         request_id: str = "",
+        routing_key: str = "",
         timeout: Timeout = CLIENT_DEFAULT,
     ) -> GenerateResult:
         """See `GatewayClient.generate` (sends the `x-lora-adapter` routing header too)."""
-        rpc = _rpcs.generate(adapter, prompt, options, token_ids, request_id)
+        rpc = _rpcs.generate(adapter, prompt, options, token_ids, request_id, routing_key)
         return await self._call(rpc, timeout)
 
     def generate_stream(
@@ -127,17 +128,24 @@ class AsyncGatewayClient(ClientBase[grpc.aio.Channel]):
         *,
         token_ids: Sequence[int] | None = None,
         request_id: str = "",
+        routing_key: str = "",
         timeout: Timeout = CLIENT_DEFAULT,
     ) -> AsyncGenerator[StreamDelta, None]:
         """See `GatewayClient.generate_stream`; use with `async for` (not awaited)."""
-        rpc = _rpcs.streamed(_rpcs.generate(adapter, prompt, options, token_ids, request_id))
+        unary = _rpcs.generate(adapter, prompt, options, token_ids, request_id, routing_key)
+        rpc = _rpcs.streamed(unary)
         return self._stream(rpc, timeout)
 
     async def tokenize(
-        self, adapter: str = "", prompt: Prompt = "", *, timeout: Timeout = CLIENT_DEFAULT
+        self,
+        adapter: str = "",
+        prompt: Prompt = "",
+        *,
+        routing_key: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
     ) -> TokenizeResult:
         """See `GatewayClient.tokenize`."""
-        return await self._call(_rpcs.tokenize(adapter, prompt), timeout)
+        return await self._call(_rpcs.tokenize(adapter, prompt, routing_key), timeout)
 
     # -- admin --
 
@@ -226,6 +234,20 @@ class AsyncGatewayClient(ClientBase[grpc.aio.Channel]):
         timeout: Timeout = CLIENT_DEFAULT,
     ) -> Adapter:
         rpc = _rpcs.set_alias(name, alias, version, tenant, expected_version)
+        return await self._call(rpc, timeout)
+
+    async def set_alias_weights(
+        self,
+        name: str,
+        alias: str,
+        weights: Mapping[str, float],
+        *,
+        tenant: str = "",
+        expected: Mapping[str, float] | None = None,
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> Adapter:
+        """See `GatewayClient.set_alias_weights`."""
+        rpc = _rpcs.set_alias_weights(name, alias, weights, tenant, expected)
         return await self._call(rpc, timeout)
 
     async def share_adapter(

@@ -3,7 +3,7 @@ results (`results.py`) from answers. Nothing past this module sees a protobuf me
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final, TypeVar
 
 from google.protobuf.message import Message
@@ -121,6 +121,7 @@ def generate_request(
     token_ids: Sequence[int] | None,
     options: GenerateOptions | None,
     request_id: str,
+    routing_key: str = "",
 ) -> inference_pb2.GenerateRequest:
     if (prompt is None) == (token_ids is None):
         raise errors.InvalidArgument("give exactly one of prompt or token_ids")
@@ -133,6 +134,7 @@ def generate_request(
         adapter=adapter,
         sampling=sampling_params(options),
         request_id=request_id,
+        routing_key=routing_key,
     )
     try:
         if isinstance(prompt, str):
@@ -146,8 +148,10 @@ def generate_request(
     return request
 
 
-def tokenize_request(adapter: str, prompt: Prompt) -> inference_pb2.TokenizeRequest:
-    request = message(inference_pb2.TokenizeRequest, adapter=adapter)
+def tokenize_request(
+    adapter: str, prompt: Prompt, routing_key: str = ""
+) -> inference_pb2.TokenizeRequest:
+    request = message(inference_pb2.TokenizeRequest, adapter=adapter, routing_key=routing_key)
     if isinstance(prompt, str):
         request.text = prompt
     else:
@@ -265,7 +269,21 @@ def adapter(info: admin_pb2.AdapterInfo) -> Adapter:
         shared_with=tuple(info.shared_with),
         status=_STATUS.get(info.status, AdapterStatus.UNSPECIFIED),
         usage=tenant_usage(info.usage) if info.HasField("usage") else None,
+        alias_weights={
+            alias: dict(sorted(split.weights.items()))
+            for alias, split in sorted(info.alias_weights.items())
+        },
     )
+
+
+def alias_weights(weights: Mapping[str, float], what: str) -> admin_pb2.AliasWeights:
+    """{version: weight} as sent; the server checks the versions and the weights."""
+    if not isinstance(weights, Mapping):
+        raise errors.InvalidArgument(f"{what}: expected a mapping of version -> weight")
+    try:
+        return admin_pb2.AliasWeights(weights={str(v): float(w) for v, w in weights.items()})
+    except (TypeError, ValueError) as exc:
+        raise errors.InvalidArgument(f"{what}: {exc}") from None
 
 
 def adapter_page(response: admin_pb2.ListAdaptersResponse) -> AdapterPage:

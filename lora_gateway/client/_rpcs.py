@@ -3,7 +3,7 @@ its answer. A client method is one line over these: `self._call(_rpcs.get_adapte
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
@@ -65,10 +65,11 @@ def generate(
     options: GenerateOptions | None,
     token_ids: Sequence[int] | None,
     request_id: str,
+    routing_key: str = "",
 ) -> Rpc[GenerateResult]:
     return Rpc(
         "Generate",
-        _convert.generate_request(adapter, prompt, token_ids, options, request_id),
+        _convert.generate_request(adapter, prompt, token_ids, options, request_id, routing_key),
         inference_pb2.GenerateResponse,
         _convert.generate_result,
         service="Inference",
@@ -77,10 +78,10 @@ def generate(
     )
 
 
-def tokenize(adapter: str, prompt: Prompt) -> Rpc[TokenizeResult]:
+def tokenize(adapter: str, prompt: Prompt, routing_key: str = "") -> Rpc[TokenizeResult]:
     return Rpc(
         "Tokenize",
-        _convert.tokenize_request(adapter, prompt),
+        _convert.tokenize_request(adapter, prompt, routing_key),
         inference_pb2.TokenizeResponse,
         _convert.tokenize_result,
         service="Inference",
@@ -139,6 +140,25 @@ def set_alias(
         expected_version=expected_version,
     )
     return Rpc("SetAlias", request, admin_pb2.AdapterInfo, _convert.adapter)
+
+
+def set_alias_weights(
+    name: str,
+    alias: str,
+    weights: Mapping[str, float],
+    tenant: str,
+    expected: Mapping[str, float] | None,
+) -> Rpc[Adapter]:
+    request = message(
+        admin_pb2.SetAliasWeightsRequest,
+        tenant=tenant,
+        name=name,
+        alias=alias,
+        weights=_convert.alias_weights(weights, "weights").weights,
+    )
+    if expected is not None:
+        request.expected.CopyFrom(_convert.alias_weights(expected, "expected"))
+    return Rpc("SetAliasWeights", request, admin_pb2.AdapterInfo, _convert.adapter)
 
 
 def share_adapter(name: str, grantee: str, tenant: str, *, share: bool) -> Rpc[Adapter]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -108,6 +108,7 @@ class GatewayClient(ClientBase[grpc.Channel]):
         *,
         token_ids: Sequence[int] | None = None,
         request_id: str = "",
+        routing_key: str = "",
         timeout: Timeout = CLIENT_DEFAULT,
     ) -> GenerateResult:
         """Generate a completion for `prompt` (or `token_ids`) with `adapter` ("" = base model).
@@ -119,9 +120,12 @@ class GatewayClient(ClientBase[grpc.Channel]):
         for an adapter shared with the caller. Its `owner/name` part is also sent as the
         `x-lora-adapter` routing header, which a front proxy hashes on. `options` (sampling,
         length, stops, structured output, logprobs) default to the server's defaults;
-        `request_id` is echoed in its logs.
+        `request_id` is echoed in its logs. `routing_key` (e.g. a conversation id) chooses the
+        version of a weighted alias, the same one for the same key while the weights are
+        unchanged ("" = a fresh choice per request); `result.adapter.version` names it.
         """
-        return self._call(_rpcs.generate(adapter, prompt, options, token_ids, request_id), timeout)
+        rpc = _rpcs.generate(adapter, prompt, options, token_ids, request_id, routing_key)
+        return self._call(rpc, timeout)
 
     def generate_stream(
         self,
@@ -131,6 +135,7 @@ class GatewayClient(ClientBase[grpc.Channel]):
         *,
         token_ids: Sequence[int] | None = None,
         request_id: str = "",
+        routing_key: str = "",
         timeout: Timeout = CLIENT_DEFAULT,
     ) -> Generator[StreamDelta, None, None]:
         """Like `generate`, as an iterator of deltas; the last one carries finish_reason and usage.
@@ -139,16 +144,22 @@ class GatewayClient(ClientBase[grpc.Channel]):
         whole stream. Stopping early (`break`, then `close()` or garbage collection of the
         iterator; `contextlib.closing` makes it immediate) cancels the server's generation.
         """
-        rpc = _rpcs.streamed(_rpcs.generate(adapter, prompt, options, token_ids, request_id))
+        unary = _rpcs.generate(adapter, prompt, options, token_ids, request_id, routing_key)
+        rpc = _rpcs.streamed(unary)
         return self._stream(rpc, timeout)
 
     def tokenize(
-        self, adapter: str = "", prompt: Prompt = "", *, timeout: Timeout = CLIENT_DEFAULT
+        self,
+        adapter: str = "",
+        prompt: Prompt = "",
+        *,
+        routing_key: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
     ) -> TokenizeResult:
         """Token ids of `prompt` (text, or a conversation rendered with the chat template of
         `adapter`, "" = the base model's) as Generate would send it, their count, the rendered
         text and the model's context length: for budgeting tokens before a call."""
-        return self._call(_rpcs.tokenize(adapter, prompt), timeout)
+        return self._call(_rpcs.tokenize(adapter, prompt, routing_key), timeout)
 
     # -- admin --
 
@@ -243,6 +254,26 @@ class GatewayClient(ClientBase[grpc.Channel]):
 
         With `expected_version`, only if the alias points there now (compare and set)."""
         rpc = _rpcs.set_alias(name, alias, version, tenant, expected_version)
+        return self._call(rpc, timeout)
+
+    def set_alias_weights(
+        self,
+        name: str,
+        alias: str,
+        weights: Mapping[str, float],
+        *,
+        tenant: str = "",
+        expected: Mapping[str, float] | None = None,
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> Adapter:
+        """Split `alias` between versions, a canary: {"sha256:<hex>" or a plain alias: weight},
+        weights > 0 summing to 1, e.g. {v7: 0.9, v8: 0.1}. Each request then gets one of them,
+        sticky per `routing_key`. All weight on one version ({v8: 1.0}) ends the canary.
+
+        With `expected` ({"sha256:<hex>": weight}, as `Adapter.alias_weights` showed it; a
+        plain alias is {its version: 1.0}; {} = the alias must not exist), only if the split
+        is that now (compare and set)."""
+        rpc = _rpcs.set_alias_weights(name, alias, weights, tenant, expected)
         return self._call(rpc, timeout)
 
     def share_adapter(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "Adapter",
@@ -211,6 +211,9 @@ class Adapter:
     #: `get_adapter` only: the owner's usage and quota, for callers of that tenant and
     #: operators; None otherwise.
     usage: TenantUsage | None
+    #: Weighted aliases (canaries) only: alias -> {"sha256:<hex>": weight}. `aliases` names
+    #: their primary version (the most weight).
+    alias_weights: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

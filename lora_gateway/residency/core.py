@@ -168,7 +168,12 @@ class Residency:
         self.manifests.forget_shares(tenant)
 
     async def resolve(
-        self, caller: str, ref: AdapterRef, *, any_owner: bool = False
+        self,
+        caller: str,
+        ref: AdapterRef,
+        *,
+        any_owner: bool = False,
+        routing_key: str | None = None,
     ) -> AdapterVersion:
         """The version `ref` names for tenant `caller`; NotFound, with one text, otherwise.
 
@@ -179,6 +184,9 @@ class Residency:
         (`shares_of`), and the owner's manifest is read (and cached) only once the index
         names it. A name of another tenant that is not shared with the caller and a name that
         does not exist take the same path: same code, text and time (DESIGN invariant 6).
+
+        A weighted alias (a canary) resolves to one of its versions, sticky per `routing_key`
+        (`Manifest.resolve`; None: its primary version).
         """
         owner = ref.owner or caller
         try:
@@ -188,7 +196,7 @@ class Residency:
             manifest = await self.manifests.manifest(owner, ref.name)
             if not manifest.usable_by(caller, operator=any_owner):
                 raise AdapterNotFound(errors.ADAPTER_NOT_FOUND_TEXT)
-            version = manifest.resolve(ref)
+            version = manifest.resolve(ref, caller=caller, routing_key=routing_key)
         except AdapterNotFound:
             raise errors.NotFound(errors.ADAPTER_NOT_FOUND_TEXT) from None
         if self.is_blocked(key_of(version)):

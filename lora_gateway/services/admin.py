@@ -7,7 +7,7 @@ invalidation and the audit of each action live in `lora_gateway.adapters`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, TypeAlias
 
 import grpc
@@ -75,7 +75,14 @@ def manifest_to_pb(manifest: Manifest, *, full: bool = True) -> pb.AdapterInfo:
         aliases={alias: f"sha256:{sha}" for alias, sha in manifest.aliases.items()},
         shared_with=sorted(manifest.shared_with) if full else [],
         status=_STATUS.get(manifest.status, pb.ADAPTER_STATUS_UNSPECIFIED),
+        alias_weights={
+            alias: weights_to_pb(weights) for alias, weights in manifest.alias_weights.items()
+        },
     )
+
+
+def weights_to_pb(weights: Mapping[str, float]) -> pb.AliasWeights:
+    return pb.AliasWeights(weights={f"sha256:{sha}": w for sha, w in weights.items()})
 
 
 def adapter_to_pb(manifest: Manifest, principal: Principal) -> pb.AdapterInfo:
@@ -172,6 +179,19 @@ class AdminService(pb_grpc.AdminServicer):
             request.alias,
             request.version,
             request.expected_version or None,
+        )
+        return manifest_to_pb(manifest)
+
+    async def SetAliasWeights(
+        self, request: pb.SetAliasWeightsRequest, context: Context
+    ) -> pb.AdapterInfo:
+        manifest = await self.adapters.set_alias_weights(
+            current_principal(),
+            request.tenant,
+            request.name,
+            request.alias,
+            dict(request.weights),
+            dict(request.expected.weights) if request.HasField("expected") else None,
         )
         return manifest_to_pb(manifest)
 

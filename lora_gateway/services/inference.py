@@ -28,6 +28,8 @@ MAX_PROMPT_TOKENS = 65_536
 MAX_STOP = 8
 MAX_STOP_CHARS = 128
 MAX_REQUEST_ID = 128
+#: Longest routing key (GenerateRequest.routing_key, the OpenAI front's `user`).
+MAX_ROUTING_KEY = 256
 #: A chat message role longer than this is refused before it is compared with the roles.
 MAX_ROLE_CHARS = 64
 
@@ -140,6 +142,14 @@ def adapter_from_pb(text: str) -> AdapterRef | None:
         raise errors.InvalidArgument(f"adapter reference: {exc}") from None
 
 
+def routing_key(text: str, what: str = "routing_key") -> str:
+    """A caller's routing key as given; INVALID_ARGUMENT beyond MAX_ROUTING_KEY printable
+    characters."""
+    if len(text) > MAX_ROUTING_KEY or not text.isprintable():
+        raise errors.InvalidArgument(f"{what}: at most {MAX_ROUTING_KEY} printable characters")
+    return text
+
+
 def call_from_pb(request: pb.GenerateRequest, default_max_tokens: int) -> GenerateCall:
     kind = request.WhichOneof("prompt")
     prompt: Prompt | ChatPrompt
@@ -159,7 +169,11 @@ def call_from_pb(request: pb.GenerateRequest, default_max_tokens: int) -> Genera
         raise errors.InvalidArgument(f"request_id: at most {MAX_REQUEST_ID} printable characters")
     request_id = f"{request.request_id or 'req'}-{uuid.uuid4().hex[:16]}"
     return GenerateCall(
-        adapter, prompt, params_from_pb(request.sampling, default_max_tokens), request_id
+        adapter,
+        prompt,
+        params_from_pb(request.sampling, default_max_tokens),
+        request_id,
+        routing_key(request.routing_key),
     )
 
 
@@ -246,7 +260,10 @@ class InferenceService(pb_grpc.InferenceServicer):
         else:
             raise errors.InvalidArgument("a prompt (text or messages) is required")
         result = await self.gateway.tokenize(
-            current_principal(), adapter_from_pb(request.adapter), prompt
+            current_principal(),
+            adapter_from_pb(request.adapter),
+            prompt,
+            routing_key(request.routing_key),
         )
         return pb.TokenizeResponse(
             token_ids=result.token_ids,

@@ -179,6 +179,7 @@ class OpenAIFront:
                 base_name=self.base_name,
                 default_max_tokens=self.gateway.settings.default_max_tokens,
                 request_id=given,
+                routing_header=request.headers.get("x-routing-key"),
             )
             logs.request_id.set(parsed.call.request_id)
             stream = cast(_Stream, self.gateway.generate(principal, parsed.call))

@@ -10,7 +10,9 @@ too (`top_k`, `min_tokens`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`
 `response_format` (`json_object`, `json_schema`) overrides the constraint kind of
 `structured_outputs`, as in vLLM. What the gateway cannot do is refused (400), never ignored:
 n > 1, echo, best_of > 1, suffix, logit_bias, tools and functions, audio.
-Unknown fields are ignored (new client versions add optional ones).
+Unknown fields are ignored (new client versions add optional ones). The routing key of a
+weighted alias (a canary: which version serves, sticky per key) is the `x-routing-key` header,
+else OpenAI's `user` field (a stable id of the end user), else the request id.
 
 Responses follow OpenAI's objects: `text_completion`, `chat.completion`, their streaming
 chunks, and the `model` list. Errors are `{"error": {"message", "type", "param", "code"}}`.
@@ -46,6 +48,7 @@ from lora_gateway.services.inference import (
     MAX_REQUEST_ID,
     MAX_STOP,
     MAX_STOP_CHARS,
+    routing_key,
 )
 
 #: HTTP status of each gRPC status code (google.rpc's own mapping, as grpc-gateway uses it).
@@ -328,6 +331,13 @@ def _request_id(prefix: str, given: str | None) -> str:
     return f"{tag}-{uuid.uuid4().hex[:16]}"
 
 
+def _routing_key(body: _Body, header: str | None) -> str:
+    """The `x-routing-key` header, else the `user` field, else "" (the request id)."""
+    if header:
+        return routing_key(header, "x-routing-key")
+    return routing_key(body.string("user") or "", "user")
+
+
 def _stream_options(body: _Body, stream: bool) -> bool:
     options = body.body.get("stream_options")
     if options is None:
@@ -349,7 +359,12 @@ def _as_object(raw: object) -> _Body:
 
 
 def completion_request(
-    raw: object, *, base_name: str, default_max_tokens: int, request_id: str | None = None
+    raw: object,
+    *,
+    base_name: str,
+    default_max_tokens: int,
+    request_id: str | None = None,
+    routing_header: str | None = None,
 ) -> Request:
     body = _as_object(raw)
     _common(body)
@@ -384,6 +399,7 @@ def completion_request(
             prompt,
             _params(body, default_max_tokens, logprobs, "max_tokens"),
             _request_id("cmpl", request_id),
+            _routing_key(body, routing_header),
         ),
         model=model,
         stream=stream,
@@ -411,7 +427,12 @@ def _content(value: object, index: int) -> str:
 
 
 def chat_request(
-    raw: object, *, base_name: str, default_max_tokens: int, request_id: str | None = None
+    raw: object,
+    *,
+    base_name: str,
+    default_max_tokens: int,
+    request_id: str | None = None,
+    routing_header: str | None = None,
 ) -> Request:
     body = _as_object(raw)
     _common(body)
@@ -444,6 +465,7 @@ def chat_request(
                 body, default_max_tokens, (top or 0) if logprobs else None, "max_completion_tokens"
             ),
             _request_id("chatcmpl", request_id),
+            _routing_key(body, routing_header),
         ),
         model=model,
         stream=stream,

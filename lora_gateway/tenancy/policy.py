@@ -82,6 +82,7 @@ METHOD_PERMISSIONS: Mapping[str, Permission] = {
     _ADMIN + "GetResidency": Permission.READ_ADAPTERS,
     _ADMIN + "UploadAdapter": Permission.MANAGE_ADAPTERS,
     _ADMIN + "SetAlias": Permission.MANAGE_ADAPTERS,
+    _ADMIN + "SetAliasWeights": Permission.MANAGE_ADAPTERS,
     _ADMIN + "ShareAdapter": Permission.MANAGE_ADAPTERS,
     _ADMIN + "UnshareAdapter": Permission.MANAGE_ADAPTERS,
     _ADMIN + "ComposeAdapter": Permission.MANAGE_ADAPTERS,

@@ -305,12 +305,34 @@ class AdapterInfo(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class AliasWeightsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___AliasWeights: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___AliasWeights | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TENANT_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
     ALIASES_FIELD_NUMBER: _builtins.int
     SHARED_WITH_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    ALIAS_WEIGHTS_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     name: _builtins.str
@@ -319,11 +341,18 @@ class AdapterInfo(_message.Message):
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterVersionInfo]: ...
     @_builtins.property
     def aliases(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """alias -> version ("sha256:<hex>")."""
+        """alias -> version ("sha256:<hex>"). For a weighted alias, its primary version (the one with
+        the most weight; what a request without weights support would get); its whole split is in
+        `alias_weights`.
+        """
 
     @_builtins.property
     def shared_with(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Tenants this adapter is shared with (read-only use)."""
+
+    @_builtins.property
+    def alias_weights(self) -> _containers.MessageMap[_builtins.str, Global___AliasWeights]:
+        """The weighted aliases only: alias -> its versions and their weights."""
 
     @_builtins.property
     def usage(self) -> Global___TenantUsage:
@@ -340,11 +369,12 @@ class AdapterInfo(_message.Message):
         aliases: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         shared_with: _abc.Iterable[_builtins.str] | None = ...,
         status: Global___AdapterStatus.ValueType = ...,
+        alias_weights: _abc.Mapping[_builtins.str, Global___AliasWeights] | None = ...,
         usage: Global___TenantUsage | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "name", b"name", "shared_with", b"shared_with", "status", b"status", "tenant", b"tenant", "usage", b"usage", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias_weights", b"alias_weights", "aliases", b"aliases", "name", b"name", "shared_with", b"shared_with", "status", b"status", "tenant", b"tenant", "usage", b"usage", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -508,6 +538,110 @@ class SetAliasRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetAliasRequest: _TypeAlias = SetAliasRequest  # noqa: Y015
+
+@_typing.final
+class AliasWeights(_message.Message):
+    """An alias's traffic split: version ("sha256:<hex>") -> weight."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class WeightsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def weights(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        weights: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AliasWeights: _TypeAlias = AliasWeights  # noqa: Y015
+
+@_typing.final
+class SetAliasWeightsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class WeightsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    EXPECTED_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    name: _builtins.str
+    alias: _builtins.str
+    @_builtins.property
+    def weights(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Version ("sha256:<hex>", or a plain alias of the same adapter) -> weight. 1 to
+        max_alias_versions (setting, default 4) versions, each live and not quarantined, each weight
+        a finite number > 0, summing to 1 (within 1e-6). One version (weight 1) = a plain alias.
+        """
+
+    @_builtins.property
+    def expected(self) -> Global___AliasWeights:
+        """Optimistic concurrency: if set, the alias's split must be exactly this now ("sha256:<hex>"
+        -> weight; a plain alias is {its version: 1}; an empty map = the alias does not exist).
+        """
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        name: _builtins.str = ...,
+        alias: _builtins.str = ...,
+        weights: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        expected: Global___AliasWeights | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expected", b"expected"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "expected", b"expected", "name", b"name", "tenant", b"tenant", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAliasWeightsRequest: _TypeAlias = SetAliasWeightsRequest  # noqa: Y015
 
 @_typing.final
 class ShareAdapterRequest(_message.Message):

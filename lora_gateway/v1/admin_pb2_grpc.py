@@ -54,6 +54,11 @@ class AdminStub:
                 request_serializer=lora__gateway_dot_v1_dot_admin__pb2.SetAliasRequest.SerializeToString,
                 response_deserializer=lora__gateway_dot_v1_dot_admin__pb2.AdapterInfo.FromString,
                 _registered_method=True)
+        self.SetAliasWeights = channel.unary_unary(
+                '/lora_gateway.v1.Admin/SetAliasWeights',
+                request_serializer=lora__gateway_dot_v1_dot_admin__pb2.SetAliasWeightsRequest.SerializeToString,
+                response_deserializer=lora__gateway_dot_v1_dot_admin__pb2.AdapterInfo.FromString,
+                _registered_method=True)
         self.ShareAdapter = channel.unary_unary(
                 '/lora_gateway.v1.Admin/ShareAdapter',
                 request_serializer=lora__gateway_dot_v1_dot_admin__pb2.ShareAdapterRequest.SerializeToString,
@@ -119,7 +124,16 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetAlias(self, request, context):
-        """Point an alias at a version (promote, roll back).
+        """Point an alias at a version (promote, roll back). A weighted alias becomes plain.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAliasWeights(self, request, context):
+        """Split an alias between versions with weights (a canary: prod = v7 0.9, v8 0.1). Each
+        request resolves to one of them, sticky per GenerateRequest.routing_key. All weight on one
+        version makes the alias plain again (ends the canary).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -197,6 +211,11 @@ def add_AdminServicer_to_server(servicer, server):
             'SetAlias': grpc.unary_unary_rpc_method_handler(
                     servicer.SetAlias,
                     request_deserializer=lora__gateway_dot_v1_dot_admin__pb2.SetAliasRequest.FromString,
+                    response_serializer=lora__gateway_dot_v1_dot_admin__pb2.AdapterInfo.SerializeToString,
+            ),
+            'SetAliasWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAliasWeights,
+                    request_deserializer=lora__gateway_dot_v1_dot_admin__pb2.SetAliasWeightsRequest.FromString,
                     response_serializer=lora__gateway_dot_v1_dot_admin__pb2.AdapterInfo.SerializeToString,
             ),
             'ShareAdapter': grpc.unary_unary_rpc_method_handler(
@@ -347,6 +366,33 @@ class Admin:
             target,
             '/lora_gateway.v1.Admin/SetAlias',
             lora__gateway_dot_v1_dot_admin__pb2.SetAliasRequest.SerializeToString,
+            lora__gateway_dot_v1_dot_admin__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAliasWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lora_gateway.v1.Admin/SetAliasWeights',
+            lora__gateway_dot_v1_dot_admin__pb2.SetAliasWeightsRequest.SerializeToString,
             lora__gateway_dot_v1_dot_admin__pb2.AdapterInfo.FromString,
             options,
             channel_credentials,

@@ -42,7 +42,12 @@ class AdminStub:
     ListAdapters: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAdaptersRequest, _admin_pb2.ListAdaptersResponse]
     GetAdapter: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetAdapterRequest, _admin_pb2.AdapterInfo]
     SetAlias: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetAliasRequest, _admin_pb2.AdapterInfo]
-    """Point an alias at a version (promote, roll back)."""
+    """Point an alias at a version (promote, roll back). A weighted alias becomes plain."""
+    SetAliasWeights: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetAliasWeightsRequest, _admin_pb2.AdapterInfo]
+    """Split an alias between versions with weights (a canary: prod = v7 0.9, v8 0.1). Each
+    request resolves to one of them, sticky per GenerateRequest.routing_key. All weight on one
+    version makes the alias plain again (ends the canary).
+    """
     ShareAdapter: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ShareAdapterRequest, _admin_pb2.AdapterInfo]
     UnshareAdapter: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ShareAdapterRequest, _admin_pb2.AdapterInfo]
     ComposeAdapter: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ComposeAdapterRequest, _admin_pb2.AdapterVersionInfo]
@@ -63,7 +68,12 @@ class AdminAsyncStub(AdminStub):
     ListAdapters: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAdaptersRequest, _admin_pb2.ListAdaptersResponse]  # type: ignore[assignment]
     GetAdapter: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetAdapterRequest, _admin_pb2.AdapterInfo]  # type: ignore[assignment]
     SetAlias: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetAliasRequest, _admin_pb2.AdapterInfo]  # type: ignore[assignment]
-    """Point an alias at a version (promote, roll back)."""
+    """Point an alias at a version (promote, roll back). A weighted alias becomes plain."""
+    SetAliasWeights: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetAliasWeightsRequest, _admin_pb2.AdapterInfo]  # type: ignore[assignment]
+    """Split an alias between versions with weights (a canary: prod = v7 0.9, v8 0.1). Each
+    request resolves to one of them, sticky per GenerateRequest.routing_key. All weight on one
+    version makes the alias plain again (ends the canary).
+    """
     ShareAdapter: _aio.UnaryUnaryMultiCallable[_admin_pb2.ShareAdapterRequest, _admin_pb2.AdapterInfo]  # type: ignore[assignment]
     UnshareAdapter: _aio.UnaryUnaryMultiCallable[_admin_pb2.ShareAdapterRequest, _admin_pb2.AdapterInfo]  # type: ignore[assignment]
     ComposeAdapter: _aio.UnaryUnaryMultiCallable[_admin_pb2.ComposeAdapterRequest, _admin_pb2.AdapterVersionInfo]  # type: ignore[assignment]
@@ -105,7 +115,18 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.SetAliasRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.AdapterInfo, _abc.Awaitable[_admin_pb2.AdapterInfo]]:
-        """Point an alias at a version (promote, roll back)."""
+        """Point an alias at a version (promote, roll back). A weighted alias becomes plain."""
+
+    @_abc_1.abstractmethod
+    def SetAliasWeights(
+        self,
+        request: _admin_pb2.SetAliasWeightsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.AdapterInfo, _abc.Awaitable[_admin_pb2.AdapterInfo]]:
+        """Split an alias between versions with weights (a canary: prod = v7 0.9, v8 0.1). Each
+        request resolves to one of them, sticky per GenerateRequest.routing_key. All weight on one
+        version makes the alias plain again (ends the canary).
+        """
 
     @_abc_1.abstractmethod
     def ShareAdapter(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flora_gateway/v1/inference.proto\x12\x0flora_gateway.v1\"\xe2\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12.\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x19.lora_gateway.v1.TokenIdsH\x00\x12-\n\x08messages\x18\x06 \x01(\x0b\x32\x19.lora_gateway.v1.MessagesH\x00\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.lora_gateway.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"x\n\x08Messages\x12.\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.lora_gateway.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb8\x01\n\x10OutputConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12*\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x18.lora_gateway.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x12\x1e\n\x16\x64isable_any_whitespace\x18\x06 \x01(\x08\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xa3\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12\x35\n\nconstraint\x18\r \x01(\x0b\x32!.lora_gateway.v1.OutputConstraint\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x07\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0f \x01(\rH\x08\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"{\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x14\n\x07logprob\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05token\x18\x03 \x01(\t\x12(\n\x03top\x18\x04 \x03(\x0b\x32\x1b.lora_gateway.v1.TopLogprobB\n\n\x08_logprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\">\n\rServedAdapter\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"\xbe\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x34\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1d.lora_gateway.v1.FinishReason\x12%\n\x05usage\x18\x04 \x01(\x0b\x32\x16.lora_gateway.v1.Usage\x12/\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x1e.lora_gateway.v1.ServedAdapter\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12/\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1d.lora_gateway.v1.TokenLogprob\x12\x36\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1d.lora_gateway.v1.TokenLogprob\"\xc4\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x34\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1d.lora_gateway.v1.FinishReason\x12%\n\x05usage\x18\x04 \x01(\x0b\x32\x16.lora_gateway.v1.Usage\x12/\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x1e.lora_gateway.v1.ServedAdapter\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12/\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1d.lora_gateway.v1.TokenLogprob\x12\x36\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1d.lora_gateway.v1.TokenLogprob\"k\n\x0fTokenizeRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12-\n\x08messages\x18\x03 \x01(\x0b\x32\x19.lora_gateway.v1.MessagesH\x00\x42\x08\n\x06prompt\"]\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x10\n\x08rendered\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x8c\x02\n\tInference\x12O\n\x08Generate\x12 .lora_gateway.v1.GenerateRequest\x1a!.lora_gateway.v1.GenerateResponse\x12]\n\x0eGenerateStream\x12 .lora_gateway.v1.GenerateRequest\x1a\'.lora_gateway.v1.GenerateStreamResponse0\x01\x12O\n\x08Tokenize\x12 .lora_gateway.v1.TokenizeRequest\x1a!.lora_gateway.v1.TokenizeResponseB\x03\x90\x01\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flora_gateway/v1/inference.proto\x12\x0flora_gateway.v1\"\xf7\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12.\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x19.lora_gateway.v1.TokenIdsH\x00\x12-\n\x08messages\x18\x06 \x01(\x0b\x32\x19.lora_gateway.v1.MessagesH\x00\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.lora_gateway.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x13\n\x0brouting_key\x18\x07 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"x\n\x08Messages\x12.\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.lora_gateway.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb8\x01\n\x10OutputConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12*\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x18.lora_gateway.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x12\x1e\n\x16\x64isable_any_whitespace\x18\x06 \x01(\x08\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xa3\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12\x35\n\nconstraint\x18\r \x01(\x0b\x32!.lora_gateway.v1.OutputConstraint\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x07\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0f \x01(\rH\x08\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"{\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x14\n\x07logprob\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05token\x18\x03 \x01(\t\x12(\n\x03top\x18\x04 \x03(\x0b\x32\x1b.lora_gateway.v1.TopLogprobB\n\n\x08_logprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\">\n\rServedAdapter\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"\xbe\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x34\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1d.lora_gateway.v1.FinishReason\x12%\n\x05usage\x18\x04 \x01(\x0b\x32\x16.lora_gateway.v1.Usage\x12/\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x1e.lora_gateway.v1.ServedAdapter\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12/\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1d.lora_gateway.v1.TokenLogprob\x12\x36\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1d.lora_gateway.v1.TokenLogprob\"\xc4\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x34\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1d.lora_gateway.v1.FinishReason\x12%\n\x05usage\x18\x04 \x01(\x0b\x32\x16.lora_gateway.v1.Usage\x12/\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x1e.lora_gateway.v1.ServedAdapter\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12/\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1d.lora_gateway.v1.TokenLogprob\x12\x36\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1d.lora_gateway.v1.TokenLogprob\"\x80\x01\n\x0fTokenizeRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12-\n\x08messages\x18\x03 \x01(\x0b\x32\x19.lora_gateway.v1.MessagesH\x00\x12\x13\n\x0brouting_key\x18\x04 \x01(\tB\x08\n\x06prompt\"]\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x10\n\x08rendered\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x8c\x02\n\tInference\x12O\n\x08Generate\x12 .lora_gateway.v1.GenerateRequest\x1a!.lora_gateway.v1.GenerateResponse\x12]\n\x0eGenerateStream\x12 .lora_gateway.v1.GenerateRequest\x1a\'.lora_gateway.v1.GenerateStreamResponse0\x01\x12O\n\x08Tokenize\x12 .lora_gateway.v1.TokenizeRequest\x1a!.lora_gateway.v1.TokenizeResponseB\x03\x90\x01\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,38 +32,38 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lora_gateway.v1.inference_p
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\220\001\000'
-  _globals['_FINISHREASON']._serialized_start=2403
-  _globals['_FINISHREASON']._serialized_end=2523
+  _globals['_FINISHREASON']._serialized_start=2446
+  _globals['_FINISHREASON']._serialized_end=2566
   _globals['_GENERATEREQUEST']._serialized_start=53
-  _globals['_GENERATEREQUEST']._serialized_end=279
-  _globals['_TOKENIDS']._serialized_start=281
-  _globals['_TOKENIDS']._serialized_end=304
-  _globals['_MESSAGES']._serialized_start=306
-  _globals['_MESSAGES']._serialized_end=426
-  _globals['_CHATMESSAGE']._serialized_start=428
-  _globals['_CHATMESSAGE']._serialized_end=472
-  _globals['_OUTPUTCONSTRAINT']._serialized_start=475
-  _globals['_OUTPUTCONSTRAINT']._serialized_end=659
-  _globals['_CHOICES']._serialized_start=661
-  _globals['_CHOICES']._serialized_end=687
-  _globals['_SAMPLINGPARAMS']._serialized_start=690
-  _globals['_SAMPLINGPARAMS']._serialized_end=1237
-  _globals['_TOPLOGPROB']._serialized_start=1239
-  _globals['_TOPLOGPROB']._serialized_end=1301
-  _globals['_TOKENLOGPROB']._serialized_start=1303
-  _globals['_TOKENLOGPROB']._serialized_end=1426
-  _globals['_USAGE']._serialized_start=1428
-  _globals['_USAGE']._serialized_end=1485
-  _globals['_SERVEDADAPTER']._serialized_start=1487
-  _globals['_SERVEDADAPTER']._serialized_end=1549
-  _globals['_GENERATERESPONSE']._serialized_start=1552
-  _globals['_GENERATERESPONSE']._serialized_end=1870
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1873
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2197
-  _globals['_TOKENIZEREQUEST']._serialized_start=2199
-  _globals['_TOKENIZEREQUEST']._serialized_end=2306
-  _globals['_TOKENIZERESPONSE']._serialized_start=2308
-  _globals['_TOKENIZERESPONSE']._serialized_end=2401
-  _globals['_INFERENCE']._serialized_start=2526
-  _globals['_INFERENCE']._serialized_end=2794
+  _globals['_GENERATEREQUEST']._serialized_end=300
+  _globals['_TOKENIDS']._serialized_start=302
+  _globals['_TOKENIDS']._serialized_end=325
+  _globals['_MESSAGES']._serialized_start=327
+  _globals['_MESSAGES']._serialized_end=447
+  _globals['_CHATMESSAGE']._serialized_start=449
+  _globals['_CHATMESSAGE']._serialized_end=493
+  _globals['_OUTPUTCONSTRAINT']._serialized_start=496
+  _globals['_OUTPUTCONSTRAINT']._serialized_end=680
+  _globals['_CHOICES']._serialized_start=682
+  _globals['_CHOICES']._serialized_end=708
+  _globals['_SAMPLINGPARAMS']._serialized_start=711
+  _globals['_SAMPLINGPARAMS']._serialized_end=1258
+  _globals['_TOPLOGPROB']._serialized_start=1260
+  _globals['_TOPLOGPROB']._serialized_end=1322
+  _globals['_TOKENLOGPROB']._serialized_start=1324
+  _globals['_TOKENLOGPROB']._serialized_end=1447
+  _globals['_USAGE']._serialized_start=1449
+  _globals['_USAGE']._serialized_end=1506
+  _globals['_SERVEDADAPTER']._serialized_start=1508
+  _globals['_SERVEDADAPTER']._serialized_end=1570
+  _globals['_GENERATERESPONSE']._serialized_start=1573
+  _globals['_GENERATERESPONSE']._serialized_end=1891
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1894
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2218
+  _globals['_TOKENIZEREQUEST']._serialized_start=2221
+  _globals['_TOKENIZEREQUEST']._serialized_end=2349
+  _globals['_TOKENIZERESPONSE']._serialized_start=2351
+  _globals['_TOKENIZERESPONSE']._serialized_end=2444
+  _globals['_INFERENCE']._serialized_start=2569
+  _globals['_INFERENCE']._serialized_end=2837
 # @@protoc_insertion_point(module_scope)

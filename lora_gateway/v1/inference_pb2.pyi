@@ -59,6 +59,7 @@ class GenerateRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ROUTING_KEY_FIELD_NUMBER: _builtins.int
     adapter: _builtins.str
     """Adapter reference. Forms:
       ""                       the base model, no adapter
@@ -70,6 +71,13 @@ class GenerateRequest(_message.Message):
     text: _builtins.str
     request_id: _builtins.str
     """Optional caller-chosen id echoed in logs (never the prompt); at most 128 characters."""
+    routing_key: _builtins.str
+    """Which version of a weighted alias (a canary, Admin.SetAliasWeights) serves this request:
+    the same key always gets the same version while the weights are unchanged, e.g. a
+    conversation or session id. Empty = the server's request id (a fresh choice per request).
+    At most 256 printable characters; never logged. `adapter.version` of the response names
+    the version that served.
+    """
     @_builtins.property
     def token_ids(self) -> Global___TokenIds: ...
     @_builtins.property
@@ -90,10 +98,11 @@ class GenerateRequest(_message.Message):
         messages: Global___Messages | None = ...,
         sampling: Global___SamplingParams | None = ...,
         request_id: _builtins.str = ...,
+        routing_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "prompt", b"prompt", "sampling", b"sampling", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "messages", b"messages", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "messages", b"messages", "prompt", b"prompt", "request_id", b"request_id", "routing_key", b"routing_key", "sampling", b"sampling", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_prompt: _TypeAlias = _typing.Literal["text", "token_ids", "messages"]  # noqa: Y015
     _WhichOneofArgType_prompt: _TypeAlias = _typing.Literal["prompt", b"prompt"]  # noqa: Y015
@@ -598,11 +607,16 @@ class TokenizeRequest(_message.Message):
     ADAPTER_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
+    ROUTING_KEY_FIELD_NUMBER: _builtins.int
     adapter: _builtins.str
     """As in GenerateRequest: it chooses the chat template (an adapter's own, once adapters may
     carry one); "" = the base model.
     """
     text: _builtins.str
+    routing_key: _builtins.str
+    """As in GenerateRequest: which version of a weighted alias chooses the template (empty: the
+    alias's primary version, the one with the most weight).
+    """
     @_builtins.property
     def messages(self) -> Global___Messages: ...
     def __init__(
@@ -611,10 +625,11 @@ class TokenizeRequest(_message.Message):
         adapter: _builtins.str = ...,
         text: _builtins.str = ...,
         messages: Global___Messages | None = ...,
+        routing_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "prompt", b"prompt", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "messages", b"messages", "prompt", b"prompt", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "messages", b"messages", "prompt", b"prompt", "routing_key", b"routing_key", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_prompt: _TypeAlias = _typing.Literal["text", "messages"]  # noqa: Y015
     _WhichOneofArgType_prompt: _TypeAlias = _typing.Literal["prompt", b"prompt"]  # noqa: Y015

@@ -2,7 +2,8 @@
 127.0.0.1:0, the session's engine, S3 over HTTP (SeaweedFS), the session's PEFT adapters.
 
 Tenants: acme (user, tenant-admin) owns three adapters, globex (user, tenant-admin) one;
-`slow` may send one request a minute (the rate-limit tests). Expected values come from the
+`slow` may send one request a minute (the rate-limit tests); `canary` (user, tenant-admin) is
+test_canary_weights.py's own. Expected values come from the
 PEFT-merged reference (devtools.ReferenceGenerator) and from transformers' own chat template
 rendering, never from the gateway.
 """
@@ -31,6 +32,8 @@ TENANTS: dict[str, dict[str, Any]] = {
     "acme": {"max_concurrent": 64, "max_tokens": 200},
     "globex": {"max_concurrent": 64, "max_tokens": 200},
     "slow": {"max_concurrent": 64, "max_tokens": 200, "keys": ["user"], "requests_per_minute": 1},
+    # test_canary_weights.py's own tenant: its adapters stay out of acme's listings.
+    "canary": {"max_concurrent": 64, "max_tokens": 200},
 }
 #: The chat limit the tests reach (Settings.chat_max_messages).
 CHAT_MAX_MESSAGES = 16

@@ -131,6 +131,7 @@ def generate_requests(draw: st.DrawFn) -> inference_pb2.GenerateRequest:
     request = inference_pb2.GenerateRequest(
         adapter=draw(mostly(st.just(""), TEXT)),
         request_id=draw(mostly(st.text("abc-_0123", max_size=20), TEXT)),
+        routing_key=draw(mostly(st.text(max_size=40), TEXT)),
         sampling=sampling,
     )
     prompt = draw(
