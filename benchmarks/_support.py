@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
+import psutil  # type: ignore[import-untyped]
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from adapter_store import BaseModelSpec, Limits, Registry
@@ -371,7 +371,15 @@ async def open_bench(work: Path, *, smoke: bool, progress: Progress) -> AsyncIte
                 s3=s3,
                 engine=engine,
                 tenants_file=write_tenants(
-                    work / "tenants.yaml", {TENANT: {"max_concurrent": 512, "max_tokens": 256}}
+                    work / "tenants.yaml",
+                    {
+                        TENANT: {
+                            "max_concurrent": 512,
+                            "max_tokens": 256,
+                            "max_concurrent_uploads": 8,
+                            "max_adapters": 20_000,
+                        }
+                    },
                 ),
                 smoke=smoke,
                 progress=progress,

@@ -1,29 +1,35 @@
-"""Many adapters: 1,000 in the store, Zipf-distributed requests, 16 loaded and 4 in a batch.
+"""Many adapters: 1,000, then 10,000 in the store, Zipf-distributed requests, 16 loaded and 4
+in a batch.
 
-One real adapter is written, then uploaded through `Registry` under `adapters` names, each copy
+One real adapter is written, then uploaded through the Admin API (UploadAdapter, the SDK,
+`upload_concurrency` at once) under `adapters` names, then up to `large` names; each copy is
 perturbed in one lora_B element so that every name has its own bytes and sha256 (the disk cache
 is keyed by sha256 alone: identical bytes would make every disk lookup after the first a hit).
+After each upload stage: the upload rate, a full paginated ListAdapters (pages of 1,000), and
+the resident memory of this process (the gateway; the engine runs in its own processes) with
+that many manifests known.
 
 Each scenario runs on a fresh gateway (empty residency, empty disk cache) on the shared engine
 (`max_cpu_loras` 16, `max_loras` 4): `requests` streaming requests at concurrency C, adapters
-drawn from a Zipf law of exponent alpha over the names (rank 1 most popular), for each alpha,
-and the baseline, the same workload on one adapter (loaded by one warm-up request), run before,
-between and after them (the baseline is the median of those runs). Reported per
-scenario: throughput and p99 time to first token against the baseline, hit ratio per tier
-(engine: requests that did not have to start a load; disk: loads that found the files in the
-disk cache), fetches (store downloads) and evictions per 1,000 requests.
+drawn from a Zipf law of exponent alpha over the names (rank 1 most popular), twice: the cold
+pass (everything starts in the store) and the steady pass (the same law, other draws, after the
+cold one). The baseline is the same workload on one adapter (loaded by one warm-up request),
+run before, between and after them (its median). Reported per pass: throughput and p99 time to
+first token against the baseline, hit ratio per tier (engine: requests that did not have to
+start a load; disk: loads that found the files in the disk cache), fetches (store downloads)
+and evictions per 1,000 requests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import psutil  # type: ignore[import-untyped]
 
 from benchmarks._support import (
     TENANT,
@@ -53,6 +59,8 @@ PREFIX = "many"
 @dataclass(frozen=True)
 class Params:
     adapters: int = 1000
+    large: int = 10_000
+    """The second stage: uploaded up to this many, Zipf alpha=1 only (0 or <= adapters: none)."""
     requests: int = 400
     """Requests per scenario."""
     concurrency: int = 8
@@ -60,19 +68,29 @@ class Params:
     prompt_tokens: int = 16
     max_tokens: int = 8
     rank: int = 8
-    upload_threads: int = 4
+    upload_concurrency: int = 4
 
 
 DEFAULT = Params()
-SMOKE = Params(adapters=20, requests=30, concurrency=4, max_tokens=4)
+SMOKE = Params(adapters=20, large=40, requests=30, concurrency=4, max_tokens=4)
+
+
+def _cache_size(params: Params) -> int:
+    """Manifests each gateway caches: every adapter of the run (the default, 1,024, is for
+    deployments of up to about that many)."""
+    return max(params.adapters, params.large) + 1024
+
+
+def _large(params: Params) -> bool:
+    return params.large > params.adapters
 
 
 def phases(params: Params) -> int:
-    return 2 + 2 * len(params.alphas)
+    return 2 + 2 * len(params.alphas) + (3 if _large(params) else 0)
 
 
 def adapter_name(index: int) -> str:
-    return f"a{index:04d}"
+    return f"a{index:05d}"
 
 
 def zipf_choices(count: int, alpha: float, size: int, seed: int) -> list[int]:
@@ -82,45 +100,96 @@ def zipf_choices(count: int, alpha: float, size: int, seed: int) -> list[int]:
     return [int(i) for i in rng.choice(count, size=size, p=weights / weights.sum())]
 
 
-def upload_all(bench: Bench, params: Params) -> None:
-    """Write and upload `params.adapters` perturbed copies of one adapter (threads)."""
+async def upload_range(bench: Bench, params: Params, start: int, stop: int) -> dict[str, Any]:
+    """Upload adapters `start`..`stop - 1` through the Admin API (`upload_concurrency` at once),
+    then list every adapter (pages of 1,000); the rate, the listing and this process's memory."""
     modules = devtools.ATTENTION_MODULES
     base = devtools.random_lora_tensors(bench.model, rank=params.rank, seed=7, modules=modules)
     config = devtools.lora_config(params.rank, modules)
     first_b = next(name for name in sorted(base) if name.endswith("lora_B.weight"))
     root = bench.work / "many"
-    registry = bench.registry(PREFIX)
+    done = 0
 
-    def one(index: int) -> None:
+    def write(index: int) -> Any:
         tensors = dict(base)
         tensors[first_b] = base[first_b].copy()
         tensors[first_b][0, 0] += np.float32(1e-4 * (index + 1))
-        folder = devtools.save_lora(root / adapter_name(index), tensors, config)
-        registry.upload_dir(TENANT, adapter_name(index), folder, created_by="benchmarks")
-        shutil.rmtree(folder)
-        finished = next(done)
-        if finished % 25 == 0:
-            bench.progress.note(f"uploaded {finished}/{params.adapters}")
+        return devtools.save_lora(root / adapter_name(index), tensors, config)
 
-    done = itertools.count(1)
-    with ThreadPoolExecutor(params.upload_threads) as pool:
-        list(pool.map(one, range(params.adapters)))
+    async with bench.gateway(PREFIX, manifest_cache_size=_cache_size(params)) as gw:
+        gate = asyncio.Semaphore(params.upload_concurrency)
+
+        async def one(index: int) -> None:
+            nonlocal done
+            async with gate:
+                folder = await asyncio.to_thread(write, index)
+                await gw.admin.upload_adapter(adapter_name(index), folder)
+                await asyncio.to_thread(shutil.rmtree, folder)
+            done += 1
+            if done % 100 == 0:
+                bench.progress.note(f"uploaded {start + done}/{stop}")
+
+        began = time.perf_counter()
+        await asyncio.gather(*(one(index) for index in range(start, stop)))
+        upload_s = time.perf_counter() - began
+        began = time.perf_counter()
+        listed = [a.name async for a in gw.admin.iter_adapters(page_size=1000)]
+        list_s = time.perf_counter() - began
+        # Every manifest known to the gateway (read into its manifest cache), as on a replica
+        # that has served each adapter once.
+        residency = gw.server.gateway.residency
+        reads = asyncio.Semaphore(16)
+
+        async def read(index: int) -> None:
+            async with reads:
+                await residency.manifest(TENANT, adapter_name(index))
+
+        await asyncio.gather(*(read(index) for index in range(stop)))
+        known = residency.cached_manifests()
+    rss = psutil.Process().memory_info().rss
+    return {
+        "uploaded": stop - start,
+        "upload_s": upload_s,
+        "uploads_per_s": (stop - start) / upload_s,
+        "stored": stop,
+        "listed": len(listed),
+        "list_all_s": list_s,
+        "manifests_known": known,
+        "gateway_rss_mib": rss / 2**20,
+    }
 
 
-async def scenario(bench: Bench, params: Params, label: str, choices: list[int]) -> dict[str, Any]:
-    work = prompts(len(choices), params.prompt_tokens, seed=3)
-    async with bench.gateway(PREFIX) as gw:
+async def scenario(
+    bench: Bench, params: Params, label: str, passes: list[list[int]]
+) -> list[dict[str, Any]]:
+    """`passes` one after another on one fresh gateway: one result each."""
+    out = []
+    async with bench.gateway(PREFIX, manifest_cache_size=_cache_size(params)) as gw:
         metrics = gw.server.gateway.residency.metrics
         if label == "single":
             await gw.user.generate(adapter_name(0), "warm up", GenerateOptions(max_tokens=1))
-        base = asdict(residency_counts(metrics))
-        names = [adapter_name(choice) for choice in choices]
-        jobs = [
-            (lambda a=name, i=ids: stream_request(gw.user, a, i, params.max_tokens))
-            for name, ids in zip(names, work, strict=True)
-        ]
-        results, wall = await closed_loop(jobs, params.concurrency, bench.progress, label)
-        after = asdict(residency_counts(metrics))
+        for number, choices in enumerate(passes):
+            work = prompts(len(choices), params.prompt_tokens, seed=3 + number)
+            base = asdict(residency_counts(metrics))
+            names = [adapter_name(choice) for choice in choices]
+            jobs = [
+                (lambda a=name, i=ids: stream_request(gw.user, a, i, params.max_tokens))
+                for name, ids in zip(names, work, strict=True)
+            ]
+            results, wall = await closed_loop(jobs, params.concurrency, bench.progress, label)
+            after = asdict(residency_counts(metrics))
+            out.append(_result(label, choices, results, wall, base, after))
+    return out
+
+
+def _result(
+    label: str,
+    choices: list[int],
+    results: list[Any],
+    wall: float,
+    base: dict[str, Any],
+    after: dict[str, Any],
+) -> dict[str, Any]:
     delta = {k: int(after[k] - base[k]) for k in COUNTERS}
     n = len(results)
     disk_lookups = delta["disk_hits"] + delta["disk_misses"]
@@ -143,24 +212,37 @@ async def scenario(bench: Bench, params: Params, label: str, choices: list[int])
 
 async def run(bench: Bench, params: Params) -> dict[str, Any]:
     progress = bench.progress
-    with progress.phase(f"many_adapters: upload {params.adapters}"):
-        await asyncio.to_thread(upload_all, bench, params)
+    uploads = []
+    with progress.phase(f"many_adapters: upload {params.adapters} through the API"):
+        uploads.append(await upload_range(bench, params, 0, params.adapters))
     scenarios: dict[str, dict[str, Any]] = {}
     singles: list[dict[str, Any]] = []
 
     async def single(index: int) -> None:
         with progress.phase(f"many_adapters: one adapter ({index + 1})"):
-            singles.append(await scenario(bench, params, "single", [0] * params.requests))
+            singles.extend(await scenario(bench, params, "single", [[0] * params.requests]))
+
+    async def zipf(count: int, alpha: float, seed: int) -> None:
+        label = f"zipf_{alpha:g}" + ("" if count == params.adapters else f"_{count}")
+        with progress.phase(f"many_adapters: {count} adapters, Zipf alpha={alpha:g}"):
+            passes = [
+                zipf_choices(count, alpha, params.requests, seed=s) for s in (seed, seed + 50)
+            ]
+            cold, steady = await scenario(bench, params, label, passes)
+        scenarios[f"{label}_cold"] = {**cold, "scenario": f"{label}_cold", "adapters": count}
+        scenarios[label] = {**steady, "adapters": count}
 
     # The one-adapter baseline runs before, between and after the Zipf scenarios; the baseline
     # is the median of those runs, so that a burst of outside load on one run does not skew it.
     await single(0)
     for index, alpha in enumerate(params.alphas):
-        label = f"zipf_{alpha:g}"
-        with progress.phase(f"many_adapters: Zipf alpha={alpha:g}"):
-            choices = zipf_choices(params.adapters, alpha, params.requests, seed=10 + index)
-            scenarios[label] = await scenario(bench, params, label, choices)
+        await zipf(params.adapters, alpha, 10 + index)
         await single(index + 1)
+    if _large(params):
+        with progress.phase(f"many_adapters: upload up to {params.large} through the API"):
+            uploads.append(await upload_range(bench, params, params.adapters, params.large))
+        await zipf(params.large, 1.0, 30)
+        await single(len(params.alphas) + 1)
     base_rps = float(np.median([r["throughput_rps"] for r in singles]))
     base_p99 = float(np.median([r["ttft_p99_s"] for r in singles]))
     middle = sorted(singles, key=lambda r: r["throughput_rps"])[len(singles) // 2]
@@ -188,5 +270,6 @@ async def run(bench: Bench, params: Params) -> dict[str, Any]:
         "scenarios": scenarios,
         "single_runs": [{k: v for k, v in r.items() if k != "ttft_s"} for r in singles],
         "single_baseline": {"throughput_rps": base_rps, "ttft_p99_s": base_p99},
+        "uploads": uploads,
         "headline": headline,
     }

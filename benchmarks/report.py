@@ -148,28 +148,46 @@ def rows_cold_start(r: Result) -> list[tuple[str, str]]:
     return rows
 
 
+def _many_title(label: str, scenario: dict[str, Any]) -> str:
+    """'zipf_1_10000_cold' -> '10000 adapters, alpha=1, cold pass'."""
+    alpha = label.split("_")[1]
+    phase = "cold pass" if label.endswith("_cold") else "steady pass"
+    return f"{scenario.get('adapters', '?')} adapters, alpha={alpha}, {phase}"
+
+
 def rows_many(r: Result) -> list[tuple[str, str]]:
     p = r["params"]
     rows = [
         (
             "workload",
-            f"{p['adapters']} adapters, {p['requests']} requests per scenario, concurrency "
-            f"{p['concurrency']}, max_cpu_loras {r['engine']['max_cpu_loras']}, max_loras "
-            f"{r['engine']['max_loras']}",
+            f"{p['adapters']} (then {p.get('large', 0)}) adapters, {p['requests']} requests per "
+            f"pass, concurrency {p['concurrency']}, max_cpu_loras "
+            f"{r['engine']['max_cpu_loras']}, max_loras {r['engine']['max_loras']}",
         )
     ]
+    for upload in r.get("uploads", []):
+        rows.append(
+            (
+                f"{upload['stored']} adapters: upload through the API / list all / memory",
+                f"{upload['uploaded']} in {upload['upload_s']:.0f} s "
+                f"({upload['uploads_per_s']:.1f}/s); {upload['listed']} listed in "
+                f"{upload['list_all_s']:.1f} s; gateway RSS {upload['gateway_rss_mib']:.0f} MiB "
+                f"with {upload['manifests_known']} manifests cached",
+            )
+        )
     for label, s in r["scenarios"].items():
         if label == "single":
             continue
+        title = _many_title(label, s)
         rows.append(
             (
-                f"{label.replace('_', ' alpha=')}: throughput / p99 TTFT vs one adapter",
+                f"{title}: throughput / p99 TTFT vs one adapter",
                 f"{_x(s['throughput_vs_single'])} / {_x(s['ttft_p99_vs_single'])}",
             )
         )
         rows.append(
             (
-                f"{label.replace('_', ' alpha=')}: hit ratio engine / disk; per 1k requests",
+                f"{title}: hit ratio engine / disk; per 1k requests",
                 f"{_pc(s['engine_hit_ratio'])} / {_pc(s['disk_hit_ratio'])}; "
                 f"{s['fetches_per_1k']:.0f} fetches, {s['evictions_per_1k']:.0f} evictions",
             )

@@ -74,7 +74,14 @@ def test_bench_smoke(tmp_path: Path) -> None:
     for summary in overhead["paths"].values():
         assert summary["ok"] == summary["requests"] > 0
     many = json.loads((out / "many_adapters.json").read_text())
-    assert {"single", "zipf_1", "zipf_0.5"} <= set(many["scenarios"])
+    assert {"single", "zipf_1", "zipf_1_cold", "zipf_0.5", "zipf_1_40", "zipf_1_40_cold"} <= set(
+        many["scenarios"]
+    )
+    # Uploaded through the API in two stages (20, then up to 40), each listed in full.
+    assert [(u["uploaded"], u["stored"], u["listed"]) for u in many["uploads"]] == [
+        (20, 20, 20),
+        (20, 40, 40),
+    ]
     herd = json.loads((out / "herd.json").read_text())
     assert all(t["fetches"] == 1 and t["engine_loads"] == 1 for t in herd["trials"])
     revocation = json.loads((out / "revocation.json").read_text())
