@@ -163,6 +163,30 @@ async def test_load_before_evict(make_env: object) -> None:
     assert env.engine.faults == []
 
 
+async def test_validation_runs_once_per_sha256(
+    make_env: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14's load path: a version evicted and loaded again is not validated again (its
+    disk copy was verified and validated on the first load); every new sha256 is."""
+    from lora_gateway.residency import loads
+
+    validated: list[set[str]] = []
+    real = loads.validate_adapter
+
+    def counting(files: dict[str, Path], *args: object) -> object:
+        validated.append({p.parent.name for p in files.values()})
+        return real(files, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loads, "validate_adapter", counting)
+    env: Env = make_env(capacity=2)  # type: ignore[operator]
+    a, b, c = [await env.upload("acme", n, seed=330 + i) for i, n in enumerate("abc")]
+    for version in (a, b, c, a, b):  # capacity 2: every step after the second evicts
+        await env.residency.prefetch(version)
+    assert len(env.engine.removes) == 3
+    assert len(validated) == 3
+    assert residency_counts(env.residency.metrics).engine_loads == 5
+
+
 # --- pins -------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,10 @@
   failed load never reaches the engine (DESIGN invariant 3).
 - Single flight: one fetch and one engine load per cold version, however many requests wait;
   the load runs in its own task, so a waiter that cancels does not cancel it (invariant 4).
+- Validation runs once per sha256 (`VALIDATED_MAX` remembered): a reload after an eviction,
+  or another tenant's upload of the same bytes, puts a copy the disk cache has verified
+  (sha256 at download, size on every hit) and that passed validation back without re-reading
+  it.
 - A load checks the revocation blocks after each step and after the engine added it (then it
   takes it out again); an engine add in progress is visible to revocation (`settle_add`), which
   must not delete the files while the engine reads them.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from adapter_store import (
@@ -36,6 +41,10 @@ from lora_gateway.metrics import Metrics
 from lora_gateway.residency.keys import NameKey, VersionKey, key_of, owner_of
 from lora_gateway.residency.pins import Blocks
 from lora_gateway.residency.slots import Resident, Slots
+
+
+#: sha256s remembered as validated (least recently loaded forgotten beyond it).
+VALIDATED_MAX = 65_536
 
 
 class Loads:
@@ -73,6 +82,8 @@ class Loads:
         #: adapters does not make every reload cost everyone a canary check.
         self.on_loaded: Callable[[AdapterVersion, LoadedAdapter], None] | None = None
         self._handed_to_canary: set[VersionKey] = set()
+        #: sha256s whose files passed `validate_adapter` (against this spec and limits).
+        self._validated: OrderedDict[str, None] = OrderedDict()
 
     def lora_id(self, key: VersionKey) -> int:
         """The version's engine id: assigned once, never reused in this process."""
@@ -139,10 +150,18 @@ class Loads:
         try:
             self.blocks.check(key)
             # What the engine reads; a chat template is checked where it is read (its text).
-            files = {
-                f.filename: path / f.filename for f in version.files if f.filename in ADAPTER_FILES
-            }
-            await asyncio.to_thread(validate_adapter, files, self.spec, self.limits)
+            if sha in self._validated:
+                self._validated.move_to_end(sha)
+            else:
+                files = {
+                    f.filename: path / f.filename
+                    for f in version.files
+                    if f.filename in ADAPTER_FILES
+                }
+                await asyncio.to_thread(validate_adapter, files, self.spec, self.limits)
+                self._validated[sha] = None
+                while len(self._validated) > VALIDATED_MAX:
+                    self._validated.popitem(last=False)
             validated = time.perf_counter()
             self.metrics.load_phase("validate", validated - fetched)
             loaded = LoadedAdapter(
