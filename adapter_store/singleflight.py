@@ -15,7 +15,6 @@ loads) uses the same one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from collections.abc import Callable, Coroutine, Hashable
 from typing import Any, Generic, TypeVar
@@ -57,11 +56,11 @@ class SingleFlight(Generic[K, V]):
         return await asyncio.shield(self.start(key, work))
 
     async def settle(self, key: K) -> None:
-        """Wait until the work in flight for `key` (if any) is over, whatever its outcome."""
+        """Wait until the work in flight for `key` (if any) is over, whatever its outcome. A
+        caller that is cancelled while it waits gets its CancelledError (the work runs on)."""
         task = self._tasks.get(key)
         if task is not None:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.shield(task)
+            await asyncio.wait({task})
 
     def forget(self, key: K) -> None:
         """Let the next call for `key` start new work; the task in flight runs on, and its

@@ -126,3 +126,24 @@ async def test_settle_waits_for_the_run_whatever_its_outcome() -> None:
     await settled  # the error is not raised to the settler
     with pytest.raises(RuntimeError):
         await task
+
+
+async def test_a_cancelled_settler_gets_its_cancellation_and_the_work_runs_on() -> None:
+    """Before: settle() swallowed the caller's own CancelledError (a task cancelled while it
+    settled went on as if nothing happened)."""
+    flight: SingleFlight[str, int] = SingleFlight()
+    release = asyncio.Event()
+
+    async def work() -> int:
+        await release.wait()
+        return 7
+
+    running = flight.start("k", work)
+    settler = asyncio.create_task(flight.settle("k"))
+    await asyncio.sleep(0)
+    settler.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await settler
+    assert not running.done()
+    release.set()
+    assert await running == 7
