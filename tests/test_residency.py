@@ -187,6 +187,33 @@ async def test_validation_runs_once_per_sha256(
     assert residency_counts(env.residency.metrics).engine_loads == 5
 
 
+async def test_a_cold_burst_does_not_flush_a_hot_adapter(make_env: object) -> None:
+    """Segmented LRU: `hot`, used twice, stays resident while 8 one-off cold adapters go
+    through a capacity of 3 (plain LRU, before: evicted by the third cold one)."""
+    env: Env = make_env(capacity=3)  # type: ignore[operator]
+    hot = await env.upload("acme", "hot", seed=340)
+    cold = [await env.upload("acme", f"cold{i}", seed=341 + i) for i in range(8)]
+    for _ in range(2):
+        async with env.residency.use(hot, tenant("acme", slots=3)):
+            pass
+    for version in cold:
+        async with env.residency.use(version, tenant("acme", slots=3)):
+            pass
+        assert env.residency.is_resident(key_of(hot)), version.name
+    assert len(env.engine.removes) == len(cold) - 2
+    # Used once more, a cold one is protected too; the hot one is not special otherwise:
+    # with every idle resident protected, the least recently used goes.
+    last = cold[-1]
+    async with env.residency.use(last, tenant("acme", slots=3)):
+        pass
+    extra = [await env.upload("acme", f"extra{i}", seed=360 + i) for i in range(3)]
+    for version in extra:
+        async with env.residency.use(version, tenant("acme", slots=3)):
+            pass
+    assert env.residency.is_resident(key_of(hot))
+    assert env.residency.is_resident(key_of(last))
+
+
 # --- pins -------------------------------------------------------------------------------------
 
 

@@ -1,8 +1,13 @@
 """Engine slots: the resident LRU, who holds what, per-tenant shares, and the wait for a slot.
 
 - Capacity is the engine's `max_cpu_loras`; beyond it an idle, unpinned version is removed
-  (`remove_lora`): the loading tenant's own least recently used one first, else the least
-  recently used of all. GPU slots (`max_loras`) are left to vLLM's scheduler.
+  (`remove_lora`), segmented LRU: a version used once since it was loaded is on probation, one
+  used again is protected. The victim is the loading tenant's own least recently used version
+  on probation, else its own protected one, else another tenant's on probation, else the least
+  recently used of all. So a burst of one-off requests for cold adapters only churns the
+  probation segment: an adapter hot by request rate stays resident through it (before: plain
+  LRU flushed it after `max_cpu_loras` cold ones). GPU slots (`max_loras`) are left to vLLM's
+  scheduler.
 - Engine slots are shared fairly (invariant 11). A request *holds* its version from the moment
   it asks for it until it ends. A tenant's requests hold at most `TenantConfig.max_engine_slots`
   distinct unpinned versions at once (and never more than the unpinned capacity minus one), so
@@ -39,6 +44,13 @@ class Resident:
     loaded: LoadedAdapter
     #: The tenant whose request used it last (loads evict their own tenant's idle ones first).
     last_tenant: str = ""
+    #: Requests that found it resident since it was loaded (the one that loaded it, and any that
+    #: joined that load, find it so right after): 2 or more is the protected segment.
+    uses: int = 0
+
+    @property
+    def protected(self) -> bool:
+        return self.uses >= 2
 
 
 class FifoGate:
@@ -206,17 +218,19 @@ class Slots:
         return len(self.resident) + self.reserved
 
     def _victim(self, tenant: str) -> VersionKey | None:
-        """An idle, unpinned resident version to evict for a load of `tenant`: its own least
-        recently used one first, else the least recently used of all."""
-        first = None
+        """An idle, unpinned resident version to evict for a load of `tenant`, least recently
+        used first within each rank: its own on probation, its own protected, another tenant's
+        on probation, anyone's."""
+        best: tuple[int, VersionKey] | None = None
         for key, resident in self.resident.items():
             if key in self.holds or key in self.pins:
                 continue
-            if resident.last_tenant == tenant:
+            rank = (0 if resident.last_tenant == tenant else 2) + (1 if resident.protected else 0)
+            if rank == 0:
                 return key
-            if first is None:
-                first = key
-        return first
+            if best is None or rank < best[0]:
+                best = (rank, key)
+        return None if best is None else best[1]
 
     async def reserve(self, key: VersionKey, tenant: str) -> None:
         """Take an engine slot for `key`'s load: a free one, or one freed by evicting an idle
