@@ -198,6 +198,7 @@ class GatewayServer:
             metrics=metrics,
             manifest_cache_size=settings.manifest_cache_size,
             slot_wait_s=settings.engine_slot_wait_s,
+            host_budget_bytes=settings.host_lora_budget_bytes,
             resync_per_poll=settings.manifest_resync_per_poll,
             feed_lookback_s=settings.change_feed_lookback_s,
             feed_retention_s=settings.change_feed_retention_s,
