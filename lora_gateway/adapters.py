@@ -101,6 +101,14 @@ class UploadChunk:
 UploadMessage: TypeAlias = UploadHeader | UploadChunk | None
 
 
+@dataclass
+class _UploadMeter:
+    """One upload's bytes received and the seconds spent waiting for the client's messages."""
+
+    received: int = 0
+    waited: float = 0.0
+
+
 @dataclass(frozen=True)
 class TenantUsage:
     """What a tenant stores, against its quota."""
@@ -294,37 +302,42 @@ class Adapters:
         return version
 
     async def _next_message(
-        self, stream: AsyncIterator[UploadMessage], started: float, received: int
+        self, stream: AsyncIterator[UploadMessage], meter: _UploadMeter
     ) -> tuple[bool, UploadMessage]:
         """(False, None) at the end, else (True, the next message); DeadlineExceeded if the
         stream is too slow.
 
         After `upload_rate_grace_s`, the stream must have delivered `upload_min_rate_bytes_s`
-        per second on average: the wait for the next message ends when the bytes received so
-        far stop being enough, so a stream that drips or goes silent is closed at once.
+        per second on average of the time spent waiting for it: the wait for the next message
+        ends when the bytes received so far stop being enough, so a stream that drips or goes
+        silent is closed at once. Time the gateway itself spends (store writes, a busy store
+        while the upload begins) is not the client's and is not counted.
         """
         rate = self.settings.upload_min_rate_bytes_s
         if rate <= 0:
             return await _next(stream)
         loop = asyncio.get_running_loop()
-        allowed_until = started + self.settings.upload_rate_grace_s + received / rate
+        allowed = self.settings.upload_rate_grace_s + meter.received / rate - meter.waited
+        began = loop.time()
         try:
-            async with asyncio.timeout_at(allowed_until):
+            async with asyncio.timeout(max(0.0, allowed)):
                 return await _next(stream)
         except TimeoutError:
-            elapsed = loop.time() - started
+            waited = meter.waited + loop.time() - began
             raise errors.DeadlineExceeded(
-                f"upload too slow: {received} bytes in {elapsed:.1f}s, below the minimum of "
-                f"{rate} bytes/s after {self.settings.upload_rate_grace_s:g}s"
+                f"upload too slow: {meter.received} bytes in {waited:.1f}s of waiting for the "
+                f"client, below the minimum of {rate} bytes/s after "
+                f"{self.settings.upload_rate_grace_s:g}s"
             ) from None
+        finally:
+            meter.waited += loop.time() - began
 
     async def _receive(
         self, principal: Principal, messages: AsyncIterator[UploadMessage]
     ) -> AdapterVersion:
-        started = asyncio.get_running_loop().time()
-        received = 0
+        meter = _UploadMeter()
         stream = aiter(messages)
-        _, header = await self._next_message(stream, started, received)
+        _, header = await self._next_message(stream, meter)
         if not isinstance(header, UploadHeader):
             raise errors.InvalidArgument("the first UploadAdapter message must be the header")
         tenant = Policy.effective_tenant_for_adapter(principal, header.tenant)
@@ -352,13 +365,13 @@ class Adapters:
                 raise
             try:
                 while True:
-                    more, message = await self._next_message(stream, started, received)
+                    more, message = await self._next_message(stream, meter)
                     if not more:
                         break
                     if not isinstance(message, UploadChunk):
                         raise errors.InvalidArgument("only one header per upload")
                     await self._store(principal, upload.write, message.filename, message.data)
-                    received += len(message.data)
+                    meter.received += len(message.data)
                 version = await self._store(principal, upload.commit)
             except BaseException as exc:
                 self._refused(exc)
