@@ -180,3 +180,32 @@ def test_a_dry_run_deletes_nothing_and_young_orphans_stay(
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(InvalidAdapter):
             local_registry.sweep_orphans(min_age_s=bad)
+
+
+def test_the_sweep_command(
+    local_registry: Registry,
+    make_test_adapter: AdapterFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`lora-gateway store sweep`: --dry-run lists, then a run deletes; a --min-age not above
+    upload_timeout_s is a usage error (exit 2)."""
+    import json
+
+    from lora_gateway.cli import main
+
+    sha = _upload(local_registry, make_test_adapter, 1)
+    orphan = object_key("acme", "bot", "e" * 64, ADAPTER_FILES[0])
+    local_registry.backend.put(orphan, b"x")
+    aged = time.time() - 3 * 86_400
+    os.utime(local_registry.backend.root / orphan, (aged, aged))  # type: ignore[attr-defined]
+    store = ["--store", f"file://{tmp_path / 'store'}"]
+    assert main(["store", "sweep", *store, "--dry-run", "--json"], environ={}) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["orphans"], report["dry_run"], report["adapters"]) == ([orphan], True, 1)
+    assert main(["store", "sweep", *store], environ={}) == 0
+    assert "deleted 1 orphaned" in capsys.readouterr().out
+    assert local_registry.backend.list(version_prefix("acme", "bot", "e" * 64)) == []
+    assert len(_stored(local_registry.backend, sha)) == 2  # the published version is whole
+    assert main(["store", "sweep", *store, "--min-age", "60"], environ={}) == 2
+    assert "must exceed upload_timeout_s" in capsys.readouterr().err
