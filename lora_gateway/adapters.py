@@ -61,6 +61,7 @@ __all__ = [
     "AdapterPage",
     "Adapters",
     "ResidencyPage",
+    "Retention",
     "Revoked",
     "TenantUsage",
     "UploadChunk",
@@ -146,6 +147,16 @@ class ResidencyPage:
     disk_budget_bytes: int
     disk_used_bytes: int
     next_page_token: str
+
+
+@dataclass(frozen=True)
+class Retention:
+    """What SetRetention did: the manifest with its policy, the versions retired (sha256s),
+    and the in-flight requests on them aborted."""
+
+    manifest: Manifest
+    retired: list[str]
+    aborted: int
 
 
 @dataclass(frozen=True)
@@ -297,6 +308,7 @@ class Adapters:
         except TimeoutError:
             raise errors.DeadlineExceeded(f"upload did not finish within {timeout:g}s") from None
         self._audit(principal, "UploadAdapter", version.tenant, version.name, version.version_id)
+        await self._retire_expired(principal, version.tenant, version.name)
         if self.settings.prefetch_on_upload:
             await self.residency.prefetch(version, self._limits(principal))
         return version
@@ -594,6 +606,7 @@ class Adapters:
                 raise
         self.residency.forget(tenant, name)
         self._audit(principal, "ComposeAdapter", tenant, name, version.version_id)
+        await self._retire_expired(principal, tenant, name)
         return version
 
     async def revoke(
@@ -611,14 +624,32 @@ class Adapters:
         shas = await self._store(
             principal, self.store.revoke, tenant, name, version, delete_objects=False
         )
+        aborted = await self._unload_revoked(
+            principal, tenant, name, shas, whole=version is None, started=started
+        )
+        self._audit(principal, "RevokeAdapter", tenant, name, ",".join(shas))
+        return Revoked(shas, aborted)
+
+    async def _unload_revoked(
+        self,
+        principal: Principal,
+        tenant: str,
+        name: str,
+        shas: Sequence[str],
+        *,
+        whole: bool = False,
+        started: float,
+    ) -> int:
+        """What follows the store's mark of revoked versions on this replica: block → abort →
+        unload → purge (DESIGN invariant 7). Returns the requests aborted."""
         keys = [(tenant, name, sha) for sha in shas]
         self.residency.block(keys)
-        if version is None:
+        if whole:
             keys = list(dict.fromkeys([*keys, *self.residency.block_name(tenant, name)]))
         else:
             self.residency.forget(tenant, name)
         aborted = await self.residency.unload(keys)
-        await self._store(principal, self.store.purge, tenant, name, shas)
+        await self._store(principal, self.store.purge, tenant, name, list(shas))
         log.info(
             "revoked %d version(s) of %s/%s, aborted %d request(s) in %.3fs",
             len(shas),
@@ -627,8 +658,60 @@ class Adapters:
             aborted,
             time.perf_counter() - started,
         )
-        self._audit(principal, "RevokeAdapter", tenant, name, ",".join(shas))
-        return Revoked(shas, aborted)
+        return aborted
+
+    # --- retention ----------------------------------------------------------------------------
+    async def set_retention(
+        self, principal: Principal, tenant: str, name: str, keep_last: int | None
+    ) -> Retention:
+        """Store the adapter's retention policy (keep the newest `keep_last` versions plus
+        every aliased one; None: keep every version) and apply it at once: the versions it
+        retires are revoked exactly like RevokeAdapter's (the store marks them, then this
+        replica aborts, unloads and purges; other replicas follow the change feed). Refused
+        with INVALID_ARGUMENT for `keep_last` < 1, the manifest unchanged. Audited."""
+        tenant = Policy.effective_tenant_for_adapter(principal, tenant)
+        started = time.perf_counter()
+        manifest, shas = await self._store(
+            principal, self.store.set_retention, tenant, name, keep_last, delete_objects=False
+        )
+        aborted = 0
+        if shas:
+            aborted = await self._unload_revoked(principal, tenant, name, shas, started=started)
+        await self.residency.apply_manifest(manifest)
+        policy = "keep every version" if keep_last is None else f"keep_last={keep_last}"
+        self._audit(
+            principal,
+            "SetRetention",
+            tenant,
+            name,
+            ",".join(f"sha256:{sha}" for sha in shas),
+            f"{policy}; retired {len(shas)}",
+        )
+        return Retention(manifest, shas, aborted)
+
+    async def _retire_expired(self, principal: Principal, tenant: str, name: str) -> None:
+        """After an upload or a composition: apply the adapter's retention policy (none: no
+        write). A failure is logged, never the upload's: the version is published, and the
+        policy applies again at the next upload or SetRetention."""
+        started = time.perf_counter()
+        try:
+            _, shas = await self._store(
+                principal, self.store.retire_expired, tenant, name, delete_objects=False
+            )
+            if shas:
+                await self._unload_revoked(principal, tenant, name, shas, started=started)
+        except (StoreError, errors.GatewayError) as exc:
+            log.warning("retention of %s/%s not applied after an upload: %s", tenant, name, exc)
+            return
+        if shas:
+            self._audit(
+                principal,
+                "SetRetention",
+                tenant,
+                name,
+                ",".join(f"sha256:{sha}" for sha in shas),
+                f"retention after an upload: retired {len(shas)}",
+            )
 
     async def quarantine(
         self, versions: Sequence[AdapterVersion], mismatches: Sequence[str]

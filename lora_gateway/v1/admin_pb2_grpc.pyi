@@ -59,6 +59,11 @@ class AdminStub:
     PrefetchAdapter: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AdapterRefRequest, _admin_pb2.ResidencyEntry]
     """Load an adapter into the engine ahead of traffic."""
     GetResidency: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetResidencyRequest, _admin_pb2.GetResidencyResponse]
+    SetRetention: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetRetentionRequest, _admin_pb2.SetRetentionResponse]
+    """Retention: keep the newest keep_last versions (by upload time) plus every version an
+    alias points at (weighted aliases included); the others are revoked now, and again after
+    each upload or composition. Stored in the manifest; keep_all removes the policy.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -85,6 +90,11 @@ class AdminAsyncStub(AdminStub):
     PrefetchAdapter: _aio.UnaryUnaryMultiCallable[_admin_pb2.AdapterRefRequest, _admin_pb2.ResidencyEntry]  # type: ignore[assignment]
     """Load an adapter into the engine ahead of traffic."""
     GetResidency: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetResidencyRequest, _admin_pb2.GetResidencyResponse]  # type: ignore[assignment]
+    SetRetention: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetRetentionRequest, _admin_pb2.SetRetentionResponse]  # type: ignore[assignment]
+    """Retention: keep the newest keep_last versions (by upload time) plus every version an
+    alias points at (weighted aliases included); the others are revoked now, and again after
+    each upload or composition. Stored in the manifest; keep_all removes the policy.
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -186,5 +196,16 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetResidencyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetResidencyResponse, _abc.Awaitable[_admin_pb2.GetResidencyResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetRetention(
+        self,
+        request: _admin_pb2.SetRetentionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetRetentionResponse, _abc.Awaitable[_admin_pb2.SetRetentionResponse]]:
+        """Retention: keep the newest keep_last versions (by upload time) plus every version an
+        alias points at (weighted aliases included); the others are revoked now, and again after
+        each upload or composition. Stored in the manifest; keep_all removes the policy.
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
