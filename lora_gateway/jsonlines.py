@@ -33,9 +33,7 @@ class _EventLine(logging.Formatter):
         self._field = field
 
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            record.__dict__[self._field], ensure_ascii=False, separators=(", ", ": ")
-        )
+        return json.dumps(record.__dict__[self._field], ensure_ascii=False, separators=(", ", ": "))
 
 
 class _ToLogger(logging.Handler):
