@@ -34,17 +34,20 @@ A call that failed before its adapter was resolved (NOT_FOUND) has `adapter` "" 
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 
 from lora_gateway.jsonlines import JsonLines, now
 from lora_gateway.tenancy import Principal
 
-__all__ = ["USAGE_LOGGER", "Meter", "UsageLog"]
+__all__ = ["USAGE_LOGGER", "GroupBy", "Meter", "UsageLog", "UsageSum", "UsageSummary", "summarize"]
 
 USAGE_LOGGER = "lora_gateway.usage"
 #: The log message of every usage record; its fields are in the record's `usage` attribute.
@@ -157,3 +160,177 @@ class UsageLog:
 
     def __repr__(self) -> str:
         return f"UsageLog(path={self.path!r})"
+
+
+# --- summing (lora-gateway usage) -------------------------------------------------------------
+
+GroupBy = Literal["adapter", "version", "key"]
+#: The group of a base-model call, and of a call that failed before its adapter resolved.
+BASE_GROUP = "(base model)"
+UNRESOLVED_GROUP = "(unresolved)"
+#: Bad lines named (file:line) in a summary; the rest are only counted.
+_BAD_SHOWN = 10
+
+
+@dataclass
+class UsageSum:
+    """The sums of one group of records."""
+
+    key: str
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s_total: float = 0.0
+
+    @property
+    def mean_latency_s(self) -> float:
+        return self.latency_s_total / self.requests if self.requests else 0.0
+
+    def add(self, record: _Record) -> None:
+        self.requests += 1
+        self.errors += record.code != "OK"
+        self.prompt_tokens += record.prompt_tokens
+        self.completion_tokens += record.completion_tokens
+        self.latency_s_total += record.latency_s
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "requests": self.requests,
+            "errors": self.errors,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "mean_latency_s": round(self.mean_latency_s, 6),
+        }
+
+
+@dataclass
+class UsageSummary:
+    """A tenant's records in [since, until), summed per group (sorted by key), and a total."""
+
+    tenant: str
+    by: GroupBy
+    since: datetime
+    until: datetime | None
+    groups: list[UsageSum]
+    total: UsageSum
+    #: Lines that are not a usage record (not JSON, a field missing or of the wrong type).
+    bad_lines: int = 0
+    #: The first few of them, as "file:line".
+    bad_examples: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "tenant": self.tenant,
+            "by": self.by,
+            "since": self.since.isoformat(),
+            "until": None if self.until is None else self.until.isoformat(),
+            "groups": [g.as_json() for g in self.groups],
+            "total": self.total.as_json(),
+            "bad_lines": self.bad_lines,
+            "bad_examples": self.bad_examples,
+        }
+
+
+@dataclass(frozen=True)
+class _Record:
+    ts: datetime
+    tenant: str
+    key_id: str
+    adapter: str
+    version: str
+    base_model: bool
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    code: str
+
+    def group(self, by: GroupBy) -> str:
+        if by == "key":
+            return self.key_id
+        value = self.adapter if by == "adapter" else self.version
+        if value:
+            return value
+        return BASE_GROUP if self.base_model else UNRESOLVED_GROUP
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 date or time (`2025-01-31`, `2025-01-31T12:00:00Z`); UTC when it names no
+    zone. ValueError otherwise."""
+    parsed = datetime.fromisoformat(text.strip())
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("not a count")
+    return value
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("not a text")
+    return value
+
+
+def _record(line: str) -> _Record:
+    """One line as a record; ValueError (or TypeError) when it is not one."""
+    data = json.loads(line)
+    if not isinstance(data, dict):
+        raise ValueError("not an object")
+    latency = data["latency_s"]
+    if isinstance(latency, bool) or not isinstance(latency, int | float) or latency < 0:
+        raise ValueError("latency_s")
+    base = data.get("base_model", False)
+    if not isinstance(base, bool):
+        raise ValueError("base_model")
+    return _Record(
+        ts=parse_time(_text(data["ts"])),
+        tenant=_text(data["tenant"]),
+        key_id=_text(data["key_id"]),
+        adapter=_text(data["adapter"]),
+        version=_text(data["version"]),
+        base_model=base,
+        prompt_tokens=_count(data["prompt_tokens"]),
+        completion_tokens=_count(data["completion_tokens"]),
+        latency_s=float(latency),
+        code=_text(data["code"]),
+    )
+
+
+def summarize(
+    files: Iterable[tuple[str, Iterable[str]]],
+    *,
+    tenant: str,
+    since: datetime,
+    until: datetime | None = None,
+    by: GroupBy = "adapter",
+) -> UsageSummary:
+    """Sum `tenant`'s records with `since <= ts < until` from `files` ((name, lines) pairs,
+    read line by line), per `by`. A line that is not a record is counted (and the first few
+    named), never fatal; blank lines are skipped."""
+    groups: dict[str, UsageSum] = {}
+    total = UsageSum("total")
+    bad = 0
+    examples: list[str] = []
+    for name, lines in files:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = _record(line)
+            except (ValueError, TypeError, KeyError, RecursionError):
+                bad += 1
+                if len(examples) < _BAD_SHOWN:
+                    examples.append(f"{name}:{number}")
+                continue
+            if record.tenant != tenant or record.ts < since:
+                continue
+            if until is not None and record.ts >= until:
+                continue
+            key = record.group(by)
+            groups.setdefault(key, UsageSum(key)).add(record)
+            total.add(record)
+    ordered = [groups[k] for k in sorted(groups)]
+    return UsageSummary(tenant, by, since, until, ordered, total, bad, examples)
