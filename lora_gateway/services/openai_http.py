@@ -180,10 +180,11 @@ class OpenAIFront:
         try:
             principal = self._authorize(request, route)
             outcome.principal = principal
-            if self.usage is not None:
-                outcome.meter = self.usage.start(principal, route)
-                outcome.meter.started = started
             given = request.headers.get("x-request-id")
+            if self.usage is not None:
+                # The request id until the call's own is known (a refused body has none).
+                outcome.meter = self.usage.start(principal, route, request_id=(given or "")[:128])
+                outcome.meter.started = started
             parsed = parse(
                 await self._body(request),
                 base_name=self.base_name,
