@@ -324,6 +324,12 @@ class Settings(BaseSettings):
     `lora-gateway serve` exits 1 (Kubernetes restarts the pod)."""
     audit_log: str | None = None
     """JSON-lines audit log of admin actions and denials; None logs to the `audit` logger."""
+    usage_log: str | None = None
+    """JSON-lines usage records: one per inference call (Generate, GenerateStream, the OpenAI
+    front's completions and chat completions), with its tenant, key id, adapter version, prompt
+    and completion tokens, latency, finish reason, request id and status code, never a prompt
+    or an output; written by a thread, like `audit_log`. `lora-gateway usage` sums them. None
+    logs them to the `lora_gateway.usage` logger."""
     vllm_open_adapter_routes: bool = False
     """vLLM plugin only: let `vllm serve` start without the `lora_gateway_guard` endpoint
     plugin, with vLLM's /v1/load_lora_adapter, /v1/unload_lora_adapter and /adapters open to
