@@ -311,6 +311,7 @@ def make_demo_model(out: Path | str, seed: int = 0) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    _quiet()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = make_demo_tokenizer(out)
@@ -335,6 +336,13 @@ def make_demo_model(out: Path | str, seed: int = 0) -> Path:
         model.lm_head.weight.normal_(0.0, HEAD_STD)
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def _quiet() -> None:
+    """No progress bars from transformers (saving, loading weights) in the demo's output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _encode(tokenizer: Any, example: Example) -> tuple[list[int], list[int]]:
@@ -379,6 +387,7 @@ def _train(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    _quiet()
     torch.manual_seed(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
