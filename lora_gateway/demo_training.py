@@ -77,7 +77,7 @@ DEMO_VOCAB = 768
 TRAIN_THREADS = 1
 #: Bumped when the tasks' generators or the training loop change in a way a recipe does not
 #: show, so that cached adapters are not reused across such a change.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 VENDORS = (
     "Acme Tools",
@@ -431,8 +431,12 @@ def _train(
     peft_model.save_pretrained(str(out), safe_serialization=True)
     config_path = out / "adapter_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
+    # The same bytes wherever it was trained (so the same version sha256): PEFT records the
+    # local model path (here and in a model card README.md, dropped) and the targets unordered.
     config["base_model_name_or_path"] = DEMO_MODEL_NAME
+    config["target_modules"] = sorted(config["target_modules"])
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    (out / "README.md").unlink(missing_ok=True)
     return out
 
 
