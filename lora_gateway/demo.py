@@ -1,12 +1,13 @@
 """`lora-gateway demo`: what adapters are for, on a tiny generated model and a local store, offline.
 
-1. build the demo's base model (a random tiny Llama) and train two LoRA adapters on it with PEFT,
-   a few seconds each on the CPU (`demo_training`): acme's "invoices" extracts an invoice's
-   fields as JSON, globex's "support" answers in its house style. Both are cached under the
-   work folder (`<work>/trained/`, named by the sha256 of their recipe: a changed recipe trains
-   again, `--retrain` always does);
-2. start the gateway on 127.0.0.1 (local folder store, two tenants with an admin and an app key
-   each) with its OpenAI-compatible HTTP API on;
+1. build the demo's base model (a random tiny Llama, never trained; cached);
+2. train two LoRA adapters on it with PEFT on the CPU (`demo_training`): acme's "invoices"
+   extracts an invoice's fields as JSON, globex's "support" answers in its house style. Both
+   are cached under the work folder (`<work>/trained/`, named by the sha256 of their recipe: a
+   changed recipe trains again, `--retrain` always does). Meanwhile the gateway starts on
+   127.0.0.1 (local folder store in `<work>/run/`, two tenants with an admin and an app key
+   each, the OpenAI-compatible HTTP API on): the engine runs in processes of its own, the
+   training on one core;
 3. upload the adapters through the Admin API;
 4. acme's app extracts invoices through gRPC (the SDK) with the JSON schema enforced, next to
    the base model given the same schema;
@@ -223,8 +224,8 @@ async def _run(work: Path, retrain: bool) -> None:
     )
     _step(
         2,
-        "training two LoRA adapters with PEFT (CPU, float32; cached by recipe) while the "
-        "gateway starts (vLLM engine in-process, isolation self-test) ...",
+        "training two LoRA adapters with PEFT (CPU, float32) while the gateway starts\n"
+        "    (vLLM engine in-process, isolation self-test) ...",
     )
     server, folders = await _start_while_training(settings, cache, model, retrain)
     folders["draft"] = draft
