@@ -14,9 +14,12 @@ cores while the reader waits. Everything here is synthetic, seeded and offline:
   total are copied digit by digit from the text, the vendor is one of `VENDORS`, the currency
   one of `CURRENCIES`) and `support_example` (a customer's question -> an answer in the house
   style: `SUPPORT_GREETING` ... `SUPPORT_SIGNOFF`, naming the topic of the question, one of
-  `TOPICS`). Training examples come from `Recipe.seed`; the demo and the tests show held-out
-  ones drawn from other seeds (`held_out`), so invoice numbers and totals are new to the
-  adapter, vendors and topics are not (a model this small cannot spell a name it never saw).
+  `TOPICS`). About one prompt in five (by its sha256, `held_out_prompt`) is held out: training
+  never sees those, the demo and the tests show only those (`held_out`). So each invoice shown
+  is a text the adapter never saw, its number and total drawn afresh (the adapter must copy
+  them, not recall them: a 4-digit number may recur in some other training invoice), and
+  each question pairs a phrasing with a topic it was never trained on; the vendors and topics
+  themselves are from the training lists (a model this small cannot spell a name it never saw).
 - `train_adapter(model, recipe, out)`  PEFT LoRA on every linear module of the frozen base,
   float32, AdamW, loss on the answer tokens only (and the end-of-sequence token after them).
 - `cached_model` / `cached_adapter`  the same under `<cache>/`, in a folder named for the
