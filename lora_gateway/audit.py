@@ -19,12 +19,11 @@ Example line::
 
 from __future__ import annotations
 
-from types import TracebackType
 from typing import Literal
 
 import grpc
 
-from lora_gateway.jsonlines import JsonLines, now
+from lora_gateway.jsonlines import JsonLinesLog, clip, now
 from lora_gateway.tenancy import Principal
 
 __all__ = ["AUDIT_LOGGER", "AuditLog", "Decision"]
@@ -35,22 +34,16 @@ AUDIT_MESSAGE = "audit"
 Decision = Literal["allow", "deny", "error"]
 _DECISIONS = frozenset({"allow", "deny", "error"})
 _MAX_DETAIL = 200
-_MAX_FIELD = 256
 
 
-def _clip(value: str, limit: int) -> str:
-    return value if len(value) <= limit else value[: limit - 1] + "…"
-
-
-class AuditLog:
+class AuditLog(JsonLinesLog):
     """JSON-lines audit log. `path=None`: events go to the `lora_gateway.audit` logger only.
 
     Opening the file happens in the constructor (call it at start-up, or in a thread).
     """
 
     def __init__(self, path: str | None) -> None:
-        self.path = path
-        self._lines = JsonLines(path, logger=AUDIT_LOGGER, field=AUDIT_MESSAGE)
+        super().__init__(path, logger=AUDIT_LOGGER, field=AUDIT_MESSAGE)
 
     def record(
         self,
@@ -77,36 +70,14 @@ class AuditLog:
             "principal_tenant": principal.tenant if principal else "",
             "role": principal.role.value if principal else "",
             "key_id": principal.key_id if principal else "",
-            "rpc": _clip(rpc, _MAX_FIELD),
-            "tenant": _clip(tenant, _MAX_FIELD),
-            "adapter": _clip(adapter, _MAX_FIELD),
-            "version": _clip(version, _MAX_FIELD),
+            "rpc": clip(rpc),
+            "tenant": clip(tenant),
+            "adapter": clip(adapter),
+            "version": clip(version),
             "decision": decision,
             "code": code.name if isinstance(code, grpc.StatusCode) else str(code),
-            "detail": _clip(detail, _MAX_DETAIL),
-            "request_id": _clip(request_id, _MAX_FIELD),
+            "detail": clip(detail, _MAX_DETAIL),
+            "request_id": clip(request_id),
         }
         self._lines.put(event)
         return event
-
-    def flush(self) -> None:
-        """Wait until every queued event is written (blocking: tests, shutdown)."""
-        self._lines.flush()
-
-    def close(self) -> None:
-        """Write what is queued, stop the writer thread and close the file. Idempotent."""
-        self._lines.close()
-
-    def __enter__(self) -> AuditLog:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"AuditLog(path={self.path!r})"

@@ -15,7 +15,8 @@ import logging.handlers
 import queue
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 __all__ = ["JsonLines", "now"]
 
@@ -111,3 +112,39 @@ class JsonLines:
         self._listener.stop()
         self._sink.flush()
         self._sink.close()
+
+
+def clip(value: str, limit: int = 256) -> str:
+    """`value`, cut to `limit` characters (an ellipsis marks the cut)."""
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+class JsonLinesLog:
+    """What the audit log and the usage records share: a `JsonLines` writer, opened in the
+    constructor (call it at start-up, or in a thread), flushed, closed, a context manager."""
+
+    def __init__(self, path: str | None, *, logger: str, field: str) -> None:
+        self.path = path
+        self._lines = JsonLines(path, logger=logger, field=field)
+
+    def flush(self) -> None:
+        """Wait until every queued line is written (blocking: tests, shutdown)."""
+        self._lines.flush()
+
+    def close(self) -> None:
+        """Write what is queued, stop the writer thread and close the file. Idempotent."""
+        self._lines.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(path={self.path!r})"

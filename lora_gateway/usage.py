@@ -39,12 +39,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any, Literal
 
 import grpc
 
-from lora_gateway.jsonlines import JsonLines, now
+from lora_gateway.jsonlines import JsonLinesLog, clip, now
 from lora_gateway.tenancy import Principal
 
 __all__ = ["USAGE_LOGGER", "GroupBy", "Meter", "UsageLog", "UsageSum", "UsageSummary", "summarize"]
@@ -52,11 +51,6 @@ __all__ = ["USAGE_LOGGER", "GroupBy", "Meter", "UsageLog", "UsageSum", "UsageSum
 USAGE_LOGGER = "lora_gateway.usage"
 #: The log message of every usage record; its fields are in the record's `usage` attribute.
 USAGE_MESSAGE = "usage"
-_MAX_FIELD = 256
-
-
-def _clip(value: str) -> str:
-    return value if len(value) <= _MAX_FIELD else value[: _MAX_FIELD - 1] + "…"
 
 
 @dataclass
@@ -93,15 +87,14 @@ class Meter:
             self.finish_reason = finish_reason
 
 
-class UsageLog:
+class UsageLog(JsonLinesLog):
     """Usage records as JSON lines in `path`; `path=None`: to the `lora_gateway.usage` logger.
 
     Opening the file happens in the constructor (call it at start-up, or in a thread).
     """
 
     def __init__(self, path: str | None) -> None:
-        self.path = path
-        self._lines = JsonLines(path, logger=USAGE_LOGGER, field=USAGE_MESSAGE)
+        super().__init__(path, logger=USAGE_LOGGER, field=USAGE_MESSAGE)
 
     @staticmethod
     def start(
@@ -120,10 +113,10 @@ class UsageLog:
             "ts": now(),
             "tenant": meter.principal.tenant,
             "key_id": meter.principal.key_id,
-            "rpc": _clip(meter.rpc),
-            "request_id": _clip(meter.request_id),
-            "adapter": _clip(meter.adapter),
-            "version": _clip(meter.version),
+            "rpc": clip(meter.rpc),
+            "request_id": clip(meter.request_id),
+            "adapter": clip(meter.adapter),
+            "version": clip(meter.version),
             "base_model": meter.base_model,
             "prompt_tokens": meter.prompt_tokens,
             "completion_tokens": meter.completion_tokens,
@@ -138,28 +131,6 @@ class UsageLog:
         }
         self._lines.put(event)
         return event
-
-    def flush(self) -> None:
-        """Wait until every queued record is written (blocking: tests, shutdown)."""
-        self._lines.flush()
-
-    def close(self) -> None:
-        """Write what is queued, stop the writer thread and close the file. Idempotent."""
-        self._lines.close()
-
-    def __enter__(self) -> UsageLog:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"UsageLog(path={self.path!r})"
 
 
 # --- summing (lora-gateway usage) -------------------------------------------------------------
