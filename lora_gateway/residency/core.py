@@ -219,10 +219,11 @@ class Residency:
     # --- use ----------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def use(
-        self, version: AdapterVersion, tenant: TenantConfig | None = None
+        self, version: AdapterVersion, tenant: TenantConfig | None = None, *, request: bool = True
     ) -> AsyncIterator[LoadedAdapter]:
         """Hold `version` loaded in the engine for the duration of a request of `tenant` (whose
-        `max_engine_slots` applies; None: no per-tenant cap, e.g. operators' warm set)."""
+        `max_engine_slots` applies; None: no per-tenant cap, e.g. operators' warm set).
+        `request=False` (prefetch, pin): not counted as a use by the eviction policy."""
         key = key_of(version)
         holder = tenant.name if tenant is not None else ""
         wanted = self.slots.wanted
@@ -230,7 +231,7 @@ class Residency:
         try:
             await self.slots.hold(key, holder, tenant)
             try:
-                resident = await self.loads.acquire(version, holder)
+                resident = await self.loads.acquire(version, holder, counted=request)
                 yield resident.loaded
             finally:
                 self.slots.unhold(key, holder)
@@ -291,7 +292,7 @@ class Residency:
     async def prefetch(
         self, version: AdapterVersion, tenant: TenantConfig | None = None
     ) -> ResidencyEntry:
-        async with self.use(version, tenant):
+        async with self.use(version, tenant, request=False):
             pass
         return self.entry(version)
 
@@ -311,7 +312,7 @@ class Residency:
         if reserved:
             self.slots.changed()
         try:
-            async with self.use(version, tenant):
+            async with self.use(version, tenant, request=False):
                 pass
         except BaseException:
             if reserved and self.pinned.release(key):

@@ -94,8 +94,11 @@ class Loads:
         """A new engine: every version is new to it (the canary sees each again)."""
         self._handed_to_canary.clear()
 
-    async def acquire(self, version: AdapterVersion, holder: str) -> Resident:
-        """The version, resident in the engine: at once if it is, else after the (shared) load."""
+    async def acquire(
+        self, version: AdapterVersion, holder: str, *, counted: bool = True
+    ) -> Resident:
+        """The version, resident in the engine: at once if it is, else after the (shared) load.
+        `counted`: a request's use, which the eviction policy counts (not a prefetch or pin)."""
         key = key_of(version)
         slots = self.slots
         for _ in range(3):
@@ -103,7 +106,7 @@ class Loads:
             resident = slots.resident.get(key)
             if resident is not None:
                 resident.last_tenant = holder
-                resident.uses += 1
+                resident.uses += counted
                 slots.resident.move_to_end(key)
                 self.metrics.cache_hit("engine")
                 return resident
