@@ -444,6 +444,7 @@ def test_public_surface_is_small_and_both_clients_match() -> None:
             "TokenizeResult",
             "TokenLogprob",
             "TopLogprob",
+            "VersionServing",
         ]
     )
     assert all(hasattr(client_module, name) for name in client_module.__all__)
