@@ -236,6 +236,8 @@ class VersionSeries:
             self._adapters.move_to_end(adapter)
             series.last = now
             series.aliased = frozenset(aliased)
+            if call.version in series.labelled:  # the version serving now is the most recent
+                series.labelled[call.version] = now
             self._expire(adapter, series, now)
             version = call.version
             if version not in series.labelled and version not in series.aliased:
@@ -603,9 +605,12 @@ class Metrics:
         if seconds is not None:
             self.request_seconds.observe(seconds)
 
-    def version_done(self, call: VersionCall, aliased: Collection[str] = ()) -> str:
+    def version_done(
+        self, call: VersionCall, aliased: Collection[str] = (), now: float | None = None
+    ) -> str:
         """Record a finished call on an adapter version (`aliased`: the versions the adapter's
-        aliases point at now). Returns the `version` label it was counted under."""
+        aliases point at now; `now`: time.monotonic() unless given). Returns the `version`
+        label it was counted under."""
 
         def record(version: str) -> None:
             labels = (_tenant(call.tenant), adapter_label(call.owner, call.name), version)
@@ -618,12 +623,16 @@ class Metrics:
             if call.finish_reason is not None:
                 self.version_finish_total.labels(*labels, call.finish_reason).inc()
 
-        return self.versions.label(call, aliased, time.monotonic(), record)
+        when = time.monotonic() if now is None else now
+        return self.versions.label(call, aliased, when, record)
 
-    def version_summary(self, owner: str, name: str, tenant: str | None) -> list[VersionSummary]:
+    def version_summary(
+        self, owner: str, name: str, tenant: str | None, now: float | None = None
+    ) -> list[VersionSummary]:
         """The recent calls of an adapter's versions (`VersionSeries.summary`): those of
         `tenant`, or of every caller for None."""
-        return self.versions.summary(owner, name, tenant, time.monotonic())
+        when = time.monotonic() if now is None else now
+        return self.versions.summary(owner, name, tenant, when)
 
     def first_token(self, tenant: str, seconds: float) -> None:
         self.time_to_first_token_seconds.labels(_tenant(tenant)).observe(seconds)
