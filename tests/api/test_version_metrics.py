@@ -203,3 +203,35 @@ async def test_version_labels_stay_bounded(api: ApiEnv) -> None:
         info = await admin.get_adapter(name)
     summary = {s.version: s.requests for s in info.serving}
     assert summary == {vb: 3, vc: 1, vd: 1, "other": 2}
+
+
+async def test_a_cancelled_stream_counts_as_cancelled(api: ApiEnv) -> None:
+    """A caller that goes away mid-stream: one call, code CANCELLED, recorded when the gateway
+    closes the call (no finish reason, the tokens it had produced)."""
+    name = "vm-cancel"
+    adapter = f"{TENANT}/{name}"
+    async with api.admin(TENANT) as admin:
+        version = (await admin.upload_adapter(name, api.adapters["attn-r8"])).version
+    sampling = pb.SamplingParams(max_tokens=200, ignore_eos=True)
+    call = api.stub.GenerateStream(
+        pb.GenerateRequest(adapter=f"{name}@latest", text="count", sampling=sampling),
+        metadata=metadata(TENANT),
+    )
+    first = await call.read()
+    assert first.adapter.version == version
+    call.cancel()
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        scraped = await scrape(api)
+        requests = by_version(scraped["lora_gateway_version_requests_total"], adapter)
+        if requests or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    cancelled = by_version(
+        scraped["lora_gateway_version_requests_total"], adapter, code="CANCELLED"
+    )
+    assert cancelled == {version: 1}
+    assert requests == {version: 1}
+    assert by_version(scraped.get("lora_gateway_version_finish_total", {}), adapter) == {}
+    tokens = by_version(scraped["lora_gateway_version_completion_tokens_total"], adapter)
+    assert 0 < tokens[version] < 200
