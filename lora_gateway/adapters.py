@@ -52,6 +52,7 @@ from adapter_store.quota import Quota
 from lora_gateway import errors, paging
 from lora_gateway.audit import AuditLog
 from lora_gateway.gateway import Gateway
+from lora_gateway.metrics import VersionSummary
 from lora_gateway.paging import Cursor, PageTokens
 from lora_gateway.residency import ResidencyEntry, key_of
 from lora_gateway.tenancy import KeyRing, Policy, Principal, Role, TenantConfig
@@ -136,6 +137,8 @@ class AdapterDetail:
 
     manifest: Manifest
     usage: TenantUsage | None
+    #: Each version's recent calls on this replica: the caller's tenant's (operators: all).
+    serving: tuple[VersionSummary, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -432,7 +435,18 @@ class Adapters:
     async def get_adapter(self, principal: Principal, tenant: str, name: str) -> AdapterDetail:
         tenant = Policy.effective_tenant_for_adapter(principal, tenant)
         manifest = await self._store(principal, self.store.get_manifest, tenant, name)
-        return AdapterDetail(manifest, await self._usage(principal, tenant))
+        return AdapterDetail(
+            manifest, await self._usage(principal, tenant), self._serving(principal, manifest)
+        )
+
+    def _serving(self, principal: Principal, manifest: Manifest) -> tuple[VersionSummary, ...]:
+        """The per-version summary of `manifest`'s adapter. Only the calls of the caller's own
+        tenant (an operator: every tenant's), so nothing here depends on a grantee's traffic."""
+        metrics = self.gateway.metrics
+        if metrics is None:
+            return ()
+        caller = None if principal.role is Role.OPERATOR else principal.tenant
+        return tuple(metrics.version_summary(manifest.tenant, manifest.name, caller))
 
     async def get_residency(
         self, principal: Principal, tenant: str, *, page_size: int, page_token: str

@@ -252,6 +252,16 @@ class Settings(BaseSettings):
     """gRPC listen address host:port (port 0 picks a free one)."""
     metrics_listen: str | None = None
     """Prometheus metrics HTTP address host:port; None disables it."""
+    version_metrics_max: int = Field(8, ge=0, le=1000)
+    """Per adapter, how many versions that no alias points at may have per-version metric
+    labels of their own (`lora_gateway_version_*`) at once: a version takes a free slot on its
+    call and keeps it while it serves within `version_metrics_window_s`. Versions an alias
+    points at (plain or weighted) always have labels; the calls of any other version count
+    under `version="other"`."""
+    version_metrics_window_s: float = Field(300.0, gt=0, le=86400)
+    """The window of the per-version metrics: GetAdapter's summary of each version covers the
+    calls of the last this many seconds (at most 512 per version and caller tenant), and a
+    version with no call for this long loses its labels unless an alias points at it."""
     tenants_file: str = ""
     """YAML file mapping sha256 of API keys to tenants and roles."""
     tenants_reload_interval_s: float = Field(5.0, ge=0)

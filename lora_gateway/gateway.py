@@ -41,7 +41,7 @@ from lora_gateway.engine.base import (
     Prompt,
     TokenChunk,
 )
-from lora_gateway.metrics import Metrics
+from lora_gateway.metrics import Metrics, VersionCall
 from lora_gateway.residency import Residency, key_of, owner_of
 from lora_gateway.structured import StructuredLimits, check_constraint
 from lora_gateway.tenancy import Admission, KeyRing, Principal, Role, Tenants, check_max_tokens
@@ -65,6 +65,28 @@ class Served:
         if version is None:
             return cls()
         return cls(version.tenant, version.name, version.version_id)
+
+
+@dataclass
+class _Outcome:
+    """How a call on an adapter version went, for its per-version metrics."""
+
+    code: str = "OK"
+    #: Seconds from arrival to the first token (None: no token came).
+    ttft: float | None = None
+    tokens: int = 0
+    finish: str | None = None
+
+
+def _code_of(exc: BaseException, *, finished: bool) -> str:
+    """The status code name a call ended with, as its front will answer it: a caller that
+    went away (or stopped reading) is CANCELLED, unless the last token had already come."""
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "OK" if finished else "CANCELLED"
+    if isinstance(exc, TimeoutError):
+        return "DEADLINE_EXCEEDED"
+    code: str = errors.status_of(exc)[0].name
+    return code
 
 
 @dataclass(frozen=True)
@@ -227,32 +249,72 @@ class Gateway:
             served = Served.of(version)
             if usage is not None:
                 usage.served(served.tenant, served.name, served.version)
-            ready, _ = await self.prompt_ids(call.prompt, version)
-            async with contextlib.AsyncExitStack() as stack:
-                loaded = (
-                    None
-                    if version is None
-                    else await stack.enter_async_context(self.residency.use(version, tenant))
-                )
-                queued = time.perf_counter()
-                produced = 0
-                prompt = dataclasses.replace(ready, cache_salt=self.cache_salt(principal.tenant))
-                async for chunk in self._run(call, prompt, loaded, version):
-                    if produced == 0 and self.metrics is not None:
-                        self.metrics.queued(queued - started)
-                        self.metrics.first_token(principal.tenant, time.perf_counter() - started)
-                    produced += len(chunk.token_ids)
-                    slot.generated(len(chunk.token_ids))
-                    if usage is not None:
-                        reason = chunk.finish_reason
-                        usage.delta(
-                            len(chunk.token_ids),
-                            chunk.prompt_tokens,
-                            None if reason is None else reason.value,
-                        )
-                    yield served, chunk
-                if self.metrics is not None:
-                    self.metrics.tokens_out(principal.tenant, produced)
+            outcome = _Outcome()
+            try:
+                ready, _ = await self.prompt_ids(call.prompt, version)
+                async with contextlib.AsyncExitStack() as stack:
+                    loaded = (
+                        None
+                        if version is None
+                        else await stack.enter_async_context(self.residency.use(version, tenant))
+                    )
+                    queued = time.perf_counter()
+                    produced = 0
+                    salt = self.cache_salt(principal.tenant)
+                    prompt = dataclasses.replace(ready, cache_salt=salt)
+                    async for chunk in self._run(call, prompt, loaded, version):
+                        if outcome.ttft is None:
+                            outcome.ttft = time.perf_counter() - started
+                        if produced == 0 and self.metrics is not None:
+                            self.metrics.queued(queued - started)
+                            self.metrics.first_token(principal.tenant, outcome.ttft)
+                        produced += len(chunk.token_ids)
+                        outcome.tokens = produced
+                        if chunk.finish_reason is not None:
+                            outcome.finish = chunk.finish_reason.value
+                        slot.generated(len(chunk.token_ids))
+                        if usage is not None:
+                            reason = chunk.finish_reason
+                            usage.delta(
+                                len(chunk.token_ids),
+                                chunk.prompt_tokens,
+                                None if reason is None else reason.value,
+                            )
+                        yield served, chunk
+                    if self.metrics is not None:
+                        self.metrics.tokens_out(principal.tenant, produced)
+            except BaseException as exc:
+                outcome.code = _code_of(exc, finished=outcome.finish is not None)
+                raise
+            finally:
+                if version is not None:
+                    self._version_done(principal.tenant, version, outcome, started)
+
+    def _version_done(
+        self, tenant: str, version: AdapterVersion, outcome: _Outcome, started: float
+    ) -> None:
+        """Record a call on `version` in the per-version metrics, once, whatever its end (no
+        I/O: the aliases come from the cached manifest)."""
+        if self.metrics is None:
+            return
+        manifest = self.residency.manifests.cached.get((version.tenant, version.name))
+        aliased: set[str] = set()
+        if manifest is not None:
+            aliased.update(manifest.aliases.values())
+            for split in manifest.alias_weights.values():
+                aliased.update(split)
+        call = VersionCall(
+            tenant=tenant,
+            owner=version.tenant,
+            name=version.name,
+            version=version.version_id,
+            code=outcome.code,
+            seconds=time.perf_counter() - started,
+            ttft_seconds=outcome.ttft,
+            completion_tokens=outcome.tokens,
+            finish_reason=outcome.finish,
+        )
+        self.metrics.version_done(call, {f"sha256:{sha}" for sha in aliased})
 
     async def _run(
         self,

@@ -7,13 +7,25 @@ Label values are bounded: `tenant` comes from the tenants file, `tier` and `phas
 sets, `code` from the gRPC status names, and `adapter` is "<tenant>/<name>" of an adapter that
 *resolved* (no version, no user free text). Requests whose adapter did not resolve are labelled
 `adapter="none"`, base-model requests `adapter="base"`; see `adapter_label`.
+
+Per-version series (`lora_gateway_version_*`, labels tenant, adapter, version) add the
+version ("sha256:<hex>") of a call whose adapter resolved. Their `version` values are bounded per
+adapter by `VersionSeries`: the versions an alias points at (plain or weighted), plus at most
+`version_metrics_max` others that served within `version_metrics_window_s`; any other version's
+calls count under `version="other"`. A version's series are removed when it leaves that set. The
+same bookkeeping keeps a short in-memory ring of each labelled version's recent calls, from which
+GetAdapter reports a summary (`VersionSummary`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import threading
 import time
-from collections.abc import Iterator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 from wsgiref.simple_server import WSGIServer
 
@@ -35,10 +47,14 @@ __all__ = [
     "BASE_ADAPTER_LABEL",
     "CONTENT_TYPE_LATEST",
     "NO_ADAPTER_LABEL",
+    "VERSION_OTHER_LABEL",
     "LoadPhase",
     "Metrics",
     "SlotQueue",
     "Tier",
+    "VersionCall",
+    "VersionSeries",
+    "VersionSummary",
     "adapter_label",
     "parse_listen",
 ]
@@ -74,6 +90,10 @@ REFUSAL_LIMITS: frozenset[str] = frozenset(
 BASE_ADAPTER_LABEL = "base"
 NO_ADAPTER_LABEL = "none"
 UNAUTHENTICATED_TENANT_LABEL = "-"
+#: The `version` label of calls on versions without labels of their own (see `VersionSeries`).
+VERSION_OTHER_LABEL = "other"
+#: Most recent calls one ring (one version, one caller tenant) keeps for the summary.
+VERSION_RING_SIZE = 512
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -103,6 +123,239 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port_text)  # noqa: S104 - an explicit ":port" means all
 
 
+@dataclass(frozen=True)
+class VersionCall:
+    """One finished inference call on an adapter version, as the gateway core saw it."""
+
+    #: The caller's tenant (from the tenants file).
+    tenant: str
+    #: The owner and name of the adapter, and the version ("sha256:<hex>") that served.
+    owner: str
+    name: str
+    version: str
+    #: gRPC status code name ("OK", "INVALID_ARGUMENT", ...).
+    code: str
+    #: From the call's arrival at the core to its end.
+    seconds: float
+    #: From arrival to the first token (None when no token came).
+    ttft_seconds: float | None
+    completion_tokens: int
+    #: "stop" or "length" (None when the call did not finish normally).
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class VersionSummary:
+    """A version's recent calls: GetAdapter's per-version summary."""
+
+    #: "sha256:<hex>", or "other" (versions without labels of their own).
+    version: str
+    #: Seconds of history this covers: the window, or less when the ring holds fewer calls.
+    window_seconds: float
+    requests: int
+    errors: int
+    #: Code name -> calls that ended with it (errors only).
+    error_codes: dict[str, int] = field(default_factory=dict)
+    #: Finish reason -> calls that finished with it.
+    finish_reasons: dict[str, int] = field(default_factory=dict)
+    latency_p50_seconds: float | None = None
+    latency_p99_seconds: float | None = None
+    ttft_p50_seconds: float | None = None
+    completion_tokens: int = 0
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+_Sample = tuple[float, float, float | None, int, str, str | None]  # t, s, ttft, tokens, code, fin
+
+
+@dataclass
+class _AdapterSeries:
+    """One adapter's labelled versions: version -> when it last served (monotonic)."""
+
+    labelled: dict[str, float] = field(default_factory=dict)
+    #: The versions its aliases pointed at, as of the last call recorded.
+    aliased: frozenset[str] = frozenset()
+    #: (version label, caller tenant) -> its recent calls, oldest first.
+    rings: dict[tuple[str, str], deque[_Sample]] = field(default_factory=dict)
+    #: When its last call was recorded (monotonic).
+    last: float = 0.0
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    """The `q` quantile of `values` (nearest rank); None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+class VersionSeries:
+    """Which adapter versions get labels of their own, and their recent calls (bounded).
+
+    Per adapter, a version has labels while an alias points at it (as of the adapter's last
+    recorded call), or while it holds one of `max_recent` slots: a version without an alias
+    takes a free slot on its call and keeps it while it serves within `window_s`. Calls of
+    any other version are labelled "other". So one adapter's `version` label has at most
+    `max_recent` + (versions its aliases name) + 1 values. When a version leaves the set, its
+    series are removed from the registry (`remove_by_labels`) and its ring is dropped.
+
+    Rings hold the calls of the last `window_s` (at most `VERSION_RING_SIZE` per version and
+    caller tenant); an adapter with no call for `window_s` loses its rings and all its
+    series (aliased versions' too), swept a few at a time as other calls are recorded.
+    Thread-safe; no I/O.
+    """
+
+    def __init__(
+        self, remove: Callable[[dict[str, str]], None], *, max_recent: int, window_s: float
+    ) -> None:
+        self.max_recent = max_recent
+        self.window_s = window_s
+        self._remove = remove
+        self._lock = threading.Lock()
+        #: adapter label -> its series, least recently called first.
+        self._adapters: OrderedDict[str, _AdapterSeries] = OrderedDict()
+
+    def label(
+        self,
+        call: VersionCall,
+        aliased: Collection[str],
+        now: float,
+        record: Callable[[str], None] | None = None,
+    ) -> str:
+        """The `version` label of `call` (updating the set), with its sample in the ring;
+        `record(label)` runs under the lock (series are not removed while it records)."""
+        adapter = adapter_label(call.owner, call.name)
+        with self._lock:
+            self._sweep(now, keep=adapter)
+            series = self._adapters.get(adapter)
+            if series is None:
+                series = self._adapters[adapter] = _AdapterSeries()
+            self._adapters.move_to_end(adapter)
+            series.last = now
+            series.aliased = frozenset(aliased)
+            if call.version in series.labelled:  # the version serving now is the most recent
+                series.labelled[call.version] = now
+            self._expire(adapter, series, now)
+            version = call.version
+            if version not in series.labelled and version not in series.aliased:
+                free = self.max_recent - sum(1 for v in series.labelled if v not in series.aliased)
+                if free <= 0:
+                    version = VERSION_OTHER_LABEL
+            if version != VERSION_OTHER_LABEL:
+                series.labelled[version] = now
+            ring = series.rings.get((version, call.tenant))
+            if ring is None:
+                ring = series.rings[(version, call.tenant)] = deque(maxlen=VERSION_RING_SIZE)
+            ring.append(
+                (
+                    now,
+                    call.seconds,
+                    call.ttft_seconds,
+                    call.completion_tokens,
+                    call.code,
+                    call.finish_reason,
+                )
+            )
+            if record is not None:
+                record(version)
+            return version
+
+    def labelled(self, owner: str, name: str) -> set[str]:
+        """The versions of an adapter that have labels now ("other" not included)."""
+        with self._lock:
+            series = self._adapters.get(adapter_label(owner, name))
+            return set() if series is None else set(series.labelled)
+
+    def summary(
+        self, owner: str, name: str, tenant: str | None, now: float
+    ) -> list[VersionSummary]:
+        """Each labelled version's calls within the window (and "other"'s, when it has any),
+        sorted by version: the calls of `tenant` only, or of every caller for None."""
+        adapter = adapter_label(owner, name)
+        with self._lock:
+            series = self._adapters.get(adapter)
+            if series is None:
+                return []
+            since = now - self.window_s
+            by_version: dict[str, list[_Sample]] = {}
+            full: dict[str, float] = {}
+            for (version, caller), ring in series.rings.items():
+                if tenant is not None and caller != tenant:
+                    continue
+                samples = [s for s in ring if s[0] >= since]
+                by_version.setdefault(version, []).extend(samples)
+                if len(ring) == ring.maxlen and ring[0][0] >= since:
+                    full[version] = min(full.get(version, now), ring[0][0])
+        out = []
+        for version, samples in sorted(by_version.items()):
+            if not samples:
+                continue
+            errors: dict[str, int] = {}
+            finish: dict[str, int] = {}
+            for sample in samples:
+                if sample[4] != "OK":
+                    errors[sample[4]] = errors.get(sample[4], 0) + 1
+                if sample[5] is not None:
+                    finish[sample[5]] = finish.get(sample[5], 0) + 1
+            ttfts = [s[2] for s in samples if s[2] is not None]
+            latencies = [s[1] for s in samples]
+            out.append(
+                VersionSummary(
+                    version=version,
+                    window_seconds=now - full[version] if version in full else self.window_s,
+                    requests=len(samples),
+                    errors=sum(errors.values()),
+                    error_codes=dict(sorted(errors.items())),
+                    finish_reasons=dict(sorted(finish.items())),
+                    latency_p50_seconds=_quantile(latencies, 0.5),
+                    latency_p99_seconds=_quantile(latencies, 0.99),
+                    ttft_p50_seconds=_quantile(ttfts, 0.5),
+                    completion_tokens=sum(s[3] for s in samples),
+                )
+            )
+        return out
+
+    def _expire(self, adapter: str, series: _AdapterSeries, now: float) -> None:
+        """Drop the versions that left the set: unaliased and idle for the window, or beyond
+        `max_recent` unaliased ones (an alias moved off them), least recently served first."""
+        unaliased = sorted(
+            (when, v) for v, when in series.labelled.items() if v not in series.aliased
+        )
+        excess = len(unaliased) - self.max_recent
+        for index, (when, version) in enumerate(unaliased):
+            if index < excess or now - when > self.window_s:
+                self._drop(adapter, series, version)
+        since = now - self.window_s
+        for key, ring in list(series.rings.items()):
+            while ring and ring[0][0] < since:
+                ring.popleft()
+            if not ring:
+                del series.rings[key]
+
+    def _drop(self, adapter: str, series: _AdapterSeries, version: str) -> None:
+        del series.labelled[version]
+        for key in [k for k in series.rings if k[0] == version]:
+            del series.rings[key]
+        self._remove({"adapter": adapter, "version": version})
+
+    def _sweep(self, now: float, keep: str, most: int = 4) -> None:
+        """Forget up to `most` adapters without a call for the window: their rings and all
+        their series (aliased versions' and "other"'s too; the next call starts them again)."""
+        for _ in range(most):
+            if not self._adapters:
+                return
+            adapter, series = next(iter(self._adapters.items()))
+            if adapter == keep or now - series.last <= self.window_s:
+                return
+            for version in list(series.labelled):
+                self._drop(adapter, series, version)
+            self._remove({"adapter": adapter, "version": VERSION_OTHER_LABEL})
+            del self._adapters[adapter]
+
+
 def _tenant(tenant: str) -> str:
     return tenant or UNAUTHENTICATED_TENANT_LABEL
 
@@ -114,7 +367,13 @@ def _code(code: grpc.StatusCode | str) -> str:
 class Metrics:
     """The gateway's metrics and their registry. The methods are cheap and thread-safe."""
 
-    def __init__(self, *, process_metrics: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        process_metrics: bool = True,
+        version_metrics_max: int = 8,
+        version_metrics_window_s: float = 300.0,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         if process_metrics:
@@ -290,7 +549,58 @@ class Metrics:
             ["limit"],
             registry=r,
         )
+        # --- per adapter version (issue 11): bounded by `VersionSeries` ------------------------
+        version_labels = ["tenant", "adapter", "version"]
+        self.version_requests_total = Counter(
+            "lora_gateway_version_requests_total",
+            "Inference calls by caller tenant, adapter (<owner>/<name>), version (sha256:<hex>, "
+            'or "other") and gRPC status code.',
+            [*version_labels, "code"],
+            registry=r,
+        )
+        self.version_request_seconds = Histogram(
+            "lora_gateway_version_request_seconds",
+            "Inference call latency by tenant, adapter and version (errors included).",
+            version_labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.version_time_to_first_token_seconds = Histogram(
+            "lora_gateway_version_time_to_first_token_seconds",
+            "From arrival to the first generated token, by tenant, adapter and version.",
+            version_labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.version_completion_tokens_total = Counter(
+            "lora_gateway_version_completion_tokens_total",
+            "Generated tokens by tenant, adapter and version.",
+            version_labels,
+            registry=r,
+        )
+        self.version_finish_total = Counter(
+            "lora_gateway_version_finish_total",
+            "Calls that finished (stop, length) by tenant, adapter, version and finish reason.",
+            [*version_labels, "reason"],
+            registry=r,
+        )
+        self._version_metrics = (
+            self.version_requests_total,
+            self.version_request_seconds,
+            self.version_time_to_first_token_seconds,
+            self.version_completion_tokens_total,
+            self.version_finish_total,
+        )
+        self.versions = VersionSeries(
+            self._remove_version,
+            max_recent=version_metrics_max,
+            window_s=version_metrics_window_s,
+        )
         self._http: WSGIServer | None = None
+
+    def _remove_version(self, labels: dict[str, str]) -> None:
+        for metric in self._version_metrics:
+            metric.remove_by_labels(labels)
 
     # --- recording ----------------------------------------------------------------------------
     def request_done(
@@ -301,6 +611,35 @@ class Metrics:
         self.requests_total.labels(_tenant(tenant), adapter, _code(code)).inc()
         if seconds is not None:
             self.request_seconds.observe(seconds)
+
+    def version_done(
+        self, call: VersionCall, aliased: Collection[str] = (), now: float | None = None
+    ) -> str:
+        """Record a finished call on an adapter version (`aliased`: the versions the adapter's
+        aliases point at now; `now`: time.monotonic() unless given). Returns the `version`
+        label it was counted under."""
+
+        def record(version: str) -> None:
+            labels = (_tenant(call.tenant), adapter_label(call.owner, call.name), version)
+            self.version_requests_total.labels(*labels, call.code).inc()
+            self.version_request_seconds.labels(*labels).observe(call.seconds)
+            if call.ttft_seconds is not None:
+                self.version_time_to_first_token_seconds.labels(*labels).observe(call.ttft_seconds)
+            if call.completion_tokens > 0:
+                self.version_completion_tokens_total.labels(*labels).inc(call.completion_tokens)
+            if call.finish_reason is not None:
+                self.version_finish_total.labels(*labels, call.finish_reason).inc()
+
+        when = time.monotonic() if now is None else now
+        return self.versions.label(call, aliased, when, record)
+
+    def version_summary(
+        self, owner: str, name: str, tenant: str | None, now: float | None = None
+    ) -> list[VersionSummary]:
+        """The recent calls of an adapter's versions (`VersionSeries.summary`): those of
+        `tenant`, or of every caller for None."""
+        when = time.monotonic() if now is None else now
+        return self.versions.summary(owner, name, tenant, when)
 
     def first_token(self, tenant: str, seconds: float) -> None:
         self.time_to_first_token_seconds.labels(_tenant(tenant)).observe(seconds)

@@ -190,7 +190,10 @@ class GatewayServer:
             from lora_gateway.engine.vllm_engine import VLLMEngine
 
             engine = await VLLMEngine.start(settings)
-        metrics = Metrics()
+        metrics = Metrics(
+            version_metrics_max=settings.version_metrics_max,
+            version_metrics_window_s=settings.version_metrics_window_s,
+        )
         residency = Residency(
             engine,
             registry,

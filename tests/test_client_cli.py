@@ -260,6 +260,11 @@ class Admin(admin_pb2_grpc.AdminServicer):
             info = _adapter_info(status=7)
             info.versions[0].status = 9  # type: ignore[assignment]
             return info
+        if request.name == "served":  # with each version's recent calls
+            info = _adapter_info()
+            info.serving.append(SERVING)
+            info.serving.append(admin_pb2.VersionServing(version="other", window_seconds=300))
+            return info
         if request.name != "support":
             await context.abort(grpc.StatusCode.NOT_FOUND, "adapter not found")
         return _adapter_info()
@@ -444,6 +449,7 @@ def test_public_surface_is_small_and_both_clients_match() -> None:
             "TokenizeResult",
             "TokenLogprob",
             "TopLogprob",
+            "VersionServing",
         ]
     )
     assert all(hasattr(client_module, name) for name in client_module.__all__)
@@ -1523,6 +1529,68 @@ def test_cli_show_prints_the_weights(
     assert f"alias       latest -> {VERSION}" in shown
     row = next(line for line in shown.splitlines() if line.startswith(VERSION))
     assert row.split()[-1] == "latest,prod=0.75"
+
+
+SERVING = admin_pb2.VersionServing(
+    version=VERSION,
+    window_seconds=300,
+    requests=8,
+    errors=2,
+    error_codes={"INVALID_ARGUMENT": 2},
+    finish_reasons={"length": 5, "stop": 1},
+    latency_p50_seconds=0.0125,
+    latency_p99_seconds=0.5,
+    ttft_p50_seconds=0.004,
+    completion_tokens=42,
+)
+
+
+def test_cli_show_prints_recent_calls_per_version(
+    environ: dict[str, str], script: Script, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["adapter", "show", "served"], environ=environ) == 0
+    shown = capsys.readouterr().out.splitlines()
+    start = shown.index("recent calls (this replica, last 300s)")
+    assert shown[start + 1].split() == [
+        "VERSION",
+        "REQUESTS",
+        "ERRORS",
+        "CODES",
+        "P50",
+        "P99",
+        "TTFT",
+        "P50",
+        "TOKENS",
+        "FINISH",
+    ]
+    assert shown[start + 2].split() == [
+        VERSION,
+        "8",
+        "2",
+        "(25.0%)",
+        "INVALID_ARGUMENT=2",
+        "12ms",
+        "500ms",
+        "4ms",
+        "42",
+        "length=5,stop=1",
+    ]
+    assert shown[start + 3].split() == ["other", "0", "0", "(0.0%)", "-", "-", "-", "-", "0", "-"]
+    assert main(["adapter", "show", "served", "--json"], environ=environ) == 0
+    serving = json.loads(capsys.readouterr().out)["serving"]
+    assert serving[0] == {
+        "version": VERSION,
+        "window_seconds": 300.0,
+        "requests": 8,
+        "errors": 2,
+        "error_codes": {"INVALID_ARGUMENT": 2},
+        "finish_reasons": {"length": 5, "stop": 1},
+        "latency_p50_seconds": 0.0125,
+        "latency_p99_seconds": 0.5,
+        "ttft_p50_seconds": 0.004,
+        "completion_tokens": 42,
+    }
+    assert serving[1]["latency_p50_seconds"] is None  # unset on the wire: None, not 0
 
 
 def test_cli_compose_part_needs_a_weight(capsys: pytest.CaptureFixture[str]) -> None:

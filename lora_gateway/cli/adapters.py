@@ -278,7 +278,9 @@ def register(
     _page_size(listing)
     listing.set_defaults(func=_cmd_list)
 
-    show = ops.add_parser("show", parents=[client], help="versions, aliases and sharing")
+    show = ops.add_parser(
+        "show", parents=[client], help="versions, aliases, sharing and recent calls"
+    )
     show.add_argument("name")
     _tenant(show)
     show.set_defaults(func=_cmd_show)

@@ -22,6 +22,7 @@ from lora_gateway.client import (
     RevokeResult,
     StreamDelta,
     TenantUsage,
+    VersionServing,
 )
 
 
@@ -162,6 +163,35 @@ def print_adapter(info: Adapter) -> None:
     ]
     print()
     table(("VERSION", "CREATED", "RANK", "ALPHA", "TARGETS", "STATUS", "ALIASES"), rows)
+    if info.serving:
+        print_serving(info.serving)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f}ms"
+
+
+def print_serving(serving: Sequence[VersionServing]) -> None:
+    """Each version's recent calls (GetAdapter's `serving`), as a table."""
+    window = max(s.window_seconds for s in serving)
+    print()
+    print(f"recent calls (this replica, last {window:.0f}s)")
+    rows = [
+        (
+            s.version,
+            s.requests,
+            f"{s.errors} ({s.error_rate:.1%})",
+            ",".join(f"{code}={n}" for code, n in s.error_codes.items()) or "-",
+            _ms(s.latency_p50_seconds),
+            _ms(s.latency_p99_seconds),
+            _ms(s.ttft_p50_seconds),
+            s.completion_tokens,
+            ",".join(f"{reason}={n}" for reason, n in s.finish_reasons.items()) or "-",
+        )
+        for s in serving
+    ]
+    headers = ("VERSION", "REQUESTS", "ERRORS", "CODES", "P50", "P99", "TTFT P50", "TOKENS")
+    table((*headers, "FINISH"), rows)
 
 
 def print_revoked(result: RevokeResult) -> None:

@@ -68,6 +68,7 @@ from lora_gateway.client.results import (
     TokenizeResult,
     TokenLogprob,
     TopLogprob,
+    VersionServing,
 )
 
 __all__ = [
@@ -94,4 +95,5 @@ __all__ = [
     "TokenLogprob",
     "TokenizeResult",
     "TopLogprob",
+    "VersionServing",
 ]

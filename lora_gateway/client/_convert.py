@@ -34,6 +34,7 @@ from lora_gateway.client.results import (
     TokenizeResult,
     TokenLogprob,
     TopLogprob,
+    VersionServing,
 )
 from lora_gateway.v1 import admin_pb2, inference_pb2
 
@@ -260,6 +261,24 @@ def tenant_usage(usage: admin_pb2.TenantUsage) -> TenantUsage:
     )
 
 
+def version_serving(info: admin_pb2.VersionServing) -> VersionServing:
+    def optional(field: str) -> float | None:
+        return float(getattr(info, field)) if info.HasField(field) else None  # type: ignore[arg-type]
+
+    return VersionServing(
+        version=info.version,
+        window_seconds=info.window_seconds,
+        requests=info.requests,
+        errors=info.errors,
+        error_codes=dict(sorted(info.error_codes.items())),
+        finish_reasons=dict(sorted(info.finish_reasons.items())),
+        latency_p50_seconds=optional("latency_p50_seconds"),
+        latency_p99_seconds=optional("latency_p99_seconds"),
+        ttft_p50_seconds=optional("ttft_p50_seconds"),
+        completion_tokens=info.completion_tokens,
+    )
+
+
 def adapter(info: admin_pb2.AdapterInfo) -> Adapter:
     return Adapter(
         tenant=info.tenant,
@@ -273,6 +292,7 @@ def adapter(info: admin_pb2.AdapterInfo) -> Adapter:
             alias: dict(sorted(split.weights.items()))
             for alias, split in sorted(info.alias_weights.items())
         },
+        serving=tuple(version_serving(v) for v in info.serving),
     )
 
 

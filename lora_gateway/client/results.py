@@ -2,7 +2,8 @@
 
 Inference: `GenerateResult` (a whole completion), `StreamDelta` (one message of a stream) and
 `ServedAdapter` (the exact version that served). Admin: `AdapterVersion`, `Adapter`,
-`AdapterPage` (one page of a listing, with the caller's `TenantUsage`), `RevokeResult`,
+`AdapterPage` (one page of a listing, with the caller's `TenantUsage`), `VersionServing` (a
+version's recent calls, in `get_adapter`'s answer), `RevokeResult`,
 `ResidencyEntry` and `Residency` (one page). Field names are those of the API (admin.proto),
 statuses and tiers are string enums (`AdapterStatus.ACTIVE == "active"`), sequences are tuples.
 `_convert.py` builds them from the protobuf answers, in one place.
@@ -29,6 +30,7 @@ __all__ = [
     "ServedAdapter",
     "StreamDelta",
     "TenantUsage",
+    "VersionServing",
 ]
 
 
@@ -197,6 +199,33 @@ class TenantUsage:
 
 
 @dataclass(frozen=True)
+class VersionServing:
+    """A version's recent inference calls on the replica that answered `get_adapter`: those
+    of the caller's tenant (an operator: of every tenant), over `window_seconds`."""
+
+    #: "sha256:<hex>", or "other" (versions without per-version metrics of their own).
+    version: str
+    window_seconds: float
+    requests: int
+    #: Calls that ended with a status other than OK.
+    errors: int
+    #: Status code name -> calls that ended with it (errors only).
+    error_codes: Mapping[str, int]
+    #: "stop" or "length" -> calls that finished with it.
+    finish_reasons: Mapping[str, int]
+    #: None when no call measured it.
+    latency_p50_seconds: float | None
+    latency_p99_seconds: float | None
+    ttft_p50_seconds: float | None
+    completion_tokens: int
+
+    @property
+    def error_rate(self) -> float:
+        """`errors / requests` (0 without requests)."""
+        return self.errors / self.requests if self.requests else 0.0
+
+
+@dataclass(frozen=True)
 class Adapter:
     """An adapter: its versions (oldest first), aliases and grants."""
 
@@ -214,6 +243,8 @@ class Adapter:
     #: Weighted aliases (canaries) only: alias -> {"sha256:<hex>": weight}. `aliases` names
     #: their primary version (the most weight).
     alias_weights: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    #: `get_adapter` only: each version's recent calls (sorted by version; empty otherwise).
+    serving: tuple[VersionServing, ...] = ()
 
 
 @dataclass(frozen=True)

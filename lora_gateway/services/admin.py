@@ -23,6 +23,7 @@ from lora_gateway.adapters import (
     sees_everything,
 )
 from lora_gateway.interceptors import current_principal
+from lora_gateway.metrics import VersionSummary
 from lora_gateway.residency import ResidencyEntry
 from lora_gateway.tenancy import Principal
 from lora_gateway.v1 import admin_pb2 as pb
@@ -90,6 +91,25 @@ def weights_to_pb(weights: Mapping[str, float]) -> pb.AliasWeights:
 def adapter_to_pb(manifest: Manifest, principal: Principal) -> pb.AdapterInfo:
     """The owner and operators see everything; any other tenant only what it needs."""
     return manifest_to_pb(manifest, full=sees_everything(principal, manifest.tenant))
+
+
+def serving_to_pb(summary: VersionSummary) -> pb.VersionServing:
+    message = pb.VersionServing(
+        version=summary.version,
+        window_seconds=summary.window_seconds,
+        requests=summary.requests,
+        errors=summary.errors,
+        error_codes=summary.error_codes,
+        finish_reasons=summary.finish_reasons,
+        completion_tokens=summary.completion_tokens,
+    )
+    if summary.latency_p50_seconds is not None:
+        message.latency_p50_seconds = summary.latency_p50_seconds
+    if summary.latency_p99_seconds is not None:
+        message.latency_p99_seconds = summary.latency_p99_seconds
+    if summary.ttft_p50_seconds is not None:
+        message.ttft_p50_seconds = summary.ttft_p50_seconds
+    return message
 
 
 def usage_to_pb(usage: TenantUsage) -> pb.TenantUsage:
@@ -171,6 +191,7 @@ class AdminService(pb_grpc.AdminServicer):
         info = adapter_to_pb(detail.manifest, principal)
         if detail.usage is not None:
             info.usage.CopyFrom(usage_to_pb(detail.usage))
+        info.serving.extend(serving_to_pb(s) for s in detail.serving)
         return info
 
     async def SetAlias(self, request: pb.SetAliasRequest, context: Context) -> pb.AdapterInfo:

@@ -335,6 +335,7 @@ class AdapterInfo(_message.Message):
     ALIAS_WEIGHTS_FIELD_NUMBER: _builtins.int
     KEEP_LAST_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    SERVING_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     name: _builtins.str
     status: Global___AdapterStatus.ValueType
@@ -365,6 +366,13 @@ class AdapterInfo(_message.Message):
         operators).
         """
 
+    @_builtins.property
+    def serving(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionServing]:
+        """GetAdapter only: each version's recent calls on this replica (Settings
+        version_metrics_window_s), sorted by version; versions without calls in the window are
+        left out.
+        """
+
     def __init__(
         self,
         *,
@@ -377,14 +385,130 @@ class AdapterInfo(_message.Message):
         alias_weights: _abc.Mapping[_builtins.str, Global___AliasWeights] | None = ...,
         keep_last: _builtins.int = ...,
         usage: Global___TenantUsage | None = ...,
+        serving: _abc.Iterable[Global___VersionServing] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias_weights", b"alias_weights", "aliases", b"aliases", "keep_last", b"keep_last", "name", b"name", "shared_with", b"shared_with", "status", b"status", "tenant", b"tenant", "usage", b"usage", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias_weights", b"alias_weights", "aliases", b"aliases", "keep_last", b"keep_last", "name", b"name", "serving", b"serving", "shared_with", b"shared_with", "status", b"status", "tenant", b"tenant", "usage", b"usage", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AdapterInfo: _TypeAlias = AdapterInfo  # noqa: Y015
+
+@_typing.final
+class VersionServing(_message.Message):
+    """A version's recent inference calls, as this replica served them: the calls of the caller's
+    own tenant (an operator: of every tenant). "other" sums the versions that have no
+    per-version metrics of their own (Settings version_metrics_max).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ErrorCodesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class FinishReasonsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    ERROR_CODES_FIELD_NUMBER: _builtins.int
+    FINISH_REASONS_FIELD_NUMBER: _builtins.int
+    LATENCY_P50_SECONDS_FIELD_NUMBER: _builtins.int
+    LATENCY_P99_SECONDS_FIELD_NUMBER: _builtins.int
+    TTFT_P50_SECONDS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """"sha256:<hex>", or "other"."""
+    window_seconds: _builtins.float
+    """Seconds of history covered: the window, or less when the gateway keeps fewer calls."""
+    requests: _builtins.int
+    errors: _builtins.int
+    """Calls that ended with a status other than OK."""
+    latency_p50_seconds: _builtins.float
+    """Latency of the calls (arrival to end, errors included), and time to first token; unset
+    when no call measured it.
+    """
+    latency_p99_seconds: _builtins.float
+    ttft_p50_seconds: _builtins.float
+    completion_tokens: _builtins.int
+    """Tokens generated."""
+    @_builtins.property
+    def error_codes(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Status code name (e.g. "INVALID_ARGUMENT") -> calls that ended with it (errors only)."""
+
+    @_builtins.property
+    def finish_reasons(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """"stop" or "length" -> calls that finished with it."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        window_seconds: _builtins.float = ...,
+        requests: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        error_codes: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        finish_reasons: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        latency_p50_seconds: _builtins.float | None = ...,
+        latency_p99_seconds: _builtins.float | None = ...,
+        ttft_p50_seconds: _builtins.float | None = ...,
+        completion_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_latency_p50_seconds", b"_latency_p50_seconds", "_latency_p99_seconds", b"_latency_p99_seconds", "_ttft_p50_seconds", b"_ttft_p50_seconds", "latency_p50_seconds", b"latency_p50_seconds", "latency_p99_seconds", b"latency_p99_seconds", "ttft_p50_seconds", b"ttft_p50_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_latency_p50_seconds", b"_latency_p50_seconds", "_latency_p99_seconds", b"_latency_p99_seconds", "_ttft_p50_seconds", b"_ttft_p50_seconds", "completion_tokens", b"completion_tokens", "error_codes", b"error_codes", "errors", b"errors", "finish_reasons", b"finish_reasons", "latency_p50_seconds", b"latency_p50_seconds", "latency_p99_seconds", b"latency_p99_seconds", "requests", b"requests", "ttft_p50_seconds", b"ttft_p50_seconds", "version", b"version", "window_seconds", b"window_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__latency_p50_seconds: _TypeAlias = _typing.Literal["latency_p50_seconds"]  # noqa: Y015
+    _WhichOneofArgType__latency_p50_seconds: _TypeAlias = _typing.Literal["_latency_p50_seconds", b"_latency_p50_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__latency_p99_seconds: _TypeAlias = _typing.Literal["latency_p99_seconds"]  # noqa: Y015
+    _WhichOneofArgType__latency_p99_seconds: _TypeAlias = _typing.Literal["_latency_p99_seconds", b"_latency_p99_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__ttft_p50_seconds: _TypeAlias = _typing.Literal["ttft_p50_seconds"]  # noqa: Y015
+    _WhichOneofArgType__ttft_p50_seconds: _TypeAlias = _typing.Literal["_ttft_p50_seconds", b"_ttft_p50_seconds"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__latency_p50_seconds) -> _WhichOneofReturnType__latency_p50_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__latency_p99_seconds) -> _WhichOneofReturnType__latency_p99_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ttft_p50_seconds) -> _WhichOneofReturnType__ttft_p50_seconds | None: ...
+
+Global___VersionServing: _TypeAlias = VersionServing  # noqa: Y015
 
 @_typing.final
 class TenantUsage(_message.Message):

@@ -3,9 +3,10 @@
 
 Tenants: acme (user, tenant-admin) owns three adapters, globex (user, tenant-admin) one;
 `slow` may send one request a minute (the rate-limit tests); `canary` (user, tenant-admin) is
-test_canary_weights.py's own, `usage` (user, tenant-admin) test_usage.py's. Expected values
-come from the PEFT-merged reference (devtools.ReferenceGenerator) and from transformers' own
-chat template rendering, never from the gateway.
+test_canary_weights.py's own, `usage` (user, tenant-admin) test_usage.py's, `vmetrics`
+test_version_metrics.py's. Expected values come from the PEFT-merged reference
+(devtools.ReferenceGenerator) and from transformers' own chat template rendering, never from
+the gateway.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ TENANTS: dict[str, dict[str, Any]] = {
     "retain": {"max_concurrent": 64, "max_tokens": 200},
     # test_usage.py's own: its usage records are exactly its own calls.
     "usage": {"max_concurrent": 64, "max_tokens": 200},
+    # test_version_metrics.py's own tenant (per-version metrics).
+    "vmetrics": {"max_concurrent": 64, "max_tokens": 200},
 }
+#: Settings.version_metrics_max of the package's gateway (test_version_metrics.py's bound).
+VERSION_METRICS_MAX = 1
 #: The chat limit the tests reach (Settings.chat_max_messages).
 CHAT_MAX_MESSAGES = 16
 
@@ -112,6 +117,7 @@ async def api(
         tenant_max_tokens=200,
         max_concurrent_requests=128,
         chat_max_messages=CHAT_MAX_MESSAGES,
+        version_metrics_max=VERSION_METRICS_MAX,
         # self_test stays off (gateway_settings): with constrained requests, tests/test_engine.py
     )
     versions: dict[str, str] = {}
