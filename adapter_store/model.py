@@ -17,6 +17,13 @@ from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 from adapter_store.errors import AdapterNotFound, IntegrityError, InvalidAdapter, Quarantined
+from adapter_store.evaluations import (
+    AliasPolicy,
+    EvaluationResult,
+    EvaluationSetRef,
+    parse_alias_policies,
+    parse_evaluations,
+)
 
 __all__ = [
     "ADAPTER_FILES",
@@ -415,6 +422,12 @@ class Manifest:
     etag: str | None = None
     #: Weighted aliases: alias -> {sha: weight} (2 or more live versions, weights > 0, sum 1).
     alias_weights: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: The current evaluation set (adapter_store.evaluations); None: none uploaded.
+    evaluation_set: EvaluationSetRef | None = None
+    #: Version sha -> its evaluation results, oldest first (appended to, never rewritten).
+    evaluations: dict[str, tuple[EvaluationResult, ...]] = field(default_factory=dict)
+    #: Alias -> what a version needs before the alias may point at it.
+    alias_policies: dict[str, AliasPolicy] = field(default_factory=dict)
 
     def usable_by(self, tenant: str, *, operator: bool = False) -> bool:
         """`can_use` for this adapter: live, and `tenant` is its owner, a grantee or an operator."""
@@ -476,6 +489,19 @@ class Manifest:
                 alias: dict(sorted(weights.items()))
                 for alias, weights in sorted(self.alias_weights.items())
             }
+        # Evaluations (adapter_store.evaluations): written only when present, so that a
+        # manifest without them reads and writes as before.
+        if self.evaluation_set is not None:
+            data["evaluation_set"] = self.evaluation_set.to_dict()
+        if self.evaluations:
+            data["evaluations"] = {
+                sha: [result.to_dict() for result in results]
+                for sha, results in sorted(self.evaluations.items())
+            }
+        if self.alias_policies:
+            data["alias_policies"] = {
+                alias: policy.to_dict() for alias, policy in sorted(self.alias_policies.items())
+            }
         return json.dumps(data, indent=2, sort_keys=True).encode()
 
     @classmethod
@@ -511,6 +537,15 @@ class Manifest:
             revoked=tuple(_manifest_sha(s) for s in _str_list(_get(obj, "revoked", list))),
             etag=etag,
             alias_weights=alias_weights,
+            evaluation_set=(
+                None
+                if obj.get("evaluation_set") is None
+                else EvaluationSetRef.from_dict(obj["evaluation_set"])
+            ),
+            evaluations=parse_evaluations(
+                obj.get("evaluations", {}), [*versions, *_str_list(_get(obj, "revoked", list))]
+            ),
+            alias_policies=parse_alias_policies(obj.get("alias_policies", {})),
         )
 
 

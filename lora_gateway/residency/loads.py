@@ -42,7 +42,6 @@ from lora_gateway.residency.keys import NameKey, VersionKey, key_of, owner_of
 from lora_gateway.residency.pins import Blocks
 from lora_gateway.residency.slots import Resident, Slots
 
-
 #: sha256s remembered as validated (least recently loaded forgotten beyond it).
 VALIDATED_MAX = 65_536
 
