@@ -34,6 +34,8 @@ TENANTS: dict[str, dict[str, Any]] = {
     "slow": {"max_concurrent": 64, "max_tokens": 200, "keys": ["user"], "requests_per_minute": 1},
     # test_canary_weights.py's own tenant: its adapters stay out of acme's listings.
     "canary": {"max_concurrent": 64, "max_tokens": 200},
+    # test_evaluations.py's own tenant.
+    "evals": {"max_concurrent": 64, "max_tokens": 200},
 }
 #: The chat limit the tests reach (Settings.chat_max_messages).
 CHAT_MAX_MESSAGES = 16
