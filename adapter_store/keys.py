@@ -41,6 +41,7 @@ __all__ = [
     "adapters_prefix",
     "child_name",
     "evaluation_set_key",
+    "evaluation_sets_prefix",
     "event_key",
     "event_of",
     "events_from",
@@ -92,10 +93,15 @@ def object_key(tenant: str, name: str, sha: str, filename: str) -> str:
     return version_prefix(tenant, name, sha) + filename
 
 
+def evaluation_sets_prefix(tenant: str, name: str) -> str:
+    """The folder of one adapter's evaluation sets."""
+    return adapter_prefix(tenant, name) + "evaluation-sets/"
+
+
 def evaluation_set_key(tenant: str, name: str, sha: str) -> str:
     """An evaluation set of one adapter (adapter_store.evaluations): named by the sha256 of
     its bytes, never by a user string."""
-    return adapter_prefix(tenant, name) + f"evaluation-sets/{check_sha(sha)}.json"
+    return evaluation_sets_prefix(tenant, name) + f"{check_sha(sha)}.json"
 
 
 def usage_key(tenant: str) -> str:

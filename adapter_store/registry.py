@@ -48,6 +48,7 @@ from adapter_store.keys import (
     adapters_prefix,
     child_name,
     evaluation_set_key,
+    evaluation_sets_prefix,
     object_key,
 )
 from adapter_store.manifests import DEFAULT_RETRIES, Manifests, is_live, live
@@ -569,7 +570,9 @@ class Registry:
 
         With `expected` (a version sha), only if the alias currently points there, plainly
         (else Conflict; a weighted alias points at no one version): a compare-and-set for
-        rollouts.
+        rollouts. With `require_eval_min_score`, or when the alias has a policy, only if the
+        version has a passing evaluation (`evaluations.gate`; EvaluationRequired otherwise),
+        checked inside the same conditional write.
         """
         check_name(alias, "alias")
         if _looks_like_sha(alias):
@@ -619,6 +622,7 @@ class Registry:
         that is quarantined (Quarantined). With `expected` ({version sha: weight}; {} = the
         alias does not exist), only if the alias's split is that now (`Manifest.split`; a
         plain alias is {sha: 1.0}), else Conflict: a compare-and-set like `set_alias`'s.
+        Gated like `set_alias` for each version not in the alias's split now.
         """
         check_name(alias, "alias")
         if _looks_like_sha(alias):
@@ -786,6 +790,9 @@ class Registry:
                     alias_weights={},
                     shared_with=(),
                     revoked=tuple(shas),
+                    # The evaluation set's objects are deleted below; results stay as history.
+                    evaluation_set=None,
+                    alias_policies={},
                 )
                 revoked[:] = shas
                 grantees[:] = current.shared_with
@@ -808,6 +815,11 @@ class Registry:
             )
 
         self._manifests.update(tenant, name, change)
+        if target is None:
+            # Evaluation sets are in no engine or cache: deleted with the whole adapter, in
+            # any mode (`delete_objects` orders the version files after the unload only).
+            for key in self.backend.list(evaluation_sets_prefix(tenant, name)):
+                self.backend.delete(key)
         self._shares.forget(tenant, name, grantees)
         if any(freed):
             self._usage.refund(tenant, freed[0], freed[1])

@@ -801,13 +801,20 @@ class Adapters:
 
     async def get_evaluations(
         self, principal: Principal, tenant: str, name: str, version: str = ""
-    ) -> Manifest:
-        """The manifest, for its evaluation set, results and alias policies (the owner
-        tenant's callers and operators only: another tenant's adapter is NOT_FOUND)."""
+    ) -> tuple[Manifest, str | None]:
+        """The manifest, for its evaluation set, results and alias policies, and the sha of
+        `version` ("sha256:<hex>", also of a revoked version, or an alias; "" = every version)
+        to list the results of. The owner tenant's callers and operators only: another
+        tenant's adapter is NOT_FOUND."""
         tenant = Policy.effective_tenant_for_adapter(principal, tenant)
-        if version:
-            parse_ref(f"{name}@{version}")  # a malformed sha: INVALID_ARGUMENT
-        return await self._store(principal, self.store.get_manifest, tenant, name)
+        ref = parse_ref(f"{name}@{version}") if version else None
+        manifest = await self._store(principal, self.store.get_manifest, tenant, name)
+        if ref is None:
+            return manifest, None
+        sha = ref.version if ref.version is not None else manifest.aliases.get(ref.selector)
+        if sha is None:
+            raise errors.NotFound(errors.ADAPTER_NOT_FOUND_TEXT)
+        return manifest, sha
 
     async def set_alias_policy(
         self, principal: Principal, tenant: str, name: str, alias: str, min_score: float

@@ -302,10 +302,10 @@ class AdminService(pb_grpc.AdminServicer):
     async def GetEvaluations(
         self, request: pb.GetEvaluationsRequest, context: Context
     ) -> pb.EvaluationsInfo:
-        manifest = await self.adapters.get_evaluations(
+        manifest, sha = await self.adapters.get_evaluations(
             current_principal(), request.tenant, request.name, request.version
         )
-        return evaluations_to_pb(manifest, request.version.removeprefix("sha256:") or None)
+        return evaluations_to_pb(manifest, sha)
 
     async def SetAliasPolicy(
         self, request: pb.SetAliasPolicyRequest, context: Context

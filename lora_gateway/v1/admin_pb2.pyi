@@ -1099,7 +1099,9 @@ class GetEvaluationsRequest(_message.Message):
     tenant: _builtins.str
     name: _builtins.str
     version: _builtins.str
-    """"sha256:<hex>" to list that version's results only; empty = every version's."""
+    """"sha256:<hex>" (also of a revoked version) or an alias (a weighted alias: its primary
+    version) to list that version's results only; empty = every version's.
+    """
     def __init__(
         self,
         *,

@@ -137,3 +137,18 @@ def test_gate_in_the_alias_writes(local_registry: Registry, two: tuple[str, str]
     assert local_registry.get_manifest("acme", "bot").split("prod") == {a: 1.0}
     local_registry.set_alias_policy("acme", "bot", "prod", None)
     local_registry.set_alias("acme", "bot", "prod", b)
+
+
+def test_whole_revoke_deletes_the_sets(
+    local_registry: Registry, two: tuple[str, str], make_test_adapter: AdapterFactory
+) -> None:
+    local_registry.put_evaluation_set("acme", "bot", b'{"cases":[]}', cases=1, uploaded_by="u")
+    local_registry.set_alias_policy("acme", "bot", "prod", 1.0)
+    prefix = "tenants/acme/adapters/bot/evaluation-sets/"
+    assert len(local_registry.backend.list(prefix)) == 1
+    local_registry.revoke("acme", "bot", delete_objects=False)
+    assert local_registry.backend.list(prefix) == []
+    # An adapter made again under the name starts without the old set or policy.
+    local_registry.upload_dir("acme", "bot", make_test_adapter(seed=3), created_by="t")
+    again = local_registry.get_manifest("acme", "bot")
+    assert (again.evaluation_set, again.alias_policies) == (None, {})
