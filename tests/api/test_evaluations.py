@@ -231,6 +231,10 @@ async def test_evaluate_gate_and_immutable_results(api: ApiEnv, graded: Graded) 
         assert result_b in everything.results
         assert len(everything.results) == 3
         assert everything.current_set == info
+        # By alias: prod's primary version is A (weight 0.9).
+        assert (await admin.get_evaluations(NAME, "prod")).results == (first_a, second_a)
+        with pytest.raises(errors.NotFound):
+            await admin.get_evaluations(NAME, "nowhere")
 
         # A set that is not the current one is refused before anything runs.
         with pytest.raises(errors.FailedPrecondition, match="current evaluation set"):
