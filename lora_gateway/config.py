@@ -365,10 +365,10 @@ class Settings(BaseSettings):
 
     # --- evaluations (EvaluateAdapter; lora_gateway.evaluation) -------------------------------
     evaluation_max_concurrent: int = Field(1, ge=1)
-    """Evaluations that may run at once on this gateway; more are refused with
-    RESOURCE_EXHAUSTED. Each runs one case at a time, so evaluations hold at most this many of
-    the engine's request slots (vLLM's request priority is not used: it needs the whole engine
-    scheduled by priority)."""
+    """Evaluations that may run at once on this gateway, one tenant at most half of them (at
+    least one); more are refused with RESOURCE_EXHAUSTED. Each runs one case at a time, so
+    evaluations hold at most this many of the engine's request slots (vLLM's request priority
+    is not used: it needs the whole engine scheduled by priority)."""
     evaluation_max_set_bytes: int = Field(256 << 10, ge=1)
     """Largest evaluation set (PutEvaluationSet), in UTF-8 bytes of its JSON."""
     evaluation_max_cases: int = Field(32, ge=1, le=64)

@@ -31,7 +31,8 @@ at a time through `Gateway.generate`, as the caller (the caller's tenant's admis
 apply), on the version by its sha, greedy (temperature 0). vLLM's request priority is not used:
 it needs the engine built with `scheduling_policy="priority"`, which reorders every request;
 the bounded share is one case in flight per evaluation and at most `evaluation_max_concurrent`
-evaluations per gateway (more are refused with RESOURCE_EXHAUSTED).
+evaluations per gateway, one tenant at most half of them (at least one); more are refused with
+RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -310,7 +311,11 @@ class Evaluator:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self._most = gateway.settings.evaluation_max_concurrent
+        #: One tenant holds at most half of the evaluation slots (at least one), so that it
+        #: cannot keep every other tenant's evaluations out.
+        self._per_tenant = max(1, self._most // 2)
         self._running = 0
+        self._by_tenant: dict[str, int] = {}
 
     async def run(
         self,
@@ -320,12 +325,15 @@ class Evaluator:
         set_sha: str,
         evaluated_by: str,
     ) -> EvaluationResult:
-        if self._running >= self._most:
+        tenant = principal.tenant
+        mine = self._by_tenant.get(tenant, 0)
+        if self._running >= self._most or mine >= self._per_tenant:
             raise errors.ResourceExhausted(
-                f"{self._running} evaluations are running on this gateway, the most at once "
+                "this gateway runs as many evaluations as it allows at once "
                 "(evaluation_max_concurrent); try again later"
             )
         self._running += 1
+        self._by_tenant[tenant] = mine + 1
         try:
             started = utc_now()
             results = []
@@ -345,6 +353,9 @@ class Evaluator:
             )
         finally:
             self._running -= 1
+            left = self._by_tenant.pop(tenant) - 1
+            if left:
+                self._by_tenant[tenant] = left
 
     async def _case(
         self, principal: Principal, version: AdapterVersion, case: EvalCase

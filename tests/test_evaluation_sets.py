@@ -1,18 +1,24 @@
 """Evaluation sets parsed alone (lora_gateway.evaluation.parse_set): the canonical bytes that
-name a set, and the time limit of schema patterns. The gateway runs them end to end in
+name a set, the time limit of schema patterns, and how evaluations share their slots (a fake
+gateway: a unit test of the policy). The gateway runs them end to end in
 tests/api/test_evaluations.py."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
 
 import jsonschema
 import pytest
 
 from lora_gateway import errors
 from lora_gateway.config import Settings
-from lora_gateway.evaluation import _pattern, parse_set
+from lora_gateway.evaluation import Evaluator, _pattern, parse_set
+from lora_gateway.tenancy import Principal, Role
 
 CASE = {"id": "a", "prompt": "hi", "check": {"exact": "x"}}
 
@@ -46,3 +52,41 @@ def test_schema_patterns_match_with_a_time_limit() -> None:
     problems = [e.message for e in checker.iter_errors("a" * 60 + "b")]
     assert problems == ["pattern '(a|aa)+$': match timed out"]
     assert list(checker.iter_errors("aaaa")) == []
+
+
+class _HeldGateway:
+    """Just what `Evaluator` uses of a gateway: every generation waits for `release`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = object()
+        self.store = SimpleNamespace(spec=SimpleNamespace(name="base"))
+        self.release = asyncio.Event()
+
+    async def generate(self, principal: Principal, call: Any) -> AsyncIterator[tuple[Any, Any]]:
+        await self.release.wait()
+        yield None, SimpleNamespace(text="x")
+
+
+async def test_evaluation_slots_are_shared_fairly_between_tenants() -> None:
+    gateway = _HeldGateway(Settings(evaluation_max_concurrent=4))
+    evaluator = Evaluator(gateway)  # type: ignore[arg-type]
+    cases = parse_set(json.dumps({"cases": [CASE]}), gateway.settings)
+    version = SimpleNamespace(tenant="a", name="bot", sha="1" * 64)
+
+    def run(tenant: str) -> Any:
+        principal = Principal(tenant, Role.TENANT_ADMIN, "admin")
+        return evaluator.run(principal, version, cases, "2" * 64, f"{tenant}:admin")  # type: ignore[arg-type]
+
+    held = [asyncio.create_task(run("a")), asyncio.create_task(run("a"))]
+    await asyncio.sleep(0)
+    with pytest.raises(errors.ResourceExhausted, match="evaluation_max_concurrent"):
+        await run("a")  # tenant a holds half of the 4 slots
+    held += [asyncio.create_task(run("b")), asyncio.create_task(run("b"))]
+    await asyncio.sleep(0)
+    with pytest.raises(errors.ResourceExhausted):
+        await run("c")  # all 4 are taken
+    gateway.release.set()
+    results = await asyncio.gather(*held)
+    assert [r.score for r in results] == [1.0] * 4
+    assert (await run("c")).score == 1.0  # slots are given back
