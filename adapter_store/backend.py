@@ -10,10 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["BlobBackend", "Keys"]
+__all__ = ["BlobBackend", "Keys", "Stamped"]
 
 #: Keys of a listing (an alias: inside the backend classes, `list` is their method).
 Keys = list[str]
+#: Keys of a listing with each object's last-modified time (seconds since the epoch, the
+#: store's clock: S3's LastModified, the local file's mtime).
+Stamped = list[tuple[str, float]]
 
 
 class BlobBackend(Protocol):
@@ -63,4 +66,15 @@ class BlobBackend(Protocol):
         With `folders`, only the level under `prefix`: its keys, and each sub-folder once, as
         `<prefix><child>/` (a `start_after` of that form skips the whole sub-folder).
         """
+        ...
+
+    def modified(self, key: str) -> float:
+        """The object's last-modified time (seconds since the epoch, the store's clock: the
+        time its current bytes were written); BlobNotFound if there is none. One request."""
+        ...
+
+    def list_page_modified(
+        self, prefix: str, *, start_after: str = "", limit: int = 1000
+    ) -> tuple[Stamped, bool]:
+        """Like `list_page` (recursive), each key with its `modified` time: one request."""
         ...

@@ -51,7 +51,9 @@ __all__ = [
     "share_of",
     "shared_prefix",
     "usage_key",
+    "version_file_of",
     "version_prefix",
+    "versions_prefix",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,9 +83,27 @@ def manifest_key(tenant: str, name: str) -> str:
     return adapter_prefix(tenant, name) + "manifest.json"
 
 
+def versions_prefix(tenant: str, name: str) -> str:
+    """The folder of every version of one adapter (one sub-folder per sha256)."""
+    return adapter_prefix(tenant, name) + "versions/"
+
+
 def version_prefix(tenant: str, name: str, sha: str) -> str:
     """The folder of one version's files (content-addressed by its sha256)."""
-    return adapter_prefix(tenant, name) + f"versions/{check_sha(sha)}/"
+    return versions_prefix(tenant, name) + f"{check_sha(sha)}/"
+
+
+def version_file_of(key: str, prefix: str) -> tuple[str, str] | None:
+    """(sha256, file name) of a version object `<prefix><sha256>/<file>` (`prefix` from
+    `versions_prefix`), both validated; None (logged) for any other key."""
+    sha, sep, filename = key[len(prefix) :].partition("/")
+    if key.startswith(prefix) and sep and filename in VERSION_FILES:
+        try:
+            return check_sha(sha), filename
+        except InvalidAdapter:
+            pass
+    log.warning("the store holds a key outside its layout under %s", prefix)
+    return None
 
 
 def object_key(tenant: str, name: str, sha: str, filename: str) -> str:

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from adapter_store.backend import Keys
+from adapter_store.backend import Keys, Stamped
 from adapter_store.errors import (
     BlobNotFound,
     CapacityExceeded,
@@ -148,6 +148,26 @@ class LocalBackend:
                 if key > start_after
             )
         return keys[:limit], len(keys) > limit
+
+    def modified(self, key: str) -> float:
+        try:
+            return self._path(key).stat().st_mtime
+        except FileNotFoundError:
+            raise BlobNotFound(f"no object {key}") from None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read the local store: {exc.strerror}") from None
+
+    def list_page_modified(
+        self, prefix: str, *, start_after: str = "", limit: int = 1000
+    ) -> tuple[Stamped, bool]:
+        keys, more = self.list_page(prefix, start_after=start_after, limit=limit)
+        stamped: Stamped = []
+        for key in keys:
+            try:
+                stamped.append((key, self.modified(key)))
+            except BlobNotFound:
+                continue  # deleted since the listing: as if listed a moment later
+        return stamped, more
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
         self._atomic(path, lambda temp: temp.write_bytes(data))

@@ -272,6 +272,15 @@ class AdapterVersion:
     composed_from: tuple[tuple[str, float], ...] = ()
     #: Why the version is quarantined (status "quarantined"), for the caller and the operator.
     quarantine_reason: str = ""
+    #: When it was uploaded, in microseconds since the epoch (0: before this field existed;
+    #: `created_at` stands in then): the order the retention policy keeps versions by.
+    uploaded_us: int = 0
+
+    @property
+    def upload_order(self) -> tuple[int, str, str]:
+        """The key that orders versions by upload time (newest last): `uploaded_us`, or
+        `created_at` for a version written before it existed, then the sha (a tie)."""
+        return (self.uploaded_us or _created_us(self.created_at), self.created_at, self.sha)
 
     @property
     def total_bytes(self) -> int:
@@ -314,6 +323,7 @@ class AdapterVersion:
             "description": self.description,
             "composed_from": [[ref, weight] for ref, weight in self.composed_from],
             **({"quarantine_reason": self.quarantine_reason} if self.quarantine_reason else {}),
+            **({"uploaded_us": self.uploaded_us} if self.uploaded_us else {}),
         }
 
     @classmethod
@@ -329,6 +339,9 @@ class AdapterVersion:
         reason = obj.get("quarantine_reason", "")
         if not isinstance(reason, str):
             raise IntegrityError("stored manifest: field 'quarantine_reason' has the wrong type")
+        uploaded_us = obj.get("uploaded_us", 0)
+        if isinstance(uploaded_us, bool) or not isinstance(uploaded_us, int) or uploaded_us < 0:
+            raise IntegrityError("stored manifest: field 'uploaded_us' has the wrong type")
         composed: list[tuple[str, float]] = []
         for item in _get(obj, "composed_from", list):
             if (
@@ -356,7 +369,16 @@ class AdapterVersion:
             description=_get(obj, "description", str),
             composed_from=tuple(composed),
             quarantine_reason=reason,
+            uploaded_us=uploaded_us,
         )
+
+
+def _created_us(created_at: str) -> int:
+    """`created_at` (RFC 3339) in microseconds since the epoch; 0 if it does not parse."""
+    try:
+        return int(datetime.fromisoformat(created_at).timestamp() * 1_000_000)
+    except ValueError:
+        return 0
 
 
 def route_point(caller: str, owner: str, name: str, alias: str, routing_key: str) -> float:
@@ -428,6 +450,27 @@ class Manifest:
     evaluations: dict[str, tuple[EvaluationResult, ...]] = field(default_factory=dict)
     #: Alias -> what a version needs before the alias may point at it.
     alias_policies: dict[str, AliasPolicy] = field(default_factory=dict)
+    #: The retention policy: keep the newest `keep_last` versions (by upload time) and every
+    #: version an alias points at, retire the others (`expired`). None: keep every version.
+    keep_last: int | None = None
+
+    def expired(self) -> list[str]:
+        """The versions the retention policy retires now: the active ones that are neither
+        among the newest `keep_last` (by `AdapterVersion.upload_order`) nor pointed at by an
+        alias, plain or weighted. Quarantined versions are never retired by it (nor counted):
+        they stay for the operator. [] without a policy."""
+        if self.keep_last is None:
+            return []
+        active = sorted(
+            (v for v in self.versions.values() if v.status == "active"),
+            key=lambda v: v.upload_order,
+            reverse=True,
+        )
+        kept = {v.sha for v in active[: self.keep_last]}
+        kept.update(self.aliases.values())
+        for split in self.alias_weights.values():
+            kept.update(split)
+        return sorted(v.sha for v in active if v.sha not in kept)
 
     def usable_by(self, tenant: str, *, operator: bool = False) -> bool:
         """`can_use` for this adapter: live, and `tenant` is its owner, a grantee or an operator."""
@@ -502,6 +545,8 @@ class Manifest:
             data["alias_policies"] = {
                 alias: policy.to_dict() for alias, policy in sorted(self.alias_policies.items())
             }
+        if self.keep_last is not None:
+            data["retention"] = {"keep_last": self.keep_last}
         return json.dumps(data, indent=2, sort_keys=True).encode()
 
     @classmethod
@@ -524,6 +569,7 @@ class Manifest:
                 raise IntegrityError(f"manifest alias {alias[:80]!r} points at no live version")
             aliases[alias] = sha
         alias_weights = _alias_weights(obj.get("alias_weights", {}), aliases, versions)
+        keep_last = _retention(obj.get("retention"))
         status = _get(obj, "status", str)
         if status not in ("active", "revoked"):
             raise IntegrityError(f"manifest has an unknown status {status[:20]!r}")
@@ -546,7 +592,19 @@ class Manifest:
                 obj.get("evaluations", {}), [*versions, *_str_list(_get(obj, "revoked", list))]
             ),
             alias_policies=parse_alias_policies(obj.get("alias_policies", {})),
+            keep_last=keep_last,
         )
+
+
+def _retention(raw: object) -> int | None:
+    """The stored retention policy's `keep_last` (None: absent, keep every version)."""
+    if raw is None:
+        return None
+    obj = _obj(raw, "manifest retention")
+    keep_last = obj.get("keep_last")
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise IntegrityError("stored manifest: retention keep_last must be an integer >= 1")
+    return keep_last
 
 
 def _alias_weights(

@@ -17,9 +17,11 @@ import functools
 import hashlib
 import logging
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from types import EllipsisType
 from typing import Protocol
 
 from adapter_store.backend import BlobBackend
@@ -76,6 +78,7 @@ from adapter_store.pages import MAX_PAGE, all_pages, list_page
 from adapter_store.quota import Quota, Usage, UsageLedger
 from adapter_store.sharing import ShareIndex, ShareRepair
 from adapter_store.spool import Spool
+from adapter_store.sweep import SweepReport, sweep_orphans
 from adapter_store.upload import (
     SpooledAdapter,
     TemplateCheck,
@@ -197,6 +200,14 @@ class AdapterStore(Protocol):
     ) -> list[str]: ...
 
     def purge(self, tenant: str, name: str, shas: Iterable[str]) -> None: ...
+
+    def set_retention(
+        self, tenant: str, name: str, keep_last: int | None, *, delete_objects: bool = True
+    ) -> tuple[Manifest, list[str]]: ...
+
+    def retire_expired(
+        self, tenant: str, name: str, *, delete_objects: bool = True
+    ) -> tuple[Manifest, list[str]]: ...
 
     def quarantine(self, tenant: str, name: str, sha: str, reason: str) -> Manifest: ...
 
@@ -374,6 +385,7 @@ class Registry:
             use_rslora=validated.use_rslora,
             description=description,
             composed_from=composed_from,
+            uploaded_us=time.time_ns() // 1000,
         )
         existing = self._manifests.read(tenant, name)
         # What this publish adds, charged before anything is stored (and refused beyond the
@@ -435,7 +447,22 @@ class Registry:
             # A concurrent writer published the same bytes or created the name meanwhile: make
             # the usage say what this publish really added.
             self._usage.change(tenant, added[0] - charged[0], added[1] - charged[1], None, "")
+        if written:
+            self._recheck(written, paths)
         return published
+
+    def _recheck(self, keys: Sequence[str], paths: Mapping[str, Path]) -> None:
+        """After the manifest names a version whose objects this publish (re)wrote: write any
+        of them again that is gone. The orphan sweeper deletes an old object only after a
+        second look at its age (adapter_store.sweep); this closes the last window, in which it
+        deleted the object of a crashed upload just as a re-upload of the same bytes rewrote it.
+        """
+        for key in keys:
+            try:
+                self.backend.modified(key)
+            except BlobNotFound:
+                log.warning("publish: an object of the new version was gone; written again")
+                self.backend.put_file(key, paths[key.rsplit("/", 1)[1]])
 
     def _clean_up(self, tenant: str, name: str, sha: str, keys: Iterable[str]) -> None:
         """Delete objects of a failed publish unless a manifest now refers to them."""
@@ -846,6 +873,79 @@ class Registry:
             return replace(current, versions=versions)
 
         return self._manifests.update(tenant, name, change)
+
+    # --- retention and garbage collection ----------------------------------------------------
+
+    def set_retention(
+        self, tenant: str, name: str, keep_last: int | None, *, delete_objects: bool = True
+    ) -> tuple[Manifest, list[str]]:
+        """Set the adapter's retention policy (keep the newest `keep_last` versions and every
+        aliased one; None: keep every version) and apply it in the same manifest write;
+        return the manifest and the shas it retired. `keep_last` < 1 is refused
+        (InvalidAdapter), the manifest unchanged. `delete_objects` as for `revoke`."""
+        if keep_last is not None and (
+            isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1
+        ):
+            raise InvalidAdapter(
+                "retention: keep_last must be an integer >= 1 (or no policy: keep every version)"
+            )
+        return self._retire(tenant, name, keep_last, delete_objects)
+
+    def retire_expired(
+        self, tenant: str, name: str, *, delete_objects: bool = True
+    ) -> tuple[Manifest, list[str]]:
+        """Apply the adapter's retention policy now (after an upload): the versions
+        `Manifest.expired` names are revoked in one manifest write, exactly as `revoke` does
+        one (tombstoned in `revoked`, usage refunded, objects purged unless `delete_objects`
+        is False). Returns the manifest and the shas retired ([] without a policy)."""
+        return self._retire(tenant, name, ..., delete_objects)
+
+    def _retire(
+        self,
+        tenant: str,
+        name: str,
+        keep_last: int | EllipsisType | None,
+        delete_objects: bool,
+    ) -> tuple[Manifest, list[str]]:
+        retired: list[str] = []
+        freed = [0]
+
+        def change(current: Manifest | None) -> Manifest:
+            manifest = live(current, name)
+            if not isinstance(keep_last, EllipsisType):
+                manifest = replace(manifest, keep_last=keep_last)
+            shas = manifest.expired()
+            retired[:] = shas
+            freed[0] = sum(manifest.versions[sha].total_bytes for sha in shas)
+            if shas:
+                # Expired versions have no alias (`expired` keeps every aliased one).
+                manifest = replace(
+                    manifest,
+                    versions={s: v for s, v in manifest.versions.items() if s not in shas},
+                    revoked=tuple(sorted({*manifest.revoked, *shas})),
+                )
+            return current if manifest == current else manifest
+
+        manifest = self._manifests.update(tenant, name, change)
+        if freed[0]:
+            self._usage.refund(tenant, freed[0], 0)
+        if delete_objects:
+            self.purge(tenant, name, retired)
+        return manifest, list(retired)
+
+    def sweep_orphans(
+        self, tenant: str | None = None, *, min_age_s: float, dry_run: bool = False
+    ) -> SweepReport:
+        """Delete version objects that no manifest names (a crash between a publish's objects
+        and its manifest, an interrupted purge) and that are older than `min_age_s`, which must
+        exceed the longest an upload can take (the gateway's `upload_timeout_s`) plus any clock
+        skew between this host and the store. Never deletes what a concurrent upload is about
+        to publish: adapter_store.sweep says why. Paged listings, one adapter at a time."""
+        if tenant is not None:
+            check_name(tenant, "tenant")
+        return sweep_orphans(
+            self.backend, self._manifests.read, tenant=tenant, min_age_s=min_age_s, dry_run=dry_run
+        )
 
     def purge(self, tenant: str, name: str, shas: Iterable[str]) -> None:
         """Delete the objects of revoked versions (idempotent)."""

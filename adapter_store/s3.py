@@ -34,7 +34,7 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
-from adapter_store.backend import Keys
+from adapter_store.backend import Keys, Stamped
 from adapter_store.errors import (
     BlobNotFound,
     PreconditionFailed,
@@ -193,6 +193,30 @@ class S3Backend:
         # one listing; if it did, AWS's interleaving is byte order.)
         keys = sorted(files + folders_found) if files and folders_found else files + folders_found
         return [k for k in keys if k != start_after], bool(response.get("IsTruncated"))
+
+    def modified(self, key: str) -> float:
+        with _mapped(key):
+            response = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return response["LastModified"].timestamp()
+
+    def list_page_modified(
+        self, prefix: str, *, start_after: str = "", limit: int = 1000
+    ) -> tuple[Stamped, bool]:
+        strip = len(self._key(""))
+        params: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": self._key(prefix),
+            "MaxKeys": limit,
+        }
+        if start_after:
+            params["StartAfter"] = self._key(start_after)
+        with _mapped(prefix):
+            response = self._client.list_objects_v2(**params)
+        stamped = [
+            (item["Key"][strip:], item["LastModified"].timestamp())
+            for item in response.get("Contents", [])
+        ]
+        return [s for s in stamped if s[0] != start_after], bool(response.get("IsTruncated"))
 
 
 def _code(exc: ClientError) -> str:

@@ -63,6 +63,7 @@ __all__ = [
     "AdapterPage",
     "Adapters",
     "ResidencyPage",
+    "Retention",
     "Revoked",
     "TenantUsage",
     "UploadChunk",
@@ -103,6 +104,14 @@ class UploadChunk:
 UploadMessage: TypeAlias = UploadHeader | UploadChunk | None
 
 
+@dataclass
+class _UploadMeter:
+    """One upload's bytes received and the seconds spent waiting for the client's messages."""
+
+    received: int = 0
+    waited: float = 0.0
+
+
 @dataclass(frozen=True)
 class TenantUsage:
     """What a tenant stores, against its quota."""
@@ -140,6 +149,16 @@ class ResidencyPage:
     disk_budget_bytes: int
     disk_used_bytes: int
     next_page_token: str
+
+
+@dataclass(frozen=True)
+class Retention:
+    """What SetRetention did: the manifest with its policy, the versions retired (sha256s),
+    and the in-flight requests on them aborted."""
+
+    manifest: Manifest
+    retired: list[str]
+    aborted: int
 
 
 @dataclass(frozen=True)
@@ -292,42 +311,48 @@ class Adapters:
         except TimeoutError:
             raise errors.DeadlineExceeded(f"upload did not finish within {timeout:g}s") from None
         self._audit(principal, "UploadAdapter", version.tenant, version.name, version.version_id)
+        await self._retire_expired(principal, version.tenant, version.name)
         if self.settings.prefetch_on_upload:
             await self.residency.prefetch(version, self._limits(principal))
         return version
 
     async def _next_message(
-        self, stream: AsyncIterator[UploadMessage], started: float, received: int
+        self, stream: AsyncIterator[UploadMessage], meter: _UploadMeter
     ) -> tuple[bool, UploadMessage]:
         """(False, None) at the end, else (True, the next message); DeadlineExceeded if the
         stream is too slow.
 
         After `upload_rate_grace_s`, the stream must have delivered `upload_min_rate_bytes_s`
-        per second on average: the wait for the next message ends when the bytes received so
-        far stop being enough, so a stream that drips or goes silent is closed at once.
+        per second on average of the time spent waiting for it: the wait for the next message
+        ends when the bytes received so far stop being enough, so a stream that drips or goes
+        silent is closed at once. Time the gateway itself spends (store writes, a busy store
+        while the upload begins) is not the client's and is not counted.
         """
         rate = self.settings.upload_min_rate_bytes_s
         if rate <= 0:
             return await _next(stream)
         loop = asyncio.get_running_loop()
-        allowed_until = started + self.settings.upload_rate_grace_s + received / rate
+        allowed = self.settings.upload_rate_grace_s + meter.received / rate - meter.waited
+        began = loop.time()
         try:
-            async with asyncio.timeout_at(allowed_until):
+            async with asyncio.timeout(max(0.0, allowed)):
                 return await _next(stream)
         except TimeoutError:
-            elapsed = loop.time() - started
+            waited = meter.waited + loop.time() - began
             raise errors.DeadlineExceeded(
-                f"upload too slow: {received} bytes in {elapsed:.1f}s, below the minimum of "
-                f"{rate} bytes/s after {self.settings.upload_rate_grace_s:g}s"
+                f"upload too slow: {meter.received} bytes in {waited:.1f}s of waiting for the "
+                f"client, below the minimum of {rate} bytes/s after "
+                f"{self.settings.upload_rate_grace_s:g}s"
             ) from None
+        finally:
+            meter.waited += loop.time() - began
 
     async def _receive(
         self, principal: Principal, messages: AsyncIterator[UploadMessage]
     ) -> AdapterVersion:
-        started = asyncio.get_running_loop().time()
-        received = 0
+        meter = _UploadMeter()
         stream = aiter(messages)
-        _, header = await self._next_message(stream, started, received)
+        _, header = await self._next_message(stream, meter)
         if not isinstance(header, UploadHeader):
             raise errors.InvalidArgument("the first UploadAdapter message must be the header")
         tenant = Policy.effective_tenant_for_adapter(principal, header.tenant)
@@ -355,13 +380,13 @@ class Adapters:
                 raise
             try:
                 while True:
-                    more, message = await self._next_message(stream, started, received)
+                    more, message = await self._next_message(stream, meter)
                     if not more:
                         break
                     if not isinstance(message, UploadChunk):
                         raise errors.InvalidArgument("only one header per upload")
                     await self._store(principal, upload.write, message.filename, message.data)
-                    received += len(message.data)
+                    meter.received += len(message.data)
                 version = await self._store(principal, upload.commit)
             except BaseException as exc:
                 self._refused(exc)
@@ -602,6 +627,7 @@ class Adapters:
                 raise
         self.residency.forget(tenant, name)
         self._audit(principal, "ComposeAdapter", tenant, name, version.version_id)
+        await self._retire_expired(principal, tenant, name)
         return version
 
     async def revoke(
@@ -619,14 +645,32 @@ class Adapters:
         shas = await self._store(
             principal, self.store.revoke, tenant, name, version, delete_objects=False
         )
+        aborted = await self._unload_revoked(
+            principal, tenant, name, shas, whole=version is None, started=started
+        )
+        self._audit(principal, "RevokeAdapter", tenant, name, ",".join(shas))
+        return Revoked(shas, aborted)
+
+    async def _unload_revoked(
+        self,
+        principal: Principal,
+        tenant: str,
+        name: str,
+        shas: Sequence[str],
+        *,
+        whole: bool = False,
+        started: float,
+    ) -> int:
+        """What follows the store's mark of revoked versions on this replica: block → abort →
+        unload → purge (DESIGN invariant 7). Returns the requests aborted."""
         keys = [(tenant, name, sha) for sha in shas]
         self.residency.block(keys)
-        if version is None:
+        if whole:
             keys = list(dict.fromkeys([*keys, *self.residency.block_name(tenant, name)]))
         else:
             self.residency.forget(tenant, name)
         aborted = await self.residency.unload(keys)
-        await self._store(principal, self.store.purge, tenant, name, shas)
+        await self._store(principal, self.store.purge, tenant, name, list(shas))
         log.info(
             "revoked %d version(s) of %s/%s, aborted %d request(s) in %.3fs",
             len(shas),
@@ -635,8 +679,60 @@ class Adapters:
             aborted,
             time.perf_counter() - started,
         )
-        self._audit(principal, "RevokeAdapter", tenant, name, ",".join(shas))
-        return Revoked(shas, aborted)
+        return aborted
+
+    # --- retention ----------------------------------------------------------------------------
+    async def set_retention(
+        self, principal: Principal, tenant: str, name: str, keep_last: int | None
+    ) -> Retention:
+        """Store the adapter's retention policy (keep the newest `keep_last` versions plus
+        every aliased one; None: keep every version) and apply it at once: the versions it
+        retires are revoked exactly like RevokeAdapter's (the store marks them, then this
+        replica aborts, unloads and purges; other replicas follow the change feed). Refused
+        with INVALID_ARGUMENT for `keep_last` < 1, the manifest unchanged. Audited."""
+        tenant = Policy.effective_tenant_for_adapter(principal, tenant)
+        started = time.perf_counter()
+        manifest, shas = await self._store(
+            principal, self.store.set_retention, tenant, name, keep_last, delete_objects=False
+        )
+        aborted = 0
+        if shas:
+            aborted = await self._unload_revoked(principal, tenant, name, shas, started=started)
+        await self.residency.apply_manifest(manifest)
+        policy = "keep every version" if keep_last is None else f"keep_last={keep_last}"
+        self._audit(
+            principal,
+            "SetRetention",
+            tenant,
+            name,
+            ",".join(f"sha256:{sha}" for sha in shas),
+            f"{policy}; retired {len(shas)}",
+        )
+        return Retention(manifest, shas, aborted)
+
+    async def _retire_expired(self, principal: Principal, tenant: str, name: str) -> None:
+        """After an upload or a composition: apply the adapter's retention policy (none: no
+        write). A failure is logged, never the upload's: the version is published, and the
+        policy applies again at the next upload or SetRetention."""
+        started = time.perf_counter()
+        try:
+            _, shas = await self._store(
+                principal, self.store.retire_expired, tenant, name, delete_objects=False
+            )
+            if shas:
+                await self._unload_revoked(principal, tenant, name, shas, started=started)
+        except (StoreError, errors.GatewayError) as exc:
+            log.warning("retention of %s/%s not applied after an upload: %s", tenant, name, exc)
+            return
+        if shas:
+            self._audit(
+                principal,
+                "SetRetention",
+                tenant,
+                name,
+                ",".join(f"sha256:{sha}" for sha in shas),
+                f"retention after an upload: retired {len(shas)}",
+            )
 
     async def quarantine(
         self, versions: Sequence[AdapterVersion], mismatches: Sequence[str]

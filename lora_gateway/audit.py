@@ -5,8 +5,9 @@ version), the decision ("allow", "deny", "error") and the gRPC status name. API 
 generated text are never recorded; `detail` is a short, truncated note.
 
 `AuditLog.record` is cheap and synchronous: it formats the event and puts it on a queue. A
-`logging.handlers.QueueListener` thread writes the file (or hands the event to the
-`lora_gateway.audit` logger when no file is configured), so the event loop never waits on disk.
+writer thread (`jsonlines.JsonLines`, shared with the usage records) writes the file (or hands
+the event to the `lora_gateway.audit` logger when no file is configured), so the event loop
+never waits on disk.
 
 Example line::
 
@@ -18,16 +19,11 @@ Example line::
 
 from __future__ import annotations
 
-import json
-import logging
-import logging.handlers
-import queue
-from datetime import UTC, datetime
-from types import TracebackType
 from typing import Literal
 
 import grpc
 
+from lora_gateway.jsonlines import JsonLinesLog, clip, now
 from lora_gateway.tenancy import Principal
 
 __all__ = ["AUDIT_LOGGER", "AuditLog", "Decision"]
@@ -38,58 +34,16 @@ AUDIT_MESSAGE = "audit"
 Decision = Literal["allow", "deny", "error"]
 _DECISIONS = frozenset({"allow", "deny", "error"})
 _MAX_DETAIL = 200
-_MAX_FIELD = 256
 
 
-def _now() -> str:
-    """RFC 3339 UTC with millisecond precision, e.g. 2025-01-31T12:00:00.123Z."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _clip(value: str, limit: int) -> str:
-    return value if len(value) <= limit else value[: limit - 1] + "…"
-
-
-class _EventLine(logging.Formatter):
-    """The audit file's line: the event's fields as one JSON object."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(record.__dict__["audit"], ensure_ascii=False, separators=(", ", ": "))
-
-
-class _ToLogger(logging.Handler):
-    """Runs in the listener thread: passes each event to the `lora_gateway.audit` logger."""
-
-    def __init__(self, logger: logging.Logger) -> None:
-        super().__init__()
-        self._logger = logger
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self._logger.isEnabledFor(record.levelno):
-            self._logger.handle(record)
-
-
-class AuditLog:
+class AuditLog(JsonLinesLog):
     """JSON-lines audit log. `path=None`: events go to the `lora_gateway.audit` logger only.
 
     Opening the file happens in the constructor (call it at start-up, or in a thread).
     """
 
     def __init__(self, path: str | None) -> None:
-        self.path = path
-        self._logger = logging.getLogger(AUDIT_LOGGER)
-        self._queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-        self._sink: logging.Handler
-        if path:
-            sink = logging.handlers.WatchedFileHandler(path, encoding="utf-8")  # logrotate-safe
-            sink.setFormatter(_EventLine())
-            self._sink = sink
-        else:
-            self._sink = _ToLogger(self._logger)
-        self._enqueue = logging.handlers.QueueHandler(self._queue)
-        self._listener = logging.handlers.QueueListener(self._queue, self._sink)
-        self._listener.start()
-        self._closed = False
+        super().__init__(path, logger=AUDIT_LOGGER, field=AUDIT_MESSAGE)
 
     def record(
         self,
@@ -112,65 +66,18 @@ class AuditLog:
         if decision not in _DECISIONS:
             raise ValueError(f"decision must be allow, deny or error, got {decision!r}")
         event = {
-            "ts": _now(),
+            "ts": now(),
             "principal_tenant": principal.tenant if principal else "",
             "role": principal.role.value if principal else "",
             "key_id": principal.key_id if principal else "",
-            "rpc": _clip(rpc, _MAX_FIELD),
-            "tenant": _clip(tenant, _MAX_FIELD),
-            "adapter": _clip(adapter, _MAX_FIELD),
-            "version": _clip(version, _MAX_FIELD),
+            "rpc": clip(rpc),
+            "tenant": clip(tenant),
+            "adapter": clip(adapter),
+            "version": clip(version),
             "decision": decision,
             "code": code.name if isinstance(code, grpc.StatusCode) else str(code),
-            "detail": _clip(detail, _MAX_DETAIL),
-            "request_id": _clip(request_id, _MAX_FIELD),
+            "detail": clip(detail, _MAX_DETAIL),
+            "request_id": clip(request_id),
         }
-        if self._closed:
-            # Late events (after shutdown) still reach the logger rather than vanish.
-            self._logger.warning("audit event after close: %s", json.dumps(event))
-            return event
-        # One structured record per event: the fields travel once, under `audit`; the file sink
-        # writes them as the line, the JSON log formatter (logs.py) nests them.
-        record = logging.LogRecord(
-            name=AUDIT_LOGGER,
-            level=logging.INFO,
-            pathname=__file__,
-            lineno=0,
-            msg=AUDIT_MESSAGE,
-            args=None,
-            exc_info=None,
-        )
-        record.__dict__["audit"] = event
-        self._enqueue.handle(record)
+        self._lines.put(event)
         return event
-
-    def flush(self) -> None:
-        """Wait until every queued event is written (blocking: tests, shutdown)."""
-        if self._closed:
-            return
-        self._listener.stop()  # drains the queue, then joins the thread
-        self._sink.flush()
-        self._listener.start()
-
-    def close(self) -> None:
-        """Write what is queued, stop the writer thread and close the file. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._listener.stop()
-        self._sink.flush()
-        self._sink.close()
-
-    def __enter__(self) -> AuditLog:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"AuditLog(path={self.path!r})"

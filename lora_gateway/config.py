@@ -138,7 +138,14 @@ class Settings(BaseSettings):
     max_loras: int = Field(4, ge=1)
     """Adapters usable in one batch (the engine's GPU slots)."""
     max_cpu_loras: int = Field(8, ge=1)
-    """Adapters the engine keeps loaded; the residency capacity (LRU beyond it)."""
+    """Adapters the engine keeps loaded; the residency capacity (a segmented LRU beyond it:
+    versions used once since their load go first)."""
+    host_lora_budget_bytes: int = Field(0, ge=0)
+    """Bytes of adapter weights the host tier (vLLM's CPU LoRA cache: the versions loaded in the
+    engine) may hold, counted by each version's real size (its weights file). Loads evict idle
+    versions until both this and `max_cpu_loras` fit; a version larger than the whole budget
+    is refused (RESOURCE_EXHAUSTED). 0 = bounded by `max_cpu_loras` only. Size it with
+    `max_cpu_loras` as the most versions vLLM tracks: e.g. 1 GiB and 256 for small adapters."""
     max_lora_rank: LoraRank = 64
     """Largest adapter rank accepted (one of vLLM's: 1, 8, 16, 32, 64, 128, 256, 320, 512)."""
     max_model_len: int | None = Field(None, ge=1)
@@ -317,6 +324,12 @@ class Settings(BaseSettings):
     `lora-gateway serve` exits 1 (Kubernetes restarts the pod)."""
     audit_log: str | None = None
     """JSON-lines audit log of admin actions and denials; None logs to the `audit` logger."""
+    usage_log: str | None = None
+    """JSON-lines usage records: one per inference call (Generate, GenerateStream, the OpenAI
+    front's completions and chat completions), with its tenant, key id, adapter version, prompt
+    and completion tokens, latency, finish reason, request id and status code, never a prompt
+    or an output; written by a thread, like `audit_log`. `lora-gateway usage` sums them. None
+    logs them to the `lora_gateway.usage` logger."""
     vllm_open_adapter_routes: bool = False
     """vLLM plugin only: let `vllm serve` start without the `lora_gateway_guard` endpoint
     plugin, with vLLM's /v1/load_lora_adapter, /v1/unload_lora_adapter and /adapters open to

@@ -1,63 +1,85 @@
-"""`lora-gateway demo`: the whole story on a tiny generated model and a local store, offline.
+"""`lora-gateway demo`: what adapters are for, on a tiny generated model and a local store, offline.
 
-1. generate a tiny Llama and three PEFT adapters;
-2. start the gateway on 127.0.0.1 (local folder store, two tenants, an operator);
-3. upload the adapters through the Admin API, generate with each and with the base model;
-4. ask an adapter for JSON that follows a schema, from a chat conversation, through gRPC (the SDK)
-   and through the OpenAI-compatible HTTP API (any OpenAI client works; the demo uses the
-   standard library's HTTP client so that it needs nothing more);
-5. show a cross-tenant request refused, roll an alias back, revoke an adapter and show the next
-   request refused; print a summary and exit 0.
+1. build the demo's base model (a random tiny Llama, never trained; cached);
+2. train two LoRA adapters on it with PEFT on the CPU (`demo_training`): acme's "invoices"
+   extracts an invoice's fields as JSON, globex's "support" answers in its house style. Both
+   are cached under the work folder (`<work>/trained/`, named by the sha256 of their recipe: a
+   changed recipe trains again, `--retrain` always does). Meanwhile the gateway starts on
+   127.0.0.1 (local folder store in `<work>/run/`, two tenants with an admin and an app key
+   each, the OpenAI-compatible HTTP API on): the engine runs in processes of its own, the
+   training on one core;
+3. upload the adapters through the Admin API;
+4. acme's app extracts invoices through gRPC (the SDK) with the JSON schema enforced, next to
+   the base model given the same schema;
+5. the same through the `openai` package against the OpenAI-compatible API;
+6. globex's app asks support questions: the adapter next to the base model;
+7. show a cross-tenant request refused; 8. upload an untrained draft as support@prod, roll the
+   alias back; 9. revoke an adapter and show the next request refused; print a summary, exit 0.
+
+The examples shown are held out from training (`demo_training.held_out`): their invoice
+numbers and totals, and their question phrasings, are new to the adapters.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import secrets
 import shutil
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lora_gateway import devtools, errors
+from lora_gateway import demo_training, devtools, errors
 from lora_gateway.client import AsyncGatewayClient, ChatMessage, GenerateOptions, ResidencyTier
 from lora_gateway.config import Settings
 from lora_gateway.server import GatewayServer
 from lora_gateway.tenancy import hash_key
 
-PROMPT = "the tenant sends a request to the gateway"
-TOKENS = 12
-GREEDY = GenerateOptions(max_tokens=TOKENS)  # temperature unset: the server's default, 0
-#: Structured output: what an extraction adapter would be asked for.
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"urgent": {"type": "boolean"}, "team": {"enum": ["billing", "tech", "sales"]}},
-    "required": ["urgent", "team"],
-    "additionalProperties": False,
-}
-CHAT = [
-    ChatMessage("system", "Route the ticket: answer in JSON."),
-    ChatMessage("user", "my invoice is wrong and I am charged twice"),
-]
+#: The default work folder: trained adapters are kept here between runs.
+DEFAULT_WORKDIR = Path.home() / ".cache" / "lora-gateway" / "demo"
+#: The run's own files (store, disk cache, tenants file), replaced at every run.
+RUN_FOLDER = "run"
+_RUN_MARK = ".lora-gateway-demo-run"
+MAX_TOKENS = 64
+GREEDY = GenerateOptions(max_tokens=MAX_TOKENS)  # temperature unset: the server's default, 0
+#: The schema enforced on the invoices adapter's answers, compact (no whitespace).
+EXTRACT = GenerateOptions(
+    max_tokens=MAX_TOKENS,
+    json_schema=json.dumps(demo_training.INVOICE_SCHEMA),
+    disable_any_whitespace=True,
+)
+SHOWN = 3  # held-out examples shown per adapter
 
 
-def _post_json(url: str, key: str, body: dict[str, Any]) -> dict[str, Any]:
-    """One OpenAI-style HTTP call with the standard library (run in a thread)."""
-    request = urllib.request.Request(  # noqa: S310 (an http URL to 127.0.0.1, built here)
-        url,
-        data=json.dumps(body).encode(),
-        headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 (127.0.0.1)
-        answer: dict[str, Any] = json.load(response)
-    return answer
+def _chat(text: str) -> list[ChatMessage]:
+    return [ChatMessage("user", text)]
+
+
+def _short(text: str, width: int = 72) -> str:
+    """`text` quoted, cut to `width` characters."""
+    text = repr(text)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _extracted(text: str, example: demo_training.Example) -> str:
+    """Whether an answer holds exactly the invoice's fields, said in a few words."""
+    try:
+        fields = json.loads(text)
+    except ValueError:
+        return f"not JSON: cut at {MAX_TOKENS} tokens"
+    return "all fields right" if fields == example.fields else "wrong fields"
+
+
+def _house_style(text: str) -> str:
+    greeting = text.startswith(demo_training.SUPPORT_GREETING)
+    signoff = text.endswith(demo_training.SUPPORT_SIGNOFF)
+    return "house style" if greeting and signoff else "not the house style"
 
 
 def _say(text: str = "") -> None:
@@ -78,34 +100,106 @@ def _write_tenants(path: Path, roles: dict[str, tuple[str, str]], keys: dict[str
     path.write_text(yaml.safe_dump({"tenants": tenants}, sort_keys=True))
 
 
-async def _run(work: Path) -> None:
+def _fresh_run_folder(work: Path) -> Path:
+    """`<work>/run`, emptied: removed only if an earlier demo run made it (its mark file)."""
+    run = work / RUN_FOLDER
+    if run.exists():
+        if not (run / _RUN_MARK).is_file():
+            raise RuntimeError(
+                f"{run} exists and was not made by the demo: choose another --workdir"
+            )
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    (run / _RUN_MARK).write_text("made by lora-gateway demo; replaced at every run\n")
+    return run
+
+
+def _trained_line(
+    tenant: str, recipe: demo_training.Recipe, trained: demo_training.Trained, losses: list[float]
+) -> str:
+    what = (
+        f"{tenant}'s {recipe.task!r:<10} rank {recipe.rank}, {recipe.steps} steps x {recipe.batch}"
+    )
+    if not trained.built:
+        return f"    {what}: cached ({trained.path.name})"
+    return (
+        f"    {what}: trained in {trained.seconds:.0f}s, loss {losses[0]:.2f} -> {losses[-1]:.3f}"
+    )
+
+
+async def _train(cache: Path, model: demo_training.Trained, retrain: bool) -> dict[str, Path]:
+    """Each tenant's adapter, trained (or found in the cache) in a thread, one after the other."""
+    folders: dict[str, Path] = {}
+    for tenant, recipe in (("acme", demo_training.INVOICES), ("globex", demo_training.SUPPORT)):
+        losses: list[float] = []
+
+        def progress(_step: int, loss: float, losses: list[float] = losses) -> None:
+            losses.append(loss)
+
+        trained = await asyncio.to_thread(
+            demo_training.cached_adapter,
+            cache,
+            model,
+            recipe,
+            retrain=retrain,
+            progress=progress,
+        )
+        folders[recipe.task] = trained.path
+        _say(_trained_line(tenant, recipe, trained, losses))
+    return folders
+
+
+async def _start_while_training(
+    settings: Settings, cache: Path, model: demo_training.Trained, retrain: bool
+) -> tuple[GatewayServer, dict[str, Path]]:
+    """Start the gateway and train the adapters at once (the engine starts in processes of its
+    own; training takes one core); stop the gateway again if training fails."""
     started = time.perf_counter()
-    _step(1, f"generating a tiny Llama and three LoRA adapters in {work}")
-    model = await asyncio.to_thread(devtools.make_model, work / "model")
-    specs = {
-        "support": devtools.AdapterSpec(seed=1, rank=8),
-        "legal": devtools.AdapterSpec(seed=2, rank=16, target_modules=devtools.ALL_MODULES),
-        "legal-v2": devtools.AdapterSpec(seed=3, rank=8, use_rslora=True),
-    }
-    folders = {
-        name: await asyncio.to_thread(devtools.make_adapter, model, work / "adapters" / name, spec)
-        for name, spec in specs.items()
-    }
+    starting = asyncio.create_task(GatewayServer.start(settings))
+    try:
+        folders = await _train(cache, model, retrain)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await (await starting).stop(grace=0)
+        raise
+    server = await starting
+    _say(
+        f"    gateway serving on 127.0.0.1:{server.port} "
+        f"{time.perf_counter() - started:.0f}s after its start; tenants: acme, globex"
+    )
+    _say(f"    OpenAI-compatible API on http://127.0.0.1:{server.openai_port}/v1")
+    return server, folders
+
+
+async def _run(work: Path, retrain: bool) -> None:
+    started = time.perf_counter()
+    cache = work / "trained"
+    run = _fresh_run_folder(work)
+    _step(1, f"the base model (cached in {cache})")
+    model = await asyncio.to_thread(demo_training.cached_model, cache, rebuild=retrain)
+    state = f"built in {model.seconds:.0f}s" if model.built else "cached"
+    _say(
+        f"    a random tiny Llama ({devtools.TINY_LAYERS} layers, hidden "
+        f"{devtools.TINY_HIDDEN}) and its tokenizer, {state}: {model.path.name}"
+    )
+    _say("    never trained: it answers noise. Each adapter below is the only training it sees")
 
     roles = {
         "acme-admin": ("acme", "tenant-admin"),
         "acme-app": ("acme", "user"),
+        "globex-admin": ("globex", "tenant-admin"),
         "globex-app": ("globex", "user"),
     }
     keys = {key_id: secrets.token_urlsafe(24) for key_id in roles}
-    _write_tenants(work / "tenants.yaml", roles, keys)
+    _write_tenants(run / "tenants.yaml", roles, keys)
     settings = Settings.from_mapping(
         {
-            "model": str(model),
-            "base_model_aliases": [devtools.TINY_MODEL_NAME],
-            "store": f"file://{work / 'store'}",
-            "cache_dir": str(work / "cache"),
-            "tenants_file": str(work / "tenants.yaml"),
+            "model": str(model.path),
+            "base_model_aliases": [demo_training.DEMO_MODEL_NAME],
+            "openai_model_name": demo_training.DEMO_MODEL_NAME,
+            "store": f"file://{run / 'store'}",
+            "cache_dir": str(run / "cache"),
+            "tenants_file": str(run / "tenants.yaml"),
             "listen": "127.0.0.1:0",
             "openai_listen": "127.0.0.1:0",
             "dtype": "float32",
@@ -119,114 +213,178 @@ async def _run(work: Path) -> None:
             "drain_grace_s": 2.0,
         }
     )
-    _step(2, "starting the gateway (vLLM engine in-process, isolation self-test) ...")
-    server = await GatewayServer.start(settings)
-    target = f"127.0.0.1:{server.port}"
-    _say(
-        f"    serving on {target} after {time.perf_counter() - started:.0f}s; tenants: acme, globex"
+    # An untrained draft (random weights), uploaded by mistake in step 8.
+    draft = devtools.write_random_lora(
+        model.path,
+        run / "support-draft",
+        rank=8,
+        seed=7,
+        modules=devtools.ALL_MODULES,
+        base_model=demo_training.DEMO_MODEL_NAME,
     )
-    _say(f"    OpenAI-compatible API on http://127.0.0.1:{server.openai_port}/v1")
+    _step(
+        2,
+        "training two LoRA adapters with PEFT (CPU, float32) while the gateway starts\n"
+        "    (vLLM engine in-process, isolation self-test) ...",
+    )
+    server, folders = await _start_while_training(settings, cache, model, retrain)
+    folders["draft"] = draft
+    target = f"127.0.0.1:{server.port}"
 
     def client(key_id: str) -> AsyncGatewayClient:
         return AsyncGatewayClient(target, keys[key_id])
 
+    invoices = demo_training.held_out("invoices", SHOWN)
+    questions = demo_training.held_out("support", SHOWN - 1)
+    right = {"invoices": 0, "base-invoices": 0, "support": 0, "base-support": 0}
     try:
         async with (
-            client("acme-admin") as admin,
-            client("acme-app") as app,
+            client("acme-admin") as acme_admin,
+            client("acme-app") as acme,
+            client("globex-admin") as globex_admin,
             client("globex-app") as globex,
         ):
-            _step(3, "acme's admin uploads three adapters through the Admin API")
-            versions = {}
-            for name in ("support", "legal"):
-                info = await admin.upload_adapter(name, folders[name], aliases=("prod",))
-                versions[name] = info.version
-                _say(f"    {name:<8} rank {info.rank:<3} {info.version[:19]}...  latest, prod")
-            v2 = await admin.upload_adapter("legal", folders["legal-v2"], aliases=("prod",))
-            _say(f"    legal    rank {v2.rank:<3} {v2.version[:19]}...  (v2: moves latest, prod)")
-
-            _step(4, f"acme's app generates {TOKENS} tokens (greedy) after: {PROMPT!r}")
-            _say("    (a random tiny model: the token ids are what to compare, not the text)")
-            for adapter in ("", "support", "legal@prod"):
-                result = await app.generate(adapter, PROMPT, GREEDY)
-                served = result.adapter.version[:19] + "..." if result.adapter else "base model"
-                _say(f"    {adapter or '(base)':<11} -> {result.token_ids}  [{served}]")
-
-            _step(5, "structured output: a chat conversation, JSON following a schema")
-            constrained = GenerateOptions(
-                max_tokens=64, json_schema=json.dumps(SCHEMA), disable_any_whitespace=True
+            _step(3, "each tenant's admin uploads its adapter through the Admin API")
+            info = await acme_admin.upload_adapter(
+                "invoices", folders["invoices"], aliases=("prod",)
             )
-            result = await app.generate("support", CHAT, constrained)
-            _say(f"    gRPC   support -> {json.loads(result.text)}")
-            body = {
-                "model": "support",
-                "messages": [{"role": m.role, "content": m.content} for m in CHAT],
-                "max_tokens": 64,
-                "temperature": 0,  # OpenAI's default is 1; the SDK call above is greedy
-                "response_format": {
-                    "type": "json_schema",
-                    "json_schema": {"name": "ticket", "schema": SCHEMA},
-                },
-                "structured_outputs": {"disable_any_whitespace": True},
-            }
-            url = f"http://127.0.0.1:{server.openai_port}/v1/chat/completions"
-            answer = await asyncio.to_thread(_post_json, url, keys["acme-app"], body)
-            content = answer["choices"][0]["message"]["content"]
-            _say(f"    OpenAI support -> {json.loads(content)}")
-            _say("    (random adapters: the values are arbitrary, the shape is the schema's)")
+            _say(f"    acme   invoices rank {info.rank:<3} {info.version[:19]}...  latest, prod")
+            support_v1 = await globex_admin.upload_adapter(
+                "support", folders["support"], aliases=("prod",)
+            )
+            _say(
+                f"    globex support  rank {support_v1.rank:<3} {support_v1.version[:19]}...  "
+                "latest, prod"
+            )
 
-            _step(6, "globex asks for acme's adapter: refused exactly like a missing one")
-            for ref in ("acme/support", "acme/no-such-adapter"):
+            _step(4, "acme's app extracts invoices through gRPC (SDK), JSON schema enforced")
+            _say(
+                "    schema: vendor (string), number (string, 4 digits), total (number), "
+                "currency (EUR|USD|GBP)"
+            )
+            for example in invoices:
+                _say(f"    invoice    {example.prompt!r}")
+                for adapter in ("invoices", ""):
+                    result = await acme.generate(adapter, _chat(example.prompt), EXTRACT)
+                    verdict = _extracted(result.text, example)
+                    right["invoices" if adapter else "base-invoices"] += (
+                        verdict == "all fields right"
+                    )
+                    shown = result.text if adapter else _short(result.text)
+                    _say(f"    {adapter or '(base)':<10} {shown}  [{verdict}]")
+            free = await acme.generate("invoices", _chat(invoices[0].prompt), GREEDY)
+            _say(f"    invoices, no schema: {free.text}  [{_extracted(free.text, invoices[0])}]")
+            _say("    (the adapter learned the format, the schema guarantees it; the base model")
+            _say("     follows the schema too, but it cannot read an invoice)")
+
+            _step(5, "the same through the OpenAI-compatible API, with the `openai` package")
+            await _openai_step(server, keys["acme-app"], invoices[-1])
+
+            _step(6, "globex's app asks its support adapter (no constraint: plain text)")
+            for example in questions:
+                _say(f"    question   {example.prompt!r}")
+                for adapter in ("support", ""):
+                    result = await globex.generate(adapter, _chat(example.prompt), GREEDY)
+                    verdict = _house_style(result.text)
+                    correct = verdict == "house style" and example.fields["topic"] in result.text
+                    right["support" if adapter else "base-support"] += correct
+                    shown = result.text if adapter else _short(result.text)
+                    _say(f"    {adapter or '(base)':<10} {shown}  [{verdict}]")
+
+            _step(7, "globex asks for acme's adapter: refused exactly like a missing one")
+            for ref in ("acme/invoices", "acme/no-such-adapter"):
                 try:
-                    await globex.generate(ref, PROMPT, GREEDY)
+                    await globex.generate(ref, _chat(invoices[0].prompt), EXTRACT)
                     raise RuntimeError("cross-tenant request was served")
                 except errors.NotFound as exc:
                     _say(f"    {ref:<22} -> NOT_FOUND: {exc}")
 
-            _step(7, "roll legal@prod back to the first version")
-            await admin.set_alias("legal", "prod", versions["legal"])
-            result = await app.generate("legal@prod", PROMPT, GREEDY)
+            _step(8, "globex uploads an untrained draft as support@prod, then rolls prod back")
+            draft_v2 = await globex_admin.upload_adapter(
+                "support", folders["draft"], aliases=("prod",)
+            )
+            question = questions[0].prompt
+            result = await globex.generate("support@prod", _chat(question), GREEDY)
+            _say(
+                f"    draft {draft_v2.version[:19]}...  {_short(result.text, 60)}  "
+                f"[{_house_style(result.text)}]"
+            )
+            await globex_admin.set_alias("support", "prod", support_v1.version)
+            result = await globex.generate("support@prod", _chat(question), GREEDY)
             assert result.adapter is not None
-            _say(f"    legal@prod  -> {result.token_ids}  [{result.adapter.version[:19]}...]")
-            if result.adapter.version != versions["legal"]:
+            if result.adapter.version != support_v1.version:
                 raise RuntimeError("rollback did not take effect")
+            _say(
+                f"    v1    {result.adapter.version[:19]}...  {_short(result.text, 60)}  "
+                f"[{_house_style(result.text)}]"
+            )
 
-            _step(8, "revoke 'support'; the next request is refused")
-            revoked = await admin.revoke_adapter("support")
+            _step(9, "acme revokes 'invoices'; the next request is refused")
+            revoked = await acme_admin.revoke_adapter("invoices")
             _say(f"    revoked {len(revoked.revoked_versions)} version(s)")
             try:
-                await app.generate("support", PROMPT, GREEDY)
+                await acme.generate("invoices", _chat(invoices[0].prompt), EXTRACT)
                 raise RuntimeError("revoked adapter was served")
             except errors.NotFound as exc:
-                _say(f"    support -> NOT_FOUND: {exc}")
+                _say(f"    invoices -> NOT_FOUND: {exc}")
 
-            residency = await admin.get_residency()
+            residency = await globex_admin.get_residency()
             in_engine = sum(1 for e in residency.entries if e.tier is ResidencyTier.ENGINE)
     finally:
         await server.stop(grace=2.0)
 
     _say("\nsummary")
-    _say("    3 adapters uploaded (validated, content-addressed), 3 generations served")
-    _say("    JSON-schema output from a conversation, through gRPC and the OpenAI-compatible API")
+    _say(
+        f"    invoices: {right['invoices']}/{SHOWN} held-out invoices extracted exactly "
+        f"(base model: {right['base-invoices']}/{SHOWN})"
+    )
+    _say(
+        f"    support:  {right['support']}/{SHOWN - 1} answers in the house style, on topic "
+        f"(base model: {right['base-support']}/{SHOWN - 1})"
+    )
+    _say("    one base model, two tenants' adapters, through gRPC and the OpenAI-compatible API")
     _say("    cross-tenant access refused; alias rolled back; revoked adapter refused")
-    _say(f"    {in_engine} adapter version(s) were resident in the engine at the end")
+    _say(f"    {in_engine} of globex's adapter version(s) resident in the engine at the end")
     _say(f"    demo finished in {time.perf_counter() - started:.0f}s")
 
 
-def main(workdir: Path | None = None) -> int:
-    """Run the demo in `workdir` (default: a temporary folder, removed afterwards)."""
+async def _openai_step(server: GatewayServer, key: str, example: demo_training.Example) -> None:
+    """acme's app through the `openai` package: chat completions with a JSON-schema response."""
+    import openai
+
+    response_format: Any = {
+        "type": "json_schema",
+        "json_schema": {"name": "invoice", "schema": demo_training.INVOICE_SCHEMA},
+    }
+    base_url = f"http://127.0.0.1:{server.openai_port}/v1"
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0) as client:
+        _say(f"    invoice    {example.prompt!r}")
+        for model in ("invoices", server.base_model_name):
+            completion = await client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": example.prompt}],
+                max_tokens=MAX_TOKENS,
+                temperature=0,  # OpenAI's default is 1; the SDK calls above are greedy
+                response_format=response_format,
+                extra_body={"structured_outputs": {"disable_any_whitespace": True}},
+            )
+            text = completion.choices[0].message.content or ""
+            label = model if model == "invoices" else "(base)"
+            shown = text if model == "invoices" else _short(text)
+            _say(f"    {label:<10} {shown}  [{_extracted(text, example)}]")
+        _say(f"    (model {server.base_model_name!r} is the base model, 'invoices' an adapter)")
+
+
+def main(workdir: Path | None = None, *, retrain: bool = False) -> int:
+    """Run the demo in `workdir` (default `DEFAULT_WORKDIR`); `retrain` ignores the cache."""
     logging.basicConfig(level=logging.WARNING)
     # Keep the engine's own start-up chatter out of the story (set before vllm is imported).
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    own = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="lora-gateway-demo-")) if workdir is None else workdir
+    work = DEFAULT_WORKDIR if workdir is None else workdir
     work.mkdir(parents=True, exist_ok=True)
     try:
-        asyncio.run(_run(work))
+        asyncio.run(_run(work, retrain))
     except (errors.GatewayError, RuntimeError) as exc:
         print(f"demo failed: {exc}", flush=True)
         return 1
-    finally:
-        if own:
-            shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -45,6 +45,7 @@ from lora_gateway.metrics import Metrics
 from lora_gateway.residency import Residency, key_of, owner_of
 from lora_gateway.structured import StructuredLimits, check_constraint
 from lora_gateway.tenancy import Admission, KeyRing, Principal, Role, Tenants, check_max_tokens
+from lora_gateway.usage import Meter
 
 T = TypeVar("T")
 
@@ -199,9 +200,15 @@ class Gateway:
 
     # --- inference --------------------------------------------------------------------------
     async def generate(
-        self, principal: Principal, call: GenerateCall
+        self, principal: Principal, call: GenerateCall, usage: Meter | None = None
     ) -> AsyncIterator[tuple[Served, TokenChunk]]:
-        """Stream (served version, delta) pairs; the last delta carries the finish reason."""
+        """Stream (served version, delta) pairs; the last delta carries the finish reason.
+
+        `usage`, the front's meter of the call, gets the request id, the version served and
+        every delta's tokens as they are handed out (the front writes the record)."""
+        if usage is not None:
+            usage.request_id = call.request_id
+            usage.base_model = call.adapter is None
         if self.draining:
             raise errors.Unavailable("server is shutting down")
         tenant = self.keyring.tenant(principal.tenant)
@@ -218,6 +225,8 @@ class Gateway:
                     routing_key=call.routing_key or call.request_id,
                 )
             served = Served.of(version)
+            if usage is not None:
+                usage.served(served.tenant, served.name, served.version)
             ready, _ = await self.prompt_ids(call.prompt, version)
             async with contextlib.AsyncExitStack() as stack:
                 loaded = (
@@ -234,6 +243,13 @@ class Gateway:
                         self.metrics.first_token(principal.tenant, time.perf_counter() - started)
                     produced += len(chunk.token_ids)
                     slot.generated(len(chunk.token_ids))
+                    if usage is not None:
+                        reason = chunk.finish_reason
+                        usage.delta(
+                            len(chunk.token_ids),
+                            chunk.prompt_tokens,
+                            None if reason is None else reason.value,
+                        )
                     yield served, chunk
                 if self.metrics is not None:
                     self.metrics.tokens_out(principal.tenant, produced)

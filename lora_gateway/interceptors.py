@@ -8,6 +8,9 @@ principal is visible to the servicer (`current_principal()`), the client's deadl
 work, and every exception leaves as the status code of `errors.status_of` — INTERNAL with a
 fixed text for anything unexpected, its details only in the server log. A refusal carrying
 `retry_after_s` (a rate limit) also sends `retry-after: <seconds>` as trailing metadata.
+Each Generate and GenerateStream call of an authenticated caller leaves one usage record
+(`usage.UsageLog`) with its final code: the error's, DEADLINE_EXCEEDED, or CANCELLED when the
+client went away.
 
 Admission of RPCs (`tenancy.RpcLimits`): public streams (Health/Watch, reflection) count against
 their peer address's and the total cap; authenticated RPCs other than Generate against their
@@ -43,11 +46,13 @@ from lora_gateway.tenancy import (
     permission_for,
 )
 from lora_gateway.tenancy.limits import retry_after_seconds
+from lora_gateway.usage import Meter, UsageLog
 
 log = logging.getLogger(__name__)
 
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
 _adapter: contextvars.ContextVar[str] = contextvars.ContextVar("adapter", default=NO_ADAPTER_LABEL)
+_meter: contextvars.ContextVar[Meter | None] = contextvars.ContextVar("usage", default=None)
 
 
 def current_principal() -> Principal:
@@ -56,6 +61,12 @@ def current_principal() -> Principal:
         return _principal.get()
     except LookupError:
         raise errors.Unauthenticated("missing credentials") from None
+
+
+def current_meter() -> Meter | None:
+    """The usage meter of the inference RPC being served (None: no usage log, or not an
+    inference RPC); the servicer hands it to `Gateway.generate`."""
+    return _meter.get()
 
 
 def note_adapter(tenant: str, name: str) -> None:
@@ -135,11 +146,14 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         metrics: Metrics | None,
         audit: AuditLog | None,
         limits: RpcLimits | None = None,
+        usage: UsageLog | None = None,
     ) -> None:
         self.keyring = keyring if isinstance(keyring, Tenants) else Tenants(keyring)
         self.metrics = metrics
         self.audit = audit
         self.limits = limits
+        #: Usage records: one per Generate/GenerateStream call (lora_gateway.usage).
+        self.usage = usage
 
     async def intercept_service(
         self,
@@ -246,6 +260,15 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> grpc.RpcMethodHandler:
         classify = self._classify
         done = self._done
+        usage = self.usage if method in GENERATE_METHODS else None
+        streamed = handler.unary_stream is not None or handler.stream_stream is not None
+
+        def meter() -> Meter | None:
+            if usage is None:
+                return None
+            opened = usage.start(principal, method, streamed=streamed, request_id=rid)
+            _meter.set(opened)
+            return opened
 
         if handler.unary_unary is not None or handler.stream_unary is not None:
             inner = handler.unary_unary or handler.stream_unary
@@ -255,10 +278,15 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 logs.request_id.set(rid)
                 started, code = time.perf_counter(), grpc.StatusCode.OK
                 hold: Hold | None = None
+                metered = meter()
+                cancelled = False
                 try:
                     hold = admit() if admit is not None else None
                     async with asyncio.timeout(context.time_remaining()):
                         return await inner(request, context)
+                except asyncio.CancelledError:
+                    cancelled = True
+                    raise
                 except Exception as exc:
                     code, text = classify(exc, method, principal)
                     await context.abort(code, text, trailing_metadata(exc))
@@ -266,6 +294,8 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     if hold is not None:
                         hold.release()
                     done(principal, code, started)
+                    if metered is not None and usage is not None:
+                        usage.finish(metered, grpc.StatusCode.CANCELLED if cancelled else code)
 
             factory = (
                 grpc.unary_unary_rpc_method_handler
@@ -287,11 +317,16 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             logs.request_id.set(rid)
             started, code = time.perf_counter(), grpc.StatusCode.OK
             hold: Hold | None = None
+            metered = meter()
+            cancelled = False
             try:
                 hold = admit() if admit is not None else None
                 async with asyncio.timeout(context.time_remaining()):
                     async for message in inner_stream(request, context):
                         yield message
+            except (asyncio.CancelledError, GeneratorExit):
+                cancelled = True
+                raise
             except Exception as exc:
                 code, text = classify(exc, method, principal)
                 await context.abort(code, text, trailing_metadata(exc))
@@ -299,6 +334,8 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 if hold is not None:
                     hold.release()
                 done(principal, code, started)
+                if metered is not None and usage is not None:
+                    usage.finish(metered, grpc.StatusCode.CANCELLED if cancelled else code)
 
         factory = (
             grpc.unary_stream_rpc_method_handler

@@ -211,6 +211,13 @@ class Metrics:
             ["tier"],
             registry=r,
         )
+        self.resident_bytes = Gauge(
+            "lora_gateway_resident_bytes",
+            "Bytes of adapter weights held by a tier (engine: vLLM's host LoRA cache, by each "
+            "version's weights file; disk: the disk cache).",
+            ["tier"],
+            registry=r,
+        )
         self.engine_healthy = Gauge(
             "lora_gateway_engine_healthy",
             "1 while the engine is up and passed its self-test, else 0.",
@@ -342,8 +349,10 @@ class Metrics:
     def manifest_evicted(self) -> None:
         self.manifest_evictions_total.inc()
 
-    def set_resident(self, tier: Tier, count: int) -> None:
+    def set_resident(self, tier: Tier, count: int, nbytes: int | None = None) -> None:
         self.resident_adapters.labels(_check(tier, _TIERS)).set(count)
+        if nbytes is not None:
+            self.resident_bytes.labels(tier).set(nbytes)
 
     def set_engine_healthy(self, healthy: bool) -> None:
         self.engine_healthy.set(1 if healthy else 0)

@@ -59,6 +59,7 @@ from lora_gateway.services.inference import InferenceService
 from lora_gateway.services.openai_http import OpenAIFront, OpenAIServer
 from lora_gateway.stores import open_store
 from lora_gateway.tenancy import Admission, KeyRing, RpcLimits, Tenants
+from lora_gateway.usage import UsageLog
 from lora_gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,8 @@ class GatewayServer:
     metrics_port: int | None = None
     #: The keys and limits in force (replaced when the tenants file changes).
     tenants: Tenants | None = None
+    #: Usage records of inference calls (`usage_log`; closed after the drain).
+    usage: UsageLog | None = None
     #: The digest of the tenants file in force, and of the last invalid one seen.
     tenants_digest: str = ""
     _tenants_bad: str = ""
@@ -198,6 +201,7 @@ class GatewayServer:
             metrics=metrics,
             manifest_cache_size=settings.manifest_cache_size,
             slot_wait_s=settings.engine_slot_wait_s,
+            host_budget_bytes=settings.host_lora_budget_bytes,
             resync_per_poll=settings.manifest_resync_per_poll,
             feed_lookback_s=settings.change_feed_lookback_s,
             feed_retention_s=settings.change_feed_retention_s,
@@ -216,13 +220,16 @@ class GatewayServer:
                 gateway.chat.base_problem,
             )
         audit = await asyncio.to_thread(AuditLog, settings.audit_log)
+        usage = await asyncio.to_thread(UsageLog, settings.usage_log)
 
         # No `maximum_concurrent_rpcs`: at that cap grpc.aio stops taking calls (they wait until
         # their deadline, probes included). Every kind of call has its own cap instead, answered
         # RESOURCE_EXHAUSTED at once (tenancy.RpcLimits, tenancy.Admission).
         server = grpc.aio.server(
             interceptors=[
-                GatewayInterceptor(tenants, metrics, audit, rpc_limits(settings, metrics))
+                GatewayInterceptor(
+                    tenants, metrics, audit, rpc_limits(settings, metrics), usage=usage
+                )
             ],
             options=grpc_options(settings),
         )
@@ -267,6 +274,7 @@ class GatewayServer:
             settings, server, health, gateway, engine, owns_engine, port, audit, metrics, adapters
         )
         self.tenants = tenants
+        self.usage = usage
         self.tenants_digest = hashlib.sha256(tenants_bytes).hexdigest()
         self.probe_server, self.health_port = probe_server, health_port
         self.base_model_name = settings.openai_model_name or store.spec.name
@@ -280,7 +288,7 @@ class GatewayServer:
             if settings.openai_listen:
                 # Started last, so that no HTTP request is served before the self-test passed.
                 front = OpenAIFront(
-                    gateway, audit, rpc_limits(settings, metrics), self.base_model_name
+                    gateway, audit, rpc_limits(settings, metrics), self.base_model_name, usage
                 )
                 self.openai = await OpenAIServer.start(settings, front)
                 self.openai_port = self.openai.port
@@ -539,6 +547,8 @@ class GatewayServer:
                 await self.gateway.residency.close()
         self.gateway.close()
         self.audit.close()
+        if self.usage is not None:
+            self.usage.close()
         self.metrics.set_engine_healthy(False)
         self.metrics.close()
         await asyncio.to_thread(self.gateway.store.spool.close)

@@ -187,6 +187,68 @@ async def test_validation_runs_once_per_sha256(
     assert residency_counts(env.residency.metrics).engine_loads == 5
 
 
+async def test_a_cold_burst_does_not_flush_a_hot_adapter(make_env: object) -> None:
+    """Segmented LRU: `hot`, used twice, stays resident while 8 one-off cold adapters go
+    through a capacity of 3 (plain LRU, before: evicted by the third cold one)."""
+    env: Env = make_env(capacity=3)  # type: ignore[operator]
+    hot = await env.upload("acme", "hot", seed=340)
+    cold = [await env.upload("acme", f"cold{i}", seed=341 + i) for i in range(8)]
+    for _ in range(2):
+        async with env.residency.use(hot, tenant("acme", slots=3)):
+            pass
+    for version in cold:
+        async with env.residency.use(version, tenant("acme", slots=3)):
+            pass
+        assert env.residency.is_resident(key_of(hot)), version.name
+    assert len(env.engine.removes) == len(cold) - 2
+    # Used once more, a cold one is protected too; the hot one is not special otherwise:
+    # with every idle resident protected, the least recently used goes.
+    last = cold[-1]
+    async with env.residency.use(last, tenant("acme", slots=3)):
+        pass
+    extra = [await env.upload("acme", f"extra{i}", seed=360 + i) for i in range(3)]
+    for version in extra:
+        async with env.residency.use(version, tenant("acme", slots=3)):
+            pass
+    assert env.residency.is_resident(key_of(hot))
+    assert env.residency.is_resident(key_of(last))
+
+
+async def test_the_host_tier_is_bounded_in_bytes(make_env: object) -> None:
+    """host_lora_budget_bytes: the versions loaded never weigh more than the budget, by their
+    weights files' real sizes (read here from the uploaded folders); a load evicts as many idle
+    versions as it needs; a version larger than the whole budget is refused at once and
+    evicts nobody."""
+    env: Env = make_env(capacity=8)  # type: ignore[operator]
+    folders = {
+        name: env.adapters(seed=370 + i, rank=rank)
+        for i, (name, rank) in enumerate([("a", 8), ("b", 8), ("c", 8), ("d", 8), ("big", 16)])
+    }
+    size = {n: (f / "adapter_model.safetensors").stat().st_size for n, f in folders.items()}
+    assert size["big"] > 1.8 * size["a"]
+    budget = int(2.5 * size["a"])
+    env.residency.slots.host_budget_bytes = budget
+    versions = {
+        name: await asyncio.to_thread(env.registry.upload_dir, "acme", name, f, created_by="t")
+        for name, f in folders.items()
+    }
+
+    def held_bytes() -> int:
+        return sum(size[v.name] for v in env.residency.resident_versions())
+
+    for name in "abcd":
+        await env.residency.prefetch(versions[name])
+        assert held_bytes() <= budget
+    assert [v.name for v in env.residency.resident_versions()] == ["c", "d"]
+    await env.residency.prefetch(versions["big"])  # 2 x 8-rank: both others go
+    assert [v.name for v in env.residency.resident_versions()] == ["big"]
+    assert len(env.engine.removes) == 4
+    env.residency.slots.host_budget_bytes = size["a"] // 2
+    with pytest.raises(errors.ResourceExhausted, match="host_lora_budget_bytes"):
+        await env.residency.prefetch(versions["a"])
+    assert len(env.engine.removes) == 4
+
+
 # --- pins -------------------------------------------------------------------------------------
 
 

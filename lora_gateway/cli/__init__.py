@@ -7,6 +7,7 @@
                          prefetch | revoke
     lora-gateway residency
     lora-gateway store repair-shares --config gateway.yaml
+    lora-gateway store sweep --config gateway.yaml [--dry-run] [--min-age S] [--tenant T]
     lora-gateway dev make-model | make-adapter | hash-key | new-key
     lora-gateway demo
 

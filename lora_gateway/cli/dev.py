@@ -66,7 +66,7 @@ def _cmd_new_key(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lora_gateway import demo
 
-    return demo.main(Path(args.workdir) if args.workdir else None)
+    return demo.main(Path(args.workdir) if args.workdir else None, retrain=args.retrain)
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -102,5 +102,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     new_key.set_defaults(func=_cmd_new_key)
 
     demo = commands.add_parser("demo", help="run the self-contained demo")
-    demo.add_argument("--workdir", metavar="DIR", help="keep the demo's files here")
+    demo.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="the demo's work folder: trained adapters are cached in DIR/trained, the run's "
+        "store and cache in DIR/run (default ~/.cache/lora-gateway/demo)",
+    )
+    demo.add_argument(
+        "--retrain",
+        action="store_true",
+        help="build the base model and train the adapters again, even if cached",
+    )
     demo.set_defaults(func=_cmd_demo)

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 
 from lora_gateway import __version__, errors
-from lora_gateway.cli import adapters, dev, generate, serve, store
+from lora_gateway.cli import adapters, dev, generate, serve, store, usage
 from lora_gateway.cli.connect import client_parent
 from lora_gateway.cli.exits import EXIT_FAILURE, EXIT_INTERRUPTED, exit_code
 
@@ -27,6 +27,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     generate.register(commands, client)
     adapters.register(commands, client)
     store.register(commands)
+    usage.register(commands)
     dev.register(commands)
     return parser
 

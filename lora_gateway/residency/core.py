@@ -60,6 +60,7 @@ class Residency:
         metrics: Metrics | None = None,
         manifest_cache_size: int = MANIFEST_CACHE_SIZE,
         slot_wait_s: float = SLOT_WAIT_S,
+        host_budget_bytes: int = 0,
         resync_per_poll: int = 16,
         feed_lookback_s: float = 30.0,
         feed_retention_s: float = 3600.0,
@@ -74,7 +75,13 @@ class Residency:
         self.blocks = Blocks()
         self.pinned = Pins(cache, self.capacity)
         self.slots = Slots(
-            engine, cache, self.pinned, self.blocks, self.metrics, slot_wait_s=slot_wait_s
+            engine,
+            cache,
+            self.pinned,
+            self.blocks,
+            self.metrics,
+            slot_wait_s=slot_wait_s,
+            host_budget_bytes=host_budget_bytes,
         )
         self.manifests = ManifestCache(
             store,
@@ -380,10 +387,11 @@ class Residency:
             if resident is None:
                 continue
             slots.reserved += 1  # the engine holds it until removed: keep it counted
+            slots.reserved_bytes += resident.nbytes
             try:
                 aborted += await self.engine.remove_adapter(resident.loaded.lora_int_id)
             finally:
-                slots.unreserve()
+                slots.unreserve(resident.nbytes)
             self.metrics.revoked_unload()
         for key in keys:
             self._templates.pop(key, None)

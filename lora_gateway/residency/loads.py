@@ -103,6 +103,7 @@ class Loads:
             resident = slots.resident.get(key)
             if resident is not None:
                 resident.last_tenant = holder
+                resident.uses += 1
                 slots.resident.move_to_end(key)
                 self.metrics.cache_hit("engine")
                 return resident
@@ -168,7 +169,8 @@ class Loads:
                 lora_name=f"{version.tenant}/{version.name}@sha256:{sha}",
                 path=path,
             )
-            await self.slots.reserve(key, tenant)
+            nbytes = sum(f.size for f in version.files if f.filename in ADAPTER_FILES)
+            await self.slots.reserve(key, tenant, nbytes)
             try:
                 self.blocks.check(key)
                 await self._add(key, loaded)
@@ -176,12 +178,12 @@ class Loads:
                     # Revoked while the engine loaded it: take it out again, never serve it.
                     await self.engine.remove_adapter(loaded.lora_int_id)
                     raise errors.NotFound(errors.ADAPTER_NOT_FOUND_TEXT)
-                self.slots.resident[key] = Resident(version, loaded, tenant)
+                self.slots.resident[key] = Resident(version, loaded, tenant, nbytes)
                 if self.on_loaded is not None and key not in self._handed_to_canary:
                     self._handed_to_canary.add(key)
                     self.on_loaded(version, loaded)
             finally:
-                self.slots.unreserve()
+                self.slots.unreserve(nbytes)
             self.metrics.engine_loaded()
             self.metrics.load_phase("engine_add", time.perf_counter() - validated)
             self.slots.report()

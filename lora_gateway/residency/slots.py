@@ -1,8 +1,16 @@
 """Engine slots: the resident LRU, who holds what, per-tenant shares, and the wait for a slot.
 
 - Capacity is the engine's `max_cpu_loras`; beyond it an idle, unpinned version is removed
-  (`remove_lora`): the loading tenant's own least recently used one first, else the least
-  recently used of all. GPU slots (`max_loras`) are left to vLLM's scheduler.
+  (`remove_lora`), segmented LRU: a version used once since it was loaded is on probation, one
+  used again is protected. The victim is the loading tenant's own least recently used version
+  on probation, else its own protected one, else another tenant's on probation, else the least
+  recently used of all. So a burst of one-off requests for cold adapters only churns the
+  probation segment: an adapter hot by request rate stays resident through it (before: plain
+  LRU flushed it after `max_cpu_loras` cold ones). GPU slots (`max_loras`) are left to vLLM's
+  scheduler.
+- With `host_budget_bytes` (Settings.host_lora_budget_bytes) the host tier is also bounded in
+  bytes, by each version's real size (its weights file): a load evicts (same order) until both
+  the count and the bytes fit; a version larger than the whole budget is refused at once.
 - Engine slots are shared fairly (invariant 11). A request *holds* its version from the moment
   it asks for it until it ends. A tenant's requests hold at most `TenantConfig.max_engine_slots`
   distinct unpinned versions at once (and never more than the unpinned capacity minus one), so
@@ -39,6 +47,15 @@ class Resident:
     loaded: LoadedAdapter
     #: The tenant whose request used it last (loads evict their own tenant's idle ones first).
     last_tenant: str = ""
+    #: Bytes of its weights (what vLLM's CPU LoRA cache holds for it).
+    nbytes: int = 0
+    #: Requests that found it resident since it was loaded (the one that loaded it, and any that
+    #: joined that load, find it so right after): 2 or more is the protected segment.
+    uses: int = 0
+
+    @property
+    def protected(self) -> bool:
+        return self.uses >= 2
 
 
 class FifoGate:
@@ -113,6 +130,7 @@ class Slots:
         metrics: Metrics,
         *,
         slot_wait_s: float = SLOT_WAIT_S,
+        host_budget_bytes: int = 0,
     ) -> None:
         self.engine = engine
         self.cache = cache
@@ -129,6 +147,9 @@ class Slots:
         self.holds: dict[VersionKey, Counter[str]] = {}
         #: Slots reserved by loads (or taken by revocation unloads) not yet counted in resident.
         self.reserved = 0
+        #: Bytes the host tier may hold (0: no byte bound), and bytes reserved like `reserved`.
+        self.host_budget_bytes = host_budget_bytes
+        self.reserved_bytes = 0
         self._slot_gate = FifoGate()
         self._tenant_gates: dict[str, FifoGate] = {}
 
@@ -205,27 +226,62 @@ class Slots:
     def occupied(self) -> int:
         return len(self.resident) + self.reserved
 
-    def _victim(self, tenant: str) -> VersionKey | None:
-        """An idle, unpinned resident version to evict for a load of `tenant`: its own least
-        recently used one first, else the least recently used of all."""
-        first = None
-        for key, resident in self.resident.items():
+    def occupied_bytes(self) -> int:
+        return sum(r.nbytes for r in self.resident.values()) + self.reserved_bytes
+
+    def _fits(self, count: int, nbytes: int) -> bool:
+        return count <= self.capacity and (
+            not self.host_budget_bytes or nbytes <= self.host_budget_bytes
+        )
+
+    def _victims(self, tenant: str, nbytes: int) -> list[VersionKey] | None:
+        """The idle versions to evict (in `_victim`'s order) so that one more version of
+        `nbytes` fits; None when evicting every idle one would not make it fit."""
+        count, used = self.occupied() + 1, self.occupied_bytes() + nbytes
+        if self._fits(count, used):
+            return []
+        idle = [k for k in self.resident if k not in self.holds and k not in self.pins]
+        picked: list[VersionKey] = []
+        while idle:
+            victim = self._victim(tenant, among=idle)
+            assert victim is not None
+            idle.remove(victim)
+            picked.append(victim)
+            count, used = count - 1, used - self.resident[victim].nbytes
+            if self._fits(count, used):
+                return picked
+        return None
+
+    def _victim(self, tenant: str, among: list[VersionKey] | None = None) -> VersionKey | None:
+        """An idle, unpinned resident version to evict for a load of `tenant`, least recently
+        used first within each rank: its own on probation, its own protected, another tenant's
+        on probation, anyone's. `among`: only those (idle ones, in LRU order)."""
+        best: tuple[int, VersionKey] | None = None
+        for key in self.resident if among is None else among:
+            resident = self.resident[key]
             if key in self.holds or key in self.pins:
                 continue
-            if resident.last_tenant == tenant:
+            rank = (0 if resident.last_tenant == tenant else 2) + (1 if resident.protected else 0)
+            if rank == 0:
                 return key
-            if first is None:
-                first = key
-        return first
+            if best is None or rank < best[0]:
+                best = (rank, key)
+        return None if best is None else best[1]
 
-    async def reserve(self, key: VersionKey, tenant: str) -> None:
-        """Take an engine slot for `key`'s load: a free one, or one freed by evicting an idle
-        version. Waits in arrival order, holding nothing; a revocation ends the wait. The
-        caller gives the slot back with `unreserve` once the load is resident (or failed)."""
+    async def reserve(self, key: VersionKey, tenant: str, nbytes: int = 0) -> None:
+        """Take an engine slot (and `nbytes` of the host budget) for `key`'s load: free ones,
+        or ones freed by evicting idle versions. Waits in arrival order, holding nothing; a
+        revocation ends the wait. The caller gives them back with `unreserve(nbytes)` once
+        the load is resident (or failed)."""
+        if self.host_budget_bytes and nbytes > self.host_budget_bytes:
+            raise errors.ResourceExhausted(
+                f"the adapter's weights ({nbytes} bytes) exceed the host tier's whole budget "
+                f"(host_lora_budget_bytes={self.host_budget_bytes})"
+            )
         loop = asyncio.get_running_loop()
 
         def ready() -> bool:
-            return self.occupied() < self.capacity or self._victim(tenant) is not None
+            return self._victims(tenant, nbytes) is not None
 
         if len(self._slot_gate) or not ready():
             self.metrics.slot_waited("engine")
@@ -236,24 +292,34 @@ class Slots:
             raise errors.ResourceExhausted(
                 f"all {self.capacity} engine adapter slots are busy; try again"
             )
-        self.reserved += 1  # counted before any await: nobody else can take it
-        if self.occupied() <= self.capacity:
-            return
-        victim = self._victim(tenant)
-        assert victim is not None  # ready() said so, and nothing ran since
-        resident = self.resident.pop(victim)
+        victims = self._victims(tenant, nbytes)
+        assert victims is not None  # ready() said so, and nothing ran since
+        # Counted (and the victims taken out) before any await: nobody else can take them.
+        self.reserved += 1
+        self.reserved_bytes += nbytes
+        evicted = [self.resident.pop(victim) for victim in victims]
+        self.reserved += len(evicted)  # until the engine has removed them
+        self.reserved_bytes += sum(r.nbytes for r in evicted)
         try:
-            await self.engine.remove_adapter(resident.loaded.lora_int_id)
+            for resident in evicted:
+                try:
+                    await self.engine.remove_adapter(resident.loaded.lora_int_id)
+                finally:
+                    self.reserved -= 1
+                    self.reserved_bytes -= resident.nbytes
+                self.metrics.evicted("engine")
         except BaseException:
-            self.unreserve()
+            self.unreserve(nbytes)
             raise
-        self.metrics.evicted("engine")
 
-    def unreserve(self) -> None:
+    def unreserve(self, nbytes: int = 0) -> None:
         self.reserved -= 1
+        self.reserved_bytes -= nbytes
         self.changed()
 
     def report(self) -> None:
         """Publish how many versions the engine and the disk cache hold."""
-        self.metrics.set_resident("engine", len(self.resident))
-        self.metrics.set_resident("disk", len(self.cache.entries()))
+        entries = self.cache.entries()
+        resident_bytes = sum(r.nbytes for r in self.resident.values())
+        self.metrics.set_resident("engine", len(self.resident), resident_bytes)
+        self.metrics.set_resident("disk", len(entries), sum(e.size for e in entries))

@@ -14,6 +14,7 @@ import grpc
 
 from adapter_store import AdapterVersion, FileEntry, Manifest
 from adapter_store.evaluations import EvaluationResult, EvaluationSetRef
+from lora_gateway import errors
 from lora_gateway.adapters import (
     Adapters,
     TenantUsage,
@@ -80,6 +81,7 @@ def manifest_to_pb(manifest: Manifest, *, full: bool = True) -> pb.AdapterInfo:
         alias_weights={
             alias: weights_to_pb(weights) for alias, weights in manifest.alias_weights.items()
         },
+        keep_last=manifest.keep_last or 0,
     )
 
 
@@ -245,6 +247,23 @@ class AdminService(pb_grpc.AdminServicer):
         return pb.RevokeAdapterResponse(
             revoked_versions=[f"sha256:{s}" for s in revoked.shas],
             aborted_requests=revoked.aborted,
+        )
+
+    async def SetRetention(
+        self, request: pb.SetRetentionRequest, context: Context
+    ) -> pb.SetRetentionResponse:
+        if request.keep_all and request.keep_last:
+            raise errors.InvalidArgument("retention: keep_all and keep_last exclude each other")
+        done = await self.adapters.set_retention(
+            current_principal(),
+            request.tenant,
+            request.name,
+            None if request.keep_all else request.keep_last,
+        )
+        return pb.SetRetentionResponse(
+            adapter=manifest_to_pb(done.manifest),
+            retired_versions=[f"sha256:{s}" for s in done.retired],
+            aborted_requests=done.aborted,
         )
 
     async def PinAdapter(

@@ -19,7 +19,7 @@ from lora_gateway.engine.base import (
     TokenLogprob,
 )
 from lora_gateway.gateway import ChatPrompt, Gateway, GenerateCall, Served
-from lora_gateway.interceptors import current_principal, note_adapter
+from lora_gateway.interceptors import current_meter, current_principal, note_adapter
 from lora_gateway.v1 import inference_pb2 as pb
 from lora_gateway.v1 import inference_pb2_grpc as pb_grpc
 
@@ -210,7 +210,8 @@ class InferenceService(pb_grpc.InferenceServicer):
     ) -> pb.GenerateResponse:
         call = self._call(request)
         response = pb.GenerateResponse(request_id=call.request_id)
-        async for served, chunk in self.gateway.generate(current_principal(), call):
+        stream = self.gateway.generate(current_principal(), call, current_meter())
+        async for served, chunk in stream:
             if not response.HasField("adapter"):
                 note_adapter(served.tenant, served.name)
             response.text += chunk.text
@@ -231,7 +232,8 @@ class InferenceService(pb_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         call = self._call(request)
         first = True
-        async for served, chunk in self.gateway.generate(current_principal(), call):
+        stream = self.gateway.generate(current_principal(), call, current_meter())
+        async for served, chunk in stream:
             message = pb.GenerateStreamResponse(text=chunk.text, token_ids=chunk.token_ids)
             if chunk.logprobs:
                 message.logprobs.extend(logprobs_to_pb(chunk.logprobs))

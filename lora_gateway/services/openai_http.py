@@ -36,7 +36,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, TypeAlias, cast
 
@@ -57,6 +57,7 @@ from lora_gateway.metrics import NO_ADAPTER_LABEL, adapter_label, parse_listen
 from lora_gateway.services import openai_protocol as protocol
 from lora_gateway.tenancy import Policy, Principal, RpcLimits
 from lora_gateway.tenancy.limits import retry_after_seconds
+from lora_gateway.usage import Meter, UsageLog
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +105,14 @@ def _floor(entries: list[TokenLogprob]) -> list[TokenLogprob]:
 
 @dataclass
 class _Outcome:
-    """What a request ended with, for its metrics."""
+    """What a request ended with, for its metrics and its usage record."""
 
     principal: Principal | None = None
     adapter: str = NO_ADAPTER_LABEL
     code: str = "OK"
+    #: The usage meter of a completion request (None: no usage log, or /v1/models).
+    meter: Meter | None = None
+    done: bool = False
 
 
 class OpenAIFront:
@@ -120,10 +124,13 @@ class OpenAIFront:
         audit: AuditLog | None,
         limits: RpcLimits | None,
         base_name: str,
+        usage: UsageLog | None = None,
     ) -> None:
         self.gateway = gateway
         self.audit = audit
         self.limits = limits
+        #: Usage records: one per completion request of an authenticated caller.
+        self.usage = usage
         self.base_name = base_name
         self.max_body = gateway.settings.max_message_bytes
 
@@ -174,6 +181,10 @@ class OpenAIFront:
             principal = self._authorize(request, route)
             outcome.principal = principal
             given = request.headers.get("x-request-id")
+            if self.usage is not None:
+                # The request id until the call's own is known (a refused body has none).
+                outcome.meter = self.usage.start(principal, route, request_id=(given or "")[:128])
+                outcome.meter.started = started
             parsed = parse(
                 await self._body(request),
                 base_name=self.base_name,
@@ -182,7 +193,9 @@ class OpenAIFront:
                 routing_header=request.headers.get("x-routing-key"),
             )
             logs.request_id.set(parsed.call.request_id)
-            stream = cast(_Stream, self.gateway.generate(principal, parsed.call))
+            if outcome.meter is not None:
+                outcome.meter.streamed = parsed.stream
+            stream = cast(_Stream, self.gateway.generate(principal, parsed.call, outcome.meter))
             try:
                 served, first = await anext(stream)
             except BaseException:
@@ -192,10 +205,23 @@ class OpenAIFront:
             if parsed.stream:
                 streaming = True
                 body = self._sse(parsed, first, stream, outcome, started, chat)
-                return StreamingResponse(body, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+                async def closed() -> None:
+                    # The body may never have started (the client went away first): its own
+                    # `finally` did not run, so the stream is closed and the request ends here.
+                    await body.aclose()
+                    await stream.aclose()
+                    if not outcome.done:
+                        outcome.code = "CANCELLED"
+                        self._done(outcome, started)
+
+                return _SseResponse(body, closed)
             return await self._whole(parsed, first, stream, chat)
         except (errors.GatewayError, StoreError) as exc:
             return self._error(exc, route, outcome)
+        except asyncio.CancelledError:
+            outcome.code = "CANCELLED"
+            raise
         finally:
             if not streaming:
                 self._done(outcome, started)
@@ -246,7 +272,7 @@ class OpenAIFront:
         outcome: _Outcome,
         started: float,
         chat: bool,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """The chunks as server-sent events, then `[DONE]`; an error mid-stream becomes an
         `error` event. When the client goes away, the stream is closed (engine abort)."""
         head = {
@@ -376,6 +402,12 @@ class OpenAIFront:
         )
 
     def _done(self, outcome: _Outcome, started: float | None) -> None:
+        """Once per request: its metrics and, for a completion, its usage record."""
+        if outcome.done:
+            return
+        outcome.done = True
+        if outcome.meter is not None and self.usage is not None:
+            self.usage.finish(outcome.meter, outcome.code)
         metrics = self.gateway.metrics
         if metrics is None or outcome.principal is None:
             return
@@ -390,6 +422,21 @@ class _Denied(errors.GatewayError):
         super().__init__(str(cause))
         self.cause = cause
         self.code = cause.code
+
+
+class _SseResponse(StreamingResponse):
+    """Server-sent events whose request always ends: `closed` runs after the response, however
+    it ended (also when its body never started)."""
+
+    def __init__(self, body: AsyncIterator[bytes], closed: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=_SSE_HEADERS)
+        self._closed = closed
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._closed()
 
 
 class _Uvicorn(uvicorn.Server):

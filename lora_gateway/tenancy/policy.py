@@ -83,6 +83,7 @@ METHOD_PERMISSIONS: Mapping[str, Permission] = {
     _ADMIN + "UploadAdapter": Permission.MANAGE_ADAPTERS,
     _ADMIN + "SetAlias": Permission.MANAGE_ADAPTERS,
     _ADMIN + "SetAliasWeights": Permission.MANAGE_ADAPTERS,
+    _ADMIN + "SetRetention": Permission.MANAGE_ADAPTERS,
     _ADMIN + "ShareAdapter": Permission.MANAGE_ADAPTERS,
     _ADMIN + "UnshareAdapter": Permission.MANAGE_ADAPTERS,
     _ADMIN + "ComposeAdapter": Permission.MANAGE_ADAPTERS,

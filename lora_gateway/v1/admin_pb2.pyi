@@ -333,10 +333,15 @@ class AdapterInfo(_message.Message):
     SHARED_WITH_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     ALIAS_WEIGHTS_FIELD_NUMBER: _builtins.int
+    KEEP_LAST_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     name: _builtins.str
     status: Global___AdapterStatus.ValueType
+    keep_last: _builtins.int
+    """The retention policy: keep the newest keep_last versions plus every aliased one (0: no
+    policy, every version is kept).
+    """
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterVersionInfo]: ...
     @_builtins.property
@@ -370,11 +375,12 @@ class AdapterInfo(_message.Message):
         shared_with: _abc.Iterable[_builtins.str] | None = ...,
         status: Global___AdapterStatus.ValueType = ...,
         alias_weights: _abc.Mapping[_builtins.str, Global___AliasWeights] | None = ...,
+        keep_last: _builtins.int = ...,
         usage: Global___TenantUsage | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias_weights", b"alias_weights", "aliases", b"aliases", "name", b"name", "shared_with", b"shared_with", "status", b"status", "tenant", b"tenant", "usage", b"usage", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias_weights", b"alias_weights", "aliases", b"aliases", "keep_last", b"keep_last", "name", b"name", "shared_with", b"shared_with", "status", b"status", "tenant", b"tenant", "usage", b"usage", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -792,6 +798,66 @@ class RevokeAdapterResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeAdapterResponse: _TypeAlias = RevokeAdapterResponse  # noqa: Y015
+
+@_typing.final
+class SetRetentionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    KEEP_LAST_FIELD_NUMBER: _builtins.int
+    KEEP_ALL_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    name: _builtins.str
+    keep_last: _builtins.int
+    """Keep the newest keep_last versions (>= 1) plus every version an alias points at."""
+    keep_all: _builtins.bool
+    """Remove the policy instead (keep every version); keep_last must then be 0."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        name: _builtins.str = ...,
+        keep_last: _builtins.int = ...,
+        keep_all: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_all", b"keep_all", "keep_last", b"keep_last", "name", b"name", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRetentionRequest: _TypeAlias = SetRetentionRequest  # noqa: Y015
+
+@_typing.final
+class SetRetentionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    RETIRED_VERSIONS_FIELD_NUMBER: _builtins.int
+    ABORTED_REQUESTS_FIELD_NUMBER: _builtins.int
+    aborted_requests: _builtins.int
+    """In-flight requests on them aborted on this replica."""
+    @_builtins.property
+    def adapter(self) -> Global___AdapterInfo: ...
+    @_builtins.property
+    def retired_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Versions this call retired (revoked: this replica serves them no more)."""
+
+    def __init__(
+        self,
+        *,
+        adapter: Global___AdapterInfo | None = ...,
+        retired_versions: _abc.Iterable[_builtins.str] | None = ...,
+        aborted_requests: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aborted_requests", b"aborted_requests", "adapter", b"adapter", "retired_versions", b"retired_versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRetentionResponse: _TypeAlias = SetRetentionResponse  # noqa: Y015
 
 @_typing.final
 class AdapterRefRequest(_message.Message):

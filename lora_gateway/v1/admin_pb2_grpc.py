@@ -119,6 +119,11 @@ class AdminStub:
                 request_serializer=lora__gateway_dot_v1_dot_admin__pb2.SetAliasPolicyRequest.SerializeToString,
                 response_deserializer=lora__gateway_dot_v1_dot_admin__pb2.EvaluationsInfo.FromString,
                 _registered_method=True)
+        self.SetRetention = channel.unary_unary(
+                '/lora_gateway.v1.Admin/SetRetention',
+                request_serializer=lora__gateway_dot_v1_dot_admin__pb2.SetRetentionRequest.SerializeToString,
+                response_deserializer=lora__gateway_dot_v1_dot_admin__pb2.SetRetentionResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -241,6 +246,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRetention(self, request, context):
+        """Retention: keep the newest keep_last versions (by upload time) plus every version an
+        alias points at (weighted aliases included); the others are revoked now, and again after
+        each upload or composition. Stored in the manifest; keep_all removes the policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -328,6 +342,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.SetAliasPolicy,
                     request_deserializer=lora__gateway_dot_v1_dot_admin__pb2.SetAliasPolicyRequest.FromString,
                     response_serializer=lora__gateway_dot_v1_dot_admin__pb2.EvaluationsInfo.SerializeToString,
+            ),
+            'SetRetention': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRetention,
+                    request_deserializer=lora__gateway_dot_v1_dot_admin__pb2.SetRetentionRequest.FromString,
+                    response_serializer=lora__gateway_dot_v1_dot_admin__pb2.SetRetentionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -789,6 +808,33 @@ class Admin:
             '/lora_gateway.v1.Admin/SetAliasPolicy',
             lora__gateway_dot_v1_dot_admin__pb2.SetAliasPolicyRequest.SerializeToString,
             lora__gateway_dot_v1_dot_admin__pb2.EvaluationsInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRetention(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lora_gateway.v1.Admin/SetRetention',
+            lora__gateway_dot_v1_dot_admin__pb2.SetRetentionRequest.SerializeToString,
+            lora__gateway_dot_v1_dot_admin__pb2.SetRetentionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,11 @@ class AdminStub:
     """Require a minimum score on the current set of every version an alias moves to (SetAlias,
     SetAliasWeights); 0 removes the policy.
     """
+    SetRetention: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetRetentionRequest, _admin_pb2.SetRetentionResponse]
+    """Retention: keep the newest keep_last versions (by upload time) plus every version an
+    alias points at (weighted aliases included); the others are revoked now, and again after
+    each upload or composition. Stored in the manifest; keep_all removes the policy.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -112,6 +117,11 @@ class AdminAsyncStub(AdminStub):
     SetAliasPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetAliasPolicyRequest, _admin_pb2.EvaluationsInfo]  # type: ignore[assignment]
     """Require a minimum score on the current set of every version an alias moves to (SetAlias,
     SetAliasWeights); 0 removes the policy.
+    """
+    SetRetention: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetRetentionRequest, _admin_pb2.SetRetentionResponse]  # type: ignore[assignment]
+    """Retention: keep the newest keep_last versions (by upload time) plus every version an
+    alias points at (weighted aliases included); the others are revoked now, and again after
+    each upload or composition. Stored in the manifest; keep_all removes the policy.
     """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
@@ -251,6 +261,17 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.EvaluationsInfo, _abc.Awaitable[_admin_pb2.EvaluationsInfo]]:
         """Require a minimum score on the current set of every version an alias moves to (SetAlias,
         SetAliasWeights); 0 removes the policy.
+        """
+
+    @_abc_1.abstractmethod
+    def SetRetention(
+        self,
+        request: _admin_pb2.SetRetentionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetRetentionResponse, _abc.Awaitable[_admin_pb2.SetRetentionResponse]]:
+        """Retention: keep the newest keep_last versions (by upload time) plus every version an
+        alias points at (weighted aliases included); the others are revoked now, and again after
+        each upload or composition. Stored in the manifest; keep_all removes the policy.
         """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

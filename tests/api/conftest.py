@@ -3,9 +3,9 @@
 
 Tenants: acme (user, tenant-admin) owns three adapters, globex (user, tenant-admin) one;
 `slow` may send one request a minute (the rate-limit tests); `canary` (user, tenant-admin) is
-test_canary_weights.py's own. Expected values come from the
-PEFT-merged reference (devtools.ReferenceGenerator) and from transformers' own chat template
-rendering, never from the gateway.
+test_canary_weights.py's own, `usage` (user, tenant-admin) test_usage.py's. Expected values
+come from the PEFT-merged reference (devtools.ReferenceGenerator) and from transformers' own
+chat template rendering, never from the gateway.
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ TENANTS: dict[str, dict[str, Any]] = {
     "canary": {"max_concurrent": 64, "max_tokens": 200},
     # test_evaluations.py's own tenant.
     "evals": {"max_concurrent": 64, "max_tokens": 200},
+    # test_retention.py's own tenant.
+    "retain": {"max_concurrent": 64, "max_tokens": 200},
+    # test_usage.py's own: its usage records are exactly its own calls.
+    "usage": {"max_concurrent": 64, "max_tokens": 200},
 }
 #: The chat limit the tests reach (Settings.chat_max_messages).
 CHAT_MAX_MESSAGES = 16
@@ -103,6 +107,7 @@ async def api(
         openai_listen="127.0.0.1:0",
         metrics_listen="127.0.0.1:0",
         audit_log=str(work / "audit.jsonl"),
+        usage_log=str(work / "usage.jsonl"),
         poll_interval_s=0.5,
         drain_grace_s=2.0,
         default_max_tokens=MAX_TOKENS,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ class MemoryBackend:
         self._objects: dict[str, bytes] = {}
         self._keys: list[str] = []  # sorted
         self._lock = threading.Lock()
+        self._modified: dict[str, float] = {}
 
     def get(self, key: str) -> tuple[bytes, str]:
         with self._lock:
@@ -51,6 +53,7 @@ class MemoryBackend:
             if current is None:
                 bisect.insort(self._keys, key)
             self._objects[key] = bytes(data)
+            self._modified[key] = time.time()
         return hashlib.sha256(data).hexdigest()
 
     def put_file(self, key: str, path: Path) -> None:
@@ -65,6 +68,21 @@ class MemoryBackend:
         with self._lock:
             if self._objects.pop(key, None) is not None:
                 del self._keys[bisect.bisect_left(self._keys, key)]
+                self._modified.pop(key, None)
+
+    def modified(self, key: str) -> float:
+        with self._lock:
+            stamp = self._modified.get(key)
+        if stamp is None:
+            raise BlobNotFound(f"no object {key}")
+        return stamp
+
+    def list_page_modified(
+        self, prefix: str, *, start_after: str = "", limit: int = 1000
+    ) -> tuple[list[tuple[str, float]], bool]:
+        keys, more = self.list_page(prefix, start_after=start_after, limit=limit)
+        with self._lock:
+            return [(k, self._modified[k]) for k in keys if k in self._modified], more
 
     def list(self, prefix: str) -> list[str]:
         with self._lock:
