@@ -8,6 +8,7 @@
     ├── Conflict             alias expectation failed, retries exhausted      FAILED_PRECONDITION
     │   └── PreconditionFailed  (backend level) a conditional write lost
     ├── Quarantined          version quarantined by the runtime canary        FAILED_PRECONDITION
+    ├── EvaluationRequired   an alias move lacks a passing evaluation         FAILED_PRECONDITION
     ├── StoreUnavailable     store unreachable, timed out, misconfigured      UNAVAILABLE
     ├── IntegrityError       stored bytes do not match their sha256           DATA_LOSS
     └── CapacityExceeded     size caps, cache budget or disk exhausted        RESOURCE_EXHAUSTED
@@ -29,6 +30,7 @@ __all__ = [
     "BlobNotFound",
     "CapacityExceeded",
     "Conflict",
+    "EvaluationRequired",
     "Incompatible",
     "IntegrityError",
     "InvalidAdapter",
@@ -71,6 +73,10 @@ class PreconditionFailed(Conflict):
 
 class Quarantined(StoreError):
     """The version was quarantined: the engine's runtime canary failed after it was loaded."""
+
+
+class EvaluationRequired(StoreError):
+    """An alias may not move to a version without a passing evaluation on the current set."""
 
 
 class StoreUnavailable(StoreError):

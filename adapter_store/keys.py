@@ -6,6 +6,8 @@ Keys are relative to the backend's root folder or bucket prefix::
     tenants/<tenant>/adapters/<name>/versions/<sha256>/adapter_config.json
     tenants/<tenant>/adapters/<name>/versions/<sha256>/adapter_model.safetensors
     tenants/<tenant>/adapters/<name>/versions/<sha256>/chat_template.jinja   (optional)
+    tenants/<tenant>/adapters/<name>/evaluation-sets/<sha256>.json  (an evaluation set: its
+                                                          canonical JSON, named by its sha256)
     tenants/<tenant>/usage.json                          (storage usage: adapter_store.quota)
     tenants/<grantee>/shared/<owner>/<name>              (share index: one marker per grant)
     events/<stamp>-<nonce>-<tenant>/<name>               (change feed: one per manifest write)
@@ -38,6 +40,8 @@ __all__ = [
     "adapter_prefix",
     "adapters_prefix",
     "child_name",
+    "evaluation_set_key",
+    "evaluation_sets_prefix",
     "event_key",
     "event_of",
     "events_from",
@@ -107,6 +111,17 @@ def object_key(tenant: str, name: str, sha: str, filename: str) -> str:
     if filename not in VERSION_FILES:
         raise InvalidAdapter(f"unsupported file {str(filename)[:80]!r}")
     return version_prefix(tenant, name, sha) + filename
+
+
+def evaluation_sets_prefix(tenant: str, name: str) -> str:
+    """The folder of one adapter's evaluation sets."""
+    return adapter_prefix(tenant, name) + "evaluation-sets/"
+
+
+def evaluation_set_key(tenant: str, name: str, sha: str) -> str:
+    """An evaluation set of one adapter (adapter_store.evaluations): named by the sha256 of
+    its bytes, never by a user string."""
+    return evaluation_sets_prefix(tenant, name) + f"{check_sha(sha)}.json"
 
 
 def usage_key(tenant: str) -> str:

@@ -17,6 +17,13 @@ from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 from adapter_store.errors import AdapterNotFound, IntegrityError, InvalidAdapter, Quarantined
+from adapter_store.evaluations import (
+    AliasPolicy,
+    EvaluationResult,
+    EvaluationSetRef,
+    parse_alias_policies,
+    parse_evaluations,
+)
 
 __all__ = [
     "ADAPTER_FILES",
@@ -437,6 +444,12 @@ class Manifest:
     etag: str | None = None
     #: Weighted aliases: alias -> {sha: weight} (2 or more live versions, weights > 0, sum 1).
     alias_weights: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: The current evaluation set (adapter_store.evaluations); None: none uploaded.
+    evaluation_set: EvaluationSetRef | None = None
+    #: Version sha -> its evaluation results, oldest first (appended to, never rewritten).
+    evaluations: dict[str, tuple[EvaluationResult, ...]] = field(default_factory=dict)
+    #: Alias -> what a version needs before the alias may point at it.
+    alias_policies: dict[str, AliasPolicy] = field(default_factory=dict)
     #: The retention policy: keep the newest `keep_last` versions (by upload time) and every
     #: version an alias points at, retire the others (`expired`). None: keep every version.
     keep_last: int | None = None
@@ -519,6 +532,19 @@ class Manifest:
                 alias: dict(sorted(weights.items()))
                 for alias, weights in sorted(self.alias_weights.items())
             }
+        # Evaluations (adapter_store.evaluations): written only when present, so that a
+        # manifest without them reads and writes as before.
+        if self.evaluation_set is not None:
+            data["evaluation_set"] = self.evaluation_set.to_dict()
+        if self.evaluations:
+            data["evaluations"] = {
+                sha: [result.to_dict() for result in results]
+                for sha, results in sorted(self.evaluations.items())
+            }
+        if self.alias_policies:
+            data["alias_policies"] = {
+                alias: policy.to_dict() for alias, policy in sorted(self.alias_policies.items())
+            }
         if self.keep_last is not None:
             data["retention"] = {"keep_last": self.keep_last}
         return json.dumps(data, indent=2, sort_keys=True).encode()
@@ -557,6 +583,15 @@ class Manifest:
             revoked=tuple(_manifest_sha(s) for s in _str_list(_get(obj, "revoked", list))),
             etag=etag,
             alias_weights=alias_weights,
+            evaluation_set=(
+                None
+                if obj.get("evaluation_set") is None
+                else EvaluationSetRef.from_dict(obj["evaluation_set"])
+            ),
+            evaluations=parse_evaluations(
+                obj.get("evaluations", {}), [*versions, *_str_list(_get(obj, "revoked", list))]
+            ),
+            alias_policies=parse_alias_policies(obj.get("alias_policies", {})),
             keep_last=keep_last,
         )
 

@@ -14,6 +14,7 @@ a publish charges the tenant's usage object first and is refused beyond the quot
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import time
@@ -29,12 +30,29 @@ from adapter_store.compose import compose_adapter
 from adapter_store.errors import (
     AdapterNotFound,
     BlobNotFound,
+    CapacityExceeded,
     Conflict,
+    IntegrityError,
     InvalidAdapter,
     Quarantined,
     StoreError,
 )
-from adapter_store.keys import TENANTS, adapters_prefix, child_name, object_key
+from adapter_store.evaluations import (
+    MAX_RESULTS_PER_VERSION,
+    AliasPolicy,
+    EvaluationResult,
+    EvaluationSetRef,
+    check_min_score,
+    gate,
+)
+from adapter_store.keys import (
+    TENANTS,
+    adapters_prefix,
+    child_name,
+    evaluation_set_key,
+    evaluation_sets_prefix,
+    object_key,
+)
 from adapter_store.manifests import DEFAULT_RETRIES, Manifests, is_live, live
 from adapter_store.model import (
     CHAT_TEMPLATE_FILE,
@@ -138,7 +156,14 @@ class AdapterStore(Protocol):
     ) -> AdapterVersion: ...
 
     def set_alias(
-        self, tenant: str, name: str, alias: str, target: str, expected: str | None = None
+        self,
+        tenant: str,
+        name: str,
+        alias: str,
+        target: str,
+        expected: str | None = None,
+        *,
+        require_eval_min_score: float | None = None,
     ) -> Manifest: ...
 
     def set_alias_weights(
@@ -148,6 +173,20 @@ class AdapterStore(Protocol):
         alias: str,
         weights: Mapping[str, float],
         expected: Mapping[str, float] | None = None,
+        *,
+        require_eval_min_score: float | None = None,
+    ) -> Manifest: ...
+
+    def put_evaluation_set(
+        self, tenant: str, name: str, data: bytes, *, cases: int, uploaded_by: str
+    ) -> Manifest: ...
+
+    def evaluation_set(self, tenant: str, name: str, sha: str) -> bytes: ...
+
+    def add_evaluation(self, tenant: str, name: str, result: EvaluationResult) -> Manifest: ...
+
+    def set_alias_policy(
+        self, tenant: str, name: str, alias: str, min_score: float | None
     ) -> Manifest: ...
 
     def remove_alias(self, tenant: str, name: str, alias: str) -> Manifest: ...
@@ -544,19 +583,29 @@ class Registry:
         return manifest.resolve(ref, caller=tenant, routing_key=routing_key)
 
     def set_alias(
-        self, tenant: str, name: str, alias: str, target: str, expected: str | None = None
+        self,
+        tenant: str,
+        name: str,
+        alias: str,
+        target: str,
+        expected: str | None = None,
+        *,
+        require_eval_min_score: float | None = None,
     ) -> Manifest:
         """Point `alias` at `target` (a version sha or another alias); a weighted alias becomes
         plain (its canary ends).
 
         With `expected` (a version sha), only if the alias currently points there, plainly
         (else Conflict; a weighted alias points at no one version): a compare-and-set for
-        rollouts.
+        rollouts. With `require_eval_min_score`, or when the alias has a policy, only if the
+        version has a passing evaluation (`evaluations.gate`; EvaluationRequired otherwise),
+        checked inside the same conditional write.
         """
         check_name(alias, "alias")
         if _looks_like_sha(alias):
             raise InvalidAdapter("an alias may not look like a version sha256")
         want = check_sha(expected, "expected version") if expected is not None else None
+        required = _required(require_eval_min_score)
 
         def change(current: Manifest | None) -> Manifest:
             manifest = live(current, name)
@@ -573,6 +622,7 @@ class Registry:
                     f"alias {alias!r} of {name!r} points at {_describe(manifest, alias)}, "
                     f"not the expected {want}"
                 )
+            _gate(manifest, alias, [sha], required)
             return _with_alias(manifest, alias, {sha: 1.0})
 
         return self._manifests.update(tenant, name, change)
@@ -584,6 +634,8 @@ class Registry:
         alias: str,
         weights: Mapping[str, float],
         expected: Mapping[str, float] | None = None,
+        *,
+        require_eval_min_score: float | None = None,
     ) -> Manifest:
         """Split `alias` between versions: {version: weight}, a canary (`prod = v7: 0.9,
         v8: 0.1`). Each request then resolves to one of them, sticky per routing key
@@ -597,11 +649,13 @@ class Registry:
         that is quarantined (Quarantined). With `expected` ({version sha: weight}; {} = the
         alias does not exist), only if the alias's split is that now (`Manifest.split`; a
         plain alias is {sha: 1.0}), else Conflict: a compare-and-set like `set_alias`'s.
+        Gated like `set_alias` for each version not in the alias's split now.
         """
         check_name(alias, "alias")
         if _looks_like_sha(alias):
             raise InvalidAdapter("an alias may not look like a version sha256")
         given = _check_weights(weights, self.limits.max_alias_versions)
+        required = _required(require_eval_min_score)
         want = None
         if expected is not None:
             want = {}
@@ -621,6 +675,7 @@ class Registry:
                     f"alias {alias!r} of {name!r} points at {_describe(manifest, alias)}, "
                     f"not the expected {_describe_split(want)}"
                 )
+            _gate(manifest, alias, split, required)
             return _with_alias(manifest, alias, split)
 
         return self._manifests.update(tenant, name, change)
@@ -635,6 +690,79 @@ class Registry:
             aliases = {a: s for a, s in manifest.aliases.items() if a != alias}
             weights = {a: w for a, w in manifest.alias_weights.items() if a != alias}
             return replace(manifest, aliases=aliases, alias_weights=weights)
+
+        return self._manifests.update(tenant, name, change)
+
+    # --- evaluations (adapter_store.evaluations) ---------------------------------------------
+
+    def put_evaluation_set(
+        self, tenant: str, name: str, data: bytes, *, cases: int, uploaded_by: str
+    ) -> Manifest:
+        """Store an evaluation set (bytes the gateway validated: `lora_gateway.evaluation`)
+        under its sha256 next to the manifest, then make it the adapter's current set. The
+        same bytes again are the same set (nothing changes)."""
+        sha = hashlib.sha256(data).hexdigest()
+        key = evaluation_set_key(tenant, name, sha)
+        live(self._manifests.read(tenant, name), name)  # refused before anything is stored
+        self.backend.put(key, data)
+        ref = EvaluationSetRef(sha=sha, cases=cases, uploaded_at=utc_now(), uploaded_by=uploaded_by)
+
+        def change(current: Manifest | None) -> Manifest:
+            manifest = live(current, name)
+            if manifest.evaluation_set is not None and manifest.evaluation_set.sha == sha:
+                return manifest
+            return replace(manifest, evaluation_set=ref)
+
+        return self._manifests.update(tenant, name, change)
+
+    def evaluation_set(self, tenant: str, name: str, sha: str) -> bytes:
+        """The bytes of a stored evaluation set, checked against their sha256."""
+        try:
+            data, _ = self.backend.get(evaluation_set_key(tenant, name, sha))
+        except BlobNotFound:
+            raise IntegrityError(f"evaluation set sha256:{sha} is no longer stored") from None
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise IntegrityError(f"evaluation set sha256:{sha} does not match its sha256")
+        return data
+
+    def add_evaluation(self, tenant: str, name: str, result: EvaluationResult) -> Manifest:
+        """Append `result` to its version's evaluations (a conditional write; never rewrites
+        one). Refused: the version is gone (AdapterNotFound), or it has
+        `MAX_RESULTS_PER_VERSION` results already (CapacityExceeded)."""
+        sha = check_sha(result.version)
+
+        def change(current: Manifest | None) -> Manifest:
+            manifest = live(current, name)
+            if sha not in manifest.versions:
+                raise not_found(f"{name}@sha256:{sha}")
+            runs = manifest.evaluations.get(sha, ())
+            if len(runs) >= MAX_RESULTS_PER_VERSION:
+                raise CapacityExceeded(
+                    f"version sha256:{sha} has {len(runs)} evaluations already, the most kept "
+                    "(results are never rewritten)"
+                )
+            return replace(manifest, evaluations={**manifest.evaluations, sha: (*runs, result)})
+
+        return self._manifests.update(tenant, name, change)
+
+    def set_alias_policy(
+        self, tenant: str, name: str, alias: str, min_score: float | None
+    ) -> Manifest:
+        """Require a minimum evaluation score of every version `alias` is moved to (None:
+        remove the policy). The alias need not exist yet."""
+        check_name(alias, "alias")
+        if _looks_like_sha(alias):
+            raise InvalidAdapter("an alias may not look like a version sha256")
+        score = _required(min_score)
+
+        def change(current: Manifest | None) -> Manifest:
+            manifest = live(current, name)
+            policies = {a: p for a, p in manifest.alias_policies.items() if a != alias}
+            if score is not None:
+                policies[alias] = AliasPolicy(score)
+            if policies == manifest.alias_policies:
+                return manifest
+            return replace(manifest, alias_policies=policies)
 
         return self._manifests.update(tenant, name, change)
 
@@ -689,6 +817,9 @@ class Registry:
                     alias_weights={},
                     shared_with=(),
                     revoked=tuple(shas),
+                    # The evaluation set's objects are deleted below; results stay as history.
+                    evaluation_set=None,
+                    alias_policies={},
                 )
                 revoked[:] = shas
                 grantees[:] = current.shared_with
@@ -711,6 +842,11 @@ class Registry:
             )
 
         self._manifests.update(tenant, name, change)
+        if target is None:
+            # Evaluation sets are in no engine or cache: deleted with the whole adapter, in
+            # any mode (`delete_objects` orders the version files after the unload only).
+            for key in self.backend.list(evaluation_sets_prefix(tenant, name)):
+                self.backend.delete(key)
         self._shares.forget(tenant, name, grantees)
         if any(freed):
             self._usage.refund(tenant, freed[0], freed[1])
@@ -827,6 +963,33 @@ class Registry:
             )
         except BlobNotFound:
             raise AdapterNotFound(f"version {version.version_id} is no longer stored") from None
+
+
+# --- gated promotion ---------------------------------------------------------------------------
+
+
+def _required(value: float | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return check_min_score(value)
+    except ValueError as exc:
+        raise InvalidAdapter(f"require_eval_min_score: {exc}") from None
+
+
+def _gate(manifest: Manifest, alias: str, shas: Iterable[str], required: float | None) -> None:
+    """The evaluation gate (`evaluations.gate`) for the versions a move adds to `alias`:
+    those not in its split now (a canary's weights may shift between versions it holds)."""
+    current = manifest.split(alias)
+    gate(
+        name=manifest.name,
+        alias=alias,
+        shas=[sha for sha in shas if sha not in current],
+        current_set=manifest.evaluation_set,
+        evaluations=manifest.evaluations,
+        required=required,
+        policy=manifest.alias_policies.get(alias),
+    )
 
 
 # --- weighted aliases ---------------------------------------------------------------------------

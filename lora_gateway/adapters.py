@@ -47,10 +47,12 @@ from adapter_store import (
     Upload,
 )
 from adapter_store.errors import QuotaExceeded, SpoolFull
+from adapter_store.evaluations import MAX_RESULTS_PER_VERSION, EvaluationResult, EvaluationSetRef
 from adapter_store.model import utc_now
 from adapter_store.quota import Quota
 from lora_gateway import errors, paging
 from lora_gateway.audit import AuditLog
+from lora_gateway.evaluation import Evaluator, parse_set
 from lora_gateway.gateway import Gateway
 from lora_gateway.metrics import VersionSummary
 from lora_gateway.paging import Cursor, PageTokens
@@ -210,6 +212,7 @@ class Adapters:
         self._per_tenant = max(1, threads // 2)
         self._tenant_slots: dict[str, asyncio.Semaphore] = {}
         self._tokens: tuple[KeyRing, PageTokens] | None = None
+        self._evaluations: Evaluator | None = None
 
     # --- plumbing -----------------------------------------------------------------------------
     async def _store(self, principal: Principal, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
@@ -538,13 +541,26 @@ class Adapters:
         alias: str,
         version: str,
         expected: str | None = None,
+        *,
+        require_eval_min_score: float | None = None,
     ) -> Manifest:
-        """Point `alias` at `version` (only if it points at `expected` now, when given)."""
+        """Point `alias` at `version` (only if it points at `expected` now, when given; only
+        if the version has a passing evaluation, with `require_eval_min_score` or the alias's
+        policy: `adapter_store.evaluations.gate`)."""
         tenant = Policy.effective_tenant_for_adapter(principal, tenant)
         manifest = await self._store(
-            principal, self.store.set_alias, tenant, name, alias, version, expected
+            principal,
+            self.store.set_alias,
+            tenant,
+            name,
+            alias,
+            version,
+            expected,
+            require_eval_min_score=require_eval_min_score,
         )
-        return await self._changed(principal, "SetAlias", manifest, version)
+        return await self._changed(
+            principal, "SetAlias", manifest, version, _gated(require_eval_min_score)
+        )
 
     async def set_alias_weights(
         self,
@@ -554,10 +570,13 @@ class Adapters:
         alias: str,
         weights: Mapping[str, float],
         expected: Mapping[str, float] | None = None,
+        *,
+        require_eval_min_score: float | None = None,
     ) -> Manifest:
         """Split `alias` between versions (a canary; `Registry.set_alias_weights` has the
         rules); one version with weight 1 makes it plain. Other replicas take it from the
-        manifest, like an alias move. Audited with the versions and the split that resulted."""
+        manifest, like an alias move. Audited with the versions and the split that resulted.
+        Gated like `set_alias` for each version the alias does not hold yet."""
         tenant = Policy.effective_tenant_for_adapter(principal, tenant)
         manifest = await self._store(
             principal,
@@ -567,10 +586,12 @@ class Adapters:
             alias,
             dict(weights),
             None if expected is None else dict(expected),
+            require_eval_min_score=require_eval_min_score,
         )
         split = sorted(manifest.split(alias).items())
         versions = ",".join(f"sha256:{sha}" for sha, _ in split)
         detail = f"{alias}: " + ", ".join(f"{sha[:12]}={weight:g}" for sha, weight in split)
+        detail += _gated(require_eval_min_score)
         return await self._changed(principal, "SetAliasWeights", manifest, versions, detail)
 
     async def share(self, principal: Principal, tenant: str, name: str, grantee: str) -> Manifest:
@@ -810,6 +831,122 @@ class Adapters:
         entry = await self.residency.prefetch(version, self._limits(principal))
         self._audit(principal, "PrefetchAdapter", version.tenant, version.name, version.version_id)
         return entry
+
+    # --- evaluations and gated promotion (lora_gateway.evaluation) ------------------------------
+    def _evaluator(self) -> Evaluator:
+        if self._evaluations is None:
+            self._evaluations = Evaluator(self.gateway)
+        return self._evaluations
+
+    async def put_evaluation_set(
+        self, principal: Principal, tenant: str, name: str, set_json: str
+    ) -> EvaluationSetRef:
+        """Validate the set strictly (INVALID_ARGUMENT with the reason), store it under its
+        sha256 and make it the adapter's current set. Audited with its sha256."""
+        tenant = Policy.effective_tenant_for_adapter(principal, tenant)
+        parsed = parse_set(set_json, self.settings)
+        manifest = await self._store(
+            principal,
+            self.store.put_evaluation_set,
+            tenant,
+            name,
+            parsed.canonical,
+            cases=len(parsed.cases),
+            uploaded_by=creator(principal),
+        )
+        current = manifest.evaluation_set
+        assert current is not None
+        await self._changed(
+            principal, "PutEvaluationSet", manifest, detail=f"set sha256:{current.sha}"
+        )
+        return current
+
+    async def evaluate(
+        self,
+        principal: Principal,
+        tenant: str,
+        name: str,
+        version: str = "",
+        set_sha: str = "",
+    ) -> EvaluationResult:
+        """Run the adapter's current set against `version` (a sha or an alias; "" = latest)
+        on this gateway's engine, then append the result to the manifest and audit it.
+
+        Refused: no evaluation set, or not the `set_sha` given (FAILED_PRECONDITION); the
+        version has the most results kept already (RESOURCE_EXHAUSTED, before it runs);
+        `evaluation_max_concurrent` evaluations running (RESOURCE_EXHAUSTED)."""
+        tenant = Policy.effective_tenant_for_adapter(principal, tenant)
+        selector = version or "latest"
+        ref = parse_ref(f"{name}@{selector}")
+        manifest = await self._store(principal, self.store.get_manifest, tenant, name)
+        target = manifest.resolve(ref)
+        current = manifest.evaluation_set
+        if current is None:
+            raise errors.FailedPrecondition(
+                f"adapter {name!r} has no evaluation set: upload one with PutEvaluationSet"
+            )
+        if set_sha and set_sha.removeprefix("sha256:") != current.sha:
+            raise errors.FailedPrecondition(
+                f"the current evaluation set of {name!r} is sha256:{current.sha}, not {set_sha}"
+            )
+        if len(manifest.evaluations.get(target.sha, ())) >= MAX_RESULTS_PER_VERSION:
+            raise errors.ResourceExhausted(
+                f"version {target.version_id} has {MAX_RESULTS_PER_VERSION} evaluations "
+                "already, the most kept (results are never rewritten)"
+            )
+        data = await self._store(principal, self.store.evaluation_set, tenant, name, current.sha)
+        evaluation_set = parse_set(data, self.settings)
+        result = await self._evaluator().run(
+            principal, target, evaluation_set, current.sha, creator(principal)
+        )
+        updated = await self._store(principal, self.store.add_evaluation, tenant, name, result)
+        self.residency.remember(updated)
+        failed = ",".join(case.id for case in result.failures[:8])
+        detail = (
+            f"set sha256:{current.sha} score {result.score:g} ({result.passed}/"
+            f"{len(result.cases)})" + (f" failed {failed}" if failed else "")
+        )
+        self._audit(principal, "EvaluateAdapter", tenant, name, target.version_id, detail)
+        return result
+
+    async def get_evaluations(
+        self, principal: Principal, tenant: str, name: str, version: str = ""
+    ) -> tuple[Manifest, str | None]:
+        """The manifest, for its evaluation set, results and alias policies, and the sha of
+        `version` ("sha256:<hex>", also of a revoked version, or an alias; "" = every version)
+        to list the results of. The owner tenant's callers and operators only: another
+        tenant's adapter is NOT_FOUND."""
+        tenant = Policy.effective_tenant_for_adapter(principal, tenant)
+        ref = parse_ref(f"{name}@{version}") if version else None
+        manifest = await self._store(principal, self.store.get_manifest, tenant, name)
+        if ref is None:
+            return manifest, None
+        sha = ref.version if ref.version is not None else manifest.aliases.get(ref.selector)
+        if sha is None:
+            raise errors.NotFound(errors.ADAPTER_NOT_FOUND_TEXT)
+        return manifest, sha
+
+    async def set_alias_policy(
+        self, principal: Principal, tenant: str, name: str, alias: str, min_score: float
+    ) -> Manifest:
+        """Every later move of `alias` needs an evaluation scoring >= `min_score` on the
+        current set (0 removes the policy). Audited."""
+        tenant = Policy.effective_tenant_for_adapter(principal, tenant)
+        manifest = await self._store(
+            principal,
+            self.store.set_alias_policy,
+            tenant,
+            name,
+            alias,
+            None if min_score == 0 else min_score,
+        )
+        detail = f"{alias}: min_score {min_score:g}" if min_score else f"{alias}: removed"
+        return await self._changed(principal, "SetAliasPolicy", manifest, detail=detail)
+
+
+def _gated(required: float | None) -> str:
+    """The audit detail of a gated alias move."""
+    return "" if required is None else f" (required evaluation score >= {required:g})"
 
 
 async def _next(stream: AsyncIterator[UploadMessage]) -> tuple[bool, UploadMessage]:

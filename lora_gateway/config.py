@@ -386,6 +386,20 @@ class Settings(BaseSettings):
     """Most alternatives per token a request may ask for (`logprobs`, `prompt_logprobs`, the
     OpenAI API's `top_logprobs`); also the engine's own `max_logprobs`."""
 
+    # --- evaluations (EvaluateAdapter; lora_gateway.evaluation) -------------------------------
+    evaluation_max_concurrent: int = Field(1, ge=1)
+    """Evaluations that may run at once on this gateway, one tenant at most half of them (at
+    least one); more are refused with RESOURCE_EXHAUSTED. Each runs one case at a time, so
+    evaluations hold at most this many of the engine's request slots (vLLM's request priority
+    is not used: it needs the whole engine scheduled by priority)."""
+    evaluation_max_set_bytes: int = Field(256 << 10, ge=1)
+    """Largest evaluation set (PutEvaluationSet), in UTF-8 bytes of its JSON."""
+    evaluation_max_cases: int = Field(32, ge=1, le=64)
+    """Most cases of one evaluation set (at most 64, what a manifest records per result)."""
+    evaluation_max_case_tokens: int = Field(64, ge=1)
+    """Most tokens a case of an evaluation set may generate (its `max_tokens`); the tenant's
+    own `max_tokens` cap applies too."""
+
     # --- OpenAI-compatible HTTP ---------------------------------------------------------------
     openai_listen: str | None = None
     """OpenAI-compatible HTTP API on host:port (/v1/completions, /v1/chat/completions,

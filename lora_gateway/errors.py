@@ -98,6 +98,7 @@ _STORE_CODES: dict[type[store_errors.StoreError], grpc.StatusCode] = {
     store_errors.Incompatible: grpc.StatusCode.FAILED_PRECONDITION,
     store_errors.Conflict: grpc.StatusCode.FAILED_PRECONDITION,
     store_errors.Quarantined: grpc.StatusCode.FAILED_PRECONDITION,
+    store_errors.EvaluationRequired: grpc.StatusCode.FAILED_PRECONDITION,
     store_errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     store_errors.IntegrityError: grpc.StatusCode.DATA_LOSS,
     store_errors.CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,

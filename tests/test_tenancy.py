@@ -110,6 +110,9 @@ def test_method_permissions() -> None:
         assert permission_for(f"/lora_gateway.v1.Admin/{rpc}") is Permission.MANAGE_ADAPTERS
     for rpc in ("UnshareAdapter", "RevokeAdapter", "PinAdapter", "UnpinAdapter", "PrefetchAdapter"):
         assert permission_for(f"/lora_gateway.v1.Admin/{rpc}") is Permission.MANAGE_ADAPTERS
+    for rpc in ("PutEvaluationSet", "EvaluateAdapter", "SetAliasPolicy"):
+        assert permission_for(f"/lora_gateway.v1.Admin/{rpc}") is Permission.MANAGE_ADAPTERS
+    assert permission_for("/lora_gateway.v1.Admin/GetEvaluations") is Permission.READ_ADAPTERS
     assert is_public("/grpc.health.v1.Health/Check")
     assert is_public("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
     assert not is_public("/lora_gateway.v1.Inference/Generate")
@@ -138,6 +141,9 @@ def test_role_permissions() -> None:
         (Role.TENANT_ADMIN, "/lora_gateway.v1.Admin/RevokeAdapter", True),
         (Role.TENANT_ADMIN, "/lora_gateway.v1.Admin/PinAdapter", True),
         (Role.OPERATOR, "/lora_gateway.v1.Admin/PrefetchAdapter", True),
+        (Role.USER, "/lora_gateway.v1.Admin/EvaluateAdapter", False),
+        (Role.TENANT_ADMIN, "/lora_gateway.v1.Admin/EvaluateAdapter", True),
+        (Role.USER, "/lora_gateway.v1.Admin/GetEvaluations", True),
         (Role.OPERATOR, "/lora_gateway.v1.Admin/Unknown", False),
         (Role.OPERATOR, "", False),
     ],

@@ -116,6 +116,7 @@ def _cmd_alias(args: argparse.Namespace) -> int:
             args.version,
             tenant=args.tenant,
             expected_version=args.expected,
+            require_eval_min_score=args.require_eval,
         )
     target = info.aliases.get(args.alias, args.version)
     text = f"{out.label(info.tenant, info.name)}@{args.alias} -> {target}"
@@ -146,7 +147,12 @@ def _cmd_canary(args: argparse.Namespace) -> int:
     expected = None if args.expected is None else _weights(args.expected, "--expected")
     with open_client(args) as client:
         info = client.set_alias_weights(
-            args.name, args.alias, weights, tenant=args.tenant, expected=expected
+            args.name,
+            args.alias,
+            weights,
+            tenant=args.tenant,
+            expected=expected,
+            require_eval_min_score=args.require_eval,
         )
     target = out.alias_target(info, args.alias)
     text = f"{out.label(info.tenant, info.name)}@{args.alias} -> {target}"
@@ -231,6 +237,100 @@ def _cmd_residency(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_eval_upload(args: argparse.Namespace) -> int:
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise errors.InvalidArgument(f"cannot read the evaluation set {args.file}: {exc}") from None
+    with open_client(args) as client:
+        info = client.put_evaluation_set(args.name, text, tenant=args.tenant)
+    if args.json:
+        out.print_json(out.as_json(info))
+    else:
+        print(f"evaluation set {info.sha256} ({info.cases} cases) is current for {args.name}")
+    return EXIT_OK
+
+
+def _cmd_eval_run(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        result = client.evaluate_adapter(
+            args.name, args.version, set_sha256=args.set, tenant=args.tenant
+        )
+    if args.json:
+        out.print_json(out.as_json(result))
+    else:
+        out.print_evaluation(result)
+    return EXIT_OK
+
+
+def _cmd_eval_show(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        info = client.get_evaluations(args.name, args.version, tenant=args.tenant)
+    if args.json:
+        out.print_json(out.as_json(info))
+    else:
+        out.print_evaluations(info)
+    return EXIT_OK
+
+
+def _cmd_eval_policy(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        info = client.set_alias_policy(args.name, args.alias, args.min_score, tenant=args.tenant)
+    if args.json:
+        out.print_json(out.as_json(info))
+    elif args.min_score:
+        print(f"{args.name}@{args.alias} requires an evaluation score >= {args.min_score:g}")
+    else:
+        print(f"{args.name}@{args.alias} requires no evaluation")
+    return EXIT_OK
+
+
+def _require_eval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--require-eval",
+        type=float,
+        default=None,
+        metavar="MIN_SCORE",
+        help="refuse unless each version it adds scored at least MIN_SCORE (0..1] on the "
+        "adapter's current evaluation set",
+    )
+
+
+def _register_eval(
+    ops: argparse._SubParsersAction[argparse.ArgumentParser], client: argparse.ArgumentParser
+) -> None:
+    evaluation = ops.add_parser(
+        "eval",
+        help="evaluation sets, evaluations and alias policies",
+        description="Evaluation sets and gated promotion (docs/lifecycle.md).",
+    )
+    sub = evaluation.add_subparsers(dest="eval_command", required=True, metavar="OP")
+    upload = sub.add_parser("upload", parents=[client], help="upload the evaluation set (JSON)")
+    upload.add_argument("name")
+    upload.add_argument("file", metavar="FILE", help='JSON: {"cases": [...]}')
+    _tenant(upload)
+    upload.set_defaults(func=_cmd_eval_upload)
+    run = sub.add_parser("run", parents=[client], help="evaluate a version; the result is kept")
+    run.add_argument("name")
+    run.add_argument("--version", default="", metavar="V", help="sha256:<hex> or an alias")
+    run.add_argument("--set", default="", metavar="SHA", help="fail unless the set is this one")
+    _tenant(run)
+    run.set_defaults(func=_cmd_eval_run)
+    show = sub.add_parser("show", parents=[client], help="the set, the results, the policies")
+    show.add_argument("name")
+    show.add_argument("--version", default="", metavar="V", help="one version's results")
+    _tenant(show)
+    show.set_defaults(func=_cmd_eval_show)
+    policy = sub.add_parser(
+        "policy", parents=[client], help="require a score before an alias moves (0 removes)"
+    )
+    policy.add_argument("name")
+    policy.add_argument("alias")
+    policy.add_argument("min_score", type=float, metavar="MIN_SCORE")
+    _tenant(policy)
+    policy.set_defaults(func=_cmd_eval_policy)
+
+
 # --- the parsers ------------------------------------------------------------------------------
 
 
@@ -290,6 +390,7 @@ def register(
     alias.add_argument("alias")
     alias.add_argument("version", help="sha256:<hex> or another alias")
     alias.add_argument("--expected", default="", metavar="V", help="fail unless it points at V")
+    _require_eval(alias)
     _tenant(alias)
     alias.set_defaults(func=_cmd_alias)
 
@@ -318,6 +419,7 @@ def register(
         help="fail unless the alias's split is exactly this now (none given: the alias "
         "must not exist)",
     )
+    _require_eval(canary)
     _tenant(canary)
     canary.set_defaults(func=_cmd_canary)
 
@@ -353,6 +455,8 @@ def register(
     revoke.add_argument("--version", default="", metavar="V", help="one version (default: all)")
     _tenant(revoke)
     revoke.set_defaults(func=_cmd_revoke)
+
+    _register_eval(ops, client)
 
     residency = commands.add_parser("residency", parents=[client], help="what is loaded where")
     residency.add_argument("--tenant", default="", help="'*' for all (operators)")

@@ -16,6 +16,8 @@ from adapter_store.spool import format_bytes
 from lora_gateway.client import (
     Adapter,
     AdapterVersion,
+    Evaluation,
+    Evaluations,
     GenerateResult,
     Residency,
     ResidencyEntry,
@@ -222,3 +224,44 @@ def print_residency(entries: Sequence[ResidencyEntry], figures: Residency | None
             f"\nengine capacity {figures.engine_capacity}; disk cache "
             f"{format_bytes(figures.disk_used_bytes)} of {format_bytes(figures.disk_budget_bytes)}"
         )
+
+
+# --- evaluations ------------------------------------------------------------------------------
+
+
+def print_evaluation(result: Evaluation) -> None:
+    """One evaluation: its score, then a row per case (failures with their reason)."""
+    print(
+        f"{short(result.version)} scored {result.score:g} ({result.passed}/{result.total}) on "
+        f"set {result.set_sha256[:12]} ({result.engine}, {result.base_model}, "
+        f"{result.finished_at})"
+    )
+    rows = [(c.id, "pass" if c.passed else "FAIL", c.reason or "-") for c in result.cases]
+    table(("CASE", "RESULT", "REASON"), rows)
+
+
+def print_evaluations(info: Evaluations) -> None:
+    """The current set, the alias policies, then a row per stored result."""
+    current = info.current_set
+    if current is None:
+        print("evaluation set  none (upload one: adapter eval upload NAME FILE)")
+    else:
+        print(
+            f"evaluation set  {current.sha256} ({current.cases} cases, {current.uploaded_at}, "
+            f"{current.uploaded_by})"
+        )
+    for alias, score in sorted(info.alias_policies.items()):
+        print(f"policy          {alias} requires score >= {score:g}")
+    rows = [
+        (
+            short(r.version),
+            f"{r.score:g}",
+            f"{r.passed}/{r.total}",
+            r.set_sha256[:12] + ("" if current and r.set_sha256 == current.sha256 else " (old)"),
+            r.finished_at,
+            ",".join(c.id for c in r.failures) or "-",
+        )
+        for r in info.results
+    ]
+    print()
+    table(("VERSION", "SCORE", "PASSED", "SET", "FINISHED", "FAILED"), rows)

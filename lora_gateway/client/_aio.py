@@ -23,6 +23,9 @@ from lora_gateway.client.results import (
     Adapter,
     AdapterPage,
     AdapterVersion,
+    Evaluation,
+    Evaluations,
+    EvaluationSetInfo,
     GenerateResult,
     Residency,
     ResidencyEntry,
@@ -231,9 +234,13 @@ class AsyncGatewayClient(ClientBase[grpc.aio.Channel]):
         *,
         tenant: str = "",
         expected_version: str = "",
+        require_eval_min_score: float | None = None,
         timeout: Timeout = CLIENT_DEFAULT,
     ) -> Adapter:
-        rpc = _rpcs.set_alias(name, alias, version, tenant, expected_version)
+        """See `GatewayClient.set_alias`."""
+        rpc = _rpcs.set_alias(
+            name, alias, version, tenant, expected_version, require_eval_min_score
+        )
         return await self._call(rpc, timeout)
 
     async def set_alias_weights(
@@ -244,10 +251,13 @@ class AsyncGatewayClient(ClientBase[grpc.aio.Channel]):
         *,
         tenant: str = "",
         expected: Mapping[str, float] | None = None,
+        require_eval_min_score: float | None = None,
         timeout: Timeout = CLIENT_DEFAULT,
     ) -> Adapter:
         """See `GatewayClient.set_alias_weights`."""
-        rpc = _rpcs.set_alias_weights(name, alias, weights, tenant, expected)
+        rpc = _rpcs.set_alias_weights(
+            name, alias, weights, tenant, expected, require_eval_min_score
+        )
         return await self._call(rpc, timeout)
 
     async def share_adapter(
@@ -302,3 +312,46 @@ class AsyncGatewayClient(ClientBase[grpc.aio.Channel]):
         timeout: Timeout = CLIENT_DEFAULT,
     ) -> Residency:
         return await self._call(_rpcs.get_residency(tenant, page_size, page_token), timeout)
+
+    # --- evaluations and gated promotion -------------------------------------------------------
+
+    async def put_evaluation_set(
+        self, name: str, set_json: str, *, tenant: str = "", timeout: Timeout = CLIENT_DEFAULT
+    ) -> EvaluationSetInfo:
+        """Upload the adapter's evaluation set (JSON, docs/lifecycle.md); it becomes the
+        current set. INVALID_ARGUMENT with the reason for a set that is not valid."""
+        return await self._call(_rpcs.put_evaluation_set(name, set_json, tenant), timeout)
+
+    async def evaluate_adapter(
+        self,
+        name: str,
+        version: str = "",
+        *,
+        set_sha256: str = "",
+        tenant: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> Evaluation:
+        """Run the current set against `version` ("sha256:<hex>" or an alias; "" = latest) on
+        the gateway's engine; the result is stored (appended, never rewritten). A retry after
+        UNAVAILABLE may run it twice: both results are kept."""
+        return await self._call(_rpcs.evaluate_adapter(name, version, set_sha256, tenant), timeout)
+
+    async def get_evaluations(
+        self, name: str, version: str = "", *, tenant: str = "", timeout: Timeout = CLIENT_DEFAULT
+    ) -> Evaluations:
+        """The current set, the stored results (only `version`'s when given) and the alias
+        policies."""
+        return await self._call(_rpcs.get_evaluations(name, version, tenant), timeout)
+
+    async def set_alias_policy(
+        self,
+        name: str,
+        alias: str,
+        min_score: float,
+        *,
+        tenant: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> Evaluations:
+        """Every later move of `alias` needs an evaluation scoring >= `min_score` (0 removes
+        the policy)."""
+        return await self._call(_rpcs.set_alias_policy(name, alias, min_score, tenant), timeout)

@@ -23,6 +23,10 @@ from lora_gateway.client.results import (
     AdapterStatus,
     AdapterVersion,
     ComposePart,
+    Evaluation,
+    EvaluationCase,
+    Evaluations,
+    EvaluationSetInfo,
     GenerateResult,
     Residency,
     ResidencyEntry,
@@ -340,4 +344,40 @@ def residency(response: admin_pb2.GetResidencyResponse) -> Residency:
         disk_budget_bytes=response.disk_budget_bytes,
         disk_used_bytes=response.disk_used_bytes,
         next_page_token=response.next_page_token,
+    )
+
+
+# --- evaluations --------------------------------------------------------------------------------
+
+
+def evaluation_set(info: admin_pb2.EvaluationSetInfo) -> EvaluationSetInfo:
+    return EvaluationSetInfo(
+        sha256=info.sha256,
+        cases=info.cases,
+        uploaded_at=info.uploaded_at,
+        uploaded_by=info.uploaded_by,
+    )
+
+
+def evaluation(result: admin_pb2.EvaluationResult) -> Evaluation:
+    return Evaluation(
+        version=result.version,
+        set_sha256=result.set_sha256,
+        score=result.score,
+        passed=result.passed,
+        total=result.total,
+        cases=tuple(EvaluationCase(c.id, c.passed, c.reason) for c in result.cases),
+        engine=result.engine,
+        base_model=result.base_model,
+        started_at=result.started_at,
+        finished_at=result.finished_at,
+        evaluated_by=result.evaluated_by,
+    )
+
+
+def evaluations(info: admin_pb2.EvaluationsInfo) -> Evaluations:
+    return Evaluations(
+        current_set=evaluation_set(info.current_set) if info.HasField("current_set") else None,
+        results=tuple(evaluation(r) for r in info.results),
+        alias_policies={a: p.min_score for a, p in sorted(info.alias_policies.items())},
     )

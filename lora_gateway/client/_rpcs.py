@@ -17,6 +17,9 @@ from lora_gateway.client.results import (
     Adapter,
     AdapterPage,
     AdapterVersion,
+    Evaluation,
+    Evaluations,
+    EvaluationSetInfo,
     GenerateResult,
     Residency,
     ResidencyEntry,
@@ -129,7 +132,12 @@ def get_adapter(name: str, tenant: str) -> Rpc[Adapter]:
 
 
 def set_alias(
-    name: str, alias: str, version: str, tenant: str, expected_version: str
+    name: str,
+    alias: str,
+    version: str,
+    tenant: str,
+    expected_version: str,
+    require_eval_min_score: float | None = None,
 ) -> Rpc[Adapter]:
     request = message(
         admin_pb2.SetAliasRequest,
@@ -139,7 +147,15 @@ def set_alias(
         version=version,
         expected_version=expected_version,
     )
+    if require_eval_min_score is not None:
+        request.require_eval_min_score = _score(require_eval_min_score)
     return Rpc("SetAlias", request, admin_pb2.AdapterInfo, _convert.adapter)
+
+
+def _score(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise errors.InvalidArgument("require_eval_min_score must be a number in (0, 1]")
+    return float(value)
 
 
 def set_alias_weights(
@@ -148,6 +164,7 @@ def set_alias_weights(
     weights: Mapping[str, float],
     tenant: str,
     expected: Mapping[str, float] | None,
+    require_eval_min_score: float | None = None,
 ) -> Rpc[Adapter]:
     request = message(
         admin_pb2.SetAliasWeightsRequest,
@@ -158,6 +175,8 @@ def set_alias_weights(
     )
     if expected is not None:
         request.expected.CopyFrom(_convert.alias_weights(expected, "expected"))
+    if require_eval_min_score is not None:
+        request.require_eval_min_score = _score(require_eval_min_score)
     return Rpc("SetAliasWeights", request, admin_pb2.AdapterInfo, _convert.adapter)
 
 
@@ -203,3 +222,40 @@ def get_residency(tenant: str, page_size: int, page_token: str) -> Rpc[Residency
         admin_pb2.GetResidencyRequest, tenant=tenant, page_size=page_size, page_token=page_token
     )
     return Rpc("GetResidency", request, admin_pb2.GetResidencyResponse, _convert.residency)
+
+
+# --- evaluations ------------------------------------------------------------------------------
+
+
+def put_evaluation_set(name: str, set_json: str, tenant: str) -> Rpc[EvaluationSetInfo]:
+    request = message(
+        admin_pb2.PutEvaluationSetRequest, tenant=tenant, name=name, set_json=set_json
+    )
+    return Rpc("PutEvaluationSet", request, admin_pb2.EvaluationSetInfo, _convert.evaluation_set)
+
+
+def evaluate_adapter(name: str, version: str, set_sha256: str, tenant: str) -> Rpc[Evaluation]:
+    request = message(
+        admin_pb2.EvaluateAdapterRequest,
+        tenant=tenant,
+        name=name,
+        version=version,
+        set_sha256=set_sha256,
+    )
+    return Rpc("EvaluateAdapter", request, admin_pb2.EvaluationResult, _convert.evaluation)
+
+
+def get_evaluations(name: str, version: str, tenant: str) -> Rpc[Evaluations]:
+    request = message(admin_pb2.GetEvaluationsRequest, tenant=tenant, name=name, version=version)
+    return Rpc("GetEvaluations", request, admin_pb2.EvaluationsInfo, _convert.evaluations)
+
+
+def set_alias_policy(name: str, alias: str, min_score: float, tenant: str) -> Rpc[Evaluations]:
+    request = message(
+        admin_pb2.SetAliasPolicyRequest,
+        tenant=tenant,
+        name=name,
+        alias=alias,
+        require_eval_min_score=_score(min_score),
+    )
+    return Rpc("SetAliasPolicy", request, admin_pb2.EvaluationsInfo, _convert.evaluations)

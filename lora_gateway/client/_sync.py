@@ -20,6 +20,9 @@ from lora_gateway.client.results import (
     Adapter,
     AdapterPage,
     AdapterVersion,
+    Evaluation,
+    Evaluations,
+    EvaluationSetInfo,
     GenerateResult,
     Residency,
     ResidencyEntry,
@@ -248,12 +251,17 @@ class GatewayClient(ClientBase[grpc.Channel]):
         *,
         tenant: str = "",
         expected_version: str = "",
+        require_eval_min_score: float | None = None,
         timeout: Timeout = CLIENT_DEFAULT,
     ) -> Adapter:
         """Point `alias` at `version` ("sha256:<hex>" or another alias): promote, roll back.
 
-        With `expected_version`, only if the alias points there now (compare and set)."""
-        rpc = _rpcs.set_alias(name, alias, version, tenant, expected_version)
+        With `expected_version`, only if the alias points there now (compare and set). With
+        `require_eval_min_score` (in (0, 1]), only if the version's evaluation on the current
+        set scored at least that (FAILED_PRECONDITION naming the failures otherwise)."""
+        rpc = _rpcs.set_alias(
+            name, alias, version, tenant, expected_version, require_eval_min_score
+        )
         return self._call(rpc, timeout)
 
     def set_alias_weights(
@@ -264,6 +272,7 @@ class GatewayClient(ClientBase[grpc.Channel]):
         *,
         tenant: str = "",
         expected: Mapping[str, float] | None = None,
+        require_eval_min_score: float | None = None,
         timeout: Timeout = CLIENT_DEFAULT,
     ) -> Adapter:
         """Split `alias` between versions, a canary: {"sha256:<hex>" or a plain alias: weight},
@@ -272,8 +281,11 @@ class GatewayClient(ClientBase[grpc.Channel]):
 
         With `expected` ({"sha256:<hex>": weight}, as `Adapter.alias_weights` showed it; a
         plain alias is {its version: 1.0}; {} = the alias must not exist), only if the split
-        is that now (compare and set)."""
-        rpc = _rpcs.set_alias_weights(name, alias, weights, tenant, expected)
+        is that now (compare and set). `require_eval_min_score`: as in `set_alias`, for each
+        version the alias does not hold yet."""
+        rpc = _rpcs.set_alias_weights(
+            name, alias, weights, tenant, expected, require_eval_min_score
+        )
         return self._call(rpc, timeout)
 
     def share_adapter(
@@ -337,3 +349,46 @@ class GatewayClient(ClientBase[grpc.Channel]):
         One page (`page_size` adapters; 0 = the server's default); pass `next_page_token` back
         as `page_token` for the next, until it is ""."""
         return self._call(_rpcs.get_residency(tenant, page_size, page_token), timeout)
+
+    # --- evaluations and gated promotion -------------------------------------------------------
+
+    def put_evaluation_set(
+        self, name: str, set_json: str, *, tenant: str = "", timeout: Timeout = CLIENT_DEFAULT
+    ) -> EvaluationSetInfo:
+        """Upload the adapter's evaluation set (JSON, docs/lifecycle.md); it becomes the
+        current set. INVALID_ARGUMENT with the reason for a set that is not valid."""
+        return self._call(_rpcs.put_evaluation_set(name, set_json, tenant), timeout)
+
+    def evaluate_adapter(
+        self,
+        name: str,
+        version: str = "",
+        *,
+        set_sha256: str = "",
+        tenant: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> Evaluation:
+        """Run the current set against `version` ("sha256:<hex>" or an alias; "" = latest) on
+        the gateway's engine; the result is stored (appended, never rewritten). A retry after
+        UNAVAILABLE may run it twice: both results are kept."""
+        return self._call(_rpcs.evaluate_adapter(name, version, set_sha256, tenant), timeout)
+
+    def get_evaluations(
+        self, name: str, version: str = "", *, tenant: str = "", timeout: Timeout = CLIENT_DEFAULT
+    ) -> Evaluations:
+        """The current set, the stored results (only `version`'s when given) and the alias
+        policies."""
+        return self._call(_rpcs.get_evaluations(name, version, tenant), timeout)
+
+    def set_alias_policy(
+        self,
+        name: str,
+        alias: str,
+        min_score: float,
+        *,
+        tenant: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> Evaluations:
+        """Every later move of `alias` needs an evaluation scoring >= `min_score` (0 removes
+        the policy)."""
+        return self._call(_rpcs.set_alias_policy(name, alias, min_score, tenant), timeout)

@@ -4,7 +4,9 @@ Inference: `GenerateResult` (a whole completion), `StreamDelta` (one message of 
 `ServedAdapter` (the exact version that served). Admin: `AdapterVersion`, `Adapter`,
 `AdapterPage` (one page of a listing, with the caller's `TenantUsage`), `VersionServing` (a
 version's recent calls, in `get_adapter`'s answer), `RevokeResult`,
-`ResidencyEntry` and `Residency` (one page). Field names are those of the API (admin.proto),
+`ResidencyEntry` and `Residency` (one page); evaluations: `EvaluationSetInfo`,
+`Evaluation` (one result, with its `EvaluationCase`s) and `Evaluations` (what is stored).
+Field names are those of the API (admin.proto),
 statuses and tiers are string enums (`AdapterStatus.ACTIVE == "active"`), sequences are tuples.
 `_convert.py` builds them from the protobuf answers, in one place.
 """
@@ -22,6 +24,10 @@ __all__ = [
     "AdapterStatus",
     "AdapterVersion",
     "ComposePart",
+    "Evaluation",
+    "EvaluationCase",
+    "EvaluationSetInfo",
+    "Evaluations",
     "GenerateResult",
     "Residency",
     "ResidencyEntry",
@@ -301,3 +307,58 @@ class Residency:
     disk_used_bytes: int
     #: "" on the last page.
     next_page_token: str
+
+
+# --- evaluations ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvaluationSetInfo:
+    """An adapter's evaluation set as stored: its sha256 names it."""
+
+    #: 64 hex digits.
+    sha256: str
+    cases: int
+    uploaded_at: str
+    uploaded_by: str
+
+
+@dataclass(frozen=True)
+class EvaluationCase:
+    id: str
+    passed: bool
+    #: Why it failed ("" when it passed).
+    reason: str
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of one version: immutable once stored."""
+
+    #: "sha256:<64 hex>" of the version.
+    version: str
+    set_sha256: str
+    #: passed / total.
+    score: float
+    passed: int
+    total: int
+    cases: tuple[EvaluationCase, ...]
+    engine: str
+    base_model: str
+    started_at: str
+    finished_at: str
+    evaluated_by: str
+
+    @property
+    def failures(self) -> tuple[EvaluationCase, ...]:
+        return tuple(case for case in self.cases if not case.passed)
+
+
+@dataclass(frozen=True)
+class Evaluations:
+    """`get_evaluations`: the current set (None: none uploaded), the stored results (oldest
+    first per version) and the alias policies (alias -> minimum score)."""
+
+    current_set: EvaluationSetInfo | None
+    results: tuple[Evaluation, ...]
+    alias_policies: Mapping[str, float]

@@ -13,6 +13,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from adapter_store import AdapterVersion, FileEntry, Manifest
+from adapter_store.evaluations import EvaluationResult, EvaluationSetRef
 from lora_gateway import errors
 from lora_gateway.adapters import (
     Adapters,
@@ -22,6 +23,7 @@ from lora_gateway.adapters import (
     UploadMessage,
     sees_everything,
 )
+from lora_gateway.evaluation import results_of
 from lora_gateway.interceptors import current_principal
 from lora_gateway.metrics import VersionSummary
 from lora_gateway.residency import ResidencyEntry
@@ -202,6 +204,11 @@ class AdminService(pb_grpc.AdminServicer):
             request.alias,
             request.version,
             request.expected_version or None,
+            require_eval_min_score=(
+                request.require_eval_min_score
+                if request.HasField("require_eval_min_score")
+                else None
+            ),
         )
         return manifest_to_pb(manifest)
 
@@ -215,6 +222,11 @@ class AdminService(pb_grpc.AdminServicer):
             request.alias,
             dict(request.weights),
             dict(request.expected.weights) if request.HasField("expected") else None,
+            require_eval_min_score=(
+                request.require_eval_min_score
+                if request.HasField("require_eval_min_score")
+                else None
+            ),
         )
         return manifest_to_pb(manifest)
 
@@ -309,3 +321,77 @@ class AdminService(pb_grpc.AdminServicer):
             disk_used_bytes=page.disk_used_bytes,
             next_page_token=page.next_page_token,
         )
+
+    # --- evaluations and gated promotion --------------------------------------------------------
+    async def PutEvaluationSet(
+        self, request: pb.PutEvaluationSetRequest, context: Context
+    ) -> pb.EvaluationSetInfo:
+        ref = await self.adapters.put_evaluation_set(
+            current_principal(), request.tenant, request.name, request.set_json
+        )
+        return evaluation_set_to_pb(ref)
+
+    async def EvaluateAdapter(
+        self, request: pb.EvaluateAdapterRequest, context: Context
+    ) -> pb.EvaluationResult:
+        result = await self.adapters.evaluate(
+            current_principal(), request.tenant, request.name, request.version, request.set_sha256
+        )
+        return evaluation_to_pb(result)
+
+    async def GetEvaluations(
+        self, request: pb.GetEvaluationsRequest, context: Context
+    ) -> pb.EvaluationsInfo:
+        manifest, sha = await self.adapters.get_evaluations(
+            current_principal(), request.tenant, request.name, request.version
+        )
+        return evaluations_to_pb(manifest, sha)
+
+    async def SetAliasPolicy(
+        self, request: pb.SetAliasPolicyRequest, context: Context
+    ) -> pb.EvaluationsInfo:
+        manifest = await self.adapters.set_alias_policy(
+            current_principal(),
+            request.tenant,
+            request.name,
+            request.alias,
+            request.require_eval_min_score,
+        )
+        return evaluations_to_pb(manifest, None)
+
+
+def evaluation_set_to_pb(ref: EvaluationSetRef) -> pb.EvaluationSetInfo:
+    return pb.EvaluationSetInfo(
+        sha256=ref.sha, cases=ref.cases, uploaded_at=ref.uploaded_at, uploaded_by=ref.uploaded_by
+    )
+
+
+def evaluation_to_pb(result: EvaluationResult) -> pb.EvaluationResult:
+    return pb.EvaluationResult(
+        version=f"sha256:{result.version}",
+        set_sha256=result.set_sha,
+        score=result.score,
+        passed=result.passed,
+        total=len(result.cases),
+        cases=[
+            pb.EvaluationCaseResult(id=c.id, passed=c.passed, reason=c.reason) for c in result.cases
+        ],
+        engine=result.engine,
+        base_model=result.base_model,
+        started_at=result.started_at,
+        finished_at=result.finished_at,
+        evaluated_by=result.evaluated_by,
+    )
+
+
+def evaluations_to_pb(manifest: Manifest, version: str | None) -> pb.EvaluationsInfo:
+    info = pb.EvaluationsInfo(
+        results=[evaluation_to_pb(r) for r in results_of(manifest.evaluations, version)],
+        alias_policies={
+            alias: pb.AliasPolicy(min_score=policy.min_score)
+            for alias, policy in manifest.alias_policies.items()
+        },
+    )
+    if manifest.evaluation_set is not None:
+        info.current_set.CopyFrom(evaluation_set_to_pb(manifest.evaluation_set))
+    return info

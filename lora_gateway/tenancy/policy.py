@@ -91,6 +91,11 @@ METHOD_PERMISSIONS: Mapping[str, Permission] = {
     _ADMIN + "PinAdapter": Permission.MANAGE_ADAPTERS,
     _ADMIN + "UnpinAdapter": Permission.MANAGE_ADAPTERS,
     _ADMIN + "PrefetchAdapter": Permission.MANAGE_ADAPTERS,
+    # Evaluation sets and gated promotion (lora_gateway.evaluation).
+    _ADMIN + "PutEvaluationSet": Permission.MANAGE_ADAPTERS,
+    _ADMIN + "EvaluateAdapter": Permission.MANAGE_ADAPTERS,
+    _ADMIN + "SetAliasPolicy": Permission.MANAGE_ADAPTERS,
+    _ADMIN + "GetEvaluations": Permission.READ_ADAPTERS,
     "/grpc.health.v1.Health/Check": Permission.HEALTH,
     "/grpc.health.v1.Health/Watch": Permission.HEALTH,
     "/grpc.health.v1.Health/List": Permission.HEALTH,

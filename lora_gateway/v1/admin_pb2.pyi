@@ -645,6 +645,7 @@ class SetAliasRequest(_message.Message):
     ALIAS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    REQUIRE_EVAL_MIN_SCORE_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     name: _builtins.str
     alias: _builtins.str
@@ -652,6 +653,11 @@ class SetAliasRequest(_message.Message):
     """"sha256:<hex>", or another alias of the same adapter (e.g. roll `prod` back to `previous`)."""
     expected_version: _builtins.str
     """Optimistic concurrency: if set, the alias must currently point at this version."""
+    require_eval_min_score: _builtins.float
+    """Gated promotion: if set (in (0, 1]), the version must have an evaluation on the current
+    set scoring at least this (the alias's policy, when higher, applies too); otherwise
+    FAILED_PRECONDITION naming the failed cases, or "no evaluation".
+    """
     def __init__(
         self,
         *,
@@ -660,12 +666,15 @@ class SetAliasRequest(_message.Message):
         alias: _builtins.str = ...,
         version: _builtins.str = ...,
         expected_version: _builtins.str = ...,
+        require_eval_min_score: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_require_eval_min_score", b"_require_eval_min_score", "require_eval_min_score", b"require_eval_min_score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "expected_version", b"expected_version", "name", b"name", "tenant", b"tenant", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_require_eval_min_score", b"_require_eval_min_score", "alias", b"alias", "expected_version", b"expected_version", "name", b"name", "require_eval_min_score", b"require_eval_min_score", "tenant", b"tenant", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__require_eval_min_score: _TypeAlias = _typing.Literal["require_eval_min_score"]  # noqa: Y015
+    _WhichOneofArgType__require_eval_min_score: _TypeAlias = _typing.Literal["_require_eval_min_score", b"_require_eval_min_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__require_eval_min_score) -> _WhichOneofReturnType__require_eval_min_score | None: ...
 
 Global___SetAliasRequest: _TypeAlias = SetAliasRequest  # noqa: Y015
 
@@ -740,9 +749,12 @@ class SetAliasWeightsRequest(_message.Message):
     ALIAS_FIELD_NUMBER: _builtins.int
     WEIGHTS_FIELD_NUMBER: _builtins.int
     EXPECTED_FIELD_NUMBER: _builtins.int
+    REQUIRE_EVAL_MIN_SCORE_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     name: _builtins.str
     alias: _builtins.str
+    require_eval_min_score: _builtins.float
+    """Gated promotion, as in SetAliasRequest, for each version the alias does not hold yet."""
     @_builtins.property
     def weights(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Version ("sha256:<hex>", or a plain alias of the same adapter) -> weight. 1 to
@@ -764,12 +776,15 @@ class SetAliasWeightsRequest(_message.Message):
         alias: _builtins.str = ...,
         weights: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         expected: Global___AliasWeights | None = ...,
+        require_eval_min_score: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expected", b"expected"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_require_eval_min_score", b"_require_eval_min_score", "expected", b"expected", "require_eval_min_score", b"require_eval_min_score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "expected", b"expected", "name", b"name", "tenant", b"tenant", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_require_eval_min_score", b"_require_eval_min_score", "alias", b"alias", "expected", b"expected", "name", b"name", "require_eval_min_score", b"require_eval_min_score", "tenant", b"tenant", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__require_eval_min_score: _TypeAlias = _typing.Literal["require_eval_min_score"]  # noqa: Y015
+    _WhichOneofArgType__require_eval_min_score: _TypeAlias = _typing.Literal["_require_eval_min_score", b"_require_eval_min_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__require_eval_min_score) -> _WhichOneofReturnType__require_eval_min_score | None: ...
 
 Global___SetAliasWeightsRequest: _TypeAlias = SetAliasWeightsRequest  # noqa: Y015
 
@@ -1091,3 +1106,304 @@ class GetResidencyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetResidencyResponse: _TypeAlias = GetResidencyResponse  # noqa: Y015
+
+@_typing.final
+class PutEvaluationSetRequest(_message.Message):
+    """--- evaluation sets and gated promotion -----------------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SET_JSON_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    name: _builtins.str
+    set_json: _builtins.str
+    """The set, as JSON: {"cases": [{"id": "greeting", "prompt": "..." | "messages": [{"role":
+    "user", "content": "..."}], "max_tokens": 16, "check": {"exact": "..."} | {"regex": "..."}
+    | {"json_schema": {...}} | {"min_logprob": -4.0, "answer": "..."}}]}. docs/lifecycle.md
+    has the limits (size, cases, regex and schema limits of structured output).
+    """
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        name: _builtins.str = ...,
+        set_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "set_json", b"set_json", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutEvaluationSetRequest: _TypeAlias = PutEvaluationSetRequest  # noqa: Y015
+
+@_typing.final
+class EvaluationSetInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    CASES_FIELD_NUMBER: _builtins.int
+    UPLOADED_AT_FIELD_NUMBER: _builtins.int
+    UPLOADED_BY_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    """Hex sha256 of the stored (canonical) set."""
+    cases: _builtins.int
+    uploaded_at: _builtins.str
+    uploaded_by: _builtins.str
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+        cases: _builtins.int = ...,
+        uploaded_at: _builtins.str = ...,
+        uploaded_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cases", b"cases", "sha256", b"sha256", "uploaded_at", b"uploaded_at", "uploaded_by", b"uploaded_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluationSetInfo: _TypeAlias = EvaluationSetInfo  # noqa: Y015
+
+@_typing.final
+class EvaluateAdapterRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    SET_SHA256_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    name: _builtins.str
+    version: _builtins.str
+    """"sha256:<hex>" or an alias; empty = "latest"."""
+    set_sha256: _builtins.str
+    """If set, the adapter's current set must be this one (hex sha256), else FAILED_PRECONDITION."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        name: _builtins.str = ...,
+        version: _builtins.str = ...,
+        set_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "set_sha256", b"set_sha256", "tenant", b"tenant", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateAdapterRequest: _TypeAlias = EvaluateAdapterRequest  # noqa: Y015
+
+@_typing.final
+class EvaluationCaseResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    passed: _builtins.bool
+    reason: _builtins.str
+    """Why it failed, short (empty when it passed)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        passed: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "passed", b"passed", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluationCaseResult: _TypeAlias = EvaluationCaseResult  # noqa: Y015
+
+@_typing.final
+class EvaluationResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    SET_SHA256_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    CASES_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    EVALUATED_BY_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """"sha256:<hex>" of the version evaluated."""
+    set_sha256: _builtins.str
+    """Hex sha256 of the set it ran."""
+    score: _builtins.float
+    """passed / total."""
+    passed: _builtins.int
+    total: _builtins.int
+    engine: _builtins.str
+    """The engine and the base model it ran on."""
+    base_model: _builtins.str
+    started_at: _builtins.str
+    finished_at: _builtins.str
+    evaluated_by: _builtins.str
+    """Tenant and key label of who ran it (never a key)."""
+    @_builtins.property
+    def cases(self) -> _containers.RepeatedCompositeFieldContainer[Global___EvaluationCaseResult]: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        set_sha256: _builtins.str = ...,
+        score: _builtins.float = ...,
+        passed: _builtins.int = ...,
+        total: _builtins.int = ...,
+        cases: _abc.Iterable[Global___EvaluationCaseResult] | None = ...,
+        engine: _builtins.str = ...,
+        base_model: _builtins.str = ...,
+        started_at: _builtins.str = ...,
+        finished_at: _builtins.str = ...,
+        evaluated_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "cases", b"cases", "engine", b"engine", "evaluated_by", b"evaluated_by", "finished_at", b"finished_at", "passed", b"passed", "score", b"score", "set_sha256", b"set_sha256", "started_at", b"started_at", "total", b"total", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluationResult: _TypeAlias = EvaluationResult  # noqa: Y015
+
+@_typing.final
+class GetEvaluationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    name: _builtins.str
+    version: _builtins.str
+    """"sha256:<hex>" (also of a revoked version) or an alias (a weighted alias: its primary
+    version) to list that version's results only; empty = every version's.
+    """
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        name: _builtins.str = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "tenant", b"tenant", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEvaluationsRequest: _TypeAlias = GetEvaluationsRequest  # noqa: Y015
+
+@_typing.final
+class AliasPolicy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_SCORE_FIELD_NUMBER: _builtins.int
+    min_score: _builtins.float
+    def __init__(
+        self,
+        *,
+        min_score: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_score", b"min_score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AliasPolicy: _TypeAlias = AliasPolicy  # noqa: Y015
+
+@_typing.final
+class EvaluationsInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AliasPoliciesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___AliasPolicy: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___AliasPolicy | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CURRENT_SET_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    ALIAS_POLICIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def current_set(self) -> Global___EvaluationSetInfo:
+        """Absent when no set was uploaded."""
+
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___EvaluationResult]:
+        """Oldest first per version, versions in sha order."""
+
+    @_builtins.property
+    def alias_policies(self) -> _containers.MessageMap[_builtins.str, Global___AliasPolicy]: ...
+    def __init__(
+        self,
+        *,
+        current_set: Global___EvaluationSetInfo | None = ...,
+        results: _abc.Iterable[Global___EvaluationResult] | None = ...,
+        alias_policies: _abc.Mapping[_builtins.str, Global___AliasPolicy] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["current_set", b"current_set"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias_policies", b"alias_policies", "current_set", b"current_set", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluationsInfo: _TypeAlias = EvaluationsInfo  # noqa: Y015
+
+@_typing.final
+class SetAliasPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    REQUIRE_EVAL_MIN_SCORE_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    name: _builtins.str
+    alias: _builtins.str
+    require_eval_min_score: _builtins.float
+    """In (0, 1]; 0 removes the alias's policy."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        name: _builtins.str = ...,
+        alias: _builtins.str = ...,
+        require_eval_min_score: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "name", b"name", "require_eval_min_score", b"require_eval_min_score", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAliasPolicyRequest: _TypeAlias = SetAliasPolicyRequest  # noqa: Y015

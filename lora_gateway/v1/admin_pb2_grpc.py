@@ -99,6 +99,26 @@ class AdminStub:
                 request_serializer=lora__gateway_dot_v1_dot_admin__pb2.GetResidencyRequest.SerializeToString,
                 response_deserializer=lora__gateway_dot_v1_dot_admin__pb2.GetResidencyResponse.FromString,
                 _registered_method=True)
+        self.PutEvaluationSet = channel.unary_unary(
+                '/lora_gateway.v1.Admin/PutEvaluationSet',
+                request_serializer=lora__gateway_dot_v1_dot_admin__pb2.PutEvaluationSetRequest.SerializeToString,
+                response_deserializer=lora__gateway_dot_v1_dot_admin__pb2.EvaluationSetInfo.FromString,
+                _registered_method=True)
+        self.EvaluateAdapter = channel.unary_unary(
+                '/lora_gateway.v1.Admin/EvaluateAdapter',
+                request_serializer=lora__gateway_dot_v1_dot_admin__pb2.EvaluateAdapterRequest.SerializeToString,
+                response_deserializer=lora__gateway_dot_v1_dot_admin__pb2.EvaluationResult.FromString,
+                _registered_method=True)
+        self.GetEvaluations = channel.unary_unary(
+                '/lora_gateway.v1.Admin/GetEvaluations',
+                request_serializer=lora__gateway_dot_v1_dot_admin__pb2.GetEvaluationsRequest.SerializeToString,
+                response_deserializer=lora__gateway_dot_v1_dot_admin__pb2.EvaluationsInfo.FromString,
+                _registered_method=True)
+        self.SetAliasPolicy = channel.unary_unary(
+                '/lora_gateway.v1.Admin/SetAliasPolicy',
+                request_serializer=lora__gateway_dot_v1_dot_admin__pb2.SetAliasPolicyRequest.SerializeToString,
+                response_deserializer=lora__gateway_dot_v1_dot_admin__pb2.EvaluationsInfo.FromString,
+                _registered_method=True)
         self.SetRetention = channel.unary_unary(
                 '/lora_gateway.v1.Admin/SetRetention',
                 request_serializer=lora__gateway_dot_v1_dot_admin__pb2.SetRetentionRequest.SerializeToString,
@@ -195,6 +215,37 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutEvaluationSet(self, request, context):
+        """Evaluation sets and gated promotion (docs/lifecycle.md). Upload the adapter's evaluation
+        set (JSON, validated strictly at upload); it becomes the adapter's current set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvaluateAdapter(self, request, context):
+        """Run the current set against one version on this gateway's own engine (greedy, one case at
+        a time); the result is appended to the manifest, never rewritten, and audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEvaluations(self, request, context):
+        """The current set, the stored results and the alias policies.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAliasPolicy(self, request, context):
+        """Require a minimum score on the current set of every version an alias moves to (SetAlias,
+        SetAliasWeights); 0 removes the policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetRetention(self, request, context):
         """Retention: keep the newest keep_last versions (by upload time) plus every version an
         alias points at (weighted aliases included); the others are revoked now, and again after
@@ -271,6 +322,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetResidency,
                     request_deserializer=lora__gateway_dot_v1_dot_admin__pb2.GetResidencyRequest.FromString,
                     response_serializer=lora__gateway_dot_v1_dot_admin__pb2.GetResidencyResponse.SerializeToString,
+            ),
+            'PutEvaluationSet': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutEvaluationSet,
+                    request_deserializer=lora__gateway_dot_v1_dot_admin__pb2.PutEvaluationSetRequest.FromString,
+                    response_serializer=lora__gateway_dot_v1_dot_admin__pb2.EvaluationSetInfo.SerializeToString,
+            ),
+            'EvaluateAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvaluateAdapter,
+                    request_deserializer=lora__gateway_dot_v1_dot_admin__pb2.EvaluateAdapterRequest.FromString,
+                    response_serializer=lora__gateway_dot_v1_dot_admin__pb2.EvaluationResult.SerializeToString,
+            ),
+            'GetEvaluations': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEvaluations,
+                    request_deserializer=lora__gateway_dot_v1_dot_admin__pb2.GetEvaluationsRequest.FromString,
+                    response_serializer=lora__gateway_dot_v1_dot_admin__pb2.EvaluationsInfo.SerializeToString,
+            ),
+            'SetAliasPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAliasPolicy,
+                    request_deserializer=lora__gateway_dot_v1_dot_admin__pb2.SetAliasPolicyRequest.FromString,
+                    response_serializer=lora__gateway_dot_v1_dot_admin__pb2.EvaluationsInfo.SerializeToString,
             ),
             'SetRetention': grpc.unary_unary_rpc_method_handler(
                     servicer.SetRetention,
@@ -629,6 +700,114 @@ class Admin:
             '/lora_gateway.v1.Admin/GetResidency',
             lora__gateway_dot_v1_dot_admin__pb2.GetResidencyRequest.SerializeToString,
             lora__gateway_dot_v1_dot_admin__pb2.GetResidencyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutEvaluationSet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lora_gateway.v1.Admin/PutEvaluationSet',
+            lora__gateway_dot_v1_dot_admin__pb2.PutEvaluationSetRequest.SerializeToString,
+            lora__gateway_dot_v1_dot_admin__pb2.EvaluationSetInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lora_gateway.v1.Admin/EvaluateAdapter',
+            lora__gateway_dot_v1_dot_admin__pb2.EvaluateAdapterRequest.SerializeToString,
+            lora__gateway_dot_v1_dot_admin__pb2.EvaluationResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEvaluations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lora_gateway.v1.Admin/GetEvaluations',
+            lora__gateway_dot_v1_dot_admin__pb2.GetEvaluationsRequest.SerializeToString,
+            lora__gateway_dot_v1_dot_admin__pb2.EvaluationsInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAliasPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lora_gateway.v1.Admin/SetAliasPolicy',
+            lora__gateway_dot_v1_dot_admin__pb2.SetAliasPolicyRequest.SerializeToString,
+            lora__gateway_dot_v1_dot_admin__pb2.EvaluationsInfo.FromString,
             options,
             channel_credentials,
             insecure,

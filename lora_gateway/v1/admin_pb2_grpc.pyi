@@ -59,6 +59,20 @@ class AdminStub:
     PrefetchAdapter: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AdapterRefRequest, _admin_pb2.ResidencyEntry]
     """Load an adapter into the engine ahead of traffic."""
     GetResidency: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetResidencyRequest, _admin_pb2.GetResidencyResponse]
+    PutEvaluationSet: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PutEvaluationSetRequest, _admin_pb2.EvaluationSetInfo]
+    """Evaluation sets and gated promotion (docs/lifecycle.md). Upload the adapter's evaluation
+    set (JSON, validated strictly at upload); it becomes the adapter's current set.
+    """
+    EvaluateAdapter: _grpc.UnaryUnaryMultiCallable[_admin_pb2.EvaluateAdapterRequest, _admin_pb2.EvaluationResult]
+    """Run the current set against one version on this gateway's own engine (greedy, one case at
+    a time); the result is appended to the manifest, never rewritten, and audited.
+    """
+    GetEvaluations: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetEvaluationsRequest, _admin_pb2.EvaluationsInfo]
+    """The current set, the stored results and the alias policies."""
+    SetAliasPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetAliasPolicyRequest, _admin_pb2.EvaluationsInfo]
+    """Require a minimum score on the current set of every version an alias moves to (SetAlias,
+    SetAliasWeights); 0 removes the policy.
+    """
     SetRetention: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetRetentionRequest, _admin_pb2.SetRetentionResponse]
     """Retention: keep the newest keep_last versions (by upload time) plus every version an
     alias points at (weighted aliases included); the others are revoked now, and again after
@@ -90,6 +104,20 @@ class AdminAsyncStub(AdminStub):
     PrefetchAdapter: _aio.UnaryUnaryMultiCallable[_admin_pb2.AdapterRefRequest, _admin_pb2.ResidencyEntry]  # type: ignore[assignment]
     """Load an adapter into the engine ahead of traffic."""
     GetResidency: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetResidencyRequest, _admin_pb2.GetResidencyResponse]  # type: ignore[assignment]
+    PutEvaluationSet: _aio.UnaryUnaryMultiCallable[_admin_pb2.PutEvaluationSetRequest, _admin_pb2.EvaluationSetInfo]  # type: ignore[assignment]
+    """Evaluation sets and gated promotion (docs/lifecycle.md). Upload the adapter's evaluation
+    set (JSON, validated strictly at upload); it becomes the adapter's current set.
+    """
+    EvaluateAdapter: _aio.UnaryUnaryMultiCallable[_admin_pb2.EvaluateAdapterRequest, _admin_pb2.EvaluationResult]  # type: ignore[assignment]
+    """Run the current set against one version on this gateway's own engine (greedy, one case at
+    a time); the result is appended to the manifest, never rewritten, and audited.
+    """
+    GetEvaluations: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetEvaluationsRequest, _admin_pb2.EvaluationsInfo]  # type: ignore[assignment]
+    """The current set, the stored results and the alias policies."""
+    SetAliasPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetAliasPolicyRequest, _admin_pb2.EvaluationsInfo]  # type: ignore[assignment]
+    """Require a minimum score on the current set of every version an alias moves to (SetAlias,
+    SetAliasWeights); 0 removes the policy.
+    """
     SetRetention: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetRetentionRequest, _admin_pb2.SetRetentionResponse]  # type: ignore[assignment]
     """Retention: keep the newest keep_last versions (by upload time) plus every version an
     alias points at (weighted aliases included); the others are revoked now, and again after
@@ -196,6 +224,44 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetResidencyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetResidencyResponse, _abc.Awaitable[_admin_pb2.GetResidencyResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PutEvaluationSet(
+        self,
+        request: _admin_pb2.PutEvaluationSetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.EvaluationSetInfo, _abc.Awaitable[_admin_pb2.EvaluationSetInfo]]:
+        """Evaluation sets and gated promotion (docs/lifecycle.md). Upload the adapter's evaluation
+        set (JSON, validated strictly at upload); it becomes the adapter's current set.
+        """
+
+    @_abc_1.abstractmethod
+    def EvaluateAdapter(
+        self,
+        request: _admin_pb2.EvaluateAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.EvaluationResult, _abc.Awaitable[_admin_pb2.EvaluationResult]]:
+        """Run the current set against one version on this gateway's own engine (greedy, one case at
+        a time); the result is appended to the manifest, never rewritten, and audited.
+        """
+
+    @_abc_1.abstractmethod
+    def GetEvaluations(
+        self,
+        request: _admin_pb2.GetEvaluationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.EvaluationsInfo, _abc.Awaitable[_admin_pb2.EvaluationsInfo]]:
+        """The current set, the stored results and the alias policies."""
+
+    @_abc_1.abstractmethod
+    def SetAliasPolicy(
+        self,
+        request: _admin_pb2.SetAliasPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.EvaluationsInfo, _abc.Awaitable[_admin_pb2.EvaluationsInfo]]:
+        """Require a minimum score on the current set of every version an alias moves to (SetAlias,
+        SetAliasWeights); 0 removes the policy.
+        """
 
     @_abc_1.abstractmethod
     def SetRetention(

@@ -35,6 +35,8 @@ TENANTS: dict[str, dict[str, Any]] = {
     "slow": {"max_concurrent": 64, "max_tokens": 200, "keys": ["user"], "requests_per_minute": 1},
     # test_canary_weights.py's own tenant: its adapters stay out of acme's listings.
     "canary": {"max_concurrent": 64, "max_tokens": 200},
+    # test_evaluations.py's own tenant.
+    "evals": {"max_concurrent": 64, "max_tokens": 200},
     # test_retention.py's own tenant.
     "retain": {"max_concurrent": 64, "max_tokens": 200},
     # test_usage.py's own: its usage records are exactly its own calls.
