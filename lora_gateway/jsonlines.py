@@ -84,6 +84,10 @@ class JsonLines:
             # Late events (after shutdown) still reach the logger rather than vanish.
             self._logger.warning("%s event after close: %s", self._field, json.dumps(event))
             return
+        if not self.path and not self._logger.isEnabledFor(logging.INFO):
+            # To a logger that would drop it: not even built (a usage record per request would
+            # otherwise cost every call a log record nobody reads).
+            return
         record = logging.LogRecord(
             name=self._logger.name,
             level=logging.INFO,

@@ -298,15 +298,9 @@ class Slots:
         self.reserved += 1
         self.reserved_bytes += nbytes
         evicted = [self.resident.pop(victim) for victim in victims]
-        self.reserved += len(evicted)  # until the engine has removed them
-        self.reserved_bytes += sum(r.nbytes for r in evicted)
         try:
             for resident in evicted:
-                try:
-                    await self.engine.remove_adapter(resident.loaded.lora_int_id)
-                finally:
-                    self.reserved -= 1
-                    self.reserved_bytes -= resident.nbytes
+                await self.engine.remove_adapter(resident.loaded.lora_int_id)
                 self.metrics.evicted("engine")
         except BaseException:
             self.unreserve(nbytes)
