@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib
 import logging
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -56,31 +58,44 @@ async def run(args: argparse.Namespace, work: Path) -> int:
         name: importlib.import_module(f"benchmarks.{name}") for name in selected
     }
     params = {name: m.SMOKE if args.smoke else m.DEFAULT for name, m in modules.items()}
-    total = SETUP_PHASES + sum(m.phases(params[n]) for n, m in modules.items()) + 1
+    standalone = {n: m for n, m in modules.items() if getattr(m, "STANDALONE", False)}
+    shared = {n: m for n, m in modules.items() if n not in standalone}
+    total = sum(m.phases(params[n]) for n, m in modules.items()) + 1
+    total += SETUP_PHASES if shared else 0
     progress = Progress(total, enabled=not args.no_progress)
     results: dict[str, dict[str, Any]] = {}
     failed: list[str] = []
     started = time.perf_counter()
+
+    async def one(name: str, call: Callable[[], Awaitable[Any]]) -> None:
+        began = time.perf_counter()
+        try:
+            result = await call()
+        except Exception:
+            logging.getLogger("benchmarks").exception("benchmark %s failed", name)
+            failed.append(name)
+            return
+        for problem in result.get("problems", []):
+            logging.getLogger("benchmarks").error("%s: %s", name, problem)
+        if others:
+            result.setdefault("problems", []).append(
+                f"{len(others)} other engine process(es) ran during this run: "
+                "the figures are suspect"
+            )
+        result["seconds"] = time.perf_counter() - began
+        result["smoke"] = args.smoke
+        results[name] = result
+
     try:
-        async with open_bench(work, smoke=args.smoke, progress=progress) as bench:
-            for name, module in modules.items():
-                began = time.perf_counter()
-                try:
-                    result = await module.run(bench, params[name])
-                except Exception:
-                    logging.getLogger("benchmarks").exception("benchmark %s failed", name)
-                    failed.append(name)
-                    continue
-                for problem in result.get("problems", []):
-                    logging.getLogger("benchmarks").error("%s: %s", name, problem)
-                if others:
-                    result.setdefault("problems", []).append(
-                        f"{len(others)} other engine process(es) ran during this run: "
-                        "the figures are suspect"
-                    )
-                result["seconds"] = time.perf_counter() - began
-                result["smoke"] = args.smoke
-                results[name] = result
+        # Standalone benchmarks start their own servers: they run first, alone on the machine.
+        for name, module in standalone.items():
+            await one(
+                name, functools.partial(module.run_standalone, work / name, params[name], progress)
+            )
+        if shared:
+            async with open_bench(work, smoke=args.smoke, progress=progress) as bench:
+                for name, module in shared.items():
+                    await one(name, functools.partial(module.run, bench, params[name]))
         with progress.phase("report"):
             report.write(results, args.out, seconds=time.perf_counter() - started)
     finally:

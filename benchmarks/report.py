@@ -99,6 +99,29 @@ def _pc(ratio: float) -> str:
     return "n/a" if not math.isfinite(ratio) else f"{100 * ratio:.0f} %"
 
 
+def rows_peer(r: Result) -> list[tuple[str, str]]:
+    p, g, v = r["params"], r["systems"]["gateway"], r["systems"]["peer"]
+    rows = [
+        (
+            "workload",
+            f"base + 3 adapters round robin, {p['requests']} requests per round, concurrency "
+            f"{p['concurrency']}, {p['tokens']} tokens, max_loras {r['engine']['max_loras']} / "
+            f"max_cpu_loras {r['engine']['max_cpu_loras']}; {p['rounds']} rounds x "
+            f"{p['passes']} passes per system, alternating",
+        ),
+        ("gateway / stock vllm serve, median req/s", _x(g["median_rps"] / v["median_rps"])),
+    ]
+    for label, s in (("gateway", g), ("stock vllm serve", v)):
+        rows.append(
+            (
+                f"{label}: median req/s (p10-p90); rounds in a slow phase; wrong outputs",
+                f"{s['median_rps']:.1f} ({s['p10_rps']:.1f}-{s['p90_rps']:.1f}); "
+                f"{s['slow_rounds']} of {s['rounds']}; {s['wrong_outputs']} of {s['outputs']}",
+            )
+        )
+    return rows
+
+
 def rows_overhead(r: Result) -> list[tuple[str, str]]:
     p, c, paths = r["params"], r["comparison"], r["paths"]
     size = (
@@ -294,6 +317,7 @@ def rows_features(r: Result) -> list[tuple[str, str]]:
 
 
 ROWS: dict[str, Callable[[Result], list[tuple[str, str]]]] = {
+    "peer": rows_peer,
     "overhead": rows_overhead,
     "cold_start": rows_cold_start,
     "many_adapters": rows_many,
@@ -396,6 +420,39 @@ def plot_cold_start(r: Result) -> Figure:
     ax.set_ylabel("ms (median)")
     ax.set_title("cold start to first token (left) vs the floor (right); label: cold / floor")
     ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_peer(r: Result) -> Figure:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.2))
+    for color, system in (("C0", "gateway"), ("C1", "peer")):
+        label = "gateway" if system == "gateway" else "stock vllm serve"
+        start = 0
+        for number, one in enumerate(r["systems"][system]["passes"]):
+            rates = one["rounds_rps"]
+            xs = list(range(start, start + len(rates)))
+            a.plot(xs, rates, "o-", color=color, label=label if number == 0 else None, ms=3)
+            start += len(rates)
+        rates_all = np.sort(
+            [x for one in r["systems"][system]["passes"] for x in one["rounds_rps"]]
+        )
+        b.plot(
+            rates_all, np.arange(1, len(rates_all) + 1) / len(rates_all), color=color, label=label
+        )
+    a.set_xlabel("round (passes one after another)")
+    a.set_ylabel("requests / s")
+    a.set_title("each round")
+    a.legend()
+    b.set_xlabel("requests / s")
+    b.set_ylabel("fraction of rounds")
+    b.set_title("distribution of the rounds")
+    b.legend()
+    h = r["headline"]
+    fig.suptitle(
+        f"mixed workload: gateway / stock vllm serve = {h['gateway_vs_peer']:.2f}x (medians); "
+        f"wrong outputs {h['gateway_wrong']} / {h['peer_wrong']}"
+    )
     fig.tight_layout()
     return fig
 
@@ -536,6 +593,7 @@ def plot_features(r: Result) -> Figure:
 
 
 PLOTS: dict[str, Callable[[Result], Figure]] = {
+    "peer": plot_peer,
     "overhead": plot_overhead,
     "cold_start": plot_cold_start,
     "many_adapters": plot_many,

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.engine
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = (
+    "peer",
     "overhead",
     "cold_start",
     "many_adapters",
@@ -30,6 +31,7 @@ BENCHMARKS = (
     "features",
 )
 REQUIRED = {
+    "peer": ("systems", "engine"),
     "overhead": ("paths", "comparison", "samples"),
     "cold_start": ("by_rank", "trials"),
     "many_adapters": ("scenarios", "engine"),
@@ -69,6 +71,11 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert png.stat().st_size > 1000, name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
+    peer = json.loads((out / "peer.json").read_text())
+    for system in ("gateway", "peer"):
+        assert peer["systems"][system]["rounds"] == 2
+        assert peer["systems"][system]["median_rps"] > 0
+    assert peer["systems"]["gateway"]["wrong_outputs"] == 0  # the guard; the peer's are counted
     overhead = json.loads((out / "overhead.json").read_text())
     assert set(overhead["paths"]) == {"engine", "gateway_unary", "gateway_stream"}
     for summary in overhead["paths"].values():
