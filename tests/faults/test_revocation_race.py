@@ -13,17 +13,20 @@ back, revokes it at a random moment, lets the loops run on for 0.3 s, then check
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from lora_gateway import devtools, errors
 from lora_gateway.client import AsyncGatewayClient, GenerateOptions
+from lora_gateway.engine.vllm_engine import VLLMEngine
 from tests.conftest import AdapterFactory
-from tests.faults.conftest import FaultEnv
+from tests.faults.conftest import FaultEnv, start_gateway
 
 pytestmark = pytest.mark.engine
 
@@ -114,11 +117,30 @@ async def test_revocation_race_one_replica(
 
 @pytest.mark.slow
 async def test_revocation_race_one_replica_many_trials(
-    fenv: FaultEnv, make_test_adapter: AdapterFactory
+    fenv: FaultEnv,
+    make_test_adapter: AdapterFactory,
+    engine: VLLMEngine,
+    tiny_model: Path,
+    tmp_path: Path,
 ) -> None:
-    figures = await race(fenv, make_test_adapter(seed=251, rank=8), trials=60, seed=11)
+    """60 trials, on a gateway of its own whose S3 read timeout is 5 s instead of the fault
+    gateway's 1 s: over 60 uploads and whole-adapter revokes, SeaweedFS answered some requests
+    between 1 and 5 s (five RevokeAdapter calls in a row failed with ReadTimeout at 1 s; all 60
+    trials passed at 5 s). A slow store is not what this test measures."""
+    server = await start_gateway(
+        engine, tiny_model, fenv.proxy, fenv.s3, tmp_path, s3_read_timeout_s=5.0
+    )
+    try:
+        patient = dataclasses.replace(fenv, server=server)
+        figures = await race(patient, make_test_adapter(seed=251, rank=8), trials=60, seed=11)
+    finally:
+        await server.stop(grace=0)
     report(figures)
     assert figures["served_after_revoke"] == 0
+
+
+#: RevokeAdapter calls per trial at most (one more each time the store did not answer in time).
+REVOKE_ATTEMPTS = 5
 
 
 async def revoke(admin: AsyncGatewayClient, name: str) -> float:
@@ -126,14 +148,15 @@ async def revoke(admin: AsyncGatewayClient, name: str) -> float:
     timeout (SeaweedFS sometimes takes longer: once in three full runs here); a store hiccup is
     not what these tests measure. Returns when the call that revoked began; NOT_FOUND on a
     retry means the earlier call's write went through."""
-    for attempt in range(3):
+    for attempt in range(REVOKE_ATTEMPTS):
         called = time.monotonic()
         try:
             await admin.revoke_adapter(name)
             return called
         except errors.Unavailable:
-            if attempt == 2:
+            if attempt == REVOKE_ATTEMPTS - 1:
                 raise
+            await asyncio.sleep(1.0)  # a SeaweedFS stall lasts seconds: three at once failed
         except errors.NotFound:
             if attempt == 0:
                 raise
