@@ -204,11 +204,7 @@ class AdminService(pb_grpc.AdminServicer):
             request.alias,
             request.version,
             request.expected_version or None,
-            require_eval_min_score=(
-                request.require_eval_min_score
-                if request.HasField("require_eval_min_score")
-                else None
-            ),
+            require_eval_min_score=_min_score(request),
         )
         return manifest_to_pb(manifest)
 
@@ -222,11 +218,7 @@ class AdminService(pb_grpc.AdminServicer):
             request.alias,
             dict(request.weights),
             dict(request.expected.weights) if request.HasField("expected") else None,
-            require_eval_min_score=(
-                request.require_eval_min_score
-                if request.HasField("require_eval_min_score")
-                else None
-            ),
+            require_eval_min_score=_min_score(request),
         )
         return manifest_to_pb(manifest)
 
@@ -395,3 +387,10 @@ def evaluations_to_pb(manifest: Manifest, version: str | None) -> pb.Evaluations
     if manifest.evaluation_set is not None:
         info.current_set.CopyFrom(evaluation_set_to_pb(manifest.evaluation_set))
     return info
+
+
+def _min_score(request: pb.SetAliasRequest | pb.SetAliasWeightsRequest) -> float | None:
+    """The request's `require_eval_min_score`, None when it is not set."""
+    if request.HasField("require_eval_min_score"):
+        return request.require_eval_min_score
+    return None
