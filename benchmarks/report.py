@@ -347,6 +347,10 @@ def summary(results: dict[str, Result], host: dict[str, Any], seconds: float) ->
     if problems:
         lines += ["", "**Problems found by this run:**", ""]
         lines += [f"- {name}: {problem}" for name, problem in problems]
+    warnings = sorted({w for r in results.values() for w in r.get("machine_warnings", [])})
+    if warnings:
+        lines += ["", "**This machine was not quiet:**", ""]
+        lines += [f"- {warning}" for warning in warnings]
     return "\n".join(lines) + "\n"
 
 

@@ -159,6 +159,27 @@ async def test_poll_cost_does_not_grow_with_cached_manifests(spec: BaseModelSpec
     assert costs[10_000] == {"list_page": 1, "get_if_changed": RESYNC}
 
 
+async def test_what_the_feed_names_is_re_read_before_the_resync_slice(
+    spec: BaseModelSpec,
+) -> None:
+    """The propagation bound's critical path is the listing and the named manifest's re-read:
+    the resync slice's reads come after it, never before or alongside."""
+    memory = MemoryBackend()
+    names = seed(memory, 100)
+    backend, clock = Recording(memory), Clock()
+    replica = Replica(backend, spec, clock)
+    replica.cache_all(names)
+    tenant, name = names[90]  # not in the first resync slice (sorted names, 16 from the start)
+    share_with(writer(memory, clock), tenant, name, "first")
+    clock.now += 2
+    backend.order.clear()
+    await replica.poll()
+    methods = [method for method, _ in backend.order]
+    assert methods == ["list_page"] + ["get_if_changed"] * (1 + RESYNC)
+    assert backend.order[1] == ("get_if_changed", manifest_key(tenant, name))
+    assert (tenant, name, ("first",)) in replica.applied
+
+
 async def test_a_missed_event_is_caught_by_the_resync_pass(spec: BaseModelSpec) -> None:
     """A manifest rewritten without its event (a writer that died between the two) is applied
     within ceil(cached / RESYNC) polls."""

@@ -361,9 +361,15 @@ def _vllm_op(name: str) -> Any:
 
 
 def _engine_processes() -> set[int]:
-    return {
-        p.pid for p in psutil.Process().children(recursive=True) if "VLLM" in " ".join(p.cmdline())
-    }
+    """This process's live engine descendants (a zombie has ended: it is not one)."""
+    found = set()
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "VLLM" in " ".join(process.cmdline()):
+                found.add(process.pid)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    return found
 
 
 async def test_fp8_is_refused_before_an_engine_starts(tiny_model: Path) -> None:

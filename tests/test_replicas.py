@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import re
@@ -326,7 +327,7 @@ async def _race_trials(
     target_a = f"127.0.0.1:{replica_a.port}"
     after_bound: dict[str, int] = {}
     within_bound: dict[str, int] = {}
-    last_ok_s = 0.0
+    last_ok_s = slowest_poll_s = 0.0
     async with (
         AsyncGatewayClient(target_a, ADMIN) as admin,
         AsyncGatewayClient(target_b, USER, max_retries=0) as user_b,
@@ -340,21 +341,26 @@ async def _race_trials(
             outcomes: list[tuple[float, str]] = []
             loops = [asyncio.create_task(_hammer(user_b, ref, until_s, outcomes)) for _ in range(3)]
             await asyncio.sleep(rng.uniform(0.1, 0.8))
+            polls_before = await asyncio.to_thread(_b_poll_buckets)
             await admin.revoke_adapter(name, version=version.version)
             revoked_at = time.monotonic()
             until_s[0] = revoked_at + BOUND_S + 1.0
             await asyncio.wait_for(asyncio.gather(*loops), BOUND_S + 15)
+            slowest = _slowest_poll(polls_before, await asyncio.to_thread(_b_poll_buckets))
+            slowest_poll_s = max(slowest_poll_s, slowest)
+            allowed = propagation_bound(bound, slowest)
             for started, kind in outcomes:
                 if started < revoked_at:
                     continue
-                counts = after_bound if started > revoked_at + bound else within_bound
+                counts = after_bound if started > revoked_at + allowed else within_bound
                 counts[kind] = counts.get(kind, 0) + 1
                 if kind == "ok":
                     last_ok_s = max(last_ok_s, started - revoked_at)
     print(
         f"\nrevocation across replicas, {trials} trials: started on B after the bound "
         f"{after_bound}; between Revoke and the bound {within_bound}; last request served on B "
-        f"started {last_ok_s:.2f}s after Revoke returned (bound {bound}s)"
+        f"started {last_ok_s:.2f}s after Revoke returned (bound {bound}s; B's slowest poll took "
+        f"at most {slowest_poll_s}s)"
     )
     assert after_bound.get("ok", 0) == 0, "served on B after the documented bound"
     assert sum(after_bound.values()) >= trials, "the loops kept running past the bound"
@@ -481,6 +487,35 @@ async def test_cold_load_racing_a_whole_revoke_across_replicas_many_trials(
     )
 
 
+def _b_poll_buckets() -> dict[float, float]:
+    """B's histogram of poll durations: upper edge (s) → polls that took at most that."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{B_METRICS_PORT}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = re.findall(
+        r'^lora_gateway_manifest_poll_seconds_bucket\{le="([^"]+)"\} ([0-9.e+]+)$',
+        text,
+        re.MULTILINE,
+    )
+    assert found, "B exports no lora_gateway_manifest_poll_seconds"
+    return {float(edge): float(count) for edge, count in found}
+
+
+def _slowest_poll(before: dict[float, float], after: dict[float, float]) -> float:
+    """The upper edge of the slowest of B's polls between two scrapes (0 if it made none)."""
+    made = after[math.inf] - before[math.inf]
+    if made == 0:
+        return 0.0
+    return min(edge for edge in after if after[edge] - before[edge] == made)
+
+
+def propagation_bound(bound: float, slowest_poll_s: float) -> float:
+    """The documented bound (README "How revocations propagate"): one poll interval plus one
+    poll; `bound` holds when B's polls are quick. A store slower than that (SeaweedFS on this
+    machine has answered single requests in 1 to 5 s) stretches it: the event may land just
+    after a slow poll listed the feed, so the next one, a whole slow poll later, applies it."""
+    return max(bound, max(POLL_S, slowest_poll_s) + slowest_poll_s + 0.5)
+
+
 def _b_metric(name: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{B_METRICS_PORT}/metrics", timeout=10) as r:
         text = r.read().decode()
@@ -537,8 +572,8 @@ async def test_revocation_bound_with_10000_manifests_cached_on_the_other_replica
         cached_s = time.monotonic() - started
     rss_after = psutil.Process(process_b.pid).memory_info().rss
     await asyncio.sleep(3 * POLL_S)
-    cached = _b_metric("lora_gateway_manifests_cached")
-    per_poll = _b_metric("lora_gateway_manifest_poll_last_store_requests")
+    cached = await asyncio.to_thread(_b_metric, "lora_gateway_manifests_cached")
+    per_poll = await asyncio.to_thread(_b_metric, "lora_gateway_manifest_poll_last_store_requests")
     last_ok_s = await _race_trials(
         replica_a, target_b, make_test_adapter, 3, "scale-", bound=POLL_S + 1.0
     )

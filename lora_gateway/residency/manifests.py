@@ -262,8 +262,9 @@ class ManifestPoller:
     1. lists the change feed (adapter_store.changes) from its position: one listing names every
        adapter whose manifest was written since (one more per 1,000 events);
     2. re-reads (conditional GET) the cached manifests the new events name, and hands what
-       changed to `apply` (a newer manifest) or `revoke_name` (the adapter is gone);
-    3. re-reads `resync_per_poll` more cached manifests, round robin: the bounded resync that
+       changed to `apply` (a newer manifest) or `revoke_name` (the adapter is gone), before
+       anything else;
+    3. then re-reads `resync_per_poll` more cached manifests, round robin: the bounded resync that
        catches an event that was never written (a writer that failed between its manifest and
        its event). Every cached manifest is re-read once per ceil(cached / resync_per_poll)
        polls.
@@ -338,14 +339,17 @@ class ManifestPoller:
             self._resync_all = True
             self._listed_at = started
             self._position = ""
-        names = await self._read_feed(started)
+        named = await self._read_feed(started)
         if self._resync_all:
-            names.update(self.manifests.cached)
+            rest = [key for key in self.manifests.cached if key not in named]
         else:
-            names.update(self._resync_slice(exclude=names))
-        changed = await self._reread(names)
+            rest = self._resync_slice(exclude=named)
+        # What the feed names first, alone: the propagation bound is then two store round
+        # trips (the listing, the re-read), not the listing plus the resync's batches.
+        changed = await self._reread(named)
+        changed += await self._reread(rest)
         if self._resync_all and not self.poll_failures:
-            log.info("change feed: full resync of %d cached manifests done", len(names))
+            log.info("change feed: full resync of %d cached manifests done", len(named) + len(rest))
             self._resync_all = False
         if started - self._expired_at > self.retention_s / 60:
             self._expired_at = started
@@ -467,12 +471,14 @@ class ManifestPoller:
                 return
             next_at = max(loop.time(), next_at) + self.manifests.poll_interval_s
             self.poll_failures = 0
+            began = time.perf_counter()
             try:
                 await self.poll_once()
             except Exception:
                 self.poll_failures += 1
                 log.exception("manifest poll failed; polling continues")
             self.metrics.poll_requests(self.last_poll_requests, len(self.manifests.cached))
+            self.metrics.poll_took(time.perf_counter() - began)
             if self.poll_failures:
                 self.metrics.poll_failed(self.poll_failures)
                 continue

@@ -118,12 +118,13 @@ class MemoryBackend:
 
 
 class Recording:
-    """Wraps a backend: counts each request by method, and fails every request with
-    StoreUnavailable while `down` is set."""
+    """Wraps a backend: counts each request by method (and keeps them in order: method, first
+    argument), and fails every request with StoreUnavailable while `down` is set."""
 
     def __init__(self, inner: BlobBackend) -> None:
         self.inner = inner
         self.calls: Counter[str] = Counter()
+        self.order: list[tuple[str, Any]] = []
         self.down = False
 
     def total(self) -> int:
@@ -138,6 +139,7 @@ class Recording:
             if self.down:
                 raise StoreUnavailable("the store is unreachable (test partition)")
             self.calls[name] += 1
+            self.order.append((name, args[0] if args else None))
             return attribute(*args, **kwargs)
 
         return recorded
