@@ -6,7 +6,7 @@ streaming request with `max_tokens=1` measures what a client sees. Residency rep
 
 - `fetch`: store → disk cache (download, fsync, sha256 verify, atomic rename);
 - `validate`: config and safetensors checks against the base model;
-- `engine_add`: `add_lora` in the engine (eviction first if the engine were full);
+- `engine_add`: `add_lora` in the engine (here a slot is free: no `evict` phase);
 - the rest of the client-observed time to first token: manifest read, gRPC, admission,
   scheduling and the first decode step.
 

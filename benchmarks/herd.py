@@ -56,7 +56,7 @@ async def run(bench: Bench, params: Params) -> dict[str, Any]:
                 )
                 await gw.admin.upload_adapter(name, folder)
                 before = residency_counts(metrics)
-                load_phases = ("fetch", "validate", "engine_add")
+                load_phases = ("fetch", "validate", "evict", "engine_add")
                 load_before = sum(load_seconds(metrics, p)[1] for p in load_phases)
                 work = prompts(params.requests, params.prompt_tokens, seed=trial)
                 sent = time.perf_counter()

@@ -41,7 +41,8 @@ from benchmarks._support import (
 )
 from lora_gateway import devtools
 from lora_gateway.client import GenerateOptions
-from tests.support.metrics import residency_counts
+from lora_gateway.metrics import LoadPhase
+from tests.support.metrics import load_seconds, residency_counts
 
 NAME = "many_adapters"
 COUNTERS = (
@@ -171,6 +172,7 @@ async def scenario(
         for number, choices in enumerate(passes):
             work = prompts(len(choices), params.prompt_tokens, seed=3 + number)
             base = asdict(residency_counts(metrics))
+            phases_before = {phase: load_seconds(metrics, phase) for phase in LOAD_PHASES}
             names = [adapter_name(choice) for choice in choices]
             jobs = [
                 (lambda a=name, i=ids: stream_request(gw.user, a, i, params.max_tokens))
@@ -178,8 +180,22 @@ async def scenario(
             ]
             results, wall = await closed_loop(jobs, params.concurrency, bench.progress, label)
             after = asdict(residency_counts(metrics))
-            out.append(_result(label, choices, results, wall, base, after))
+            phases = {
+                phase: _phase(phases_before[phase], load_seconds(metrics, phase))
+                for phase in LOAD_PHASES
+            }
+            out.append({**_result(label, choices, results, wall, base, after), "load": phases})
     return out
+
+
+#: The phases of a cold load (Metrics.LoadPhase); `evict` only in loads that made room.
+LOAD_PHASES: tuple[LoadPhase, ...] = ("fetch", "validate", "evict", "engine_add")
+
+
+def _phase(before: tuple[int, float], after: tuple[int, float]) -> dict[str, float]:
+    """How many loads of a pass recorded a phase, and their mean (ms)."""
+    loads, seconds = after[0] - before[0], after[1] - before[1]
+    return {"loads": loads, "mean_ms": 1e3 * seconds / loads if loads else 0.0}
 
 
 def _result(

@@ -215,6 +215,16 @@ def rows_many(r: Result) -> list[tuple[str, str]]:
                 f"{s['fetches_per_1k']:.0f} fetches, {s['evictions_per_1k']:.0f} evictions",
             )
         )
+        load = s.get("load", {})
+        if load.get("engine_add", {}).get("loads"):
+            rows.append(
+                (
+                    f"{title}: a load's phases, mean ms (loads)",
+                    ", ".join(
+                        f"{phase} {v['mean_ms']:.1f} ({v['loads']})" for phase, v in load.items()
+                    ),
+                )
+            )
     return rows
 
 

@@ -62,8 +62,10 @@ __all__ = [
 Tier = Literal["engine", "disk"]
 #: The phases residency records for each cold load: `fetch` (store → disk cache: download,
 #: fsync, sha256 verify, atomic rename; the cache verifies as it fetches, so there is no
-#: separate verify phase), `validate` (adapter checks), `engine_add` (make room and add_lora).
-LoadPhase = Literal["fetch", "validate", "engine_add"]
+#: separate verify phase), `validate` (adapter checks), `evict` (remove_lora of the idle
+#: versions a load had to make room for: recorded only by loads that evicted), `engine_add`
+#: (add_lora, once the load holds its slot).
+LoadPhase = Literal["fetch", "validate", "evict", "engine_add"]
 #: The queues a request may wait in for an engine slot: `tenant` (its tenant holds its
 #: `max_engine_slots`), `engine` (a load waits for a free or evictable slot).
 SlotQueue = Literal["tenant", "engine"]
@@ -425,7 +427,8 @@ class Metrics:
         )
         self.adapter_load_seconds = Histogram(
             "lora_gateway_adapter_load_seconds",
-            "Cold adapter load latency by phase (fetch incl. sha256 verify, validate, engine_add).",
+            "Cold adapter load latency by phase (fetch incl. sha256 verify, validate, evict (only "
+            "loads that made room), engine_add).",
             ["phase"],
             buckets=_LOAD_BUCKETS,
             registry=r,

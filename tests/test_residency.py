@@ -34,7 +34,7 @@ from lora_gateway.residency import Residency, key_of
 from lora_gateway.tenancy import TenantConfig
 from tests.conftest import AdapterFactory
 from tests.support.fake_engine import FakeEngine
-from tests.support.metrics import residency_counts
+from tests.support.metrics import load_seconds, residency_counts
 
 
 class GatedFetch:
@@ -141,10 +141,12 @@ async def test_load_models_concurrently_capacity_bound(make_env: object) -> None
 async def test_load_before_evict(make_env: object) -> None:
     """A newcomer that fails to fetch (bytes do not match) never evicts anyone; one still
     downloading leaves the residents serving; only once it is ready is the LRU one evicted."""
-    env: Env = make_env(capacity=2)  # type: ignore[operator]
+    env: Env = make_env(capacity=2, remove_delay_s=0.5)  # type: ignore[operator]
+    metrics = env.residency.metrics
     a, b, bad, c = [await env.upload("acme", n, seed=310 + i) for i, n in enumerate("abxc")]
     await env.residency.prefetch(a)
     await env.residency.prefetch(b)
+    assert load_seconds(metrics, "evict") == (0, 0.0)  # free slots: nothing to make room for
     env.fetch.corrupt.add(bad.sha)
     with pytest.raises(IntegrityError):
         await env.residency.prefetch(bad)
@@ -157,10 +159,18 @@ async def test_load_before_evict(make_env: object) -> None:
     async with env.residency.use(a) as loaded:  # still resident, still served
         assert loaded.lora_int_id in env.engine.held
     assert env.engine.removes == []
+    added_before = load_seconds(metrics, "engine_add")
     env.fetch.gate.set()
     assert (await loading).tier == "engine"
     assert {v.sha for v in env.residency.resident_versions()} == {a.sha, c.sha}  # b was LRU
     assert env.engine.faults == []
+    # c's load made room: the eviction (0.5 s here) is its own phase, not part of engine_add.
+    evicts, evict_s = load_seconds(metrics, "evict")
+    assert evicts == 1
+    assert evict_s >= 0.5
+    adds, add_s = load_seconds(metrics, "engine_add")
+    assert adds == added_before[0] + 1
+    assert add_s - added_before[1] < 0.5
 
 
 async def test_validation_runs_once_per_sha256(

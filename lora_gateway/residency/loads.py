@@ -174,6 +174,7 @@ class Loads:
             )
             nbytes = sum(f.size for f in version.files if f.filename in ADAPTER_FILES)
             await self.slots.reserve(key, tenant, nbytes)
+            reserved = time.perf_counter()  # the slot wait and the evictions are behind
             try:
                 self.blocks.check(key)
                 await self._add(key, loaded)
@@ -188,7 +189,7 @@ class Loads:
             finally:
                 self.slots.unreserve(nbytes)
             self.metrics.engine_loaded()
-            self.metrics.load_phase("engine_add", time.perf_counter() - validated)
+            self.metrics.load_phase("engine_add", time.perf_counter() - reserved)
             self.slots.report()
         finally:
             self.cache.unpin(sha)

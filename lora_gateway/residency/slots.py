@@ -298,10 +298,13 @@ class Slots:
         self.reserved += 1
         self.reserved_bytes += nbytes
         evicted = [self.resident.pop(victim) for victim in victims]
+        if not evicted:
+            return
         try:
-            for resident in evicted:
-                await self.engine.remove_adapter(resident.loaded.lora_int_id)
-                self.metrics.evicted("engine")
+            with self.metrics.time_load("evict"):
+                for resident in evicted:
+                    await self.engine.remove_adapter(resident.loaded.lora_int_id)
+                    self.metrics.evicted("engine")
         except BaseException:
             self.unreserve(nbytes)
             raise

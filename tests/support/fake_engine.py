@@ -30,6 +30,8 @@ class FakeEngine:
     max_model_len: int = 256
     #: Seconds each add_adapter takes (the engine reading the files).
     add_delay_s: float = 0.0
+    #: Seconds each remove_adapter takes once the adapter's requests have ended.
+    remove_delay_s: float = 0.0
     #: Seconds between generated tokens.
     token_delay_s: float = 0.005
     held: dict[int, LoadedAdapter] = field(default_factory=dict)
@@ -107,6 +109,8 @@ class FakeEngine:
         waits = [self._ended[r].wait() for r in doomed if r in self._ended]
         await self.abort(doomed)
         await asyncio.gather(*waits)
+        if self.remove_delay_s:
+            await asyncio.sleep(self.remove_delay_s)
         self.removes.append(lora_int_id)
         return len(doomed)
 
