@@ -168,6 +168,13 @@ def rows_cold_start(r: Result) -> list[tuple[str, str]]:
                 f"(load alone {_x(b['load_ratio'])})",
             )
         )
+        if "floor_remove_s" in b:
+            rows.append(
+                (
+                    f"rank {b['rank']}: bare add_lora / remove_lora (an eviction), idle engine",
+                    f"{_ms(b['floor_add_s'])} / {_ms(b['floor_remove_s'])}",
+                )
+            )
     return rows
 
 
