@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import importlib
 import logging
@@ -37,6 +38,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temp dir)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--peer-omp1",
+        action="store_true",
+        help="peer: also both systems with OMP_NUM_THREADS=1 (twice the time)",
+    )
     return parser.parse_args(argv)
 
 
@@ -58,6 +64,8 @@ async def run(args: argparse.Namespace, work: Path) -> int:
         name: importlib.import_module(f"benchmarks.{name}") for name in selected
     }
     params = {name: m.SMOKE if args.smoke else m.DEFAULT for name, m in modules.items()}
+    if args.peer_omp1 and "peer" in params:
+        params["peer"] = dataclasses.replace(params["peer"], omp1_too=True)
     standalone = {n: m for n, m in modules.items() if getattr(m, "STANDALONE", False)}
     shared = {n: m for n, m in modules.items() if n not in standalone}
     total = sum(m.phases(params[n]) for n, m in modules.items()) + 1

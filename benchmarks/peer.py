@@ -64,21 +64,31 @@ class Params:
     tokens: int = 12
     prompt_tokens: int = 8
     distinct_prompts: int = 4
+    #: Also run both systems with OMP_NUM_THREADS=1 in their environment (`--peer-omp1`): the
+    #: CPU slow phase's lead (docs/benchmarks.md), measured against the peer in like settings.
+    omp1_too: bool = False
 
 
 DEFAULT = Params()
 SMOKE = Params(rounds=2, passes=1, requests=16, concurrency=4, tokens=4)
 
 
+def systems_of(params: Params) -> list[str]:
+    """The systems a run measures: `gateway`, `peer`, and their `_omp1` variants if asked."""
+    names = ["gateway", "peer"]
+    return names + [f"{n}_omp1" for n in names] if params.omp1_too else names
+
+
 def phases(params: Params) -> int:
-    return 1 + 2 * params.passes
+    return 1 + len(systems_of(params)) * params.passes
 
 
 # --- the two servers ---------------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
+def _env(omp1: bool = False) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_GATEWAY_")}
+    env.pop("OMP_NUM_THREADS", None)
     env.update(
         {
             "HF_HUB_OFFLINE": "1",
@@ -86,6 +96,8 @@ def _env() -> dict[str, str]:
             "VLLM_CPU_KVCACHE_SPACE": str(ENGINE_DEFAULTS["kv_cache_space_gib"]),
         }
     )
+    if omp1:
+        env["OMP_NUM_THREADS"] = "1"
     return env
 
 
@@ -123,7 +135,9 @@ def _drain(process: subprocess.Popen[str]) -> None:
 
 
 @contextlib.contextmanager
-def gateway_server(model: Path, work: Path, folders: dict[str, Path]) -> Iterator[str]:
+def gateway_server(
+    model: Path, work: Path, folders: dict[str, Path], omp1: bool = False
+) -> Iterator[str]:
     """`lora-gateway serve` on a local store holding `folders`: yields host:port."""
     store = work / "store"
     if not store.exists():
@@ -155,7 +169,7 @@ def gateway_server(model: Path, work: Path, folders: dict[str, Path]) -> Iterato
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=_env(),
+        env=_env(omp1),
         start_new_session=True,
     )
     try:
@@ -167,7 +181,9 @@ def gateway_server(model: Path, work: Path, folders: dict[str, Path]) -> Iterato
 
 
 @contextlib.contextmanager
-def peer_server(model: Path, folders: dict[str, Path], port: int) -> Iterator[str]:
+def peer_server(
+    model: Path, folders: dict[str, Path], port: int, omp1: bool = False
+) -> Iterator[str]:
     """Stock vLLM's OpenAI server with the adapters as `--lora-modules`: yields its base URL."""
     modules = [f"{name}={folder}" for name, folder in folders.items()]
     process = subprocess.Popen(
@@ -203,7 +219,7 @@ def peer_server(model: Path, folders: dict[str, Path], port: int) -> Iterator[st
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=_env(),
+        env=_env(omp1),
         start_new_session=True,
     )
     try:
@@ -308,21 +324,23 @@ async def run_standalone(work: Path, params: Params, progress: Progress) -> dict
             )
             for i, name in enumerate(ADAPTERS)
         }
-    runs: dict[str, list[dict[str, Any]]] = {"gateway": [], "peer": []}
+    names = systems_of(params)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     from tests.support.processes import free_port
 
     for number in range(params.passes):
-        order = ("gateway", "peer") if number % 2 == 0 else ("peer", "gateway")
+        order = names if number % 2 == 0 else names[::-1]
         for system in order:
+            omp1 = system.endswith("_omp1")
             with progress.phase(f"peer: pass {number + 1}, {system}"):
-                if system == "gateway":
-                    with gateway_server(model, work / "gateway", folders) as target:
+                if system.startswith("gateway"):
+                    with gateway_server(model, work / "gateway", folders, omp1) as target:
                         async with AsyncGatewayClient(target, key_of(TENANT)) as client:
                             result = await measure(
                                 gateway_ask(client, params), params, progress, system
                             )
                 else:
-                    with peer_server(model, folders, free_port()) as base_url:
+                    with peer_server(model, folders, free_port(), omp1) as base_url:
                         http = openai.AsyncOpenAI(base_url=base_url, api_key="unused")
                         try:
                             result = await measure(peer_ask(http, params), params, progress, system)
@@ -349,9 +367,17 @@ async def run_standalone(work: Path, params: Params, progress: Progress) -> dict
         "gateway_slow_rounds": gateway["slow_rounds"],
         "peer_slow_rounds": peer["slow_rounds"],
     }
-    problems = []
-    if gateway["wrong_outputs"]:
-        problems.append(f"the gateway returned {gateway['wrong_outputs']} wrong outputs")
+    if params.omp1_too:
+        g1, p1 = systems["gateway_omp1"], systems["peer_omp1"]
+        headline["gateway_omp1_vs_peer_omp1"] = g1["median_rps"] / p1["median_rps"]
+        headline["gateway_omp1_vs_peer"] = g1["median_rps"] / peer["median_rps"]
+        headline["gateway_omp1_slow_rounds"] = g1["slow_rounds"]
+        headline["peer_omp1_slow_rounds"] = p1["slow_rounds"]
+    problems = [
+        f"{name} returned {s['wrong_outputs']} wrong outputs"
+        for name, s in systems.items()
+        if name.startswith("gateway") and s["wrong_outputs"]
+    ]
     return {
         "benchmark": NAME,
         "params": asdict(params),

@@ -111,7 +111,23 @@ def rows_peer(r: Result) -> list[tuple[str, str]]:
         ),
         ("gateway / stock vllm serve, median req/s", _x(g["median_rps"] / v["median_rps"])),
     ]
-    for label, s in (("gateway", g), ("stock vllm serve", v)):
+    systems = r["systems"]
+    if "gateway_omp1" in systems:
+        g1, v1 = systems["gateway_omp1"], systems["peer_omp1"]
+        rows.append(
+            (
+                "with OMP_NUM_THREADS=1: gateway / stock vllm serve; gateway / default peer",
+                f"{_x(g1['median_rps'] / v1['median_rps'])}; "
+                f"{_x(g1['median_rps'] / v['median_rps'])}",
+            )
+        )
+    labels = {
+        "gateway": "gateway",
+        "peer": "stock vllm serve",
+        "gateway_omp1": "gateway, OMP_NUM_THREADS=1",
+        "peer_omp1": "stock vllm serve, OMP_NUM_THREADS=1",
+    }
+    for label, s in ((labels[name], one) for name, one in systems.items()):
         rows.append(
             (
                 f"{label}: median req/s (p10-p90); rounds in a slow phase; wrong outputs",
@@ -447,8 +463,10 @@ def plot_cold_start(r: Result) -> Figure:
 
 def plot_peer(r: Result) -> Figure:
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.2))
-    for color, system in (("C0", "gateway"), ("C1", "peer")):
-        label = "gateway" if system == "gateway" else "stock vllm serve"
+    colors = {"gateway": "C0", "peer": "C1", "gateway_omp1": "C2", "peer_omp1": "C3"}
+    for system in r["systems"]:
+        color = colors[system]
+        label = system.replace("peer", "stock vllm serve").replace("_omp1", ", OMP=1")
         start = 0
         for number, one in enumerate(r["systems"][system]["passes"]):
             rates = one["rounds_rps"]
