@@ -230,6 +230,7 @@ def print_overview(info: Adapter, evaluations: Evaluations | None) -> None:
     aliases = _aliases_by_version(info)
     latest = latest_evaluations(evaluations)
     serving = {s.version: s for s in info.serving}
+    versions = sorted(info.versions, key=lambda v: (v.created_at, v.version))
     current_sha = current.sha256 if current is not None else None
     rows: list[tuple[object, ...]] = [
         (
@@ -240,7 +241,7 @@ def print_overview(info: Adapter, evaluations: Evaluations | None) -> None:
             *_eval_cells(latest.get(v.version), current_sha),
             *_serving_cells(serving.get(v.version)),
         )
-        for v in info.versions
+        for v in versions
     ]
     if "other" in serving:  # versions without series of their own
         rows.append(("other", "-", "-", "-", "-", "-", "-", *_serving_cells(serving["other"])))
@@ -259,7 +260,7 @@ def print_overview(info: Adapter, evaluations: Evaluations | None) -> None:
             ",".join(v.target_modules) or "-",
             *_counts(serving.get(v.version)),
         )
-        for v in info.versions
+        for v in versions
     ]
     print()
     table(("VERSION", "RANK", "ALPHA", "TARGETS", "ERROR CODES", "FINISH"), details)

@@ -241,7 +241,7 @@ class GatewayClient(ClientBase[grpc.Channel]):
     def get_adapter(
         self, name: str, tenant: str = "", *, timeout: Timeout = CLIENT_DEFAULT
     ) -> Adapter:
-        """Versions (oldest first), aliases, grants and (for the owner) usage of one adapter."""
+        """Versions (in sha256 order), aliases, grants and (for the owner) usage of one adapter."""
         return self._call(_rpcs.get_adapter(name, tenant), timeout)
 
     def set_alias(

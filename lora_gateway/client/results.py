@@ -234,7 +234,7 @@ class VersionServing:
 
 @dataclass(frozen=True)
 class Adapter:
-    """An adapter: its versions (oldest first), aliases and grants."""
+    """An adapter: its versions (in sha256 order), aliases and grants."""
 
     tenant: str
     name: str
