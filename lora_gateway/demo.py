@@ -14,7 +14,12 @@
 5. the same through the `openai` package against the OpenAI-compatible API;
 6. globex's app asks support questions: the adapter next to the base model;
 7. show a cross-tenant request refused; 8. upload an untrained draft as support@prod, roll the
-   alias back; 9. revoke an adapter and show the next request refused; print a summary, exit 0.
+   alias back; 9. revoke an adapter and show the next request refused;
+10. a canary, with the `lora-gateway` CLI: support v2 (the same weights with its own chat
+   template) passes an evaluation set of held-out questions and takes 20 % of prod
+   (`adapter canary ... --require-eval 1`); the untrained draft fails it and its promotion is
+   refused (FAILED_PRECONDITION naming the failed cases); prod's weight goes back to v1 (a
+   manual rollback); `adapter show` prints the lot. Then a summary, exit 0.
 
 The examples shown are held out from training (`demo_training.held_out`): their invoice
 numbers and totals, and their question phrasings, are new to the adapters.
@@ -24,9 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -55,6 +62,11 @@ EXTRACT = GenerateOptions(
     disable_any_whitespace=True,
 )
 SHOWN = 3  # held-out examples shown per adapter
+#: The canary's share of prod in step 10, and the conversations (routing keys) sent through it.
+CANARY_WEIGHT = 0.2
+CONVERSATIONS = 100
+#: Held-out support questions in step 10's evaluation set.
+EVAL_CASES = 3
 
 
 def _chat(text: str) -> list[ChatMessage]:
@@ -301,7 +313,7 @@ async def _run(work: Path, retrain: bool) -> None:
 
             _step(8, "globex uploads an untrained draft as support@prod, then rolls prod back")
             draft_v2 = await globex_admin.upload_adapter(
-                "support", folders["draft"], aliases=("prod",)
+                "support", folders["draft"], aliases=("prod", "draft")
             )
             question = questions[0].prompt
             result = await globex.generate("support@prod", _chat(question), GREEDY)
@@ -328,6 +340,15 @@ async def _run(work: Path, retrain: bool) -> None:
             except errors.NotFound as exc:
                 _say(f"    invoices -> NOT_FOUND: {exc}")
 
+            _step(
+                10,
+                "globex ships support v2 as a canary on 20% of prod, with the lora-gateway CLI:\n"
+                "    its evaluation, a failing version's promotion refused, a rollback to v1",
+            )
+            canary = await _canary_step(
+                target, keys["globex-admin"], globex_admin, globex, support_v1.version, folders, run
+            )
+
             residency = await globex_admin.get_residency()
             in_engine = sum(1 for e in residency.entries if e.tier is ResidencyTier.ENGINE)
     finally:
@@ -344,8 +365,153 @@ async def _run(work: Path, retrain: bool) -> None:
     )
     _say("    one base model, two tenants' adapters, through gRPC and the OpenAI-compatible API")
     _say("    cross-tenant access refused; alias rolled back; revoked adapter refused")
+    _say(
+        f"    canary: v2 scored {canary['v2_score']} and served {canary['on_v2']} of "
+        f"{CONVERSATIONS} conversations at {CANARY_WEIGHT:.0%}; the draft scored "
+        f"{canary['draft_score']}, its promotion refused; prod rolled back to v1"
+    )
     _say(f"    {in_engine} of globex's adapter version(s) resident in the engine at the end")
     _say(f"    demo finished in {time.perf_counter() - started:.0f}s")
+
+
+def _house_style_set(questions: list[demo_training.Example]) -> str:
+    """Step 10's evaluation set: each held-out question must be answered in the house style,
+    naming its topic (a regex on the whole answer)."""
+    greeting = re.escape(demo_training.SUPPORT_GREETING)
+    signoff = re.escape(demo_training.SUPPORT_SIGNOFF)
+    cases = [
+        {
+            "id": f"question-{index}",
+            "messages": [{"role": "user", "content": example.prompt}],
+            "max_tokens": MAX_TOKENS,
+            "check": {"regex": f"^{greeting} .*\\b{example.fields['topic']}\\b.* {signoff}$"},
+        }
+        for index, example in enumerate(questions, 1)
+    ]
+    return json.dumps({"cases": cases}, indent=1)
+
+
+async def _cli(target: str, key: str, *argv: str) -> tuple[int, str]:
+    """`lora-gateway ARGV`, in a thread (it blocks; the gateway serves on this loop), printed
+    as a shell line and its indented output (stdout and stderr). Returns (exit code, output)."""
+    from lora_gateway.cli import main as cli_main
+
+    environ = {"LORA_GATEWAY_TARGET": target, "LORA_GATEWAY_API_KEY": key}
+
+    def run() -> tuple[int, str]:
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            code = cli_main(list(argv), environ)
+        return code, captured.getvalue()
+
+    code, output = await asyncio.to_thread(run)
+    _say(f"    $ lora-gateway {' '.join(argv)}")
+    for line in output.rstrip("\n").splitlines():
+        _say(f"      {line}")
+    return code, output
+
+
+async def _split(app: AsyncGatewayClient, versions: dict[str, str]) -> dict[str, int]:
+    """How many of `CONVERSATIONS` conversations (one routing key each) support@prod serves on
+    each version, by its name in `versions` (name -> sha); 8 at a time (the tenant's cap on
+    requests in flight is 16)."""
+    names = {sha: name for name, sha in versions.items()}
+    gate = asyncio.Semaphore(8)
+
+    async def one(index: int) -> str:
+        async with gate:
+            result = await app.generate(
+                "support@prod",
+                _chat("where is my order"),
+                GenerateOptions(max_tokens=1),
+                routing_key=f"conversation-{index}",
+            )
+        return names.get(result.adapter.version if result.adapter else "", "?")
+
+    counts = dict.fromkeys(versions, 0)
+    for served in await asyncio.gather(*(one(index) for index in range(CONVERSATIONS))):
+        counts[served] = counts.get(served, 0) + 1
+    return counts
+
+
+async def _canary_step(
+    target: str,
+    admin_key: str,
+    admin: AsyncGatewayClient,
+    app: AsyncGatewayClient,
+    v1: str,
+    folders: dict[str, Path],
+    run: Path,
+) -> dict[str, object]:
+    """Step 10 (globex's support; prod on v1, alias `draft` on the untrained draft): upload
+    v2, evaluate it, put it on 20 % of prod gated on the evaluation, show the split; evaluate
+    the draft and show its promotion refused; move prod's weight back to v1 (the manual
+    rollback); `adapter show`. Returns the figures of the summary."""
+    template = run / "support-v2.jinja"
+    template.write_text(devtools.TINY_CHAT_TEMPLATE, encoding="utf-8")
+    v2 = await admin.upload_adapter(
+        "support",
+        folders["support"],
+        aliases=("v2",),
+        description="v2: its own chat template",
+        chat_template=template,
+    )
+    await admin.set_alias("support", "v1", v1)
+    _say(
+        f"    v2 {v2.version[:19]}...  the same weights with its own chat_template.jinja (a new "
+        "version:\n    the template is part of its content address); aliases v1, v2, draft"
+    )
+    cases = run / "house-style.json"
+    questions = demo_training.held_out("support", EVAL_CASES)
+    cases.write_text(_house_style_set(questions), encoding="utf-8")
+    _say(
+        f"    (the CLI below: LORA_GATEWAY_TARGET={target}, LORA_GATEWAY_API_KEY=globex's "
+        "admin key)"
+    )
+    await _cli(target, admin_key, "adapter", "eval", "upload", "support", str(cases))
+    v2_score = await _eval(target, admin_key, admin, "v2")
+    weights = (f"v1={1 - CANARY_WEIGHT:g}", f"v2={CANARY_WEIGHT:g}")
+    code, _ = await _cli(
+        target, admin_key, "adapter", "canary", "support", "prod", *weights, "--require-eval", "1"
+    )
+    if code != 0:
+        raise RuntimeError("the canary was refused")
+    split = await _split(app, {"v1": v1, "v2": v2.version})
+    _say(
+        f"    {CONVERSATIONS} conversations on support@prod: {split['v1']} on v1, {split['v2']} "
+        "on v2 (each stays on its version: the routing key picks it)"
+    )
+    if split["v1"] + split["v2"] != CONVERSATIONS:
+        raise RuntimeError(f"support@prod served a version outside the canary: {split}")
+
+    draft_score = await _eval(target, admin_key, admin, "draft")
+    code, output = await _cli(
+        target, admin_key, "adapter", "alias", "support", "prod", "draft", "--require-eval", "1"
+    )
+    if code == 0 or "FAILED_PRECONDITION" not in output:
+        raise RuntimeError("the failing version's promotion was not refused")
+
+    # --- AUTOMATIC ROLLBACK: a step for issue 11 item 4 goes here (a canary policy on prod
+    # that moves its weight back to v1 by itself when v2's error rate or score crosses its
+    # threshold); the manual rollback below stays as the operator's own move. ---
+
+    _say("    rollback: all of prod's weight back on v1 ends the canary")
+    code, _ = await _cli(target, admin_key, "adapter", "canary", "support", "prod", "v1=1")
+    after = await _split(app, {"v1": v1, "v2": v2.version})
+    if code != 0 or after["v1"] != CONVERSATIONS:
+        raise RuntimeError(f"the rollback did not take effect: {after}")
+    _say(f"    {CONVERSATIONS} conversations on support@prod: all {after['v1']} on v1")
+    await _cli(target, admin_key, "adapter", "show", "support")
+    return {"v2_score": v2_score, "on_v2": split["v2"], "draft_score": draft_score}
+
+
+async def _eval(target: str, admin_key: str, admin: AsyncGatewayClient, alias: str) -> str:
+    """`adapter eval run support --version ALIAS`; its score as "passed/total"."""
+    code, _ = await _cli(target, admin_key, "adapter", "eval", "run", "support", "--version", alias)
+    if code != 0:
+        raise RuntimeError(f"the evaluation of {alias} failed to run")
+    results = (await admin.get_evaluations("support", alias)).results
+    return f"{results[-1].passed}/{results[-1].total}"
 
 
 async def _openai_step(server: GatewayServer, key: str, example: demo_training.Example) -> None:
@@ -372,6 +538,9 @@ async def _openai_step(server: GatewayServer, key: str, example: demo_training.E
             label = model if model == "invoices" else "(base)"
             shown = text if model == "invoices" else _short(text)
             _say(f"    {label:<10} {shown}  [{_extracted(text, example)}]")
+            if model == "invoices":
+                served = completion.model
+                _say(f"    {'':<10} (the response's model names the version: {served[:30]}...)")
         _say(f"    (model {server.base_model_name!r} is the base model, 'invoices' an adapter)")
 
 

@@ -316,6 +316,16 @@ class Admin(admin_pb2_grpc.AdminServicer):
         await self.script.enter("RevokeAdapter", request, context)
         return admin_pb2.RevokeAdapterResponse(revoked_versions=[VERSION], aborted_requests=2)
 
+    async def SetRetention(
+        self, request: admin_pb2.SetRetentionRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.SetRetentionResponse:
+        await self.script.enter("SetRetention", request, context)
+        return admin_pb2.SetRetentionResponse(
+            adapter=_adapter_info(keep_last=request.keep_last),
+            retired_versions=[CANARY] if request.keep_last else [],
+            aborted_requests=1 if request.keep_last else 0,
+        )
+
     async def PinAdapter(
         self, request: admin_pb2.AdapterRefRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ResidencyEntry:
@@ -508,6 +518,7 @@ def test_public_surface_is_small_and_both_clients_match() -> None:
             "Residency",
             "ResidencyEntry",
             "ResidencyTier",
+            "RetentionResult",
             "RevokeResult",
             "TenantUsage",
             "TokenizeResult",
@@ -1586,13 +1597,15 @@ def test_cli_show_prints_the_weights(
         SUPPORT,
         aliases={"latest": VERSION, "prod": VERSION},
         alias_weights={"prod": {VERSION: 0.75, CANARY: 0.25}},
+        keep_last=3,
     )
     out.print_adapter(info)
     shown = capsys.readouterr().out
     assert f"alias       prod -> {VERSION} 0.75, {CANARY} 0.25" in shown
     assert f"alias       latest -> {VERSION}" in shown
-    row = next(line for line in shown.splitlines() if line.startswith(VERSION))
-    assert row.split()[-1] == "latest,prod=0.75"
+    assert "retention   keeps the newest 3 versions and every aliased one" in shown
+    row = next(line for line in shown.splitlines() if line.startswith(VERSION[:19] + " "))
+    assert row.split()[3] == "latest,prod=0.75"
 
 
 SERVING = admin_pb2.VersionServing(
@@ -1612,36 +1625,75 @@ SERVING = admin_pb2.VersionServing(
 def test_cli_show_prints_recent_calls_per_version(
     environ: dict[str, str], script: Script, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The scripted server's answers, laid out: one row per version (aliases, latest
+    evaluation, recent calls), the `other` row, then each version's details. The real
+    gateway's figures: tests/api/test_lifecycle_cli.py."""
     assert main(["adapter", "show", "served"], environ=environ) == 0
+    assert script.last("GetEvaluations").request.name == "served"
     shown = capsys.readouterr().out.splitlines()
-    start = shown.index("recent calls (this replica, last 300s)")
+    assert f"eval set    {EVAL_SHA} (2 cases, 2026-01-01T00:00:00Z, acme:admin)" in shown
+    assert "policy      prod requires an evaluation score >= 1" in shown
+    assert "retention   keeps every version (no retention policy)" in shown
+    start = shown.index("versions (oldest first; recent calls: this replica, last 300s)")
     assert shown[start + 1].split() == [
         "VERSION",
+        "CREATED",
+        "STATUS",
+        "ALIASES",
+        "EVAL",
+        "EVAL",
+        "SET",
+        "EVALUATED",
         "REQUESTS",
         "ERRORS",
-        "CODES",
         "P50",
         "P99",
         "TTFT",
         "P50",
         "TOKENS",
-        "FINISH",
     ]
     assert shown[start + 2].split() == [
-        VERSION,
+        VERSION[:19],
+        "2025-01-01T00:00:00Z",
+        "active",
+        "latest,prod",
+        "0.5",
+        "(1/2)",
+        EVAL_SHA[:12],
+        "2026-01-01T00:00:02Z",
         "8",
         "2",
         "(25.0%)",
-        "INVALID_ARGUMENT=2",
         "12ms",
         "500ms",
         "4ms",
         "42",
+    ]
+    assert shown[start + 3].split() == [
+        "other",
+        *["-", "-", "-", "-", "-", "-", "0", "0", "(0.0%)", "-", "-", "-", "0"],
+    ]
+    details = next(i for i, line in enumerate(shown) if line.split()[:2] == ["VERSION", "RANK"])
+    assert shown[details].split() == [
+        "VERSION",
+        "RANK",
+        "ALPHA",
+        "TARGETS",
+        "ERROR",
+        "CODES",
+        "FINISH",
+    ]
+    assert shown[details + 1].split() == [
+        VERSION,
+        "8",
+        "16",
+        "q_proj,v_proj",
+        "INVALID_ARGUMENT=2",
         "length=5,stop=1",
     ]
-    assert shown[start + 3].split() == ["other", "0", "0", "(0.0%)", "-", "-", "-", "-", "0", "-"]
     assert main(["adapter", "show", "served", "--json"], environ=environ) == 0
-    serving = json.loads(capsys.readouterr().out)["serving"]
+    as_json = json.loads(capsys.readouterr().out)
+    serving = as_json["serving"]
     assert serving[0] == {
         "version": VERSION,
         "window_seconds": 300.0,
@@ -1655,6 +1707,87 @@ def test_cli_show_prints_recent_calls_per_version(
         "completion_tokens": 42,
     }
     assert serving[1]["latency_p50_seconds"] is None  # unset on the wire: None, not 0
+    assert as_json["keep_last"] == 0
+    assert as_json["evaluation_set"]["sha256"] == EVAL_SHA
+    assert as_json["alias_policies"] == {"prod": 1.0}
+    latest = as_json["latest_evaluations"][VERSION]
+    assert (latest["score"], latest["set_sha256"], latest["finished_at"]) == (
+        0.5,
+        EVAL_SHA,
+        "2026-01-01T00:00:02Z",
+    )
+    # A caller who may not read the evaluations still gets the rest.
+    script.fail("GetEvaluations", grpc.StatusCode.NOT_FOUND, "adapter not found")
+    assert main(["adapter", "show", "served"], environ=environ) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert not any(line.startswith("eval set") for line in shown)
+    row = shown[shown.index("versions (oldest first; recent calls: this replica, last 300s)") + 2]
+    assert row.split()[4:7] == ["-", "-", "-"]
+
+
+async def test_set_retention_sdk(sync_client: GatewayClient, target: str, script: Script) -> None:
+    """Both clients send keep_last, or keep_all for None, and return a RetentionResult; what
+    the request cannot carry is refused before anything is sent. (The server's own checks:
+    tests/api/test_lifecycle_cli.py.)"""
+    done = await asyncio.to_thread(sync_client.set_retention, "support", 2)
+    request = script.last("SetRetention").request
+    assert (request.name, request.keep_last, request.keep_all) == ("support", 2, False)
+    assert done.retired_versions == (CANARY,)
+    assert (done.aborted_requests, done.adapter.keep_last) == (1, 2)
+    async with AsyncGatewayClient(target, API_KEY) as client:
+        done = await client.set_retention("support", None, tenant="acme")
+        request = script.last("SetRetention").request
+        assert (request.tenant, request.keep_last, request.keep_all) == ("acme", 0, True)
+        assert (done.retired_versions, done.adapter.keep_last) == ((), 0)
+        calls = script.attempts("SetRetention")
+        for bad in (True, 1.5, "2", 2**31, -(2**31)):
+            with pytest.raises(errors.InvalidArgument, match="keep_last must be an integer"):
+                await client.set_retention("support", bad)  # type: ignore[arg-type]
+        assert script.attempts("SetRetention") == calls
+    assert (await asyncio.to_thread(sync_client.get_adapter, "support")).keep_last == 0
+
+
+def test_cli_retention(
+    environ: dict[str, str], script: Script, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def run(*argv: str) -> str:
+        assert main(list(argv), environ=environ) == 0
+        return capsys.readouterr().out
+
+    assert run("adapter", "retention", "support").strip() == (
+        "acme/support keeps every version (no retention policy)"
+    )
+    assert script.last("GetAdapter").request.name == "support"
+    calls = script.attempts("SetRetention")
+    assert json.loads(run("adapter", "retention", "support", "--json")) == {
+        "tenant": "acme",
+        "name": "support",
+        "keep_last": 0,
+    }
+    assert script.attempts("SetRetention") == calls  # showing never sets
+    assert run("adapter", "retention", "support", "--keep-last", "1").splitlines() == [
+        "acme/support keeps the newest version and every aliased one",
+        f"retired {CANARY}",
+        "aborted 1 in-flight request(s)",
+    ]
+    assert script.last("SetRetention").request.keep_last == 1
+    as_json = json.loads(run("adapter", "retention", "support", "--keep-all", "--json"))
+    assert as_json == {
+        "tenant": "acme",
+        "name": "support",
+        "keep_last": 0,
+        "retired_versions": [],
+        "aborted_requests": 0,
+    }
+    assert script.last("SetRetention").request.keep_all
+    for bad in (["--keep-last", "x"], ["--keep-last", "2", "--keep-all"]):
+        with pytest.raises(SystemExit) as caught:
+            main(["adapter", "retention", "support", *bad], environ=environ)
+        assert caught.value.code == 2
+        capsys.readouterr()
+    big = ["adapter", "retention", "support", "--keep-last", str(2**31)]
+    assert main(big, environ=environ) == EXIT_CODES[errors.InvalidArgument]
+    assert "keep_last must be an integer from 1 to 2147483647" in capsys.readouterr().err
 
 
 def test_cli_compose_part_needs_a_weight(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,7 +1,8 @@
 """Two gateways on one S3 store: replica A in this process, replica B a `serve` subprocess.
 
 - Revocations, alias moves and shares made through A reach B within the documented bound
-  (`poll_interval_s`: B re-reads the manifests it has cached with a conditional GET).
+  (`poll_interval_s`: B re-reads the manifests it has cached with a conditional GET), and so
+  do the versions a retention policy set on A retires.
 - A whole-adapter revoke on A while B is still loading the adapter (cold): nothing of it
   serves on B after the bound. B reaches S3 through a fault proxy (passing bytes unchanged
   except in that test, which throttles B's downloads so that the cold load outlasts the bound).
@@ -585,6 +586,64 @@ async def test_revocation_bound_with_10000_manifests_cached_on_the_other_replica
     )
     assert cached >= AT_SCALE
     assert per_poll <= 1 + 16 + 5  # a listing, the resync slice, a few changed manifests
+
+
+async def test_retention_on_one_replica_stops_the_other_serving_what_it_retired(
+    replica_a: GatewayServer,
+    replica_b: tuple[subprocess.Popen[str], str],
+    make_test_adapter: AdapterFactory,
+) -> None:
+    """SetRetention on A retires an old version that B has served: B refuses it within the
+    propagation bound (the revocation tests' `propagation_bound`, from B's slowest poll), and
+    every version the policy keeps (the newest, prod's, a weighted alias's two: the newest and
+    an older one) still serves on B."""
+    target_a = f"127.0.0.1:{replica_a.port}"
+    _, target_b = replica_b
+    options = GenerateOptions(max_tokens=1)
+    async with (
+        AsyncGatewayClient(target_a, ADMIN) as admin,
+        AsyncGatewayClient(target_b, USER, max_retries=0) as user_b,
+    ):
+        versions = []
+        for seed in range(150, 154):
+            aliases = ("prod",) if seed == 150 else ()
+            info = await admin.upload_adapter("kept", make_test_adapter(seed=seed), aliases=aliases)
+            versions.append(info.version)
+        prod, old, split_a, newest = versions  # newest: latest, and in the canary too
+        await admin.set_alias_weights("kept", "canary", {split_a: 0.5, newest: 0.5})
+
+        async def served_on_b(ref: str) -> str:
+            result = await user_b.generate(ref, PROMPT, options)
+            return result.adapter.version if result.adapter else ""
+
+        assert await served_on_b(f"kept@{old}") == old  # resident on B before it is retired
+
+        async def b_refuses_old() -> bool:
+            try:
+                await served_on_b(f"kept@{old}")
+            except (errors.NotFound, errors.Aborted):  # Aborted: in flight when B applied it
+                return True
+            return False
+
+        polls_before = await asyncio.to_thread(_b_poll_buckets)
+        done = await admin.set_retention("kept", 1)
+        retired_at = time.monotonic()
+        assert done.retired_versions == (old,)
+        await until(b_refuses_old, BOUND_S + 15)
+        took = time.monotonic() - retired_at
+        slowest = _slowest_poll(polls_before, await asyncio.to_thread(_b_poll_buckets))
+        allowed = propagation_bound(BOUND_S, slowest)
+        print(
+            f"\nretention on A: B refused the retired version {took:.2f}s after SetRetention "
+            f"returned (bound {allowed:.2f}s; B's slowest poll took at most {slowest}s)"
+        )
+        assert took <= allowed
+        for _ in range(3):
+            assert await b_refuses_old()
+        for version in (prod, split_a, newest):
+            assert await served_on_b(f"kept@{version}") == version
+        assert await served_on_b("kept@prod") == prod
+        assert await served_on_b("kept") == newest
 
 
 async def test_sigterm_drains_in_flight_requests(

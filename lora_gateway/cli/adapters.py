@@ -11,6 +11,7 @@ from typing import Protocol, TypeVar
 
 from lora_gateway import errors
 from lora_gateway.cli import format as out
+from lora_gateway.cli import lifecycle
 from lora_gateway.cli.connect import open_client
 from lora_gateway.cli.exits import EXIT_OK
 from lora_gateway.client import Adapter, AdapterVersion, Residency
@@ -100,12 +101,6 @@ def _print_adapter(args: argparse.Namespace, info: Adapter, text: str | None = N
     else:
         print(text)
     return EXIT_OK
-
-
-def _cmd_show(args: argparse.Namespace) -> int:
-    with open_client(args) as client:
-        info = client.get_adapter(args.name, args.tenant)
-    return _print_adapter(args, info)
 
 
 def _cmd_alias(args: argparse.Namespace) -> int:
@@ -379,11 +374,13 @@ def register(
     listing.set_defaults(func=_cmd_list)
 
     show = ops.add_parser(
-        "show", parents=[client], help="versions, aliases, sharing and recent calls"
+        "show",
+        parents=[client],
+        help="versions with their aliases and weights, latest evaluation and recent calls",
     )
     show.add_argument("name")
     _tenant(show)
-    show.set_defaults(func=_cmd_show)
+    show.set_defaults(func=lifecycle.cmd_show)
 
     alias = ops.add_parser("alias", parents=[client], help="point an alias at a version")
     alias.add_argument("name")
@@ -457,6 +454,7 @@ def register(
     revoke.set_defaults(func=_cmd_revoke)
 
     _register_eval(ops, client)
+    lifecycle.register(ops, client)
 
     residency = commands.add_parser("residency", parents=[client], help="what is loaded where")
     residency.add_argument("--tenant", default="", help="'*' for all (operators)")

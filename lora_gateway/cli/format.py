@@ -21,6 +21,7 @@ from lora_gateway.client import (
     GenerateResult,
     Residency,
     ResidencyEntry,
+    RetentionResult,
     RevokeResult,
     StreamDelta,
     TenantUsage,
@@ -137,13 +138,17 @@ def alias_target(info: Adapter, alias: str) -> str:
 
 
 def print_adapter(info: Adapter) -> None:
-    print(f"adapter     {label(info.tenant, info.name)}")
-    print(f"status      {info.status}")
-    print(f"shared with {', '.join(info.shared_with) or '-'}")
-    if info.usage is not None:
-        print(f"usage       {usage_text(info.usage)}")
-    for alias in sorted(info.aliases):
-        print(f"alias       {alias} -> {alias_target(info, alias)}")
+    """`adapter show` without the evaluations."""
+    print_overview(info, None)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f}ms"
+
+
+def _aliases_by_version(info: Adapter) -> dict[str, list[str]]:
+    """version -> its aliases: `prod` for a plain alias, `prod=0.2` for a share of a weighted
+    one."""
     by_version: dict[str, list[str]] = {}
     for alias, version in info.aliases.items():
         split = info.alias_weights.get(alias)
@@ -151,49 +156,160 @@ def print_adapter(info: Adapter) -> None:
             by_version.setdefault(version, []).append(alias)
         for weighted, weight in (split or {}).items():
             by_version.setdefault(weighted, []).append(f"{alias}={weight:g}")
-    rows = [
+    return {version: sorted(aliases) for version, aliases in by_version.items()}
+
+
+def latest_evaluations(evaluations: Evaluations | None) -> dict[str, Evaluation]:
+    """version -> its latest stored result (results are oldest first per version)."""
+    latest: dict[str, Evaluation] = {}
+    for result in evaluations.results if evaluations is not None else ():
+        latest[result.version] = result
+    return latest
+
+
+def _kept(keep_last: int) -> str:
+    if not keep_last:
+        return "every version (no retention policy)"
+    newest = "the newest version" if keep_last == 1 else f"the newest {keep_last} versions"
+    return f"{newest} and every aliased one"
+
+
+def retention_text(info: Adapter) -> str:
+    """ "acme/bot keeps the newest 3 versions and every aliased one", or "... keeps every
+    version (no retention policy)"."""
+    return f"{label(info.tenant, info.name)} keeps {_kept(info.keep_last)}"
+
+
+def _eval_cells(result: Evaluation | None, current: str | None) -> tuple[str, str, str]:
+    if result is None:
+        return "-", "-", "-"
+    old = "" if current is not None and result.set_sha256 == current else " (old)"
+    return (
+        f"{result.score:g} ({result.passed}/{result.total})",
+        result.set_sha256[:12] + old,
+        result.finished_at,
+    )
+
+
+def _serving_cells(serving: VersionServing | None) -> tuple[object, ...]:
+    if serving is None:
+        return 0, 0, "-", "-", "-", 0
+    return (
+        serving.requests,
+        f"{serving.errors} ({serving.error_rate:.1%})",
+        _ms(serving.latency_p50_seconds),
+        _ms(serving.latency_p99_seconds),
+        _ms(serving.ttft_p50_seconds),
+        serving.completion_tokens,
+    )
+
+
+def print_overview(info: Adapter, evaluations: Evaluations | None) -> None:
+    """`adapter show`: the adapter, then one row per version (its aliases and weights, its
+    latest evaluation, its recent calls on this replica), then each version's details."""
+    print(f"adapter     {label(info.tenant, info.name)}")
+    print(f"status      {info.status}")
+    print(f"shared with {', '.join(info.shared_with) or '-'}")
+    if info.usage is not None:
+        print(f"usage       {usage_text(info.usage)}")
+    print(f"retention   keeps {_kept(info.keep_last)}")
+    current = evaluations.current_set if evaluations is not None else None
+    if evaluations is not None:
+        if current is None:
+            print("eval set    none")
+        else:
+            print(
+                f"eval set    {current.sha256} ({current.cases} cases, {current.uploaded_at}, "
+                f"{current.uploaded_by})"
+            )
+        for alias, score in sorted(evaluations.alias_policies.items()):
+            print(f"policy      {alias} requires an evaluation score >= {score:g}")
+    for alias in sorted(info.aliases):
+        print(f"alias       {alias} -> {alias_target(info, alias)}")
+
+    aliases = _aliases_by_version(info)
+    latest = latest_evaluations(evaluations)
+    serving = {s.version: s for s in info.serving}
+    versions = sorted(info.versions, key=lambda v: (v.created_at, v.version))
+    current_sha = current.sha256 if current is not None else None
+    rows: list[tuple[object, ...]] = [
+        (
+            short(v.version),
+            v.created_at,
+            v.status,
+            ",".join(aliases.get(v.version, [])) or "-",
+            *_eval_cells(latest.get(v.version), current_sha),
+            *_serving_cells(serving.get(v.version)),
+        )
+        for v in versions
+    ]
+    if "other" in serving:  # versions without series of their own
+        rows.append(("other", "-", "-", "-", "-", "-", "-", *_serving_cells(serving["other"])))
+    window = max((s.window_seconds for s in info.serving), default=0.0)
+    print()
+    calls = f"this replica, last {window:.0f}s" if window else "this replica: none recently"
+    print(f"versions (oldest first; recent calls: {calls})")
+    headers = ("VERSION", "CREATED", "STATUS", "ALIASES", "EVAL", "EVAL SET", "EVALUATED")
+    table((*headers, "REQUESTS", "ERRORS", "P50", "P99", "TTFT P50", "TOKENS"), rows)
+
+    details = [
         (
             v.version,
-            v.created_at,
             v.rank,
-            f"{v.alpha:g}",
-            ",".join(v.target_modules),
-            v.status,
-            ",".join(sorted(by_version.get(v.version, []))) or "-",
+            f"{v.alpha:g}{' rsLoRA' if v.use_rslora else ''}",
+            ",".join(v.target_modules) or "-",
+            *_counts(serving.get(v.version)),
         )
-        for v in info.versions
+        for v in versions
     ]
     print()
-    table(("VERSION", "CREATED", "RANK", "ALPHA", "TARGETS", "STATUS", "ALIASES"), rows)
-    if info.serving:
-        print_serving(info.serving)
+    table(("VERSION", "RANK", "ALPHA", "TARGETS", "ERROR CODES", "FINISH"), details)
 
 
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.0f}ms"
+def _counts(serving: VersionServing | None) -> tuple[str, str]:
+    """A version's recent error codes and finish reasons, `NAME=count,...`."""
+    if serving is None:
+        return "-", "-"
+    codes = ",".join(f"{code}={n}" for code, n in serving.error_codes.items())
+    finish = ",".join(f"{reason}={n}" for reason, n in serving.finish_reasons.items())
+    return codes or "-", finish or "-"
 
 
-def print_serving(serving: Sequence[VersionServing]) -> None:
-    """Each version's recent calls (GetAdapter's `serving`), as a table."""
-    window = max(s.window_seconds for s in serving)
-    print()
-    print(f"recent calls (this replica, last {window:.0f}s)")
-    rows = [
-        (
-            s.version,
-            s.requests,
-            f"{s.errors} ({s.error_rate:.1%})",
-            ",".join(f"{code}={n}" for code, n in s.error_codes.items()) or "-",
-            _ms(s.latency_p50_seconds),
-            _ms(s.latency_p99_seconds),
-            _ms(s.ttft_p50_seconds),
-            s.completion_tokens,
-            ",".join(f"{reason}={n}" for reason, n in s.finish_reasons.items()) or "-",
-        )
-        for s in serving
-    ]
-    headers = ("VERSION", "REQUESTS", "ERRORS", "CODES", "P50", "P99", "TTFT P50", "TOKENS")
-    table((*headers, "FINISH"), rows)
+def overview_json(info: Adapter, evaluations: Evaluations | None) -> dict[str, Any]:
+    """`adapter show --json`: the adapter (`as_json`), and its evaluation set, alias policies
+    and each version's latest result (null / {} when the caller may not read them)."""
+    data = as_json(info)
+    data["evaluation_set"] = (
+        as_json(evaluations.current_set)
+        if evaluations is not None and evaluations.current_set is not None
+        else None
+    )
+    data["alias_policies"] = dict(evaluations.alias_policies) if evaluations is not None else {}
+    data["latest_evaluations"] = {
+        version: as_json(result) for version, result in latest_evaluations(evaluations).items()
+    }
+    return data
+
+
+# --- retention --------------------------------------------------------------------------------
+
+
+def retention_json(info: Adapter, done: RetentionResult | None = None) -> dict[str, Any]:
+    """The policy (`keep_last`, 0 = none) and, after a change, what it retired."""
+    data: dict[str, Any] = {"tenant": info.tenant, "name": info.name, "keep_last": info.keep_last}
+    if done is not None:
+        data["retired_versions"] = list(done.retired_versions)
+        data["aborted_requests"] = done.aborted_requests
+    return data
+
+
+def print_retention(done: RetentionResult) -> None:
+    print(retention_text(done.adapter))
+    for version in done.retired_versions:
+        print(f"retired {version}")
+    if not done.retired_versions:
+        print("retired nothing")
+    print(f"aborted {done.aborted_requests} in-flight request(s)")
 
 
 def print_revoked(result: RevokeResult) -> None:

@@ -39,11 +39,11 @@ rate limit (RESOURCE_EXHAUSTED) carries the server's `retry-after` hint as `erro
 (seconds; None when the server sent none).
 
 Retries: only UNAVAILABLE is retried, at most `max_retries` times, with exponential backoff and
-jitter, within the call's deadline (the deadline covers all attempts). Every admin RPC is safe to
-repeat: versions are content-addressed (a repeated upload or compose yields the same version),
-share/unshare/pin/revoke are idempotent. An upload is retried from the start, re-reading the
-files. A stream is retried only until its first message arrives; after that an UNAVAILABLE is
-raised, since the tokens already delivered cannot be taken back.
+jitter, within the call's deadline (the deadline covers all attempts). Every admin RPC is safe
+to repeat: versions are content-addressed (a repeated upload or compose yields the same
+version), share/unshare/pin/revoke and set_retention are idempotent. An upload is retried from
+the start, re-reading the files. A stream is retried only until its first message arrives; after
+that an UNAVAILABLE is raised, since the tokens already delivered cannot be taken back.
 """
 
 from lora_gateway.client._aio import AsyncGatewayClient
@@ -65,6 +65,7 @@ from lora_gateway.client.results import (
     Residency,
     ResidencyEntry,
     ResidencyTier,
+    RetentionResult,
     RevokeResult,
     ServedAdapter,
     StreamDelta,
@@ -96,6 +97,7 @@ __all__ = [
     "Residency",
     "ResidencyEntry",
     "ResidencyTier",
+    "RetentionResult",
     "RevokeResult",
     "ServedAdapter",
     "StreamDelta",

@@ -29,6 +29,7 @@ from lora_gateway.client.results import (
     GenerateResult,
     Residency,
     ResidencyEntry,
+    RetentionResult,
     RevokeResult,
     StreamDelta,
     TokenizeResult,
@@ -287,6 +288,22 @@ class AsyncGatewayClient(ClientBase[grpc.aio.Channel]):
         self, name: str, version: str = "", tenant: str = "", *, timeout: Timeout = CLIENT_DEFAULT
     ) -> RevokeResult:
         return await self._call(_rpcs.revoke_adapter(name, version, tenant), timeout)
+
+    async def set_retention(
+        self,
+        name: str,
+        keep_last: int | None,
+        *,
+        tenant: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> RetentionResult:
+        """Keep the newest `keep_last` versions (>= 1, by upload time) plus every version an
+        alias points at (weighted aliases included); retire (revoke) the others now, and again
+        after each upload. None removes the policy (every version is kept from now on).
+        `keep_last` < 1 is INVALID_ARGUMENT and changes nothing. `get_adapter(...).keep_last`
+        reads the policy (0: none). A retry after UNAVAILABLE is harmless: applying the policy
+        again retires nothing more (its `retired_versions` are then empty)."""
+        return await self._call(_rpcs.set_retention(name, keep_last, tenant), timeout)
 
     async def pin_adapter(
         self, adapter: str, tenant: str = "", *, timeout: Timeout = CLIENT_DEFAULT

@@ -31,6 +31,7 @@ from lora_gateway.client.results import (
     Residency,
     ResidencyEntry,
     ResidencyTier,
+    RetentionResult,
     RevokeResult,
     ServedAdapter,
     StreamDelta,
@@ -297,6 +298,7 @@ def adapter(info: admin_pb2.AdapterInfo) -> Adapter:
             for alias, split in sorted(info.alias_weights.items())
         },
         serving=tuple(version_serving(v) for v in info.serving),
+        keep_last=info.keep_last,
     )
 
 
@@ -321,6 +323,14 @@ def adapter_page(response: admin_pb2.ListAdaptersResponse) -> AdapterPage:
 def revoke_result(response: admin_pb2.RevokeAdapterResponse) -> RevokeResult:
     return RevokeResult(
         revoked_versions=tuple(response.revoked_versions),
+        aborted_requests=response.aborted_requests,
+    )
+
+
+def retention_result(response: admin_pb2.SetRetentionResponse) -> RetentionResult:
+    return RetentionResult(
+        adapter=adapter(response.adapter),
+        retired_versions=tuple(response.retired_versions),
         aborted_requests=response.aborted_requests,
     )
 

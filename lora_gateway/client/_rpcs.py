@@ -23,6 +23,7 @@ from lora_gateway.client.results import (
     GenerateResult,
     Residency,
     ResidencyEntry,
+    RetentionResult,
     RevokeResult,
     StreamDelta,
     TokenizeResult,
@@ -207,6 +208,31 @@ def compose_adapter(
 def revoke_adapter(name: str, version: str, tenant: str) -> Rpc[RevokeResult]:
     request = message(admin_pb2.RevokeAdapterRequest, tenant=tenant, name=name, version=version)
     return Rpc("RevokeAdapter", request, admin_pb2.RevokeAdapterResponse, _convert.revoke_result)
+
+
+#: SetRetentionRequest.keep_last is an int32.
+_KEEP_LAST_MAX = 2**31 - 1
+
+
+def set_retention(name: str, keep_last: int | None, tenant: str) -> Rpc[RetentionResult]:
+    """`keep_last` None removes the policy (keep_all). The server refuses `keep_last` < 1
+    (INVALID_ARGUMENT); what the request cannot carry is refused here, before sending."""
+    if keep_last is not None and (
+        isinstance(keep_last, bool)
+        or not isinstance(keep_last, int)
+        or not -_KEEP_LAST_MAX <= keep_last <= _KEEP_LAST_MAX
+    ):
+        raise errors.InvalidArgument(
+            f"keep_last must be an integer from 1 to {_KEEP_LAST_MAX} (or None: keep every version)"
+        )
+    request = message(
+        admin_pb2.SetRetentionRequest,
+        tenant=tenant,
+        name=name,
+        keep_last=keep_last or 0,
+        keep_all=keep_last is None,
+    )
+    return Rpc("SetRetention", request, admin_pb2.SetRetentionResponse, _convert.retention_result)
 
 
 def residency_op(method: str, adapter: str, tenant: str) -> Rpc[ResidencyEntry]:

@@ -26,6 +26,7 @@ from lora_gateway.client.results import (
     GenerateResult,
     Residency,
     ResidencyEntry,
+    RetentionResult,
     RevokeResult,
     StreamDelta,
     TokenizeResult,
@@ -240,7 +241,7 @@ class GatewayClient(ClientBase[grpc.Channel]):
     def get_adapter(
         self, name: str, tenant: str = "", *, timeout: Timeout = CLIENT_DEFAULT
     ) -> Adapter:
-        """Versions (oldest first), aliases, grants and (for the owner) usage of one adapter."""
+        """Versions (in sha256 order), aliases, grants and (for the owner) usage of one adapter."""
         return self._call(_rpcs.get_adapter(name, tenant), timeout)
 
     def set_alias(
@@ -318,6 +319,22 @@ class GatewayClient(ClientBase[grpc.Channel]):
     ) -> RevokeResult:
         """Revoke one version ("sha256:<hex>") or, with version "", the whole adapter."""
         return self._call(_rpcs.revoke_adapter(name, version, tenant), timeout)
+
+    def set_retention(
+        self,
+        name: str,
+        keep_last: int | None,
+        *,
+        tenant: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> RetentionResult:
+        """Keep the newest `keep_last` versions (>= 1, by upload time) plus every version an
+        alias points at (weighted aliases included); retire (revoke) the others now, and again
+        after each upload. None removes the policy (every version is kept from now on).
+        `keep_last` < 1 is INVALID_ARGUMENT and changes nothing. `get_adapter(...).keep_last`
+        reads the policy (0: none). A retry after UNAVAILABLE is harmless: applying the policy
+        again retires nothing more (its `retired_versions` are then empty)."""
+        return self._call(_rpcs.set_retention(name, keep_last, tenant), timeout)
 
     def pin_adapter(
         self, adapter: str, tenant: str = "", *, timeout: Timeout = CLIENT_DEFAULT

@@ -3,7 +3,7 @@
 Inference: `GenerateResult` (a whole completion), `StreamDelta` (one message of a stream) and
 `ServedAdapter` (the exact version that served). Admin: `AdapterVersion`, `Adapter`,
 `AdapterPage` (one page of a listing, with the caller's `TenantUsage`), `VersionServing` (a
-version's recent calls, in `get_adapter`'s answer), `RevokeResult`,
+version's recent calls, in `get_adapter`'s answer), `RevokeResult`, `RetentionResult`,
 `ResidencyEntry` and `Residency` (one page); evaluations: `EvaluationSetInfo`,
 `Evaluation` (one result, with its `EvaluationCase`s) and `Evaluations` (what is stored).
 Field names are those of the API (admin.proto),
@@ -32,6 +32,7 @@ __all__ = [
     "Residency",
     "ResidencyEntry",
     "ResidencyTier",
+    "RetentionResult",
     "RevokeResult",
     "ServedAdapter",
     "StreamDelta",
@@ -233,7 +234,7 @@ class VersionServing:
 
 @dataclass(frozen=True)
 class Adapter:
-    """An adapter: its versions (oldest first), aliases and grants."""
+    """An adapter: its versions (in sha256 order), aliases and grants."""
 
     tenant: str
     name: str
@@ -251,6 +252,9 @@ class Adapter:
     alias_weights: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     #: `get_adapter` only: each version's recent calls (sorted by version; empty otherwise).
     serving: tuple[VersionServing, ...] = ()
+    #: The retention policy: keep the newest `keep_last` versions plus every aliased one
+    #: (0: no policy, every version is kept). `set_retention` sets it.
+    keep_last: int = 0
 
 
 @dataclass(frozen=True)
@@ -268,6 +272,18 @@ class RevokeResult:
     #: The versions this call revoked (empty when they were revoked already).
     revoked_versions: tuple[str, ...]
     #: In-flight requests on them that were aborted (on this replica).
+    aborted_requests: int
+
+
+@dataclass(frozen=True)
+class RetentionResult:
+    """What `set_retention` did: the adapter with its policy (`adapter.keep_last`), and the
+    versions it retired (revoked: served nowhere after the propagation bound)."""
+
+    adapter: Adapter
+    #: "sha256:<hex>" of each version this call retired (empty when none was due).
+    retired_versions: tuple[str, ...]
+    #: In-flight requests on them that were aborted (on the replica that answered).
     aborted_requests: int
 
 

@@ -202,9 +202,10 @@ class OpenAIFront:
                 await stream.aclose()
                 raise
             outcome.adapter = adapter_label(served.tenant, served.name)
+            model = protocol.served_model(parsed, served)
             if parsed.stream:
                 streaming = True
-                body = self._sse(parsed, first, stream, outcome, started, chat)
+                body = self._sse(parsed, model, first, stream, outcome, started, chat)
 
                 async def closed() -> None:
                     # The body may never have started (the client went away first): its own
@@ -216,7 +217,7 @@ class OpenAIFront:
                         self._done(outcome, started)
 
                 return _SseResponse(body, closed)
-            return await self._whole(parsed, first, stream, chat)
+            return await self._whole(parsed, model, first, stream, chat)
         except (errors.GatewayError, StoreError) as exc:
             return self._error(exc, route, outcome)
         except asyncio.CancelledError:
@@ -227,7 +228,7 @@ class OpenAIFront:
                 self._done(outcome, started)
 
     async def _whole(
-        self, parsed: protocol.Request, first: TokenChunk, stream: _Stream, chat: bool
+        self, parsed: protocol.Request, model: str, first: TokenChunk, stream: _Stream, chat: bool
     ) -> Response:
         chunks = [first]
         try:
@@ -257,7 +258,7 @@ class OpenAIFront:
                 "id": parsed.call.request_id,
                 "object": "chat.completion" if chat else "text_completion",
                 "created": protocol.now(),
-                "model": parsed.model,
+                "model": model,
                 "choices": [choice],
                 "usage": protocol.usage(last),
                 "system_fingerprint": None,
@@ -267,6 +268,7 @@ class OpenAIFront:
     async def _sse(
         self,
         parsed: protocol.Request,
+        model: str,
         first: TokenChunk,
         stream: _Stream,
         outcome: _Outcome,
@@ -274,12 +276,13 @@ class OpenAIFront:
         chat: bool,
     ) -> AsyncGenerator[bytes, None]:
         """The chunks as server-sent events, then `[DONE]`; an error mid-stream becomes an
-        `error` event. When the client goes away, the stream is closed (engine abort)."""
+        `error` event. When the client goes away, the stream is closed (engine abort). Every
+        chunk names the version that serves (`model`, see `protocol.served_model`)."""
         head = {
             "id": parsed.call.request_id,
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": protocol.now(),
-            "model": parsed.model,
+            "model": model,
             "system_fingerprint": None,
         }
         offset = 0

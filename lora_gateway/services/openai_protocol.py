@@ -15,7 +15,11 @@ weighted alias (a canary: which version serves, sticky per key) is the `x-routin
 else OpenAI's `user` field (a stable id of the end user), else the request id.
 
 Responses follow OpenAI's objects: `text_completion`, `chat.completion`, their streaming
-chunks, and the `model` list. Errors are `{"error": {"message", "type", "param", "code"}}`.
+chunks, and the `model` list. A completion's `model` (and every chunk's) names what served it,
+as OpenAI's own API answers a model alias with the dated snapshot it resolved to: the adapter
+reference pinned to the exact version (`served_model`: `invoices@prod` is answered as
+`invoices@sha256:<hex>`, the version a weighted alias chose), or the base model's name. Errors
+are `{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from lora_gateway.engine.base import (
     TokenChunk,
     TokenLogprob,
 )
-from lora_gateway.gateway import ChatPrompt, GenerateCall, ModelEntry
+from lora_gateway.gateway import ChatPrompt, GenerateCall, ModelEntry, Served
 from lora_gateway.services.inference import (
     MAX_PROMPT_CHARS,
     MAX_PROMPT_TOKENS,
@@ -479,6 +483,17 @@ def chat_request(
 
 def now() -> int:
     return int(time.time())
+
+
+def served_model(request: Request, served: Served) -> str:
+    """The response's `model`: the request's adapter reference pinned to the version that
+    served it (`name@sha256:<hex>`, `owner/name@sha256:<hex>` when the request named the
+    owner), so that sending it back as `model` gets the same version; the request's `model`
+    for the base model."""
+    ref = request.call.adapter
+    if ref is None or not served.version.startswith("sha256:"):
+        return request.model
+    return str(AdapterRef(owner=ref.owner, name=ref.name, version=served.version[7:]))
 
 
 def usage(chunk: TokenChunk) -> dict[str, int]:

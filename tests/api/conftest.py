@@ -4,9 +4,9 @@
 Tenants: acme (user, tenant-admin) owns three adapters, globex (user, tenant-admin) one;
 `slow` may send one request a minute (the rate-limit tests); `canary` (user, tenant-admin) is
 test_canary_weights.py's own, `usage` (user, tenant-admin) test_usage.py's, `vmetrics`
-test_version_metrics.py's. Expected values come from the PEFT-merged reference
-(devtools.ReferenceGenerator) and from transformers' own chat template rendering, never from
-the gateway.
+test_version_metrics.py's, `lifecli` test_lifecycle_cli.py's. Expected values come from the
+PEFT-merged reference (devtools.ReferenceGenerator) and from transformers' own chat template
+rendering, never from the gateway.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ TENANTS: dict[str, dict[str, Any]] = {
     "usage": {"max_concurrent": 64, "max_tokens": 200},
     # test_version_metrics.py's own tenant (per-version metrics).
     "vmetrics": {"max_concurrent": 64, "max_tokens": 200},
+    # test_lifecycle_cli.py's own (retention and `adapter show` through the SDK and the CLI),
+    # also test_openai.py's weighted-alias test.
+    "lifecli": {"max_concurrent": 64, "max_tokens": 200},
 }
 #: Settings.version_metrics_max of the package's gateway (test_version_metrics.py's bound).
 VERSION_METRICS_MAX = 1

@@ -81,7 +81,9 @@ async def test_completion_equals_reference(
             model=name, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0
         )
     assert same_text(completion.choices[0].text, decoded(hf_tokenizer, expected))
-    assert completion.model == name
+    # The version that served: the reference as the request spelt it, pinned to the version.
+    pinned = name if adapter is None else f"{name.split('@')[0]}@{api.versions[adapter]}"
+    assert completion.model == pinned
     assert completion.usage is not None
     assert completion.usage.completion_tokens == len(expected)
 
@@ -120,6 +122,71 @@ async def test_chat_and_its_stream_equal_reference(
     assert finish in {"length", "stop"}
     assert usage is not None
     assert usage.completion_tokens == chat.usage.completion_tokens
+
+
+async def test_responses_name_the_version_a_weighted_alias_chose(
+    api: ApiEnv, make_test_adapter: Any
+) -> None:
+    """Through a canary (prod split 50/50 between two versions): each completion's `model`, and
+    each chunk's of a stream, is `name@sha256:<hex>` of a version of the split, and that
+    version is the one that served: a request pinned to it gives the same tokens."""
+    name = "oa-split"
+    async with api.admin("lifecli") as admin:
+        v1 = (await admin.upload_adapter(name, api.adapters["attn-r8"], aliases=("prod",))).version
+        v2 = (await admin.upload_adapter(name, api.adapters["mlp-r4"])).version
+        await admin.set_alias_weights(name, "prod", {v1: 0.5, v2: 0.5})
+    pinned = {f"{name}@{v1}", f"{name}@{v2}"}
+
+    def tokens(completion: Any) -> list[str]:
+        return list(completion.choices[0].logprobs.tokens)
+
+    served: dict[str, list[list[str]]] = {}
+    async with api.openai("lifecli") as client:
+
+        async def complete(model: str, **extra: Any) -> Any:
+            return await client.completions.create(
+                model=model,
+                prompt=PROMPT,
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+                logprobs=0,
+                **extra,
+            )
+
+        for index in range(8):  # these 8 keys land on both versions (the choice is a hash)
+            completion = await complete(f"{name}@prod", user=f"user-{index}")
+            assert completion.model in pinned
+            served.setdefault(completion.model, []).append(tokens(completion))
+        assert set(served) == pinned
+        solo = {model: tokens(await complete(model)) for model in pinned}
+        for model, outputs in served.items():
+            assert all(output == solo[model] for output in outputs), model
+        assert solo[f"{name}@{v1}"] != solo[f"{name}@{v2}"]  # the naming is not vacuous
+
+        # Chat, whole and streamed, with the routing key in the header.
+        chat = await client.chat.completions.create(
+            model=f"{name}@prod",
+            messages=CONVERSATION,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            extra_headers={"x-routing-key": "conversation-7"},
+        )
+        assert chat.model in pinned
+        stream = await client.chat.completions.create(
+            model=f"{name}@prod",
+            messages=CONVERSATION,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"x-routing-key": "conversation-7"},
+        )
+        models, parts = set(), []
+        async for event in stream:
+            models.add(event.model)
+            parts.extend(choice.delta.content or "" for choice in event.choices)
+        assert models == {chat.model}  # the same key: the same version, named in every chunk
+        assert "".join(parts) == chat.choices[0].message.content
 
 
 async def test_json_schema_response_validates(api: ApiEnv) -> None:
