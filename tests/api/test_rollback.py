@@ -18,12 +18,14 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from lora_gateway import errors
 from lora_gateway.client import Adapter, AsyncGatewayClient, GenerateOptions
 from lora_gateway.engine.base import GenerateParams, LoadedAdapter, Prompt, TokenChunk
-from tests.api.conftest import ROLLBACK_CHECK_S, ApiEnv, key
+from lora_gateway.v1 import admin_pb2, admin_pb2_grpc
+from tests.api.conftest import ROLLBACK_CHECK_S, ApiEnv, key, metadata
 from tests.api.test_version_metrics import scrape
 
 pytestmark = pytest.mark.engine
@@ -135,16 +137,19 @@ async def test_a_failing_canary_is_rolled_back_by_itself(
         before = await scrape(api)
 
         # The same traffic on the three canaries: 4 failed calls of the failing one are its
-        # policy's minimum (an error rate of 1 > 0.25); the healthy one serves 8 calls; the
-        # other failing one fails 8 times, below its minimum of 50.
+        # policy's minimum (an error rate of 1 > 0.25), and it is rolled back within a few
+        # checks; the healthy one serves 8 calls; the other failing one fails 8 times, below
+        # its minimum of 50.
         bad = await drive(user, "svc@bad", "bad", lambda o: o.get("UNAVAILABLE", 0) >= 4)
         assert set(bad) <= {v1, "UNAVAILABLE"}, bad
+        crossed = time.monotonic()
+        info = await until_rolled_back(admin, "svc", "bad")
+        print(f"rolled back {time.monotonic() - crossed:.2f}s after the 4th failed call")
         good = await drive(user, "svc@good", "good", lambda o: o.get(v3, 0) >= 8)
         assert set(good) == {v1, v3}, good  # never an error
         quiet = await drive(user, "quiet@prod", "quiet", lambda o: o.get("UNAVAILABLE", 0) >= 8)
         assert set(quiet) <= {v1, "UNAVAILABLE"}, quiet
 
-        info = await until_rolled_back(admin, "svc", "bad")
         assert info.aliases["bad"] == v1
         assert "bad" not in info.alias_weights
         assert "bad" not in info.alias_stable
@@ -224,6 +229,19 @@ async def test_bad_rollback_policies_are_refused_and_change_nothing(api: ApiEnv)
             before.aliases,
         )
         assert after.rollback_policies["prod"].max_error_rate == 0.5
+    # The raw request: a policy and `remove` together, or neither.
+    stub = admin_pb2_grpc.AdminStub(api.channel)
+    policy = admin_pb2.RollbackPolicy(max_error_rate=0.1)
+    for request in (
+        admin_pb2.SetRollbackPolicyRequest(name="strict", alias="prod", policy=policy, remove=True),
+        admin_pb2.SetRollbackPolicyRequest(name="strict", alias="prod"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as raw:
+            await stub.SetRollbackPolicy(request, metadata=metadata(TENANT, "admin"))
+        assert raw.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "give a policy, or remove" in str(raw.value.details())
+    async with api.admin(TENANT) as admin:
+        assert (await admin.get_adapter("strict")).rollback_policies == before.rollback_policies
     async with AsyncGatewayClient(api.target, key(TENANT)) as user:
         with pytest.raises(errors.PermissionDenied):
             await user.set_rollback_policy("strict", "prod", max_error_rate=0.1)
