@@ -63,6 +63,7 @@ __all__ = [
     "RollbackGuard",
     "WindowStats",
     "decide",
+    "watched",
 ]
 
 log = logging.getLogger(__name__)
