@@ -14,6 +14,8 @@ One job per module:
     quota.py        per-tenant storage usage and quotas
     pages.py        paged listings: one backend listing per page
     compose.py      ComposeAdapter's workflow: bounded, fetched, written, published
+    rollback.py     automatic rollback's state in the manifest: policies, stable versions,
+                    rollback records, scheduled evaluations' claims
     rewrite.py      the exact arithmetic of LoRA weights: AdaLoRA -> LoRA, composition
     validate.py     adapter_config.json + safetensors checks
     spool.py        the upload spool's folder and byte budget

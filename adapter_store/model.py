@@ -24,6 +24,15 @@ from adapter_store.evaluations import (
     parse_alias_policies,
     parse_evaluations,
 )
+from adapter_store.rollback import (
+    EvaluationClaim,
+    RollbackPolicy,
+    RollbackRecord,
+    parse_claims,
+    parse_policies,
+    parse_records,
+    parse_stable,
+)
 
 __all__ = [
     "ADAPTER_FILES",
@@ -453,6 +462,15 @@ class Manifest:
     #: The retention policy: keep the newest `keep_last` versions (by upload time) and every
     #: version an alias points at, retire the others (`expired`). None: keep every version.
     keep_last: int | None = None
+    #: Automatic rollback (adapter_store.rollback): weighted alias -> its stable version (the
+    #: one it pointed at before the split; every other version of the split is a canary).
+    alias_stable: dict[str, str] = field(default_factory=dict)
+    #: Alias -> when its canaries are rolled back to the stable version.
+    rollback_policies: dict[str, RollbackPolicy] = field(default_factory=dict)
+    #: Alias -> its last automatic rollback.
+    rollbacks: dict[str, RollbackRecord] = field(default_factory=dict)
+    #: Version sha -> the replica running its scheduled evaluation now.
+    evaluation_claims: dict[str, EvaluationClaim] = field(default_factory=dict)
 
     def expired(self) -> list[str]:
         """The versions the retention policy retires now: the active ones that are neither
@@ -547,6 +565,21 @@ class Manifest:
             }
         if self.keep_last is not None:
             data["retention"] = {"keep_last": self.keep_last}
+        # Automatic rollback (adapter_store.rollback): written only when present.
+        if self.alias_stable:
+            data["alias_stable"] = dict(sorted(self.alias_stable.items()))
+        if self.rollback_policies:
+            data["rollback_policies"] = {
+                alias: policy.to_dict() for alias, policy in sorted(self.rollback_policies.items())
+            }
+        if self.rollbacks:
+            data["rollbacks"] = {
+                alias: record.to_dict() for alias, record in sorted(self.rollbacks.items())
+            }
+        if self.evaluation_claims:
+            data["evaluation_claims"] = {
+                sha: claim.to_dict() for sha, claim in sorted(self.evaluation_claims.items())
+            }
         return json.dumps(data, indent=2, sort_keys=True).encode()
 
     @classmethod
@@ -593,6 +626,10 @@ class Manifest:
             ),
             alias_policies=parse_alias_policies(obj.get("alias_policies", {})),
             keep_last=keep_last,
+            alias_stable=parse_stable(obj.get("alias_stable", {}), alias_weights),
+            rollback_policies=parse_policies(obj.get("rollback_policies", {})),
+            rollbacks=parse_records(obj.get("rollbacks", {})),
+            evaluation_claims=parse_claims(obj.get("evaluation_claims", {})),
         )
 
 

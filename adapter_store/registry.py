@@ -76,6 +76,13 @@ from adapter_store.model import (
 )
 from adapter_store.pages import MAX_PAGE, all_pages, list_page
 from adapter_store.quota import Quota, Usage, UsageLedger
+from adapter_store.rollback import (
+    EvaluationClaim,
+    RollbackPolicy,
+    RollbackRecord,
+    canaries,
+    timestamp_us,
+)
 from adapter_store.sharing import ShareIndex, ShareRepair
 from adapter_store.spool import Spool
 from adapter_store.sweep import SweepReport, sweep_orphans
@@ -190,6 +197,23 @@ class AdapterStore(Protocol):
     ) -> Manifest: ...
 
     def remove_alias(self, tenant: str, name: str, alias: str) -> Manifest: ...
+
+    def set_rollback_policy(
+        self, tenant: str, name: str, alias: str, policy: RollbackPolicy | None
+    ) -> Manifest: ...
+
+    def rollback(
+        self,
+        tenant: str,
+        name: str,
+        alias: str,
+        expected: Mapping[str, float],
+        record: RollbackRecord,
+    ) -> tuple[Manifest, bool]: ...
+
+    def claim_evaluation(
+        self, tenant: str, name: str, sha: str, *, interval_s: float, by: str
+    ) -> tuple[Manifest, bool]: ...
 
     def share(self, tenant: str, name: str, grantee: str) -> Manifest: ...
 
@@ -435,6 +459,7 @@ class Registry:
                     versions=versions,
                     aliases=new_aliases,
                     alias_weights=weights,
+                    alias_stable=_without_aliases(base, moved),
                 )
 
             published = self._manifests.update(tenant, name, add).versions[sha]
@@ -689,7 +714,12 @@ class Registry:
                 return manifest
             aliases = {a: s for a, s in manifest.aliases.items() if a != alias}
             weights = {a: w for a, w in manifest.alias_weights.items() if a != alias}
-            return replace(manifest, aliases=aliases, alias_weights=weights)
+            return replace(
+                manifest,
+                aliases=aliases,
+                alias_weights=weights,
+                alias_stable=_without_aliases(manifest, [alias]),
+            )
 
         return self._manifests.update(tenant, name, change)
 
@@ -766,6 +796,111 @@ class Registry:
 
         return self._manifests.update(tenant, name, change)
 
+    # --- automatic rollback (adapter_store.rollback) ------------------------------------------
+
+    def set_rollback_policy(
+        self, tenant: str, name: str, alias: str, policy: RollbackPolicy | None
+    ) -> Manifest:
+        """Store when `alias`'s canaries are rolled back (None: remove its policy). The alias
+        need not exist, or be split, yet: the policy applies whenever it is a canary."""
+        check_name(alias, "alias")
+        if _looks_like_sha(alias):
+            raise InvalidAdapter("an alias may not look like a version sha256")
+        if policy is not None and not isinstance(policy, RollbackPolicy):
+            raise InvalidAdapter("rollback policy: expected a RollbackPolicy")
+
+        def change(current: Manifest | None) -> Manifest:
+            manifest = live(current, name)
+            policies = {a: p for a, p in manifest.rollback_policies.items() if a != alias}
+            if policy is not None:
+                policies[alias] = policy
+            if policies == manifest.rollback_policies:
+                return manifest
+            return replace(manifest, rollback_policies=policies)
+
+        return self._manifests.update(tenant, name, change)
+
+    def rollback(
+        self,
+        tenant: str,
+        name: str,
+        alias: str,
+        expected: Mapping[str, float],
+        record: RollbackRecord,
+    ) -> tuple[Manifest, bool]:
+        """Move all of `alias`'s weight back to its stable version (`record.stable`) and keep
+        `record` as its last rollback, in one conditional write, only if the alias is still
+        split exactly as `expected` ({sha: weight}, what the caller decided on), with that
+        stable version and a rollback policy. Otherwise nothing is written and the second
+        value is False: another replica moved it first, or the tenant changed it meanwhile (a
+        newer change is never overridden). The stable version must be active."""
+        check_name(alias, "alias")
+        want = {check_sha(sha): float(weight) for sha, weight in expected.items()}
+        done = [False]
+
+        def change(current: Manifest | None) -> Manifest:
+            manifest = live(current, name)
+            done[0] = False
+            stable = manifest.versions.get(record.stable)
+            if (
+                alias not in manifest.alias_weights
+                or alias not in manifest.rollback_policies
+                or manifest.alias_stable.get(alias) != record.stable
+                or not _same_split(manifest.split(alias), want)
+                or stable is None
+                or stable.status != "active"
+            ):
+                return manifest
+            moved = _with_alias(manifest, alias, {record.stable: 1.0})
+            watched = _canaries_of(moved)
+            done[0] = True
+            return replace(
+                moved,
+                rollbacks={**manifest.rollbacks, alias: record},
+                evaluation_claims={
+                    s: c for s, c in moved.evaluation_claims.items() if s in watched
+                },
+            )
+
+        manifest = self._manifests.update(tenant, name, change)
+        return manifest, done[0]
+
+    def claim_evaluation(
+        self, tenant: str, name: str, sha: str, *, interval_s: float, by: str
+    ) -> tuple[Manifest, bool]:
+        """Take the scheduled evaluation of canary `sha` (one conditional write) for the
+        replica `by`; returns the manifest and whether it was taken. Not taken (False, nothing
+        written) when the adapter has no evaluation
+        set, `sha` is no canary of a split with a stable version, or within `interval_s`
+        another claim was taken or its latest result on the current set finished: so
+        replicas that all see the result grow old run one evaluation per interval between
+        them, not one each."""
+        target = check_sha(sha)
+        taken = [False]
+        window_us = interval_s * 1_000_000
+
+        def change(current: Manifest | None) -> Manifest:
+            manifest = live(current, name)
+            taken[0] = False
+            now_us = time.time_ns() // 1000
+            watched = _canaries_of(manifest)
+            current_set = manifest.evaluation_set
+            if current_set is None or target not in watched:
+                return manifest
+            claim = manifest.evaluation_claims.get(target)
+            if claim is not None and now_us - claim.at_us < window_us:
+                return manifest
+            runs = [r for r in manifest.evaluations.get(target, ()) if r.set_sha == current_set.sha]
+            if runs and now_us - timestamp_us(runs[-1].finished_at) < window_us:
+                return manifest
+            claims = {s: c for s, c in manifest.evaluation_claims.items() if s in watched}
+            claims[target] = EvaluationClaim(at_us=now_us, by=by)
+            taken[0] = True
+            return replace(manifest, evaluation_claims=claims)
+
+        manifest = self._manifests.update(tenant, name, change)
+        return manifest, taken[0]
+
     # --- sharing (adapter_store.sharing) -------------------------------------------------------
 
     def share(self, tenant: str, name: str, grantee: str) -> Manifest:
@@ -820,6 +955,11 @@ class Registry:
                     # The evaluation set's objects are deleted below; results stay as history.
                     evaluation_set=None,
                     alias_policies={},
+                    # A name made again starts without rollback policies or their state.
+                    alias_stable={},
+                    rollback_policies={},
+                    rollbacks={},
+                    evaluation_claims={},
                 )
                 revoked[:] = shas
                 grantees[:] = current.shared_with
@@ -1059,12 +1199,42 @@ def _weighted_target(manifest: Manifest, name: str, key: str) -> str:
 
 
 def _with_alias(manifest: Manifest, alias: str, split: Mapping[str, float]) -> Manifest:
-    """`manifest` with `alias` set to `split`: plain for one version, weighted for more."""
+    """`manifest` with `alias` set to `split`: plain for one version, weighted for more. A
+    weighted alias keeps (or gets) its stable version: `_stable_of`."""
     weights = {a: w for a, w in manifest.alias_weights.items() if a != alias}
+    stable = {a: s for a, s in manifest.alias_stable.items() if a != alias}
     if len(split) > 1:
         weights[alias] = dict(split)
+        kept = _stable_of(manifest, alias, split)
+        if kept is not None:
+            stable[alias] = kept
     aliases = {**manifest.aliases, alias: primary_of(split)}
-    return replace(manifest, aliases=aliases, alias_weights=weights)
+    return replace(manifest, aliases=aliases, alias_weights=weights, alias_stable=stable)
+
+
+def _stable_of(manifest: Manifest, alias: str, split: Mapping[str, float]) -> str | None:
+    """The stable version of `alias` once it is split as `split` (adapter_store.rollback): its
+    stable version now if the split keeps it; else, when the alias is plain now, the version
+    it points at if the split holds it; else none."""
+    before = manifest.alias_stable.get(alias)
+    if before is None and alias not in manifest.alias_weights:
+        before = manifest.aliases.get(alias)
+    return before if before is not None and before in split else None
+
+
+def _canaries_of(manifest: Manifest) -> set[str]:
+    """Every canary of the manifest's weighted aliases that have a stable version."""
+    return {
+        sha
+        for alias, stable in manifest.alias_stable.items()
+        for sha in canaries(manifest.alias_weights.get(alias, {}), stable)
+    }
+
+
+def _without_aliases(manifest: Manifest, gone: Iterable[str]) -> dict[str, str]:
+    """`manifest.alias_stable` without the aliases `gone` (made plain or removed)."""
+    drop = set(gone)
+    return {a: s for a, s in manifest.alias_stable.items() if a not in drop}
 
 
 def _without_version(manifest: Manifest, sha: str) -> Manifest:
@@ -1080,7 +1250,15 @@ def _without_version(manifest: Manifest, sha: str) -> Manifest:
         if len(rest) > 1:
             weights[alias] = {s: w / total for s, w in rest.items()}
         aliases[alias] = primary_of(rest)
-    return replace(manifest, aliases=aliases, alias_weights=weights)
+    stable = {a: s for a, s in manifest.alias_stable.items() if a in weights and s != sha}
+    claims = {s: c for s, c in manifest.evaluation_claims.items() if s != sha}
+    return replace(
+        manifest,
+        aliases=aliases,
+        alias_weights=weights,
+        alias_stable=stable,
+        evaluation_claims=claims,
+    )
 
 
 def _same_split(current: Mapping[str, float], want: Mapping[str, float]) -> bool:

@@ -50,6 +50,7 @@ from adapter_store.errors import QuotaExceeded, SpoolFull
 from adapter_store.evaluations import MAX_RESULTS_PER_VERSION, EvaluationResult, EvaluationSetRef
 from adapter_store.model import utc_now
 from adapter_store.quota import Quota
+from adapter_store.rollback import RollbackPolicy, RollbackRecord
 from lora_gateway import errors, paging
 from lora_gateway.audit import AuditLog
 from lora_gateway.evaluation import Evaluator, parse_set
@@ -77,6 +78,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: The `key_id` of `gateway_principal`: not a key (the gateway acting by itself).
+GATEWAY_KEY_ID = "gateway"
+#: The audit `rpc` of an automatic rollback and of a scheduled evaluation (no principal).
+AUTOMATIC_ROLLBACK_RPC = "automatic-rollback"
+SCHEDULED_EVALUATION_RPC = "scheduled-evaluation"
 
 
 # --- domain arguments and results ------------------------------------------------------------
@@ -894,19 +901,27 @@ class Adapters:
                 f"version {target.version_id} has {MAX_RESULTS_PER_VERSION} evaluations "
                 "already, the most kept (results are never rewritten)"
             )
+        result = await self._run_evaluation(principal, target, current, creator(principal))
+        self._audit(principal, "EvaluateAdapter", tenant, name, target.version_id, _scored(result))
+        return result
+
+    async def _run_evaluation(
+        self,
+        principal: Principal,
+        target: AdapterVersion,
+        current: EvaluationSetRef,
+        evaluated_by: str,
+    ) -> EvaluationResult:
+        """Read the set, run it against `target` as `principal` (its tenant's admission and
+        limits, one of the evaluator's bounded slots), append the result to the manifest."""
+        tenant, name = target.tenant, target.name
         data = await self._store(principal, self.store.evaluation_set, tenant, name, current.sha)
         evaluation_set = parse_set(data, self.settings)
         result = await self._evaluator().run(
-            principal, target, evaluation_set, current.sha, creator(principal)
+            principal, target, evaluation_set, current.sha, evaluated_by
         )
         updated = await self._store(principal, self.store.add_evaluation, tenant, name, result)
         self.residency.remember(updated)
-        failed = ",".join(case.id for case in result.failures[:8])
-        detail = (
-            f"set sha256:{current.sha} score {result.score:g} ({result.passed}/"
-            f"{len(result.cases)})" + (f" failed {failed}" if failed else "")
-        )
-        self._audit(principal, "EvaluateAdapter", tenant, name, target.version_id, detail)
         return result
 
     async def get_evaluations(
@@ -942,6 +957,144 @@ class Adapters:
         )
         detail = f"{alias}: min_score {min_score:g}" if min_score else f"{alias}: removed"
         return await self._changed(principal, "SetAliasPolicy", manifest, detail=detail)
+
+    # --- automatic rollback (lora_gateway.rollback decides; adapter_store.rollback stores) -----
+    async def set_rollback_policy(
+        self,
+        principal: Principal,
+        tenant: str,
+        name: str,
+        alias: str,
+        policy: RollbackPolicy | None,
+    ) -> Manifest:
+        """Store when `alias`'s canaries are rolled back to its stable version (None: remove
+        the policy; the alias need not exist or be split yet). Other replicas take it from the
+        manifest. Audited with the policy."""
+        tenant = Policy.effective_tenant_for_adapter(principal, tenant)
+        manifest = await self._store(
+            principal, self.store.set_rollback_policy, tenant, name, alias, policy
+        )
+        detail = f"{alias}: " + (policy.describe() if policy is not None else "removed")
+        return await self._changed(principal, "SetRollbackPolicy", manifest, detail=detail)
+
+    def rollback_policy(self, **fields: object) -> RollbackPolicy:
+        """A policy from request values (`RollbackPolicy.check`, with this gateway's floor on
+        `eval_interval_s`); INVALID_ARGUMENT naming the field otherwise."""
+        floor = self.settings.rollback_min_eval_interval_s
+        return RollbackPolicy.check(min_eval_interval_s=floor, **fields)
+
+    async def auto_rollback(
+        self,
+        tenant: str,
+        name: str,
+        alias: str,
+        expected: Mapping[str, float],
+        record: RollbackRecord,
+    ) -> bool:
+        """Write an automatic rollback (`Registry.rollback`: only if `alias` is still split as
+        `expected`); this replica takes the manifest at once, others from the change feed.
+        When this call made the move: counted (lora_gateway_rollbacks_total), audited with
+        the policy's rule, the measured value and the threshold, and no principal (the gateway
+        itself), and logged. Returns whether it made the move."""
+        principal = gateway_principal(tenant)
+        manifest, done = await self._store(
+            principal, self.store.rollback, tenant, name, alias, dict(expected), record
+        )
+        await self.residency.apply_manifest(manifest)
+        if not done:
+            log.info(
+                "automatic rollback of %s/%s@%s: the alias changed meanwhile (another replica "
+                "moved it, or its tenant did); nothing written",
+                tenant,
+                name,
+                alias,
+            )
+            return False
+        if self.gateway.metrics is not None:
+            self.gateway.metrics.rolled_back(tenant, name, record.reason)
+        detail = (
+            f"{alias}: {record.describe()}; all weight back to sha256:{record.stable[:12]}… "
+            f"(stable), decided by replica {record.by}"
+        )
+        if self.audit is not None:
+            self.audit.record(
+                principal=None,
+                rpc=AUTOMATIC_ROLLBACK_RPC,
+                decision="allow",
+                code="OK",
+                tenant=tenant,
+                adapter=name,
+                version=f"sha256:{record.stable}",
+                detail=detail,
+            )
+        log.warning("AUTOMATIC ROLLBACK of %s/%s@%s: %s", tenant, name, alias, detail)
+        return True
+
+    def evaluation_has_room(self, tenant: str) -> bool:
+        """Would an evaluation for `tenant` start now (`evaluation_max_concurrent`)?"""
+        return self._evaluator().has_room(tenant)
+
+    async def scheduled_evaluation(
+        self, tenant: str, name: str, sha: str, *, interval_s: float, by: str, min_score: float
+    ) -> EvaluationResult | None:
+        """A canary's scheduled evaluation: claim it in the manifest (`claim_evaluation`: one
+        replica per interval), then run the current set exactly like EvaluateAdapter (the
+        owner tenant's admission and limits, one of the bounded evaluation slots, one case at a
+        time) and append the result; audited without a principal. None when not claimed."""
+        principal = gateway_principal(tenant)
+        manifest, taken = await self._store(
+            principal,
+            self.store.claim_evaluation,
+            tenant,
+            name,
+            sha,
+            interval_s=interval_s,
+            by=by,
+        )
+        self.residency.remember(manifest)
+        target = manifest.versions.get(sha)
+        current = manifest.evaluation_set
+        if not taken or target is None or target.status != "active" or current is None:
+            return None
+        metrics = self.gateway.metrics
+        try:
+            result = await self._run_evaluation(
+                principal, target, current, f"gateway:{by} (scheduled)"
+            )
+        except Exception:
+            if metrics is not None:
+                metrics.scheduled_evaluation("error")
+            raise
+        if metrics is not None:
+            metrics.scheduled_evaluation("pass" if result.score >= min_score else "fail")
+        if self.audit is not None:
+            self.audit.record(
+                principal=None,
+                rpc=SCHEDULED_EVALUATION_RPC,
+                decision="allow",
+                code="OK",
+                tenant=tenant,
+                adapter=name,
+                version=target.version_id,
+                detail=f"{_scored(result)}; rollback policy min_eval_score {min_score:g}",
+            )
+        return result
+
+
+def _scored(result: EvaluationResult) -> str:
+    """The audit detail of an evaluation."""
+    failed = ",".join(case.id for case in result.failures[:8])
+    return (
+        f"set sha256:{result.set_sha} score {result.score:g} ({result.passed}/"
+        f"{len(result.cases)})" + (f" failed {failed}" if failed else "")
+    )
+
+
+def gateway_principal(tenant: str) -> Principal:
+    """Who the gateway acts as when it acts by itself for `tenant` (a scheduled evaluation, an
+    automatic rollback): that tenant's admission and limits apply, and no key is involved
+    (audit records of these actions name no principal at all)."""
+    return Principal(tenant=tenant, role=Role.TENANT_ADMIN, key_id=GATEWAY_KEY_ID)
 
 
 def _gated(required: float | None) -> str:

@@ -400,6 +400,17 @@ class Settings(BaseSettings):
     """Most tokens a case of an evaluation set may generate (its `max_tokens`); the tenant's
     own `max_tokens` cap applies too."""
 
+    # --- automatic rollback (SetRollbackPolicy; lora_gateway.rollback) ------------------------
+    rollback_check_interval_s: float = Field(2.0, gt=0, le=3600)
+    """How often this replica checks the canaries it serves (weighted aliases with a rollback
+    policy, among the manifests it has cached) against their policies, and starts the scheduled
+    evaluations that are due. A canary that crossed its policy is rolled back within about this
+    long (plus one manifest write)."""
+    rollback_min_eval_interval_s: float = Field(60.0, gt=0)
+    """The shortest `eval_interval_s` a rollback policy may ask for: scheduled evaluations of a
+    canary run at most once per that interval across all replicas (they hold one of the
+    `evaluation_max_concurrent` slots while they run)."""
+
     # --- OpenAI-compatible HTTP ---------------------------------------------------------------
     openai_listen: str | None = None
     """OpenAI-compatible HTTP API on host:port (/v1/completions, /v1/chat/completions,

@@ -317,6 +317,10 @@ class Evaluator:
         self._running = 0
         self._by_tenant: dict[str, int] = {}
 
+    def has_room(self, tenant: str) -> bool:
+        """Would `run` for `tenant` start now (rather than refuse with RESOURCE_EXHAUSTED)?"""
+        return self._running < self._most and self._by_tenant.get(tenant, 0) < self._per_tenant
+
     async def run(
         self,
         principal: Principal,
@@ -448,6 +452,7 @@ class Evaluator:
             prompt=prompt,
             params=params,
             request_id=f"eval-{secrets.token_hex(8)}",
+            evaluation=True,
         )
         async for _, chunk in self.gateway.generate(principal, call):
             yield chunk

@@ -108,6 +108,9 @@ class GenerateCall:
     #: Which version of a weighted alias serves the call: the same key, the same version
     #: while the weights are unchanged (e.g. a conversation's id). "" = the request id.
     routing_key: str = ""
+    #: A case of an evaluation (lora_gateway.evaluation), not a client's call: not counted in
+    #: the automatic rollback's windows.
+    evaluation: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,10 @@ class Gateway:
         #: Key of the per-tenant prefix-cache salts: random per process (the prefix cache is
         #: too), never logged, so a salt cannot be guessed from a tenant's name.
         self._salt_key = secrets.token_bytes(32)
+        #: Called with every finished call on an adapter version and the adapter's cached
+        #: manifest (None if not cached), on the event loop; cheap, no I/O (the automatic
+        #: rollback's call windows: lora_gateway.rollback).
+        self.version_observers: list[Callable[[VersionCall, Manifest | None], None]] = []
 
     def close(self) -> None:
         self.chat.close()
@@ -288,21 +295,25 @@ class Gateway:
                 raise
             finally:
                 if version is not None:
-                    self._version_done(principal.tenant, version, outcome, started)
+                    self._version_done(
+                        principal.tenant, version, outcome, started, evaluation=call.evaluation
+                    )
 
     def _version_done(
-        self, tenant: str, version: AdapterVersion, outcome: _Outcome, started: float
+        self,
+        tenant: str,
+        version: AdapterVersion,
+        outcome: _Outcome,
+        started: float,
+        *,
+        evaluation: bool = False,
     ) -> None:
-        """Record a call on `version` in the per-version metrics, once, whatever its end (no
-        I/O: the aliases come from the cached manifest)."""
-        if self.metrics is None:
+        """Record a call on `version` in the per-version metrics and hand it to the
+        `version_observers`, once, whatever its end (no I/O: the aliases come from the cached
+        manifest)."""
+        if self.metrics is None and not self.version_observers:
             return
         manifest = self.residency.manifests.cached.get((version.tenant, version.name))
-        aliased: set[str] = set()
-        if manifest is not None:
-            aliased.update(manifest.aliases.values())
-            for split in manifest.alias_weights.values():
-                aliased.update(split)
         call = VersionCall(
             tenant=tenant,
             owner=version.tenant,
@@ -313,7 +324,20 @@ class Gateway:
             ttft_seconds=outcome.ttft,
             completion_tokens=outcome.tokens,
             finish_reason=outcome.finish,
+            evaluation=evaluation,
         )
+        for observe in self.version_observers:
+            try:
+                observe(call, manifest)
+            except Exception:  # an observer's bug must not change how the call ended
+                log.exception("a version observer failed")
+        if self.metrics is None:
+            return
+        aliased: set[str] = set()
+        if manifest is not None:
+            aliased.update(manifest.aliases.values())
+            for split in manifest.alias_weights.values():
+                aliased.update(split)
         self.metrics.version_done(call, {f"sha256:{sha}" for sha in aliased})
 
     async def _run(

@@ -43,6 +43,8 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from adapter_store.rollback import REASONS as ROLLBACK_REASONS
+
 __all__ = [
     "BASE_ADAPTER_LABEL",
     "CONTENT_TYPE_LATEST",
@@ -75,6 +77,8 @@ _CANARY_RESULTS: frozenset[str] = frozenset({"pass", "fail", "error"})
 _PHASES: frozenset[str] = frozenset(get_args(LoadPhase))
 
 _RELOAD_RESULTS: frozenset[str] = frozenset({"ok", "invalid"})
+_ROLLBACK_REASONS: frozenset[str] = frozenset(ROLLBACK_REASONS)
+_EVALUATION_RESULTS: frozenset[str] = frozenset({"pass", "fail", "error"})
 #: Values of `limit` on lora_gateway_limit_refusals_total.
 REFUSAL_LIMITS: frozenset[str] = frozenset(
     {
@@ -144,6 +148,8 @@ class VersionCall:
     completion_tokens: int
     #: "stop" or "length" (None when the call did not finish normally).
     finish_reason: str | None
+    #: A case of an evaluation (EvaluateAdapter, or a scheduled one), not a client's call.
+    evaluation: bool = False
 
 
 @dataclass(frozen=True)
@@ -594,6 +600,21 @@ class Metrics:
             [*version_labels, "reason"],
             registry=r,
         )
+        # --- automatic rollback (issue 11; lora_gateway.rollback) -----------------------------
+        self.rollbacks_total = Counter(
+            "lora_gateway_rollbacks_total",
+            "Automatic rollbacks of canaries written by this replica, by owner tenant, adapter "
+            "(<owner>/<name>) and reason (error_rate, length_rate, evaluation, quarantined).",
+            ["tenant", "adapter", "reason"],
+            registry=r,
+        )
+        self.scheduled_evaluations_total = Counter(
+            "lora_gateway_scheduled_evaluations_total",
+            "Scheduled evaluations of canaries run by this replica, by result (pass, fail: below "
+            "the rollback policy's min_eval_score, error: it could not run).",
+            ["result"],
+            registry=r,
+        )
         self._version_metrics = (
             self.version_requests_total,
             self.version_request_seconds,
@@ -650,6 +671,14 @@ class Metrics:
         `tenant`, or of every caller for None."""
         when = time.monotonic() if now is None else now
         return self.versions.summary(owner, name, tenant, when)
+
+    def rolled_back(self, owner: str, name: str, reason: str) -> None:
+        """An automatic rollback this replica wrote; `reason` from adapter_store.rollback."""
+        label = adapter_label(owner, name)
+        self.rollbacks_total.labels(_tenant(owner), label, _check(reason, _ROLLBACK_REASONS)).inc()
+
+    def scheduled_evaluation(self, result: Literal["pass", "fail", "error"]) -> None:
+        self.scheduled_evaluations_total.labels(_check(result, _EVALUATION_RESULTS)).inc()
 
     def first_token(self, tenant: str, seconds: float) -> None:
         self.time_to_first_token_seconds.labels(_tenant(tenant)).observe(seconds)

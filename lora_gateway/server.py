@@ -14,13 +14,14 @@ server stops, so a store outage or an engine recovery takes a replica out of the
 without restarting it. With `health_listen`, the same statuses are also served on a listener of
 their own (the chart's probe port), where nothing else is reachable.
 
-While serving, four tasks watch: the engine (`engine_watch_interval_s`), propagation staleness
+While serving, five tasks watch: the engine (`engine_watch_interval_s`), propagation staleness
 (every `poll_interval_s`), the tenants file (`tenants_reload_interval_s`: a changed, valid file
 replaces the keys and limits in force; an invalid one is logged, counted and ignored, the previous
-one staying in force), and the runtime canary (engine/canary.py, `canary_interval_s`): on a
+one staying in force), the runtime canary (engine/canary.py, `canary_interval_s`): on a
 mismatch readiness goes NOT_SERVING, the suspect versions are quarantined (store manifest, audit,
 log), and the engine is restarted in-process when this server owns it (self-test and canary
-again, then SERVING), else `engine_failed` is set.
+again, then SERVING), else `engine_failed` is set; and the automatic rollback of canaries
+(lora_gateway.rollback, `rollback_check_interval_s`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from lora_gateway.gateway import Gateway
 from lora_gateway.interceptors import GatewayInterceptor
 from lora_gateway.metrics import Metrics
 from lora_gateway.residency import Residency, key_of
+from lora_gateway.rollback import RollbackGuard
 from lora_gateway.services.admin import AdminService
 from lora_gateway.services.inference import InferenceService
 from lora_gateway.services.openai_http import OpenAIFront, OpenAIServer
@@ -174,6 +176,8 @@ class GatewayServer:
     openai_port: int | None = None
     #: The base model's name in the OpenAI API (`openai_model_name`, else its own name).
     base_model_name: str = ""
+    #: The automatic rollback of canaries (lora_gateway.rollback); set by `start`.
+    rollbacks: RollbackGuard | None = None
 
     @classmethod
     async def start(cls, settings: Settings, engine: Engine | None = None) -> GatewayServer:
@@ -238,6 +242,8 @@ class GatewayServer:
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(gateway), server)
         adapters = Adapters(gateway, audit)
+        guard = RollbackGuard(adapters)
+        guard.attach()
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(adapters), server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -276,6 +282,7 @@ class GatewayServer:
         self = cls(
             settings, server, health, gateway, engine, owns_engine, port, audit, metrics, adapters
         )
+        self.rollbacks = guard
         self.tenants = tenants
         self.usage = usage
         self.tenants_digest = hashlib.sha256(tenants_bytes).hexdigest()
@@ -305,6 +312,7 @@ class GatewayServer:
         self._tasks = [
             asyncio.create_task(self._watch_propagation()),
             asyncio.create_task(self._watch_tenants()),
+            asyncio.create_task(guard.run(self._stop_poller)),
         ]
         for name in (*READINESS_NAMES, LIVENESS_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)

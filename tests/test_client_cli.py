@@ -51,6 +51,8 @@ from lora_gateway.client import (
     ResidencyEntry,
     ResidencyTier,
     RevokeResult,
+    Rollback,
+    RollbackPolicy,
     ServedAdapter,
     TenantUsage,
     TokenizeResult,
@@ -264,6 +266,8 @@ class Admin(admin_pb2_grpc.AdminServicer):
             info = _adapter_info(status=7)
             info.versions[0].status = 9  # type: ignore[assignment]
             return info
+        if request.name == "canaried":  # a canary with a rollback policy, and a rollback
+            return _canaried()
         if request.name == "served":  # with each version's recent calls
             info = _adapter_info()
             info.serving.append(SERVING)
@@ -390,6 +394,16 @@ class Admin(admin_pb2_grpc.AdminServicer):
                 min_score=request.require_eval_min_score
             )
         return admin_pb2.EvaluationsInfo(current_set=EVAL_SET, alias_policies=policies)
+
+    # --- automatic rollback -------------------------------------------------------------------
+    async def SetRollbackPolicy(
+        self, request: admin_pb2.SetRollbackPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AdapterInfo:
+        await self.script.enter("SetRollbackPolicy", request, context)
+        info = _adapter_info()
+        if not request.remove:
+            info.rollback_policies[request.alias].CopyFrom(request.policy)
+        return info
 
 
 EVAL_SHA = "cd" * 32
@@ -520,6 +534,8 @@ def test_public_surface_is_small_and_both_clients_match() -> None:
             "ResidencyTier",
             "RetentionResult",
             "RevokeResult",
+            "Rollback",
+            "RollbackPolicy",
             "TenantUsage",
             "TokenizeResult",
             "TokenLogprob",
@@ -2065,3 +2081,163 @@ def test_cli_eval(
         != 0
     )
     assert "cannot read the evaluation set" in capsys.readouterr().err
+
+
+# --- automatic rollback -------------------------------------------------------------------------
+
+CANARY = "sha256:" + "cd" * 32
+
+
+def _canaried() -> admin_pb2.AdapterInfo:
+    """`prod` split between VERSION (stable) and CANARY with a policy; `beta` rolled back."""
+    info = _adapter_info(aliases={"latest": CANARY, "prod": VERSION, "beta": VERSION})
+    info.alias_weights["prod"].weights.update({VERSION: 0.9, CANARY: 0.1})
+    info.alias_stable["prod"] = VERSION
+    info.rollback_policies["prod"].CopyFrom(
+        admin_pb2.RollbackPolicy(
+            max_error_rate=0.05, min_requests=50, window_s=600, eval_interval_s=3600
+        )
+    )
+    info.rollbacks["beta"].CopyFrom(
+        admin_pb2.RollbackRecord(
+            at="2026-01-01T00:00:00Z",
+            canary=CANARY,
+            stable=VERSION,
+            split={VERSION: 0.5, CANARY: 0.5},
+            reason="error_rate",
+            value=0.5,
+            threshold=0.05,
+            requests=60,
+            replica="gw-0",
+        )
+    )
+    return info
+
+
+async def test_rollback_policy_sdk(sync_client: GatewayClient, target: str, script: Script) -> None:
+    got = await asyncio.to_thread(
+        sync_client.set_rollback_policy,
+        "support",
+        "prod",
+        max_error_rate=0.05,
+        min_requests=50,
+        window_s=600,
+        tenant="acme",
+    )
+    request = script.last("SetRollbackPolicy").request
+    assert (request.tenant, request.name, request.alias, request.remove) == (
+        "acme",
+        "support",
+        "prod",
+        False,
+    )
+    assert request.policy.max_error_rate == 0.05
+    assert (request.policy.min_requests, request.policy.window_s) == (50, 600.0)
+    # Rules not given stay unset (0 for a count or a duration: the server's default).
+    assert not request.policy.HasField("max_length_rate")
+    assert not request.policy.HasField("min_eval_score")
+    assert request.policy.eval_interval_s == 0
+    assert got.rollback_policies == {
+        "prod": RollbackPolicy(
+            max_error_rate=0.05,
+            max_length_rate=None,
+            min_requests=50,
+            window_s=600.0,
+            min_eval_score=None,
+            eval_interval_s=0.0,
+        )
+    }
+    async with AsyncGatewayClient(target, API_KEY) as client:
+        await client.set_rollback_policy("support", "prod", min_eval_score=0.9, eval_interval_s=60)
+        request = script.last("SetRollbackPolicy").request
+        assert (request.policy.min_eval_score, request.policy.eval_interval_s) == (0.9, 60.0)
+        assert not request.policy.HasField("max_error_rate")
+        removed = await client.remove_rollback_policy("support", "prod")
+        assert script.last("SetRollbackPolicy").request.remove
+        assert not script.last("SetRollbackPolicy").request.HasField("policy")
+        assert removed.rollback_policies == {}
+        info = await client.get_adapter("canaried")
+    assert info.alias_stable == {"prod": VERSION}
+    assert info.rollbacks == {
+        "beta": Rollback(
+            at="2026-01-01T00:00:00Z",
+            canary=CANARY,
+            stable=VERSION,
+            split={CANARY: 0.5, VERSION: 0.5},
+            reason="error_rate",
+            value=0.5,
+            threshold=0.05,
+            requests=60,
+            replica="gw-0",
+        )
+    }
+    # Checked before anything is sent.
+    calls = len(script.calls)
+    with pytest.raises(errors.InvalidArgument, match="min_requests"):
+        sync_client.set_rollback_policy("support", "prod", max_error_rate=0.1, min_requests=-1)
+    with pytest.raises(errors.InvalidArgument, match="max_error_rate must be a number"):
+        sync_client.set_rollback_policy("support", "prod", max_error_rate="high")  # type: ignore[arg-type]
+    assert len(script.calls) == calls
+
+
+def test_cli_rollback(
+    environ: dict[str, str], script: Script, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def run(*argv: str) -> str:
+        assert main(list(argv), environ=environ) == 0
+        return capsys.readouterr().out
+
+    text = run(
+        "adapter",
+        "rollback",
+        "policy",
+        "support",
+        "prod",
+        "--max-error-rate",
+        "0.05",
+        "--max-length-rate",
+        "0.5",
+        "--min-requests",
+        "50",
+        "--window",
+        "600",
+    )
+    policy = script.last("SetRollbackPolicy").request.policy
+    assert (policy.max_error_rate, policy.max_length_rate, policy.min_requests) == (0.05, 0.5, 50)
+    assert not policy.HasField("min_eval_score")
+    assert text.strip() == (
+        "support@prod rolls back when error rate > 0.05 or length rate > 0.5 over 600s "
+        "(>= 50 calls)"
+    )
+    as_json = json.loads(
+        run("adapter", "rollback", "policy", "support", "prod", "--min-eval-score", "1", "--json")
+    )
+    assert as_json["rollback_policies"]["prod"]["min_eval_score"] == 1.0
+    assert run("adapter", "rollback", "remove", "support", "prod").strip() == (
+        "support@prod has no rollback policy"
+    )
+    assert script.last("SetRollbackPolicy").request.remove
+
+    shown = run("adapter", "rollback", "show", "canaried").splitlines()
+    assert shown == [
+        "",
+        "rolled back beta: 2026-01-01T00:00:00Z error_rate 0.5 > 0.05 (60 calls) on "
+        "sha256:cdcdcdcdcdcd: all weight back to sha256:abababababab (replica gw-0)",
+        "rollback    prod: error rate > 0.05 over 600s (>= 50 calls)",
+        "stable      prod: sha256:abababababab, canary sha256:cdcdcdcdcdcd",
+    ]
+    as_json = json.loads(run("adapter", "rollback", "show", "canaried", "--json"))
+    assert as_json["alias_stable"] == {"prod": VERSION}
+    assert as_json["rollbacks"]["beta"]["reason"] == "error_rate"
+    assert as_json["rollback_policies"]["prod"]["max_error_rate"] == 0.05
+    # adapter show prints the same lines after the versions; --json has the fields.
+    show = run("adapter", "show", "canaried")
+    assert "rollback    prod: error rate > 0.05 over 600s (>= 50 calls)" in show
+    assert "rolled back beta: 2026-01-01T00:00:00Z error_rate 0.5 > 0.05" in show
+    full = json.loads(run("adapter", "show", "canaried", "--json"))
+    assert full["rollbacks"]["beta"]["replica"] == "gw-0"
+    assert "no rollback policy" in run("adapter", "rollback", "show", "support")
+
+    script.fail("SetRollbackPolicy", grpc.StatusCode.INVALID_ARGUMENT, "rollback policy: bad")
+    assert main(["adapter", "rollback", "policy", "support", "prod"], environ=environ) != 0
+    assert "rollback policy: bad" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 - Revocations, alias moves and shares made through A reach B within the documented bound
   (`poll_interval_s`: B re-reads the manifests it has cached with a conditional GET), and so
   do the versions a retention policy set on A retires.
+  does an automatic rollback that A decided.
 - A whole-adapter revoke on A while B is still loading the adapter (cold): nothing of it
   serves on B after the bound. B reaches S3 through a fault proxy (passing bytes unchanged
   except in that test, which throttles B's downloads so that the cold load outlasts the bound).
@@ -82,6 +83,8 @@ def shared(
             "manifest_cache_size": AT_SCALE + 1000,
             "drain_grace_s": 15.0,
             "tenant_max_tokens": 200,
+            # Canaries are checked often (test_an_automatic_rollback_reaches_the_other_replica).
+            "rollback_check_interval_s": 0.25,
             "work": str(work),
         }
         yield s3, config
@@ -292,6 +295,83 @@ async def test_alias_weights_reach_the_other_replica(
             return await versions(user_b) == [v2.version] * len(keys)
 
         await until(b_ended, BOUND_S)
+
+
+@pytest.mark.slow  # about 5 s: make test is near its budget
+async def test_an_automatic_rollback_reaches_the_other_replica(
+    replica_a: GatewayServer,
+    replica_b: tuple[subprocess.Popen[str], str],
+    make_test_adapter: AdapterFactory,
+) -> None:
+    """A canary rolled back by A (its owner's calls on A finish by length: the length rule) is
+    served by B as the stable version, for every routing key, within the propagation bound. B
+    decides nothing itself: its only calls are a grantee's, which never count."""
+    target_a = f"127.0.0.1:{replica_a.port}"
+    _, target_b = replica_b
+    keys = [f"grantee-{i}" for i in range(12)]
+    options = GenerateOptions(max_tokens=2, temperature=0.0)
+    async with (
+        AsyncGatewayClient(target_a, ADMIN) as admin,
+        AsyncGatewayClient(target_a, USER) as user_a,
+        AsyncGatewayClient(target_b, BETA) as beta_b,
+    ):
+        v1 = (
+            await admin.upload_adapter("rolled", make_test_adapter(seed=45), aliases=("prod",))
+        ).version
+        v2 = (await admin.upload_adapter("rolled", make_test_adapter(seed=46))).version
+        await admin.share_adapter("rolled", "beta")
+
+        async def on_b() -> list[str]:
+            results = await asyncio.gather(
+                *(beta_b.generate("acme/rolled@prod", PROMPT, options, routing_key=k) for k in keys)
+            )
+            return [r.adapter.version if r.adapter else "" for r in results]
+
+        async def b_shares() -> bool:
+            try:
+                return await on_b() == [v1] * len(keys)
+            except errors.NotFound:
+                return False
+
+        await until(b_shares, BOUND_S)
+        await admin.set_rollback_policy(
+            "rolled", "prod", max_length_rate=0.5, min_requests=4, window_s=120
+        )
+        await admin.set_alias_weights("rolled", "prod", {v1: 0.5, v2: 0.5})
+
+        async def b_splits() -> bool:
+            return set(await on_b()) == {v1, v2}  # 2**-11 that 12 keys all draw one side
+
+        await until(b_splits, 5 * BOUND_S)
+        polls_before = await asyncio.to_thread(_b_poll_buckets)
+        for i in range(80):
+            result = await user_a.generate("rolled@prod", PROMPT, options, routing_key=f"a-{i}")
+            assert result.finish_reason == "length"
+            info = await admin.get_adapter("rolled")
+            if "prod" in info.rollbacks:
+                break
+        else:
+            raise AssertionError("A did not roll the canary back")
+        record = info.rollbacks["prod"]
+        assert (record.reason, record.canary, record.stable) == ("length_rate", v2, v1)
+        assert record.value == 1.0
+        assert record.requests >= 4
+
+        async def b_stable() -> bool:
+            return await on_b() == [v1] * len(keys)
+
+        took = await until(b_stable, 30)
+        slowest = _slowest_poll(polls_before, await asyncio.to_thread(_b_poll_buckets))
+        allowed = propagation_bound(BOUND_S, slowest)
+        assert took <= allowed, f"B served the canary {took:.2f}s after the rollback ({allowed}s)"
+        print(f"automatic rollback on A served by B after {took:.2f}s (bound {allowed:.2f}s)")
+        assert "lora_gateway_rollbacks_total{" not in await asyncio.to_thread(_b_metrics_text)
+
+
+def _b_metrics_text() -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{B_METRICS_PORT}/metrics", timeout=10) as r:
+        text: str = r.read().decode()
+        return text
 
 
 RACE_TRIALS, RACE_TRIALS_SLOW = 2, 20

@@ -110,7 +110,7 @@ def test_method_permissions() -> None:
         assert permission_for(f"/lora_gateway.v1.Admin/{rpc}") is Permission.MANAGE_ADAPTERS
     for rpc in ("UnshareAdapter", "RevokeAdapter", "PinAdapter", "UnpinAdapter", "PrefetchAdapter"):
         assert permission_for(f"/lora_gateway.v1.Admin/{rpc}") is Permission.MANAGE_ADAPTERS
-    for rpc in ("PutEvaluationSet", "EvaluateAdapter", "SetAliasPolicy"):
+    for rpc in ("PutEvaluationSet", "EvaluateAdapter", "SetAliasPolicy", "SetRollbackPolicy"):
         assert permission_for(f"/lora_gateway.v1.Admin/{rpc}") is Permission.MANAGE_ADAPTERS
     assert permission_for("/lora_gateway.v1.Admin/GetEvaluations") is Permission.READ_ADAPTERS
     assert is_public("/grpc.health.v1.Health/Check")

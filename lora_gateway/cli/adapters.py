@@ -326,6 +326,133 @@ def _register_eval(
     policy.set_defaults(func=_cmd_eval_policy)
 
 
+# --- automatic rollback -----------------------------------------------------------------------
+
+
+def _cmd_rollback_policy(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        info = client.set_rollback_policy(
+            args.name,
+            args.alias,
+            max_error_rate=args.max_error_rate,
+            max_length_rate=args.max_length_rate,
+            min_eval_score=args.min_eval_score,
+            min_requests=args.min_requests,
+            window_s=args.window,
+            eval_interval_s=args.eval_interval,
+            tenant=args.tenant,
+        )
+    policy = info.rollback_policies.get(args.alias)
+    text = f"{args.name}@{args.alias} rolls back when " + (
+        out.policy_text(policy) if policy is not None else "?"
+    )
+    return _print_adapter(args, info, text)
+
+
+def _cmd_rollback_remove(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        info = client.remove_rollback_policy(args.name, args.alias, tenant=args.tenant)
+    return _print_adapter(args, info, f"{args.name}@{args.alias} has no rollback policy")
+
+
+def _cmd_rollback_show(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        info = client.get_adapter(args.name, args.tenant)
+    if args.json:
+        out.print_json(
+            {
+                "tenant": info.tenant,
+                "name": info.name,
+                "alias_weights": out.as_json(info)["alias_weights"],
+                "alias_stable": dict(info.alias_stable),
+                "rollback_policies": {a: out.as_json(p) for a, p in info.rollback_policies.items()},
+                "rollbacks": {a: out.as_json(r) for a, r in info.rollbacks.items()},
+            }
+        )
+    elif info.rollback_policies or info.alias_stable or info.rollbacks:
+        out.print_rollbacks(info)
+    else:
+        print(f"{out.label(info.tenant, info.name)} has no rollback policy, canary or rollback")
+    return EXIT_OK
+
+
+def _register_rollback(
+    ops: argparse._SubParsersAction[argparse.ArgumentParser], client: argparse.ArgumentParser
+) -> None:
+    rollback = ops.add_parser(
+        "rollback",
+        help="automatic rollback of canaries: policies and what they did",
+        description="Automatic rollback (docs/lifecycle.md): while an alias splits its weight "
+        "between its stable version (the one it pointed at before the split) and canaries, "
+        "the gateway moves all weight back to the stable version by itself when a canary "
+        "crosses the alias's policy.",
+    )
+    sub = rollback.add_subparsers(dest="rollback_command", required=True, metavar="OP")
+    policy = sub.add_parser(
+        "policy",
+        parents=[client],
+        help="set an alias's rollback policy (at least one rule)",
+        description="e.g. `adapter rollback policy bot prod --max-error-rate 0.05 "
+        "--min-requests 50 --window 600`. Errors are server-side failures of the canary "
+        "(INTERNAL, UNKNOWN, DATA_LOSS, UNAVAILABLE), counted over its calls by the owner "
+        "tenant, and must also exceed the stable version's error rate.",
+    )
+    policy.add_argument("name")
+    policy.add_argument("alias")
+    policy.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=None,
+        metavar="R",
+        help="roll back above this share of failed calls, in [0, 1)",
+    )
+    policy.add_argument(
+        "--max-length-rate",
+        type=float,
+        default=None,
+        metavar="R",
+        help="roll back above this share of calls finishing by length, in [0, 1)",
+    )
+    policy.add_argument(
+        "--min-requests",
+        type=int,
+        default=0,
+        metavar="N",
+        help="calls in the window before a rate applies (default 20)",
+    )
+    policy.add_argument(
+        "--window", type=float, default=0.0, metavar="S", help="seconds of calls (default 300)"
+    )
+    policy.add_argument(
+        "--min-eval-score",
+        type=float,
+        default=None,
+        metavar="S",
+        help="roll back when the canary's evaluation scores below S, in (0, 1]; the current "
+        "evaluation set is re-run on it on a schedule",
+    )
+    policy.add_argument(
+        "--eval-interval",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds between scheduled evaluations (default 3600)",
+    )
+    _tenant(policy)
+    policy.set_defaults(func=_cmd_rollback_policy)
+    remove = sub.add_parser("remove", parents=[client], help="remove an alias's rollback policy")
+    remove.add_argument("name")
+    remove.add_argument("alias")
+    _tenant(remove)
+    remove.set_defaults(func=_cmd_rollback_remove)
+    show = sub.add_parser(
+        "show", parents=[client], help="policies, stable versions and the last rollbacks"
+    )
+    show.add_argument("name")
+    _tenant(show)
+    show.set_defaults(func=_cmd_rollback_show)
+
+
 # --- the parsers ------------------------------------------------------------------------------
 
 
@@ -455,6 +582,7 @@ def register(
 
     _register_eval(ops, client)
     lifecycle.register(ops, client)
+    _register_rollback(ops, client)
 
     residency = commands.add_parser("residency", parents=[client], help="what is loaded where")
     residency.add_argument("--tenant", default="", help="'*' for all (operators)")

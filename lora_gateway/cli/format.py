@@ -23,6 +23,8 @@ from lora_gateway.client import (
     ResidencyEntry,
     RetentionResult,
     RevokeResult,
+    Rollback,
+    RollbackPolicy,
     StreamDelta,
     TenantUsage,
     VersionServing,
@@ -264,6 +266,7 @@ def print_overview(info: Adapter, evaluations: Evaluations | None) -> None:
     ]
     print()
     table(("VERSION", "RANK", "ALPHA", "TARGETS", "ERROR CODES", "FINISH"), details)
+    print_rollbacks(info)
 
 
 def _counts(serving: VersionServing | None) -> tuple[str, str]:
@@ -381,3 +384,65 @@ def print_evaluations(info: Evaluations) -> None:
     ]
     print()
     table(("VERSION", "SCORE", "PASSED", "SET", "FINISHED", "FAILED"), rows)
+
+
+# --- automatic rollback -----------------------------------------------------------------------
+
+
+def policy_text(policy: RollbackPolicy) -> str:
+    """ "error rate > 0.2 or length rate > 0.5 over 300s (>= 20 calls); evaluation score < 0.9
+    (every 3600s)" """
+    rates = []
+    if policy.max_error_rate is not None:
+        rates.append(f"error rate > {policy.max_error_rate:g}")
+    if policy.max_length_rate is not None:
+        rates.append(f"length rate > {policy.max_length_rate:g}")
+    parts = []
+    if rates:
+        parts.append(
+            f"{' or '.join(rates)} over {policy.window_s:g}s (>= {policy.min_requests} calls)"
+        )
+    if policy.min_eval_score is not None:
+        parts.append(
+            f"evaluation score < {policy.min_eval_score:g} (every {policy.eval_interval_s:g}s)"
+        )
+    return "; ".join(parts)
+
+
+def rollback_text(record: Rollback) -> str:
+    """ "2026-01-01T00:00:00Z error_rate 0.5 > 0.2 (16 calls) on sha256:<12>: all weight back
+    to sha256:<12> (replica gw-0)" """
+    if record.reason == "quarantined":
+        why = "quarantined"
+    else:
+        op = "<" if record.reason == "evaluation" else ">"
+        why = f"{record.reason} {record.value:.3g} {op} {record.threshold:g}"
+    if record.requests:
+        why += f" ({record.requests} calls)"
+    return (
+        f"{record.at} {why} on {short(record.canary)}: all weight back to "
+        f"{short(record.stable)} (replica {record.replica})"
+    )
+
+
+def print_rollbacks(info: Adapter) -> None:
+    """Each alias's rollback policy, stable version and last automatic rollback (nothing when
+    the adapter has none)."""
+    aliases = sorted({*info.rollback_policies, *info.alias_stable, *info.rollbacks})
+    if not aliases:
+        return
+    print()
+    for alias in aliases:
+        policy = info.rollback_policies.get(alias)
+        if policy is not None:
+            print(f"rollback    {alias}: {policy_text(policy)}")
+        stable = info.alias_stable.get(alias)
+        if stable is not None:
+            canaries = [v for v in info.alias_weights.get(alias, {}) if v != stable]
+            print(
+                f"stable      {alias}: {short(stable)}, canary "
+                f"{', '.join(short(v) for v in canaries) or '-'}"
+            )
+        record = info.rollbacks.get(alias)
+        if record is not None:
+            print(f"rolled back {alias}: {rollback_text(record)}")

@@ -33,6 +33,8 @@ from lora_gateway.client.results import (
     ResidencyTier,
     RetentionResult,
     RevokeResult,
+    Rollback,
+    RollbackPolicy,
     ServedAdapter,
     StreamDelta,
     TenantUsage,
@@ -299,7 +301,78 @@ def adapter(info: admin_pb2.AdapterInfo) -> Adapter:
         },
         serving=tuple(version_serving(v) for v in info.serving),
         keep_last=info.keep_last,
+        alias_stable=dict(sorted(info.alias_stable.items())),
+        rollback_policies={
+            alias: rollback_policy(policy)
+            for alias, policy in sorted(info.rollback_policies.items())
+        },
+        rollbacks={alias: rollback(record) for alias, record in sorted(info.rollbacks.items())},
     )
+
+
+def rollback_policy(info: admin_pb2.RollbackPolicy) -> RollbackPolicy:
+    def optional(field: str) -> float | None:
+        return float(getattr(info, field)) if info.HasField(field) else None  # type: ignore[arg-type]
+
+    return RollbackPolicy(
+        max_error_rate=optional("max_error_rate"),
+        max_length_rate=optional("max_length_rate"),
+        min_requests=info.min_requests,
+        window_s=info.window_s,
+        min_eval_score=optional("min_eval_score"),
+        eval_interval_s=info.eval_interval_s,
+    )
+
+
+def rollback(info: admin_pb2.RollbackRecord) -> Rollback:
+    return Rollback(
+        at=info.at,
+        canary=info.canary,
+        stable=info.stable,
+        split=dict(sorted(info.split.items())),
+        reason=info.reason,
+        value=info.value,
+        threshold=info.threshold,
+        requests=info.requests,
+        replica=info.replica,
+    )
+
+
+def rollback_policy_pb(
+    max_error_rate: float | None,
+    max_length_rate: float | None,
+    min_requests: int,
+    window_s: float,
+    min_eval_score: float | None,
+    eval_interval_s: float,
+) -> admin_pb2.RollbackPolicy:
+    """The policy as sent (unset rules stay unset); the server checks the values."""
+    policy = message(
+        admin_pb2.RollbackPolicy,
+        min_requests=_count(min_requests, "min_requests"),
+        window_s=_number(window_s, "window_s"),
+        eval_interval_s=_number(eval_interval_s, "eval_interval_s"),
+    )
+    for field, value in (
+        ("max_error_rate", max_error_rate),
+        ("max_length_rate", max_length_rate),
+        ("min_eval_score", min_eval_score),
+    ):
+        if value is not None:
+            setattr(policy, field, _number(value, field))
+    return policy
+
+
+def _count(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise errors.InvalidArgument(f"{what} must be an integer >= 0 (0 = the default)")
+    return value
+
+
+def _number(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise errors.InvalidArgument(f"{what} must be a number")
+    return float(value)
 
 
 def alias_weights(weights: Mapping[str, float], what: str) -> admin_pb2.AliasWeights:

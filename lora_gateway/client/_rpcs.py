@@ -285,3 +285,33 @@ def set_alias_policy(name: str, alias: str, min_score: float, tenant: str) -> Rp
         require_eval_min_score=_score(min_score),
     )
     return Rpc("SetAliasPolicy", request, admin_pb2.EvaluationsInfo, _convert.evaluations)
+
+
+# --- automatic rollback -----------------------------------------------------------------------
+
+
+def set_rollback_policy(
+    name: str,
+    alias: str,
+    tenant: str,
+    max_error_rate: float | None,
+    max_length_rate: float | None,
+    min_requests: int,
+    window_s: float,
+    min_eval_score: float | None,
+    eval_interval_s: float,
+) -> Rpc[Adapter]:
+    policy = _convert.rollback_policy_pb(
+        max_error_rate, max_length_rate, min_requests, window_s, min_eval_score, eval_interval_s
+    )
+    request = message(
+        admin_pb2.SetRollbackPolicyRequest, tenant=tenant, name=name, alias=alias, policy=policy
+    )
+    return Rpc("SetRollbackPolicy", request, admin_pb2.AdapterInfo, _convert.adapter)
+
+
+def remove_rollback_policy(name: str, alias: str, tenant: str) -> Rpc[Adapter]:
+    request = message(
+        admin_pb2.SetRollbackPolicyRequest, tenant=tenant, name=name, alias=alias, remove=True
+    )
+    return Rpc("SetRollbackPolicy", request, admin_pb2.AdapterInfo, _convert.adapter)

@@ -409,3 +409,42 @@ class GatewayClient(ClientBase[grpc.Channel]):
         """Every later move of `alias` needs an evaluation scoring >= `min_score` (0 removes
         the policy)."""
         return self._call(_rpcs.set_alias_policy(name, alias, min_score, tenant), timeout)
+
+    # --- automatic rollback (docs/lifecycle.md) -----------------------------------------------
+    def set_rollback_policy(
+        self,
+        name: str,
+        alias: str,
+        *,
+        max_error_rate: float | None = None,
+        max_length_rate: float | None = None,
+        min_eval_score: float | None = None,
+        min_requests: int = 0,
+        window_s: float = 0.0,
+        eval_interval_s: float = 0.0,
+        tenant: str = "",
+        timeout: Timeout = CLIENT_DEFAULT,
+    ) -> Adapter:
+        """Roll `alias`'s canaries back to its stable version by themselves when one's error
+        rate or length rate over `window_s` (from `min_requests` calls) is above the given
+        maximum, or its evaluation (re-run every `eval_interval_s`) scores below
+        `min_eval_score`. Give at least one rule; 0 leaves a count or a duration at its
+        default (20 calls, 300 s, 3600 s). Returns the adapter with its policies."""
+        rpc = _rpcs.set_rollback_policy(
+            name,
+            alias,
+            tenant,
+            max_error_rate,
+            max_length_rate,
+            min_requests,
+            window_s,
+            min_eval_score,
+            eval_interval_s,
+        )
+        return self._call(rpc, timeout)
+
+    def remove_rollback_policy(
+        self, name: str, alias: str, *, tenant: str = "", timeout: Timeout = CLIENT_DEFAULT
+    ) -> Adapter:
+        """Remove `alias`'s rollback policy: its canaries are no longer rolled back."""
+        return self._call(_rpcs.remove_rollback_policy(name, alias, tenant), timeout)

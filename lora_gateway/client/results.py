@@ -255,6 +255,49 @@ class Adapter:
     #: The retention policy: keep the newest `keep_last` versions plus every aliased one
     #: (0: no policy, every version is kept). `set_retention` sets it.
     keep_last: int = 0
+    #: Automatic rollback (the owner's view only): weighted alias -> its stable version
+    #: ("sha256:<hex>"; the other versions of its split are canaries), alias -> its rollback
+    #: policy, alias -> its last automatic rollback.
+    alias_stable: Mapping[str, str] = field(default_factory=dict)
+    rollback_policies: Mapping[str, RollbackPolicy] = field(default_factory=dict)
+    rollbacks: Mapping[str, Rollback] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RollbackPolicy:
+    """When a canary of an alias is rolled back to its stable version (`set_rollback_policy`).
+
+    The rates are over the canary's calls by the owner tenant in the last `window_s` seconds,
+    from `min_requests` calls on; None: no such rule."""
+
+    max_error_rate: float | None
+    max_length_rate: float | None
+    min_requests: int
+    window_s: float
+    min_eval_score: float | None
+    eval_interval_s: float
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """One automatic rollback of an alias."""
+
+    #: RFC 3339 UTC.
+    at: str
+    #: The canary that crossed the policy, and the stable version all weight went back to.
+    canary: str
+    stable: str
+    #: The alias's split before: {"sha256:<hex>": weight}.
+    split: Mapping[str, float]
+    #: error_rate, length_rate, evaluation or quarantined.
+    reason: str
+    #: The measured rate or score, and the policy's threshold it crossed.
+    value: float
+    threshold: float
+    #: The canary's calls in the window (rate rules; 0 otherwise).
+    requests: int
+    #: The replica that decided (its host name).
+    replica: str
 
 
 @dataclass(frozen=True)

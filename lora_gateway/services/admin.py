@@ -14,6 +14,7 @@ import grpc
 
 from adapter_store import AdapterVersion, FileEntry, Manifest
 from adapter_store.evaluations import EvaluationResult, EvaluationSetRef
+from adapter_store.rollback import RollbackPolicy
 from lora_gateway import errors
 from lora_gateway.adapters import (
     Adapters,
@@ -72,7 +73,7 @@ def version_to_pb(version: AdapterVersion, *, full: bool = True) -> pb.AdapterVe
 
 def manifest_to_pb(manifest: Manifest, *, full: bool = True) -> pb.AdapterInfo:
     """An adapter with everything (`full`), or a grantee's view: name, versions, aliases."""
-    return pb.AdapterInfo(
+    info = pb.AdapterInfo(
         tenant=manifest.tenant,
         name=manifest.name,
         versions=[version_to_pb(v, full=full) for _, v in sorted(manifest.versions.items())],
@@ -84,6 +85,45 @@ def manifest_to_pb(manifest: Manifest, *, full: bool = True) -> pb.AdapterInfo:
         },
         keep_last=manifest.keep_last or 0,
     )
+    if full:
+        add_rollbacks(info, manifest)
+    return info
+
+
+def add_rollbacks(info: pb.AdapterInfo, manifest: Manifest) -> None:
+    """The automatic rollback's fields of an adapter: stable versions, policies, records."""
+    info.alias_stable.update({a: f"sha256:{s}" for a, s in manifest.alias_stable.items()})
+    for alias, policy in manifest.rollback_policies.items():
+        info.rollback_policies[alias].CopyFrom(rollback_policy_to_pb(policy))
+    for alias, record in manifest.rollbacks.items():
+        info.rollbacks[alias].CopyFrom(
+            pb.RollbackRecord(
+                at=record.at,
+                canary=f"sha256:{record.canary}",
+                stable=f"sha256:{record.stable}",
+                split={f"sha256:{sha}": w for sha, w in record.split.items()},
+                reason=record.reason,
+                value=record.value,
+                threshold=record.threshold,
+                requests=record.requests,
+                replica=record.by,
+            )
+        )
+
+
+def rollback_policy_to_pb(policy: RollbackPolicy) -> pb.RollbackPolicy:
+    message = pb.RollbackPolicy(
+        min_requests=policy.min_requests,
+        window_s=policy.window_s,
+        eval_interval_s=policy.eval_interval_s,
+    )
+    if policy.max_error_rate is not None:
+        message.max_error_rate = policy.max_error_rate
+    if policy.max_length_rate is not None:
+        message.max_length_rate = policy.max_length_rate
+    if policy.min_eval_score is not None:
+        message.min_eval_score = policy.min_eval_score
+    return message
 
 
 def weights_to_pb(weights: Mapping[str, float]) -> pb.AliasWeights:
@@ -350,6 +390,33 @@ class AdminService(pb_grpc.AdminServicer):
             request.require_eval_min_score,
         )
         return evaluations_to_pb(manifest, None)
+
+    # --- automatic rollback ---------------------------------------------------------------------
+    async def SetRollbackPolicy(
+        self, request: pb.SetRollbackPolicyRequest, context: Context
+    ) -> pb.AdapterInfo:
+        if request.remove == request.HasField("policy"):
+            raise errors.InvalidArgument(
+                "rollback policy: give a policy, or remove (one of them, not both)"
+            )
+        policy = None if request.remove else self.rollback_policy_from_pb(request.policy)
+        manifest = await self.adapters.set_rollback_policy(
+            current_principal(), request.tenant, request.name, request.alias, policy
+        )
+        return manifest_to_pb(manifest)
+
+    def rollback_policy_from_pb(self, message: pb.RollbackPolicy) -> RollbackPolicy:
+        def optional(field: str) -> float | None:
+            return float(getattr(message, field)) if message.HasField(field) else None  # type: ignore[arg-type]
+
+        return self.adapters.rollback_policy(
+            max_error_rate=optional("max_error_rate"),
+            max_length_rate=optional("max_length_rate"),
+            min_requests=message.min_requests,
+            window_s=message.window_s,
+            min_eval_score=optional("min_eval_score"),
+            eval_interval_s=message.eval_interval_s,
+        )
 
 
 def evaluation_set_to_pb(ref: EvaluationSetRef) -> pb.EvaluationSetInfo:

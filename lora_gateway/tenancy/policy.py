@@ -96,6 +96,8 @@ METHOD_PERMISSIONS: Mapping[str, Permission] = {
     _ADMIN + "EvaluateAdapter": Permission.MANAGE_ADAPTERS,
     _ADMIN + "SetAliasPolicy": Permission.MANAGE_ADAPTERS,
     _ADMIN + "GetEvaluations": Permission.READ_ADAPTERS,
+    # Automatic rollback (lora_gateway.rollback).
+    _ADMIN + "SetRollbackPolicy": Permission.MANAGE_ADAPTERS,
     "/grpc.health.v1.Health/Check": Permission.HEALTH,
     "/grpc.health.v1.Health/Watch": Permission.HEALTH,
     "/grpc.health.v1.Health/List": Permission.HEALTH,

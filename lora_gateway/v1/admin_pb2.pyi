@@ -326,6 +326,68 @@ class AdapterInfo(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class AliasStableEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class RollbackPoliciesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___RollbackPolicy: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___RollbackPolicy | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class RollbacksEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___RollbackRecord: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___RollbackRecord | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TENANT_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
@@ -336,6 +398,9 @@ class AdapterInfo(_message.Message):
     KEEP_LAST_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     SERVING_FIELD_NUMBER: _builtins.int
+    ALIAS_STABLE_FIELD_NUMBER: _builtins.int
+    ROLLBACK_POLICIES_FIELD_NUMBER: _builtins.int
+    ROLLBACKS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     name: _builtins.str
     status: Global___AdapterStatus.ValueType
@@ -373,6 +438,17 @@ class AdapterInfo(_message.Message):
         left out.
         """
 
+    @_builtins.property
+    def alias_stable(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Automatic rollback (the owner tenant and operators only): each weighted alias's stable
+        version ("sha256:<hex>"; the others in its split are canaries), each alias's rollback
+        policy, and each alias's last automatic rollback.
+        """
+
+    @_builtins.property
+    def rollback_policies(self) -> _containers.MessageMap[_builtins.str, Global___RollbackPolicy]: ...
+    @_builtins.property
+    def rollbacks(self) -> _containers.MessageMap[_builtins.str, Global___RollbackRecord]: ...
     def __init__(
         self,
         *,
@@ -386,14 +462,193 @@ class AdapterInfo(_message.Message):
         keep_last: _builtins.int = ...,
         usage: Global___TenantUsage | None = ...,
         serving: _abc.Iterable[Global___VersionServing] | None = ...,
+        alias_stable: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        rollback_policies: _abc.Mapping[_builtins.str, Global___RollbackPolicy] | None = ...,
+        rollbacks: _abc.Mapping[_builtins.str, Global___RollbackRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias_weights", b"alias_weights", "aliases", b"aliases", "keep_last", b"keep_last", "name", b"name", "serving", b"serving", "shared_with", b"shared_with", "status", b"status", "tenant", b"tenant", "usage", b"usage", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias_stable", b"alias_stable", "alias_weights", b"alias_weights", "aliases", b"aliases", "keep_last", b"keep_last", "name", b"name", "rollback_policies", b"rollback_policies", "rollbacks", b"rollbacks", "serving", b"serving", "shared_with", b"shared_with", "status", b"status", "tenant", b"tenant", "usage", b"usage", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AdapterInfo: _TypeAlias = AdapterInfo  # noqa: Y015
+
+@_typing.final
+class RollbackPolicy(_message.Message):
+    """When a canary of an alias is rolled back to the alias's stable version. Rate rules count
+    the canary version's calls by the owner tenant on the replica that decides, in the last
+    window_s seconds, from min_requests calls on.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    MAX_LENGTH_RATE_FIELD_NUMBER: _builtins.int
+    MIN_REQUESTS_FIELD_NUMBER: _builtins.int
+    WINDOW_S_FIELD_NUMBER: _builtins.int
+    MIN_EVAL_SCORE_FIELD_NUMBER: _builtins.int
+    EVAL_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    max_error_rate: _builtins.float
+    """Roll back when the share of the canary's calls that failed on the server's side
+    (INTERNAL, UNKNOWN, DATA_LOSS, UNAVAILABLE) is above this, and above the stable version's
+    share. In [0, 1); unset: no such rule.
+    """
+    max_length_rate: _builtins.float
+    """Roll back when the share of the canary's calls that finished by `length` is above this.
+    In [0, 1); unset: no such rule.
+    """
+    min_requests: _builtins.int
+    """The fewest calls in the window before a rate rule applies (0 = 20)."""
+    window_s: _builtins.float
+    """The window in seconds (0 = 300; at most 86400)."""
+    min_eval_score: _builtins.float
+    """Roll back when the canary's latest evaluation on the adapter's current set scored below
+    this, re-run every eval_interval_s. In (0, 1]; unset: no such rule.
+    """
+    eval_interval_s: _builtins.float
+    """Seconds between scheduled evaluations of a canary (0 = 3600; at least the gateway's
+    rollback_min_eval_interval_s).
+    """
+    def __init__(
+        self,
+        *,
+        max_error_rate: _builtins.float | None = ...,
+        max_length_rate: _builtins.float | None = ...,
+        min_requests: _builtins.int = ...,
+        window_s: _builtins.float = ...,
+        min_eval_score: _builtins.float | None = ...,
+        eval_interval_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "_max_length_rate", b"_max_length_rate", "_min_eval_score", b"_min_eval_score", "max_error_rate", b"max_error_rate", "max_length_rate", b"max_length_rate", "min_eval_score", b"min_eval_score"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "_max_length_rate", b"_max_length_rate", "_min_eval_score", b"_min_eval_score", "eval_interval_s", b"eval_interval_s", "max_error_rate", b"max_error_rate", "max_length_rate", b"max_length_rate", "min_eval_score", b"min_eval_score", "min_requests", b"min_requests", "window_s", b"window_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_error_rate: _TypeAlias = _typing.Literal["max_error_rate"]  # noqa: Y015
+    _WhichOneofArgType__max_error_rate: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate"]  # noqa: Y015
+    _WhichOneofReturnType__max_length_rate: _TypeAlias = _typing.Literal["max_length_rate"]  # noqa: Y015
+    _WhichOneofArgType__max_length_rate: _TypeAlias = _typing.Literal["_max_length_rate", b"_max_length_rate"]  # noqa: Y015
+    _WhichOneofReturnType__min_eval_score: _TypeAlias = _typing.Literal["min_eval_score"]  # noqa: Y015
+    _WhichOneofArgType__min_eval_score: _TypeAlias = _typing.Literal["_min_eval_score", b"_min_eval_score"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_error_rate) -> _WhichOneofReturnType__max_error_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_length_rate) -> _WhichOneofReturnType__max_length_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_eval_score) -> _WhichOneofReturnType__min_eval_score | None: ...
+
+Global___RollbackPolicy: _TypeAlias = RollbackPolicy  # noqa: Y015
+
+@_typing.final
+class RollbackRecord(_message.Message):
+    """One automatic rollback."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SplitEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    AT_FIELD_NUMBER: _builtins.int
+    CANARY_FIELD_NUMBER: _builtins.int
+    STABLE_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
+    at: _builtins.str
+    """RFC 3339 UTC."""
+    canary: _builtins.str
+    """The canary that crossed the policy and the stable version all weight went back to
+    ("sha256:<hex>").
+    """
+    stable: _builtins.str
+    reason: _builtins.str
+    """error_rate, length_rate, evaluation or quarantined."""
+    value: _builtins.float
+    """The measured value (a rate or a score) and the threshold it crossed."""
+    threshold: _builtins.float
+    requests: _builtins.int
+    """The canary's calls in the window (rate rules)."""
+    replica: _builtins.str
+    """The replica that decided (its host name): the gateway itself, never a key."""
+    @_builtins.property
+    def split(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The alias's split before the move."""
+
+    def __init__(
+        self,
+        *,
+        at: _builtins.str = ...,
+        canary: _builtins.str = ...,
+        stable: _builtins.str = ...,
+        split: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        reason: _builtins.str = ...,
+        value: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        requests: _builtins.int = ...,
+        replica: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "canary", b"canary", "reason", b"reason", "replica", b"replica", "requests", b"requests", "split", b"split", "stable", b"stable", "threshold", b"threshold", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackRecord: _TypeAlias = RollbackRecord  # noqa: Y015
+
+@_typing.final
+class SetRollbackPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    REMOVE_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    name: _builtins.str
+    alias: _builtins.str
+    remove: _builtins.bool
+    """Remove the alias's policy instead (`policy` must then be absent)."""
+    @_builtins.property
+    def policy(self) -> Global___RollbackPolicy:
+        """At least one rule; each field checked (INVALID_ARGUMENT naming it, nothing written)."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        name: _builtins.str = ...,
+        alias: _builtins.str = ...,
+        policy: Global___RollbackPolicy | None = ...,
+        remove: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "name", b"name", "policy", b"policy", "remove", b"remove", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRollbackPolicyRequest: _TypeAlias = SetRollbackPolicyRequest  # noqa: Y015
 
 @_typing.final
 class VersionServing(_message.Message):

@@ -124,6 +124,11 @@ class AdminStub:
                 request_serializer=lora__gateway_dot_v1_dot_admin__pb2.SetRetentionRequest.SerializeToString,
                 response_deserializer=lora__gateway_dot_v1_dot_admin__pb2.SetRetentionResponse.FromString,
                 _registered_method=True)
+        self.SetRollbackPolicy = channel.unary_unary(
+                '/lora_gateway.v1.Admin/SetRollbackPolicy',
+                request_serializer=lora__gateway_dot_v1_dot_admin__pb2.SetRollbackPolicyRequest.SerializeToString,
+                response_deserializer=lora__gateway_dot_v1_dot_admin__pb2.AdapterInfo.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -255,6 +260,16 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRollbackPolicy(self, request, context):
+        """Automatic rollback (docs/lifecycle.md): while the alias splits its weight between its
+        stable version (the one it pointed at before the split) and canaries (the others), the
+        gateway moves all weight back to the stable version by itself when a canary crosses the
+        policy. Stored in the manifest with the alias; `remove` deletes it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -347,6 +362,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.SetRetention,
                     request_deserializer=lora__gateway_dot_v1_dot_admin__pb2.SetRetentionRequest.FromString,
                     response_serializer=lora__gateway_dot_v1_dot_admin__pb2.SetRetentionResponse.SerializeToString,
+            ),
+            'SetRollbackPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRollbackPolicy,
+                    request_deserializer=lora__gateway_dot_v1_dot_admin__pb2.SetRollbackPolicyRequest.FromString,
+                    response_serializer=lora__gateway_dot_v1_dot_admin__pb2.AdapterInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -835,6 +855,33 @@ class Admin:
             '/lora_gateway.v1.Admin/SetRetention',
             lora__gateway_dot_v1_dot_admin__pb2.SetRetentionRequest.SerializeToString,
             lora__gateway_dot_v1_dot_admin__pb2.SetRetentionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRollbackPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lora_gateway.v1.Admin/SetRollbackPolicy',
+            lora__gateway_dot_v1_dot_admin__pb2.SetRollbackPolicyRequest.SerializeToString,
+            lora__gateway_dot_v1_dot_admin__pb2.AdapterInfo.FromString,
             options,
             channel_credentials,
             insecure,

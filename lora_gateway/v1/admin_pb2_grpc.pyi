@@ -78,6 +78,12 @@ class AdminStub:
     alias points at (weighted aliases included); the others are revoked now, and again after
     each upload or composition. Stored in the manifest; keep_all removes the policy.
     """
+    SetRollbackPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetRollbackPolicyRequest, _admin_pb2.AdapterInfo]
+    """Automatic rollback (docs/lifecycle.md): while the alias splits its weight between its
+    stable version (the one it pointed at before the split) and canaries (the others), the
+    gateway moves all weight back to the stable version by itself when a canary crosses the
+    policy. Stored in the manifest with the alias; `remove` deletes it.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -122,6 +128,12 @@ class AdminAsyncStub(AdminStub):
     """Retention: keep the newest keep_last versions (by upload time) plus every version an
     alias points at (weighted aliases included); the others are revoked now, and again after
     each upload or composition. Stored in the manifest; keep_all removes the policy.
+    """
+    SetRollbackPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetRollbackPolicyRequest, _admin_pb2.AdapterInfo]  # type: ignore[assignment]
+    """Automatic rollback (docs/lifecycle.md): while the alias splits its weight between its
+    stable version (the one it pointed at before the split) and canaries (the others), the
+    gateway moves all weight back to the stable version by itself when a canary crosses the
+    policy. Stored in the manifest with the alias; `remove` deletes it.
     """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
@@ -272,6 +284,18 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         """Retention: keep the newest keep_last versions (by upload time) plus every version an
         alias points at (weighted aliases included); the others are revoked now, and again after
         each upload or composition. Stored in the manifest; keep_all removes the policy.
+        """
+
+    @_abc_1.abstractmethod
+    def SetRollbackPolicy(
+        self,
+        request: _admin_pb2.SetRollbackPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.AdapterInfo, _abc.Awaitable[_admin_pb2.AdapterInfo]]:
+        """Automatic rollback (docs/lifecycle.md): while the alias splits its weight between its
+        stable version (the one it pointed at before the split) and canaries (the others), the
+        gateway moves all weight back to the stable version by itself when a canary crosses the
+        policy. Stored in the manifest with the alias; `remove` deletes it.
         """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

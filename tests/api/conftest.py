@@ -5,6 +5,7 @@ Tenants: acme (user, tenant-admin) owns three adapters, globex (user, tenant-adm
 `slow` may send one request a minute (the rate-limit tests); `canary` (user, tenant-admin) is
 test_canary_weights.py's own, `usage` (user, tenant-admin) test_usage.py's, `vmetrics`
 test_version_metrics.py's, `lifecli` test_lifecycle_cli.py's. Expected values come from the
+test_version_metrics.py's, `rollback` test_rollback.py's. Expected values come from the
 PEFT-merged reference (devtools.ReferenceGenerator) and from transformers' own chat template
 rendering, never from the gateway.
 """
@@ -46,7 +47,13 @@ TENANTS: dict[str, dict[str, Any]] = {
     # test_lifecycle_cli.py's own (retention and `adapter show` through the SDK and the CLI),
     # also test_openai.py's weighted-alias test.
     "lifecli": {"max_concurrent": 64, "max_tokens": 200},
+    # test_rollback.py's own tenant (automatic rollback).
+    "rollback": {"max_concurrent": 64, "max_tokens": 200},
 }
+#: Settings.rollback_check_interval_s and rollback_min_eval_interval_s of the package's
+#: gateway: canaries are checked often, and a policy may re-evaluate every second.
+ROLLBACK_CHECK_S = 0.25
+ROLLBACK_MIN_EVAL_S = 1.0
 #: Settings.version_metrics_max of the package's gateway (test_version_metrics.py's bound).
 VERSION_METRICS_MAX = 1
 #: The chat limit the tests reach (Settings.chat_max_messages).
@@ -123,6 +130,8 @@ async def api(
         max_concurrent_requests=128,
         chat_max_messages=CHAT_MAX_MESSAGES,
         version_metrics_max=VERSION_METRICS_MAX,
+        rollback_check_interval_s=ROLLBACK_CHECK_S,
+        rollback_min_eval_interval_s=ROLLBACK_MIN_EVAL_S,
         # self_test stays off (gateway_settings): with constrained requests, tests/test_engine.py
     )
     versions: dict[str, str] = {}

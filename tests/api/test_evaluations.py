@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import pytest
 import regex
 
 from lora_gateway import devtools, errors
-from lora_gateway.client import AsyncGatewayClient, Evaluation
+from lora_gateway.client import AsyncGatewayClient, Evaluation, Evaluations
 from tests.api.conftest import ApiEnv, key
 
 pytestmark = pytest.mark.engine
@@ -256,3 +258,69 @@ async def test_evaluate_gate_and_immutable_results(api: ApiEnv, graded: Graded) 
     assert len(evaluated) >= 3
     assert any("failed exact-1" in r["detail"] for r in evaluated)
     assert any(r.get("rpc") == "PutEvaluationSet" for r in records)
+
+
+async def test_a_canary_failing_its_evaluation_is_rolled_back_on_schedule(
+    api: ApiEnv, graded: Graded
+) -> None:
+    """Automatic rollback's evaluation rule (docs/lifecycle.md): the current set is re-run on
+    each canary on a schedule (every second here, the package's floor); B fails A's cases and
+    is rolled back, A passes them and stays a canary. The scheduled results are stored like
+    EvaluateAdapter's, by the gateway."""
+    name = "scheduled"
+    guard = api.server.rollbacks
+    assert guard is not None
+    async with api.admin(TENANT) as admin:
+        a = (await admin.upload_adapter(name, api.adapters["attn-r8"], aliases=("bad",))).version
+        b = (await admin.upload_adapter(name, api.adapters["mlp-r4"], aliases=("good",))).version
+        await admin.put_evaluation_set(name, set_json(graded.cases))
+        try:
+            # bad: stable A, canary B (fails the set); good: stable B, canary A (passes it).
+            for alias, stable, canary in (("bad", a, b), ("good", b, a)):
+                await admin.set_rollback_policy(name, alias, min_eval_score=1.0, eval_interval_s=1)
+                split = await admin.set_alias_weights(name, alias, {stable: 0.5, canary: 0.5})
+                assert split.alias_stable[alias] == stable
+
+            async def settled() -> tuple[Evaluations, Evaluations]:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    of_a = await admin.get_evaluations(name, a)
+                    of_b = await admin.get_evaluations(name, b)
+                    rolled = "bad" in (await admin.get_adapter(name)).rollbacks
+                    if of_a.results and of_b.results and rolled:
+                        return of_a, of_b
+                    await asyncio.sleep(0.1)
+                raise AssertionError("the scheduled evaluations did not run within 60 s")
+
+            of_a, of_b = await settled()
+            total = len(graded.cases)
+            want_b = (total - len(graded.b_fails)) / total
+            assert {c.id for c in of_b.results[0].failures} == graded.b_fails
+            assert of_b.results[0].score == pytest.approx(want_b)
+            assert of_a.results[0].score == 1.0
+            assert all(r.evaluated_by.startswith("gateway:") for r in of_a.results + of_b.results)
+            info = await admin.get_adapter(name)
+            record = info.rollbacks["bad"]
+            assert (record.reason, record.canary, record.stable) == ("evaluation", b, a)
+            assert (record.value, record.threshold) == (pytest.approx(want_b), 1.0)
+            assert info.aliases["bad"] == a
+            assert "bad" not in info.alias_weights
+            # The passing canary stays one, checks after its result (every 0.25 s) later.
+            await asyncio.sleep(0.6)
+            info = await admin.get_adapter(name)
+            assert info.alias_weights["good"] == {a: 0.5, b: 0.5}
+            assert "good" not in info.rollbacks
+            # At most one run per interval (1 s): A's results over the time since its first.
+            runs = (await admin.get_evaluations(name, a)).results
+            first = datetime.fromisoformat(runs[0].finished_at)
+            span = (datetime.now(UTC) - first).total_seconds()
+            assert len(runs) <= span + 2, (len(runs), span)
+            # B, no canary any more, is not evaluated again.
+            assert len((await admin.get_evaluations(name, b)).results) == len(of_b.results)
+        finally:
+            # End the canary (no more scheduled runs) and wait for a run in flight to finish.
+            await admin.set_alias(name, "good", b)
+            for _ in range(300):
+                if not guard.evaluating:
+                    break
+                await asyncio.sleep(0.1)
