@@ -19,7 +19,9 @@
    template) passes an evaluation set of held-out questions and takes 20 % of prod
    (`adapter canary ... --require-eval 1`); the untrained draft fails it and its promotion is
    refused (FAILED_PRECONDITION naming the failed cases); prod's weight goes back to v1 (a
-   manual rollback); `adapter show` prints the lot. Then a summary, exit 0.
+   manual rollback); then a rollback policy on prod and the draft on 20 % of it, ungated: the
+   gateway moves the weight back to v1 by itself (an automatic rollback); `adapter show` prints
+   the lot. Then a summary, exit 0.
 
 The examples shown are held out from training (`demo_training.held_out`): their invoice
 numbers and totals, and their question phrasings, are new to the adapters.
@@ -65,6 +67,9 @@ SHOWN = 3  # held-out examples shown per adapter
 #: The canary's share of prod in step 10, and the conversations (routing keys) sent through it.
 CANARY_WEIGHT = 0.2
 CONVERSATIONS = 100
+#: How long the demo waits for the gateway to roll the draft's canary back by itself (its
+#: checks run every `rollback_check_interval_s`, 2 s).
+AUTOMATIC_ROLLBACK_WAIT_S = 30.0
 #: Held-out support questions in step 10's evaluation set.
 EVAL_CASES = 3
 
@@ -368,7 +373,8 @@ async def _run(work: Path, retrain: bool) -> None:
     _say(
         f"    canary: v2 scored {canary['v2_score']} and served {canary['on_v2']} of "
         f"{CONVERSATIONS} conversations at {CANARY_WEIGHT:.0%}; the draft scored "
-        f"{canary['draft_score']}, its promotion refused; prod rolled back to v1"
+        f"{canary['draft_score']}, its promotion refused; prod rolled back to v1, by hand "
+        f"and then by the gateway itself ({canary['automatic_s']:.1f}s after the draft's split)"
     )
     _say(f"    {in_engine} of globex's adapter version(s) resident in the engine at the end")
     _say(f"    demo finished in {time.perf_counter() - started:.0f}s")
@@ -446,7 +452,8 @@ async def _canary_step(
     """Step 10 (globex's support; prod on v1, alias `draft` on the untrained draft): upload
     v2, evaluate it, put it on 20 % of prod gated on the evaluation, show the split; evaluate
     the draft and show its promotion refused; move prod's weight back to v1 (the manual
-    rollback); `adapter show`. Returns the figures of the summary."""
+    rollback); the automatic rollback (`_automatic_rollback`); `adapter show`. Returns the
+    figures of the summary."""
     template = run / "support-v2.jinja"
     template.write_text(devtools.TINY_CHAT_TEMPLATE, encoding="utf-8")
     v2 = await admin.upload_adapter(
@@ -491,18 +498,52 @@ async def _canary_step(
     if code == 0 or "FAILED_PRECONDITION" not in output:
         raise RuntimeError("the failing version's promotion was not refused")
 
-    # --- AUTOMATIC ROLLBACK: a step for issue 11 item 4 goes here (a canary policy on prod
-    # that moves its weight back to v1 by itself when v2's error rate or score crosses its
-    # threshold); the manual rollback below stays as the operator's own move. ---
-
     _say("    rollback: all of prod's weight back on v1 ends the canary")
     code, _ = await _cli(target, admin_key, "adapter", "canary", "support", "prod", "v1=1")
     after = await _split(app, {"v1": v1, "v2": v2.version})
     if code != 0 or after["v1"] != CONVERSATIONS:
         raise RuntimeError(f"the rollback did not take effect: {after}")
     _say(f"    {CONVERSATIONS} conversations on support@prod: all {after['v1']} on v1")
+    automatic_s = await _automatic_rollback(target, admin_key, admin, app, v1)
     await _cli(target, admin_key, "adapter", "show", "support")
-    return {"v2_score": v2_score, "on_v2": split["v2"], "draft_score": draft_score}
+    return {
+        "v2_score": v2_score,
+        "on_v2": split["v2"],
+        "draft_score": draft_score,
+        "automatic_s": automatic_s,
+    }
+
+
+async def _automatic_rollback(
+    target: str, admin_key: str, admin: AsyncGatewayClient, app: AsyncGatewayClient, v1: str
+) -> float:
+    """A rollback policy on prod (an evaluation score below 1 rolls a canary back), then the
+    draft on 20 % of prod with no gate: the gateway moves the weight back to v1 by itself at
+    its next check (the draft's stored 0/3 already fails the policy). Returns the seconds from
+    the split to the rollback."""
+    _say("    automatic rollback: a policy on prod, then the draft on 20% of it, ungated")
+    policy = ("adapter", "rollback", "policy", "support", "prod", "--min-eval-score", "1")
+    code, _ = await _cli(target, admin_key, *policy)
+    if code != 0:
+        raise RuntimeError("the rollback policy was refused")
+    weights = (f"v1={1 - CANARY_WEIGHT:g}", f"draft={CANARY_WEIGHT:g}")
+    code, _ = await _cli(target, admin_key, "adapter", "canary", "support", "prod", *weights)
+    if code != 0:
+        raise RuntimeError("the draft's canary was refused")
+    split_at = time.perf_counter()
+    deadline = split_at + AUTOMATIC_ROLLBACK_WAIT_S
+    while "prod" not in (await admin.get_adapter("support")).rollbacks:
+        if time.perf_counter() > deadline:
+            raise RuntimeError("the draft's canary was not rolled back by itself")
+        await asyncio.sleep(0.2)
+    took = time.perf_counter() - split_at
+    _say(f"    the gateway rolled prod back by itself {took:.1f}s after the split")
+    await _cli(target, admin_key, "adapter", "rollback", "show", "support")
+    after = await _split(app, {"v1": v1})
+    if after["v1"] != CONVERSATIONS:
+        raise RuntimeError(f"the automatic rollback did not take effect: {after}")
+    _say(f"    {CONVERSATIONS} conversations on support@prod: all {after['v1']} on v1")
+    return took
 
 
 async def _eval(target: str, admin_key: str, admin: AsyncGatewayClient, alias: str) -> str:

@@ -98,6 +98,12 @@ def test_demo_tells_its_story_with_a_canary(tmp_path: Path) -> None:
     # The rollback: prod is v1 alone again, for every conversation.
     assert _after(lines, "adapter canary support prod v1=1") == [f"globex/support@prod -> {v1}"]
     assert "    100 conversations on support@prod: all 100 on v1" in lines
+    # The automatic rollback: a policy, the draft on 20 % ungated, rolled back by the gateway.
+    assert _line(lines, r"^    the gateway rolled prod back by itself \d+\.\d+s after the split$")
+    record = [line for line in _after(lines, "adapter rollback show support") if "rolled" in line]
+    assert len(record) == 1
+    assert re.search(rf"rolled back prod: .*evaluation 0 < 1 .*back to {v1[:19]}", record[0])
+    assert lines.count("    100 conversations on support@prod: all 100 on v1") == 2
     shown = _after(lines, "adapter show support")
     assert f"alias       prod -> {v1}" in shown
     rows = {row.split()[0]: row.split() for row in shown if row.startswith("sha256:")}
@@ -106,5 +112,6 @@ def test_demo_tells_its_story_with_a_canary(tmp_path: Path) -> None:
     assert _line(
         lines,
         rf"^    canary: v2 scored 3/3 and served {on_v2} of 100 conversations at 20%; the draft "
-        r"scored 0/3, its promotion refused; prod rolled back to v1$",
+        r"scored 0/3, its promotion refused; prod rolled back to v1, by hand and then by the "
+        r"gateway itself \(\d+\.\d+s after the draft's split\)$",
     )
