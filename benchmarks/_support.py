@@ -35,6 +35,7 @@ from lora_gateway.config import Settings
 from lora_gateway.engine.base import Engine, GenerateParams, LoadedAdapter, Prompt
 from lora_gateway.server import GatewayServer
 from tests.support.gateway import (
+    clear_engine,
     engine_settings,
     gateway_settings,
     key_of,
@@ -340,13 +341,6 @@ class Bench:
                 yield Gateway(server, user, admin)
         finally:
             await clear_engine(self.engine)
-
-
-async def clear_engine(engine: Engine) -> None:
-    """Remove every adapter (the shared engine starts each benchmark empty)."""
-    with contextlib.suppress(errors.EngineDead):  # a dead engine has nothing left to clear
-        for lora_int_id in await engine.list_adapters():
-            await engine.remove_adapter(lora_int_id)
 
 
 @contextlib.asynccontextmanager

@@ -21,7 +21,7 @@ from lora_gateway.client import AsyncGatewayClient
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.server import GatewayServer
 from tests.support.faultproxy import FaultProxy
-from tests.support.gateway import client, gateway_settings, write_tenants
+from tests.support.gateway import clear_engine, client, gateway_settings, write_tenants
 from tests.support.s3server import S3Server, s3_server
 
 PREFIX = "faults"
@@ -63,12 +63,6 @@ class FaultEnv:
     @property
     def cache_root(self) -> Path:
         return self.server.gateway.residency.cache.root
-
-
-async def clear_engine(engine: VLLMEngine) -> None:
-    """Leave the shared engine without adapters (other modules' gateways count its slots)."""
-    for lora_int_id in await engine.list_adapters():
-        await engine.remove_adapter(lora_int_id)
 
 
 async def start_gateway(

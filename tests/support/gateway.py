@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lora_gateway import devtools
+from lora_gateway import devtools, errors
 from lora_gateway.config import Settings
 from lora_gateway.tenancy import hash_key
 
@@ -154,3 +154,11 @@ def client(
 
     kwargs.setdefault("max_retries", 0)
     return AsyncGatewayClient(target(server), key_of(tenant, label), **kwargs)
+
+
+async def clear_engine(engine: Engine) -> None:
+    """Remove every adapter from a shared engine (other tests' gateways, and each benchmark,
+    count its slots from empty); a dead engine has nothing left to clear."""
+    with contextlib.suppress(errors.EngineDead):
+        for lora_int_id in await engine.list_adapters():
+            await engine.remove_adapter(lora_int_id)
