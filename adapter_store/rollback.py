@@ -28,7 +28,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from adapter_store.errors import IntegrityError, InvalidAdapter
 
@@ -181,21 +181,7 @@ class RollbackPolicy:
     def describe(self) -> str:
         """ "error rate > 0.2 or length rate > 0.5 over 300s (>= 20 calls); evaluation score
         < 0.9 (every 3600s)" """
-        rates = []
-        if self.max_error_rate is not None:
-            rates.append(f"error rate > {self.max_error_rate:g}")
-        if self.max_length_rate is not None:
-            rates.append(f"length rate > {self.max_length_rate:g}")
-        parts = []
-        if rates:
-            parts.append(
-                f"{' or '.join(rates)} over {self.window_s:g}s (>= {self.min_requests} calls)"
-            )
-        if self.min_eval_score is not None:
-            parts.append(
-                f"evaluation score < {self.min_eval_score:g} (every {self.eval_interval_s:g}s)"
-            )
-        return "; ".join(parts)
+        return describe_policy(self)
 
 
 @dataclass(frozen=True)
@@ -353,3 +339,39 @@ def _sha(value: object) -> str:
     if not isinstance(value, str) or not _SHA_RE.fullmatch(value):
         raise IntegrityError("stored manifest: a rollback field holds a malformed sha256")
     return value
+
+
+class _PolicyFields(Protocol):
+    """A rollback policy's fields: this module's `RollbackPolicy`, or the SDK's."""
+
+    @property
+    def max_error_rate(self) -> float | None: ...
+    @property
+    def max_length_rate(self) -> float | None: ...
+    @property
+    def min_requests(self) -> int: ...
+    @property
+    def window_s(self) -> float: ...
+    @property
+    def min_eval_score(self) -> float | None: ...
+    @property
+    def eval_interval_s(self) -> float: ...
+
+
+def describe_policy(policy: _PolicyFields) -> str:
+    """A policy in one line (`RollbackPolicy.describe`; the CLI prints the SDK's the same way)."""
+    rates = []
+    if policy.max_error_rate is not None:
+        rates.append(f"error rate > {policy.max_error_rate:g}")
+    if policy.max_length_rate is not None:
+        rates.append(f"length rate > {policy.max_length_rate:g}")
+    parts = []
+    if rates:
+        parts.append(
+            f"{' or '.join(rates)} over {policy.window_s:g}s (>= {policy.min_requests} calls)"
+        )
+    if policy.min_eval_score is not None:
+        parts.append(
+            f"evaluation score < {policy.min_eval_score:g} (every {policy.eval_interval_s:g}s)"
+        )
+    return "; ".join(parts)

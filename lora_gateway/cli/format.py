@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from adapter_store.rollback import describe_policy
 from adapter_store.spool import format_bytes
 from lora_gateway.client import (
     Adapter,
@@ -391,22 +392,8 @@ def print_evaluations(info: Evaluations) -> None:
 
 def policy_text(policy: RollbackPolicy) -> str:
     """ "error rate > 0.2 or length rate > 0.5 over 300s (>= 20 calls); evaluation score < 0.9
-    (every 3600s)" """
-    rates = []
-    if policy.max_error_rate is not None:
-        rates.append(f"error rate > {policy.max_error_rate:g}")
-    if policy.max_length_rate is not None:
-        rates.append(f"length rate > {policy.max_length_rate:g}")
-    parts = []
-    if rates:
-        parts.append(
-            f"{' or '.join(rates)} over {policy.window_s:g}s (>= {policy.min_requests} calls)"
-        )
-    if policy.min_eval_score is not None:
-        parts.append(
-            f"evaluation score < {policy.min_eval_score:g} (every {policy.eval_interval_s:g}s)"
-        )
-    return "; ".join(parts)
+    (every 3600s)", as the gateway describes it in its audit records."""
+    return describe_policy(policy)
 
 
 def rollback_text(record: Rollback) -> str:
