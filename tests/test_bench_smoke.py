@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.support import processes
 
 pytestmark = pytest.mark.engine
 
@@ -55,24 +55,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
     started = time.monotonic()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     command = [sys.executable, "-m", "benchmarks", "--smoke", "--no-progress"]
-    # Its own process group: on a timeout the run and everything it started (engines, S3
-    # servers, peer servers) end together, nothing is left behind.
-    bench = subprocess.Popen(
+    completed = processes.run_grouped(
         [*command, "--out", str(out), "--work", str(tmp_path / "work")],
+        timeout_s=SMOKE_TIMEOUT_S,
         cwd=ROOT,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
     )
-    try:
-        stdout, stderr = bench.communicate(timeout=SMOKE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(bench.pid, signal.SIGKILL)
-        bench.communicate()
-        raise
-    completed = subprocess.CompletedProcess(bench.args, bench.returncode, stdout, stderr)
     assert completed.returncode == 0, completed.stderr[-4000:]
     print(f"benchmark smoke run: {time.monotonic() - started:.0f} s")
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support import processes
 
 #: The demo took 65 s here alone and up to 280 s under load (README): the suite's 300 s default
 #: timeout is too short for it.
@@ -48,22 +48,11 @@ def _after(lines: list[str], command: str) -> list[str]:
 
 def test_demo_tells_its_story_with_a_canary(tmp_path: Path) -> None:
     env = dict(os.environ, VLLM_LOGGING_LEVEL="ERROR")
-    # Its own process group: on a timeout the demo and its engine end together.
-    demo = subprocess.Popen(
+    done = processes.run_grouped(
         [str(Path(sys.executable).parent / "lora-gateway"), "demo", "--workdir", str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        timeout_s=DEMO_TIMEOUT_S,
         env=env,
-        start_new_session=True,
     )
-    try:
-        stdout, stderr = demo.communicate(timeout=DEMO_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(demo.pid, signal.SIGKILL)
-        demo.communicate()
-        raise
-    done = subprocess.CompletedProcess(demo.args, demo.returncode, stdout, stderr)
     lines = done.stdout.splitlines()
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
