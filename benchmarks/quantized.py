@@ -49,6 +49,7 @@ from benchmarks._support import (
 from lora_gateway import devtools
 from lora_gateway.engine.base import Engine, LoadedAdapter, next_lora_id
 from tests.support.gateway import engine_settings
+from tests.support.processes import engine_pids
 
 NAME = "quantized"
 FLOAT = "float32"
@@ -94,18 +95,6 @@ SMOKE = Params(
 
 def phases(params: Params) -> int:
     return 1 + params.passes * (1 + len(params.schemes))
-
-
-def engine_pids() -> set[int]:
-    """This process's vLLM engine processes (EngineCore, Worker)."""
-    found = set()
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "VLLM" in child.name() or "VLLM" in " ".join(child.cmdline()):
-                found.add(child.pid)
-        except psutil.Error:
-            continue
-    return found
 
 
 def memory(pids: set[int]) -> dict[str, int]:

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 import yaml
 from safetensors.numpy import load_file
@@ -45,6 +44,7 @@ from lora_gateway.engine.base import GenerateParams, LoadedAdapter, Prompt, next
 from lora_gateway.engine.selftest import collect
 from lora_gateway.engine.vllm_engine import VLLMEngine
 from tests.conftest import engine_settings
+from tests.support import processes
 from tests.support.gateway import gateway_settings, key_of, running_gateway, target, write_tenants
 
 pytestmark = pytest.mark.engine
@@ -360,28 +360,16 @@ def _vllm_op(name: str) -> Any:
         return None
 
 
-def _engine_processes() -> set[int]:
-    """This process's live engine descendants (a zombie has ended: it is not one)."""
-    found = set()
-    for process in psutil.Process().children(recursive=True):
-        try:
-            if "VLLM" in " ".join(process.cmdline()):
-                found.add(process.pid)
-        except (psutil.ZombieProcess, psutil.NoSuchProcess):
-            continue
-    return found
-
-
 async def test_fp8_is_refused_before_an_engine_starts(tiny_model: Path) -> None:
     stub = _vllm_op("static_scaled_fp8_quant")
     if stub is not None and stub.default._schema.arguments:
         pytest.skip("this CPU's vLLM library has real fp8 kernels: nothing to refuse")
-    before = _engine_processes()
+    before = processes.engine_pids()
     with pytest.raises(errors.InvalidArgument) as refused:
         await VLLMEngine.start(engine_settings(tiny_model, quantization="fp8", dtype="bfloat16"))
     assert "fp8" in str(refused.value)
     assert "static_scaled_fp8_quant" in str(refused.value)
-    assert _engine_processes() <= before
+    assert processes.engine_pids() <= before
 
 
 @pytest.mark.slow  # its own engine (or process): make test-slow
@@ -420,7 +408,7 @@ async def test_an_engine_that_dies_on_its_first_forward_fails_the_start(
     and dies on the probe inside `start`, which shuts it down and raises Unavailable."""
     model = devtools.make_quantized_model(tmp_path / "w4a16", "W4A16", source=tiny_model)
     monkeypatch.setattr(quantization, "cpu_refusal", lambda q, kernels: None)
-    before = _engine_processes()
+    before = processes.engine_pids()
     if _vllm_op("cpu_gemm_wna16") is not None:  # the kernel exists here: it must serve
         started = await VLLMEngine.start(engine_settings(model))
         await started.shutdown()
@@ -430,7 +418,7 @@ async def test_an_engine_that_dies_on_its_first_forward_fails_the_start(
     assert "first forward pass" in str(failed.value)
     assert "W4A16" in str(failed.value)
     await asyncio.sleep(1.0)
-    assert _engine_processes() <= before
+    assert processes.engine_pids() <= before
 
 
 @pytest.mark.slow

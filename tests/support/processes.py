@@ -17,6 +17,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
+from pathlib import Path
 
 import psutil
 
@@ -67,18 +69,23 @@ def free_port() -> int:
 
 
 def run_grouped(
-    command: list[str], *, timeout_s: float, **popen: object
+    command: list[str],
+    *,
+    timeout_s: float,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """`subprocess.run(command, capture_output=True, text=True)` in a process group of its own:
     on a timeout the whole group (the command and the engines or servers it started) is killed
     before TimeoutExpired is raised, so nothing is left behind."""
-    process = subprocess.Popen(  # type: ignore[call-overload]
+    process = subprocess.Popen(
         command,
+        cwd=cwd,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
-        **popen,
     )
     try:
         stdout, stderr = process.communicate(timeout=timeout_s)
@@ -87,3 +94,15 @@ def run_grouped(
         process.communicate()
         raise
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def engine_pids() -> set[int]:
+    """This process's live vLLM engine processes (EngineCore, Worker); a zombie has ended."""
+    found = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "VLLM" in child.name() or "VLLM" in " ".join(child.cmdline()):
+                found.add(child.pid)
+        except psutil.Error:  # ended meanwhile, or a zombie
+            continue
+    return found
