@@ -118,6 +118,9 @@ DTYPE_MAX: Mapping[str, float] = {
     "float32": float.fromhex("0x1.fffffep127"),
 }
 #: Spellings of `Settings.dtype` / vLLM's `--dtype` and of config.json's `torch_dtype`.
+#: Bytes per element of each serving dtype.
+DTYPE_BYTES: Mapping[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
+
 _DTYPE_NAMES: Mapping[str, str] = {
     "float16": "float16",
     "half": "float16",
@@ -738,6 +741,16 @@ class BaseModelSpec:
 
     def accepts(self, base_model: str) -> bool:
         return base_model == self.name or base_model in self.aliases
+
+    def smallest_full_adapter_bytes(self) -> int:
+        """Bytes of the smallest adapter that changes every layer: rank 1 on the narrowest
+        module (a 1 x in lora_A and an out x 1 lora_B per layer) in the serving dtype. The host
+        tier counts each version as at least this (`Slots`), so the count it derives from a byte
+        budget (`Settings.engine_cpu_loras`) never binds before the bytes do."""
+        if not self.module_shapes or self.num_layers < 1:
+            return 1
+        narrowest = min(inputs + outputs for inputs, outputs in self.module_shapes.values())
+        return narrowest * self.num_layers * DTYPE_BYTES[self.dtype]
 
     @classmethod
     def from_hf_config(

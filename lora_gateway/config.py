@@ -42,6 +42,11 @@ from lora_gateway.errors import InvalidArgument
 
 ENV_PREFIX = "LORA_GATEWAY_"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+#: `max_cpu_loras` when neither it nor a host byte budget is set.
+DEFAULT_CPU_LORAS = 8
+#: The most `max_cpu_loras` derived from a host byte budget (vLLM's count is only an LRU's
+#: capacity: nothing is allocated per entry).
+MAX_DERIVED_CPU_LORAS = 65_536
 
 NullAdapterMode = Literal["auto", "on", "off"]
 Dtype = Literal["auto", "float16", "bfloat16", "float32", "half", "float"]
@@ -137,15 +142,19 @@ class Settings(BaseSettings):
     (README, "Quantized base")."""
     max_loras: int = Field(4, ge=1)
     """Adapters usable in one batch (the engine's GPU slots)."""
-    max_cpu_loras: int = Field(8, ge=1)
-    """Adapters the engine keeps loaded; the residency capacity (a segmented LRU beyond it:
-    versions used once since their load go first)."""
+    max_cpu_loras: int | None = Field(None, ge=1)
+    """Adapters the engine keeps loaded (vLLM's CPU LoRA cache counts them); the residency
+    capacity (a segmented LRU beyond it: versions used once since their load go first).
+    Unset: 8 (at least max_loras), or, with `host_lora_budget_bytes`, derived from the budget
+    (`engine_cpu_loras`) so that only the bytes bind."""
     host_lora_budget_bytes: int = Field(0, ge=0)
     """Bytes of adapter weights the host tier (vLLM's CPU LoRA cache: the versions loaded in the
-    engine) may hold, counted by each version's real size (its weights file). Loads evict idle
-    versions until both this and `max_cpu_loras` fit; a version larger than the whole budget
-    is refused (RESOURCE_EXHAUSTED). 0 = bounded by `max_cpu_loras` only. Size it with
-    `max_cpu_loras` as the most versions vLLM tracks: e.g. 1 GiB and 256 for small adapters."""
+    engine) may hold, counted by each version's real size (its weights file), and at least
+    the smallest adapter that changes every layer of the base (rank 1 on its narrowest module,
+    in the serving dtype). Loads evict idle versions until it fits; a version larger than the
+    whole budget is refused (RESOURCE_EXHAUSTED). With `max_cpu_loras` unset, the count is
+    derived: the budget over that smallest size, between max_loras and 65,536. 0 = bounded by
+    `max_cpu_loras` only."""
     max_lora_rank: LoraRank = 64
     """Largest adapter rank accepted (one of vLLM's: 1, 8, 16, 32, 64, 128, 256, 320, 512)."""
     max_model_len: int | None = Field(None, ge=1)
@@ -454,7 +463,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         problems: list[str] = []
-        if self.max_cpu_loras < self.max_loras:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             problems.append(
                 f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})"
             )
@@ -551,8 +560,22 @@ class Settings(BaseSettings):
         """The per-tenant limits a tenant gets unless the tenants file sets its own: each field
         of `TenantDefaults` from the setting `tenant_<field>`."""
         values = {name: getattr(self, f"tenant_{name}") for name in TenantDefaults.model_fields}
-        values["max_engine_slots"] = self.tenant_max_engine_slots or max(1, self.max_cpu_loras - 1)
+        values["max_engine_slots"] = self.tenant_max_engine_slots or max(
+            1, self.engine_cpu_loras(1) - 1
+        )  # the residency caps it at its capacity - 1 anyway
         return TenantDefaults(**values)
+
+    def engine_cpu_loras(self, smallest_adapter_bytes: int) -> int:
+        """The engine's `max_cpu_loras`: the setting, else, with a host byte budget, the budget
+        over `smallest_adapter_bytes` (`BaseModelSpec.smallest_full_adapter_bytes`: what the
+        host tier counts each version as at least, so the count never binds before the bytes)
+        between max_loras and MAX_DERIVED_CPU_LORAS, else DEFAULT_CPU_LORAS."""
+        if self.max_cpu_loras is not None:
+            return self.max_cpu_loras
+        if not self.host_lora_budget_bytes:
+            return max(DEFAULT_CPU_LORAS, self.max_loras)
+        derived = self.host_lora_budget_bytes // max(1, smallest_adapter_bytes)
+        return max(self.max_loras, min(MAX_DERIVED_CPU_LORAS, derived))
 
     @property
     def cache_path(self) -> Path:

@@ -138,3 +138,19 @@ def test_settings_are_frozen_and_replace_validates() -> None:
 
 def test_help_text_is_the_field_docstring() -> None:
     assert Settings.field_doc("max_cpu_loras").startswith("Adapters the engine keeps loaded")
+
+
+def test_max_cpu_loras_is_derived_from_the_host_byte_budget() -> None:
+    """Unset, `max_cpu_loras` is 8 (at least max_loras); with a host byte budget it is the
+    budget over the smallest adapter that changes every layer, between max_loras and 65,536;
+    set, it is what it says."""
+    assert Settings().max_cpu_loras is None
+    assert Settings().engine_cpu_loras(1536) == 8
+    assert Settings(max_loras=12).engine_cpu_loras(1536) == 12
+    budget = Settings(host_lora_budget_bytes=1 << 20)
+    assert budget.engine_cpu_loras(1536) == 682  # 1,048,576 // 1,536
+    assert budget.engine_cpu_loras(1) == 65_536
+    assert Settings(host_lora_budget_bytes=1000, max_loras=4).engine_cpu_loras(1536) == 4
+    assert Settings(host_lora_budget_bytes=1 << 20, max_cpu_loras=6).engine_cpu_loras(1536) == 6
+    assert Settings(host_lora_budget_bytes=1 << 20).tenant_defaults().max_engine_slots == 65_535
+    assert Settings().tenant_defaults().max_engine_slots == 7

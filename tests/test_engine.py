@@ -27,7 +27,7 @@ from lora_gateway.engine.base import (
 )
 from lora_gateway.engine.selftest import collect, run_self_test
 from lora_gateway.engine.vllm_engine import VLLMEngine
-from tests.conftest import engine_settings
+from tests.conftest import AdapterFactory, engine_settings
 
 pytestmark = pytest.mark.engine
 
@@ -326,3 +326,34 @@ async def test_uni_executor_keeps_the_worker_in_the_engine_core(tiny_model: Path
         assert report.ok, report.mismatches
     finally:
         await uni.shutdown()
+
+
+@pytest.mark.slow  # its own engine: make test-slow
+async def test_max_cpu_loras_derived_from_the_host_budget_reaches_vllm(
+    tiny_model: Path, make_test_adapter: AdapterFactory
+) -> None:
+    """`max_cpu_loras` unset with `host_lora_budget_bytes` 64 KiB on the tiny model in float32
+    (the smallest adapter that changes every layer: (128 + 64) x 2 layers x 4 bytes = 1,536):
+    65,536 // 1,536 = 42 versions. vLLM gets that count (plus the null adapter's slot), and
+    keeps 12 adapters loaded at once (more than the default 8), each still serving."""
+    engine = await VLLMEngine.start(
+        engine_settings(tiny_model, max_cpu_loras=None, host_lora_budget_bytes=64 << 10)
+    )
+    try:
+        assert engine.max_cpu_loras == 42
+        extra = int(engine.null_adapter is not None) + int(engine.canary_adapter is not None)
+        assert engine._llm.vllm_config.lora_config.max_cpu_loras == 42 + extra
+        loaded = []
+        for i in range(12):
+            adapter = LoadedAdapter(
+                lora_int_id=next_lora_id(),
+                lora_name=f"derived-{i}",
+                path=make_test_adapter(seed=900 + i, rank=8),
+            )
+            await engine.add_adapter(adapter)
+            loaded.append(adapter)
+        assert {a.lora_int_id for a in loaded} <= await engine.list_adapters()
+        for adapter in (loaded[0], loaded[-1]):
+            assert len(await collect(engine, Prompt(text="one two"), GREEDY, adapter)) > 0
+    finally:
+        await engine.shutdown()

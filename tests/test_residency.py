@@ -259,6 +259,40 @@ async def test_the_host_tier_is_bounded_in_bytes(make_env: object) -> None:
     assert len(env.engine.removes) == 4
 
 
+async def test_a_version_weighs_at_least_the_smallest_full_adapter(
+    make_env: object, tiny_model: Path
+) -> None:
+    """With a byte budget a version counts as at least the smallest adapter that changes every
+    layer (so that the count derived from the budget never binds first). Set here above the
+    real files' size: two versions that fit by their files no longer fit together."""
+    # The tiny model: hidden 128, k_proj 128 -> 64 (1 KV head of 64), 2 layers.
+    tiny = BaseModelSpec.from_hf_config(tiny_model, max_rank=16, dtype="float32")
+    assert tiny.smallest_full_adapter_bytes() == (128 + 64) * 2 * 4
+    assert (
+        BaseModelSpec.from_hf_config(
+            tiny_model, max_rank=16, dtype="bfloat16"
+        ).smallest_full_adapter_bytes()
+        == (128 + 64) * 2 * 2
+    )
+    env: Env = make_env(capacity=8)  # type: ignore[operator]
+    folders = [env.adapters(seed=380 + i, rank=8) for i in range(2)]
+    size = (folders[0] / "adapter_model.safetensors").stat().st_size
+    versions = [
+        await asyncio.to_thread(env.registry.upload_dir, "acme", f"w{i}", f, created_by="t")
+        for i, f in enumerate(folders)
+    ]
+    slots = env.residency.slots
+    slots.host_budget_bytes = int(2.5 * size)
+    slots.smallest_adapter_bytes = int(1.3 * size)
+    assert slots.host_bytes(versions[0]) == int(1.3 * size)
+    for version in versions:
+        await env.residency.prefetch(version)
+    assert [v.name for v in env.residency.resident_versions()] == ["w1"]
+    slots.smallest_adapter_bytes = 0  # by their files alone, both fit
+    await env.residency.prefetch(versions[0])
+    assert sorted(v.name for v in env.residency.resident_versions()) == ["w0", "w1"]
+
+
 # --- pins -------------------------------------------------------------------------------------
 
 

@@ -63,6 +63,7 @@ from lora_gateway.engine.base import (
     TopLogprob,
     next_lora_id,
 )
+from lora_gateway.stores import base_model_spec
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,8 @@ class VLLMEngine:
         self._settings = settings
         self._args = args
         self.max_loras = settings.max_loras
-        self.max_cpu_loras = settings.max_cpu_loras
+        #: Resolved by `start` (`Settings.engine_cpu_loras`) when the setting is unset.
+        self.max_cpu_loras = settings.engine_cpu_loras(1)
         self.max_model_len = int(llm.model_config.max_model_len)
         self.null_adapter = null_adapter
         #: The runtime canary's adapter, in its own reserved slot (None: canary off).
@@ -160,6 +162,13 @@ class VLLMEngine:
                 )
             for warning in quantization.cpu_warnings(quant, kernels):
                 log.warning("quantization %s: %s", quant.label, warning)
+        if settings.max_cpu_loras is None:
+            smallest = 1
+            if settings.host_lora_budget_bytes:
+                spec = await asyncio.to_thread(base_model_spec, settings)
+                smallest = spec.smallest_full_adapter_bytes()
+            settings = settings.replace(max_cpu_loras=settings.engine_cpu_loras(smallest))
+            log.info("max_cpu_loras derived: %d", settings.max_cpu_loras)
         use_null = settings.null_adapter == "on" or (
             settings.null_adapter == "auto" and current_platform.is_cpu()
         )
@@ -173,7 +182,7 @@ class VLLMEngine:
             "quantization": settings.quantization,
             "enable_lora": True,
             "max_loras": settings.max_loras + extra_slots,
-            "max_cpu_loras": settings.max_cpu_loras + extra_slots,
+            "max_cpu_loras": settings.engine_cpu_loras(1) + extra_slots,
             "max_lora_rank": settings.max_lora_rank,
             "max_model_len": settings.max_model_len,
             "max_num_seqs": settings.max_num_seqs,

@@ -82,6 +82,7 @@ class Residency:
             self.metrics,
             slot_wait_s=slot_wait_s,
             host_budget_bytes=host_budget_bytes,
+            smallest_adapter_bytes=spec.smallest_full_adapter_bytes(),
         )
         self.manifests = ManifestCache(
             store,

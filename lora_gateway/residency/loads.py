@@ -172,7 +172,7 @@ class Loads:
                 lora_name=f"{version.tenant}/{version.name}@sha256:{sha}",
                 path=path,
             )
-            nbytes = sum(f.size for f in version.files if f.filename in ADAPTER_FILES)
+            nbytes = self.slots.host_bytes(version)
             await self.slots.reserve(key, tenant, nbytes)
             reserved = time.perf_counter()  # the slot wait and the evictions are behind
             try:

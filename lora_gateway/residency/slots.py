@@ -9,8 +9,12 @@
   LRU flushed it after `max_cpu_loras` cold ones). GPU slots (`max_loras`) are left to vLLM's
   scheduler.
 - With `host_budget_bytes` (Settings.host_lora_budget_bytes) the host tier is also bounded in
-  bytes, by each version's real size (its weights file): a load evicts (same order) until both
-  the count and the bytes fit; a version larger than the whole budget is refused at once.
+  bytes, by each version's real size (its files), and at least `smallest_adapter_bytes` (rank
+  1 on every layer: `host_bytes`): a load evicts (same order) until both the count and the
+  bytes fit; a version larger than the whole budget is refused at once. With `max_cpu_loras`
+  unset the count is the budget over that smallest size (`Settings.engine_cpu_loras`), so the
+  bytes bind first. Shares stay by count (`max_engine_slots`): a tenant's requests hold at most
+  that many versions, whatever they weigh.
 - Engine slots are shared fairly (invariant 11). A request *holds* its version from the moment
   it asks for it until it ends. A tenant's requests hold at most `TenantConfig.max_engine_slots`
   distinct unpinned versions at once (and never more than the unpinned capacity minus one), so
@@ -29,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from adapter_store import AdapterVersion, DiskCache
+from adapter_store.model import ADAPTER_FILES
 from lora_gateway import errors
 from lora_gateway.engine.base import Engine, LoadedAdapter
 from lora_gateway.metrics import Metrics
@@ -131,6 +136,7 @@ class Slots:
         *,
         slot_wait_s: float = SLOT_WAIT_S,
         host_budget_bytes: int = 0,
+        smallest_adapter_bytes: int = 0,
     ) -> None:
         self.engine = engine
         self.cache = cache
@@ -150,6 +156,8 @@ class Slots:
         #: Bytes the host tier may hold (0: no byte bound), and bytes reserved like `reserved`.
         self.host_budget_bytes = host_budget_bytes
         self.reserved_bytes = 0
+        #: What a version counts as at least, with a byte budget (`host_bytes`).
+        self.smallest_adapter_bytes = smallest_adapter_bytes
         self._slot_gate = FifoGate()
         self._tenant_gates: dict[str, FifoGate] = {}
 
@@ -223,6 +231,14 @@ class Slots:
             gate.wake_all()
 
     # --- engine slots -------------------------------------------------------------------------
+    def host_bytes(self, version: AdapterVersion) -> int:
+        """What `version` weighs in the host tier: its files' real size, and, with a byte
+        budget, at least the smallest adapter that changes every layer of the base
+        (`BaseModelSpec.smallest_full_adapter_bytes`), so that a `max_cpu_loras` derived from
+        the budget (the budget over that size) never binds before the bytes do."""
+        nbytes = sum(f.size for f in version.files if f.filename in ADAPTER_FILES)
+        return max(nbytes, self.smallest_adapter_bytes) if self.host_budget_bytes else nbytes
+
     def occupied(self) -> int:
         return len(self.resident) + self.reserved
 
