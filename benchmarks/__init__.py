@@ -1,8 +1,9 @@
 """Benchmarks of lora-gateway: `python -m benchmarks [--smoke] [--only NAME ...] [--out DIR]`.
 
-Eight benchmarks, each reporting ratios measured within one run (so that a noisy machine still
-gives meaningful numbers): the gateway against stock `vllm serve` on the mixed workload (both
-as server processes, one at a time, before anything else starts), gateway overhead against the
+Nine benchmarks, each reporting ratios measured within one run (so that a noisy machine still
+gives meaningful numbers): the gateway against stock `vllm serve` on the mixed workload and on
+200 adapters under Zipf traffic with vLLM's filesystem resolver (both as server processes, one
+at a time, before anything else starts), gateway overhead against the
 engine alone, cold start phase by phase against the physical floor, many adapters under Zipf
 traffic, the thundering herd on one cold adapter, revocation racing in-flight requests, a
 quantized base against float32 (memory and throughput), and the request features (structured
@@ -12,6 +13,7 @@ per benchmark and `<out>/SUMMARY.md`.
 
 BENCHMARKS = (
     "peer",
+    "peer_zipf",
     "overhead",
     "cold_start",
     "many_adapters",

@@ -330,17 +330,21 @@ class Bench:
         return f"{prefix}/tenants/{TENANT}/adapters/{name}/versions/{sha}/{filename}"
 
     @contextlib.asynccontextmanager
-    async def gateway(self, prefix: str, **changes: Any) -> AsyncIterator[Gateway]:
-        """A gateway on the shared engine; at exit it stops and the engine is emptied."""
+    async def gateway(
+        self, prefix: str, engine: Engine | None = None, **changes: Any
+    ) -> AsyncIterator[Gateway]:
+        """A gateway on `engine` (default: the shared one); at exit it stops and the engine is
+        emptied."""
+        engine = self.engine if engine is None else engine
         try:
             async with (
-                running_gateway(self.settings(prefix, **changes), self.engine, grace=0.5) as server,
+                running_gateway(self.settings(prefix, **changes), engine, grace=0.5) as server,
                 AsyncGatewayClient(target(server), USER_KEY, timeout=300.0) as user,
                 AsyncGatewayClient(target(server), ADMIN_KEY, timeout=300.0) as admin,
             ):
                 yield Gateway(server, user, admin)
         finally:
-            await clear_engine(self.engine)
+            await clear_engine(engine)
 
 
 @contextlib.asynccontextmanager

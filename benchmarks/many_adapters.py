@@ -23,6 +23,7 @@ and evictions per 1,000 requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -41,6 +42,8 @@ from benchmarks._support import (
 )
 from lora_gateway import devtools
 from lora_gateway.client import GenerateOptions
+from lora_gateway.engine.base import Engine
+from lora_gateway.engine.vllm_engine import VLLMEngine
 from lora_gateway.metrics import LoadPhase
 from tests.support.metrics import load_seconds, residency_counts
 
@@ -70,10 +73,16 @@ class Params:
     max_tokens: int = 8
     rank: int = 8
     upload_concurrency: int = 4
+    host_budget_bytes: int = 2 << 30
+    """The `_host` scenarios (0: none): alpha=1 again at each size, on an engine whose host tier
+    is this many bytes with `max_cpu_loras` derived from it (Settings.host_lora_budget_bytes):
+    every adapter of the run fits in host memory, as in S-LoRA."""
 
 
 DEFAULT = Params()
-SMOKE = Params(adapters=20, large=40, requests=30, concurrency=4, max_tokens=4)
+SMOKE = Params(
+    adapters=20, large=40, requests=30, concurrency=4, max_tokens=4, host_budget_bytes=16 << 20
+)
 
 
 def _cache_size(params: Params) -> int:
@@ -87,7 +96,8 @@ def _large(params: Params) -> bool:
 
 
 def phases(params: Params) -> int:
-    return 2 + 2 * len(params.alphas) + (3 if _large(params) else 0)
+    host = (3 + int(_large(params))) if params.host_budget_bytes else 0
+    return 2 + 2 * len(params.alphas) + (3 if _large(params) else 0) + host
 
 
 def adapter_name(index: int) -> str:
@@ -161,11 +171,18 @@ async def upload_range(bench: Bench, params: Params, start: int, stop: int) -> d
 
 
 async def scenario(
-    bench: Bench, params: Params, label: str, passes: list[list[int]]
+    bench: Bench,
+    params: Params,
+    label: str,
+    passes: list[list[int]],
+    engine: Engine | None = None,
+    **changes: Any,
 ) -> list[dict[str, Any]]:
-    """`passes` one after another on one fresh gateway: one result each."""
+    """`passes` one after another on one fresh gateway (on `engine`, with `changes` to its
+    settings): one result each."""
     out = []
-    async with bench.gateway(PREFIX, manifest_cache_size=_cache_size(params)) as gw:
+    cache_size = _cache_size(params)
+    async with bench.gateway(PREFIX, engine, manifest_cache_size=cache_size, **changes) as gw:
         metrics = gw.server.gateway.residency.metrics
         if label == "single":
             await gw.user.generate(adapter_name(0), "warm up", GenerateOptions(max_tokens=1))
@@ -238,14 +255,24 @@ async def run(bench: Bench, params: Params) -> dict[str, Any]:
         with progress.phase(f"many_adapters: one adapter ({index + 1})"):
             singles.extend(await scenario(bench, params, "single", [[0] * params.requests]))
 
-    async def zipf(count: int, alpha: float, seed: int) -> None:
+    host: dict[str, Any] = {}  # the engine of the `_host` scenarios and their baseline
+
+    async def zipf(count: int, alpha: float, seed: int, on_host: bool = False) -> None:
         label = f"zipf_{alpha:g}" + ("" if count == params.adapters else f"_{count}")
-        with progress.phase(f"many_adapters: {count} adapters, Zipf alpha={alpha:g}"):
+        label += "_host" if on_host else ""
+        what = " (host tier in bytes)" if on_host else ""
+        with progress.phase(f"many_adapters: {count} adapters, Zipf alpha={alpha:g}{what}"):
             passes = [
                 zipf_choices(count, alpha, params.requests, seed=s) for s in (seed, seed + 50)
             ]
-            cold, steady = await scenario(bench, params, label, passes)
-        scenarios[f"{label}_cold"] = {**cold, "scenario": f"{label}_cold", "adapters": count}
+            if on_host:
+                cold, steady = await scenario(
+                    bench, params, label, passes, host["engine"], **host["changes"]
+                )
+            else:
+                cold, steady = await scenario(bench, params, label, passes)
+        cold_label = label.replace("_host", "_cold_host") if on_host else f"{label}_cold"
+        scenarios[cold_label] = {**cold, "scenario": cold_label, "adapters": count}
         scenarios[label] = {**steady, "adapters": count}
 
     # The one-adapter baseline runs before, between and after the Zipf scenarios; the baseline
@@ -254,21 +281,49 @@ async def run(bench: Bench, params: Params) -> dict[str, Any]:
     for index, alpha in enumerate(params.alphas):
         await zipf(params.adapters, alpha, 10 + index)
         await single(index + 1)
-    if _large(params):
-        with progress.phase(f"many_adapters: upload up to {params.large} through the API"):
-            uploads.append(await upload_range(bench, params, params.adapters, params.large))
-        await zipf(params.large, 1.0, 30)
-        await single(len(params.alphas) + 1)
+    async with contextlib.AsyncExitStack() as stack:
+        if params.host_budget_bytes:
+            with progress.phase("many_adapters: engine with a host tier in bytes"):
+                host["changes"] = {
+                    "max_cpu_loras": None,
+                    "host_lora_budget_bytes": params.host_budget_bytes,
+                }
+                host["engine"] = await VLLMEngine.start(
+                    bench.engine_settings().replace(**host["changes"])
+                )
+                stack.push_async_callback(host["engine"].shutdown)
+            with progress.phase("many_adapters: one adapter, host-tier engine"):
+                host["singles"] = await scenario(
+                    bench, params, "single", [[0] * params.requests], host["engine"],
+                    **host["changes"],
+                )  # fmt: skip
+            await zipf(params.adapters, 1.0, 10, on_host=True)  # the draws of zipf_1
+        if _large(params):
+            with progress.phase(f"many_adapters: upload up to {params.large} through the API"):
+                uploads.append(await upload_range(bench, params, params.adapters, params.large))
+            await zipf(params.large, 1.0, 30)
+            await single(len(params.alphas) + 1)
+            if params.host_budget_bytes:
+                await zipf(params.large, 1.0, 30, on_host=True)
+        host_cpu_loras = host["engine"].max_cpu_loras if host else None
     base_rps = float(np.median([r["throughput_rps"] for r in singles]))
     base_p99 = float(np.median([r["ttft_p99_s"] for r in singles]))
     middle = sorted(singles, key=lambda r: r["throughput_rps"])[len(singles) // 2]
     scenarios = {"single": middle, **scenarios}
-    for result in scenarios.values():
-        result["throughput_vs_single"] = result["throughput_rps"] / base_rps
-        result["ttft_p99_vs_single"] = result["ttft_p99_s"] / base_p99
+    if host:
+        scenarios["single_host"] = {**host["singles"][0], "scenario": "single_host"}
+    for label, result in scenarios.items():
+        # A `_host` scenario against the one adapter on its own engine.
+        one = scenarios["single_host"] if label.endswith("_host") else None
+        result["throughput_vs_single"] = result["throughput_rps"] / (
+            one["throughput_rps"] if one else base_rps
+        )
+        result["ttft_p99_vs_single"] = result["ttft_p99_s"] / (
+            one["ttft_p99_s"] if one else base_p99
+        )
     headline: dict[str, float] = {}
     for label, result in scenarios.items():
-        if label == "single":
+        if label.startswith("single"):
             continue
         headline[f"{label}_throughput_vs_single"] = result["throughput_vs_single"]
         headline[f"{label}_ttft_p99_vs_single"] = result["ttft_p99_vs_single"]
@@ -283,6 +338,9 @@ async def run(bench: Bench, params: Params) -> dict[str, Any]:
             "max_loras": bench.engine.max_loras,
             "max_cpu_loras": bench.engine.max_cpu_loras,
         },
+        "host_engine": None
+        if host_cpu_loras is None
+        else {"host_lora_budget_bytes": params.host_budget_bytes, "max_cpu_loras": host_cpu_loras},
         "scenarios": scenarios,
         "single_runs": [{k: v for k, v in r.items() if k != "ttft_s"} for r in singles],
         "single_baseline": {"throughput_rps": base_rps, "ttft_p99_s": base_p99},

@@ -33,7 +33,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -136,9 +136,14 @@ def _drain(process: subprocess.Popen[str]) -> None:
 
 @contextlib.contextmanager
 def gateway_server(
-    model: Path, work: Path, folders: dict[str, Path], omp1: bool = False
+    model: Path,
+    work: Path,
+    folders: dict[str, Path],
+    omp1: bool = False,
+    engine: Mapping[str, object] = ENGINE_DEFAULTS,
 ) -> Iterator[str]:
-    """`lora-gateway serve` on a local store holding `folders`: yields host:port."""
+    """`lora-gateway serve` on a local store holding `folders` (uploaded the first time), with
+    the engine settings `engine`: yields host:port."""
     store = work / "store"
     if not store.exists():
         spec = BaseModelSpec.from_hf_config(
@@ -151,7 +156,7 @@ def gateway_server(
             registry.upload_dir(TENANT, name, folder, created_by="benchmarks")
     tenants = write_tenants(work / "tenants.yaml", {TENANT: {"max_concurrent": 512}})
     config = {
-        **ENGINE_DEFAULTS,
+        **engine,
         "model": str(model),
         "base_model_aliases": [devtools.TINY_MODEL_NAME],
         "store": f"file://{store}",
@@ -182,10 +187,28 @@ def gateway_server(
 
 @contextlib.contextmanager
 def peer_server(
-    model: Path, folders: dict[str, Path], port: int, omp1: bool = False
+    model: Path,
+    folders: dict[str, Path],
+    port: int,
+    omp1: bool = False,
+    engine: Mapping[str, object] = ENGINE_DEFAULTS,
+    resolver_dir: Path | None = None,
 ) -> Iterator[str]:
-    """Stock vLLM's OpenAI server with the adapters as `--lora-modules`: yields its base URL."""
+    """Stock vLLM's OpenAI server with the engine settings `engine`: yields its base URL. The
+    adapters are `folders` as `--lora-modules`, or, with `resolver_dir`, whatever vLLM's own
+    filesystem resolver (the `lora_filesystem_resolver` plugin, runtime LoRA updating on)
+    finds there by the requested name, loaded at its first request."""
     modules = [f"{name}={folder}" for name, folder in folders.items()]
+    env = _env(omp1)
+    if resolver_dir is not None:
+        modules = []
+        env.update(
+            {
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+                "VLLM_PLUGINS": "lora_filesystem_resolver",
+                "VLLM_LORA_RESOLVER_CACHE_DIR": str(resolver_dir),
+            }
+        )
     process = subprocess.Popen(
         [
             sys.executable,
@@ -197,29 +220,28 @@ def peer_server(
             devtools.TINY_MODEL_NAME,
             "--enable-lora",
             "--max-lora-rank",
-            str(ENGINE_DEFAULTS["max_lora_rank"]),
+            str(engine["max_lora_rank"]),
             "--max-loras",
-            str(ENGINE_DEFAULTS["max_loras"]),
+            str(engine["max_loras"]),
             "--max-cpu-loras",
-            str(ENGINE_DEFAULTS["max_cpu_loras"]),
+            str(engine["max_cpu_loras"]),
             "--dtype",
-            "float32",
+            str(engine["dtype"]),
             "--max-model-len",
-            str(ENGINE_DEFAULTS["max_model_len"]),
+            str(engine["max_model_len"]),
             "--max-num-seqs",
-            str(ENGINE_DEFAULTS["max_num_seqs"]),
+            str(engine["max_num_seqs"]),
             "--enforce-eager",
             "--host",
             "127.0.0.1",
             "--port",
             str(port),
-            "--lora-modules",
-            *modules,
+            *(["--lora-modules", *modules] if modules else []),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=_env(omp1),
+        env=env,
         start_new_session=True,
     )
     try:
@@ -272,9 +294,16 @@ def workload(params: Params) -> list[tuple[str, list[int]]]:
     ]
 
 
-async def measure(ask: Ask, params: Params, progress: Progress, label: str) -> dict[str, Any]:
-    """Solo answers first, then `rounds` closed-loop rounds: each round's rate and wrongs."""
-    jobs = workload(params)
+async def measure(
+    ask: Ask,
+    params: Any,
+    progress: Progress,
+    label: str,
+    jobs: list[tuple[str, list[int]]] | None = None,
+) -> dict[str, Any]:
+    """Solo answers first, then `params.rounds` closed-loop rounds of `jobs` (default: this
+    module's `workload`) at `params.concurrency`: each round's rate and wrongs."""
+    jobs = workload(params) if jobs is None else jobs
     solo: dict[tuple[str, tuple[int, ...]], str] = {}
     for model, ids in dict.fromkeys((m, tuple(i)) for m, i in jobs):
         solo[(model, ids)] = await ask(model, list(ids))

@@ -70,7 +70,26 @@ def write(results: dict[str, Result], out: Path, *, seconds: float) -> None:
         fig = PLOTS[name](result)
         fig.savefig(out / f"{name}.png", dpi=110)
         plt.close(fig)
-    (out / "SUMMARY.md").write_text(summary(results, host, seconds))
+    earlier = _earlier(out, results)
+    (out / "SUMMARY.md").write_text(summary({**earlier, **results}, host, seconds, set(earlier)))
+
+
+def _earlier(out: Path, results: dict[str, Result]) -> dict[str, Result]:
+    """The other benchmarks' results already in `out` (a run of some of them, `--only`, keeps
+    the rest of the summary), smoke results only with a smoke run and full ones with a full."""
+    smoke = any(r.get("smoke") for r in results.values())
+    found: dict[str, Result] = {}
+    for name in ROWS:
+        path = out / f"{name}.json"
+        if name in results or not path.is_file():
+            continue
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(result, dict) and bool(result.get("smoke")) == smoke:
+            found[name] = result
+    return found
 
 
 def _finite(value: Any) -> Any:
@@ -138,6 +157,40 @@ def rows_peer(r: Result) -> list[tuple[str, str]]:
     return rows
 
 
+def rows_peer_zipf(r: Result) -> list[tuple[str, str]]:
+    p, h = r["params"], r["headline"]
+    g, v = r["systems"]["gateway"], r["systems"]["peer"]
+    rows = [
+        (
+            "workload",
+            f"{p['adapters']} adapters ({r['distinct_adapters_used']} used), Zipf alpha="
+            f"{p['alpha']:g}, {p['requests']} requests per round, concurrency "
+            f"{p['concurrency']}, {p['tokens']} tokens, max_loras {r['engine']['max_loras']} / "
+            f"max_cpu_loras {r['engine']['max_cpu_loras']}; the peer with vLLM's filesystem "
+            f"resolver; {p['rounds']} rounds x {p['passes']} passes per system, alternating",
+        ),
+        (
+            "gateway / stock vllm serve: median req/s; fast phases (upper-half medians)",
+            f"{_x(h['gateway_vs_peer'])}; {_x(h['gateway_vs_peer_fast_phase'])}",
+        ),
+        (
+            "first request of a cold adapter (1 token), p50: gateway / stock vllm serve",
+            f"{_ms(g['cold_p50_s'])} / {_ms(v['cold_p50_s'])} = "
+            f"{_x(h['cold_p50_gateway_vs_peer'])} (warm: {_ms(g['warm_p50_s'])} / "
+            f"{_ms(v['warm_p50_s'])})",
+        ),
+    ]
+    for label, s in (("gateway", g), ("stock vllm serve", v)):
+        rows.append(
+            (
+                f"{label}: median req/s (p10-p90); rounds in a slow phase; wrong outputs",
+                f"{s['median_rps']:.1f} ({s['p10_rps']:.1f}-{s['p90_rps']:.1f}); "
+                f"{s['slow_rounds']} of {s['rounds']}; {s['wrong_outputs']} of {s['outputs']}",
+            )
+        )
+    return rows
+
+
 def rows_overhead(r: Result) -> list[tuple[str, str]]:
     p, c, paths = r["params"], r["comparison"], r["paths"]
     size = (
@@ -195,10 +248,14 @@ def rows_cold_start(r: Result) -> list[tuple[str, str]]:
 
 
 def _many_title(label: str, scenario: dict[str, Any]) -> str:
-    """'zipf_1_10000_cold' -> '10000 adapters, alpha=1, cold pass'."""
+    """'zipf_1_10000_cold' -> '10000 adapters, alpha=1, cold pass'; a '_host' label (the
+    engine whose host tier is sized in bytes) says so."""
+    host = label.endswith("_host")
+    label = label.removesuffix("_host")
     alpha = label.split("_")[1]
     phase = "cold pass" if label.endswith("_cold") else "steady pass"
-    return f"{scenario.get('adapters', '?')} adapters, alpha={alpha}, {phase}"
+    where = ", host tier in bytes" if host else ""
+    return f"{scenario.get('adapters', '?')} adapters, alpha={alpha}, {phase}{where}"
 
 
 def rows_many(r: Result) -> list[tuple[str, str]]:
@@ -221,8 +278,17 @@ def rows_many(r: Result) -> list[tuple[str, str]]:
                 f"with {upload['manifests_known']} manifests cached",
             )
         )
+    host = r.get("host_engine")
+    if host:
+        rows.append(
+            (
+                "host tier in bytes (the `_host` scenarios, against one adapter on that engine)",
+                f"host_lora_budget_bytes {_mib(host['host_lora_budget_bytes'])}: max_cpu_loras "
+                f"derived {host['max_cpu_loras']}",
+            )
+        )
     for label, s in r["scenarios"].items():
-        if label == "single":
+        if label.startswith("single"):
             continue
         title = _many_title(label, s)
         rows.append(
@@ -351,6 +417,7 @@ def rows_features(r: Result) -> list[tuple[str, str]]:
 
 ROWS: dict[str, Callable[[Result], list[tuple[str, str]]]] = {
     "peer": rows_peer,
+    "peer_zipf": rows_peer_zipf,
     "overhead": rows_overhead,
     "cold_start": rows_cold_start,
     "many_adapters": rows_many,
@@ -361,20 +428,38 @@ ROWS: dict[str, Callable[[Result], list[tuple[str, str]]]] = {
 }
 
 
-def summary(results: dict[str, Result], host: dict[str, Any], seconds: float) -> str:
+def summary(
+    results: dict[str, Result],
+    host: dict[str, Any],
+    seconds: float,
+    earlier: set[str] | frozenset[str] = frozenset(),
+) -> str:
+    """The table of every benchmark in `results`; those in `earlier` came from earlier runs
+    (their own machine line and date are named)."""
     smoke = any(r.get("smoke") for r in results.values())
     lines = [
         "# Benchmark summary" + (" (smoke sizes: not figures to quote)" if smoke else ""),
         "",
         f"Machine: {host['cpu']}, {host['cores']} cores, {host['platform']}, Python "
         f"{host['python']}, {host['vllm']}; {host['date']}; whole run {seconds:.0f} s.",
-        "Every figure is a ratio or a difference measured within this run.",
-        "",
-        "| benchmark | figure | value |",
-        "| --- | --- | --- |",
+        "Every figure is a ratio or a difference measured within one run of its benchmark.",
     ]
-    for name, result in results.items():
-        for label, value in ROWS[name](result):
+    if earlier:
+        dates = ", ".join(
+            f"{name} ({results[name].get('machine', {}).get('date', 'date unknown')})"
+            for name in ROWS
+            if name in earlier
+        )
+        lines.append(f"From earlier runs (`--only` ran the others): {dates}.")
+    lines += ["", "| benchmark | figure | value |", "| --- | --- | --- |"]
+    for name in sorted(results, key=list(ROWS).index):
+        try:
+            rows = ROWS[name](results[name])
+        except (KeyError, TypeError, IndexError, ZeroDivisionError):
+            if name not in earlier:
+                raise
+            rows = [("results", f"{name}.json is of an older format: run `--only {name}`")]
+        for label, value in rows:
             lines.append(f"| {name} | {label} | {value} |")
     problems = [(n, p) for n, r in results.items() for p in r.get("problems", [])]
     if problems:
@@ -496,6 +581,34 @@ def plot_peer(r: Result) -> Figure:
     return fig
 
 
+def plot_peer_zipf(r: Result) -> Figure:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.2))
+    for system, color in (("gateway", "C0"), ("peer", "C1")):
+        one = r["systems"][system]
+        label = "stock vllm serve (filesystem resolver)" if system == "peer" else system
+        rates = [x for p in one["passes"] for x in p["rounds_rps"]]
+        a.plot(range(len(rates)), rates, "o-", color=color, label=label, ms=3)
+        _cdf(b, [x for p in one["passes"] for x in p["cold_s"]], f"{label}, cold", color)
+        warm = np.sort([x * 1e3 for p in one["passes"] for x in p["warm_s"]])
+        b.plot(warm, np.arange(1, len(warm) + 1) / max(1, len(warm)), ":", color=color)
+    a.set_xlabel("round (passes one after another)")
+    a.set_ylabel("requests / s")
+    a.set_title("each round")
+    a.legend()
+    b.set_xlabel("first request of an adapter, 1 token (ms); dotted: its second")
+    b.set_ylabel("fraction of probes")
+    b.set_title("cold adapter")
+    b.legend()
+    h = r["headline"]
+    fig.suptitle(
+        f"{r['params']['adapters']} adapters, Zipf: gateway / stock vllm serve = "
+        f"{h['gateway_vs_peer']:.2f}x (medians), {h['gateway_vs_peer_fast_phase']:.2f}x (fast "
+        f"phases); wrong outputs {h['gateway_wrong']} / {h['peer_wrong']}"
+    )
+    fig.tight_layout()
+    return fig
+
+
 def plot_many(r: Result) -> Figure:
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4.2))
     labels = list(r["scenarios"])
@@ -509,7 +622,7 @@ def plot_many(r: Result) -> Figure:
     b.set_ylabel("fraction")
     b.set_title("time to first token (CDF)")
     b.legend()
-    zipf = [s for s in labels if s != "single"]
+    zipf = [s for s in labels if not s.startswith("single")]
     x = np.arange(len(zipf))
     engine = [r["scenarios"][s]["engine_hit_ratio"] for s in zipf]
     disk = [r["scenarios"][s]["disk_hit_ratio"] or 0.0 for s in zipf]
@@ -633,6 +746,7 @@ def plot_features(r: Result) -> Figure:
 
 PLOTS: dict[str, Callable[[Result], Figure]] = {
     "peer": plot_peer,
+    "peer_zipf": plot_peer_zipf,
     "overhead": plot_overhead,
     "cold_start": plot_cold_start,
     "many_adapters": plot_many,

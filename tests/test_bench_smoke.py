@@ -23,6 +23,7 @@ pytestmark = pytest.mark.engine
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = (
     "peer",
+    "peer_zipf",
     "overhead",
     "cold_start",
     "many_adapters",
@@ -33,6 +34,7 @@ BENCHMARKS = (
 )
 REQUIRED = {
     "peer": ("systems", "engine"),
+    "peer_zipf": ("systems", "engine", "distinct_adapters_used"),
     "overhead": ("paths", "comparison", "samples"),
     "cold_start": ("by_rank", "trials"),
     "many_adapters": ("scenarios", "engine"),
@@ -79,6 +81,14 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert peer["systems"][system]["rounds"] == 2
         assert peer["systems"][system]["median_rps"] > 0
     assert peer["systems"]["gateway"]["wrong_outputs"] == 0  # the guard; the peer's are counted
+    zipf = json.loads((out / "peer_zipf.json").read_text())
+    for system in ("gateway", "peer"):  # the peer resolved every adapter from its folder
+        one = zipf["systems"][system]
+        assert one["rounds"] == 2
+        assert one["median_rps"] > 0
+        assert len(one["passes"][0]["cold_s"]) == 2
+        assert one["cold_p50_s"] > 0
+    assert zipf["systems"]["gateway"]["wrong_outputs"] == 0
     overhead = json.loads((out / "overhead.json").read_text())
     assert set(overhead["paths"]) == {"engine", "gateway_unary", "gateway_stream"}
     for summary in overhead["paths"].values():
@@ -87,6 +97,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert {"single", "zipf_1", "zipf_1_cold", "zipf_0.5", "zipf_1_40", "zipf_1_40_cold"} <= set(
         many["scenarios"]
     )
+    # The host tier in bytes: its own engine, max_cpu_loras derived (16 MiB / 1,536 B), every
+    # adapter of the smoke run resident after the cold pass (its steady pass loads only new ones).
+    assert many["host_engine"]["max_cpu_loras"] == 10_922
+    host = many["scenarios"]
+    assert {"single_host", "zipf_1_host", "zipf_1_cold_host", "zipf_1_40_host"} <= set(host)
+    assert host["zipf_1_host"]["evictions"] == 0
     # Uploaded through the API in two stages (20, then up to 40), each listed in full.
     assert [(u["uploaded"], u["stored"], u["listed"]) for u in many["uploads"]] == [
         (20, 20, 20),
