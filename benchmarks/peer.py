@@ -141,9 +141,10 @@ def gateway_server(
     folders: dict[str, Path],
     omp1: bool = False,
     engine: Mapping[str, object] = ENGINE_DEFAULTS,
+    changes: Mapping[str, object] | None = None,
 ) -> Iterator[str]:
     """`lora-gateway serve` on a local store holding `folders` (uploaded the first time), with
-    the engine settings `engine`: yields host:port."""
+    the engine settings `engine` and any other `changes` to its settings: yields host:port."""
     store = work / "store"
     if not store.exists():
         spec = BaseModelSpec.from_hf_config(
@@ -166,6 +167,7 @@ def gateway_server(
         "max_concurrent_requests": 512,
         "tenant_max_concurrent": 512,
         "drain_grace_s": 1.0,
+        **(changes or {}),
     }
     (work / "gateway.yaml").write_text(yaml.safe_dump(config))
     command = [str(Path(sys.executable).parent / "lora-gateway"), "serve", "--config"]

@@ -11,7 +11,9 @@ systems run as server processes on 127.0.0.1, one at a time, with the same engin
 
 Each system, fresh (nothing loaded), per pass:
 1. cold: `cold_probes` adapters nobody else asks for, one request each, one at a time, 1 token:
-   the latency of an adapter's first request; then the same again (warm) for comparison;
+   the latency of an adapter's first request; then the same again (warm) for comparison (and
+   after both systems, the gateway once more with its runtime canary off, cold probes only:
+   `NO_CANARY`);
 2. solo answers: every (adapter, prompt) of the workload alone, the reference for wrongs;
 3. `rounds` closed-loop rounds of `requests` requests at `concurrency`, adapters drawn from a
    Zipf law of exponent `alpha` over the names (seeded: the same draws for both systems and
@@ -75,10 +77,15 @@ class Params:
 DEFAULT = Params()
 SMOKE = Params(adapters=12, requests=24, concurrency=4, tokens=4, rounds=2, passes=1, cold_probes=2)
 SYSTEMS = ("gateway", "peer")
+#: Cold probes only: the gateway with its runtime canary off. The canary checks the engine right
+#: after the first request on each newly loaded version (engine/canary.py), so on the gateway a
+#: cold request that follows another shares the engine with that check; this tells the load
+#: path's own cost from the check's.
+NO_CANARY = "gateway_no_canary"
 
 
 def phases(params: Params) -> int:
-    return 1 + len(SYSTEMS) * params.passes
+    return 1 + (len(SYSTEMS) + 1) * params.passes
 
 
 def names(params: Params) -> list[str]:
@@ -126,12 +133,17 @@ async def one_system(
 
     jobs = workload(params)
     one_token = dataclass_replace(params, tokens=1)
-    if system == "gateway":
+    if system.startswith("gateway"):
         # Fresh like the peer: its disk cache too (the store stays: the peer's folder does).
         await asyncio.to_thread(shutil.rmtree, work / "gateway" / "cache", ignore_errors=True)
-        with gateway_server(model, work / "gateway", folders, engine=ENGINE) as target:
+        changes = {"canary_interval_s": 0} if system == NO_CANARY else {}
+        with gateway_server(
+            model, work / "gateway", folders, engine=ENGINE, changes=changes
+        ) as target:
             async with AsyncGatewayClient(target, key_of(TENANT)) as client:
                 latency = await cold_and_warm(gateway_ask(client, one_token), params)
+                if system == NO_CANARY:
+                    return latency
                 result = await measure(gateway_ask(client, params), params, progress, system, jobs)
     else:
         with peer_server(
@@ -184,19 +196,28 @@ async def run_standalone(work: Path, params: Params, progress: Progress) -> dict
             for i, name in enumerate(names(params))
         }
     distinct = len({name for name, _ in workload(params)})
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in SYSTEMS}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in (*SYSTEMS, NO_CANARY)}
     for number in range(params.passes):
-        for system in SYSTEMS if number % 2 == 0 else SYSTEMS[::-1]:
+        for system in (*(SYSTEMS if number % 2 == 0 else SYSTEMS[::-1]), NO_CANARY):
             with progress.phase(f"peer_zipf: pass {number + 1}, {system}"):
                 runs[system].append(
                     await one_system(system, model, work, folders, params, progress)
                 )
+    no_canary = runs.pop(NO_CANARY)
     systems = {name: summarize_system(passes, params) for name, passes in runs.items()}
+    cold_nc = [x for p in no_canary for x in p["cold_s"]]
+    warm_nc = [x for p in no_canary for x in p["warm_s"]]
+    systems[NO_CANARY] = {
+        "cold_p50_s": float(np.median(cold_nc)),
+        "warm_p50_s": float(np.median(warm_nc)),
+        "passes": no_canary,
+    }
     gateway, peer = systems["gateway"], systems["peer"]
     headline = {
         "gateway_vs_peer": gateway["median_rps"] / peer["median_rps"],
         "gateway_vs_peer_fast_phase": gateway["fast_phase_rps"] / peer["fast_phase_rps"],
         "cold_p50_gateway_vs_peer": gateway["cold_p50_s"] / peer["cold_p50_s"],
+        "cold_p50_gateway_no_canary_vs_peer": systems[NO_CANARY]["cold_p50_s"] / peer["cold_p50_s"],
         "gateway_wrong": gateway["wrong_outputs"],
         "peer_wrong": peer["wrong_outputs"],
     }

@@ -180,6 +180,16 @@ def rows_peer_zipf(r: Result) -> list[tuple[str, str]]:
             f"{_ms(v['warm_p50_s'])})",
         ),
     ]
+    nc = r["systems"].get("gateway_no_canary")
+    if nc:
+        rows.append(
+            (
+                "the same, gateway with its runtime canary off (the check after each new "
+                "version's first request shares the engine with the next request)",
+                f"{_ms(nc['cold_p50_s'])} = {_x(h['cold_p50_gateway_no_canary_vs_peer'])} "
+                f"(warm {_ms(nc['warm_p50_s'])})",
+            )
+        )
     for label, s in (("gateway", g), ("stock vllm serve", v)):
         rows.append(
             (
@@ -583,6 +593,10 @@ def plot_peer(r: Result) -> Figure:
 
 def plot_peer_zipf(r: Result) -> Figure:
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.2))
+    nc = r["systems"].get("gateway_no_canary")
+    if nc:
+        cold_nc = [x for p in nc["passes"] for x in p["cold_s"]]
+        _cdf(b, cold_nc, "gateway, canary off, cold", "C2")
     for system, color in (("gateway", "C0"), ("peer", "C1")):
         one = r["systems"][system]
         label = "stock vllm serve (filesystem resolver)" if system == "peer" else system

@@ -89,6 +89,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert len(one["passes"][0]["cold_s"]) == 2
         assert one["cold_p50_s"] > 0
     assert zipf["systems"]["gateway"]["wrong_outputs"] == 0
+    assert zipf["systems"]["gateway_no_canary"]["cold_p50_s"] > 0
     overhead = json.loads((out / "overhead.json").read_text())
     assert set(overhead["paths"]) == {"engine", "gateway_unary", "gateway_stream"}
     for summary in overhead["paths"].values():
