@@ -327,7 +327,9 @@ async def measure(
     return {"rounds_rps": rates, "wrong": wrong}
 
 
-def _stats(rates: list[float]) -> dict[str, float]:
+def stats(rates: list[float]) -> dict[str, float]:
+    """Rounds' rates: median, 10th-90th percentile, the upper half's median (the fast phase)
+    and the rounds below half of it (a slow phase)."""
     values = np.asarray(rates, dtype=float)
     median = float(np.median(values))
     upper = values[values >= median]
@@ -336,6 +338,7 @@ def _stats(rates: list[float]) -> dict[str, float]:
         "median_rps": median,
         "p10_rps": float(np.percentile(values, 10)),
         "p90_rps": float(np.percentile(values, 90)),
+        "fast_phase_rps": fast,
         "slow_rounds": int(np.sum(values < fast / 2)),
         "rounds": len(rates),
     }
@@ -383,7 +386,7 @@ async def run_standalone(work: Path, params: Params, progress: Progress) -> dict
         rates = list(itertools.chain.from_iterable(p["rounds_rps"] for p in passes))
         wrong = sum(sum(p["wrong"]) for p in passes)
         systems[system] = {
-            **_stats(rates),
+            **stats(rates),
             "wrong_outputs": wrong,
             "outputs": params.requests * len(rates),
             "passes": passes,

@@ -49,6 +49,7 @@ from benchmarks.peer import (
     measure,
     peer_ask,
     peer_server,
+    stats,
 )
 from lora_gateway import devtools
 from lora_gateway.client import AsyncGatewayClient
@@ -163,21 +164,13 @@ def dataclass_replace(params: Params, **changes: Any) -> Params:
 
 
 def summarize_system(passes: list[dict[str, Any]], params: Params) -> dict[str, Any]:
-    rates = np.asarray(list(itertools.chain.from_iterable(p["rounds_rps"] for p in passes)))
-    median = float(np.median(rates))
-    upper = rates[rates >= median]
-    fast = float(np.median(upper))
+    rates = list(itertools.chain.from_iterable(p["rounds_rps"] for p in passes))
     cold = list(itertools.chain.from_iterable(p["cold_s"] for p in passes))
     warm = list(itertools.chain.from_iterable(p["warm_s"] for p in passes))
     return {
-        "median_rps": median,
-        "p10_rps": float(np.percentile(rates, 10)),
-        "p90_rps": float(np.percentile(rates, 90)),
-        "fast_phase_rps": fast,
-        "slow_rounds": int(np.sum(rates < fast / 2)),
-        "rounds": int(rates.size),
+        **stats(rates),
         "wrong_outputs": sum(sum(p["wrong"]) for p in passes),
-        "outputs": params.requests * int(rates.size),
+        "outputs": params.requests * len(rates),
         "cold_p50_s": float(np.median(cold)),
         "warm_p50_s": float(np.median(warm)),
         "passes": passes,
