@@ -99,6 +99,20 @@ def test_refusals_name_the_missing_op_and_the_library(tmp_path: Path) -> None:
     assert Quantization("fp8", "float", 8, 8).label == "fp8"
 
 
+def test_w4a16_in_float32_is_refused_where_the_kernel_exists(tmp_path: Path) -> None:
+    """`_C::cpu_gemm_wna16` takes 16-bit activations: on a CPU whose library has it (AVX-512),
+    a W4A16 base served in float32 killed the worker at the first forward pass ('not
+    implemented for Float'), so it is refused at start; in bfloat16 it is not."""
+    w4a16 = describe(model(tmp_path, compressed(INT4_G128, None)), None)
+    assert w4a16 is not None
+    text = cpu_refusal(w4a16, AMX, "float32")
+    assert text is not None
+    assert "float32" in text
+    assert "bfloat16" in text
+    assert cpu_refusal(w4a16, AMX, "bfloat16") is None
+    assert cpu_refusal(w4a16, AMX) is None  # "auto": the start-up probe decides
+
+
 def test_w8a8_needs_the_plugin_fix(tmp_path: Path) -> None:
     q = describe(model(tmp_path, compressed(INT8, DYNAMIC_INT8)), None)
     assert q is not None

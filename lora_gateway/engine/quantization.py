@@ -159,8 +159,9 @@ def describe(model: str, setting: str | None) -> Quantization | None:
     return None
 
 
-def cpu_refusal(q: Quantization, kernels: CpuKernels) -> str | None:
-    """Why vLLM's CPU build cannot serve adapters on this base, or None (no objection)."""
+def cpu_refusal(q: Quantization, kernels: CpuKernels, dtype: str = "auto") -> str | None:
+    """Why vLLM's CPU build cannot serve adapters on this base in `dtype` (Settings.dtype), or
+    None (no objection)."""
     if q.weight_type == "float" and q.weight_bits == 8:
         if kernels.fp8:
             return None
@@ -171,6 +172,15 @@ def cpu_refusal(q: Quantization, kernels: CpuKernels) -> str | None:
             "needs AVX-512 BF16 or AMX (library vllm._C)"
         )
     if q.weight_type == "int" and q.activation_bits is None and q.weight_bits == 4:
+        if kernels.wna16 and str(dtype).lower() in ("float32", "float"):
+            # Seen on an AVX-512 BF16 machine: the worker died at the first forward pass with
+            # NotImplementedError: "cpu_gemm_wna16" not implemented for 'Float'.
+            return (
+                "4-bit weight-only kernels (W4A16) take 16-bit activations: "
+                "`_C::cpu_gemm_wna16` has no float32 kernel, and the engine would die at its "
+                "first forward pass. Serve this base with dtype bfloat16 or float16, or use "
+                "W8A8 or W4A8"
+            )
         if kernels.wna16:
             return None
         return (

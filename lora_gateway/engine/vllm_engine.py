@@ -154,7 +154,7 @@ class VLLMEngine:
         )
         if quant is not None and current_platform.is_cpu():
             kernels = await asyncio.to_thread(cpu_kernels)
-            problem = quantization.cpu_refusal(quant, kernels)
+            problem = quantization.cpu_refusal(quant, kernels, settings.dtype)
             if problem is not None:
                 raise errors.InvalidArgument(
                     f"the base model's quantization ({quant.label}) cannot run on this CPU "
