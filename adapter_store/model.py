@@ -117,10 +117,9 @@ DTYPE_MAX: Mapping[str, float] = {
     "bfloat16": float.fromhex("0x1.fep127"),
     "float32": float.fromhex("0x1.fffffep127"),
 }
-#: Spellings of `Settings.dtype` / vLLM's `--dtype` and of config.json's `torch_dtype`.
 #: Bytes per element of each serving dtype.
 DTYPE_BYTES: Mapping[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
-
+#: Spellings of `Settings.dtype` / vLLM's `--dtype` and of config.json's `torch_dtype`.
 _DTYPE_NAMES: Mapping[str, str] = {
     "float16": "float16",
     "half": "float16",

@@ -169,6 +169,7 @@ class VLLMEngine:
                 smallest = spec.smallest_full_adapter_bytes()
             settings = settings.replace(max_cpu_loras=settings.engine_cpu_loras(smallest))
             log.info("max_cpu_loras derived: %d", settings.max_cpu_loras)
+        cpu_loras = settings.engine_cpu_loras(1)  # resolved above: the setting itself
         use_null = settings.null_adapter == "on" or (
             settings.null_adapter == "auto" and current_platform.is_cpu()
         )
@@ -182,7 +183,7 @@ class VLLMEngine:
             "quantization": settings.quantization,
             "enable_lora": True,
             "max_loras": settings.max_loras + extra_slots,
-            "max_cpu_loras": settings.engine_cpu_loras(1) + extra_slots,
+            "max_cpu_loras": cpu_loras + extra_slots,
             "max_lora_rank": settings.max_lora_rank,
             "max_model_len": settings.max_model_len,
             "max_num_seqs": settings.max_num_seqs,
