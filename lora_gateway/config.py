@@ -87,6 +87,10 @@ LoraRank = Annotated[
 
 #: A tenant limit that must be at least 1; `UnlimitedAtZero`: at least 0, 0 = unlimited.
 Limit = Annotated[int, Field(strict=True, ge=1)]
+#: `cpu_queue_wait_us`; also what vLLM's processes read from the environment (vllm_plugin).
+QueueWaitUs = Annotated[int, Field(ge=0, le=10_000)]
+#: The environment variable that carries `cpu_queue_wait_us` into vLLM's processes.
+QUEUE_WAIT_ENV = f"{ENV_PREFIX}CPU_QUEUE_WAIT_US"
 UnlimitedAtZero = Annotated[int, Field(strict=True, ge=0)]
 
 
@@ -177,6 +181,13 @@ class Settings(BaseSettings):
     so can never time, another tenant's cached prompt prefixes. Off: tenants share them."""
     engine_args: EngineArgs = Field(default_factory=dict)
     """Any other vLLM engine argument, passed through as is."""
+    cpu_queue_wait_us: QueueWaitUs = 100
+    """CPU build only: microseconds vLLM's engine-core and worker processes sleep between two
+    looks at the shared-memory queue between them. vLLM busy-waits (`sched_yield`) for 1 s after
+    each message, so on a few cores its two waiting processes take the cores the worker's
+    forward pass and the gateway need (the CPU slow phase, docs/benchmarks.md). 0 keeps vLLM's
+    busy wait. Applied by the package's vLLM plugin in those processes; under `vllm serve` only
+    where `LORA_GATEWAY_CPU_QUEUE_WAIT_US` is set in its environment."""
     null_adapter: NullAdapterMode = "auto"
     """Serve base-model requests through a pinned zero adapter, so that no request in a mixed
     batch runs with vLLM's "no adapter" index (-1). vLLM's CPU LoRA kernels index slots with it

@@ -82,12 +82,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pydantic import TypeAdapter, ValidationError
 
 from adapter_store import (
     AdapterNotFound,
@@ -101,7 +105,7 @@ from adapter_store import (
     StoreUnavailable,
 )
 from adapter_store.validate import validate_adapter
-from lora_gateway.config import Settings
+from lora_gateway.config import QUEUE_WAIT_ENV, QueueWaitUs, Settings
 from lora_gateway.engine.base import next_lora_id
 from lora_gateway.errors import InvalidArgument
 from lora_gateway.stores import Store, open_store
@@ -411,6 +415,7 @@ def register() -> None:
     from vllm.lora.resolver import LoRAResolverRegistry
 
     allow_lora_on_prepacked_int8()
+    quiet_cpu_queue_waits(os.environ.get(QUEUE_WAIT_ENV))
     if not envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING:
         log.debug("lora_gateway resolver not registered: VLLM_ALLOW_RUNTIME_LORA_UPDATING is off")
         return
@@ -434,6 +439,53 @@ def register() -> None:
     _log_through_vllm()
     LoRAResolverRegistry.register_resolver(RESOLVER_NAME, vllm_resolver(StoreResolver(settings)))
     log.info("lora_gateway resolver registered (store %s)", settings.store)
+
+
+def quiet_cpu_queue_waits(value: str | None) -> float | None:
+    """Make vLLM's shared-memory queue waits sleep `value` microseconds instead of spinning;
+    the sleep in seconds if the fix is (now) in place, None where it does not apply.
+
+    vLLM 0.32's `MessageQueue` (distributed/device_communicators/shm_broadcast.py), between the
+    engine core and its worker, has a reader look at its ring buffer in a loop calling
+    `sched_yield()` for 1 s after each message it read (`SpinCondition`, `busy_loop_s = 1`) and
+    a writer do the same while the buffer is full. Under load both processes wait that way on
+    each other at every step, and on a few CPU cores the two spinners take the cores the worker's
+    forward pass, the engine core's scheduler and the server need: measured on 2 cores, the
+    engine core burned 75 % of a core waiting and the mixed workload ran at half speed, in
+    phases (docs/benchmarks.md, "The CPU slow phase"). A `sched_yield` gives the core away only
+    to a thread queued on the same core; a short sleep gives it to anyone. The fix replaces the
+    module's `sched_yield` with `time.sleep(value µs)`: a look costs at most that much latency.
+
+    Applied only on the CPU platform, only where `value` (`LORA_GATEWAY_CPU_QUEUE_WAIT_US`, set
+    by the gateway's engine for the processes it starts) is set and not 0, and only where vLLM
+    still has that function. A value outside `cpu_queue_wait_us`'s range raises InvalidArgument.
+    """
+    if value is None:
+        return None
+    try:
+        micros = TypeAdapter(QueueWaitUs).validate_python(value)
+    except ValidationError as exc:
+        raise InvalidArgument(
+            f"{QUEUE_WAIT_ENV}={value!r} is not a whole number of microseconds in 0..10000"
+        ) from exc
+    from vllm.platforms import current_platform
+
+    if micros == 0 or not current_platform.is_cpu():
+        return None
+    try:
+        from vllm.distributed.device_communicators import shm_broadcast
+    except ImportError:
+        return None
+    if not callable(getattr(shm_broadcast, "sched_yield", None)):
+        return None
+    seconds = micros / 1e6
+
+    def wait() -> None:
+        time.sleep(seconds)
+
+    setattr(shm_broadcast, "sched_yield", wait)  # noqa: B010 (vLLM's module global)
+    log.debug("vLLM patched: shared-memory queue waits sleep %d µs", micros)
+    return seconds
 
 
 def allow_lora_on_prepacked_int8() -> bool:

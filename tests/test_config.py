@@ -63,6 +63,10 @@ def test_plain_construction_reads_no_environment(monkeypatch: pytest.MonkeyPatch
         ({"null_adapter": "maybe"}, "null_adapter: Input should be 'auto', 'on' or 'off'"),
         ({"max_lora_rank": 7}, "max_lora_rank: must be one of 1, 8, 16, 32, 64, 128"),
         ({"self_test": "perhaps"}, "self_test: Input should be a valid boolean"),
+        (
+            {"cpu_queue_wait_us": 20_000},
+            "cpu_queue_wait_us: Input should be less than or equal to 10000 (got 20000)",
+        ),
         ({"engine_args": "[1,2"}, "engine_args: not valid YAML"),
         ({"engine_args": "- a"}, "engine_args: expected a mapping of vLLM engine arguments"),
         ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization: Input should be less than"),

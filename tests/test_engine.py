@@ -357,3 +357,22 @@ async def test_max_cpu_loras_derived_from_the_host_budget_reaches_vllm(
             assert len(await collect(engine, Prompt(text="one two"), GREEDY, adapter)) > 0
     finally:
         await engine.shutdown()
+
+
+async def test_the_engines_processes_sleep_while_they_wait(engine: VLLMEngine) -> None:
+    """vLLM's engine core and worker busy-wait on each other's shared-memory queue for 1 s after
+    each message (`sched_yield` in a loop): a core each, on a machine that may have two. With
+    `cpu_queue_wait_us` (default 100) they sleep between looks instead, so in the second after a
+    request, when vLLM's own loop would still spin, they use a small part of a core."""
+    import psutil
+
+    await collect(engine, Prompt(text="hello world"), GREEDY, None)
+    # this process's vLLM processes: the session engine's, and any other engine alive now
+    # (idle for longer than vLLM's 1 s spin, or spinning no more after the fix either)
+    vllm = [p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM::")]
+    assert {p.name() for p in vllm} >= {"VLLM::EngineCore", "VLLM::Worker"}
+    before = {p.pid: sum(p.cpu_times()[:2]) for p in vllm}
+    window = 0.8
+    await asyncio.sleep(window)
+    used = {f"{p.name()} {p.pid}": sum(p.cpu_times()[:2]) - before[p.pid] for p in vllm}
+    assert max(used.values()) < 0.3 * window, used  # vLLM's spin: about 1 core each (0.8 s)

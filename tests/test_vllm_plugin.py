@@ -41,6 +41,7 @@ from lora_gateway.vllm_plugin import (
     RESOLVER_PLUGIN,
     StoreResolver,
     blocked_path,
+    quiet_cpu_queue_waits,
     register,
     vllm_resolver,
 )
@@ -439,3 +440,41 @@ def test_register_needs_runtime_updating_and_a_store(
     monkeypatch.setenv("LORA_GATEWAY_VLLM_OPEN_ADAPTER_ROUTES", "1")
     register()
     assert RESOLVER_NAME in LoRAResolverRegistry.resolvers
+
+
+# --- vLLM's shared-memory queue waits on CPU (quiet_cpu_queue_waits) ------------------------
+
+
+def test_queue_waits_sleep_instead_of_spinning(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    spin = shm_broadcast.sched_yield
+    monkeypatch.setattr(shm_broadcast, "sched_yield", spin)  # restored after the test
+
+    def no_spin() -> None:
+        raise AssertionError("os.sched_yield called: the wait still spins")
+
+    monkeypatch.setattr(os, "sched_yield", no_spin)
+    assert quiet_cpu_queue_waits("250") == pytest.approx(250e-6)
+    assert shm_broadcast.sched_yield is not spin
+    began = time.perf_counter()
+    shm_broadcast.sched_yield()  # what SpinCondition.wait and acquire_write call between looks
+    assert time.perf_counter() - began >= 250e-6
+
+
+@pytest.mark.parametrize("value", [None, "0"])
+def test_queue_waits_stay_vllms_when_unset_or_0(
+    monkeypatch: pytest.MonkeyPatch, value: str | None
+) -> None:
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    spin = shm_broadcast.sched_yield
+    monkeypatch.setattr(shm_broadcast, "sched_yield", spin)
+    assert quiet_cpu_queue_waits(value) is None
+    assert shm_broadcast.sched_yield is spin
+
+
+@pytest.mark.parametrize("value", ["fast", "-1", "10001", "1.5"])
+def test_a_bad_queue_wait_is_refused_by_name(value: str) -> None:
+    with pytest.raises(errors.InvalidArgument, match="LORA_GATEWAY_CPU_QUEUE_WAIT_US"):
+        quiet_cpu_queue_waits(value)

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_gateway import devtools, errors
-from lora_gateway.config import Settings
+from lora_gateway.config import QUEUE_WAIT_ENV, Settings
 from lora_gateway.engine import quantization
 from lora_gateway.engine.base import (
     FinishReason,
@@ -196,7 +196,7 @@ class VLLMEngine:
         }
         kwargs.update(settings.engine_args)
         what = f"{settings.model} ({quant.label if quant else 'not quantized'})"
-        args, llm = await cls._new_llm(kwargs, what)
+        args, llm = await cls._new_llm(kwargs, settings.cpu_queue_wait_us, what)
         try:
             engine = await cls._with_reserved(llm, settings, use_null, use_canary, args)
         except BaseException:
@@ -245,13 +245,15 @@ class VLLMEngine:
         return engine
 
     @staticmethod
-    async def _new_llm(kwargs: dict[str, Any], what: str = "") -> tuple[Any, Any]:
+    async def _new_llm(
+        kwargs: dict[str, Any], queue_wait_us: int, what: str = ""
+    ) -> tuple[Any, Any]:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         try:
             args = AsyncEngineArgs(**kwargs)
-            with _executor_env(args):
+            with _executor_env(args, queue_wait_us):
                 llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         except (TypeError, ValueError) as exc:
             raise errors.InvalidArgument(f"engine settings rejected: {exc}") from exc
@@ -309,7 +311,7 @@ class VLLMEngine:
             await asyncio.to_thread(old.shutdown)
             old.shutdown = lambda *args, **kwargs: None
             stopped = time.perf_counter()
-            with _executor_env(self._args):
+            with _executor_env(self._args, self._settings.cpu_queue_wait_us):
                 self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._args)
             self._dead = None
             await self._add_reserved()
@@ -722,23 +724,27 @@ def cpu_kernels() -> quantization.CpuKernels:
 
 
 @contextlib.contextmanager
-def _executor_env(args: Any) -> Iterator[None]:
-    """`engine_args: {distributed_executor_backend: uni}` keeps vLLM's Worker inside its
-    EngineCore process (one process instead of two busy-waiting on each other's shared-memory
-    queue). vLLM's CPU platform turns "uni" back into "mp" unless `VLLM_ENABLE_V1_MULTIPROCESSING`
-    is 0; AsyncLLM runs EngineCore in its own process whatever that flag says, so the flag is set
-    for the start only (the EngineCore process inherits it) and restored afterwards, so that
-    later engines in this process keep vLLM's default."""
-    if getattr(args, "distributed_executor_backend", None) != "uni":
-        yield
-        return
-    flag = "VLLM_ENABLE_V1_MULTIPROCESSING"
-    before = os.environ.get(flag)
-    os.environ[flag] = "0"
+def _executor_env(args: Any, queue_wait_us: int) -> Iterator[None]:
+    """The environment vLLM's processes start with, set for the start only (the engine-core
+    process, and the worker it starts, inherit it) and restored afterwards, so that later engines
+    in this process get their own settings:
+
+    - `LORA_GATEWAY_CPU_QUEUE_WAIT_US` (`cpu_queue_wait_us`), which the package's vLLM plugin
+      reads in those processes (`vllm_plugin.quiet_cpu_queue_waits`);
+    - `engine_args: {distributed_executor_backend: uni}` keeps vLLM's Worker inside its
+      EngineCore process. vLLM's CPU platform turns "uni" back into "mp" unless
+      `VLLM_ENABLE_V1_MULTIPROCESSING` is 0; AsyncLLM runs EngineCore in its own process
+      whatever that flag says."""
+    flags = {QUEUE_WAIT_ENV: str(queue_wait_us)}
+    if getattr(args, "distributed_executor_backend", None) == "uni":
+        flags["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    before = {flag: os.environ.get(flag) for flag in flags}
+    os.environ.update(flags)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(flag, None)
-        else:
-            os.environ[flag] = before
+        for flag, value in before.items():
+            if value is None:
+                os.environ.pop(flag, None)
+            else:
+                os.environ[flag] = value
