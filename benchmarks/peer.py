@@ -328,8 +328,9 @@ async def measure(
 
 
 def stats(rates: list[float]) -> dict[str, float]:
-    """Rounds' rates: median, 10th-90th percentile, the upper half's median (the fast phase)
-    and the rounds below half of it (a slow phase)."""
+    """Rounds' rates: median, 10th-90th percentile, the fastest round, the upper half's median
+    (the fast phase), the rounds below half of it (a slow phase) and the rounds within ±15 % of
+    the median (the scale issue's bound on the spread)."""
     values = np.asarray(rates, dtype=float)
     median = float(np.median(values))
     upper = values[values >= median]
@@ -340,6 +341,8 @@ def stats(rates: list[float]) -> dict[str, float]:
         "p90_rps": float(np.percentile(values, 90)),
         "fast_phase_rps": fast,
         "slow_rounds": int(np.sum(values < fast / 2)),
+        "max_rps": float(values.max()),
+        "within_15pct": int(np.sum(np.abs(values - median) <= 0.15 * median)),
         "rounds": len(rates),
     }
 
