@@ -67,14 +67,17 @@ Limits of the `vllm serve` path, all from vLLM's side of the interface:
 - Do not point a gateway and a `vllm serve` at the same cache folder at the same time: each
   process evicts by its own bookkeeping.
 
-The plugin also carries one fix to vLLM itself, needed by the gateway's own engine as much as by
-`vllm serve`, because an entry point is the only code of ours that runs inside vLLM's engine-core
-and worker processes: `allow_lora_on_prepacked_int8` (LoRA on a W8A8 int8 base on CPU).
+The plugin also carries two fixes to vLLM itself, needed by the gateway's own engine as much as
+by `vllm serve`, because an entry point is the only code of ours that runs inside vLLM's
+engine-core and worker processes: `allow_lora_on_prepacked_int8` (LoRA on a W8A8 int8 base on
+CPU) and `quiet_cpu_queue_waits` (the engine core and the worker sleep between looks at their
+shared-memory queue instead of spinning; only where `LORA_GATEWAY_CPU_QUEUE_WAIT_US` is set, as
+the gateway's engine sets it for the processes it starts).
 
 This module is the second, deliberate exception to "engine/vllm_engine.py is the only module
 that imports vllm": it is vLLM's plugin entry point. vLLM is imported only inside `register`,
-`allow_lora_on_prepacked_int8` and `vllm_resolver`; `StoreResolver`, which does the work, does not
-know vLLM.
+`allow_lora_on_prepacked_int8`, `quiet_cpu_queue_waits` and `vllm_resolver`; `StoreResolver`,
+which does the work, does not know vLLM.
 """
 
 from __future__ import annotations
