@@ -37,7 +37,7 @@ import os
 import re
 import shutil
 import uuid
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +52,7 @@ from adapter_store.model import (
     sha256_file,
 )
 from adapter_store.singleflight import SingleFlight
+from adapter_store.sized import SizedOrderedDict
 
 __all__ = ["CacheEntry", "CacheStats", "DiskCache", "Fetch"]
 
@@ -92,6 +93,10 @@ class _Entry:
     verified: bool
 
 
+def _entry_size(entry: _Entry) -> int:
+    return entry.size
+
+
 class DiskCache:
     """A byte-budgeted cache of adapter versions under `root`."""
 
@@ -104,7 +109,7 @@ class DiskCache:
         self._fetch = fetch
         self._verify = verify
         self._tmp = self.root / ".tmp"
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: SizedOrderedDict[str, _Entry] = SizedOrderedDict(_entry_size)
         self._pins: Counter[str] = Counter()
         #: sha -> who uses the folder ("tenant/name" from residency); see `release`.
         self._owners: dict[str, set[str]] = {}
@@ -126,7 +131,7 @@ class DiskCache:
 
     @property
     def used_bytes(self) -> int:
-        return sum(entry.size for entry in self._entries.values())
+        return self._entries.total
 
     @property
     def reserved_bytes(self) -> int:
@@ -141,6 +146,11 @@ class DiskCache:
 
     def owners(self, sha: str) -> frozenset[str]:
         return frozenset(self._owners.get(sha, ()))
+
+    @property
+    def entry_count(self) -> int:
+        """Versions on disk."""
+        return len(self._entries)
 
     def entries(self) -> list[CacheEntry]:
         return [
@@ -281,6 +291,8 @@ class DiskCache:
             raise CapacityExceeded(
                 f"adapter of {need} bytes exceeds the cache budget of {self._budget} bytes"
             )
+        if self.used_bytes + self._reserved + need <= self._budget:
+            return []  # fits as it is: no need to walk the index
         spare = sum(self._entries[sha].size for sha in self._evictable())
         if self.used_bytes + self._reserved + need - spare > self._budget:
             raise CapacityExceeded(

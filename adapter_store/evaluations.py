@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapter_store.errors import EvaluationRequired, IntegrityError
+from adapter_store.stored import json_object, json_sha, json_str
 
 __all__ = [
     "MAX_CASES",
@@ -50,7 +51,6 @@ MAX_CASES = 64
 MAX_REASON_CHARS = 160
 #: Results kept per version; an evaluation beyond them is refused (results are immutable).
 MAX_RESULTS_PER_VERSION = 32
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -73,15 +73,15 @@ class EvaluationSetRef:
 
     @classmethod
     def from_dict(cls, raw: object) -> EvaluationSetRef:
-        obj = _obj(raw, "evaluation_set")
+        obj = json_object(raw, "evaluation_set")
         cases = obj.get("cases")
         if not isinstance(cases, int) or isinstance(cases, bool) or not 0 < cases <= MAX_CASES:
             raise IntegrityError("stored manifest: evaluation_set has a bad case count")
         return cls(
-            sha=_sha(obj.get("sha")),
+            sha=json_sha(obj.get("sha"), "evaluation"),
             cases=cases,
-            uploaded_at=_str(obj, "uploaded_at"),
-            uploaded_by=_str(obj, "uploaded_by"),
+            uploaded_at=json_str(obj, "uploaded_at", "evaluation"),
+            uploaded_by=json_str(obj, "uploaded_by", "evaluation"),
         )
 
 
@@ -98,11 +98,15 @@ class CaseResult:
 
     @classmethod
     def from_dict(cls, raw: object) -> CaseResult:
-        obj = _obj(raw, "evaluation case")
+        obj = json_object(raw, "evaluation case")
         passed = obj.get("passed")
         if not isinstance(passed, bool):
             raise IntegrityError("stored manifest: an evaluation case has no pass/fail")
-        return cls(id=_str(obj, "id"), passed=passed, reason=_str(obj, "reason"))
+        return cls(
+            id=json_str(obj, "id", "evaluation"),
+            passed=passed,
+            reason=json_str(obj, "reason", "evaluation"),
+        )
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,7 @@ class EvaluationResult:
 
     @classmethod
     def from_dict(cls, raw: object) -> EvaluationResult:
-        obj = _obj(raw, "evaluation")
+        obj = json_object(raw, "evaluation")
         score = obj.get("score")
         if (
             isinstance(score, bool)
@@ -159,15 +163,15 @@ class EvaluationResult:
         if not isinstance(cases, list) or not cases:
             raise IntegrityError("stored manifest: an evaluation has no cases")
         return cls(
-            version=_sha(obj.get("version")),
-            set_sha=_sha(obj.get("set_sha")),
+            version=json_sha(obj.get("version"), "evaluation"),
+            set_sha=json_sha(obj.get("set_sha"), "evaluation"),
             score=float(score),
             cases=tuple(CaseResult.from_dict(case) for case in cases),
-            engine=_str(obj, "engine"),
-            base_model=_str(obj, "base_model"),
-            started_at=_str(obj, "started_at"),
-            finished_at=_str(obj, "finished_at"),
-            evaluated_by=_str(obj, "evaluated_by"),
+            engine=json_str(obj, "engine", "evaluation"),
+            base_model=json_str(obj, "base_model", "evaluation"),
+            started_at=json_str(obj, "started_at", "evaluation"),
+            finished_at=json_str(obj, "finished_at", "evaluation"),
+            evaluated_by=json_str(obj, "evaluated_by", "evaluation"),
         )
 
 
@@ -205,7 +209,7 @@ def check_case_id(value: object) -> str:
 def parse_evaluations(raw: object, known: Iterable[str]) -> dict[str, tuple[EvaluationResult, ...]]:
     """The stored `evaluations`: version sha (one the manifest knows, live or revoked) -> its
     results, each naming that version."""
-    obj = _obj(raw, "evaluations")
+    obj = json_object(raw, "evaluations")
     shas = set(known)
     parsed: dict[str, tuple[EvaluationResult, ...]] = {}
     for sha, results in obj.items():
@@ -222,9 +226,11 @@ def parse_evaluations(raw: object, known: Iterable[str]) -> dict[str, tuple[Eval
 
 def parse_alias_policies(raw: object) -> dict[str, AliasPolicy]:
     parsed: dict[str, AliasPolicy] = {}
-    for alias, policy in _obj(raw, "alias_policies").items():
+    for alias, policy in json_object(raw, "alias_policies").items():
         try:
-            parsed[alias] = AliasPolicy(check_min_score(_obj(policy, "policy").get("min_score")))
+            parsed[alias] = AliasPolicy(
+                check_min_score(json_object(policy, "policy").get("min_score"))
+            )
         except ValueError:
             raise IntegrityError("stored manifest: an alias policy has a bad min_score") from None
     return parsed
@@ -272,22 +278,3 @@ def gate(
             )
     if problems:
         raise EvaluationRequired(f"{why}: " + "; ".join(problems))
-
-
-def _obj(raw: object, what: str) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise IntegrityError(f"stored manifest: {what} must be a JSON object")
-    return raw
-
-
-def _str(obj: Mapping[str, Any], key: str) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str):
-        raise IntegrityError(f"stored manifest: evaluation field {key!r} has the wrong type")
-    return value
-
-
-def _sha(value: object) -> str:
-    if not isinstance(value, str) or not _SHA_RE.fullmatch(value):
-        raise IntegrityError("stored manifest: an evaluation holds a malformed sha256")
-    return value

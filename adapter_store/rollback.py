@@ -24,13 +24,13 @@ All four are optional in the JSON: manifests written before them read and write 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
 from adapter_store.errors import IntegrityError, InvalidAdapter
+from adapter_store.stored import json_object, json_sha, json_str
 
 __all__ = [
     "DEFAULT_EVAL_INTERVAL_S",
@@ -61,7 +61,6 @@ MAX_WINDOW_S = 86_400.0
 MAX_EVAL_INTERVAL_S = 7 * 86_400.0
 #: Why a canary was rolled back (the `reason` label of lora_gateway_rollbacks_total).
 REASONS = ("error_rate", "length_rate", "evaluation", "quarantined")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _bad(text: str) -> InvalidAdapter:
@@ -165,7 +164,7 @@ class RollbackPolicy:
 
     @classmethod
     def from_dict(cls, raw: object) -> RollbackPolicy:
-        obj = _obj(raw, "rollback policy")
+        obj = json_object(raw, "rollback policy")
         try:
             return cls.check(
                 max_error_rate=obj.get("max_error_rate"),
@@ -222,22 +221,22 @@ class RollbackRecord:
 
     @classmethod
     def from_dict(cls, raw: object) -> RollbackRecord:
-        obj = _obj(raw, "rollback record")
-        split = _obj(obj.get("split"), "rollback record split")
+        obj = json_object(raw, "rollback record")
+        split = json_object(obj.get("split"), "rollback record split")
         reason = obj.get("reason")
         if reason not in REASONS:
             raise IntegrityError("stored manifest: a rollback record has an unknown reason")
         return cls(
-            at=_str(obj, "at"),
+            at=json_str(obj, "at", "rollback"),
             at_us=_int(obj, "at_us"),
-            canary=_sha(obj.get("canary")),
-            stable=_sha(obj.get("stable")),
-            split={_sha(sha): _float(w, "split") for sha, w in split.items()},
+            canary=json_sha(obj.get("canary"), "rollback"),
+            stable=json_sha(obj.get("stable"), "rollback"),
+            split={json_sha(sha, "rollback"): _float(w, "split") for sha, w in split.items()},
             reason=str(reason),
             value=_float(obj.get("value"), "value"),
             threshold=_float(obj.get("threshold"), "threshold"),
             requests=_int(obj, "requests"),
-            by=_str(obj, "by"),
+            by=json_str(obj, "by", "rollback"),
         )
 
     def describe(self) -> str:
@@ -264,7 +263,7 @@ class EvaluationClaim:
 def parse_stable(raw: object, alias_weights: Mapping[str, Mapping[str, float]]) -> dict[str, str]:
     """The stored `alias_stable`: each a weighted alias's version."""
     parsed: dict[str, str] = {}
-    for alias, sha in _obj(raw, "alias_stable").items():
+    for alias, sha in json_object(raw, "alias_stable").items():
         if alias not in alias_weights or sha not in alias_weights[alias]:
             raise IntegrityError(
                 f"stored manifest: the stable version of {str(alias)[:80]!r} is not in its split"
@@ -276,22 +275,24 @@ def parse_stable(raw: object, alias_weights: Mapping[str, Mapping[str, float]]) 
 def parse_policies(raw: object) -> dict[str, RollbackPolicy]:
     return {
         str(alias): RollbackPolicy.from_dict(policy)
-        for alias, policy in _obj(raw, "rollback_policies").items()
+        for alias, policy in json_object(raw, "rollback_policies").items()
     }
 
 
 def parse_records(raw: object) -> dict[str, RollbackRecord]:
     return {
         str(alias): RollbackRecord.from_dict(record)
-        for alias, record in _obj(raw, "rollbacks").items()
+        for alias, record in json_object(raw, "rollbacks").items()
     }
 
 
 def parse_claims(raw: object) -> dict[str, EvaluationClaim]:
     parsed: dict[str, EvaluationClaim] = {}
-    for sha, claim in _obj(raw, "evaluation_claims").items():
-        obj = _obj(claim, "evaluation claim")
-        parsed[_sha(sha)] = EvaluationClaim(at_us=_int(obj, "at_us"), by=_str(obj, "by"))
+    for sha, claim in json_object(raw, "evaluation_claims").items():
+        obj = json_object(claim, "evaluation claim")
+        parsed[json_sha(sha, "rollback")] = EvaluationClaim(
+            at_us=_int(obj, "at_us"), by=json_str(obj, "by", "rollback")
+        )
     return parsed
 
 
@@ -309,19 +310,6 @@ def timestamp_us(text: str) -> int:
         return 0
 
 
-def _obj(raw: object, what: str) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise IntegrityError(f"stored manifest: {what} must be a JSON object")
-    return raw
-
-
-def _str(obj: Mapping[str, Any], key: str) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str):
-        raise IntegrityError(f"stored manifest: rollback field {key!r} has the wrong type")
-    return value
-
-
 def _int(obj: Mapping[str, Any], key: str) -> int:
     value = obj.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -333,12 +321,6 @@ def _float(value: object, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise IntegrityError(f"stored manifest: rollback field {key!r} has the wrong type")
     return float(value)
-
-
-def _sha(value: object) -> str:
-    if not isinstance(value, str) or not _SHA_RE.fullmatch(value):
-        raise IntegrityError("stored manifest: a rollback field holds a malformed sha256")
-    return value
 
 
 class _PolicyFields(Protocol):

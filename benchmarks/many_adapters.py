@@ -96,7 +96,7 @@ def _large(params: Params) -> bool:
 
 
 def phases(params: Params) -> int:
-    host = (3 + int(_large(params))) if params.host_budget_bytes else 0
+    host = (4 + 2 * int(_large(params))) if params.host_budget_bytes else 0
     return 2 + 2 * len(params.alphas) + (3 if _large(params) else 0) + host
 
 
@@ -176,16 +176,38 @@ async def scenario(
     label: str,
     passes: list[list[int]],
     engine: Engine | None = None,
+    preload: int = 0,
     **changes: Any,
 ) -> list[dict[str, Any]]:
     """`passes` one after another on one fresh gateway (on `engine`, with `changes` to its
-    settings): one result each."""
+    settings): one result each. With `preload`, adapters 0..preload-1 are each asked for one
+    token first (at `concurrency`, unmeasured by the passes): every adapter in host memory
+    before the first pass, as S-LoRA's setup has them; the first result is then that warm-up's
+    (`preload_s`, loads)."""
     out = []
     cache_size = _cache_size(params)
     async with bench.gateway(PREFIX, engine, manifest_cache_size=cache_size, **changes) as gw:
         metrics = gw.server.gateway.residency.metrics
         if label == "single":
             await gw.user.generate(adapter_name(0), "warm up", GenerateOptions(max_tokens=1))
+        if preload:
+            ids = prompts(1, params.prompt_tokens, seed=2)[0]
+            before = asdict(residency_counts(metrics))
+            warm = [
+                (lambda a=name: stream_request(gw.user, a, ids, 1))
+                for name in map(adapter_name, range(preload))
+            ]
+            results, wall = await closed_loop(warm, params.concurrency, bench.progress, label)
+            after = asdict(residency_counts(metrics))
+            failed = sum(not r.ok for r in results)
+            out.append(
+                {
+                    "preload_s": wall,
+                    "preloaded": preload,
+                    "failed": failed,
+                    **{k: int(after[k] - before[k]) for k in COUNTERS},
+                }
+            )
         for number, choices in enumerate(passes):
             work = prompts(len(choices), params.prompt_tokens, seed=3 + number)
             base = asdict(residency_counts(metrics))
@@ -275,6 +297,18 @@ async def run(bench: Bench, params: Params) -> dict[str, Any]:
         scenarios[cold_label] = {**cold, "scenario": cold_label, "adapters": count}
         scenarios[label] = {**steady, "adapters": count}
 
+    async def preloaded(count: int, seed: int) -> None:
+        """Zipf alpha=1 (the steady pass's draws of `zipf(count, 1.0, seed)`) on the host-tier
+        engine after every one of the `count` adapters was loaded once."""
+        label = "zipf_1" + ("" if count == params.adapters else f"_{count}") + "_preloaded_host"
+        with progress.phase(f"many_adapters: {count} adapters preloaded, Zipf alpha=1"):
+            steady_draws = zipf_choices(count, 1.0, params.requests, seed=seed + 50)
+            warm, steady = await scenario(
+                bench, params, label, [steady_draws], host["engine"], preload=count,
+                **host["changes"],
+            )  # fmt: skip
+        scenarios[label] = {**steady, "adapters": count, "preload": warm}
+
     # The one-adapter baseline runs before, between and after the Zipf scenarios; the baseline
     # is the median of those runs, so that a burst of outside load on one run does not skew it.
     await single(0)
@@ -298,6 +332,7 @@ async def run(bench: Bench, params: Params) -> dict[str, Any]:
                     **host["changes"],
                 )  # fmt: skip
             await zipf(params.adapters, 1.0, 10, on_host=True)  # the draws of zipf_1
+            await preloaded(params.adapters, 10)
         if _large(params):
             with progress.phase(f"many_adapters: upload up to {params.large} through the API"):
                 uploads.append(await upload_range(bench, params, params.adapters, params.large))
@@ -305,6 +340,7 @@ async def run(bench: Bench, params: Params) -> dict[str, Any]:
             await single(len(params.alphas) + 1)
             if params.host_budget_bytes:
                 await zipf(params.large, 1.0, 30, on_host=True)
+                await preloaded(params.large, 30)
         host_cpu_loras = host["engine"].max_cpu_loras if host else None
     base_rps = float(np.median([r["throughput_rps"] for r in singles]))
     base_p99 = float(np.median([r["ttft_p99_s"] for r in singles]))

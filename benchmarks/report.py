@@ -268,9 +268,12 @@ def _many_title(label: str, scenario: dict[str, Any]) -> str:
     engine whose host tier is sized in bytes) says so."""
     host = label.endswith("_host")
     label = label.removesuffix("_host")
+    preloaded = label.endswith("_preloaded")
+    label = label.removesuffix("_preloaded")
     alpha = label.split("_")[1]
     phase = "cold pass" if label.endswith("_cold") else "steady pass"
     where = ", host tier in bytes" if host else ""
+    where += ", every adapter preloaded" if preloaded else ""
     return f"{scenario.get('adapters', '?')} adapters, alpha={alpha}, {phase}{where}"
 
 
@@ -320,6 +323,16 @@ def rows_many(r: Result) -> list[tuple[str, str]]:
                 f"{s['fetches_per_1k']:.0f} fetches, {s['evictions_per_1k']:.0f} evictions",
             )
         )
+        warm = s.get("preload")
+        if warm:
+            rows.append(
+                (
+                    f"{title}: the preload (one token from each adapter, unmeasured above)",
+                    f"{warm['preloaded']} adapters in {warm['preload_s']:.0f} s, "
+                    f"{warm['engine_loads']} engine loads, {warm['evictions']} evictions, "
+                    f"{warm['failed']} failed",
+                )
+            )
         load = s.get("load", {})
         if load.get("engine_add", {}).get("loads"):
             rows.append(

@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -208,7 +208,7 @@ class VersionSeries:
     takes a free slot on its call and keeps it while it serves within `window_s`. Calls of
     any other version are labelled "other". So one adapter's `version` label has at most
     `max_recent` + (versions its aliases name) + 1 values. When a version leaves the set, its
-    series are removed from the registry (`remove_by_labels`) and its ring is dropped.
+    series are removed from the registry (each by its label values) and its ring is dropped.
 
     Rings hold the calls of the last `window_s` (at most `VERSION_RING_SIZE` per version and
     caller tenant); an adapter with no call for `window_s` loses its rings and all its
@@ -622,6 +622,8 @@ class Metrics:
             self.version_completion_tokens_total,
             self.version_finish_total,
         )
+        #: (adapter, version) -> the (metric, label values) of its series (`_version_series`).
+        self._series_by_version: dict[tuple[str, str], set[tuple[Any, tuple[str, ...]]]] = {}
         self.versions = VersionSeries(
             self._remove_version,
             max_recent=version_metrics_max,
@@ -629,9 +631,22 @@ class Metrics:
         )
         self._http: WSGIServer | None = None
 
+    def _version_series(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)` (values start with tenant, adapter, version), remembered
+        under (adapter, version) so that `_remove_version` removes exactly its series: the
+        registry's `remove_by_labels` scans every series of the metric, which with 10,000
+        adapters made each request pay for the sweep of others (docs/benchmarks.md)."""
+        self._series_by_version.setdefault((values[1], values[2]), set()).add((metric, values))
+        return metric.labels(*values)
+
     def _remove_version(self, labels: dict[str, str]) -> None:
-        for metric in self._version_metrics:
-            metric.remove_by_labels(labels)
+        """Remove the series of one (adapter, version); `VersionSeries` calls it under its lock,
+        as it does `version_done`'s recording."""
+        for metric, values in self._series_by_version.pop(
+            (labels["adapter"], labels["version"]), ()
+        ):
+            with contextlib.suppress(KeyError):
+                metric.remove(*values)
 
     # --- recording ----------------------------------------------------------------------------
     def request_done(
@@ -652,14 +667,17 @@ class Metrics:
 
         def record(version: str) -> None:
             labels = (_tenant(call.tenant), adapter_label(call.owner, call.name), version)
-            self.version_requests_total.labels(*labels, call.code).inc()
-            self.version_request_seconds.labels(*labels).observe(call.seconds)
+            series = self._version_series
+            series(self.version_requests_total, *labels, call.code).inc()
+            series(self.version_request_seconds, *labels).observe(call.seconds)
             if call.ttft_seconds is not None:
-                self.version_time_to_first_token_seconds.labels(*labels).observe(call.ttft_seconds)
+                ttft = self.version_time_to_first_token_seconds
+                series(ttft, *labels).observe(call.ttft_seconds)
             if call.completion_tokens > 0:
-                self.version_completion_tokens_total.labels(*labels).inc(call.completion_tokens)
+                tokens = self.version_completion_tokens_total
+                series(tokens, *labels).inc(call.completion_tokens)
             if call.finish_reason is not None:
-                self.version_finish_total.labels(*labels, call.finish_reason).inc()
+                series(self.version_finish_total, *labels, call.finish_reason).inc()
 
         when = time.monotonic() if now is None else now
         return self.versions.label(call, aliased, when, record)

@@ -104,6 +104,11 @@ def test_bench_smoke(tmp_path: Path) -> None:
     host = many["scenarios"]
     assert {"single_host", "zipf_1_host", "zipf_1_cold_host", "zipf_1_40_host"} <= set(host)
     assert host["zipf_1_host"]["evictions"] == 0
+    # Preloaded: every adapter loaded once before the steady pass, which then starts no load.
+    for label, count in (("zipf_1_preloaded_host", 20), ("zipf_1_40_preloaded_host", 40)):
+        warm = host[label]["preload"]
+        assert (warm["preloaded"], warm["engine_loads"], warm["failed"]) == (count, count, 0)
+        assert (host[label]["engine_loads"], host[label]["engine_hit_ratio"]) == (0, 1.0)
     # Uploaded through the API in two stages (20, then up to 40), each listed in full.
     assert [(u["uploaded"], u["stored"], u["listed"]) for u in many["uploads"]] == [
         (20, 20, 20),

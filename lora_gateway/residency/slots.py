@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from adapter_store import AdapterVersion, DiskCache
 from adapter_store.model import ADAPTER_FILES
+from adapter_store.sized import SizedOrderedDict
 from lora_gateway import errors
 from lora_gateway.engine.base import Engine, LoadedAdapter
 from lora_gateway.metrics import Metrics
@@ -61,6 +62,10 @@ class Resident:
     @property
     def protected(self) -> bool:
         return self.uses >= 2
+
+
+def _nbytes(resident: Resident) -> int:
+    return resident.nbytes
 
 
 class FifoGate:
@@ -145,7 +150,8 @@ class Slots:
         self.blocks = blocks
         self.metrics = metrics
         self.slot_wait_s = slot_wait_s
-        self.resident: OrderedDict[VersionKey, Resident] = OrderedDict()  # LRU first
+        #: LRU first; `.total` is their bytes.
+        self.resident: SizedOrderedDict[VersionKey, Resident] = SizedOrderedDict(_nbytes)
         #: Requests between `Residency.use()` entry and exit, per version (their manifest stays
         #: cached).
         self.wanted: Counter[VersionKey] = Counter()
@@ -243,7 +249,7 @@ class Slots:
         return len(self.resident) + self.reserved
 
     def occupied_bytes(self) -> int:
-        return sum(r.nbytes for r in self.resident.values()) + self.reserved_bytes
+        return self.resident.total + self.reserved_bytes
 
     def _fits(self, count: int, nbytes: int) -> bool:
         return count <= self.capacity and (
@@ -332,7 +338,5 @@ class Slots:
 
     def report(self) -> None:
         """Publish how many versions the engine and the disk cache hold."""
-        entries = self.cache.entries()
-        resident_bytes = sum(r.nbytes for r in self.resident.values())
-        self.metrics.set_resident("engine", len(self.resident), resident_bytes)
-        self.metrics.set_resident("disk", len(entries), sum(e.size for e in entries))
+        self.metrics.set_resident("engine", len(self.resident), self.resident.total)
+        self.metrics.set_resident("disk", self.cache.entry_count, self.cache.used_bytes)
