@@ -41,6 +41,7 @@ from lora_gateway.vllm_plugin import (
     RESOLVER_PLUGIN,
     StoreResolver,
     blocked_path,
+    constant_time_lora_lookup,
     quiet_cpu_queue_waits,
     register,
     vllm_resolver,
@@ -478,3 +479,61 @@ def test_queue_waits_stay_vllms_when_unset_or_0(
 def test_a_bad_queue_wait_is_refused_by_name(value: str) -> None:
     with pytest.raises(errors.InvalidArgument, match="LORA_GATEWAY_CPU_QUEUE_WAIT_US"):
         quiet_cpu_queue_waits(value)
+
+
+# --- the worker's loaded-adapter lookup (constant_time_lora_lookup) -------------------------
+
+
+class _ModelManager:
+    """The parts of vLLM's LRUCacheLoRAModelManager that `add_adapter` touches."""
+
+    def __init__(self, registered: list[int]) -> None:
+        from vllm.utils.cache import LRUCache
+
+        self._registered_adapters: Any = LRUCache(capacity=100)
+        for adapter_id in registered:
+            self._registered_adapters[adapter_id] = f"lora-{adapter_id}"
+        self.capacity = 100
+        self.calls: list[str] = []
+
+    def list_adapters(self) -> dict[int, Any]:
+        raise AssertionError("add_adapter copied every registered adapter")
+
+    def __len__(self) -> int:
+        return len(self._registered_adapters)
+
+    def get_adapter(self, adapter_id: int) -> Any:
+        self.calls.append(f"touch {adapter_id}")
+        return self._registered_adapters.get(adapter_id)
+
+    def remove_adapter(self, adapter_id: int) -> bool:
+        return False
+
+    def add_adapter(self, lora: Any) -> bool:
+        self.calls.append(f"add {lora}")
+        self._registered_adapters[int(lora.removeprefix("loaded-"))] = lora
+        return True
+
+    def activate_adapter(self, adapter_id: int) -> bool:
+        self.calls.append(f"activate {adapter_id}")
+        return True
+
+
+def test_the_worker_finds_a_loaded_adapter_without_copying_them_all() -> None:
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+
+    assert constant_time_lora_lookup() is True
+    worker: Any = object.__new__(LRUCacheWorkerLoRAManager)
+    worker._adapter_manager = manager = _ModelManager(registered=[7, 8])
+
+    class Loaded(str):
+        id = 9
+
+    worker._load_adapter = lambda request: Loaded(f"loaded-{request.lora_int_id}")
+    assert worker.add_adapter(LoRARequest("a", 7, "/unused")) is True  # known: touched
+    assert worker.add_adapter(LoRARequest("b", 9, "/unused")) is True  # unknown: loaded
+    assert manager.calls == ["touch 7", "activate 7", "add loaded-9", "activate 9"]
+    assert "list_adapters" not in vars(worker)  # every other caller gets vLLM's own set
+    with pytest.raises(AssertionError, match="copied every registered adapter"):
+        worker.list_adapters()
