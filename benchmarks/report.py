@@ -118,6 +118,18 @@ def _pc(ratio: float) -> str:
     return "n/a" if not math.isfinite(ratio) else f"{100 * ratio:.0f} %"
 
 
+def _system_row(label: str, s: dict[str, Any]) -> tuple[str, str]:
+    """One system's rounds (peer.stats) and wrong outputs."""
+    return (
+        f"{label}: median req/s (p10-p90, fastest); rounds in a slow phase; rounds "
+        "within ±15 % of the median; wrong outputs",
+        f"{s['median_rps']:.1f} ({s['p10_rps']:.1f}-{s['p90_rps']:.1f}, "
+        f"{s.get('max_rps', math.nan):.1f}); {s['slow_rounds']} of {s['rounds']}; "
+        f"{s.get('within_15pct', 'n/a')} of {s['rounds']}; "
+        f"{s['wrong_outputs']} of {s['outputs']}",
+    )
+
+
 def rows_peer(r: Result) -> list[tuple[str, str]]:
     p, g, v = r["params"], r["systems"]["gateway"], r["systems"]["peer"]
     rows = [
@@ -147,16 +159,7 @@ def rows_peer(r: Result) -> list[tuple[str, str]]:
         "peer_omp1": "stock vllm serve, OMP_NUM_THREADS=1",
     }
     for label, s in ((labels[name], one) for name, one in systems.items()):
-        rows.append(
-            (
-                f"{label}: median req/s (p10-p90, fastest); rounds in a slow phase; rounds "
-                "within ±15 % of the median; wrong outputs",
-                f"{s['median_rps']:.1f} ({s['p10_rps']:.1f}-{s['p90_rps']:.1f}, "
-                f"{s.get('max_rps', math.nan):.1f}); {s['slow_rounds']} of {s['rounds']}; "
-                f"{s.get('within_15pct', 'n/a')} of {s['rounds']}; "
-                f"{s['wrong_outputs']} of {s['outputs']}",
-            )
-        )
+        rows.append(_system_row(label, s))
     return rows
 
 
@@ -194,16 +197,7 @@ def rows_peer_zipf(r: Result) -> list[tuple[str, str]]:
             )
         )
     for label, s in (("gateway", g), ("stock vllm serve", v)):
-        rows.append(
-            (
-                f"{label}: median req/s (p10-p90, fastest); rounds in a slow phase; rounds "
-                "within ±15 % of the median; wrong outputs",
-                f"{s['median_rps']:.1f} ({s['p10_rps']:.1f}-{s['p90_rps']:.1f}, "
-                f"{s.get('max_rps', math.nan):.1f}); {s['slow_rounds']} of {s['rounds']}; "
-                f"{s.get('within_15pct', 'n/a')} of {s['rounds']}; "
-                f"{s['wrong_outputs']} of {s['outputs']}",
-            )
-        )
+        rows.append(_system_row(label, s))
     return rows
 
 
