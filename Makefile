@@ -53,7 +53,7 @@ chart-schema-check: install
 demo: install
 	$(BIN)/lora-gateway demo
 
-## bench: the benchmarks at their default sizes (long: the peer alone takes about 11 minutes on this 2-core machine, 22 with --peer-omp1; docs/benchmarks.md)
+## bench: the benchmarks at their default sizes (long: the peer alone takes about 5 minutes on this 2-core machine, more with --peer-omp1; many_adapters about 20; docs/benchmarks.md)
 bench: install
 	$(BIN)/python -m benchmarks
 

@@ -87,11 +87,11 @@ LoraRank = Annotated[
 
 #: A tenant limit that must be at least 1; `UnlimitedAtZero`: at least 0, 0 = unlimited.
 Limit = Annotated[int, Field(strict=True, ge=1)]
+UnlimitedAtZero = Annotated[int, Field(strict=True, ge=0)]
 #: `cpu_queue_wait_us`; also what vLLM's processes read from the environment (vllm_plugin).
 QueueWaitUs = Annotated[int, Field(ge=0, le=10_000)]
 #: The environment variable that carries `cpu_queue_wait_us` into vLLM's processes.
 QUEUE_WAIT_ENV = f"{ENV_PREFIX}CPU_QUEUE_WAIT_US"
-UnlimitedAtZero = Annotated[int, Field(strict=True, ge=0)]
 
 
 class TenantDefaults(BaseModel):

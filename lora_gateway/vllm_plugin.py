@@ -78,8 +78,7 @@ worker's per-step "is this adapter loaded?" no longer copies every registered ad
 This module is the second, deliberate exception to "engine/vllm_engine.py is the only module
 that imports vllm": it is vLLM's plugin entry point. vLLM is imported only inside `register`,
 `allow_lora_on_prepacked_int8`, `quiet_cpu_queue_waits`, `constant_time_lora_lookup` and
-`vllm_resolver`; `StoreResolver`,
-which does the work, does not know vLLM.
+`vllm_resolver`; `StoreResolver`, which does the work, does not know vLLM.
 """
 
 from __future__ import annotations
@@ -525,25 +524,38 @@ def constant_time_lora_lookup() -> bool:
         from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
     except ImportError:
         return False
-    original = getattr(LRUCacheWorkerLoRAManager, "add_adapter", None)
+
+    def fixed(original: Callable[..., Any]) -> Callable[..., Any]:
+        def add_adapter(self: Any, lora_request: Any) -> Any:
+            manager = getattr(self, "_adapter_manager", None)
+            registered = getattr(manager, "_registered_adapters", None)
+            if registered is None or "list_adapters" in vars(self):
+                return original(self, lora_request)
+            self.list_adapters = lambda: _RegisteredIds(registered)
+            try:
+                return original(self, lora_request)
+            finally:
+                del self.list_adapters
+
+        return add_adapter
+
+    return _patch_once(LRUCacheWorkerLoRAManager, "add_adapter", fixed, "loaded-adapter lookup")
+
+
+def _patch_once(
+    owner: Any, name: str, fix: Callable[[Callable[..., Any]], Callable[..., Any]], what: str
+) -> bool:
+    """Replace vLLM's `owner.name` with `fix(original)`, once per process; False where vLLM no
+    longer has it (a later vLLM may fix or rename it), True where the fix is (now) in place."""
+    original = getattr(owner, name, None)
     if original is None:
         return False
     if getattr(original, "_lora_gateway_fix", False):
         return True
-
-    def add_adapter(self: Any, lora_request: Any) -> Any:
-        registered = getattr(getattr(self, "_adapter_manager", None), "_registered_adapters", None)
-        if registered is None or "list_adapters" in vars(self):
-            return original(self, lora_request)
-        self.list_adapters = lambda: _RegisteredIds(registered)
-        try:
-            return original(self, lora_request)
-        finally:
-            del self.list_adapters
-
-    add_adapter._lora_gateway_fix = True  # type: ignore[attr-defined]
-    setattr(LRUCacheWorkerLoRAManager, "add_adapter", add_adapter)  # noqa: B010
-    log.debug("vLLM patched: the worker's loaded-adapter lookup is O(1)")
+    replacement = fix(original)
+    replacement._lora_gateway_fix = True  # type: ignore[attr-defined]
+    setattr(owner, name, replacement)
+    log.debug("vLLM patched: %s", what)
     return True
 
 
@@ -569,18 +581,15 @@ def allow_lora_on_prepacked_int8() -> bool:
         from vllm.lora.layers import base_linear
     except ImportError:
         return False
-    original = getattr(base_linear, "_get_lora_device", None)
-    if original is None:
-        return False
-    if getattr(original, "_lora_gateway_fix", False):
-        return True
 
-    def lora_device(base_layer: Any) -> Any:
-        if getattr(base_layer, "weight", 0) is None:
-            return torch.device("cpu")
-        return original(base_layer)
+    def fixed(original: Callable[..., Any]) -> Callable[..., Any]:
+        def lora_device(base_layer: Any) -> Any:
+            if getattr(base_layer, "weight", 0) is None:
+                return torch.device("cpu")
+            return original(base_layer)
 
-    lora_device._lora_gateway_fix = True  # type: ignore[attr-defined]
-    setattr(base_linear, "_get_lora_device", lora_device)  # noqa: B010 (a private name)
-    log.debug("vLLM patched: LoRA on prepacked int8 (W8A8) layers on CPU")
-    return True
+        return lora_device
+
+    return _patch_once(
+        base_linear, "_get_lora_device", fixed, "LoRA on prepacked int8 (W8A8) layers on CPU"
+    )
