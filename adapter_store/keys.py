@@ -9,6 +9,9 @@ Keys are relative to the backend's root folder or bucket prefix::
     tenants/<tenant>/adapters/<name>/evaluation-sets/<sha256>.json  (an evaluation set: its
                                                           canonical JSON, named by its sha256)
     tenants/<tenant>/usage.json                          (storage usage: adapter_store.quota)
+    tenants/<tenant>/index/<shard>.json                  (listing index: adapter_store.index;
+                                                          <shard> 2 hex digits of the name's sha256)
+    tenants/<tenant>/index/ready                         (the listing index is complete)
     tenants/<grantee>/shared/<owner>/<name>              (share index: one marker per grant)
     events/<stamp>-<nonce>-<tenant>/<name>               (change feed: one per manifest write)
 
@@ -45,6 +48,10 @@ __all__ = [
     "event_key",
     "event_of",
     "events_from",
+    "index_prefix",
+    "index_ready_key",
+    "index_shard_key",
+    "index_shard_of",
     "manifest_key",
     "object_key",
     "share_key",
@@ -62,6 +69,7 @@ log = logging.getLogger(__name__)
 TENANTS = "tenants/"
 #: The change feed's folder (adapter_store.changes).
 EVENTS = "events/"
+_SHARD_RE = re.compile(r"[0-9a-f]{2}")
 _EVENT_RE = re.compile(r"^events/([0-9]{16})-([0-9a-f]{8})-([^/]+)/([^/]+)$")
 
 
@@ -127,6 +135,37 @@ def evaluation_set_key(tenant: str, name: str, sha: str) -> str:
 def usage_key(tenant: str) -> str:
     """The tenant's storage usage object (adapter_store.quota)."""
     return _tenant(tenant) + "usage.json"
+
+
+def index_prefix(tenant: str) -> str:
+    """The folder of the tenant's listing index (adapter_store.index)."""
+    return _tenant(tenant) + "index/"
+
+
+def index_shard_key(tenant: str, shard: str) -> str:
+    """One shard of the listing index: `shard` is 2 lowercase hex digits."""
+    if not _SHARD_RE.fullmatch(shard):
+        raise InvalidAdapter("invalid listing index shard")
+    return index_prefix(tenant) + f"{shard}.json"
+
+
+def index_ready_key(tenant: str) -> str:
+    """The marker that the tenant's listing index is complete."""
+    return index_prefix(tenant) + "ready"
+
+
+def index_shard_of(key: str, prefix: str) -> str | None:
+    """The shard (2 hex digits) of a key `<prefix><shard>.json` (`prefix` from
+    `index_prefix`); None for the ready marker, and None (logged) for any other key."""
+    rest = key[len(prefix) :]
+    if key.startswith(prefix):
+        if rest == "ready":
+            return None
+        shard = rest.removesuffix(".json")
+        if rest.endswith(".json") and _SHARD_RE.fullmatch(shard):
+            return shard
+    log.warning("the store holds a key outside its layout under %s", prefix)
+    return None
 
 
 def shared_prefix(grantee: str) -> str:

@@ -1,7 +1,8 @@
 """Manifests: one JSON object per adapter (`keys.manifest_key`), read and written conditionally.
 
 Every write also appends an event to the change feed (adapter_store.changes), after the put, so
-that other replicas learn of it with one listing.
+that other replicas learn of it with one listing, and then updates the manifest's copy in the
+listing index (adapter_store.index).
 
 The manifest is the truth about an adapter: its versions, aliases, grants and status. Every
 change is a read (with its etag) → modify → conditional put (adapter_store.conditional), so
@@ -18,6 +19,7 @@ from adapter_store.backend import BlobBackend
 from adapter_store.changes import ChangeFeed
 from adapter_store.conditional import update
 from adapter_store.errors import BlobNotFound, StoreError
+from adapter_store.index import ListingIndex
 from adapter_store.keys import manifest_key
 from adapter_store.model import Manifest, not_found
 
@@ -49,6 +51,7 @@ class Manifests:
         self._backend = backend
         self._max_retries = max_retries
         self.feed = ChangeFeed(backend)
+        self.index = ListingIndex(backend, self.read)
 
     def read(self, tenant: str, name: str) -> Manifest | None:
         """The stored manifest (revoked ones included), with its etag; None if there is none."""
@@ -74,9 +77,11 @@ class Manifests:
         result conditionally, retrying lost races; `change` returning its argument writes
         nothing.
 
-        A write is followed by its change-feed event. If that append fails, the write stands
-        (it is the truth) and the error is logged: other replicas then see the change at their
-        resync pass instead (lora_gateway.residency.manifests), not within one poll interval.
+        A write is followed by its change-feed event, then by its copy in the listing index
+        (adapter_store.index). If the append fails, the write stands (it is the truth) and the
+        error is logged: other replicas then see the change at their resync pass instead
+        (lora_gateway.residency.manifests), not within one poll interval. If the copy fails,
+        the index is withdrawn (listings read the manifests) and the error is logged.
         """
         given: list[Manifest | None] = []
 
@@ -106,4 +111,5 @@ class Manifests:
                     name,
                     exc,
                 )
+            self.index.note(tenant, name, created=given[-1] is None)
         return updated

@@ -590,6 +590,11 @@ class Manifest:
             obj = _obj(json.loads(data.decode("utf-8")), "manifest")
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise IntegrityError(f"stored manifest is not valid JSON: {exc}") from None
+        return cls.from_obj(obj, etag)
+
+    @classmethod
+    def from_obj(cls, obj: Mapping[str, Any], etag: str | None = None) -> Manifest:
+        """A manifest from its parsed JSON (`from_json`, and the listing index's copies)."""
         if obj.get("format") != 1:
             raise IntegrityError("stored manifest has an unknown format")
         versions = {}

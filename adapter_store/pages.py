@@ -18,7 +18,7 @@ from adapter_store.backend import BlobBackend
 from adapter_store.errors import InvalidAdapter
 from adapter_store.model import Page
 
-__all__ = ["MAX_PAGE", "all_pages", "list_page"]
+__all__ = ["MAX_PAGE", "all_pages", "list_page", "page_limit", "read_at_once"]
 
 #: The largest page a listing returns.
 MAX_PAGE = 1000
@@ -28,7 +28,8 @@ _MAX_POSITION = 300
 _T = TypeVar("_T")
 
 
-def _limit(limit: int) -> int:
+def page_limit(limit: int) -> int:
+    """`limit` if it is a page size (1..MAX_PAGE); InvalidAdapter otherwise."""
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
         raise InvalidAdapter(f"page size must be 1..{MAX_PAGE}")
     return limit
@@ -60,10 +61,9 @@ def list_page(
     level under `prefix` only (see `BlobBackend.list_page`). Costs one listing plus whatever
     `item` reads."""
     keys, more = backend.list_page(
-        prefix, start_after=_start(prefix, after), limit=_limit(limit), folders=folders
+        prefix, start_after=_start(prefix, after), limit=page_limit(limit), folders=folders
     )
-    made = _readers().map(item, keys) if len(keys) > 1 else map(item, keys)
-    items = [found for found in made if found is not None]
+    items = [found for found in read_at_once(item, keys) if found is not None]
     return Page(items, keys[-1][len(prefix) :] if more and keys else None, len(keys))
 
 
@@ -73,6 +73,11 @@ def list_page(
 READERS = 8
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+
+
+def read_at_once(item: Callable[[str], _T], keys: list[str]) -> list[_T]:
+    """`item` of each key, READERS at once, in the keys' order. Never from inside `item`."""
+    return list(_readers().map(item, keys)) if len(keys) > 1 else [item(key) for key in keys]
 
 
 def _readers() -> ThreadPoolExecutor:

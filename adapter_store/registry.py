@@ -45,6 +45,7 @@ from adapter_store.evaluations import (
     check_min_score,
     gate,
 )
+from adapter_store.index import INDEXED, IndexReport
 from adapter_store.keys import (
     TENANTS,
     adapters_prefix,
@@ -270,7 +271,7 @@ class Registry:
         self.spool = spool if spool is not None else Spool(spool_dir)
         self._manifests = Manifests(backend, max_retries=max_retries)
         self._shares = ShareIndex(backend, self._manifests)
-        self._usage = UsageLedger(backend, self.list_adapters)
+        self._usage = UsageLedger(backend, self.stored_adapters)
 
     # --- uploads and publishing ---------------------------------------------------------------
 
@@ -537,12 +538,26 @@ class Registry:
         return self._manifests.feed.expire(before_us)
 
     def adapter_page(self, tenant: str, *, after: str = "", limit: int = 100) -> Page[Manifest]:
-        """Live adapters of `tenant` named after the position `after`, in the store's order.
+        """Live adapters of `tenant` after the position `after`, at most `limit` examined.
+
+        From the listing index (adapter_store.index) when it is ready: one listing of the index
+        and one read per shard visited (a page of 50 of 10,000 adapters: 3 store calls).
+        Otherwise from the manifests (`manifest_page`). `next_after` is the position to
+        continue from (None at the end); a page may hold fewer than `limit` items (revoked
+        adapters are skipped) and still have a next one. A listing begun on one continues on
+        it: the index's positions start with `index.INDEXED`, which no name holds.
+        """
+        if not after or after.startswith(INDEXED):
+            page = self._manifests.index.page(tenant, after=after, limit=limit)
+            if page is not None:
+                return page
+        return self.manifest_page(tenant, after=after, limit=limit)
+
+    def manifest_page(self, tenant: str, *, after: str = "", limit: int = 100) -> Page[Manifest]:
+        """Like `adapter_page`, from the manifests themselves (the truth), in the store's order.
 
         One folder-level listing of at most `limit` names, and one manifest read per name: a
         page costs at most 1 + `limit` store calls, however many adapters or versions exist.
-        `next_after` is the position to continue from (None at the end); a page may hold fewer
-        than `limit` items (revoked adapters are skipped) and still have a next one.
         """
         prefix = adapters_prefix(tenant)
 
@@ -552,6 +567,14 @@ class Registry:
             return found if is_live(found) else None
 
         return list_page(self.backend, prefix, manifest, after=after, limit=limit, folders=True)
+
+    def rebuild_index(self, tenant: str | None = None) -> list[IndexReport]:
+        """Copy every manifest into the listing index of `tenant` (None: of every tenant) and
+        mark it ready (adapter_store.index). Reads every manifest: an operator's task
+        (`lora-gateway store rebuild-index`), after an upgrade from a version without the
+        index or after an error that withdrew it. Safe while gateways write."""
+        tenants = [tenant] if tenant is not None else self.list_tenants()
+        return [self._manifests.index.rebuild(name) for name in tenants]
 
     def tenant_page(self, *, after: str = "", limit: int = 100) -> Page[str]:
         """Tenants with anything stored (adapters or shares), in the store's order: one
@@ -578,6 +601,10 @@ class Registry:
     def list_adapters(self, tenant: str) -> list[Manifest]:
         """Every live adapter of `tenant` (all pages; prefer `adapter_page` where it can grow)."""
         return all_pages(lambda after: self.adapter_page(tenant, after=after, limit=MAX_PAGE))
+
+    def stored_adapters(self, tenant: str) -> list[Manifest]:
+        """Every live adapter of `tenant`, from the manifests (the truth, for maintenance)."""
+        return all_pages(lambda after: self.manifest_page(tenant, after=after, limit=MAX_PAGE))
 
     def list_tenants(self) -> list[str]:
         return all_pages(lambda after: self.tenant_page(after=after, limit=MAX_PAGE))
@@ -920,7 +947,7 @@ class Registry:
         index: an operator's maintenance task (`lora-gateway store repair-shares`), never on a
         request path. Safe to run while the gateways serve, and more than once.
         """
-        return self._shares.repair(self.list_tenants(), self.list_adapters)
+        return self._shares.repair(self.list_tenants(), self.stored_adapters)
 
     # --- revocation and quarantine ------------------------------------------------------------
 

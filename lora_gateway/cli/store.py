@@ -92,6 +92,32 @@ def _cmd_repair_shares(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_rebuild_index(args: argparse.Namespace) -> int:
+    """Copy every manifest into its tenant's listing index and mark it ready (after an upgrade
+    from a version without the index, or an error that withdrew it: adapter_store.index)."""
+    settings = load_settings(args)
+    if settings is None:
+        return EXIT_USAGE
+    from adapter_store import InvalidAdapter, Registry, StoreError
+    from lora_gateway.stores import open_backend
+
+    try:
+        reports = Registry(open_backend(settings), _no_model()).rebuild_index(args.tenant or None)
+    except (StoreError, InvalidAdapter) as exc:
+        code, text = errors.status_of(exc)
+        print(f"error: {code.name}: {text}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print_json([dataclasses.asdict(report) for report in reports])
+    else:
+        for report in reports:
+            print(
+                f"{report.tenant}: {report.adapters} adapters, "
+                f"{report.shards_written} shards written; ready"
+            )
+    return EXIT_OK
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     store = commands.add_parser("store", help="maintenance of the adapter store (no gateway)")
     store_ops = store.add_subparsers(dest="store_command", required=True, metavar="TASK")
@@ -104,6 +130,16 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     repair.add_argument("--json", action="store_true", help="print JSON")
     add_settings_flags(repair)
     repair.set_defaults(func=_cmd_repair_shares)
+    rebuild = store_ops.add_parser(
+        "rebuild-index",
+        help="copy every manifest into the listing index and mark it ready (once after an "
+        "upgrade, or when the log says the index was withdrawn); safe while gateways serve",
+    )
+    rebuild.add_argument("--config", metavar="FILE", help="YAML settings file (the store's)")
+    rebuild.add_argument("--tenant", default="", help="only this tenant (default: all)")
+    rebuild.add_argument("--json", action="store_true", help="print JSON")
+    add_settings_flags(rebuild)
+    rebuild.set_defaults(func=_cmd_rebuild_index)
     sweep = store_ops.add_parser(
         "sweep",
         help="delete version objects no manifest names, older than --min-age (a crash between "

@@ -191,13 +191,13 @@ class MeetingBackend:
 
 
 def test_a_page_reads_its_manifests_at_once(local_registry: Registry, good_adapter: Path) -> None:
-    """A page of adapters reads its manifests concurrently (a page of 1,000, one after another,
-    took 5 s on SeaweedFS), and keeps the listing's order."""
+    """A page of adapters read from the manifests (no listing index) reads them concurrently (a
+    page of 1,000, one after another, took 5 s on SeaweedFS), and keeps the listing's order."""
     names = ["a", "b", "c", "d"]
     for name in names:
         local_registry.upload_dir("acme", name, good_adapter, created_by="t")
     registry = Registry(MeetingBackend(local_registry.backend), local_registry.spec)
-    page = registry.adapter_page("acme", limit=4)
+    page = registry.manifest_page("acme", limit=4)
     assert [m.name for m in page.items] == names
 
 
