@@ -481,6 +481,36 @@ def test_a_bad_queue_wait_is_refused_by_name(value: str) -> None:
         quiet_cpu_queue_waits(value)
 
 
+def test_engines_starting_at_once_each_start_with_their_own_queue_wait() -> None:
+    """The queue wait reaches vLLM's processes through this process's environment, set for a
+    start only: two starts at once (two threads) must not see each other's value."""
+    import threading
+    from types import SimpleNamespace
+
+    from lora_gateway.config import QUEUE_WAIT_ENV
+    from lora_gateway.engine.vllm_engine import _start_with_env
+
+    seen: dict[int, list[str | None]] = {}
+    inside = threading.Event()
+
+    def start(args: Any) -> None:
+        seen[args.wait] = [os.environ.get(QUEUE_WAIT_ENV)]
+        inside.set()
+        time.sleep(0.3)  # a start takes seconds: the other thread tries meanwhile
+        seen[args.wait].append(os.environ.get(QUEUE_WAIT_ENV))
+
+    before = os.environ.get(QUEUE_WAIT_ENV)
+    first = threading.Thread(target=_start_with_env, args=(SimpleNamespace(wait=100), 100, start))
+    first.start()
+    assert inside.wait(5)
+    second = threading.Thread(target=_start_with_env, args=(SimpleNamespace(wait=250), 250, start))
+    second.start()
+    first.join()
+    second.join()
+    assert seen == {100: ["100", "100"], 250: ["250", "250"]}
+    assert os.environ.get(QUEUE_WAIT_ENV) == before
+
+
 # --- the worker's loaded-adapter lookup (constant_time_lora_lookup) -------------------------
 
 

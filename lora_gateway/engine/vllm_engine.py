@@ -41,12 +41,13 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lora_gateway import devtools, errors
 from lora_gateway.config import QUEUE_WAIT_ENV, Settings
@@ -253,8 +254,9 @@ class VLLMEngine:
 
         try:
             args = AsyncEngineArgs(**kwargs)
-            with _executor_env(args, queue_wait_us):
-                llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+            llm = await asyncio.to_thread(
+                _start_with_env, args, queue_wait_us, AsyncLLM.from_engine_args
+            )
         except (TypeError, ValueError) as exc:
             raise errors.InvalidArgument(f"engine settings rejected: {exc}") from exc
         except RuntimeError as exc:  # the engine core or a worker died while starting
@@ -311,8 +313,12 @@ class VLLMEngine:
             await asyncio.to_thread(old.shutdown)
             old.shutdown = lambda *args, **kwargs: None
             stopped = time.perf_counter()
-            with _executor_env(self._args, self._settings.cpu_queue_wait_us):
-                self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._args)
+            self._llm = await asyncio.to_thread(
+                _start_with_env,
+                self._args,
+                self._settings.cpu_queue_wait_us,
+                AsyncLLM.from_engine_args,
+            )
             self._dead = None
             await self._add_reserved()
         except BaseException as exc:
@@ -721,6 +727,20 @@ def cpu_kernels() -> quantization.CpuKernels:
         int8_lora_fix=plugin_loads and allow_lora_on_prepacked_int8(),
         int8_dot=None if flags is None else bool(flags & quantization.INT8_DOT_FLAGS),
     )
+
+
+_T = TypeVar("_T")
+
+#: Held while an engine starts with its environment (`_start_with_env`): the environment is
+#: the process's, so two engines starting at once in one process would mix their settings.
+_START_LOCK = threading.Lock()
+
+
+def _start_with_env(args: Any, queue_wait_us: int, start: Callable[[Any], _T]) -> _T:
+    """`start(args)` with `_executor_env` set, one engine start at a time in this process
+    (blocking: run it in a thread)."""
+    with _START_LOCK, _executor_env(args, queue_wait_us):
+        return start(args)
 
 
 @contextlib.contextmanager
