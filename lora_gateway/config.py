@@ -107,6 +107,9 @@ class TenantDefaults(BaseModel):
     """Largest max_tokens per request."""
     max_engine_slots: Limit = 1
     """Engine-resident adapter versions its requests may hold at once."""
+    max_host_bytes: Limit = 1 << 30
+    """With a host byte budget (`host_lora_budget_bytes`): what the versions its requests hold
+    at once may weigh in the host tier (one version is always allowed)."""
     max_pins: Limit = 1
     """Adapter versions it may pin."""
     max_concurrent_uploads: Limit = 2
@@ -322,6 +325,10 @@ class Settings(BaseSettings):
     tenant_max_engine_slots: int = Field(0, ge=0)
     """Default per-tenant cap on engine-resident adapter versions its requests hold at once,
     so that other tenants always find a slot (0 = max_cpu_loras - 1, at least 1)."""
+    tenant_max_host_bytes: int = Field(0, ge=0)
+    """Default per-tenant cap, with `host_lora_budget_bytes`, on the bytes of the versions its
+    requests hold in the host tier at once, so that one tenant's large adapters leave room for
+    others (0 = half the budget; one version is always allowed)."""
     tenant_max_pins: int = Field(1, ge=1)
     """Default per-tenant cap on pinned adapter versions."""
     engine_slot_wait_s: float = Field(30.0, gt=0)
@@ -574,6 +581,9 @@ class Settings(BaseSettings):
         values["max_engine_slots"] = self.tenant_max_engine_slots or max(
             1, self.engine_cpu_loras(1) - 1
         )  # the residency caps it at its capacity - 1 anyway
+        values["max_host_bytes"] = self.tenant_max_host_bytes or max(
+            1, self.host_lora_budget_bytes // 2
+        )  # applies only with a host budget
         return TenantDefaults(**values)
 
     def engine_cpu_loras(self, smallest_adapter_bytes: int) -> int:

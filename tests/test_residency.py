@@ -384,6 +384,62 @@ async def test_a_flooding_tenant_holds_at_most_its_share(make_env: object) -> No
     assert env.engine.faults == []
 
 
+async def test_a_tenants_share_of_the_host_tier_is_in_bytes(make_env: object) -> None:
+    """With a host byte budget, the versions one tenant's requests hold weigh at most its
+    `max_host_bytes`: big holds 2 of its versions (its share), a third waits in its own queue
+    and is refused after the wait, while calm's version loads at once. One version is always
+    allowed, even one larger than the share."""
+    env: Env = make_env(capacity=8)  # type: ignore[operator]
+    folders = [env.adapters(seed=390 + i, rank=8) for i in range(4)]
+    versions = [
+        await asyncio.to_thread(
+            env.registry.upload_dir, "big" if i < 3 else "calm", f"v{i}", f, created_by="t"
+        )
+        for i, f in enumerate(folders)
+    ]
+    slots = env.residency.slots
+    size = sum(
+        (folders[0] / name).stat().st_size
+        for name in ("adapter_config.json", "adapter_model.safetensors")
+    )
+    slots.host_budget_bytes = 4 * size
+    assert {slots.host_bytes(v) for v in versions} == {size}
+    big = TenantConfig("big", max_engine_slots=6, max_host_bytes=2 * size)
+    calm = TenantConfig("calm", max_engine_slots=6, max_host_bytes=2 * size)
+    release = asyncio.Event()
+    entered: list[int] = []
+
+    async def hold(i: int) -> None:
+        async with env.residency.use(versions[i], big):
+            entered.append(i)
+            await release.wait()
+
+    tasks = [asyncio.create_task(hold(i)) for i in range(2)]
+    await until(lambda: len(entered) == 2)
+    assert slots.tenant_bytes("big") == 2 * size
+    env.residency.slot_wait_s = 0.3
+    slots.slot_wait_s = 0.3
+    with pytest.raises(errors.ResourceExhausted, match=r"bytes of the host tier \(limit"):
+        async with env.residency.use(versions[2], big):
+            pass
+    async with env.residency.use(versions[3], calm) as loaded:  # calm is not held up
+        assert loaded.lora_int_id in env.engine.held
+    waiter = asyncio.create_task(hold(2))
+    await asyncio.sleep(0.1)
+    assert sorted(entered) == [0, 1]  # the third still waits for big's share
+    slots.slot_wait_s = 5.0
+    release.set()
+    await asyncio.gather(*tasks)
+    release.clear()
+    await until(lambda: len(entered) == 3)
+    release.set()
+    await waiter
+    small = TenantConfig("big", max_engine_slots=6, max_host_bytes=size // 2)
+    async with env.residency.use(versions[0], small) as loaded:  # larger than the share
+        assert loaded.lora_int_id in env.engine.held
+    assert env.engine.faults == []
+
+
 async def test_slot_wait_is_bounded(make_env: object) -> None:
     env: Env = make_env(capacity=2)  # type: ignore[operator]
     env.residency.slot_wait_s = 0.3

@@ -303,7 +303,7 @@ def test_every_problem_is_named_by_tenant_key_and_field() -> None:
             "tenant acme: key #2 (acme-ops): missing field(s) sha256",
             "tenant acme: key #2 (acme-ops): unknown field(s) note (allowed: id, role, sha256)",
             "tenant acme: unknown field(s) quota (allowed: keys, max_adapters, max_concurrent, "
-            "max_concurrent_uploads, max_engine_slots, max_pins, max_stored_bytes, max_tokens, "
+            "max_concurrent_uploads, max_engine_slots, max_host_bytes, max_pins, max_stored_bytes, max_tokens, "
             "requests_per_minute, tokens_per_minute)",
             "tenant globex: key #1 (gx): field 'token' is not allowed: never store API keys in the "
             "tenants file; store `sha256: <hex>` of the key instead (python -c 'from "
@@ -361,6 +361,7 @@ def test_defaults_of_every_limit_come_from_settings() -> None:
         tenant_max_concurrent=3,
         tenant_max_tokens=300,
         tenant_max_engine_slots=2,
+        tenant_max_host_bytes=5000,
         tenant_max_pins=4,
         tenant_max_concurrent_uploads=5,
         tenant_max_stored_bytes=6000,
@@ -373,6 +374,7 @@ def test_defaults_of_every_limit_come_from_settings() -> None:
         max_concurrent=3,
         max_tokens=300,
         max_engine_slots=2,
+        max_host_bytes=5000,
         max_pins=4,
         max_concurrent_uploads=5,
         max_stored_bytes=6000,
@@ -383,6 +385,8 @@ def test_defaults_of_every_limit_come_from_settings() -> None:
     # 0 engine slots: one fewer than the engine holds, at least 1.
     assert Settings(max_cpu_loras=8).tenant_defaults().max_engine_slots == 7
     assert Settings(max_loras=1, max_cpu_loras=1).tenant_defaults().max_engine_slots == 1
+    # 0 host bytes: half the host tier's byte budget.
+    assert Settings(host_lora_budget_bytes=1000).tenant_defaults().max_host_bytes == 500
 
 
 def test_public_names() -> None:

@@ -230,7 +230,7 @@ class Residency:
         wanted = self.slots.wanted
         wanted[key] += 1
         try:
-            await self.slots.hold(key, holder, tenant)
+            await self.slots.hold(key, holder, tenant, self.slots.host_bytes(version))
             try:
                 resident = await self.loads.acquire(version, holder, counted=request)
                 yield resident.loaded

@@ -13,8 +13,9 @@
   1 on every layer: `host_bytes`): a load evicts (same order) until both the count and the
   bytes fit; a version larger than the whole budget is refused at once. With `max_cpu_loras`
   unset the count is the budget over that smallest size (`Settings.engine_cpu_loras`), so the
-  bytes bind first. Shares stay by count (`max_engine_slots`): a tenant's requests hold at most
-  that many versions, whatever they weigh.
+  bytes bind first. A tenant's share is then in bytes too: the versions its requests hold
+  weigh at most `TenantConfig.max_host_bytes` (default half the budget), though one version is
+  always allowed, so that a tenant of large adapters cannot hold the whole budget.
 - Engine slots are shared fairly (invariant 11). A request *holds* its version from the moment
   it asks for it until it ends. A tenant's requests hold at most `TenantConfig.max_engine_slots`
   distinct unpinned versions at once (and never more than the unpinned capacity minus one), so
@@ -157,6 +158,8 @@ class Slots:
         self.wanted: Counter[VersionKey] = Counter()
         #: Requests holding each version (waiting for its load, or running on it), per tenant.
         self.holds: dict[VersionKey, Counter[str]] = {}
+        #: What each held version weighs in the host tier (`host_bytes`).
+        self._held_bytes: dict[VersionKey, int] = {}
         #: Slots reserved by loads (or taken by revocation unloads) not yet counted in resident.
         self.reserved = 0
         #: Bytes the host tier may hold (0: no byte bound), and bytes reserved like `reserved`.
@@ -178,25 +181,48 @@ class Slots:
             1 for key, holds in self.holds.items() if holds[tenant] > 0 and key not in self.pins
         )
 
+    def tenant_bytes(self, tenant: str) -> int:
+        """What the distinct unpinned versions the tenant's requests hold weigh (host tier)."""
+        return sum(
+            self._held_bytes.get(key, 0)
+            for key, holds in self.holds.items()
+            if holds[tenant] > 0 and key not in self.pins
+        )
+
     def slot_limit(self, tenant: TenantConfig) -> int:
         """The tenant's cap: its `max_engine_slots`, and never all the unpinned slots."""
         return min(tenant.max_engine_slots, max(1, self.capacity - len(self.pins) - 1))
 
-    async def hold(self, key: VersionKey, holder: str, tenant: TenantConfig | None) -> None:
-        """Count a request of `holder` on `key`, once the tenant's share allows it (waits)."""
+    def _share_allows(self, holder: str, tenant: TenantConfig, nbytes: int) -> bool:
+        """Whether one more distinct version (of `nbytes`) fits the tenant's share: its slot
+        count, and, with a host byte budget, its bytes (one version is always allowed)."""
+        slots = self.tenant_slots(holder)
+        if slots >= self.slot_limit(tenant):
+            return False
+        return (
+            not self.host_budget_bytes
+            or slots == 0
+            or self.tenant_bytes(holder) + nbytes <= tenant.max_host_bytes
+        )
+
+    async def hold(
+        self, key: VersionKey, holder: str, tenant: TenantConfig | None, nbytes: int = 0
+    ) -> None:
+        """Count a request of `holder` on `key` (a version of `nbytes` in the host tier), once
+        the tenant's share allows it (waits)."""
         self.blocks.check(key)
 
         def free_of_charge() -> bool:  # already held by this tenant, or pinned: no new slot
             return self._holding(key, holder) or key in self.pins
 
         if tenant is not None and not free_of_charge():
-            if self.tenant_slots(holder) >= self.slot_limit(tenant):
+            if not self._share_allows(holder, tenant, nbytes):
                 self.metrics.slot_waited("tenant")
             gate = self._tenant_gates.setdefault(holder, FifoGate())
             loop = asyncio.get_running_loop()
             try:
                 ok = await gate.wait(
-                    ready=lambda: self.tenant_slots(holder) < self.slot_limit(tenant),
+                    ready=lambda: self._share_allows(holder, tenant, nbytes),
                     check=lambda: self.blocks.check(key),
                     deadline=loop.time() + self.slot_wait_s,
                     bypass=free_of_charge,
@@ -205,12 +231,23 @@ class Slots:
                 if not gate and self._tenant_gates.get(holder) is gate:
                     del self._tenant_gates[holder]
             if not ok:
-                raise errors.ResourceExhausted(
-                    f"tenant {holder} holds {self.tenant_slots(holder)} engine adapter slots "
-                    f"(limit {self.slot_limit(tenant)}) and none freed within "
-                    f"{self.slot_wait_s:g}s; try again"
-                )
+                raise errors.ResourceExhausted(self._share_refusal(holder, tenant))
         self.holds.setdefault(key, Counter())[holder] += 1
+        self._held_bytes[key] = nbytes
+
+    def _share_refusal(self, holder: str, tenant: TenantConfig) -> str:
+        slots = self.tenant_slots(holder)
+        if slots >= self.slot_limit(tenant):
+            held = f"{slots} engine adapter slots (limit {self.slot_limit(tenant)})"
+        else:
+            held = (
+                f"{self.tenant_bytes(holder)} bytes of the host tier "
+                f"(limit {tenant.max_host_bytes})"
+            )
+        return (
+            f"tenant {holder} holds {held} and none freed within {self.slot_wait_s:g}s; "
+            "try again"
+        )
 
     def unhold(self, key: VersionKey, holder: str) -> None:
         holds = self.holds.get(key)
@@ -221,6 +258,7 @@ class Slots:
             del holds[holder]
         if not holds:
             del self.holds[key]
+            self._held_bytes.pop(key, None)
         self.changed()
 
     # --- waking -------------------------------------------------------------------------------

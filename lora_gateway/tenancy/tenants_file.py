@@ -8,7 +8,7 @@ Only sha256 hashes of keys are stored (`keys.hash_key`, `lora-gateway dev new-ke
         max_concurrent: 8        # optional; default Settings.tenant_max_concurrent
         max_tokens: 1024         # optional; default Settings.tenant_max_tokens
         # optional, each defaulting to Settings.tenant_<field>: max_engine_slots,
-        # max_pins, max_concurrent_uploads, max_stored_bytes, max_adapters,
+        # max_host_bytes, max_pins, max_concurrent_uploads, max_stored_bytes, max_adapters,
         # tokens_per_minute, requests_per_minute (0 = unlimited)
         keys:
           - id: acme-backend     # label, appears in logs and audit
