@@ -327,3 +327,28 @@ def test_settings_of_the_feed_are_validated() -> None:
     assert (settings.manifest_resync_per_poll, settings.change_feed_lookback_s) == (16, 30.0)
     with pytest.raises(errors.InvalidArgument, match="change_feed_retention_s"):
         Settings.from_mapping({"change_feed_retention_s": 60, "change_feed_lookback_s": 30})
+
+
+async def test_the_resync_rotation_visits_every_cached_name_once_per_turn(
+    spec: BaseModelSpec,
+) -> None:
+    """The round-robin resync takes the next names of a rotation (no sort of the whole cache
+    each poll): every cached name once per turn, evicted ones skipped, and the rotation stays
+    within twice the cache however much it churns."""
+    memory = MemoryBackend()
+    names = seed(memory, 30)
+    replica = Replica(Recording(memory), spec, Clock())
+    replica.cache_all(names)
+    cache = replica.cache
+    turn = [name for _ in range(5) for name in cache.next_to_resync(6)]
+    assert sorted(turn) == sorted(names)
+    for name in names[:10]:
+        del cache.cached[name]
+    turn = [name for _ in range(4) for name in cache.next_to_resync(5)]
+    assert sorted(turn) == sorted(names[10:])
+    small = Replica(Recording(memory), spec, Clock(), size=20).cache
+    for i in range(1000):
+        small.take(Manifest("t00", f"c{i % 50}"), fresh=True)
+        assert len(small.rotation) <= 2 * len(small.cached) + 17
+    assert len(small.cached) == 20
+    assert sorted(small.next_to_resync(20)) == sorted(small.cached)

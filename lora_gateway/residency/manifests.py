@@ -15,12 +15,11 @@ the poller that follows the store's change feed so other replicas' changes apply
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import functools
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, TypeVar
@@ -93,6 +92,8 @@ class ManifestCache:
         self._shares: dict[str, tuple[float, Shares]] = {}
         self._share_fetches: SingleFlight[str, Shares] = SingleFlight()
         self._share_generation: dict[str, int] = {}
+        #: The poller's round-robin resync order over the cached names (`next_to_resync`).
+        self.rotation: deque[NameKey] = deque()
         self._pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="residency-store")
 
     async def read_store(self, fn: Callable[..., T], *args: object) -> T:
@@ -155,6 +156,8 @@ class ManifestCache:
         whole-adapter block (the name was uploaded again); its revoked versions stay blocked.
         """
         name = (manifest.tenant, manifest.name)
+        if name not in self.cached:
+            self._rotate_in(name)
         self.cached[name] = manifest
         self.cached.move_to_end(name)
         self._stale.discard(name)
@@ -172,6 +175,32 @@ class ManifestCache:
         if gone:
             self.holder.block(gone)
         return gone
+
+    def _rotate_in(self, name: NameKey) -> None:
+        """Put a newly cached name at the end of the resync rotation. Names evicted since are
+        skipped when their turn comes; the rotation is compacted when they are as many as the
+        cached ones, so it stays within twice the cache."""
+        self.rotation.append(name)
+        if len(self.rotation) > 2 * len(self.cached) + 16:
+            live = dict.fromkeys(key for key in self.rotation if key in self.cached)
+            self.rotation = deque(live)
+            self.rotation.append(name)
+
+    def next_to_resync(self, count: int) -> list[NameKey]:
+        """The next `count` cached names of the rotation (each cached name once per turn of
+        it), moved to its end: O(count) however many are cached."""
+        picked: list[NameKey] = []
+        seen: set[NameKey] = set()
+        for _ in range(len(self.rotation)):
+            if len(picked) >= count:
+                break
+            name = self.rotation.popleft()
+            if name not in self.cached or name in seen:
+                continue  # evicted (or a second entry of a name cached again): dropped
+            seen.add(name)
+            self.rotation.append(name)
+            picked.append(name)
+        return picked
 
     def _trim(self) -> None:
         """Evict least recently used manifests beyond `size`, never one whose versions this
@@ -319,8 +348,6 @@ class ManifestPoller:
         self._position = ""
         #: Event keys already handled → their stamp (µs): pruned past the look-back window.
         self._seen: dict[str, int] = {}
-        #: Where the round-robin resync goes on: the last name it re-read.
-        self._resync_after: NameKey | None = None
         self._expired_at = started
         self._resync_all = False
 
@@ -391,19 +418,10 @@ class ManifestPoller:
         return names
 
     def _resync_slice(self, exclude: set[NameKey]) -> list[NameKey]:
-        """The next `resync_per_poll` cached names after the last one re-read, round robin."""
-        cached = list(self.manifests.cached)
-        if not cached or self.resync_per_poll <= 0:
+        """The next `resync_per_poll` cached names, round robin (`ManifestCache.rotation`)."""
+        if self.resync_per_poll <= 0:
             return []
-        ordered = sorted(cached)
-        start = 0
-        if self._resync_after is not None:
-            start = bisect.bisect_right(ordered, self._resync_after)
-        picked = [
-            ordered[(start + i) % len(ordered)]
-            for i in range(min(self.resync_per_poll, len(ordered)))
-        ]
-        self._resync_after = picked[-1]
+        picked = self.manifests.next_to_resync(self.resync_per_poll)
         return [name for name in picked if name not in exclude]
 
     async def _reread(self, names: set[NameKey] | list[NameKey]) -> int:
