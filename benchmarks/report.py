@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import statistics
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -271,6 +272,18 @@ def _many_title(label: str, scenario: dict[str, Any]) -> str:
     return f"{scenario.get('adapters', '?')} adapters, alpha={alpha}, {phase}{where}"
 
 
+def _from_manifests(upload: dict[str, Any]) -> str:
+    """The listing's figures from the index and from the manifests (runs before the listing
+    index had only the one figure)."""
+    index, manifests = upload.get("list_all_index_s"), upload.get("list_all_manifests_s")
+    if not index or not manifests:
+        return ""
+    return (
+        f" from the listing index ({min(index):.1f}-{max(index):.1f}); from the manifests "
+        f"{statistics.median(manifests):.1f} s ({min(manifests):.1f}-{max(manifests):.1f})"
+    )
+
+
 def rows_many(r: Result) -> list[tuple[str, str]]:
     p = r["params"]
     rows = [
@@ -287,7 +300,8 @@ def rows_many(r: Result) -> list[tuple[str, str]]:
                 f"{upload['stored']} adapters: upload through the API / list all / memory",
                 f"{upload['uploaded']} in {upload['upload_s']:.0f} s "
                 f"({upload['uploads_per_s']:.1f}/s); {upload['listed']} listed in "
-                f"{upload['list_all_s']:.1f} s; gateway RSS {upload['gateway_rss_mib']:.0f} MiB "
+                f"{upload['list_all_s']:.1f} s{_from_manifests(upload)}; "
+                f"gateway RSS {upload['gateway_rss_mib']:.0f} MiB "
                 f"with {upload['manifests_known']} manifests cached",
             )
         )

@@ -109,11 +109,14 @@ def test_bench_smoke(tmp_path: Path) -> None:
         warm = host[label]["preload"]
         assert (warm["preloaded"], warm["engine_loads"], warm["failed"]) == (count, count, 0)
         assert (host[label]["engine_loads"], host[label]["engine_hit_ratio"]) == (0, 1.0)
-    # Uploaded through the API in two stages (20, then up to 40), each listed in full.
+    # Uploaded through the API in two stages (20, then up to 40), each listed in full, three
+    # times from the listing index and three from the manifests (the same count both ways).
     assert [(u["uploaded"], u["stored"], u["listed"]) for u in many["uploads"]] == [
         (20, 20, 20),
         (20, 40, 40),
     ]
+    for upload in many["uploads"]:
+        assert len(upload["list_all_index_s"]) == len(upload["list_all_manifests_s"]) == 3
     herd = json.loads((out / "herd.json").read_text())
     assert all(t["fetches"] == 1 and t["engine_loads"] == 1 for t in herd["trials"])
     revocation = json.loads((out / "revocation.json").read_text())
