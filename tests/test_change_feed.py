@@ -352,3 +352,31 @@ async def test_the_resync_rotation_visits_every_cached_name_once_per_turn(
         assert len(small.rotation) <= 2 * len(small.cached) + 17
     assert len(small.cached) == 20
     assert sorted(small.next_to_resync(20)) == sorted(small.cached)
+
+
+def test_caching_a_manifest_that_revokes_nothing_never_lists_every_held_version(
+    spec: BaseModelSpec,
+) -> None:
+    """`take` looks through every version this replica holds only for a manifest that revokes
+    something (with 10,000 resident, that look cost O(n) at every manifest read)."""
+
+    class Counting(NoHolder):
+        looks = 0
+
+        def known(self) -> set[VersionKey]:
+            Counting.looks += 1
+            return {("t00", "a", "0" * 64)}
+
+    cache = ManifestCache(
+        Registry(Recording(MemoryBackend()), spec),
+        Blocks(),
+        Counting(),
+        Metrics(process_metrics=False),
+    )
+    for i in range(5):
+        cache.take(Manifest("t00", f"n{i}"), fresh=True)
+    assert Counting.looks == 0
+    assert cache.take(Manifest("t00", "a", revoked=("0" * 64,)), fresh=True) == [
+        ("t00", "a", "0" * 64)
+    ]
+    assert Counting.looks == 1

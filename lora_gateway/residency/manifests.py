@@ -164,9 +164,9 @@ class ManifestCache:
         if fresh and manifest.status == "active":
             self.blocks.names.discard(name)
         revoked = set(manifest.revoked)
-        gone = [
+        gone = [  # only when it revokes something: known() is every version held (O(n))
             key
-            for key in self.holder.known()
+            for key in (self.holder.known() if revoked else ())
             if key[:2] == name
             and key[2] in revoked
             and (key not in self.blocks.keys or self.holder.is_resident(key))
