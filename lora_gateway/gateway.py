@@ -386,8 +386,8 @@ class Gateway:
 
     async def models(self, principal: Principal, base_name: str) -> list[ModelEntry]:
         """What `principal` may name as a model: the base model, its tenant's live adapters,
-        then those shared with it (from its share index), read a page at a time, at most
-        `openai_max_models` adapters."""
+        then those shared with it (from its share index), each part sorted by name, read a page
+        at a time, at most `openai_max_models` adapters."""
         if self.draining:
             raise errors.Unavailable("server is shutting down")
         most = self.settings.openai_max_models
@@ -395,15 +395,17 @@ class Gateway:
         tenant = principal.tenant
         for shared in (False, True):
             after: str | None = ""
-            while after is not None and len(entries) <= most:
+            part: list[ModelEntry] = []
+            while after is not None and len(entries) + len(part) <= most:
                 read = self.store.shared_page if shared else self.store.adapter_page
                 page = await self._read(read, tenant, after=after, limit=min(200, most))
                 for manifest in page.items:
-                    if len(entries) > most:
+                    if len(entries) + len(part) > most:
                         break
                     name = f"{manifest.tenant}/{manifest.name}" if shared else manifest.name
-                    entries.append(ModelEntry(name, manifest.tenant, _created(manifest)))
+                    part.append(ModelEntry(name, manifest.tenant, _created(manifest)))
                 after = page.next_after
+            entries.extend(sorted(part, key=lambda entry: entry.id))
         return entries
 
     async def _read(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:

@@ -303,8 +303,8 @@ def test_every_problem_is_named_by_tenant_key_and_field() -> None:
             "tenant acme: key #2 (acme-ops): missing field(s) sha256",
             "tenant acme: key #2 (acme-ops): unknown field(s) note (allowed: id, role, sha256)",
             "tenant acme: unknown field(s) quota (allowed: keys, max_adapters, max_concurrent, "
-            "max_concurrent_uploads, max_engine_slots, max_host_bytes, max_pins, max_stored_bytes, max_tokens, "
-            "requests_per_minute, tokens_per_minute)",
+            "max_concurrent_uploads, max_engine_slots, max_host_bytes, max_pins, max_stored_bytes, "
+            "max_tokens, requests_per_minute, tokens_per_minute)",
             "tenant globex: key #1 (gx): field 'token' is not allowed: never store API keys in the "
             "tenants file; store `sha256: <hex>` of the key instead (python -c 'from "
             'lora_gateway.tenancy import hash_key; print(hash_key("KEY"))\')',

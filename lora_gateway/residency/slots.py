@@ -245,8 +245,7 @@ class Slots:
                 f"(limit {tenant.max_host_bytes})"
             )
         return (
-            f"tenant {holder} holds {held} and none freed within {self.slot_wait_s:g}s; "
-            "try again"
+            f"tenant {holder} holds {held} and none freed within {self.slot_wait_s:g}s; try again"
         )
 
     def unhold(self, key: VersionKey, holder: str) -> None:
