@@ -47,8 +47,10 @@ PREFIX = "cold"
 @dataclass(frozen=True)
 class Params:
     ranks: tuple[int, ...] = (8, 16, 32, 64)
-    repeats: int = 3
-    """Cold loads per rank (each a fresh adapter), plus one unmeasured warm-up load."""
+    repeats: int = 15
+    """Cold loads per rank (each a fresh adapter), plus one unmeasured warm-up load. A trial
+    takes about 0.1 s: 3 repeats left the per-rank median at the mercy of one slow trial
+    (1.02-1.28x between ranks of one run)."""
 
 
 DEFAULT = Params()
@@ -189,6 +191,9 @@ async def run(bench: Bench, params: Params) -> dict[str, Any]:
                 "floor_remove_s": med(lambda r: r["floor"]["remove_s"]),
                 "floor_ttft_s": med(lambda r: r["floor_ttft_s"]),
                 "ttft_ratio": med(lambda r: r["ttft_ratio"]),
+                "ttft_ratio_quartiles": [
+                    float(q) for q in np.percentile([r["ttft_ratio"] for r in rows], [25, 75])
+                ],
                 "load_ratio": med(lambda r: r["load_ratio"]),
             }
         )

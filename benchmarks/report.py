@@ -237,6 +237,12 @@ def rows_overhead(r: Result) -> list[tuple[str, str]]:
     ]
 
 
+def _quartiles(b: dict[str, Any]) -> str:
+    """'[q1-q3] ' of a rank's TTFT ratios (runs before they were kept: '')."""
+    q = b.get("ttft_ratio_quartiles")
+    return f"[{_x(q[0])}-{_x(q[1])}] " if q else ""
+
+
 def rows_cold_start(r: Result) -> list[tuple[str, str]]:
     p = r["params"]
     rows = [("workload", f"ranks {', '.join(map(str, p['ranks']))}, {p['repeats']} each")]
@@ -245,7 +251,7 @@ def rows_cold_start(r: Result) -> list[tuple[str, str]]:
             (
                 f"rank {b['rank']} ({b['bytes'] / 1024:.0f} KiB): cold / floor TTFT",
                 f"{_ms(b['ttft_s'])} / {_ms(b['floor_ttft_s'])} = {_x(b['ttft_ratio'])} "
-                f"(load alone {_x(b['load_ratio'])})",
+                f"{_quartiles(b)}(load alone {_x(b['load_ratio'])})",
             )
         )
         if "floor_remove_s" in b:
