@@ -9,7 +9,8 @@
 - botocore errors are classified by exception type and error code, never by message text, in
   one place: every call to the store runs inside `_mapped(key)`, which raises the store's own
   error (adapter_store.errors) for whatever boto3 raised (as httpx's `map_exceptions`).
-- Large files go through the transfer manager (multipart above `multipart_threshold`).
+- Downloads are one streamed GET; files above `multipart_threshold` go through the transfer
+  manager (ranged parts), as do large uploads (multipart).
 """
 
 from __future__ import annotations
@@ -147,10 +148,23 @@ class S3Backend:
             self._client.upload_file(str(path), self.bucket, self._key(key), Config=self._transfer)
 
     def download_file(self, key: str, dest: Path) -> None:
+        """One GET streamed to `dest`; above `multipart_threshold`, the transfer manager's
+        ranged parts instead (its HEAD first cost every adapter file a second round trip)."""
         with _mapped(key):
-            self._client.download_file(
-                self.bucket, self._key(key), str(dest), Config=self._transfer
-            )
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            body = response["Body"]
+            try:
+                if response["ContentLength"] > self._transfer.multipart_threshold:
+                    body.close()
+                    self._client.download_file(
+                        self.bucket, self._key(key), str(dest), Config=self._transfer
+                    )
+                    return
+                with dest.open("wb") as out:
+                    for chunk in body.iter_chunks(_CHUNK):
+                        out.write(chunk)
+            finally:
+                body.close()
 
     def delete(self, key: str) -> None:
         # Deleting a missing key is not an error: a "not found" answer is one more success.
@@ -225,6 +239,10 @@ def _code(exc: ClientError) -> str:
 
 def _status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+#: Bytes read at a time from a streamed GET.
+_CHUNK = 1 << 20
 
 
 @contextlib.contextmanager
