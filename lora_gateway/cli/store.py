@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lora_gateway import errors
@@ -118,34 +119,47 @@ def _cmd_rebuild_index(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _task(
+    tasks: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    help_text: str,
+) -> argparse.ArgumentParser:
+    """One maintenance task's parser: the store's settings (--config and the settings flags),
+    --json, and the task's own arguments, which the caller adds."""
+    task = tasks.add_parser(name, help=help_text)
+    task.add_argument("--config", metavar="FILE", help="YAML settings file (the store's)")
+    task.add_argument("--json", action="store_true", help="print JSON")
+    add_settings_flags(task)
+    task.set_defaults(func=func)
+    return task
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     store = commands.add_parser("store", help="maintenance of the adapter store (no gateway)")
     store_ops = store.add_subparsers(dest="store_command", required=True, metavar="TASK")
-    repair = store_ops.add_parser(
+    _task(
+        store_ops,
         "repair-shares",
-        help="make every share index agree with the manifests (once after an upgrade; safe "
-        "while gateways serve)",
+        _cmd_repair_shares,
+        "make every share index agree with the manifests (once after an upgrade; safe while "
+        "gateways serve)",
     )
-    repair.add_argument("--config", metavar="FILE", help="YAML settings file (the store's)")
-    repair.add_argument("--json", action="store_true", help="print JSON")
-    add_settings_flags(repair)
-    repair.set_defaults(func=_cmd_repair_shares)
-    rebuild = store_ops.add_parser(
+    rebuild = _task(
+        store_ops,
         "rebuild-index",
-        help="copy every manifest into the listing index and mark it ready (once after an "
-        "upgrade, or when the log says the index was withdrawn); safe while gateways serve",
+        _cmd_rebuild_index,
+        "copy every manifest into the listing index and mark it ready (once after an upgrade, "
+        "or when the log says the index was withdrawn); safe while gateways serve",
     )
-    rebuild.add_argument("--config", metavar="FILE", help="YAML settings file (the store's)")
     rebuild.add_argument("--tenant", default="", help="only this tenant (default: all)")
-    rebuild.add_argument("--json", action="store_true", help="print JSON")
-    add_settings_flags(rebuild)
-    rebuild.set_defaults(func=_cmd_rebuild_index)
-    sweep = store_ops.add_parser(
+    sweep = _task(
+        store_ops,
         "sweep",
-        help="delete version objects no manifest names, older than --min-age (a crash between "
-        "an upload's objects and its manifest); safe while gateways serve",
+        _cmd_sweep,
+        "delete version objects no manifest names, older than --min-age (a crash between an "
+        "upload's objects and its manifest); safe while gateways serve",
     )
-    sweep.add_argument("--config", metavar="FILE", help="YAML settings file (the store's)")
     sweep.add_argument("--dry-run", action="store_true", help="list the orphans, delete nothing")
     sweep.add_argument(
         "--min-age",
@@ -156,6 +170,3 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "upload_timeout_s",
     )
     sweep.add_argument("--tenant", default="", help="only this tenant's adapters (default: all)")
-    sweep.add_argument("--json", action="store_true", help="print JSON")
-    add_settings_flags(sweep)
-    sweep.set_defaults(func=_cmd_sweep)

@@ -15,23 +15,7 @@ from adapter_store.backend import BlobBackend
 from adapter_store.index import shard_of
 from adapter_store.model import Manifest
 from tests.conftest import AdapterFactory
-
-
-class Counting:
-    """A real backend that records every call (method, key or prefix)."""
-
-    def __init__(self, inner: BlobBackend) -> None:
-        self._inner = inner
-        self.calls: list[tuple[str, str]] = []
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._inner, name)
-
-        def call(key: str, *args: Any, **kwargs: Any) -> Any:
-            self.calls.append((name, key))
-            return method(key, *args, **kwargs)
-
-        return call
+from tests.store.test_registry import CountingBackend
 
 
 class FailingIndexPuts:
@@ -90,7 +74,7 @@ def test_pages_read_the_index_not_the_manifests(registry: Registry, good_adapter
         "acme", "bot-05", "prod", registry.get_manifest("acme", "bot-05").aliases["latest"]
     )
     assert len({shard_of(name) for name in NAMES}) > 15  # spread over many shards
-    counting = Counting(registry.backend)
+    counting = CountingBackend(registry.backend)
     indexed = Registry(counting, registry.spec)  # type: ignore[arg-type]
     listed = _listing(indexed)
     assert sorted(m.name for m in listed) == [n for n in NAMES if n != "bot-03"]
@@ -135,7 +119,7 @@ def test_a_store_without_the_index_is_listed_from_the_manifests_until_rebuilt(
     _upload(registry, good_adapter, NAMES[:10])
     _drop_index(registry)
     _upload(registry, good_adapter, ["late"])  # not the tenant's first: no ready marker
-    counting = Counting(registry.backend)
+    counting = CountingBackend(registry.backend)
     plain = Registry(counting, registry.spec)  # type: ignore[arg-type]
     assert sorted(m.name for m in _listing(plain)) == sorted([*NAMES[:10], "late"])
     assert sum(key.endswith("manifest.json") for _, key in counting.calls) == 11
