@@ -84,6 +84,7 @@ that imports vllm": it is vLLM's plugin entry point. vLLM is imported only insid
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -488,6 +489,7 @@ def quiet_cpu_queue_waits(value: str | None) -> float | None:
     def wait() -> None:
         time.sleep(seconds)
 
+    wait._lora_gateway_fix = True  # type: ignore[attr-defined]
     setattr(shm_broadcast, "sched_yield", wait)  # noqa: B010 (vLLM's module global)
     log.debug("vLLM patched: shared-memory queue waits sleep %d µs", micros)
     return seconds
@@ -540,6 +542,43 @@ def constant_time_lora_lookup() -> bool:
         return add_adapter
 
     return _patch_once(LRUCacheWorkerLoRAManager, "add_adapter", fixed, "loaded-adapter lookup")
+
+
+#: `worker_extension_cls` of the gateway's engine: what it asks each worker at start.
+WORKER_CHECKS = "lora_gateway.vllm_plugin.WorkerChecks"
+
+
+class WorkerChecks:
+    """Mixed into vLLM's worker class (vLLM's `worker_extension_cls`, set by the gateway's
+    engine), so that the engine can ask each worker, with `collective_rpc`, which of this
+    plugin's fixes are in place in the worker's own process (they are applied by `register`,
+    which vLLM calls in every process that loads its plugins)."""
+
+    def lora_gateway_fixes(self) -> dict[str, bool]:
+        return fixes_in_place()
+
+
+def fixes_in_place() -> dict[str, bool]:
+    """Which of the plugin's fixes are in place in this process."""
+
+    def fixed(module: str, name: str) -> bool:
+        try:
+            target: Any = importlib.import_module(module)
+        except ImportError:
+            return False
+        for part in name.split("."):
+            target = getattr(target, part, None)
+        return bool(getattr(target, "_lora_gateway_fix", False))
+
+    return {
+        "constant_time_lora_lookup": fixed(
+            "vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.add_adapter"
+        ),
+        "quiet_cpu_queue_waits": fixed(
+            "vllm.distributed.device_communicators.shm_broadcast", "sched_yield"
+        ),
+        "lora_on_prepacked_int8": fixed("vllm.lora.layers.base_linear", "_get_lora_device"),
+    }
 
 
 def _patch_once(

@@ -359,6 +359,18 @@ async def test_max_cpu_loras_derived_from_the_host_budget_reaches_vllm(
         await engine.shutdown()
 
 
+async def test_the_plugins_fixes_are_in_place_in_vllms_worker(engine: VLLMEngine) -> None:
+    """The engine asks vLLM's worker process (`collective_rpc` into `vllm_plugin.WorkerChecks`)
+    which of the package's vLLM fixes are in place there: on CPU, every one. The answer comes
+    from the worker's own modules, so a plugin that vLLM did not load in the worker fails it."""
+    assert engine.worker_fixes == {
+        "constant_time_lora_lookup": True,
+        "lora_on_prepacked_int8": True,
+        "quiet_cpu_queue_waits": True,
+    }
+    assert await engine._llm.collective_rpc("lora_gateway_fixes") == [engine.worker_fixes]
+
+
 async def test_the_engines_processes_sleep_while_they_wait(engine: VLLMEngine) -> None:
     """vLLM's engine core and worker busy-wait on each other's shared-memory queue for 1 s after
     each message (`sched_yield` in a loop): a core each, on a machine that may have two. With

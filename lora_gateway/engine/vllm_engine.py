@@ -65,6 +65,7 @@ from lora_gateway.engine.base import (
     next_lora_id,
 )
 from lora_gateway.stores import base_model_spec
+from lora_gateway.vllm_plugin import WORKER_CHECKS
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,9 @@ class VLLMEngine:
         #: The runtime canary's adapter, in its own reserved slot (None: canary off).
         self.canary_adapter = canary_adapter
         self._dead: BaseException | None = None
+        #: The package's vLLM fixes in place in the worker (`_check_worker_fixes`; empty when
+        #: `engine_args` set a `worker_extension_cls` of its own).
+        self.worker_fixes: dict[str, bool] = {}
         #: Set while `restart()` replaces the engine core: requests and loads are refused.
         self._restarting = False
         #: Adapters added through add_adapter (the null and canary adapters excepted).
@@ -194,6 +198,7 @@ class VLLMEngine:
             "enable_prefix_caching": settings.enable_prefix_caching,
             "max_logprobs": settings.max_logprobs,
             "disable_log_stats": True,
+            "worker_extension_cls": WORKER_CHECKS,
         }
         kwargs.update(settings.engine_args)
         what = f"{settings.model} ({quant.label if quant else 'not quantized'})"
@@ -209,6 +214,8 @@ class VLLMEngine:
         except BaseException:
             await engine.shutdown()
             raise
+        if args.worker_extension_cls == WORKER_CHECKS:
+            await engine._check_worker_fixes()
         log.info(
             "engine started",
             extra={
@@ -264,6 +271,31 @@ class VLLMEngine:
                 f"the engine failed to start on {what}: {exc} (vLLM's error is in the log)"
             ) from exc
         return args, llm
+
+    async def _check_worker_fixes(self) -> None:
+        """Ask each worker which of the package's vLLM fixes are in place in its process
+        (`vllm_plugin.WorkerChecks`): a plugin that vLLM did not load there (e.g. a
+        `VLLM_PLUGINS` that leaves it out) costs throughput silently otherwise. Kept in
+        `worker_fixes`; an expected one missing is logged as a warning."""
+        from vllm.platforms import current_platform
+
+        replies = await self._llm.collective_rpc("lora_gateway_fixes", timeout=30)
+        names = set().union(*replies) if replies else set()
+        fixes = {name: all(bool(reply.get(name)) for reply in replies) for name in sorted(names)}
+        self.worker_fixes = fixes
+        expected = ["constant_time_lora_lookup"]
+        if current_platform.is_cpu() and self._settings.cpu_queue_wait_us:
+            expected.append("quiet_cpu_queue_waits")
+        missing = [name for name in expected if not fixes.get(name)]
+        if missing:
+            log.warning(
+                "the lora_gateway vLLM plugin's fixes %s are not in place in vLLM's worker "
+                "(does VLLM_PLUGINS leave out lora_gateway?): the engine serves correctly, "
+                "but slower (docs/benchmarks.md)",
+                ", ".join(missing),
+            )
+        else:
+            log.info("vLLM fixes in place in the worker: %s", fixes)
 
     async def _probe(self, what: str) -> None:
         """One short greedy request through every layer (the null adapter's LoRA path too,
