@@ -6,23 +6,27 @@ two hex digits of the sha256 of the adapter's name, and `tenants/<tenant>/index/
 index holds every adapter of the tenant. Listings use the index only while `ready` exists;
 otherwise they read one manifest per adapter (the manifests are the truth, and always right).
 
-The writer of a manifest keeps its copy (`note`), after the manifest and its change-feed event:
-read the shard (with its etag), read the manifest again, put the shard If-Match. Reading the
-manifest *after* the shard is what keeps a copy from going backwards under concurrent writers: a
-shard put succeeds only if nothing was put since its read, so the manifest it copies was read
-after every earlier put, and is at least as new as any manifest whose writer has put before.
+The writer of a manifest keeps its copy. Before the manifest write it puts a pending marker,
+`tenants/<tenant>/index/pending/<name>/<stamp>-<nonce>` (`begin`); after the write and its
+change-feed event it updates the copy and then deletes its marker (`note`). The update reads the
+shard (with its etag), reads the manifest again and puts the shard If-Match. Reading the manifest
+*after* the shard is what keeps a copy from going backwards under concurrent writers: a shard
+put succeeds only if nothing was put since its read, so the manifest it copies was read after
+every earlier put, and is at least as new as any manifest whose writer has put before. A listing
+reads the manifest itself for every name with a pending marker, so a writer killed between its
+manifest write and its copy (found by `tests/faults/test_durability.py`'s kill -9 soak) never
+leaves a listing behind the manifests.
 
-What can make the index wrong, and what then happens:
+What else can make the index wrong, and what then happens:
 - a shard update that fails (the store failing, too many lost races) withdraws the index: the
   `ready` marker is deleted, listings go back to the manifests, and the error says to run
   `lora-gateway store rebuild-index`;
-- a process that dies between its manifest write and its shard update leaves that adapter's
-  copy one write behind until the next write of the adapter or a rebuild;
 - a replica of a version without the index (a rolling upgrade) writes manifests without
-  copies: rebuild once the upgrade is done.
+  copies or markers: rebuild once the upgrade is done.
 `rebuild` re-copies every manifest of a tenant (the same read-shard, read-manifest, put loop, so
-it is safe while gateways write) and then marks the index ready. The write that creates a
-tenant's first adapter marks a new tenant's index ready itself.
+it is safe while gateways write), removes pending markers older than `STALE_MARKER_S` and then
+marks the index ready. The write that creates a tenant's first adapter marks a new tenant's
+index ready itself.
 
 Pages list shards in order, and a shard's adapters by name. A position is `@<shard>/<name>`
 (after that adapter): '@' is never in a name, so a position says which listing issued it.
@@ -33,16 +37,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from adapter_store.backend import BlobBackend
+from adapter_store.changes import now_us
 from adapter_store.conditional import update
 from adapter_store.errors import BlobNotFound, IntegrityError, InvalidAdapter, StoreError
 from adapter_store.keys import (
     adapters_prefix,
     child_name,
+    index_pending_key,
+    index_pending_of,
     index_prefix,
     index_ready_key,
     index_shard_key,
@@ -60,8 +68,11 @@ INDEXED = "@"
 #: Lost races before a shard update gives up (like a manifest's).
 _RETRIES = 10
 _MAX_BACKOFF_S = 0.1
-#: Keys under a tenant's index folder: 256 shards and the marker, in one listing.
+#: Keys under a tenant's index folder: 256 shards, the ready marker and any pending ones, in
+#: one listing as long as few writers died mid-write.
 _LISTING = 1000
+#: `rebuild` removes pending markers older than this: no manifest write takes that long.
+STALE_MARKER_S = 600.0
 
 
 def shard_of(name: str) -> str:
@@ -119,6 +130,7 @@ class IndexReport:
     tenant: str
     adapters: int = 0
     shards_written: int = 0
+    markers_removed: int = 0
 
 
 class ListingIndex:
@@ -135,16 +147,41 @@ class ListingIndex:
         self._populated: set[str] = set()
 
     # --- writes -------------------------------------------------------------------------------
-    def note(self, tenant: str, name: str, *, created: bool) -> None:
-        """Bring `name`'s copy up to date with its stored manifest (called after each write);
-        `created`: the write created the manifest (a new tenant's first adapter then marks
-        the index ready). Never raises: a failure withdraws the index (logged)."""
+    def begin(self, tenant: str, name: str) -> str | None:
+        """Before a manifest write: its pending marker (listings read `name`'s manifest itself
+        while one exists); the marker's key, None if it could not be written (then the index
+        is withdrawn, logged)."""
+        key = index_pending_key(tenant, name, now_us(), secrets.token_hex(4))
+        try:
+            self._backend.put(key, b"")
+        except StoreError as exc:
+            self._withdraw(tenant, exc)
+            return None
+        return key
+
+    def abandon(self, marker: str | None) -> None:
+        """The write `marker` announced wrote nothing: remove the marker (a failure only
+        leaves one more manifest read per listing of its shard until a rebuild)."""
+        if marker is None:
+            return
+        try:
+            self._backend.delete(marker)
+        except StoreError as exc:
+            log.warning("listing index: a pending marker was not removed (%s)", exc)
+
+    def note(self, tenant: str, name: str, marker: str | None, *, created: bool) -> None:
+        """After a manifest write: bring `name`'s copy up to date with the stored manifest,
+        then remove the write's pending `marker`. `created`: the write created the manifest (a
+        new tenant's first adapter then marks the index ready). Never raises: a failure
+        withdraws the index and keeps the marker (logged)."""
         try:
             self._update(tenant, shard_of(name), [name])
             if created and self._is_only_adapter(tenant, name):
                 self._backend.put(index_ready_key(tenant), b"")
         except StoreError as exc:
             self._withdraw(tenant, exc)
+            return
+        self.abandon(marker)
 
     def _is_only_adapter(self, tenant: str, name: str) -> bool:
         """Whether `name` is the tenant's only adapter (one listing, once per tenant seen with
@@ -216,10 +253,11 @@ class ListingIndex:
             )
             return None
 
-    def rebuild(self, tenant: str) -> IndexReport:
+    def rebuild(self, tenant: str, *, stale_after_s: float = STALE_MARKER_S) -> IndexReport:
         """Copy every manifest of `tenant` into its shards, drop copies of manifests that no
         longer exist, then mark the index ready. Reads every manifest of the tenant: an
-        operator's task (`lora-gateway store rebuild-index`), safe while gateways write."""
+        operator's task (`lora-gateway store rebuild-index`), safe while gateways write.
+        Pending markers older than `stale_after_s` are removed (their writers are gone)."""
         report = IndexReport(tenant)
         by_shard: dict[str, list[str]] = {}
         prefix = adapters_prefix(tenant)
@@ -236,12 +274,19 @@ class ListingIndex:
             if not more or not keys:
                 break
             after = keys[-1]
-        held = self._shards(tenant)
-        for shard in sorted(set(by_shard) | set(held)):
+        began_us = now_us()
+        listing = self._listing(tenant)
+        for shard in sorted(set(by_shard) | set(listing.shards)):
             current = self._read_shard(tenant, shard, tolerate_corrupt=True)
             names = [*by_shard.get(shard, []), *(current.entries if current else ())]
             if self._update(tenant, shard, names):
                 report.shards_written += 1
+        # Markers of writers that are long gone (killed, or their store call failed in
+        # doubt): the copies above were read after their manifest writes.
+        for key, stamp_us in listing.markers:
+            if stamp_us < began_us - int(stale_after_s * 1e6):
+                self.abandon(key)
+                report.markers_removed += 1
         self._backend.put(index_ready_key(tenant), b"")
         return report
 
@@ -252,10 +297,15 @@ class ListingIndex:
         begun on the index finishes on it). One listing plus one read per shard visited."""
         limit = page_limit(limit)
         start_shard, start_name = _position(after)
-        keys, _ = self._backend.list_page(index_prefix(tenant), limit=_LISTING)
-        if not after and index_ready_key(tenant) not in keys:
+        listing = self._listing(tenant)
+        if not after and not listing.ready:
             return None
-        shards = sorted(shard for shard in self._shard_keys(tenant, keys) if shard >= start_shard)
+        pending: dict[str, set[str]] = {}
+        for key, _ in listing.markers:
+            marked = index_pending_of(key, index_prefix(tenant))
+            if marked is not None:
+                pending.setdefault(shard_of(marked[0]), set()).add(marked[0])
+        shards = sorted(s for s in {*listing.shards, *pending} if s >= start_shard)
         items: list[Manifest] = []
         examined = 0
         last = ""
@@ -270,29 +320,47 @@ class ListingIndex:
                 lambda shard: self._read_shard(tenant, shard, tolerate_corrupt=False), batch
             )
             for shard, current in zip(batch, found, strict=True):
-                if current is None:
-                    continue  # deleted since the listing
-                names = sorted(current.entries)
+                entries = current.entries if current is not None else {}
+                flagged = pending.get(shard, set())
+                names = sorted({*entries, *flagged})
                 if shard == start_shard:
                     names = [name for name in names if name > start_name]
+                # A name with a pending marker: its manifest may be newer than its copy (a
+                # writer killed between the two), so it is read itself.
+                fresh = [name for name in names if name in flagged]
+                found_fresh = read_at_once(lambda n: self._copy_of(tenant, n), fresh)
+                direct = dict(zip(fresh, found_fresh, strict=True))
                 for name in names:
                     if examined == limit:
                         return Page(items, last, examined)
                     examined += 1
                     last = f"{INDEXED}{shard}/{name}"
-                    manifest = _manifest_of(tenant, shard, name, *current.entries[name])
+                    if name in direct:
+                        manifest = direct[name]
+                    else:
+                        manifest = _manifest_of(tenant, shard, name, *entries[name])
                     if manifest is not None and manifest.status == "active":
                         items.append(manifest)
         return Page(items, None, examined)
 
-    def _shards(self, tenant: str) -> list[str]:
-        keys, _ = self._backend.list_page(index_prefix(tenant), limit=_LISTING)
-        return self._shard_keys(tenant, keys)
-
-    @staticmethod
-    def _shard_keys(tenant: str, keys: Iterable[str]) -> list[str]:
+    def _listing(self, tenant: str) -> _Listing:
+        """Everything under the tenant's index folder: one listing (more only when pending
+        markers pile up beyond it)."""
         prefix = index_prefix(tenant)
-        return [shard for shard in (index_shard_of(key, prefix) for key in keys) if shard]
+        listing = _Listing()
+        after = ""
+        while True:
+            keys, more = self._backend.list_page(prefix, start_after=after, limit=_LISTING)
+            for key in keys:
+                if key == index_ready_key(tenant):
+                    listing.ready = True
+                elif (marked := index_pending_of(key, prefix)) is not None:
+                    listing.markers.append((key, marked[1]))
+                elif (shard := index_shard_of(key, prefix)) is not None:
+                    listing.shards.append(shard)
+            if not more or not keys:
+                return listing
+            after = keys[-1]
 
     def _read_shard(self, tenant: str, shard: str, *, tolerate_corrupt: bool) -> Shard | None:
         try:
@@ -306,6 +374,16 @@ class ListingIndex:
                 raise
             log.warning("listing index of tenant %s: shard %s is corrupt; rewritten", tenant, shard)
             return Shard({}, etag)
+
+
+@dataclass
+class _Listing:
+    """What a tenant's index folder holds."""
+
+    ready: bool = False
+    shards: list[str] = field(default_factory=list)
+    #: (key, stamp µs) of each pending marker.
+    markers: list[tuple[str, int]] = field(default_factory=list)
 
 
 def _position(after: str) -> tuple[str, str]:

@@ -12,6 +12,8 @@ Keys are relative to the backend's root folder or bucket prefix::
     tenants/<tenant>/index/<shard>.json                  (listing index: adapter_store.index;
                                                           <shard> 2 hex digits of the name's sha256)
     tenants/<tenant>/index/ready                         (the listing index is complete)
+    tenants/<tenant>/index/pending/<name>/<stamp>-<nonce>  (a manifest write whose copy is not
+                                                          made yet: adapter_store.index)
     tenants/<grantee>/shared/<owner>/<name>              (share index: one marker per grant)
     events/<stamp>-<nonce>-<tenant>/<name>               (change feed: one per manifest write)
 
@@ -48,6 +50,8 @@ __all__ = [
     "event_key",
     "event_of",
     "events_from",
+    "index_pending_key",
+    "index_pending_of",
     "index_prefix",
     "index_ready_key",
     "index_shard_key",
@@ -70,6 +74,7 @@ TENANTS = "tenants/"
 #: The change feed's folder (adapter_store.changes).
 EVENTS = "events/"
 _SHARD_RE = re.compile(r"[0-9a-f]{2}")
+_PENDING_RE = re.compile(r"pending/([^/]+)/([0-9]{16})-[0-9a-f]{8}")
 _EVENT_RE = re.compile(r"^events/([0-9]{16})-([0-9a-f]{8})-([^/]+)/([^/]+)$")
 
 
@@ -154,12 +159,38 @@ def index_ready_key(tenant: str) -> str:
     return index_prefix(tenant) + "ready"
 
 
+def index_pending_key(tenant: str, name: str, stamp_us: int, nonce: str) -> str:
+    """The marker of one manifest write of `name` whose listing-index copy is not made yet."""
+    if not 0 <= stamp_us < 10**16 or not re.fullmatch(r"[0-9a-f]{8}", nonce):
+        raise InvalidAdapter("invalid listing index marker")
+    return (
+        index_prefix(tenant) + f"pending/{check_name(name, 'adapter name')}/{stamp_us:016d}-{nonce}"
+    )
+
+
+def index_pending_of(key: str, prefix: str) -> tuple[str, int] | None:
+    """(name, stamp_us) of a pending marker `<prefix>pending/<name>/<stamp>-<nonce>`; None for
+    any other key (logged when it is under `pending/` but outside the layout)."""
+    rest = key[len(prefix) :]
+    if not (key.startswith(prefix) and rest.startswith("pending/")):
+        return None
+    match = _PENDING_RE.fullmatch(rest)
+    if match is not None:
+        try:
+            return check_name(match.group(1), "adapter name"), int(match.group(2))
+        except InvalidAdapter:
+            pass
+    log.warning("the store holds a key outside its layout under %s", prefix)
+    return None
+
+
 def index_shard_of(key: str, prefix: str) -> str | None:
     """The shard (2 hex digits) of a key `<prefix><shard>.json` (`prefix` from
-    `index_prefix`); None for the ready marker, and None (logged) for any other key."""
+    `index_prefix`); None for the ready and pending markers, and None (logged) for any other
+    key."""
     rest = key[len(prefix) :]
     if key.startswith(prefix):
-        if rest == "ready":
+        if rest == "ready" or rest.startswith("pending/"):
             return None
         shard = rest.removesuffix(".json")
         if rest.endswith(".json") and _SHARD_RE.fullmatch(shard):

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from adapter_store.backend import BlobBackend
 from adapter_store.changes import ChangeFeed
 from adapter_store.conditional import update
-from adapter_store.errors import BlobNotFound, StoreError
+from adapter_store.errors import BlobNotFound, Conflict, StoreError
 from adapter_store.index import ListingIndex
 from adapter_store.keys import manifest_key
 from adapter_store.model import Manifest, not_found
@@ -77,27 +77,43 @@ class Manifests:
         result conditionally, retrying lost races; `change` returning its argument writes
         nothing.
 
-        A write is followed by its change-feed event, then by its copy in the listing index
+        A write is announced by a pending marker of the listing index and followed by its
+        change-feed event, then by its copy in the index, which removes the marker
         (adapter_store.index). If the append fails, the write stands (it is the truth) and the
         error is logged: other replicas then see the change at their resync pass instead
         (lora_gateway.residency.manifests), not within one poll interval. If the copy fails,
         the index is withdrawn (listings read the manifests) and the error is logged.
         """
         given: list[Manifest | None] = []
+        changing = False
 
         def tracked(current: Manifest | None) -> Manifest:
+            nonlocal changing
             given.append(current)
-            return change(current)
+            changing = True
+            made = change(current)
+            changing = False
+            return made
 
-        updated = update(
-            self._backend,
-            manifest_key(tenant, name),
-            lambda: self.read(tenant, name),
-            tracked,
-            retries=self._max_retries,
-            max_backoff_s=_MAX_BACKOFF_S,
-            what=f"adapter {name!r}",
-        )
+        marker = self.index.begin(tenant, name)
+        try:
+            updated = update(
+                self._backend,
+                manifest_key(tenant, name),
+                lambda: self.read(tenant, name),
+                tracked,
+                retries=self._max_retries,
+                max_backoff_s=_MAX_BACKOFF_S,
+                what=f"adapter {name!r}",
+            )
+        except BaseException as exc:
+            # Refused by `change`, or every put lost its race: nothing was written. Any other
+            # error may have come after the put took effect: the marker stays.
+            if changing or isinstance(exc, Conflict):
+                self.index.abandon(marker)
+            raise
+        if updated is None or not given or updated is given[-1]:  # nothing written
+            self.index.abandon(marker)
         if updated is None:  # `change` kept an absent manifest absent
             raise not_found(name)
         if given and updated is not given[-1]:  # written (a no-op returns what was read)
@@ -111,5 +127,5 @@ class Manifests:
                     name,
                     exc,
                 )
-            self.index.note(tenant, name, created=given[-1] is None)
+            self.index.note(tenant, name, marker, created=given[-1] is None)
         return updated

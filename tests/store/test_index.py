@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 
-from adapter_store import IntegrityError, InvalidAdapter, Registry, StoreUnavailable
+from adapter_store import (
+    AdapterNotFound,
+    IntegrityError,
+    InvalidAdapter,
+    Registry,
+    StoreUnavailable,
+)
 from adapter_store.backend import BlobBackend
 from adapter_store.index import shard_of
 from adapter_store.model import Manifest
@@ -283,3 +289,55 @@ def test_rebuild_index_command(
     assert main(["store", "rebuild-index", "--store", store, "--tenant", "acme"], environ={}) == 0
     assert "acme: 2 adapters, 0 shards written; ready" in capsys.readouterr().out
     assert main(["store", "rebuild-index", "--store", store, "--tenant", "../x"], environ={}) != 0
+
+
+def test_a_writer_killed_between_its_manifest_and_its_copy_never_leaves_a_listing_behind(
+    local_registry: Registry, good_adapter: Path, make_test_adapter: AdapterFactory
+) -> None:
+    """A write is announced by a pending marker before the manifest; a writer that dies after
+    the manifest and before its copy (here: `note` never returns) leaves the marker, and
+    listings read that adapter's manifest itself. Found by the kill -9 soak
+    (tests/faults/test_durability.py). A rebuild removes markers once they are stale."""
+    registry = local_registry
+    _upload(registry, good_adapter, ["a", "b"])
+    latest = registry.get_manifest("acme", "a").aliases["latest"]
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise SystemExit("killed")
+
+    index = type(registry._manifests.index)
+    original = index.note
+    index.note = killed  # type: ignore[method-assign]
+    try:
+        with pytest.raises(SystemExit):
+            registry.set_alias("acme", "a", "prod", latest)
+        with pytest.raises(SystemExit):
+            _upload(registry, make_test_adapter(seed=8), ["c"])  # a new adapter, no copy
+    finally:
+        index.note = original  # type: ignore[method-assign]
+    markers = [k for k in registry.backend.list("tenants/acme/index/") if "/pending/" in k]
+    assert len(markers) == 2
+    fresh = Registry(registry.backend, registry.spec)
+    listed = {m.name: m for m in _listing(fresh)}
+    assert sorted(listed) == ["a", "b", "c"]
+    assert listed["a"].aliases["prod"] == latest
+    assert {name: m.etag for name, m in listed.items()} == _truth(registry)
+    [kept] = registry.rebuild_index("acme")
+    assert kept.markers_removed == 0  # young: their writers may still be at work
+    report = registry._manifests.index.rebuild("acme", stale_after_s=0)
+    assert report.markers_removed == 2
+    assert not [k for k in registry.backend.list("tenants/acme/index/") if "/pending/" in k]
+    assert {m.name: m.etag for m in _listing(fresh)} == _truth(registry)
+
+
+def test_a_refused_or_empty_write_leaves_no_marker(
+    local_registry: Registry, good_adapter: Path
+) -> None:
+    registry = local_registry
+    _upload(registry, good_adapter, ["a"])
+    with pytest.raises(AdapterNotFound):
+        registry.set_alias("acme", "a", "prod", "sha256:" + "0" * 64)
+    latest = registry.get_manifest("acme", "a").aliases["latest"]
+    registry.set_alias("acme", "a", "prod", latest)
+    registry.set_alias("acme", "a", "prod", latest)  # the same again: nothing to write
+    assert not [k for k in registry.backend.list("tenants/acme/index/") if "/pending/" in k]
