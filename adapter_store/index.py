@@ -57,7 +57,7 @@ from adapter_store.keys import (
     index_shard_of,
 )
 from adapter_store.model import Manifest, Page, check_name
-from adapter_store.pages import READERS, page_limit, read_at_once
+from adapter_store.pages import MAX_PAGE, READERS, all_pages, list_page, page_limit, read_at_once
 
 __all__ = ["INDEXED", "IndexReport", "ListingIndex", "shard_of"]
 
@@ -211,17 +211,20 @@ class ListingIndex:
                 again,
             )
 
-    def _update(self, tenant: str, shard: str, names: Iterable[str]) -> bool:
-        """Re-copy the manifests of `names` (and of every adapter the shard already holds,
-        when rebuilding) into `shard`: read the shard, then the manifests, then put it If-Match.
-        Whether anything was written."""
+    def _update(
+        self, tenant: str, shard: str, names: Iterable[str], *, with_held: bool = False
+    ) -> bool:
+        """Re-copy the manifests of `names` (`with_held`: and of every adapter the shard
+        holds) into `shard`: read the shard, then the manifests, then put it If-Match. Whether
+        anything was written."""
         key = index_shard_key(tenant, shard)
-        wanted = sorted(set(names))
+        names = set(names)
         written = False
 
         def change(current: Shard | None) -> Shard | None:
             nonlocal written
             entries = dict(current.entries) if current is not None else {}
+            wanted = sorted(names | set(entries)) if with_held else sorted(names)
             found = read_at_once(lambda n: self._copy_of(tenant, n), wanted)
             for name, manifest in zip(wanted, found, strict=True):
                 if manifest is None:
@@ -258,32 +261,29 @@ class ListingIndex:
         longer exist, then mark the index ready. Reads every manifest of the tenant: an
         operator's task (`lora-gateway store rebuild-index`), safe while gateways write.
         Pending markers older than `stale_after_s` are removed (their writers are gone)."""
-        report = IndexReport(tenant)
-        by_shard: dict[str, list[str]] = {}
         prefix = adapters_prefix(tenant)
-        after = ""
-        while True:
-            keys, more = self._backend.list_page(
-                prefix, start_after=after, limit=_LISTING, folders=True
+        names = all_pages(
+            lambda after: list_page(
+                self._backend,
+                prefix,
+                lambda key: child_name(key, prefix),
+                after=after,
+                limit=MAX_PAGE,
+                folders=True,
             )
-            for key in keys:
-                name = child_name(key, prefix)
-                if name is not None:
-                    by_shard.setdefault(shard_of(name), []).append(name)
-                    report.adapters += 1
-            if not more or not keys:
-                break
-            after = keys[-1]
+        )
+        report = IndexReport(tenant, adapters=len(names))
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            by_shard.setdefault(shard_of(name), []).append(name)
         began_us = now_us()
         listing = self._listing(tenant)
         for shard in sorted(set(by_shard) | set(listing.shards)):
-            current = self._read_shard(tenant, shard, tolerate_corrupt=True)
-            names = [*by_shard.get(shard, []), *(current.entries if current else ())]
-            if self._update(tenant, shard, names):
+            if self._update(tenant, shard, by_shard.get(shard, []), with_held=True):
                 report.shards_written += 1
         # Markers of writers that are long gone (killed, or their store call failed in
         # doubt): the copies above were read after their manifest writes.
-        for key, stamp_us in listing.markers:
+        for key, _, stamp_us in listing.markers:
             if stamp_us < began_us - int(stale_after_s * 1e6):
                 self.abandon(key)
                 report.markers_removed += 1
@@ -301,10 +301,8 @@ class ListingIndex:
         if not after and not listing.ready:
             return None
         pending: dict[str, set[str]] = {}
-        for key, _ in listing.markers:
-            marked = index_pending_of(key, index_prefix(tenant))
-            if marked is not None:
-                pending.setdefault(shard_of(marked[0]), set()).add(marked[0])
+        for _, name, _ in listing.markers:
+            pending.setdefault(shard_of(name), set()).add(name)
         shards = sorted(s for s in {*listing.shards, *pending} if s >= start_shard)
         items: list[Manifest] = []
         examined = 0
@@ -355,7 +353,7 @@ class ListingIndex:
                 if key == index_ready_key(tenant):
                     listing.ready = True
                 elif (marked := index_pending_of(key, prefix)) is not None:
-                    listing.markers.append((key, marked[1]))
+                    listing.markers.append((key, *marked))
                 elif (shard := index_shard_of(key, prefix)) is not None:
                     listing.shards.append(shard)
             if not more or not keys:
@@ -382,8 +380,8 @@ class _Listing:
 
     ready: bool = False
     shards: list[str] = field(default_factory=list)
-    #: (key, stamp µs) of each pending marker.
-    markers: list[tuple[str, int]] = field(default_factory=list)
+    #: (key, adapter name, stamp µs) of each pending marker.
+    markers: list[tuple[str, str, int]] = field(default_factory=list)
 
 
 def _position(after: str) -> tuple[str, str]:

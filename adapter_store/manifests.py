@@ -112,11 +112,13 @@ class Manifests:
             if changing or isinstance(exc, Conflict):
                 self.index.abandon(marker)
             raise
-        if updated is None or not given or updated is given[-1]:  # nothing written
+        # Written, unless a no-op returned what was read (or an absent manifest stayed absent).
+        written = updated is not None and bool(given) and updated is not given[-1]
+        if not written:
             self.index.abandon(marker)
         if updated is None:  # `change` kept an absent manifest absent
             raise not_found(name)
-        if given and updated is not given[-1]:  # written (a no-op returns what was read)
+        if written:
             try:
                 self.feed.append(tenant, name)
             except StoreError as exc:

@@ -41,7 +41,6 @@ from lora_gateway.engine.base import LoadedAdapter, next_lora_id
 from tests.support.metrics import load_seconds
 
 NAME = "cold_start"
-
 FILES = ("adapter_config.json", "adapter_model.safetensors")
 PREFIX = "cold"
 

@@ -77,8 +77,8 @@ worker's per-step "is this adapter loaded?" no longer copies every registered ad
 
 This module is the second, deliberate exception to "engine/vllm_engine.py is the only module
 that imports vllm": it is vLLM's plugin entry point. vLLM is imported only inside `register`,
-`allow_lora_on_prepacked_int8`, `quiet_cpu_queue_waits`, `constant_time_lora_lookup` and
-`vllm_resolver`; `StoreResolver`, which does the work, does not know vLLM.
+`allow_lora_on_prepacked_int8`, `quiet_cpu_queue_waits`, `constant_time_lora_lookup`,
+`fixes_in_place` and `vllm_resolver`; `StoreResolver`, which does the work, does not know vLLM.
 """
 
 from __future__ import annotations
@@ -447,6 +447,10 @@ def register() -> None:
     log.info("lora_gateway resolver registered (store %s)", settings.store)
 
 
+#: The attribute that marks a function of vLLM's as replaced by one of these fixes.
+_FIX_MARK = "_lora_gateway_fix"
+
+
 def quiet_cpu_queue_waits(value: str | None) -> float | None:
     """Make vLLM's shared-memory queue waits sleep `value` microseconds instead of spinning;
     the sleep in seconds if the fix is (now) in place, None where it does not apply.
@@ -489,7 +493,7 @@ def quiet_cpu_queue_waits(value: str | None) -> float | None:
     def wait() -> None:
         time.sleep(seconds)
 
-    wait._lora_gateway_fix = True  # type: ignore[attr-defined]
+    setattr(wait, _FIX_MARK, True)
     setattr(shm_broadcast, "sched_yield", wait)  # noqa: B010 (vLLM's module global)
     log.debug("vLLM patched: shared-memory queue waits sleep %d µs", micros)
     return seconds
@@ -568,7 +572,7 @@ def fixes_in_place() -> dict[str, bool]:
             return False
         for part in name.split("."):
             target = getattr(target, part, None)
-        return bool(getattr(target, "_lora_gateway_fix", False))
+        return bool(getattr(target, _FIX_MARK, False))
 
     return {
         "constant_time_lora_lookup": fixed(
@@ -589,10 +593,10 @@ def _patch_once(
     original = getattr(owner, name, None)
     if original is None:
         return False
-    if getattr(original, "_lora_gateway_fix", False):
+    if getattr(original, _FIX_MARK, False):
         return True
     replacement = fix(original)
-    replacement._lora_gateway_fix = True  # type: ignore[attr-defined]
+    setattr(replacement, _FIX_MARK, True)
     setattr(owner, name, replacement)
     log.debug("vLLM patched: %s", what)
     return True
